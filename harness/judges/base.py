@@ -1,0 +1,69 @@
+"""The one Judge interface shared by every judge: the policy itself, a local HF
+LLM judge, a reward model, an OpenAI-compatible endpoint, the tiny world's oracle.
+
+A judge gives pointwise scores; side-by-side scoring of a prompt's candidates and
+pairwise preferences are derived from them unless a judge overrides them.
+A verdict whose ``score`` is None is a *failure* (unparseable answer, exhausted
+retries): it is counted, never guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """One response to judge. ``meta`` carries what rule-based judges need
+    (e.g. the tiny world's task and answer); model judges ignore it."""
+    prompt_id: str
+    instruction: str
+    response: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    score: float | None          # None = no valid judgment
+    raw: tuple[str, ...] = ()    # the judge's raw outputs (one per sample), for audit
+    scores: tuple[float | None, ...] = ()  # per-sample parsed scores before averaging
+
+    @property
+    def ok(self) -> bool:
+        return self.score is not None
+
+
+class Judge(Protocol):
+    name: str
+    scale: tuple[float, float]   # (lowest, highest) possible score
+
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        """One verdict per item, in order."""
+        ...
+
+
+def score_group(judge: Judge, items: Sequence[JudgeItem]) -> list[Verdict]:
+    """Side-by-side scores for one prompt's candidates (judges may override)."""
+    fn = getattr(judge, "score_group", None)
+    return fn(items) if fn else judge.score(items)
+
+
+def preference(a: Verdict, b: Verdict) -> float | None:
+    """AlpacaEval convention: 1.0 = first wins, 2.0 = second wins, 1.5 = tie."""
+    if not (a.ok and b.ok):
+        return None
+    if a.score == b.score:
+        return 1.5
+    return 1.0 if a.score > b.score else 2.0
+
+
+def compare(judge: Judge, firsts: Sequence[JudgeItem], seconds: Sequence[JudgeItem]) -> list[float | None]:
+    """Pairwise preferences (1..2, None = failure). Judges with a native pairwise
+    mode expose ``compare(firsts, seconds)``; otherwise pointwise scores decide."""
+    fn = getattr(judge, "compare", None)
+    if fn is not None:
+        return fn(firsts, seconds)
+    verdicts = judge.score(list(firsts) + list(seconds))
+    n = len(firsts)
+    return [preference(verdicts[i], verdicts[n + i]) for i in range(n)]

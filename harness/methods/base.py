@@ -1,0 +1,101 @@
+"""The contract between the iteration loop and a method.
+
+A method is a small strategy object: it says which prompts to sample, how,
+which candidates a judge should see, how candidates become (chosen, rejected)
+pairs, and which pairs an iteration trains on. It holds no loop, no I/O, no
+evaluation; ``harness/loop.py`` does those for every method alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from harness.data import Example
+from harness.generate import Sampling
+from harness.schema import FieldError
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    source: str = "policy"            # "policy" (a sample of the current model) or "teacher"
+    fixed_score: float | None = None  # set for automatic negatives: not sent to the judge
+
+
+@dataclass
+class Group:
+    """One prompt's candidates and, after judging, their scores (None = no valid judgment)."""
+    example: Example
+    candidates: list[Candidate]
+    scores: list[float | None] = field(default_factory=list)
+
+
+@dataclass
+class IterationContext:
+    cfg: Any                                  # harness.config.Config
+    iteration: int                            # 1-based training iteration
+    examples: list[Example]                   # the data.train examples
+    judge_scale: tuple[float, float] = (1.0, 5.0)
+    pairs_of: Callable[[int], list[dict]] = lambda k: []     # finished pairs of iteration k
+    generate: Callable[..., dict] | None = None              # sample from the current policy
+
+    @property
+    def options(self) -> Any:
+        return self.cfg.options
+
+
+class Method(Protocol):
+    name: str
+    Options: type              # dataclass schema of [method.<name>]
+    needs_judge: bool
+
+    def check(self, cfg) -> list[FieldError]: ...
+
+    def init_sft_data(self, cfg) -> list[dict] | None:
+        """Examples {messages, response} for an SFT stage before iteration 0, or None."""
+
+    def prompts(self, ctx: IterationContext) -> list[Example]: ...
+
+    def sampling(self, cfg) -> Sampling: ...
+
+    def candidates(self, ctx: IterationContext, example: Example, samples: Sequence[str]) -> list[Candidate]: ...
+
+    def build_pairs(self, ctx: IterationContext, groups: Sequence[Group]) -> tuple[list[dict], dict]:
+        """Pairs {id, messages, chosen, rejected, ...} and statistics for the report."""
+
+    def training_set(self, ctx: IterationContext) -> list[dict]:
+        """The pairs iteration ``ctx.iteration`` trains on (its own and any replayed)."""
+
+    def select_final(self, cfg, rows: Sequence[dict]) -> dict | None:
+        """Which iterate is the method's final model (None = the last)."""
+
+
+def iteration_slice(items: Sequence, per_iteration: int, iteration: int) -> list:
+    """Non-overlapping part ``iteration`` (1-based) of ``items``; wraps when they run out."""
+    if per_iteration <= 0 or per_iteration >= len(items):
+        return list(items)
+    start = ((iteration - 1) * per_iteration) % len(items)
+    part = list(items[start:start + per_iteration])
+    return part + list(items[:per_iteration - len(part)])
+
+
+def pair(example: Example, chosen: str, rejected: str, **extra: Any) -> dict:
+    return {"id": example.id, "messages": list(example.messages), "chosen": chosen, "rejected": rejected, **extra}
+
+
+def length_stats(pairs: Sequence[dict]) -> dict:
+    if not pairs:
+        return {"pairs/chosen_mean_chars": None, "pairs/rejected_mean_chars": None}
+    return {"pairs/chosen_mean_chars": sum(len(p["chosen"]) for p in pairs) / len(pairs),
+            "pairs/rejected_mean_chars": sum(len(p["rejected"]) for p in pairs) / len(pairs)}
+
+
+def best_iterate(rows: Sequence[dict], metric: str, higher_is_better: bool = True) -> dict | None:
+    """The row with the best ``metric`` (ties -> the earlier iterate)."""
+    scored = [r for r in rows if r["metrics"].get(metric) is not None]
+    if not scored:
+        return None
+    sign = 1 if higher_is_better else -1
+    best = max(scored, key=lambda r: (sign * r["metrics"][metric], -r["iteration"]))
+    return {"iteration": best["iteration"], "metric": metric, "value": best["metrics"][metric]}

@@ -1,0 +1,139 @@
+"""DNO, practical version (arXiv 2404.03715): large-margin pairs from a preference judge.
+
+Per iteration: K samples per prompt from pi_t, plus a teacher answer when
+configured; heavily repetitive samples are automatic negatives (lowest score,
+not sent to the judge); the judge scores the rest side by side; a pair is kept
+only when its positive is near the top of the scale and its negative at least
+``margin`` below (``student_margin`` when the positive is a policy sample).
+Pairs of earlier iterations can be replayed. The final model is the best
+iterate on a validation metric.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from harness.data import load_simple
+from harness.generate import Sampling
+from harness.methods.base import (Candidate, IterationContext, best_iterate, iteration_slice, length_stats,
+                                  pair)
+from harness.registry import METHODS
+from harness.schema import FieldError, opt
+
+
+@dataclass(frozen=True)
+class DnoOptions:
+    num_samples: int = opt(5, "Samples per prompt (K).", min=1)
+    temperature: float = opt(0.7, "Sampling temperature.", min=0.0)
+    top_p: float = opt(0.95, "Nucleus sampling.", min=0.0, max=1.0)
+    teacher: str = opt("", "File of teacher answers (id or prompt, response) added as a candidate per prompt; \"\" = none.")
+    positive_min: float = opt(0.75, "A positive must score at least lo + positive_min * (hi - lo) on the judge's scale.", min=0.0, max=1.0)
+    margin: float = opt(2.0, "Required score gap (judge scale units) when the positive is the teacher's.", min=0.0)
+    student_margin: float = opt(1.0, "Required gap when the positive is a policy sample.", min=0.0)
+    repetition_n: int = opt(3, "n of the n-gram repetition detector (whitespace tokens, or characters for single-token answers).", min=1)
+    repetition_max: float = opt(0.5, "Samples whose share of repeated n-grams exceeds this are automatic negatives.", min=0.0, max=1.0)
+    replay: tuple[float, ...] = opt(factory=tuple, doc="Fractions of earlier iterations' pairs replayed: [from t-1, from t-2, ...] relative to this iteration's pair count (paper: up to 0.3, 0.15).")
+    prompts_per_iteration: int = opt(0, "Split the prompts into non-overlapping parts of this size, one per iteration; 0 = all every iteration.", min=0)
+    select_metric: str = opt("", "Result metric for picking the final iterate (e.g. lm_eval/tiny_gen/exact_match on a validation task); \"\" = the last iterate.")
+
+
+def repetition_rate(text: str, n: int) -> float:
+    """Share of n-grams that repeat an earlier n-gram of the same text (0 = none)."""
+    toks = text.split()
+    if len(toks) < 2 * n:       # short answers: look at characters instead
+        toks = list(text.replace(" ", ""))
+    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+@METHODS.register("dno")
+class Dno:
+    name = "dno"
+    Options = DnoOptions
+    needs_judge = True
+
+    def check(self, cfg) -> list[FieldError]:
+        if any(f < 0 or f > 1 for f in cfg.options.replay):
+            return [FieldError("method.dno.replay", "fractions must be in [0, 1]")]
+        return []
+
+    def init_sft_data(self, cfg):
+        return None
+
+    def prompts(self, ctx: IterationContext):
+        """This iteration's part of the prompts, each carrying its teacher answer (or None)."""
+        part = iteration_slice(ctx.examples, ctx.options.prompts_per_iteration, ctx.iteration)
+        teachers = self._teachers(ctx.cfg)
+        return [replace(e, response=teachers.get(e.id) or teachers.get(e.instruction)) for e in part]
+
+    def sampling(self, cfg) -> Sampling:
+        o = cfg.options
+        return Sampling(temperature=o.temperature, top_p=o.top_p, max_new_tokens=cfg.generation.max_new_tokens,
+                        n=o.num_samples)
+
+    def _teachers(self, cfg) -> dict[str, str]:
+        if not cfg.options.teacher:
+            return {}
+        rows = load_simple(cfg.options.teacher, "method.dno.teacher")
+        by_key = {e.id: e.response for e in rows}
+        by_key.update({e.instruction: e.response for e in rows})
+        return by_key
+
+    def candidates(self, ctx, example, samples):
+        o, lo = ctx.options, ctx.judge_scale[0]
+        out = [Candidate(s, fixed_score=lo if repetition_rate(s, o.repetition_n) > o.repetition_max else None)
+               for s in samples]
+        if example.response:
+            out.append(Candidate(example.response, source="teacher"))
+        return out
+
+    def build_pairs(self, ctx, groups):
+        o = ctx.options
+        lo, hi = ctx.judge_scale
+        threshold = lo + o.positive_min * (hi - lo)
+        pairs: list[dict] = []
+        reasons: Counter = Counter()
+        for g in groups:
+            scored = [(s, c) for s, c in zip(g.scores, g.candidates) if s is not None]
+            if len(scored) < 2:
+                reasons["too_few_scores"] += 1
+                continue
+            best = max(scored, key=lambda sc: (sc[0], sc[1].source == "teacher"))
+            worst = min(scored, key=lambda sc: sc[0])
+            need = o.margin if best[1].source == "teacher" else o.student_margin
+            if best[0] < threshold:
+                reasons["positive_below_top"] += 1
+            elif best[0] - worst[0] < need:
+                reasons["margin_too_small"] += 1
+            else:
+                pairs.append(pair(g.example, best[1].text, worst[1].text, score_chosen=best[0],
+                                  score_rejected=worst[0], chosen_source=best[1].source, iteration=ctx.iteration))
+        auto_neg = sum(c.fixed_score is not None for g in groups for c in g.candidates)
+        stats = {"pairs/n_prompts": len(groups), "pairs/n_candidates": sum(len(g.candidates) for g in groups),
+                 "pairs/auto_negatives": auto_neg, "pairs/n_pairs": len(pairs),
+                 "pairs/teacher_positives": sum(p["chosen_source"] == "teacher" for p in pairs),
+                 **{f"pairs/dropped_{k}": v for k, v in sorted(reasons.items())}}
+        return pairs, {**stats, **length_stats(pairs)}
+
+    def training_set(self, ctx):
+        own = ctx.pairs_of(ctx.iteration)
+        return own + replayed(own, ctx.options.replay, ctx.iteration, ctx.pairs_of)
+
+    def select_final(self, cfg, rows):
+        metric = cfg.options.select_metric
+        return best_iterate(rows, metric) if metric else None
+
+
+def replayed(own: list[dict], fractions, iteration: int, pairs_of) -> list[dict]:
+    """round(f_k * len(own)) pairs from iteration t-k, the first ones of a fixed
+    per-iteration order (pairs files are already in a seeded order)."""
+    out = []
+    for k, frac in enumerate(fractions, start=1):
+        if iteration - k < 1:
+            break
+        earlier = pairs_of(iteration - k)
+        out += earlier[:min(len(earlier), round(frac * len(own)))]
+    return out

@@ -1,0 +1,116 @@
+"""Self-Rewarding LMs (arXiv 2401.10020): the model judges its own samples, then DPO.
+
+Per iteration: N samples per prompt, judged by the configured judge (the policy
+itself with the additive 5-point rubric by default, J samples averaged), pair =
+(highest, lowest average score), ties dropped. An optional M1 stage first does
+SFT on instruction data (IFT) plus judge-training data (EFT).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from harness.data import Example, load_simple
+from harness.generate import Prompt, Sampling
+from harness.methods.base import Candidate, IterationContext, iteration_slice, length_stats, pair
+from harness.registry import METHODS
+from harness.schema import FieldError, opt
+
+
+@dataclass(frozen=True)
+class SelfRewardingOptions:
+    num_samples: int = opt(4, "Candidates sampled per prompt.", min=2)
+    temperature: float = opt(0.7, "Candidate sampling temperature.", min=0.0)
+    top_p: float = opt(0.9, "Candidate nucleus sampling.", min=0.0, max=1.0)
+    ift: str = opt("", "Seed instruction-following data (prompt, response) for the M1 SFT stage; \"\" = none.")
+    eft: str = opt("", "Judge-training data (judge prompt, answer ending in \"Score: N\") for the M1 SFT stage.")
+    prompts: str = opt("", "Prompt file for the iterations; \"\" = data.train.")
+    prompts_per_iteration: int = opt(0, "Fresh, non-overlapping prompts per iteration; 0 = all every iteration.", min=0)
+    self_instruct: int = opt(0, "Generate this many new prompts per iteration few-shot from the seed prompts with the policy (0 = off).", min=0)
+    self_instruct_shots: int = opt(4, "Seed prompts shown per self-instruction request.", min=1)
+    self_instruct_max_chars: int = opt(400, "Drop generated prompts longer than this.", min=1)
+    self_instruct_min_chars: int = opt(8, "Drop generated prompts shorter than this.", min=1)
+
+
+@METHODS.register("self_rewarding")
+class SelfRewarding:
+    name = "self_rewarding"
+    Options = SelfRewardingOptions
+    needs_judge = True
+
+    def check(self, cfg) -> list[FieldError]:
+        errors = []
+        if cfg.judge.name == "self" and cfg.judge.samples == 1:
+            errors.append(FieldError("judge.samples", "Self-Rewarding averages several judgments (the paper: 3); set samples >= 2 or use an external judge"))
+        return errors
+
+    def init_sft_data(self, cfg):
+        o = cfg.options
+        data = []
+        for ref, where in ((o.ift, "method.self_rewarding.ift"), (o.eft, "method.self_rewarding.eft")):
+            if ref:
+                data += [{"id": e.id, "messages": list(e.messages), "response": e.response}
+                         for e in load_simple(ref, where)]
+        return data or None
+
+    def prompts(self, ctx: IterationContext) -> list[Example]:
+        o = ctx.options
+        pool = load_simple(o.prompts, "method.self_rewarding.prompts") if o.prompts else ctx.examples
+        chosen = iteration_slice(pool, o.prompts_per_iteration, ctx.iteration)
+        if o.self_instruct:
+            chosen = chosen + self._self_instruct(ctx, pool)
+        return chosen
+
+    def _self_instruct(self, ctx: IterationContext, seeds: list[Example]) -> list[Example]:
+        """Few-shot new prompts from seed prompts, de-duplicated and length-filtered."""
+        o = ctx.options
+        requests = []
+        for i in range(o.self_instruct):
+            shots = [seeds[(i * o.self_instruct_shots + j) % len(seeds)].instruction for j in range(o.self_instruct_shots)]
+            text = "Write one new task like these examples.\n" + "\n".join(f"Task: {s}" for s in shots) + "\nTask:"
+            requests.append(Prompt(f"si-{ctx.iteration}-{i}", ({"role": "user", "content": text},)))
+        out = ctx.generate(requests, Sampling(temperature=0.8, top_p=0.95, max_new_tokens=128), "self_instruct")
+        known = {e.instruction.strip() for e in seeds}
+        new = []
+        for pid in sorted(out):
+            text = out[pid]["samples"][0]["text"].strip().split("\n")[0].strip()
+            if o.self_instruct_min_chars <= len(text) <= o.self_instruct_max_chars and text not in known:
+                known.add(text)
+                new.append(Example(pid, ({"role": "user", "content": text},)))
+        return new
+
+    def sampling(self, cfg) -> Sampling:
+        o = cfg.options
+        return Sampling(temperature=o.temperature, top_p=o.top_p, max_new_tokens=cfg.generation.max_new_tokens,
+                        n=o.num_samples)
+
+    def candidates(self, ctx, example, samples):
+        return [Candidate(s) for s in samples]
+
+    def build_pairs(self, ctx, groups):
+        pairs, ties, unscored = [], 0, 0
+        hist: Counter = Counter()
+        for g in groups:
+            scored = [(s, c) for s, c in zip(g.scores, g.candidates) if s is not None]
+            hist.update(round(s) for s, _ in scored)
+            if len(scored) < 2:
+                unscored += 1
+                continue
+            hi = max(scored, key=lambda sc: sc[0])   # first of equals: deterministic
+            lo = min(scored, key=lambda sc: sc[0])
+            if hi[0] == lo[0]:
+                ties += 1
+                continue
+            pairs.append(pair(g.example, hi[1].text, lo[1].text, score_chosen=hi[0], score_rejected=lo[0],
+                              iteration=ctx.iteration))
+        stats = {"pairs/n_prompts": len(groups), "pairs/n_candidates": sum(len(g.candidates) for g in groups),
+                 "pairs/ties_dropped": ties, "pairs/too_few_scores": unscored, "pairs/n_pairs": len(pairs),
+                 "pairs/score_histogram": {str(k): hist[k] for k in sorted(hist)}}
+        return pairs, {**stats, **length_stats(pairs)}
+
+    def training_set(self, ctx):
+        return ctx.pairs_of(ctx.iteration)
+
+    def select_final(self, cfg, rows):
+        return None

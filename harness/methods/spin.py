@@ -1,0 +1,72 @@
+"""SPIN (arXiv 2401.01335): the human SFT answer is chosen, the model's own answer rejected.
+
+With the logistic loss this is DPO's sigmoid loss with beta = lambda; the hinge
+loss is the code's other choice. The reference is the model of iteration t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.generate import Sampling
+from harness.methods.base import IterationContext, length_stats, pair
+from harness.registry import METHODS
+from harness.schema import FieldError, opt
+
+
+@dataclass(frozen=True)
+class SpinOptions:
+    temperature: float = opt(0.0, "Sampling temperature of the opponent's answers (SPIN's code: greedy).", min=0.0)
+    top_p: float = opt(1.0, "Nucleus sampling for the opponent's answers.", min=0.0, max=1.0)
+    data_mix: str = opt("newest_plus_previous", "Which synthetic data an iteration trains on: the newest only, the newest plus the previous iteration's (the paper), or all so far.", choices=("newest", "newest_plus_previous", "all"))
+    drop_identical: bool = opt(True, "Drop pairs whose model answer equals the human answer (they carry no gradient).")
+
+
+@METHODS.register("spin")
+class Spin:
+    name = "spin"
+    Options = SpinOptions
+    needs_judge = False
+
+    def check(self, cfg) -> list[FieldError]:
+        if cfg.judge.name != "none":
+            return [FieldError("judge.name", "SPIN uses no judge (the human answer is always chosen); set \"none\"")]
+        return []
+
+    def init_sft_data(self, cfg):
+        return None
+
+    def prompts(self, ctx: IterationContext):
+        missing = [e.id for e in ctx.examples if not e.response]
+        if missing:
+            raise ValueError(f"data.train: SPIN needs a human answer for every prompt; {len(missing)} have none "
+                             f"(e.g. id {missing[0]!r}; check data.response_field)")
+        return ctx.examples
+
+    def sampling(self, cfg) -> Sampling:
+        o = cfg.options
+        return Sampling(temperature=o.temperature, top_p=o.top_p, max_new_tokens=cfg.generation.max_new_tokens, n=1)
+
+    def candidates(self, ctx, example, samples):
+        from harness.methods.base import Candidate
+
+        return [Candidate(samples[0])]
+
+    def build_pairs(self, ctx, groups):
+        pairs, identical = [], 0
+        for g in groups:
+            synthetic = g.candidates[0].text
+            if ctx.options.drop_identical and synthetic.strip() == g.example.response.strip():
+                identical += 1
+                continue
+            pairs.append(pair(g.example, g.example.response, synthetic, iteration=ctx.iteration))
+        stats = {"pairs/n_prompts": len(groups), "pairs/n_pairs": len(pairs), "pairs/identical_dropped": identical}
+        return pairs, {**stats, **length_stats(pairs)}
+
+    def training_set(self, ctx):
+        t = ctx.iteration
+        first = {"newest": t, "newest_plus_previous": max(1, t - 1), "all": 1}[ctx.options.data_mix]
+        return [p for k in range(first, t + 1) for p in ctx.pairs_of(k)]
+
+    def select_final(self, cfg, rows):
+        return None

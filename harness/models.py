@@ -1,0 +1,119 @@
+"""Loading base models, tokenizers and the iteration chain of adapters.
+
+Two ways to chain iterations (``Config.chain``):
+- merge (full-precision bases): model_t = base with adapters 1..t merged in,
+  each exactly (up to dtype rounding); iteration t+1 trains a fresh adapter on
+  top, and the fresh adapter disabled is exactly model_t (the reference).
+- continue (quantized bases, QLoRA): model_t = 4/8-bit base + adapter_t.
+  Iteration t+1 starts from a copy of adapter_t; a frozen copy of adapter_t is
+  loaded beside it as the reference adapter. Nothing is merged into quantized
+  weights, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_ref(ref: str) -> str:
+    """"tiny" / "tiny:<name>" -> a built local path; anything else unchanged."""
+    if ref == "tiny" or ref.startswith("tiny:"):
+        from harness.tiny import resolve
+
+        return str(resolve(ref))
+    return ref
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _quant_config(quantization: str, dtype: torch.dtype):
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_tokenizer(name: str, revision: str = "main", chat_template: str = "", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_ref(name), revision=revision, trust_remote_code=trust_remote_code)
+    if chat_template:
+        tok.chat_template = Path(resolve_ref(chat_template)).read_text()
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer of {name!r} has no chat template; set model.chat_template")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation; training code pads explicitly
+    return tok
+
+
+def load_model(name: str, *, revision: str = "main", dtype: str = "float32", quantization: str = "none",
+               device: str = "auto", kind: str = "causal", trust_remote_code: bool = False):
+    """A hub id, a local directory or "tiny" -> an eval-mode model on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    torch_dtype = DTYPES[dtype]
+    device = pick_device(device)
+    qc = _quant_config(quantization, torch_dtype)
+    model = cls.from_pretrained(resolve_ref(name), revision=revision, dtype=torch_dtype,
+                                quantization_config=qc, trust_remote_code=trust_remote_code,
+                                device_map={"": device} if qc is not None else None)
+    if qc is None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_base(cfg):
+    """(model, tokenizer) for the configured base model."""
+    m = cfg.model
+    tok = load_tokenizer(m.base, m.revision, m.chat_template, m.trust_remote_code)
+    model = load_model(m.base, revision=m.revision, dtype=m.dtype, quantization=m.quantization,
+                       device=m.device, trust_remote_code=m.trust_remote_code)
+    return model, tok
+
+
+def offline_env() -> None:
+    """No hub at run time unless the user opts in (HARNESS_ONLINE=1)."""
+    if os.environ.get("HARNESS_ONLINE") != "1":
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_policy(cfg, adapters: list[Path], tokenizer=None):
+    """model_t for the chain of saved adapters ``adapters`` (oldest first).
+
+    merge: base with every adapter merged in order (a plain model);
+    continue: base + the newest adapter only (it already carries the earlier
+    iterations), trainable so the next iteration can continue it.
+    """
+    from peft import PeftModel
+
+    model, tok = load_base(cfg)
+    if cfg.chain == "merge":
+        for path in adapters:
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    elif adapters:
+        if cfg.model.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+        model = PeftModel.from_pretrained(model, str(adapters[-1]), is_trainable=True)
+    model.eval()
+    return model, tokenizer or tok

@@ -1,0 +1,57 @@
+"""What produced a result: versions, git commit (+ dirty flag), hardware, seeds, model ids."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
+            "lm_eval", "alpaca_eval", "pandas", "numpy")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state(path: Path | None = None) -> dict:
+    """Commit of the harness source tree and whether it has uncommitted changes."""
+    where = str(path or Path(__file__).resolve().parent.parent)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        return {"git_commit": commit, "git_dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return info
+
+
+def collect(cfg, model_ids: dict) -> dict:
+    return {"config_hash": cfg.hash(), "config_file": cfg.source, "seed": cfg.experiment.seed,
+            "versions": versions(), **git_state(), "hardware": hardware(), "models": model_ids,
+            "argv": sys.argv, "eval_batch_size": cfg.eval.batch_size}

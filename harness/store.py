@@ -1,0 +1,201 @@
+"""Run-directory layout, atomic writes, stage manifests, resumable JSONL, the run lock.
+
+Layout of a run directory::
+
+    config.toml / config.json   resolved config (+ hash) of the run
+    provenance.json             versions, commit, hardware (rewritten each start)
+    run.lock                    held by the running process (fcntl lock)
+    iter_000/evaluate/ ...      iteration 0 = the starting model
+    iter_001/generate/ judge/ pairs/ train/ evaluate/
+    results.jsonl               derived: one row per evaluated iteration
+
+Invariant: a stage directory exists only when the stage completed. A stage is
+built in ``<stage>.tmp``, renamed into place, and its ``manifest.json`` is
+written last inside it, so a directory with a manifest is a finished stage.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename; a crash leaves the old file or none, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+class JsonlLog:
+    """Append-only JSONL keyed by ``id``, for resuming inside a stage.
+
+    Each record is one line, flushed and fsynced. On open, a torn last line
+    (no newline, or not valid JSON) is cut off, never parsed as data.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, dict] = {}
+        self._repair_and_load()
+
+    def _repair_and_load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        good_end = 0
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break  # torn: no newline
+            try:
+                rec = json.loads(data[pos:nl])
+            except json.JSONDecodeError:
+                break  # torn or corrupt: drop it and everything after
+            self.records[str(rec["id"])] = rec
+            good_end = nl + 1
+            pos = nl + 1
+        if good_end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def append(self, records: Iterable[dict]) -> None:
+        lines = []
+        for rec in records:
+            self.records[str(rec["id"])] = rec
+            lines.append(json.dumps(rec, sort_keys=True, default=str) + "\n")
+        with open(self.path, "a") as f:
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def file_hash(*paths: Path) -> str:
+    """sha256 over the bytes of files (directories: every file inside, in sorted order)."""
+    h = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+
+
+class StageChanged(RuntimeError):
+    """A finished stage was produced from different inputs than this run would use."""
+
+
+class Stage:
+    """One (iteration, stage) directory of a run."""
+
+    def __init__(self, run_dir: Path, iteration: int, name: str, inputs: dict):
+        from harness.config import dict_hash
+
+        self.final = Path(run_dir) / f"iter_{iteration:03d}" / name
+        self.tmp = self.final.with_name(name + ".tmp")
+        self.inputs = inputs
+        self.input_hash = dict_hash(inputs)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.final / "manifest.json"
+
+    def done(self) -> bool:
+        """True when finished with the same inputs; raise StageChanged when inputs differ."""
+        if not self.manifest_path.exists():
+            return False
+        manifest = read_json(self.manifest_path)
+        if manifest["input_hash"] != self.input_hash:
+            changed = sorted(_diff_keys(manifest["inputs"], self.inputs))
+            raise StageChanged(
+                f"{self.final} was produced from different inputs; changed: {', '.join(changed)}. "
+                "Revert the change or start a fresh run directory (harness run --fresh, or a new experiment.name).")
+        return True
+
+    def begin(self) -> Path:
+        """The working directory: left over from an interrupted attempt with the
+        same inputs (its resumable logs are reused), or new."""
+        if self.final.exists():  # renamed but manifest missing: crashed between the two
+            shutil.rmtree(self.final)
+        stamp = self.tmp / ".inputs_hash"
+        if self.tmp.exists() and (not stamp.exists() or stamp.read_text() != self.input_hash):
+            shutil.rmtree(self.tmp)  # partial work for other inputs is never resumed
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, self.input_hash)
+        self._t0 = time.perf_counter()
+        return self.tmp
+
+    def commit(self, outputs: dict | None = None) -> None:
+        outputs = {**(outputs or {}), "seconds": round(time.perf_counter() - self._t0, 3)}
+        os.replace(self.tmp, self.final)
+        atomic_write_json(self.manifest_path, {"input_hash": self.input_hash, "inputs": self.inputs,
+                                               "outputs": outputs})
+
+    def outputs(self) -> dict:
+        return read_json(self.manifest_path)["outputs"]
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> set[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: set[str] = set()
+        for k in set(old) | set(new):
+            out |= _diff_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return set() if old == new else {prefix or "<root>"}
+
+
+class RunLocked(RuntimeError):
+    pass
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive lock on a run directory; a second process fails at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "run.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(f"{run_dir} is being run by another process (run.lock is held)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
