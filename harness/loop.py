@@ -192,7 +192,7 @@ class Runner:
         if not st.done():
             work = st.begin()
             model, tok = self.model(policy)
-            metrics = train_dpo(model, tok, pairs, self.cfg, t, work)
+            metrics, _ = train_dpo(model, tok, pairs, self.cfg, t, work)
             self._loaded = None  # trl wrapped or changed the object; the next user reloads from disk
             store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
             st.commit({"adapter_hash": store.file_hash(work / "adapter"), "metrics": _numeric(metrics)})

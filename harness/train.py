@@ -109,8 +109,9 @@ def pair_logps(model, tokenizer, pairs: Sequence[dict], max_length: int) -> tupl
 
 
 def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
-              probe_size: int = 256) -> dict:
+              probe_size: int = 256) -> tuple[dict, object]:
     """Train one iteration on pairs {messages, chosen, rejected}; save ``out_dir/adapter``.
+    Returns (metrics, the trained in-memory model).
 
     Reports, on up to ``probe_size`` pairs, the log-likelihoods before and after,
     the fraction of pairs the model already preferred (logp chosen > logp
@@ -144,7 +145,7 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
         "train/reward_margin": sum(margins) / n,
         "train/reward_accuracy": sum(m > 0 for m in margins) / n,
     })
-    return metrics
+    return metrics, trainer.model
 
 
 def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, out_dir: Path) -> dict:

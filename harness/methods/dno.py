@@ -49,7 +49,6 @@ def repetition_rate(text: str, n: int) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-@METHODS.register("dno")
 class Dno:
     name = "dno"
     Options = DnoOptions
@@ -137,3 +136,6 @@ def replayed(own: list[dict], fractions, iteration: int, pairs_of) -> list[dict]
         earlier = pairs_of(iteration - k)
         out += earlier[:min(len(earlier), round(frac * len(own)))]
     return out
+
+
+METHODS.register("dno")(Dno())

@@ -33,7 +33,6 @@ class SelfRewardingOptions:
     self_instruct_min_chars: int = opt(8, "Drop generated prompts shorter than this.", min=1)
 
 
-@METHODS.register("self_rewarding")
 class SelfRewarding:
     name = "self_rewarding"
     Options = SelfRewardingOptions
@@ -114,3 +113,6 @@ class SelfRewarding:
 
     def select_final(self, cfg, rows):
         return None
+
+
+METHODS.register("self_rewarding")(SelfRewarding())

@@ -22,7 +22,6 @@ class SpinOptions:
     drop_identical: bool = opt(True, "Drop pairs whose model answer equals the human answer (they carry no gradient).")
 
 
-@METHODS.register("spin")
 class Spin:
     name = "spin"
     Options = SpinOptions
@@ -70,3 +69,6 @@ class Spin:
 
     def select_final(self, cfg, rows):
         return None
+
+
+METHODS.register("spin")(Spin())

@@ -1,0 +1,128 @@
+"""DPO-family training through trl: the loss is the SPIN/DPO formula of methods.md,
+and the reference of iteration t+1 is exactly the policy at the end of iteration t."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.config import parse
+from harness.generate import sequence_logprobs
+from harness.models import load_policy
+from harness.train import lora_config, train_dpo
+
+PAIRS = [{"messages": [{"role": "user", "content": f"what is {i} plus {i + 1}"}],
+          "chosen": f"{2 * i + 1}", "rejected": "no no"} for i in range(8)]
+
+
+def make_cfg(model_dir, out, **over):
+    doc = {"experiment": {"name": "t", "output_dir": str(out)},
+           "model": {"base": str(model_dir), "device": "cpu"},
+           "method": {"name": "spin", "iterations": 2, "beta": 0.5},
+           "data": {"train": "unused.jsonl"},
+           "lora": {"r": 4, "alpha": 8},
+           "training": {"batch_size": 4, "learning_rate": 5e-3, "max_length": 64, "warmup_ratio": 0.0}}
+    for section, values in over.items():
+        doc.setdefault(section, {}).update(values)
+    return parse(doc)
+
+
+def _trainer(model, tok, cfg, pairs, peft_config, **extra):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from harness.train import _trainer_args
+
+    data = Dataset.from_list([{"prompt": p["messages"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    args = _trainer_args(DPOConfig, cfg, cfg.run_dir, 1, beta=cfg.method.beta, loss_type=[cfg.method.loss],
+                         **extra)
+    return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config)
+
+
+def _batch(trainer, n):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "hinge"])
+def test_trl_loss_equals_spin_formula(tiny_dir, tmp_path, loss):
+    """L = mean l(lam*log(p(y)/p_t(y)) - lam*log(p(y')/p_t(y'))), logistic or hinge,
+    on hand-chosen reference log-probs and policy log-probs computed independently."""
+    cfg = make_cfg(tiny_dir, tmp_path, method={"loss": loss})
+    model, tok = load_policy(cfg, [])
+    trainer = _trainer(model, tok, cfg, PAIRS[:4], lora_config(cfg.lora))
+    # make the fresh adapter non-zero so policy != base
+    torch.manual_seed(0)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    batch = _batch(trainer, 4)
+    ref_c = torch.tensor([-20.0, -31.5, -12.25, -40.0])
+    ref_r = torch.tensor([-25.0, -18.0, -30.5, -41.0])
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_c, ref_r
+    trainer.precompute_ref_logps = True
+    trainer.model.eval()
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch).item()
+    msgs = [p["messages"] for p in PAIRS[:4]]
+    pc = sequence_logprobs(trainer.model, tok, msgs, [p["chosen"] for p in PAIRS[:4]])
+    pr = sequence_logprobs(trainer.model, tok, msgs, [p["rejected"] for p in PAIRS[:4]])
+    lam = cfg.method.beta
+    ts = [lam * ((pc[i] - ref_c[i].item()) - (pr[i] - ref_r[i].item())) for i in range(4)]
+    ell = (lambda t: math.log1p(math.exp(-t))) if loss == "sigmoid" else (lambda t: max(0.0, 1.0 - t))
+    want = sum(ell(t) for t in ts) / 4
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert len({round(t, 3) for t in ts}) > 1  # the case is not degenerate
+
+
+def _reference_of_next_iteration(cfg, tmp_path):
+    """Train iteration 1, then build iteration 2's trainer the way the loop does and
+    return (policy log-probs at the end of iteration 1, trl's reference log-probs in iteration 2)."""
+    model, tok = load_policy(cfg, [])
+    _, trained = train_dpo(model, tok, PAIRS, cfg, 1, tmp_path / "it1")
+    trained.eval()
+    msgs = [p["messages"] for p in PAIRS[:4]]
+    end_c = sequence_logprobs(trained, tok, msgs, [p["chosen"] for p in PAIRS[:4]])
+    del trained, model
+    from harness.train import _prepare_policy
+
+    model2, tok2 = load_policy(cfg, [tmp_path / "it1" / "adapter"])
+    policy, peft_config = _prepare_policy(model2, cfg)
+    trainer = _trainer(policy, tok2, cfg, PAIRS[:4], peft_config)
+    trainer.model.eval()
+    ref_c, _ = trainer.compute_ref_log_probs(trainer.model, _batch(trainer, 4))
+    return end_c, ref_c.tolist()
+
+
+def test_reference_is_previous_iterate_lora_merge(tiny_dir, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path)
+    assert cfg.chain == "merge"
+    end, ref = _reference_of_next_iteration(cfg, tmp_path)
+    base_model, tok = load_policy(cfg, [])
+    base = sequence_logprobs(base_model, tok, [p["messages"] for p in PAIRS[:4]], [p["chosen"] for p in PAIRS[:4]])
+    assert ref == pytest.approx(end, abs=1e-3)
+    assert max(abs(a - b) for a, b in zip(end, base)) > 1e-2  # training moved it: the base would be wrong
+
+
+def test_reference_is_previous_iterate_lora_continue(tiny_dir, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": "continue"})
+    end, ref = _reference_of_next_iteration(cfg, tmp_path)
+    assert ref == pytest.approx(end, abs=1e-3)
+
+
+def test_reference_is_previous_iterate_qlora(tiny_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(tiny_dir, tmp_path, model={"quantization": "4bit"})
+    assert cfg.chain == "continue"
+    end, ref = _reference_of_next_iteration(cfg, tmp_path)
+    # 4-bit base with bf16 adapters: reference and end-of-iteration agree to quantized precision
+    assert ref == pytest.approx(end, abs=5e-2)
+
+
+def test_merge_chain_rejected_for_quantized_base(tiny_dir, tmp_path):
+    from harness.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.chain"):
+        make_cfg(tiny_dir, tmp_path, model={"quantization": "4bit"}, lora={"chain": "merge"})
