@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable, Generic, TypeVar
 
-from harness.schema import FieldError
+from harness.schema import FieldError, closest
 
 T = TypeVar("T")
 
@@ -50,8 +49,8 @@ class Registry(Generic[T]):
         return None
 
     def unknown_message(self, name: str) -> str:
-        hint = difflib.get_close_matches(name, self.names(), n=1)
-        extra = f"did you mean {hint[0]!r}? " if hint else ""
+        hint = closest(name, self.names())
+        extra = f"did you mean {hint!r}? " if hint else ""
         return f"unknown {self.kind} {name!r}; {extra}known: {', '.join(self.names())}"
 
 

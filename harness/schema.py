@@ -116,8 +116,17 @@ def _check_rules(value: Any, meta: dict, path: str, errors: list[FieldError]) ->
                 errors.append(FieldError(path, f"{v!r} is above the maximum {meta['max']}"))
 
 
+def closest(name: str, known: list[str]) -> str | None:
+    """A likely intended name: a prefix match first ("evaluation" -> "eval"), else difflib's."""
+    prefix = [k for k in known if name.startswith(k) or k.startswith(name)]
+    if prefix:
+        return max(prefix, key=len)
+    hint = difflib.get_close_matches(name, known, n=1)
+    return hint[0] if hint else None
+
+
 def unknown_key_error(key: str, known: list[str], path: str) -> FieldError:
-    hint = difflib.get_close_matches(key, known, n=1)
+    hint = [h for h in [closest(key, known)] if h]
     extra = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(sorted(known))}"
     return FieldError(path, f"unknown key{extra}")
 
