@@ -1,0 +1,162 @@
+"""Judges behind one protocol (``harness.judges.base.Judge``), built from a
+``JudgeSection``, plus coverage accounting.
+
+Kinds: "oracle" (the tiny world's rule-based judge), "self" (the policy as
+LLM-as-a-judge), "hf" (a local causal LM as LLM-as-a-judge), "reward_model"
+(a sequence-classification reward model), "openai" (an OpenAI-compatible
+endpoint). Heavy modules are imported only when their kind is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from harness.config import JUDGES, JudgeSection
+from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group
+from harness.judges.cache import CachedJudge, judge_identity, path_fingerprint
+from harness.judges.parsing import load_template, parse_score
+
+__all__ = ["Judge", "JudgeItem", "Verdict", "compare", "preference", "score_group", "build_judge",
+           "CachedJudge", "CoverageError", "coverage", "check_coverage", "parse_score", "load_template"]
+
+
+def _template(s: JudgeSection) -> tuple[str, dict]:
+    text = load_template(s.template)
+    ident = {"template": text, "samples": s.samples, "temperature": s.temperature,
+             "max_new_tokens": s.max_new_tokens}
+    return text, ident
+
+
+def _seed_ident(s: JudgeSection, seed_key: tuple) -> dict:
+    # A greedy judge's answer does not depend on the seed: leave it out, so that a
+    # fixed external judge's cache is reused across iterations.
+    return {"seed": list(seed_key)} if s.temperature > 0 else {}
+
+
+def _oracle(s, policy, seed_key):
+    from harness.tiny.oracle import OracleJudge
+
+    judge = OracleJudge()
+    # The oracle is code: its identity is the source of its package (grading rules + task parser).
+    src = Path(sys.modules[OracleJudge.__module__].__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(src.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return judge, {"oracle": f"{OracleJudge.__module__}.{OracleJudge.__qualname__}", "source": h.hexdigest()[:16]}
+
+
+def _self(s, policy, seed_key):
+    if policy is None:
+        raise ValueError("judge.name = 'self' judges with the policy: pass policy=(model, tokenizer) to build_judge")
+    from harness.judges.llm import LLMJudge
+
+    model, tokenizer = policy
+    template, ident = _template(s)
+    judge = LLMJudge(model, tokenizer, template=template, samples=s.samples, temperature=s.temperature,
+                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed_key=seed_key, name="self")
+    return judge, {**ident, **_seed_ident(s, seed_key)}
+
+
+def _local_ident(s: JudgeSection) -> dict:
+    from harness.models import resolve_ref
+
+    return {"model": s.model, "revision": s.revision, "weights": path_fingerprint(resolve_ref(s.model))}
+
+
+def _hf(s, policy, seed_key):
+    from harness.judges.llm import LLMJudge
+    from harness.models import load_model, load_tokenizer
+
+    template, ident = _template(s)
+    tokenizer = load_tokenizer(s.model, s.revision)
+    model = load_model(s.model, revision=s.revision)
+    judge = LLMJudge(model, tokenizer, template=template, samples=s.samples, temperature=s.temperature,
+                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed_key=seed_key,
+                     name=f"hf:{s.model}")
+    return judge, {**ident, **_seed_ident(s, seed_key), **_local_ident(s)}
+
+
+def _reward_model(s, policy, seed_key):
+    from harness.judges.reward_model import RewardModelJudge
+    from harness.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(s.model, s.revision)
+    model = load_model(s.model, revision=s.revision, kind="sequence_classification")
+    judge = RewardModelJudge(model, tokenizer, batch_size=s.batch_size, name=f"reward_model:{s.model}")
+    return judge, {**_local_ident(s), "max_length": judge.max_length}
+
+
+def _openai(s, policy, seed_key):
+    from harness.judges.http import OpenAIJudge
+
+    template, ident = _template(s)
+    judge = OpenAIJudge(s.base_url, s.model, template=template, api_key_env=s.api_key_env, samples=s.samples,
+                        temperature=s.temperature, max_new_tokens=s.max_new_tokens, timeout_s=s.timeout_s,
+                        max_retries=s.max_retries, concurrency=s.batch_size, seed_key=seed_key,
+                        name=f"openai:{s.model}")
+    return judge, {**ident, **_seed_ident(s, seed_key), "base_url": s.base_url, "model": s.model}
+
+
+_BUILDERS: dict[str, Callable] = {"oracle": _oracle, "self": _self, "hf": _hf,
+                                  "reward_model": _reward_model, "openai": _openai}
+
+
+def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
+                cache_path: Path | None = None, seed_key: tuple = ()) -> Judge:
+    """The configured judge; wrapped in a ``CachedJudge`` when ``cache_path`` is given.
+
+    ``policy``: (model, tokenizer) for the "self" judge. ``identity_extra``:
+    what identifies the weights that the section does not (for "self": the
+    adapter hash / iteration -- required when caching, else one iteration's
+    scores could be served for another). ``seed_key``: prefix of every judge
+    sampling seed, e.g. (experiment seed, iteration, "judge").
+    """
+    if section.name == "none":
+        raise ValueError("judge.name is 'none', but this stage needs a judge; set judge.name to one of "
+                         + ", ".join(n for n in JUDGES if n != "none"))
+    builder = _BUILDERS.get(section.name)
+    if builder is None:
+        raise ValueError(f"judge.name: unknown judge {section.name!r}; known: {', '.join(_BUILDERS)}")
+    if cache_path is not None and section.name == "self" and not identity_extra:
+        raise ValueError("caching the 'self' judge needs identity_extra (the policy's adapter hash / iteration)")
+    judge, ident = builder(section, policy, tuple(seed_key))
+    if cache_path is None:
+        return judge
+    identity = judge_identity(kind=section.name, extra=identity_extra, **ident)
+    return CachedJudge(judge, cache_path, identity, chunk_size=max(section.batch_size, 1) * 4)
+
+
+# ---- coverage ---------------------------------------------------------------
+
+class CoverageError(RuntimeError):
+    """Too few items got a valid judgment; the stage must not be marked done."""
+
+
+def _valid(v: Verdict) -> bool:
+    return v.score is not None and math.isfinite(v.score)
+
+
+def coverage(verdicts: Sequence[Verdict]) -> dict:
+    """{n_total, n_scored, n_failed, coverage}; coverage is None when there is nothing.
+    A NaN/inf score counts as a failure."""
+    n_total = len(verdicts)
+    n_scored = sum(_valid(v) for v in verdicts)
+    return {"n_total": n_total, "n_scored": n_scored, "n_failed": n_total - n_scored,
+            "coverage": n_scored / n_total if n_total else None}
+
+
+def check_coverage(verdicts: Sequence[Verdict], min_coverage: float, what: str) -> dict:
+    """``coverage(verdicts)``, or CoverageError when below ``min_coverage`` (or empty)."""
+    c = coverage(verdicts)
+    if c["n_total"] == 0:
+        raise CoverageError(f"{what}: no items were judged (0 verdicts); nothing to compute coverage from")
+    if c["coverage"] < min_coverage:
+        raise CoverageError(
+            f"{what}: only {c['n_scored']} of {c['n_total']} items got a valid judgment "
+            f"(coverage {c['coverage']:.3f} < min_coverage {min_coverage}); {c['n_failed']} failed "
+            "(unparsable answers or judge errors; see the raw outputs in the judge cache/log)")
+    return c

@@ -1,0 +1,122 @@
+"""A persistent judgment cache, so a restarted judging stage does not re-ask the judge.
+
+Key = sha256 of (judge identity, instruction, response, meta). The identity is
+a canonical JSON string of everything that determines a judgment other than the
+item (kind, model, revision, a fingerprint of local weights, adapter hash /
+iteration for the self judge, template text, samples, temperature, max new
+tokens, seed): never a run or model name alone, so one judge's scores are
+never served for another.
+
+Storage is ``harness.store.JsonlLog``: one fsynced line per judgment, a torn
+last line dropped on open. The inner judge is called in chunks and each chunk
+is written before the next starts, so a killed process loses at most a chunk.
+Verdicts holding a transport error (``parsing.is_error``) are returned but not
+stored, so the next run asks again; parse failures of real answers are stored
+(they are judgments). When the inner judge raises with ``partial`` verdicts
+(``http.JudgeRequestError``), the finished ones are stored before re-raising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from harness.judges.base import JudgeItem, Verdict
+from harness.judges.parsing import is_error
+from harness.store import JsonlLog
+
+
+def judge_identity(**fields: Any) -> str:
+    """Canonical text of the fields that determine a judgment."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def path_fingerprint(path: str | Path, head: int = 1 << 20) -> str:
+    """Content fingerprint of a local model file or directory ("" when it is not
+    local, e.g. a hub id, whose revision identifies it instead). Small files are
+    hashed whole; large ones by size + first and last ``head`` bytes, which tells
+    apart any two checkpoints in practice without reading gigabytes."""
+    path = Path(path)
+    if not path.exists():
+        return ""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 2 * head:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(head))
+                fh.seek(size - head)
+                h.update(fh.read(head))
+    return h.hexdigest()[:16]
+
+
+def _cacheable(v: Verdict) -> bool:
+    return not any(is_error(r) for r in v.raw)
+
+
+class CachedJudge:
+    """Judge protocol around ``inner`` with a JSONL cache at ``path``.
+
+    ``hits`` / ``misses`` count items per ``score`` call, summed. Other
+    attributes (e.g. a native ``compare``) are forwarded to ``inner`` uncached.
+    """
+
+    def __init__(self, inner, path: str | Path, identity: str, chunk_size: int = 64):
+        if not identity:
+            raise ValueError("CachedJudge needs a non-empty identity (all fields that determine a judgment)")
+        self.inner = inner
+        self.identity = identity
+        self.log = JsonlLog(Path(path))
+        self.chunk_size = max(1, chunk_size)
+        self.name = inner.name
+        self.scale = inner.scale
+        self.hits = 0
+        self.misses = 0
+
+    def __getattr__(self, attr: str):
+        if attr == "inner":  # not yet set: avoid recursion during construction
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def key(self, item: JudgeItem) -> str:
+        blob = json.dumps({"judge": self.identity, "instruction": item.instruction,
+                           "response": item.response, "meta": dict(item.meta)},
+                          sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _store(self, pairs: Sequence[tuple[str, JudgeItem, Verdict]]) -> None:
+        self.log.append({"id": k, "prompt_id": it.prompt_id, "score": v.score, "raw": list(v.raw),
+                         "scores": list(v.scores)} for k, it, v in pairs if _cacheable(v))
+
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        keys = [self.key(it) for it in items]
+        found: dict[str, Verdict] = {}
+        todo: dict[str, JudgeItem] = {}
+        for k, it in zip(keys, items):
+            rec = self.log.records.get(k)
+            if rec is not None:
+                found[k] = Verdict(score=rec["score"], raw=tuple(rec["raw"]), scores=tuple(rec["scores"]))
+            elif k not in todo:
+                todo[k] = it
+        self.hits += sum(k in found for k in keys)
+        self.misses += sum(k not in found for k in keys)
+        pending = list(todo.items())
+        for i in range(0, len(pending), self.chunk_size):
+            chunk = pending[i:i + self.chunk_size]
+            try:
+                verdicts = self.inner.score([it for _, it in chunk])
+            except Exception as e:
+                partial = getattr(e, "partial", None) or []
+                self._store([(k, it, v) for (k, it), v in zip(chunk, partial) if v is not None])
+                raise
+            if len(verdicts) != len(chunk):
+                raise RuntimeError(f"judge {self.name!r} returned {len(verdicts)} verdicts for {len(chunk)} items")
+            self._store([(k, it, v) for (k, it), v in zip(chunk, verdicts)])
+            found.update((k, v) for (k, _), v in zip(chunk, verdicts))
+        return [found[k] for k in keys]

@@ -1,0 +1,172 @@
+"""An OpenAI-compatible chat-completions endpoint as a pointwise LLM-as-a-judge.
+
+Standard library only (urllib + a thread pool): one POST per (item, sample) to
+``{base_url}/chat/completions`` with model, messages, temperature, max_tokens
+and a per-request seed (derived like every other seed in the harness, so a
+server that honours seeds reproduces its answers).
+
+Failure behaviour, per request:
+- timeouts, connection errors, HTTP 5xx and 429: retried up to ``max_retries``
+  times with exponential backoff (429 honours a numeric Retry-After, capped);
+  when retries run out the sample becomes an error entry (``ERROR_PREFIX`` +
+  reason) -- counted as a failure, never raised;
+- HTTP 4xx other than 429 (bad key, unknown model, bad request): the same for
+  every item, so retrying or continuing is pointless -> ``JudgeRequestError``
+  at once, carrying the verdicts of the items already finished (``partial``);
+- a reply that is not JSON or lacks choices[0].message.content: an error entry
+  holding the reply text (not retried: the server did answer);
+- content without a parsable score: an ordinary parse failure, raw kept.
+An unexpected exception in one request only fails that request's sample.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
+from typing import Sequence
+
+from harness.generate import request_seed
+from harness.judges.base import JudgeItem, Verdict
+from harness.judges.llm import content_id
+from harness.judges.parsing import ERROR_PREFIX, fill_template, verdict_from_samples
+
+_BODY_KEEP = 2000  # characters of a bad reply kept for audit
+
+
+class MissingAPIKey(RuntimeError):
+    pass
+
+
+class JudgeRequestError(RuntimeError):
+    """A non-retryable HTTP error. ``partial`` holds one entry per item: its
+    verdict when all its samples had finished, else None."""
+
+    def __init__(self, message: str, status: int | None = None,
+                 partial: list[Verdict | None] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.partial = partial or []
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, wait: float | None = None):
+        super().__init__(reason)
+        self.wait = wait
+
+
+class OpenAIJudge:
+    def __init__(self, base_url: str, model: str, *, template: str, api_key_env: str = "OPENAI_API_KEY",
+                 samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 64,
+                 timeout_s: float = 60.0, max_retries: int = 3, concurrency: int = 8,
+                 seed_key: tuple = (), backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 name: str = "openai", lo: int = 1, hi: int = 5):
+        key = os.environ.get(api_key_env, "")
+        if not key:
+            raise MissingAPIKey(
+                f"judge.api_key_env: environment variable {api_key_env} is not set (or empty); "
+                f"export {api_key_env}=<key> (for a local server that ignores keys, any value works)")
+        if not base_url:
+            raise ValueError("judge.base_url: the openai judge needs the endpoint's base URL")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        self.template = template
+        self.samples = samples
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.concurrency = max(1, concurrency)
+        self.seed_key = tuple(seed_key)
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.name = name
+        self.lo, self.hi = lo, hi
+        self.scale = (float(lo), float(hi))
+
+    # ---- one request ----------------------------------------------------
+    def _post_once(self, payload: bytes) -> str:
+        """The reply body; raises _Retryable or JudgeRequestError."""
+        req = urllib.request.Request(self.url, data=payload, headers=self._headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return resp.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as e:  # before URLError: it is a subclass
+            body = e.read().decode("utf-8", errors="replace")[:_BODY_KEEP]
+            if e.code == 429 or e.code >= 500:
+                wait = e.headers.get("Retry-After") if e.code == 429 and e.headers else None
+                raise _Retryable(f"HTTP {e.code}: {body}",
+                                 float(wait) if wait and wait.strip().isdigit() else None) from None
+            raise JudgeRequestError(f"judge endpoint {self.url} answered HTTP {e.code} (not retried): {body}",
+                                    status=e.code) from None
+        except (OSError, http.client.HTTPException) as e:  # timeouts, refused/reset connections, URLError
+            reason = getattr(e, "reason", None) or e
+            raise _Retryable(f"{type(e).__name__}: {reason} (timeout {self.timeout_s}s)") from None
+
+    def _content(self, body: str) -> str:
+        try:
+            content = json.loads(body)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return f"{ERROR_PREFIX}malformed reply: {body[:_BODY_KEEP]}"
+        if not isinstance(content, str):
+            return f"{ERROR_PREFIX}malformed reply (content is not text): {body[:_BODY_KEEP]}"
+        return content
+
+    def _ask(self, text: str, seed: int) -> str:
+        """One judge answer, or an error entry once retries are exhausted."""
+        payload = json.dumps({"model": self.model, "messages": [{"role": "user", "content": text}],
+                              "temperature": self.temperature, "max_tokens": self.max_new_tokens,
+                              "seed": seed}).encode()
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._content(self._post_once(payload))
+            except _Retryable as e:
+                reason = str(e)
+                if attempt < self.max_retries:
+                    wait = e.wait if e.wait is not None else self.backoff_s * 2 ** attempt
+                    time.sleep(min(wait, self.max_backoff_s))
+        return f"{ERROR_PREFIX}gave up after {self.max_retries + 1} attempts: {reason}"
+
+    def _ask_safe(self, text: str, seed: int) -> str:
+        try:
+            return self._ask(text, seed)
+        except JudgeRequestError:
+            raise
+        except Exception as e:  # a bug or odd failure in one request must not sink the others
+            return f"{ERROR_PREFIX}{type(e).__name__}: {e}"
+
+    # ---- the Judge protocol --------------------------------------------
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        texts = [fill_template(self.template, it.instruction, it.response) for it in items]
+        ids = [content_id(t) for t in texts]
+        unique = dict(zip(ids, texts))  # identical items are asked once
+        answers: dict[tuple[str, int], str] = {}
+        fatal: JudgeRequestError | None = None
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self._ask_safe, text, request_seed(*self.seed_key, cid, j) % 2**31): (cid, j)
+                       for cid, text in unique.items() for j in range(self.samples)}
+            for fut in as_completed(futures):
+                try:
+                    answers[futures[fut]] = fut.result()
+                except JudgeRequestError as e:
+                    if fatal is None:
+                        fatal = e
+                        for other in futures:
+                            other.cancel()  # requests not yet started are dropped
+                except CancelledError:
+                    pass  # dropped after a fatal error; _ask_safe catches everything else
+        verdicts: dict[str, Verdict] = {}
+        for cid in unique:
+            raws = [answers.get((cid, j)) for j in range(self.samples)]
+            if all(r is not None for r in raws):
+                verdicts[cid] = verdict_from_samples(raws, self.lo, self.hi)
+        if fatal is not None:
+            fatal.partial = [verdicts.get(cid) for cid in ids]
+            raise fatal
+        return [verdicts[cid] for cid in ids]

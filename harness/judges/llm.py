@@ -1,0 +1,63 @@
+"""A causal LM as a pointwise LLM-as-a-judge (the policy itself, or a local HF model).
+
+Each item's filled template is sent as one user message through
+``harness.generate.generate`` (so the chat template is applied by ``render``,
+the same as everywhere else), sampled ``samples`` times, and every answer is
+parsed strictly; the verdict is the mean of the parsable samples.
+
+Seeding: the prompt id handed to ``generate`` is a hash of the filled judge
+prompt, so each judgment's seed depends only on (seed_key, content, sample
+index) -- never on its position in the call or on which items a cache already
+answered. Re-judging the same content gives the same answer; identical items in
+one call are judged once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+from harness.generate import Prompt, Sampling, generate
+from harness.judges.base import JudgeItem, Verdict
+from harness.judges.parsing import fill_template, verdict_from_samples
+
+
+def content_id(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class LLMJudge:
+    """Judge protocol over an in-memory (model, tokenizer); scale (lo, hi)."""
+
+    def __init__(self, model, tokenizer, *, template: str, samples: int = 1, temperature: float = 0.0,
+                 max_new_tokens: int = 64, batch_size: int = 16, seed_key: tuple = (),
+                 name: str = "self", lo: int = 1, hi: int = 5, system_prompt: str = ""):
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.sampling = Sampling(temperature=temperature, max_new_tokens=max_new_tokens, n=samples)
+        self.batch_size = batch_size
+        self.seed_key = tuple(seed_key)
+        self.name = name
+        self.lo, self.hi = lo, hi
+        self.scale = (float(lo), float(hi))
+        self.system_prompt = system_prompt
+
+    def _messages(self, text: str) -> tuple[dict, ...]:
+        user = {"role": "user", "content": text}
+        return ({"role": "system", "content": self.system_prompt}, user) if self.system_prompt else (user,)
+
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        if not items:
+            return []
+        texts = [fill_template(self.template, it.instruction, it.response) for it in items]
+        ids = [content_id(t) for t in texts]
+        unique = dict(zip(ids, texts))  # duplicates judged once
+        prompts = [Prompt(id=pid, messages=self._messages(t)) for pid, t in unique.items()]
+        out = generate(self.model, self.tokenizer, prompts, self.sampling, seed_key=self.seed_key,
+                       batch_size=self.batch_size, desc=f"judge ({self.name})")
+        verdicts = {pid: verdict_from_samples([s["text"] for s in rec["samples"]], self.lo, self.hi)
+                    for pid, rec in out.items()}
+        return [verdicts[pid] for pid in ids]

@@ -1,0 +1,93 @@
+"""RewardModelJudge on a randomly initialised tiny LlamaForSequenceClassification saved to disk."""
+
+import math
+
+import pytest
+import torch
+
+from harness.config import JudgeSection
+from harness.judges import build_judge
+from harness.judges.base import JudgeItem
+from harness.judges.reward_model import RewardModelJudge
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the user asks and the assistant answers well"] * 10, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    return fast
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForSequenceClassification(cfg)
+    path = tmp_path_factory.mktemp("rm")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+ITEMS = [JudgeItem("a", "What is the capital of France?", "Paris."),
+         JudgeItem("b", "Say something long.", "the assistant answers well " * 6),
+         JudgeItem("c", "Hi", "")]
+
+
+def test_scores_are_finite_and_batch_invariant(rm_dir):
+    judge = build_judge(JudgeSection(name="reward_model", model=str(rm_dir), batch_size=3))
+    assert isinstance(judge, RewardModelJudge) and judge.scale == (-math.inf, math.inf)
+    assert judge.observed is None
+    batched = judge.score(ITEMS)
+    one_by_one = [judge.score([it])[0] for it in ITEMS]
+    assert all(v.ok and math.isfinite(v.score) for v in batched)
+    assert len({v.score for v in batched}) == 3  # different inputs, different rewards
+    # padding must not change a sequence's reward
+    for b, s in zip(batched, one_by_one):
+        assert b.score == pytest.approx(s.score, abs=1e-4)
+        assert b.scores == (b.score,) and b.raw == (repr(b.score),)
+    lo, hi = judge.observed
+    assert lo == min(v.score for v in batched) and hi == max(v.score for v in batched)
+
+
+def test_reward_uses_the_full_chat(rm_dir):
+    judge = build_judge(JudgeSection(name="reward_model", model=str(rm_dir)))
+    text = judge._text(ITEMS[0])
+    assert text == "<s>user: What is the capital of France?</s><s>assistant: Paris.</s>"
+    # the response matters: same instruction, other response -> other reward
+    v1, v2 = judge.score([ITEMS[0], JudgeItem("a", ITEMS[0].instruction, "London.")])
+    assert v1.score != v2.score
+
+
+def test_rejects_multi_label_models(rm_dir):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(rm_dir)
+    cfg.num_labels = 3
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    with pytest.raises(ValueError, match="num_labels=1"):
+        RewardModelJudge(model, AutoTokenizer.from_pretrained(rm_dir))
+
+
+def test_non_finite_reward_is_a_failure(rm_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    (v,) = RewardModelJudge(model, AutoTokenizer.from_pretrained(rm_dir)).score(ITEMS[:1])
+    assert v.score is None and v.scores == (None,)
