@@ -42,7 +42,10 @@ def _validate(args) -> int:
 def _run(args) -> int:
     from harness import config
     from harness.loop import run_experiment
+    from harness.data import DataError
+    from harness.judges import CoverageError
     from harness.store import RunLocked, StageChanged
+    from harness.train import TrainingError
 
     try:
         cfg = config.load(args.file)
@@ -51,8 +54,9 @@ def _run(args) -> int:
         return 1
     try:
         run_dir, rows = run_experiment(cfg, fresh=args.fresh)
-    except (StageChanged, RunLocked) as e:
-        print(f"harness run: {e}", file=sys.stderr)
+    except (StageChanged, RunLocked, CoverageError, DataError, TrainingError, FileNotFoundError) as e:
+        # finished stages stay on disk; the failing stage is left unfinished for the next attempt
+        print(f"harness run: {cfg.source}: {e}", file=sys.stderr)
         return 1
     from harness.results import render_leaderboard
 

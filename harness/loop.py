@@ -109,21 +109,23 @@ class Runner:
         if not st.done():
             work = st.begin()
             model, tok = self.model(policy)
+            glog = store.JsonlLog(work / "samples.jsonl")
+            resumed = len(glog.records)  # records kept from an interrupted attempt
             records = generate(model, tok, [Prompt(e.id, e.messages) for e in prompts], sampling,
                                seed_key=(self.cfg.experiment.seed, t, "generate"),
-                               batch_size=self.cfg.generation.batch_size,
-                               log=store.JsonlLog(work / "samples.jsonl"), desc=f"iter {t} generate")
+                               batch_size=self.cfg.generation.batch_size, log=glog, desc=f"iter {t} generate")
             tokens = sum(s["n_tokens"] for r in records.values() for s in r["samples"])
             store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages, "response": e.response}
                                                        for e in prompts])
-            st.commit({"hash": store.file_hash(work / "samples.jsonl"), "metrics": {"gen/tokens": tokens}})
+            st.commit({"hash": store.file_hash(work / "samples.jsonl"), "resumed_records": resumed,
+                       "metrics": {"gen/tokens": tokens}})
         records = {r["id"]: r for r in store.read_jsonl(st.final / "samples.jsonl")}
         groups = [Group(e, self.method.candidates(ctx, e, [s["text"] for s in records[e.id]["samples"]]))
                   for e in prompts]
         return st, groups, ctx
 
     def judge_stage(self, t: int, policy: Policy, gen_stage, groups: list[Group]):
-        from harness.judges import build_judge
+        from harness.judges import build_judge, require_coverage
 
         st = self.stage(t, "judge", ("judge", "method", "experiment.seed"),
                         {"generate": gen_stage.outputs()["hash"], "policy": policy.id})
@@ -161,7 +163,8 @@ class Runner:
             recs = [jlog.records[g.example.id] for g in groups]
             n_items = sum(sum(c.fixed_score is None for c in g.candidates) for g in groups)
             n_failed = sum(r["failed"] for r in recs)
-            check_coverage_counts(n_items, n_failed, self.cfg.judge.min_coverage, f"judging of iteration {t}")
+            if n_items:  # the judgments stay in the .tmp log for the next attempt when this raises
+                require_coverage(n_items - n_failed, n_items, self.cfg.judge.min_coverage, f"judging of iteration {t}")
             scores = [s for r in recs for s in r["scores"] if s is not None]
             metrics = {"judge/n_items": n_items, "judge/n_failed": n_failed,
                        "judge/coverage": (n_items - n_failed) / n_items if n_items else None,
@@ -204,7 +207,8 @@ class Runner:
         from harness.evaluate import evaluate_iteration
         from harness.judges import build_judge
 
-        st = self.stage(t, "evaluate", ("eval", "generation", "model", "experiment.seed"), {"policy": policy.id})
+        st = self.stage(t, "evaluate", ("eval", "generation", "model", "data.system_prompt", "experiment.seed"),
+                        {"policy": policy.id})
         if not st.done():
             work = st.begin()
             model, tok = self.model(policy)
@@ -217,6 +221,7 @@ class Runner:
     def run(self) -> list[dict]:
         offline_env()
         from harness import provenance
+        from harness.evaluate import check_thresholds
 
         prov = provenance.collect(self.cfg, {"base": self.cfg.model.base, "revision": self.cfg.model.revision,
                                             "judge": to_dict(self.cfg.judge)})
@@ -241,7 +246,7 @@ class Runner:
             stages += [train, self.evaluate_stage(t, policy)]
             rows.append(self._row(t, stages, prov))
             self._write_results(rows)
-            warnings = rows[-1]["metrics"].get("indicators/warnings") or []
+            warnings = check_thresholds(rows[-1]["metrics"], self.cfg.eval.indicators)
             if warnings and self.cfg.eval.indicators.action == "stop":
                 log.warning("stopping after iteration %d: %s", t, "; ".join(warnings))
                 break
@@ -274,15 +279,6 @@ def _chain(cfg: Config, adapters: list[Path], new: Path) -> list[Path]:
 
 def _numeric(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, type(None))) and not isinstance(v, bool)}
-
-
-def check_coverage_counts(n_items: int, n_failed: int, minimum: float, what: str) -> None:
-    from harness.judges import CoverageError
-
-    if n_items and (n_items - n_failed) / n_items < minimum:
-        raise CoverageError(f"{what}: only {n_items - n_failed} of {n_items} items got a valid judgment "
-                            f"({(n_items - n_failed) / n_items:.1%} < judge.min_coverage {minimum:.0%}); "
-                            "the stage is left unfinished and its judgments are kept for the next attempt")
 
 
 def oracle_agreement(judge_name: str, groups: list[Group], recs: list[dict]) -> dict:

@@ -152,11 +152,16 @@ def coverage(verdicts: Sequence[Verdict]) -> dict:
 def check_coverage(verdicts: Sequence[Verdict], min_coverage: float, what: str) -> dict:
     """``coverage(verdicts)``, or CoverageError when below ``min_coverage`` (or empty)."""
     c = coverage(verdicts)
-    if c["n_total"] == 0:
-        raise CoverageError(f"{what}: no items were judged (0 verdicts); nothing to compute coverage from")
-    if c["coverage"] < min_coverage:
-        raise CoverageError(
-            f"{what}: only {c['n_scored']} of {c['n_total']} items got a valid judgment "
-            f"(coverage {c['coverage']:.3f} < min_coverage {min_coverage}); {c['n_failed']} failed "
-            "(unparsable answers or judge errors; see the raw outputs in the judge cache/log)")
+    require_coverage(c["n_scored"], c["n_total"], min_coverage, what)
     return c
+
+
+def require_coverage(n_scored: int, n_total: int, min_coverage: float, what: str) -> None:
+    """CoverageError when nothing was judged or the valid share is below ``min_coverage``."""
+    if n_total == 0:
+        raise CoverageError(f"{what}: no items were judged (0 verdicts); nothing to compute coverage from")
+    if n_scored / n_total < min_coverage:
+        raise CoverageError(
+            f"{what}: only {n_scored} of {n_total} items got a valid judgment "
+            f"(coverage {n_scored / n_total:.3f} < min_coverage {min_coverage}); {n_total - n_scored} failed "
+            "(unparsable answers or judge errors; see the raw outputs in the judge cache/log)")

@@ -1,0 +1,104 @@
+"""Per-iteration evaluation: lm-eval tasks, AlpacaEval-style win rate, over-optimisation indicators.
+
+``evaluate_iteration`` runs the parts the config enables, each in its own
+subdirectory of ``out_dir`` (lm_eval/, alpaca_eval/, indicators/), and returns one
+flat metrics dict (names in the project's flat scheme). Failures propagate: a
+coverage failure raises ``CoverageError``; nothing is reported half-done.
+
+Seeds: AlpacaEval's position coin and the indicator samples derive from
+(experiment seed, iteration). lm-eval keeps its own default seeds, identical in
+every iteration, so iterations are compared on the same few-shot examples and
+the numbers equal an ``lm_eval`` command-line run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+from harness.config import Config, JudgeSection
+from harness.generate import Prompt
+from harness.models import resolve_ref
+from harness.store import atomic_write_json
+
+from .alpaca import CoverageError, load_instructions, run_alpaca_eval  # noqa: F401  (re-exported)
+from .indicators import check_thresholds, run_indicators  # noqa: F401
+from .lm_eval_adapter import run_lm_eval
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate_iteration", "load_eval_prompts", "CoverageError", "check_thresholds",
+           "run_lm_eval", "run_alpaca_eval", "run_indicators"]
+
+
+def load_eval_prompts(ref: str) -> list[tuple[str, str]]:
+    """[(id, prompt)] from a .jsonl (or .json list) with a ``prompt`` field and an optional ``id``
+    (missing: a hash of the prompt text)."""
+    path = Path(resolve_ref(ref) if ref.startswith("tiny:") else ref)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise FileNotFoundError(f"eval.eval_prompts: cannot read {path}: {e.strerror}") from None
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"eval.eval_prompts: {path} is not valid JSON/JSONL: {e}") from None
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"eval.eval_prompts: {path} row {i} has no string field 'prompt'")
+        pid = str(row.get("id") or hashlib.sha256(row["prompt"].encode()).hexdigest()[:16])
+        out.append((pid, row["prompt"]))
+    if len({pid for pid, _ in out}) != len(out):
+        raise ValueError(f"eval.eval_prompts: {path} has duplicate ids")
+    return out
+
+
+def _indicator_prompts(cfg: Config) -> list[Prompt] | None:
+    system = ({"role": "system", "content": cfg.data.system_prompt},) if cfg.data.system_prompt else ()
+    if cfg.eval.eval_prompts:
+        pairs = load_eval_prompts(cfg.eval.eval_prompts)
+    elif cfg.eval.alpaca_eval.instructions:
+        pairs = [(r["id"], r["instruction"]) for r in load_instructions(cfg.eval.alpaca_eval.instructions)]
+    else:
+        return None
+    return [Prompt(pid, system + ({"role": "user", "content": text},)) for pid, text in pairs]
+
+
+def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
+                       judge_factory: Callable[[JudgeSection], object]) -> dict[str, float | int | None]:
+    """Run every configured evaluation of one iteration's model; returns flat metrics.
+
+    ``judge_factory`` builds the AlpacaEval judge from ``cfg.eval.alpaca_eval.judge``;
+    it is called only when AlpacaEval is configured. Indicator threshold warnings
+    are logged and written to indicators/metrics.json; a loop honouring
+    ``eval.indicators.action = "stop"`` calls ``check_thresholds`` on the result.
+    """
+    out_dir = Path(out_dir)
+    ev = cfg.eval
+    seed_key = (cfg.experiment.seed, iteration)
+    metrics: dict[str, float | int | None] = {}
+    if ev.lm_eval_tasks:
+        metrics.update(run_lm_eval(model, tokenizer, ev, out_dir / "lm_eval"))
+    if ev.alpaca_eval.instructions:
+        judge = judge_factory(ev.alpaca_eval.judge)
+        metrics.update(run_alpaca_eval(
+            model, tokenizer, ev.alpaca_eval, judge, out_dir / "alpaca_eval", seed_key=seed_key,
+            generator=f"{cfg.experiment.name}/iter_{iteration:03d}",
+            max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
+            system_prompt=cfg.data.system_prompt))
+    if ev.indicators.num_prompts > 0:
+        prompts = _indicator_prompts(cfg)
+        if prompts is None:
+            log.warning("eval.indicators.num_prompts > 0 but neither eval.eval_prompts nor "
+                        "eval.alpaca_eval.instructions is set: indicators skipped")
+        else:
+            metrics.update(run_indicators(
+                model, tokenizer, prompts, ev.indicators, seed_key=seed_key,
+                max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
+                out_dir=out_dir / "indicators"))
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,266 @@
+"""AlpacaEval-style win rate of the policy against reference outputs, and import
+of published AlpacaEval results so the leaderboard can show them beside ours.
+
+Conventions are AlpacaEval's: output_1 is the reference, output_2 the model,
+``preference`` is in [1, 2] with 2 = the model wins and 1.5 = a draw. Every
+statistic (win rate, standard error, wins, draws, discrete win rate, and the
+length-controlled win rate when its data is present) comes from
+``alpaca_eval.metrics``; ``avg_length`` is the one expression
+``alpaca_eval.main.evaluate`` computes inline (mean characters of the model's
+outputs, truncated to int), repeated here verbatim.
+
+Why not ``alpaca_eval.main.evaluate`` end-to-end: its annotation goes through
+its own annotator pipeline (prompt templates, completion parsers, and a cache
+that fails under pandas 3), while our annotations come from the harness Judge
+interface (local models, endpoints, the tiny world's oracle), with coverage
+counted and position bias controlled here. The metric functions it applies
+to annotations are the ones called below.
+
+Coverage: an instruction whose judgment failed keeps ``preference: null`` in
+annotations.json; alpaca_eval drops it from its statistics (its ``n_total``
+counts annotated rows). ``alpaca_eval/coverage`` = n_total / n_instructions,
+and ``CoverageError`` is raised below ``min_coverage`` after the files are
+written, so the failed run can be inspected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Sequence
+
+from harness.config import AlpacaEvalSection
+from harness.generate import Prompt, Sampling, generate, request_seed
+from harness.judges import CoverageError  # one error type for every coverage check
+from harness.judges.base import Judge, JudgeItem, compare
+from harness.models import resolve_ref
+from harness.store import JsonlLog, atomic_write_json, write_jsonl
+
+AE_SET_SIZE = 805  # the AlpacaEval instruction set; the LC model's difficulty table is indexed by position
+METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate")
+
+
+
+
+def load_instructions(ref: str, limit: int = 0) -> list[dict]:
+    """AlpacaEval-format rows [{instruction, output, generator, dataset, ...}] with a stable ``id``."""
+    path = Path(resolve_ref(ref) if ref.startswith("tiny:") else ref)
+    try:
+        rows = json.loads(path.read_text())
+    except OSError as e:
+        raise FileNotFoundError(f"eval.alpaca_eval.instructions: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"eval.alpaca_eval.instructions: {path} is not valid JSON: {e}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"eval.alpaca_eval.instructions: {path} must hold a JSON list of objects")
+    seen: dict[str, int] = {}
+    out = []
+    for i, row in enumerate(rows[:limit or None]):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
+                or not isinstance(row.get("output"), str):
+            raise ValueError(f"eval.alpaca_eval.instructions: {path} row {i} needs string fields "
+                             "'instruction' and 'output' (the reference)")
+        pid = str(row.get("id") or hashlib.sha256(row["instruction"].encode()).hexdigest()[:16])
+        seen[pid] = seen.get(pid, 0) + 1
+        out.append({**row, "id": pid if seen[pid] == 1 else f"{pid}-{seen[pid]}"})
+    if not out:
+        raise ValueError(f"eval.alpaca_eval.instructions: {path} holds no instructions")
+    return out
+
+
+def _meta(row: dict) -> dict:
+    """Extra fields of an instruction row, for rule-based judges (the tiny oracle)."""
+    return {k: v for k, v in row.items() if k not in ("instruction", "output", "generator")}
+
+
+def _checked(judge: Judge, prefs: list, n: int) -> list:
+    if len(prefs) != n:
+        raise ValueError(f"judge {judge.name!r} returned {len(prefs)} preferences for {n} pairs")
+    return prefs
+
+
+def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], position: str,
+             seed_key: tuple, generator: str, log: JsonlLog | None = None,
+             chunk: int = 32) -> list[dict]:
+    """AlpacaEval-format annotations, reference = output_1, model = output_2.
+
+    position "random": a per-instruction seeded coin decides which answer the judge
+    sees first; a preference given with the model first is mapped back (p -> 3 - p).
+    position "both": the judge sees both orders; preference = their mean, None
+    unless both orders got a valid judgment. Records are appended to ``log`` per
+    chunk and reused on a rerun only when their inputs (texts, judge) are identical.
+    """
+    def key(row: dict) -> str:
+        blob = json.dumps([row["instruction"], row["output"], outputs[row["id"]], judge.name, position,
+                           list(seed_key)], default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    by_id = {r["id"]: r for r in rows}
+    done = {pid: rec for pid, rec in (log.records.items() if log is not None else ())
+            if pid in by_id and rec.get("key") == key(by_id[pid])}
+    todo = [r for r in rows if r["id"] not in done]
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        ref = [JudgeItem(r["id"], r["instruction"], r["output"], _meta(r)) for r in part]
+        mod = [JudgeItem(r["id"], r["instruction"], outputs[r["id"]], _meta(r)) for r in part]
+        if position == "both":
+            fwd = _checked(judge, compare(judge, ref, mod), len(part))
+            back = _checked(judge, compare(judge, mod, ref), len(part))
+            prefs = [None if a is None or b is None else (a + (3.0 - b)) / 2 for a, b in zip(fwd, back)]
+            raws = [[a, b] for a, b in zip(fwd, back)]
+            placed = ["both"] * len(part)
+        else:
+            swap = [request_seed(*seed_key, "alpaca_eval_position", r["id"]) & 1 == 1 for r in part]
+            firsts = [m if s else f for f, m, s in zip(ref, mod, swap)]
+            seconds = [f if s else m for f, m, s in zip(ref, mod, swap)]
+            got = _checked(judge, compare(judge, firsts, seconds), len(part))
+            prefs = [None if p is None else (3.0 - p if s else float(p)) for p, s in zip(got, swap)]
+            raws = [[p] for p in got]
+            placed = ["model_first" if s else "reference_first" for s in swap]
+        records = []
+        for r, p, raw, where in zip(part, prefs, raws, placed):
+            if p is not None and not (1.0 <= p <= 2.0 and math.isfinite(p)):
+                p = None  # out-of-range judge output is a failure, never clipped
+            records.append({
+                "id": r["id"], "key": key(r), "instruction": r["instruction"], "dataset": r.get("dataset"),
+                "output_1": r["output"], "generator_1": r.get("generator", "reference"),
+                "output_2": outputs[r["id"]], "generator_2": generator,
+                "annotator": judge.name, "preference": p, "position": where, "raw_preferences": raw})
+        if log is not None:
+            log.append(records)
+        done.update((rec["id"], rec) for rec in records)
+    return [done[r["id"]] for r in rows]
+
+
+def _plain(v: Any) -> float | int | None:
+    """numpy scalars -> Python; NaN -> None (no number is better than a made-up one)."""
+    if v is None:
+        return None
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def lc_unavailable_reason(n_instructions: int) -> str | None:
+    """None when alpaca_eval's length-controlled model can run offline here."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if n_instructions != AE_SET_SIZE:
+        return f"needs the {AE_SET_SIZE} AlpacaEval instructions in their order (got {n_instructions})"
+    for name in ("df_gamed.csv", "instruction_difficulty.csv"):
+        if not isinstance(try_to_load_from_cache("tatsu-lab/alpaca_eval", name, repo_type="dataset"), str):
+            return f"alpaca_eval's {name} is not in the local Hugging Face cache"
+    return None
+
+
+def compute_metrics(annotations: Sequence[dict] | Any, model_outputs: Sequence[str],
+                    n_instructions: int) -> tuple[dict[str, float | int | None], dict]:
+    """Flat ``alpaca_eval/*`` metrics from AlpacaEval-format annotations, via alpaca_eval."""
+    import pandas as pd
+    from alpaca_eval.metrics import get_length_controlled_winrate, get_winrate
+
+    df = pd.DataFrame.from_records(list(annotations)) if not isinstance(annotations, pd.DataFrame) \
+        else annotations.reset_index(drop=True)
+    df["preference"] = pd.to_numeric(df["preference"], errors="coerce")  # null -> NaN, dropped by alpaca_eval
+    info: dict[str, Any] = {}
+    n_valid = int(df["preference"].notna().sum())
+    raw = get_winrate(df) if n_valid else {}
+    out: dict[str, float | int | None] = {f"alpaca_eval/{k}": _plain(raw.get(k)) for k in METRICS}
+    out["alpaca_eval/n_total"] = n_valid if not raw else _plain(raw["n_total"])
+    # as alpaca_eval.main.evaluate: int(model_outputs["output"].str.len().mean())
+    lengths = pd.Series(list(model_outputs), dtype=object)
+    out["alpaca_eval/avg_length"] = int(lengths.str.len().mean()) if len(lengths) else None
+    reason = lc_unavailable_reason(n_instructions) or (None if n_valid else "no annotations")
+    if reason is None:
+        lc = get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
+        out["alpaca_eval/length_controlled_winrate"] = _plain(lc["length_controlled_winrate"])
+    else:
+        out["alpaca_eval/length_controlled_winrate"] = None
+        info["length_controlled_winrate"] = f"unavailable: {reason}"
+    out["alpaca_eval/n_instructions"] = n_instructions
+    out["alpaca_eval/coverage"] = out["alpaca_eval/n_total"] / n_instructions if n_instructions else None
+    return out, info
+
+
+def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge, out_dir: Path, *,
+                    seed_key: tuple, generator: str, max_new_tokens: int, batch_size: int,
+                    system_prompt: str = "") -> dict[str, float | int | None]:
+    """Greedy answers to the instructions, judged against the reference; see the module doc."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_instructions(section.instructions, section.limit)
+    system = ({"role": "system", "content": system_prompt},) if system_prompt else ()
+    prompts = [Prompt(r["id"], system + ({"role": "user", "content": r["instruction"]},)) for r in rows]
+    gens = generate(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=max_new_tokens),
+                    seed_key=(*seed_key, "alpaca_eval"), batch_size=batch_size,
+                    log=JsonlLog(out_dir / "generations.jsonl"), desc="alpaca_eval")
+    outputs = {pid: rec["samples"][0]["text"] for pid, rec in gens.items()}
+    model_outputs = [{"instruction": r["instruction"], "output": outputs[r["id"]], "generator": generator,
+                      "dataset": r.get("dataset")} for r in rows]
+    atomic_write_json(out_dir / "model_outputs.json", model_outputs)
+    annotations = annotate(judge, rows, outputs, section.position, seed_key, generator,
+                           log=JsonlLog(out_dir / "annotations.jsonl"), chunk=section.judge.batch_size)
+    atomic_write_json(out_dir / "annotations.json", annotations)
+    metrics, info = compute_metrics(annotations, [m["output"] for m in model_outputs], len(rows))
+    atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "notes": info, "judge": judge.name,
+                                                 "position": section.position, "generator": generator})
+    if metrics["alpaca_eval/coverage"] < section.min_coverage:
+        raise CoverageError(
+            f"AlpacaEval: {metrics['alpaca_eval/n_total']}/{len(rows)} instructions got a valid judgment from "
+            f"judge {judge.name!r} (coverage {metrics['alpaca_eval/coverage']:.3f} < "
+            f"eval.alpaca_eval.min_coverage {section.min_coverage}); see {out_dir / 'annotations.json'}")
+    return metrics
+
+
+# --- published systems ----------------------------------------------------------------------
+
+def import_published(model_outputs: Path, annotations: Path, name: str) -> dict[str, float | int | None]:
+    """Flat metrics of a published system from its AlpacaEval output and annotation files,
+    read with alpaca_eval's own loader as its ``evaluate`` would."""
+    return _import(model_outputs, annotations, name)[0]
+
+
+def _import(model_outputs: Path, annotations: Path, name: str) -> tuple[dict, dict]:
+    from alpaca_eval.utils import load_or_convert_to_dataframe
+
+    outs = load_or_convert_to_dataframe(Path(model_outputs))
+    ann = load_or_convert_to_dataframe(Path(annotations))
+    for col, df, where in (("output", outs, model_outputs), ("preference", ann, annotations)):
+        if col not in df.columns:
+            raise ValueError(f"{where}: no {col!r} field; is it an AlpacaEval {'outputs' if col == 'output' else 'annotations'} file?")
+    # a file holding several systems: keep the one named (generator_2 is the model side)
+    if "generator_2" in ann.columns and ann["generator_2"].nunique() > 1:
+        ann = ann[ann["generator_2"] == name]
+        outs = outs[outs["generator"] == name] if "generator" in outs.columns else outs
+        if ann.empty:
+            raise ValueError(f"{annotations}: no annotations with generator_2 == {name!r}")
+    return compute_metrics(ann, list(outs["output"]), len(ann))
+
+
+def _installed(package: str) -> bool:
+    try:
+        version(package)
+        return True
+    except Exception:  # PackageNotFoundError: e.g. the harness run from a source checkout
+        return False
+
+
+def _file_record(path: Path) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def write_published_run(dest_dir: Path, name: str, model_outputs: Path, annotations: Path) -> Path:
+    """A run-like directory whose results.jsonl holds one row for a published system,
+    so tables show it beside the iterations of our runs. Returns the results.jsonl path."""
+    dest_dir = Path(dest_dir)
+    metrics, notes = _import(model_outputs, annotations, name)
+    row = {"experiment": name, "method": "published", "iteration": 0, "metrics": metrics,
+           "provenance": {"notes": notes, "imported_from": {"model_outputs": _file_record(model_outputs),
+                                            "annotations": _file_record(annotations)},
+                          "versions": {p: version(p) for p in ("alpaca-eval", "pandas", "selfimprove-harness")
+                                       if _installed(p)},
+                          "seed": None, "config_hash": None}}
+    write_jsonl(dest_dir / "results.jsonl", [row])
+    return dest_dir / "results.jsonl"

@@ -1,0 +1,11 @@
+"""Shared test setup: offline environment and a random tiny Llama saved to disk."""
+
+from __future__ import annotations
+
+import os
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+from test_eval_fixtures import tiny_dir  # noqa: E402,F401  (the random tiny model fixture)

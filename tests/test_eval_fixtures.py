@@ -1,0 +1,85 @@
+"""Shared fixtures for the evaluation tests: a random tiny Llama saved to disk.
+
+Built in about a second with the ``tokenizers`` library and a ``LlamaConfig``;
+no hub. The larger-than-usual ``initializer_range`` makes greedy outputs depend
+on the prompt (a default-initialised tiny model repeats one token everywhere),
+so equality checks between two evaluation paths compare varied outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+for _k, _v in OFFLINE_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def build_tiny_model(out: Path, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog 0123456789 question answer yes no "
+              "user assistant what is plus minus say"] * 10
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", padding_side="left")
+    tok.chat_template = CHAT_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+                      initializer_range=0.5)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """(model, tokenizer) loaded the way the harness loads them."""
+    from harness.models import load_model, load_tokenizer
+
+    return load_model(str(tiny_dir), device="cpu"), load_tokenizer(str(tiny_dir))
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """Keep lm-eval's dataset cache out of the user's home."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    return tmp_path / "hf_datasets"
+
+
+def test_tiny_model_fixture_is_usable(tiny):
+    from harness.generate import render
+
+    model, tok = tiny
+    text = render(tok, [{"role": "user", "content": "say 3"}])
+    assert text == "<s>user: say 3\nassistant:"
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    assert tok.padding_side == "left" and tok.pad_token_id == 0
+    assert model.config.vocab_size == len(tok)

@@ -1,0 +1,278 @@
+"""The lm-eval adapter reports exactly what the ``lm_eval`` command line reports
+for the same saved model, tasks and settings (offline, local task files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_eval_fixtures import OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache  # noqa: F401
+
+from harness.config import EvalSection
+from harness.evaluate import lm_eval_adapter
+from harness.evaluate.lm_eval_adapter import _check_names, flat_metrics, primary_key, resolve_task_specs, run_lm_eval
+
+LIMIT = 6
+BATCH = 4
+GSM8K = SHARED_DATA / "gsm8k"
+
+GEN_YAML = """task: t_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+MC_YAML = """task: t_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+# lm-eval's own gsm8k task with the data pointed at the local copy
+GSM8K_YAML = """include: {builtin}
+task: gsm8k_local
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    train: {train}
+    test: {test}
+generation_kwargs:
+  until: ["Question:", "</s>"]
+  do_sample: false
+  max_gen_toks: 16
+"""
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _gen_task(d: Path, answers: list[str], tag: str) -> None:
+    data = d / f"gen_{tag}.jsonl"  # a new file name per version: the datasets cache never serves an old one
+    _write_jsonl(data, [{"question": f"say {i} {w}", "answer": a}
+                        for i, (w, a) in enumerate(zip(["fox", "dog", "yes", "no"] * 2, answers))])
+    (d / "gen.yaml").write_text(GEN_YAML.format(data=data))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Adapter run and command-line run over the same tasks; returns both results."""
+    import datasets
+    from lm_eval import tasks as lm_tasks
+
+    from harness.models import load_model, load_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    old_cache = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = str(root / "hf_datasets")
+    try:
+        model_dir = build_tiny_model(root / "model")
+        model, tok = load_model(str(model_dir), device="cpu"), load_tokenizer(str(model_dir))
+        tasks = root / "tasks"
+        tasks.mkdir()
+        # pass 1 learns the model's greedy answers; pass 2 makes every even one the target,
+        # so exact_match is a non-trivial 0.5 rather than the 0 of a random model
+        _gen_task(tasks, ["x"] * 8, "v1")
+        first = EvalSection(lm_eval_tasks=(str(tasks / "gen.yaml"),), batch_size=BATCH, limit=LIMIT)
+        run_lm_eval(model, tok, first, root / "pass1")
+        resps = [json.loads(line)["filtered_resps"][0] for line in (root / "pass1/samples_t_gen.jsonl").open()]
+        _gen_task(tasks, [r if i % 2 == 0 else "no match" for i, r in enumerate(resps)] + ["x", "x"], "v2")
+        _write_jsonl(tasks.parent / "mc.jsonl", [
+            {"question": f"what is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "fox", "yes"],
+             "label": (i * 7) % 4} for i in range(12)])
+        (tasks / "mc.yaml").write_text(MC_YAML.format(data=tasks.parent / "mc.jsonl"))
+        if GSM8K.is_dir():
+            builtin = Path(lm_tasks.__file__).parent / "gsm8k" / "gsm8k.yaml"
+            (tasks / "gsm8k_local.yaml").write_text(GSM8K_YAML.format(
+                builtin=builtin, train=GSM8K / "train.jsonl", test=GSM8K / "test.jsonl"))
+
+        section = EvalSection(lm_eval_tasks=(str(tasks),), batch_size=BATCH, limit=LIMIT, num_fewshot=0,
+                              apply_chat_template=True)
+        cli_out = root / "cli"
+        env = {**os.environ, **OFFLINE_ENV, "HF_HOME": str(root / "hf_home"),
+               "HF_DATASETS_CACHE": str(root / "hf_datasets_cli")}
+        cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
+               "--model_args", f"pretrained={model_dir},dtype=float32",
+               "--tasks", ",".join(resolve_task_specs(section.lm_eval_tasks)[0]),
+               "--include_path", str(tasks), "--device", "cpu", "--batch_size", str(BATCH),
+               "--limit", str(LIMIT), "--num_fewshot", "0", "--apply_chat_template",
+               "--output_path", str(cli_out), "--log_samples"]
+        # the command line spends ~15 s indexing lm-eval's built-in tasks: run ours meanwhile
+        with open(root / "cli.log", "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                ours = run_lm_eval(model, tok, section, root / "ours")
+                rc = proc.wait(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        assert rc == 0, (root / "cli.log").read_text()[-3000:]
+        (cli_json,) = cli_out.glob("*/results_*.json")
+        cli = json.loads(cli_json.read_text())
+        return {"ours": ours, "cli": cli, "ours_dir": root / "ours", "cli_dir": cli_json.parent}
+    finally:
+        datasets.config.HF_DATASETS_CACHE = old_cache
+
+
+def _cli_samples(cli_dir: Path, task: str) -> list[dict]:
+    (path,) = cli_dir.glob(f"samples_{task}_*.jsonl")
+    return [json.loads(line) for line in path.open()]
+
+
+def _plain(samples: list[dict], key: str) -> list:
+    """The command line's sample logger writes numbers as strings; compare in that form."""
+    def leaves(x):
+        return [leaves(v) for v in x] if isinstance(x, (list, tuple)) else str(x)
+    return [leaves(s[key]) for s in samples]
+
+
+def _our_samples(ours_dir: Path, task: str) -> list[dict]:
+    return [json.loads(line) for line in (ours_dir / f"samples_{task}.jsonl").open()]
+
+
+@pytest.mark.parametrize("task,metric,key", [("t_gen", "exact_match", "exact_match,none"),
+                                             ("t_mc", "acc", "acc,none")])
+def test_adapter_equals_command_line(runs, task, metric, key):
+    ours, cli = runs["ours"], runs["cli"]["results"][task]
+    assert ours[f"lm_eval/{task}/{metric}"] == cli[key]
+    assert ours[f"lm_eval/{task}/{metric}_stderr"] == cli[key.replace(",", "_stderr,")]
+    # the per-sample outputs agree too, not just the aggregate
+    a, b = _our_samples(runs["ours_dir"], task), _cli_samples(runs["cli_dir"], task)
+    assert _plain(a, "filtered_resps") == _plain(b, "filtered_resps")
+    assert len(a) == LIMIT
+
+
+def test_generation_metric_is_not_trivial(runs):
+    # even docs carry the model's own greedy answer as the target
+    assert runs["ours"]["lm_eval/t_gen/exact_match"] == 0.5
+    assert 0.0 <= runs["ours"]["lm_eval/t_mc/acc"] <= 1.0
+
+
+def test_lm_eval_files_are_kept(runs):
+    d = runs["ours_dir"]
+    results = json.loads((d / "results.json").read_text())
+    assert results["results"]["t_mc"]["acc,none"] == runs["ours"]["lm_eval/t_mc/acc"]
+    assert "samples" not in results
+    keys = json.loads((d / "metrics.json").read_text())["lm_eval_keys"]
+    assert keys["lm_eval/t_mc/acc"] == "acc,none"
+    assert "lm_eval/t_mc/acc_norm" not in runs["ours"]  # only the primary (first) metric
+
+
+def test_gsm8k_local_equals_command_line(runs):
+    if not GSM8K.is_dir():
+        pytest.skip(f"GSM8K data not found at {GSM8K} (shared data folder absent)")
+    ours, cli = runs["ours"], runs["cli"]["results"]["gsm8k_local"]
+    # primary = first metric under the first filter (strict-match)
+    assert ours["lm_eval/gsm8k_local/exact_match"] == cli["exact_match,strict-match"]
+    assert ours["lm_eval/gsm8k_local/exact_match_stderr"] == cli["exact_match_stderr,strict-match"]
+    a, b = _our_samples(runs["ours_dir"], "gsm8k_local"), _cli_samples(runs["cli_dir"], "gsm8k_local")
+    assert len(a) == LIMIT * 2  # one row per (doc, filter)
+    assert _plain(a, "resps") == _plain(b, "resps")
+
+
+# --- small units ---------------------------------------------------------------------------
+
+def test_task_spec_resolution(tmp_path, monkeypatch):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "a.yaml").write_text("task: task_a\ndataset_path: json\noutput_type: multiple_choice\n")
+    (d / "b.yaml").write_text("task: task_b\ndataset_path: json\noutput_type: multiple_choice\n")
+    load, include, builtin = resolve_task_specs([str(d)])
+    assert (load, include, builtin) == (["task_a", "task_b"], [str(d.resolve())], False)
+
+    load, include, builtin = resolve_task_specs([str(d / "a.yaml"), "hellaswag"])
+    assert load == [str((d / "a.yaml").resolve()), "hellaswag"] and builtin
+
+    monkeypatch.setattr(lm_eval_adapter, "resolve_ref", lambda ref: str(d / "b.yaml"))
+    assert resolve_task_specs(["tiny:b"])[0] == [str((d / "b.yaml").resolve())]
+
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        resolve_task_specs([str(tmp_path / "missing.yaml")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no task YAML"):
+        resolve_task_specs([str(tmp_path / "empty")])
+
+
+def test_primary_metric_uses_first_metric_and_filter():
+    cfg = {"task": "x", "metric_list": [{"metric": "exact_match"}, {"metric": "f1"}],
+           "filter_list": [{"name": "strict-match"}, {"name": "flexible-extract"}]}
+    assert primary_key(cfg) == ("exact_match", "strict-match")
+    results = {"configs": {"x": cfg},
+               "results": {"x": {"alias": "x", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A",
+                                 "exact_match,flexible-extract": 0.75}}}
+    metrics, source = flat_metrics(results)
+    assert metrics == {"lm_eval/x/exact_match": 0.25, "lm_eval/x/exact_match_stderr": None}
+    assert source["lm_eval/x/exact_match"] == "exact_match,strict-match"
+    with pytest.raises(KeyError, match="primary metric"):
+        flat_metrics({"configs": {"x": cfg}, "results": {"x": {"exact_match,none": 1.0}}})
+
+
+def test_peft_model_is_evaluated_in_memory(tmp_path, datasets_cache):
+    """A PeftModel is scored with its adapter active (== the merged model), and its
+    train/eval mode is restored afterwards."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from harness.models import load_model, load_tokenizer
+
+    model_dir = build_tiny_model(tmp_path / "model")
+    base, tok = load_model(str(model_dir), device="cpu"), load_tokenizer(str(model_dir))
+    _write_jsonl(tmp_path / "mc.jsonl", [
+        {"question": f"what is {i} plus {i}?", "choices": [str(2 * i), "fox", "yes"], "label": i % 3}
+        for i in range(6)])
+    (tmp_path / "mc.yaml").write_text(MC_YAML.format(data=tmp_path / "mc.jsonl"))
+    section = EvalSection(lm_eval_tasks=(str(tmp_path / "mc.yaml"),), batch_size=BATCH)
+
+    def loglikelihoods(model, name):
+        run_lm_eval(model, tok, section, tmp_path / name)
+        return [r[0] for s in _our_samples(tmp_path / name, "t_mc") for r in s["filtered_resps"]]
+
+    plain = loglikelihoods(base, "base")
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a fresh adapter is a no-op; make it change the model
+    peft.train()
+    with_adapter = loglikelihoods(peft, "peft")
+    assert peft.training  # restored
+    merged = loglikelihoods(copy.deepcopy(peft).merge_and_unload(), "merged")
+    assert with_adapter == pytest.approx(merged, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(with_adapter, plain)) > 1e-2
+
+
+def test_unknown_task_name_suggests():
+    # (the real list comes from lm-eval's TaskManager; indexing the built-ins takes ~15 s)
+    _check_names(["gsm8k", "/abs/task.yaml"], ["gsm8k", "hellaswag"])
+    with pytest.raises(KeyError, match="unknown lm-eval task 'gsm8kk'; did you mean 'gsm8k'"):
+        _check_names(["gsm8kk"], ["gsm8k", "hellaswag"])
