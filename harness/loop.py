@@ -220,6 +220,10 @@ class Runner:
     # ----- the loop ------------------------------------------------------
     def run(self) -> list[dict]:
         offline_env()
+        if self.cfg.model.cpu_threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.model.cpu_threads)
         from harness import provenance
         from harness.evaluate import check_thresholds
 

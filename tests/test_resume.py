@@ -37,6 +37,7 @@ output_dir = "{out}"
 [model]
 base = "{model_dir}"
 device = "cpu"
+cpu_threads = 1
 
 [lora]
 r = 4
