@@ -41,28 +41,36 @@ def _validate(args) -> int:
 
 def _run(args) -> int:
     from harness import config
-    from harness.loop import run_experiment
     from harness.data import DataError
     from harness.judges import CoverageError
+    from harness.loop import run_experiment
+    from harness.results import render_leaderboard
     from harness.store import RunLocked, StageChanged
     from harness.train import TrainingError
 
-    try:
-        cfg = config.load(args.file)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    cfgs = []
+    for f in args.files:  # validate every file before running any
+        try:
+            cfgs.append(config.load(f))
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+    if len(cfgs) < len(args.files):
         return 1
-    try:
-        run_dir, rows = run_experiment(cfg, fresh=args.fresh)
-    except (StageChanged, RunLocked, CoverageError, DataError, TrainingError, FileNotFoundError) as e:
-        # finished stages stay on disk; the failing stage is left unfinished for the next attempt
-        print(f"harness run: {cfg.source}: {e}", file=sys.stderr)
-        return 1
-    from harness.results import render_leaderboard
-
-    print(render_leaderboard([run_dir], fmt="markdown", plot_dir=run_dir))
-    print(f"\nresults: {run_dir / 'results.jsonl'}\nplots:   {run_dir}/*.png\n"
-          f"table:   harness table {run_dir}")
+    run_dirs = []
+    for cfg in cfgs:
+        try:
+            run_dir, _ = run_experiment(cfg, fresh=args.fresh)
+        except (StageChanged, RunLocked, CoverageError, DataError, TrainingError, FileNotFoundError) as e:
+            # finished stages stay on disk; the failing stage is left unfinished for the next attempt
+            print(f"harness run: {cfg.source}: {e}", file=sys.stderr)
+            return 1
+        run_dirs.append(run_dir)
+        print(render_leaderboard([run_dir], fmt="markdown", plot_dir=run_dir))
+    if len(run_dirs) > 1:
+        print("\n" + render_leaderboard(run_dirs, fmt="markdown"))
+    for d in run_dirs:
+        print(f"results: {d / 'results.jsonl'}   plots: {d}/*.png")
+    print(f"leaderboard: harness table {' '.join(str(d) for d in run_dirs)}")
     return 0
 
 
@@ -86,12 +94,20 @@ def _status(args) -> int:
 
 
 def _table(args) -> int:
-    from harness.results import render_leaderboard
+    from harness.results import ResultsError, render_leaderboard
 
+    bad = [f for f in args.filter if "=" not in f]
+    if bad:
+        print(f"harness table: --filter needs KEY=VALUE, got {bad[0]!r}", file=sys.stderr)
+        return 2
     filters = dict(f.split("=", 1) for f in args.filter)
-    out = render_leaderboard([Path(d) for d in args.dirs], fmt=args.format, out=Path(args.out) if args.out else None,
-                             sort_by=args.sort, filters=filters or None,
-                             plot_dir=Path(args.plots) if args.plots else None)
+    try:
+        out = render_leaderboard([Path(d) for d in args.dirs], fmt=args.format,
+                                 out=Path(args.out) if args.out else None, sort_by=args.sort, filters=filters or None,
+                                 plot_dir=Path(args.plots or (Path(args.out).parent if args.out else args.dirs[0])))
+    except ResultsError as e:
+        print(f"harness table: {e}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 
@@ -120,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--explain", action="store_true", help="print every config field with its default and meaning")
     v.set_defaults(fn=_validate)
 
-    r = sub.add_parser("run", help="run (or resume) an experiment; finished stages are skipped")
-    r.add_argument("file")
+    r = sub.add_parser("run", help="run (or resume) experiments; finished stages are skipped")
+    r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--fresh", action="store_true", help="use a new run directory instead of resuming")
     r.set_defaults(fn=_run)
 
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--sort", help="metric column to sort by")
     t.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="keep rows whose KEY (experiment, method) matches VALUE (glob)")
-    t.add_argument("--plots", help="write PNG plots into this directory")
+    t.add_argument("--plots", help="directory for the PNG plots (default: next to --out, else the first DIR)")
     t.set_defaults(fn=_table)
 
     i = sub.add_parser("import-alpaca-eval", help="add a published AlpacaEval system to the leaderboard")

@@ -43,7 +43,9 @@ KEY_VERSIONS = ("torch", "transformers", "trl")  # packages shown as provenance 
 PROV_COLS = ["config_hash", "seed", "commit", *KEY_VERSIONS]
 WIN_RATE, WIN_SE = "alpaca_eval/win_rate", "alpaca_eval/standard_error"
 LC_WIN_RATE = "alpaca_eval/length_controlled_winrate"
-DEFAULT_EXTRA = ["gen/tokens", "wall_time_s"]  # shown after the metric families by default
+# shown after the metric families by default: what the iteration trained on and what it cost
+DEFAULT_EXTRA = ["pairs/n_pairs", "judge/coverage", "judge/oracle_pair_agreement", "train/reward_margin",
+                 "gen/tokens", "wall_time_s"]
 
 
 class ResultsError(ValueError):
