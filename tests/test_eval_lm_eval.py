@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_eval_fixtures import OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache  # noqa: F401
 
@@ -117,8 +118,9 @@ def runs(tmp_path_factory):
         section = EvalSection(lm_eval_tasks=(str(tasks),), batch_size=BATCH, limit=LIMIT, num_fewshot=0,
                               apply_chat_template=True)
         cli_out = root / "cli"
+        # the same torch thread count as this process, so per-sample log-likelihoods agree to the bit
         env = {**os.environ, **OFFLINE_ENV, "HF_HOME": str(root / "hf_home"),
-               "HF_DATASETS_CACHE": str(root / "hf_datasets_cli")}
+               "HF_DATASETS_CACHE": str(root / "hf_datasets_cli"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
         cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
                "--model_args", f"pretrained={model_dir},dtype=float32",
                "--tasks", ",".join(resolve_task_specs(section.lm_eval_tasks)[0]),
