@@ -148,9 +148,10 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     return metrics, trainer.model
 
 
-def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, out_dir: Path) -> dict:
-    """Supervised LoRA fine-tuning on {messages, response} (Self-Rewarding's M1 stage).
-    Loss on the answer only."""
+def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, out_dir: Path,
+              max_steps: int = -1) -> dict:
+    """Supervised LoRA fine-tuning on {messages, response} (Self-Rewarding's M1 stage; the SFT
+    control of the SPIN benchmark). Loss on the answer only. ``max_steps`` > 0 overrides epochs."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -159,7 +160,8 @@ def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, o
     data = Dataset.from_list([{"prompt": list(e["messages"]), "completion": [{"role": "assistant", "content": e["response"]}]}
                               for e in examples])
     policy, peft_config = _prepare_policy(model, cfg)
-    args = _trainer_args(SFTConfig, cfg, out_dir, iteration, completion_only_loss=True, packing=False)
+    args = _trainer_args(SFTConfig, cfg, out_dir, iteration, completion_only_loss=True, packing=False,
+                         max_steps=max_steps)
     trainer = SFTTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config)
     return _run(trainer, out_dir)

@@ -24,27 +24,59 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
+# a template that closes every turn with </s> (the judges' tests parse after it)
+JUDGE_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                       "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
-def build_tiny_model(out: Path, seed: int = 0) -> Path:
-    import torch
+MC_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+{extra}"""
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 320, chat_template: str = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on ``corpus`` with <pad>/<s>/</s> and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = ["the quick brown fox jumps over the lazy dog 0123456789 question answer yes no "
-              "user assistant what is plus minus say"] * 10
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>", padding_side="left")
-    tok.chat_template = CHAT_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
-                      initializer_range=0.5)
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_llama_config(tok, **overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaConfig(**{**kw, **overrides})
+
+
+def build_tiny_model(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    corpus = ["the quick brown fox jumps over the lazy dog 0123456789 question answer yes no "
+              "user assistant what is plus minus say"] * 10
+    tok = build_tokenizer(corpus)
+    cfg = tiny_llama_config(tok, tie_word_embeddings=True, initializer_range=0.5)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)

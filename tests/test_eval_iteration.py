@@ -6,26 +6,14 @@ import json
 
 import pytest
 
-from test_eval_fixtures import datasets_cache, tiny, tiny_dir  # noqa: F401  (fixtures)
+from test_eval_fixtures import MC_YAML, datasets_cache, tiny, tiny_dir  # noqa: F401  (fixtures)
 
 from harness.config import (AlpacaEvalSection, Config, DataSection, EvalSection, ExperimentSection,
                             GenerationSection, IndicatorSection, JudgeSection, MethodSection, ModelSection)
 from harness.evaluate import evaluate_iteration, load_eval_prompts
 from harness.judges.base import Verdict
 
-MC_YAML = """task: it_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
+
 
 
 class LongerWins:
@@ -44,7 +32,7 @@ def _config(tmp_path, **eval_kw) -> Config:
 def _files(tmp_path):
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(
         {"question": f"{i} plus {i}?", "choices": [str(2 * i), "fox"], "label": i % 2}) + "\n" for i in range(4)))
-    (tmp_path / "mc.yaml").write_text(MC_YAML.format(data=tmp_path / "mc.jsonl"))
+    (tmp_path / "mc.yaml").write_text(MC_YAML.format(name="it_mc", extra='', data=tmp_path / "mc.jsonl"))
     (tmp_path / "ae.json").write_text(json.dumps([{"instruction": f"say {i}", "output": "ok " * i,
                                                    "generator": "ref", "dataset": "u"} for i in range(5)]))
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"id": f"h{i}", "prompt": f"tell {i}"}) + "\n"

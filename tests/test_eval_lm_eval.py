@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_eval_fixtures import OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache  # noqa: F401
+from test_eval_fixtures import MC_YAML, OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache  # noqa: F401
 
 from harness.config import EvalSection
 from harness.evaluate import lm_eval_adapter
@@ -41,20 +41,7 @@ metric_list:
     higher_is_better: true
 """
 
-MC_YAML = """task: t_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
+
 
 # lm-eval's own gsm8k task with the data pointed at the local copy
 GSM8K_YAML = """include: {builtin}
@@ -109,7 +96,7 @@ def runs(tmp_path_factory):
         _write_jsonl(tasks.parent / "mc.jsonl", [
             {"question": f"what is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "fox", "yes"],
              "label": (i * 7) % 4} for i in range(12)])
-        (tasks / "mc.yaml").write_text(MC_YAML.format(data=tasks.parent / "mc.jsonl"))
+        (tasks / "mc.yaml").write_text(MC_YAML.format(name="t_mc", extra='  - metric: acc_norm\n', data=tasks.parent / "mc.jsonl"))
         if GSM8K.is_dir():
             builtin = Path(lm_tasks.__file__).parent / "gsm8k" / "gsm8k.yaml"
             (tasks / "gsm8k_local.yaml").write_text(GSM8K_YAML.format(
@@ -252,7 +239,7 @@ def test_peft_model_is_evaluated_in_memory(tmp_path, datasets_cache):
     _write_jsonl(tmp_path / "mc.jsonl", [
         {"question": f"what is {i} plus {i}?", "choices": [str(2 * i), "fox", "yes"], "label": i % 3}
         for i in range(6)])
-    (tmp_path / "mc.yaml").write_text(MC_YAML.format(data=tmp_path / "mc.jsonl"))
+    (tmp_path / "mc.yaml").write_text(MC_YAML.format(name="t_mc", extra='  - metric: acc_norm\n', data=tmp_path / "mc.jsonl"))
     section = EvalSection(lm_eval_tasks=(str(tmp_path / "mc.yaml"),), batch_size=BATCH)
 
     def loglikelihoods(model, name):

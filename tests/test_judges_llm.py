@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import harness.judges.llm as llm_mod
+from test_eval_fixtures import JUDGE_CHAT_TEMPLATE, build_tokenizer, tiny_llama_config
+
 from harness.config import JudgeSection
 from harness.judges import build_judge, coverage
 from harness.judges.base import JudgeItem
@@ -13,29 +15,14 @@ TEMPLATE = "Rate.\nQ: {instruction}\nA: {response}\nEnd with Score: N"
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["Score: 4. Rate the answer. What is two plus two? It is four."] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.padding_side = "left"
-    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-    return fast
+    return build_tokenizer(["Score: 4. Rate the answer. What is two plus two? It is four."] * 20, vocab_size=320, chat_template=JUDGE_CHAT_TEMPLATE)
 
 
 def tiny_llama(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = tiny_llama_config(tok, max_position_embeddings=512)
     return LlamaForCausalLM(cfg).eval()
 
 

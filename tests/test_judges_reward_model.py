@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from test_eval_fixtures import JUDGE_CHAT_TEMPLATE, build_tokenizer, tiny_llama_config
+
 from harness.config import JudgeSection
 from harness.judges import build_judge
 from harness.judges.base import JudgeItem
@@ -12,30 +14,16 @@ from harness.judges.reward_model import RewardModelJudge
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["the user asks and the assistant answers well"] * 10, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-    return fast
+    return build_tokenizer(["the user asks and the assistant answers well"] * 10, vocab_size=300, chat_template=JUDGE_CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = tiny_llama_config(tok, max_position_embeddings=256, num_labels=1)
     model = LlamaForSequenceClassification(cfg)
     path = tmp_path_factory.mktemp("rm")
     model.save_pretrained(path)
