@@ -143,6 +143,11 @@ def test_kill_during_generation_and_training_then_resume(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in run.rglob("manifest.json")} == before
 
+    status = harness("status", str(run))
+    assert status.returncode == 0
+    done = [line.split()[1:4] for line in status.stdout.splitlines() if line.strip().startswith("iter")]
+    assert ["2", "train", "done"] in done and not any("partial" in d for d in done)
+
 
 def test_changed_config_stops_with_the_changed_field(tiny_dir, tmp_path):
     out = tmp_path / "c"
