@@ -22,7 +22,7 @@ from harness.data import load_examples
 from harness.generate import Prompt, generate
 from harness.judges.base import JudgeItem
 from harness.methods.base import Group, IterationContext
-from harness.models import load_policy, offline_env
+from harness.models import load_policy, offline_env, resolve_ref
 from harness.registry import METHODS
 from harness.schema import to_dict
 
@@ -84,7 +84,12 @@ class Runner:
 
     # ----- stages --------------------------------------------------------
     def init_stage(self) -> Policy:
-        base_id = dict_hash({"model": self.c["model"], "lora": self.c["lora"]})
+        # the base model's content, not its name: a rebuilt tiny world or a replaced local
+        # checkpoint must not reuse stages computed from the old weights
+        base_id = dict_hash({"model": self.c["model"], "lora": self.c["lora"],
+                             "weights": store.path_fingerprint(resolve_ref(self.cfg.model.base)),
+                             "chat_template": store.path_fingerprint(resolve_ref(self.cfg.model.chat_template))
+                             if self.cfg.model.chat_template else ""})
         data = self.method.init_sft_data(self.cfg)
         if not data:
             return Policy([], base_id)

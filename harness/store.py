@@ -106,6 +106,29 @@ def file_hash(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def path_fingerprint(path: str | Path, head: int = 1 << 20) -> str:
+    """Content fingerprint of a local model file or directory ("" when it is not
+    local, e.g. a hub id, whose revision identifies it instead). Small files are
+    hashed whole; large ones by size + first and last ``head`` bytes, which tells
+    apart any two checkpoints in practice without reading gigabytes."""
+    path = Path(path)
+    if not path.exists():
+        return ""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 2 * head:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(head))
+                fh.seek(size - head)
+                h.update(fh.read(head))
+    return h.hexdigest()[:16]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -7,7 +7,8 @@ import pytest
 from harness.config import JudgeSection
 from harness.judges import build_judge
 from harness.judges.base import JudgeItem, Verdict
-from harness.judges.cache import CachedJudge, judge_identity, path_fingerprint
+from harness.judges.cache import CachedJudge, judge_identity
+from harness.store import path_fingerprint
 from harness.judges.parsing import ERROR_PREFIX
 
 

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 from harness.config import JUDGES, JudgeSection
 from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group
-from harness.judges.cache import CachedJudge, judge_identity, path_fingerprint
+from harness.judges.cache import CachedJudge, judge_identity
+from harness.store import path_fingerprint
 from harness.judges.parsing import load_template, parse_score
 
 __all__ = ["Judge", "JudgeItem", "Verdict", "compare", "preference", "score_group", "build_judge",

@@ -33,29 +33,6 @@ def judge_identity(**fields: Any) -> str:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def path_fingerprint(path: str | Path, head: int = 1 << 20) -> str:
-    """Content fingerprint of a local model file or directory ("" when it is not
-    local, e.g. a hub id, whose revision identifies it instead). Small files are
-    hashed whole; large ones by size + first and last ``head`` bytes, which tells
-    apart any two checkpoints in practice without reading gigabytes."""
-    path = Path(path)
-    if not path.exists():
-        return ""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= 2 * head:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(head))
-                fh.seek(size - head)
-                h.update(fh.read(head))
-    return h.hexdigest()[:16]
-
-
 def _cacheable(v: Verdict) -> bool:
     return not any(is_error(r) for r in v.raw)
 
