@@ -44,14 +44,14 @@ class Runner:
         self.c = cfg.to_dict()
         self._loaded: tuple[tuple, object, object] | None = None
         self._examples = None
-        self._tokenizer = None
+        self.base_path = resolve_ref(cfg.model.base)  # resolved once: one build for the whole run
 
     # ----- helpers -------------------------------------------------------
     def model(self, policy: Policy):
         key = tuple(map(str, policy.adapters))
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # free the previous model first
-            model, tok = load_policy(self.cfg, policy.adapters)
+            model, tok = load_policy(self.cfg, policy.adapters, base=self.base_path)
             self._loaded = (key, model, tok)
         return self._loaded[1], self._loaded[2]
 
@@ -87,7 +87,7 @@ class Runner:
         # the base model's content, not its name: a rebuilt tiny world or a replaced local
         # checkpoint must not reuse stages computed from the old weights
         base_id = dict_hash({"model": self.c["model"], "lora": self.c["lora"],
-                             "weights": store.path_fingerprint(resolve_ref(self.cfg.model.base)),
+                             "weights": store.path_fingerprint(self.base_path),
                              "chat_template": store.path_fingerprint(resolve_ref(self.cfg.model.chat_template))
                              if self.cfg.model.chat_template else ""})
         data = self.method.init_sft_data(self.cfg)

@@ -78,11 +78,13 @@ def load_model(name: str, *, revision: str = "main", dtype: str = "float32", qua
     return model
 
 
-def load_base(cfg):
-    """(model, tokenizer) for the configured base model."""
+def load_base(cfg, base: str | None = None):
+    """(model, tokenizer) for the configured base model; ``base`` overrides where it is
+    loaded from (the loop resolves "tiny" once per run, so every stage sees one build)."""
     m = cfg.model
-    tok = load_tokenizer(m.base, m.revision, m.chat_template, m.trust_remote_code)
-    model = load_model(m.base, revision=m.revision, dtype=m.dtype, quantization=m.quantization,
+    base = base or m.base
+    tok = load_tokenizer(base, m.revision, m.chat_template, m.trust_remote_code)
+    model = load_model(base, revision=m.revision, dtype=m.dtype, quantization=m.quantization,
                        device=m.device, trust_remote_code=m.trust_remote_code)
     return model, tok
 
@@ -95,7 +97,7 @@ def offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_policy(cfg, adapters: list[Path], tokenizer=None):
+def load_policy(cfg, adapters: list[Path], tokenizer=None, base: str | None = None):
     """model_t for the chain of saved adapters ``adapters`` (oldest first).
 
     merge: base with every adapter merged in order (a plain model);
@@ -104,7 +106,7 @@ def load_policy(cfg, adapters: list[Path], tokenizer=None):
     """
     from peft import PeftModel
 
-    model, tok = load_base(cfg)
+    model, tok = load_base(cfg, base)
     if cfg.chain == "merge":
         for path in adapters:
             model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
