@@ -162,3 +162,16 @@ def test_changed_config_stops_with_the_changed_field(tiny_dir, tmp_path):
     fresh = harness("run", "--fresh", str(exp))
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert (out / "resume-2" / "results.jsonl").exists()
+
+
+def test_replaced_base_weights_are_not_reused(tmp_path):
+    """Stages key on the base model's content, not its path."""
+    from test_eval_fixtures import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", seed=0)
+    exp = write_experiment(tmp_path, model_dir, tmp_path / "w")
+    exp.write_text(exp.read_text().replace("iterations = 2", "iterations = 1"))
+    assert harness("run", str(exp)).returncode == 0
+    build_tiny_model(model_dir, seed=1)  # same path, other weights
+    r = harness("run", str(exp))
+    assert r.returncode == 1 and "changed: upstream.policy" in r.stderr, r.stderr[-2000:]
