@@ -1,0 +1,243 @@
+"""Build the tiny world on demand and cache it by content hash.
+
+``ensure_tiny(seed)`` returns ``$HARNESS_CACHE/tiny/<hash>`` (default
+``~/.cache/harness``), where the hash covers the build parameters, the seed,
+the source of ``harness/tiny`` and the versions of the libraries that shape
+the bytes. A build runs in a temporary directory that is renamed into place
+when complete, so an existing ``<hash>`` directory is always a finished build;
+a file lock keeps two processes from building the same hash at once.
+
+On the same machine and library versions, the same seed gives bit-identical
+files (fixed thread count, seeded generators, no data-loader workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from harness.tiny import tasks
+
+HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class TinyParams:
+    """Everything that determines a build besides the seed."""
+    difficulty: int = 2            # word length difficulty+1..difficulty+3, numbers below 10**difficulty
+    n_train: int = 384             # SPIN SFT data, DNO / Self-Rewarding prompts, teacher answers
+    n_ift: int = 256               # Self-Rewarding seed instruction data
+    n_eft: int = 128               # instructions of the judge data (about 5 judged answers each)
+    n_eval: int = 150              # held-out: lm-eval, AlpacaEval-style, indicator prompts
+    n_warmup: int = 6000           # warm-up task examples
+    n_warmup_judge: int = 800      # warm-up instructions judged (about 5 judged answers each)
+    reference_accuracy: float = 0.75  # AlpacaEval reference: correct this often, else a near miss
+    vocab_size: int = 512          # upper bound; BPE stops once every fixed word is one token
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 6
+    intermediate_size: int = 288
+    max_positions: int = 512
+    steps: int = 800               # warm-up optimiser steps at most (the schedule's length)
+    target_em: float = 0.35        # stop early once exact match on a dev set reaches this ...
+    n_dev: int = 96                # ... (dev: warm-up split examples kept out of training)
+    check_from: int = 400          # ... checked every check_every steps from this step on
+    check_every: int = 25
+    batch_size: int = 64
+    lr: float = 3e-3
+    judge_start: int = 300         # judge batches join after this step (tasks are learnt first)
+    judge_weight: float = 0.35     # share of judge batches once they have joined
+    threads: int = 2               # torch threads during the build (part of the hash)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness").resolve()
+
+
+def _source_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted(HERE.iterdir()):
+        if p.suffix in (".py", ".txt", ".jinja") and p.is_file():
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def cache_key(seed: int = 0, params: TinyParams | None = None) -> str:
+    params = params or TinyParams()
+    versions = [metadata.version(p) for p in ("torch", "transformers", "tokenizers")]
+    blob = json.dumps({"seed": seed, "params": dataclasses.asdict(params), "source": _source_digest(),
+                       "versions": versions}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _deterministic_torch(seed: int, threads: int) -> Iterator[None]:
+    """Fixed threads and a private, seeded torch RNG; the caller's state is restored."""
+    import torch
+
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+def ensure_tiny(seed: int = 0, params: TinyParams | None = None) -> Path:
+    """The built world for (seed, params), building it first if needed."""
+    params = params or TinyParams()
+    root = cache_root() / "tiny"
+    final = root / cache_key(seed, params)
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f"{final.name}.lock"):
+        if final.is_dir():  # another process finished it while we waited
+            return final
+        for stale in root.glob(f".{final.name}.*"):  # left by a crashed build of this hash
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            build(tmp, seed, params, final=final)
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def build(out: Path, seed: int = 0, params: TinyParams | None = None, final: Path | None = None) -> dict:
+    """Write a complete world into the empty directory ``out``; return its build record.
+    ``final`` is where the directory will live (absolute paths in lm-eval files)."""
+    from harness.tiny import data, warmup
+    from harness.tiny.tokenizer import train_tokenizer
+
+    params = params or TinyParams()
+    out, final = Path(out), Path(final or out).resolve()
+    t0 = time.time()
+    p = params
+    splits = {name: tasks.make_split(name, n, seed, p.difficulty) for name, n in (
+        ("train", p.n_train), ("ift", p.n_ift), ("eft", p.n_eft), ("eval", p.n_eval), ("warmup", p.n_warmup))}
+    dev, pool = splits["warmup"][: p.n_dev], splits["warmup"][p.n_dev:]
+    task_pairs = [(ex.prompt, ex.answer) for ex in pool]
+    judge_pairs = [(r["prompt"], r["response"]) for r in data.judge_rows(
+        pool[: p.n_warmup_judge], random.Random(f"tiny:warmup-judge:{seed}"))]
+
+    tok = train_tokenizer([f"{q}\n{a}" for q, a in task_pairs[:2000] + judge_pairs[:1000]],
+                          tasks.TEMPLATE_WORDS, vocab_size=p.vocab_size, model_max_length=p.max_positions)
+    with _deterministic_torch(seed, p.threads):
+        model = _new_model(tok, p)
+        t1 = time.time()
+        pools = [[warmup.encode(tok, q, a) for q, a in task_pairs],
+                 [warmup.encode(tok, q, a) for q, a in judge_pairs]]
+        dev_em: list[tuple[int, float]] = []
+
+        def stop(done: int) -> bool:
+            # the warm-up should leave a weak model: stop once it is right often enough
+            if done < p.check_from or (done - p.check_from) % p.check_every:
+                return False
+            outs = warmup.generate(model, tok, [ex.prompt for ex in dev], max_new_tokens=max_answer_tokens)
+            dev_em.append((done, sum(tasks.check(ex, o) for ex, o in zip(dev, outs)) / max(1, len(dev))))
+            return dev_em[-1][1] >= p.target_em
+
+        max_answer_tokens = 2 * tasks.word_length_range(p.difficulty)[1] + 4
+        losses = warmup.train(model, tok, pools, [1.0 - p.judge_weight, p.judge_weight],
+                              starts=[0, p.judge_start], steps=p.steps,
+                              batch_size=p.batch_size, lr=p.lr, seed=seed, stop=stop)
+        t2 = time.time()
+        ev = splits["eval"]
+        outs = warmup.generate(model, tok, [ex.prompt for ex in ev], max_new_tokens=max_answer_tokens)
+    correct = [tasks.check(ex, o) for ex, o in zip(ev, outs)]
+    per_task = {t: round(sum(c for ex, c in zip(ev, correct) if ex.task == t)
+                         / max(1, sum(ex.task == t for ex in ev)), 4) for t in tasks.TASK_NAMES}
+
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    data.write_world_files(out, final, splits, seed, p.reference_accuracy)
+    record = {
+        "seed": seed, "params": dataclasses.asdict(p), "path": str(final),
+        "exact_match": round(sum(correct) / len(correct), 4), "exact_match_per_task": per_task,
+        "n_params": sum(x.numel() for x in model.parameters()), "vocab_size": len(tok),
+        "steps": len(losses), "dev_exact_match": dev_em,
+        "loss_first": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
+        "loss_last": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+        "seconds_train": round(t2 - t1, 1), "seconds_total": round(time.time() - t0, 1),
+    }
+    # timings differ between builds: they live only here, never in model or data files
+    (out / "build.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return record
+
+
+def _new_model(tok, p: TinyParams):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads, num_key_value_heads=p.num_heads,
+        max_position_embeddings=p.max_positions, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model
+
+
+# "tiny:<name>" -> path inside the build directory
+FILES: dict[str, str] = {
+    "model": "model",
+    "sft_train": "sft_train.jsonl",
+    "prompts_train": "prompts_train.jsonl",
+    "teacher": "teacher.jsonl",
+    "ift": "ift.jsonl",
+    "eft": "eft.jsonl",
+    "judge_template": "judge_template.txt",
+    "eval": "eval.jsonl",
+    "eval_prompts": "eval_prompts.jsonl",
+    "alpaca_eval": "alpaca_eval.json",
+    "lm_eval": "lm_eval",
+    "tiny_gen": "lm_eval/tiny_gen.yaml",
+    "tiny_mc": "lm_eval/tiny_mc.yaml",
+    "build": "build.json",
+}
+
+
+def is_tiny_ref(ref: str) -> bool:
+    return ref == "tiny" or ref.startswith("tiny:")
+
+
+def resolve(ref: str, seed: int = 0, params: TinyParams | None = None) -> Path:
+    """Path of a tiny-world reference: "tiny" (the model directory) or "tiny:<name>"
+    (see FILES), building the world first if needed."""
+    if not is_tiny_ref(ref):
+        raise ValueError(f"not a tiny-world reference: {ref!r} (expected 'tiny' or 'tiny:<name>')")
+    name = "model" if ref == "tiny" else ref[len("tiny:"):]
+    if name not in FILES:
+        raise ValueError(f"unknown tiny-world file {name!r}; known: {', '.join(FILES)}")
+    return ensure_tiny(seed, params) / FILES[name]
