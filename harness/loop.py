@@ -188,7 +188,7 @@ class Runner:
             work = st.begin()
             pairs, stats = self.method.build_pairs(ctx, groups)
             store.write_jsonl(work / "pairs.jsonl", pairs)
-            st.commit({"hash": store.file_hash(work / "pairs.jsonl"), "metrics": stats})
+            st.commit({"hash": store.file_hash(work / "pairs.jsonl"), "metrics": _numeric(stats)})
         return st
 
     def train_stage(self, t: int, policy: Policy, ctx: IterationContext) -> tuple[store.Stage, Policy]:

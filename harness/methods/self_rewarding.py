@@ -105,7 +105,7 @@ class SelfRewarding:
                               iteration=ctx.iteration))
         stats = {"pairs/n_prompts": len(groups), "pairs/n_candidates": sum(len(g.candidates) for g in groups),
                  "pairs/ties_dropped": ties, "pairs/too_few_scores": unscored, "pairs/n_pairs": len(pairs),
-                 "pairs/score_histogram": {str(k): hist[k] for k in sorted(hist)}}
+                 **{f"pairs/score_hist_{k}": hist[k] for k in sorted(hist)}}  # flat: one number per score
         return pairs, {**stats, **length_stats(pairs)}
 
     def training_set(self, ctx):
