@@ -28,7 +28,10 @@ OUT = Path("results/bench")
 
 
 def run(cfg) -> list[dict]:
-    cfg = dataclasses.replace(cfg, experiment=dataclasses.replace(cfg.experiment, output_dir=str(OUT)))
+    """Run under results/bench/ with a "bench-" name, so leaderboards never confuse it with a user run."""
+    exp = cfg.experiment
+    name = exp.name if exp.name.startswith("bench-") else f"bench-{exp.name}"
+    cfg = dataclasses.replace(cfg, experiment=dataclasses.replace(exp, output_dir=str(OUT), name=name))
     with run_lock(cfg.run_dir):
         return Runner(cfg).run()
 
@@ -46,7 +49,7 @@ def bench_spin() -> None:
     cfg = config.load("experiments/tiny/spin.toml")
     rows = run(cfg)
     steps = sum(int(r["metrics"].get("train/steps", 0)) for r in rows)
-    control_dir = OUT / "tiny-spin-sft-control"
+    control_dir = OUT / "bench-tiny-spin-sft-control"
     result = control_dir / "metrics.json"
     if not result.exists():
         examples = load_examples(cfg.data)
@@ -85,7 +88,7 @@ def bench_dno() -> None:
     dno_pairs = sum(int(r["metrics"].get("train/n_pairs", 0)) for r in rows)
     print(f"DNO   exact match by iteration: {em_row(rows)}  (trained on {dno_pairs} pairs in total, replay included)")
     print(f"1-iteration DPO on the same prompts: {em_row(base)}  ({base[-1]['metrics'].get('train/n_pairs')} pairs)")
-    print(f"DNO final iterate: {json.loads((OUT / cfg.experiment.name / 'final.json').read_text())}")
+    print(f"DNO final iterate: {json.loads((OUT / ('bench-' + cfg.experiment.name) / 'final.json').read_text())}")
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ def _table(args) -> int:
 def _import(args) -> int:
     from harness.evaluate.alpaca import write_published_run
 
-    path = write_published_run(Path(args.dest), args.name, Path(args.outputs), Path(args.annotations))
+    path = write_published_run(Path(args.dest) / args.name, args.name, Path(args.outputs), Path(args.annotations))
     print(f"imported {args.name} -> {path}")
     return 0
 
