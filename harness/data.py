@@ -80,6 +80,8 @@ def to_examples(rows: list[dict], *, prompt_field: str = "prompt", response_fiel
     for n, row in enumerate(rows):
         if messages_field:
             msgs = row.get(messages_field)
+            if msgs is not None and not isinstance(msgs, (str, dict)) and hasattr(msgs, "__len__"):
+                msgs = list(msgs)  # parquet gives numpy arrays for list columns
             if not isinstance(msgs, list) or not msgs:
                 raise DataError(f"{where}.messages_field: row {n} has no list in column {messages_field!r}")
             response = None

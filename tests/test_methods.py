@@ -140,3 +140,40 @@ def test_spin_needs_human_answers():
     ctx = IterationContext(cfg, 1, [ex(0, "a"), ex(1, None)])
     with pytest.raises(ValueError, match="response_field"):
         METHODS.get("spin").prompts(ctx)
+
+
+def test_self_instruct_dedups_and_filters_by_length():
+    from harness.data import Example
+
+    cfg = cfg_for("self_rewarding", {"self_instruct": 4, "self_instruct_shots": 2, "self_instruct_min_chars": 5,
+                                     "self_instruct_max_chars": 30})
+    seeds = [Example(f"s{i}", ({"role": "user", "content": f"seed task {i}"},)) for i in range(3)]
+    answers = iter(["Count the cats.\nTask: more", "seed task 1", "hi", "Count the cats."])
+    seen_prompts = []
+
+    def fake_generate(prompts, sampling, tag):
+        seen_prompts.extend(prompts)
+        return {p.id: {"samples": [{"text": next(answers)}]} for p in prompts}
+
+    ctx = IterationContext(cfg, 1, seeds, generate=fake_generate)
+    new = METHODS.get("self_rewarding")._self_instruct(ctx, seeds)
+    # first line only; a copy of a seed, a too-short one and a duplicate are dropped
+    assert [e.instruction for e in new] == ["Count the cats."]
+    assert "Task: seed task 0\nTask: seed task 1" in seen_prompts[0].messages[0]["content"]
+
+
+def test_chat_messages_and_parquet_input(tmp_path):
+    import pandas as pd
+
+    from harness.data import load_examples
+    from harness.config import DataSection
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+             "prompt_id": "a"},
+            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4"}], "prompt_id": "b"}]
+    path = tmp_path / "chat.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    exs = load_examples(DataSection(train=str(path), messages_field="messages", id_field="prompt_id"))
+    assert [(e.id, e.response, [m["role"] for m in e.messages]) for e in exs] == [
+        ("a", "hello", ["user"]), ("b", "4", ["system", "user"])]
