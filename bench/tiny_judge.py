@@ -19,23 +19,16 @@ import collections
 import itertools
 import json
 import random
-import re
 import time
 from pathlib import Path
 
 import torch
 
-from harness.tiny import data, tasks, warmup
+from harness.judges.parsing import parse_score  # the strict parser the harness itself uses
+from harness.store import read_jsonl
+from harness.tiny import tasks, warmup
 from harness.tiny.build import ensure_tiny
 from harness.tiny.oracle import grade, response_with_score
-
-SCORE = re.compile(r"Score:\s*([1-5])")
-
-
-def parse_score(text: str) -> int | None:
-    m = SCORE.search(text)
-    return int(m.group(1)) if m else None
-
 
 def agreement(groups: list[list[tuple[int, int | None]]]) -> dict:
     """groups: per instruction, (oracle score, judge score or None) for each candidate."""
@@ -113,7 +106,7 @@ def measure(model, tok, ev, seed: int) -> dict:
 def m1(model, tok, world, steps: int, lr: float, seed: int):
     from peft import LoraConfig, get_peft_model
 
-    rows = data.read_jsonl(world / "ift.jsonl") + data.read_jsonl(world / "eft.jsonl")
+    rows = read_jsonl(world / "ift.jsonl") + read_jsonl(world / "eft.jsonl")
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))

@@ -8,7 +8,7 @@ import pytest
 
 from harness.tiny import tasks
 from harness.tiny.build import ensure_tiny
-from harness.tiny.data import read_jsonl
+from harness.store import read_jsonl
 from harness.tiny.oracle import grade
 
 EM_BAND = (0.20, 0.60)

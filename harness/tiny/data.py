@@ -9,24 +9,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
+from harness.store import write_jsonl
 from harness.tiny import tasks
 from harness.tiny.oracle import grade, response_with_score
 from harness.tiny.tasks import NUMBER_TASKS, Example
 
 LM_EVAL_TASKS = ("tiny_gen", "tiny_mc")
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def judge_rows(examples: Sequence[Example], rng: random.Random,
