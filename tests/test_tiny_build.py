@@ -46,6 +46,28 @@ def test_warmup_exact_match_in_band(world, model_and_tok):
     assert em == pytest.approx(record["exact_match"], abs=1e-3)
 
 
+def test_the_model_can_answer_what_it_gets_wrong(world, model_and_tok):
+    """The gap the methods are measured on: where greedy decoding gives the habit, sampling
+    finds the correct answer (so a judge that tells them apart has pairs to learn from)."""
+    import torch
+    from harness.tiny.warmup import generate
+
+    record = json.loads((world / "build.json").read_text())
+    assert record["habit_rate"] >= 0.1, record
+    model, tok = model_and_tok
+    rows = read_jsonl(world / "eval.jsonl")
+    greedy = generate(model, tok, [r["prompt"] for r in rows])
+    habitual = [r for r, o in zip(rows, greedy) if o.strip() == tasks.habit(r["prompt"]) != r["answer"]]
+    assert len(habitual) / len(rows) == pytest.approx(record["habit_rate"], abs=1e-3)
+    found = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(8):
+            outs = generate(model, tok, [r["prompt"] for r in habitual], do_sample=True, temperature=1.0)
+            found |= {r["id"] for r, o in zip(habitual, outs) if tasks.check(r["prompt"], o)}
+    assert len(found) >= 0.5 * len(habitual), (len(found), len(habitual))
+
+
 def test_files_and_formats(world):
     train = read_jsonl(world / "sft_train.jsonl")
     prompts = read_jsonl(world / "prompts_train.jsonl")
@@ -54,8 +76,11 @@ def test_files_and_formats(world):
     ev, ev_prompts = read_jsonl(world / "eval.jsonl"), read_jsonl(world / "eval_prompts.jsonl")
     alpaca = json.loads((world / "alpaca_eval.json").read_text())
     assert len(train) == len(prompts) == len(teacher) >= 256 and len(ev) == len(ev_prompts) >= 100
-    for r in train + teacher + ift:
+    for r in train + teacher:
         assert set(r) >= {"id", "prompt", "response"} and tasks.check(r["prompt"], r["response"])
+    # the seed instruction data comes from the warm-up's demonstrators: right or the habit
+    assert all(r["response"] in (r["answer"], tasks.habit(r["prompt"])) for r in ift)
+    assert any(r["response"] != r["answer"] for r in ift) and any(r["response"] == r["answer"] for r in ift)
     assert all(set(r) >= {"id", "prompt"} for r in prompts + ev_prompts)
     for rows in (train, ift, ev, eft):
         assert len({r["id"] for r in rows}) == len(rows)

@@ -17,9 +17,9 @@ from harness.tiny.oracle import OracleJudge, grade, response_with_score
 SIZES = {"eval": 150, "train": 384, "ift": 256, "eft": 128, "warmup": 3000}
 
 # a build small enough for unit tests (seconds); the real one is tested in test_tiny_build.py
-SMALL = TinyParams(n_train=12, n_ift=12, n_eft=6, n_eval=12, n_warmup=200, n_warmup_judge=10, n_dev=12,
+SMALL = TinyParams(n_train=12, n_ift=12, n_eft=6, n_eval=12, n_warmup=200, n_warmup_judge=10,
                    hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=6, batch_size=8,
-                   judge_start=3, check_from=4, check_every=2, threads=1)
+                   judge_start=3, threads=1)
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +53,34 @@ def test_parse_known_and_unknown_text():
     for text in ("Tell me a joke.", "What is 1 plus?", "Reverse the word ABC.", ""):
         assert tasks.parse(text) is None
         assert not tasks.check(text, "anything")
+
+
+def test_habits_are_systematic_wrong_answers(splits):
+    assert tasks.habit("What is 97 plus 69?") == "56"          # no carry
+    assert tasks.habit("What is 5 plus 5?") == "0"
+    assert tasks.habit("How many times does the letter a appear in abca?") == "4"
+    assert tasks.habit("Reverse the word abcd.") == "abcd"
+    assert tasks.habit("Write abcd in capital letters.") == "abcd"
+    assert tasks.habit("Repeat the word abcd twice.") == "abcd"
+    assert tasks.habit("Tell me a joke.") is None
+    for ex in itertools.chain(*splits.values()):
+        h = tasks.habit(ex.prompt)
+        assert tasks.check(ex, h) == (h == ex.answer)
+        if ex.task in ("upper", "repeat"):
+            assert h != ex.answer and grade(ex.task, ex.answer, h)[0] < 5
+
+
+def test_judge_data_grades_the_habit():
+    from harness.tiny.data import judge_rows
+
+    exs = tasks.make_split("eft", 30, seed=0)
+    rows = judge_rows(exs, random.Random(0))
+    assert len({r["prompt"] for r in rows}) == len(rows)
+    for ex in exs:
+        mine = {r["candidate"]: r["score"] for r in rows if r["instruction"] == ex.prompt}
+        assert mine[ex.answer] == 5
+        assert mine[tasks.habit(ex.prompt)] == grade(ex.task, ex.answer, tasks.habit(ex.prompt))[0]
+    assert all(r["response"].endswith(f"Score: {r['score']}") for r in rows)
 
 
 def test_splits_never_overlap_and_are_deterministic(splits):

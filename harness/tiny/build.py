@@ -36,13 +36,19 @@ HERE = Path(__file__).parent
 @dataclass(frozen=True)
 class TinyParams:
     """Everything that determines a build besides the seed."""
-    difficulty: int = 2            # word length difficulty+1..difficulty+3, numbers below 10**difficulty
+    difficulty: int = 2            # words of difficulty+2 letters, numbers below 10**difficulty
     n_train: int = 384             # SPIN SFT data, DNO / Self-Rewarding prompts, teacher answers
     n_ift: int = 256               # Self-Rewarding seed instruction data
-    n_eft: int = 128               # instructions of the judge data (about 5 judged answers each)
+    n_eft: int = 128               # instructions of the judge data (about 6 judged answers each)
     n_eval: int = 150              # held-out: lm-eval, AlpacaEval-style, indicator prompts
     n_warmup: int = 6000           # warm-up task examples
-    n_warmup_judge: int = 800      # warm-up instructions judged (about 5 judged answers each)
+    n_warmup_judge: int = 800      # warm-up instructions judged (about 6 judged answers each)
+    # Share of warm-up answers that are correct, per task; the others are the task's habit
+    # (tasks.habit). A task below 0.5 leaves a model that can answer correctly (it samples the
+    # right answer often) but prefers the habit when decoding greedily: the gap that preference
+    # methods with a good judge close, and a broken method does not.
+    demo_accuracy: tuple[tuple[str, float], ...] = (
+        ("add", 1.0), ("reverse", 1.0), ("sort", 1.0), ("count", 1.0), ("upper", 0.4), ("repeat", 0.4))
     reference_accuracy: float = 0.75  # AlpacaEval reference: correct this often, else a near miss
     vocab_size: int = 512          # upper bound; BPE stops once every fixed word is one token
     hidden_size: int = 96
@@ -50,12 +56,8 @@ class TinyParams:
     num_heads: int = 6
     intermediate_size: int = 288
     max_positions: int = 512
-    steps: int = 800               # warm-up optimiser steps at most (the schedule's length)
-    target_em: float = 0.35        # stop early once exact match on a dev set reaches this ...
-    n_dev: int = 96                # ... (dev: warm-up split examples kept out of training)
-    check_from: int = 400          # ... checked every check_every steps from this step on
-    check_every: int = 25
-    batch_size: int = 64
+    steps: int = 1500              # warm-up optimiser steps (the whole cosine schedule)
+    batch_size: int = 32
     lr: float = 3e-3
     judge_start: int = 300         # judge batches join after this step (tasks are learnt first)
     judge_weight: float = 0.35     # share of judge batches once they have joined
@@ -145,8 +147,9 @@ def build(out: Path, seed: int = 0, params: TinyParams | None = None, final: Pat
     p = params
     splits = {name: tasks.make_split(name, n, seed, p.difficulty) for name, n in (
         ("train", p.n_train), ("ift", p.n_ift), ("eft", p.n_eft), ("eval", p.n_eval), ("warmup", p.n_warmup))}
-    dev, pool = splits["warmup"][: p.n_dev], splits["warmup"][p.n_dev:]
-    task_pairs = [(ex.prompt, ex.answer) for ex in pool]
+    pool = splits["warmup"]
+    demo_rng, demo_acc = random.Random(f"tiny:demo:{seed}"), dict(p.demo_accuracy)
+    task_pairs = [(ex.prompt, data.demonstration(ex, demo_rng, demo_acc)) for ex in pool]
     judge_pairs = [(r["prompt"], r["response"]) for r in data.judge_rows(
         pool[: p.n_warmup_judge], random.Random(f"tiny:warmup-judge:{seed}"))]
 
@@ -157,35 +160,28 @@ def build(out: Path, seed: int = 0, params: TinyParams | None = None, final: Pat
         t1 = time.time()
         pools = [[warmup.encode(tok, q, a) for q, a in task_pairs],
                  [warmup.encode(tok, q, a) for q, a in judge_pairs]]
-        dev_em: list[tuple[int, float]] = []
-
-        def stop(done: int) -> bool:
-            # the warm-up should leave a weak model: stop once it is right often enough
-            if done < p.check_from or (done - p.check_from) % p.check_every:
-                return False
-            outs = warmup.generate(model, tok, [ex.prompt for ex in dev], max_new_tokens=max_answer_tokens)
-            dev_em.append((done, sum(tasks.check(ex, o) for ex, o in zip(dev, outs)) / max(1, len(dev))))
-            return dev_em[-1][1] >= p.target_em
-
-        max_answer_tokens = 2 * tasks.word_length_range(p.difficulty)[1] + 4
         losses = warmup.train(model, tok, pools, [1.0 - p.judge_weight, p.judge_weight],
                               starts=[0, p.judge_start], steps=p.steps,
-                              batch_size=p.batch_size, lr=p.lr, seed=seed, stop=stop)
+                              batch_size=p.batch_size, lr=p.lr, seed=seed)
         t2 = time.time()
         ev = splits["eval"]
-        outs = warmup.generate(model, tok, [ex.prompt for ex in ev], max_new_tokens=max_answer_tokens)
+        outs = warmup.generate(model, tok, [ex.prompt for ex in ev], max_new_tokens=2 * tasks.word_length(p.difficulty) + 4)
     correct = [tasks.check(ex, o) for ex, o in zip(ev, outs)]
-    per_task = {t: round(sum(c for ex, c in zip(ev, correct) if ex.task == t)
+    habitual = [o.strip() == tasks.habit(ex.prompt) != ex.answer for ex, o in zip(ev, outs)]
+
+    def per_task(flags: list[bool]) -> dict[str, float]:
+        return {t: round(sum(f for ex, f in zip(ev, flags) if ex.task == t)
                          / max(1, sum(ex.task == t for ex in ev)), 4) for t in tasks.TASK_NAMES}
 
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
-    data.write_world_files(out, final, splits, seed, p.reference_accuracy)
+    data.write_world_files(out, final, splits, seed, p.reference_accuracy, demo_acc)
     record = {
         "seed": seed, "params": dataclasses.asdict(p), "path": str(final),
-        "exact_match": round(sum(correct) / len(correct), 4), "exact_match_per_task": per_task,
+        "exact_match": round(sum(correct) / len(correct), 4), "exact_match_per_task": per_task(correct),
+        "habit_rate": round(sum(habitual) / len(habitual), 4), "habit_rate_per_task": per_task(habitual),
         "n_params": sum(x.numel() for x in model.parameters()), "vocab_size": len(tok),
-        "steps": len(losses), "dev_exact_match": dev_em,
+        "steps": len(losses),
         "loss_first": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
         "loss_last": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
         "seconds_train": round(t2 - t1, 1), "seconds_total": round(time.time() - t0, 1),

@@ -25,14 +25,24 @@ def judge_rows(examples: Sequence[Example], rng: random.Random,
     so that the judge sees the same instruction with better and worse answers."""
     rows = []
     for ex in examples:
-        for s in scores:
-            cand = response_with_score(ex, s, rng)
+        cands = [response_with_score(ex, s, rng) for s in scores]
+        habit = tasks.habit(ex.prompt)
+        if habit != ex.answer:  # the judge must learn to catch the habitual mistake too
+            cands.append(habit)
+        for cand in dict.fromkeys(cands):  # unique, in order
             if cand is None:
                 continue
+            s = grade(ex.task, ex.answer, cand)[0]
             prompt = tasks.judge_prompt(ex.prompt, cand)
             rows.append({"id": tasks.prompt_id(prompt), "prompt": prompt, "response": tasks.judge_response(s),
                          "instruction": ex.prompt, "candidate": cand, "score": s, "task": ex.task})
     return rows
+
+
+def demonstration(ex: Example, rng: random.Random, accuracy: dict[str, float]) -> str:
+    """What the world's demonstrators write: the correct answer with probability
+    ``accuracy[task]``, otherwise the task's habitual mistake (``tasks.habit``)."""
+    return ex.answer if rng.random() < accuracy[ex.task] else tasks.habit(ex.prompt)
 
 
 def imperfect_reference(ex: Example, rng: random.Random, accuracy: float) -> str:
@@ -136,9 +146,15 @@ def lm_eval_yamls(eval_file: Path) -> dict[str, str]:
 
 
 def write_world_files(out: Path, final: Path, splits: dict[str, list[Example]], seed: int,
-                      reference_accuracy: float) -> None:
+                      reference_accuracy: float, demo_accuracy: dict[str, float]) -> None:
     """All data files of a build into ``out``; paths inside files point at ``final``
-    (the directory ``out`` will be renamed to)."""
+    (the directory ``out`` will be renamed to).
+
+    SPIN's SFT answers and DNO's teacher are correct (the "human" / stronger-teacher
+    side of those methods). Self-Rewarding's seed instruction data (IFT) comes from the
+    same demonstrators as the warm-up, habits included, so its M1 stage does not fix
+    them by plain SFT: what the iterations gain is what the self-judge finds. The
+    judge data (EFT) is graded by the oracle."""
     def qa(ex: Example, response: str) -> dict:
         return {**ex.to_dict(), "response": response}
 
@@ -146,7 +162,8 @@ def write_world_files(out: Path, final: Path, splits: dict[str, list[Example]], 
     write_jsonl(out / "sft_train.jsonl", (qa(ex, ex.answer) for ex in train))
     write_jsonl(out / "prompts_train.jsonl", (ex.to_dict() for ex in train))
     write_jsonl(out / "teacher.jsonl", (qa(ex, ex.answer) for ex in train))
-    write_jsonl(out / "ift.jsonl", (qa(ex, ex.answer) for ex in ift))
+    demo_rng = random.Random(f"tiny:ift:{seed}")
+    write_jsonl(out / "ift.jsonl", (qa(ex, demonstration(ex, demo_rng, demo_accuracy)) for ex in ift))
     write_jsonl(out / "eft.jsonl", judge_rows(eft, random.Random(f"tiny:eft:{seed}")))
     (out / "judge_template.txt").write_text(tasks.JUDGE_TEMPLATE)
     write_jsonl(out / "eval.jsonl", eval_rows(ev, random.Random(f"tiny:mc:{seed}")))

@@ -3,7 +3,8 @@
 Every prompt comes from one fixed template per task, so ``parse(prompt)``
 recovers (task, answer) from the instruction text without any side data.
 Payload words are random lowercase strings (never a template word), numbers are
-random integers; ``difficulty`` sets word length and number size.
+random integers; ``difficulty`` sets word length and number size. ``habit(prompt)``
+is each task's systematic wrong answer, which the warm-up data mixes in.
 
 Splits never overlap: a prompt's split is fixed by a hash of its text (each
 split owns a set of hash buckets), so two splits cannot share a prompt however
@@ -85,6 +86,26 @@ def _answer(task: str, p: dict) -> str:
     raise KeyError(task)
 
 
+def _no_carry_sum(a: str, b: str) -> str:
+    n = max(len(a), len(b))
+    digits = [(int(x) + int(y)) % 10 for x, y in zip(a.zfill(n), b.zfill(n))]
+    return str(int("".join(map(str, digits))))
+
+
+def _habit(task: str, p: dict) -> str:
+    """The systematic mistake a sloppy demonstrator makes on ``task`` (see ``habit``)."""
+    w = p.get("w", "")
+    if task == "add":
+        return _no_carry_sum(p["a"], p["b"])   # forgets to carry
+    if task == "count":
+        return str(len(w))                     # counts every letter
+    if task == "repeat":
+        return w                               # writes it once
+    if task in ("reverse", "sort", "upper"):
+        return w                               # copies the word unchanged
+    raise KeyError(task)
+
+
 def _template_regex(template: str) -> re.Pattern:
     fields = {"a": r"(?P<a>0|[1-9]\d*)", "b": r"(?P<b>0|[1-9]\d*)",
               "w": r"(?P<w>[a-z]+)", "c": r"(?P<c>[a-z])"}
@@ -130,6 +151,19 @@ def parse(prompt: str) -> tuple[str, str] | None:
     return None
 
 
+def habit(prompt: str) -> str | None:
+    """The habitual wrong answer to ``prompt``: carry-free sums, the word's length for a
+    letter count, the word copied unchanged (reverse, sort, upper) or written once
+    (repeat). It equals the correct answer for some prompts (no carry, a palindrome,
+    a word already sorted). None when the prompt fits no template."""
+    text = prompt.strip()
+    for task, rx in _PARSERS.items():
+        m = rx.fullmatch(text)
+        if m:
+            return _habit(task, m.groupdict())
+    return None
+
+
 def check(prompt_or_example: str | Example, response: str) -> bool:
     """Exact match after stripping whitespace; an unparseable prompt is never correct."""
     if isinstance(prompt_or_example, Example):
@@ -144,14 +178,17 @@ def check(prompt_or_example: str | Example, response: str) -> bool:
 
 # --- generation -----------------------------------------------------------------
 
-def word_length_range(difficulty: int) -> tuple[int, int]:
-    return difficulty + 1, difficulty + 3
+def word_length(difficulty: int) -> int:
+    """Payload words have one length per difficulty. With a fixed length the word sits at a
+    fixed distance from the end of each template, so a small model learns to copy by relative
+    position; with lengths that vary it stays for hundreds of steps on a plateau where it
+    copies nothing (measured on 2 cores: from ~700 steps instead of ~300)."""
+    return difficulty + 2
 
 
 def _word(rng: random.Random, difficulty: int, alphabet: str = string.ascii_lowercase) -> str:
-    lo, hi = word_length_range(difficulty)
     while True:
-        w = "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+        w = "".join(rng.choice(alphabet) for _ in range(word_length(difficulty)))
         if w not in TEMPLATE_WORDS:
             return w
 

@@ -1,18 +1,17 @@
 """From-scratch supervised warm-up of the tiny model, and greedy exact-match scoring.
 
 A plain torch loop instead of trl: the warm-up is a pretraining from random
-weights (high learning rate, a curriculum over pools of examples, an early stop
-on a dev set; no reference model, no adapters), it must finish in about a
-minute on two cores, and its bytes must be identical for the same seed. A loop
-this small has no hidden data-loader workers, mixed precision or logging
-callbacks that could break either.
+weights (high learning rate, a curriculum over pools of examples; no reference
+model, no adapters), it must finish in under two minutes on two cores, and its
+bytes must be identical for the same seed. A loop this small has no hidden
+data-loader workers, mixed precision or logging callbacks that could break either.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -47,15 +46,13 @@ def _batch(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
 
 def train(model, tok, pools: Sequence[Sequence[Row]], weights: Sequence[float], *, steps: int,
           batch_size: int, lr: float, seed: int, starts: Sequence[int] | None = None,
-          warmup_steps: int = 20, weight_decay: float = 0.0,
-          stop: Callable[[int], bool] | None = None) -> list[float]:
+          warmup_steps: int = 20, weight_decay: float = 0.0) -> list[float]:
     """AdamW with linear warm-up and cosine decay to 10% of ``lr`` over ``steps``.
 
     Each batch comes from one pool of encoded rows (pools of similar lengths pad
     little), chosen with probability proportional to ``weights`` among the pools
     whose ``starts`` step has been reached (a curriculum). Pools and rows are
-    drawn with a seeded rng. ``stop(steps_done)``, called after every step, ends
-    training early when it returns True. Returns the per-step losses.
+    drawn with a seeded rng. Returns the per-step losses.
     """
     rng = random.Random(seed)
     starts = list(starts or [0] * len(pools))
@@ -84,9 +81,6 @@ def train(model, tok, pools: Sequence[Sequence[Row]], weights: Sequence[float], 
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if stop is not None and stop(step + 1):
-            break
-        model.train()  # stop() may have switched to eval mode
     model.eval()
     return losses
 
