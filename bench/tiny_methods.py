@@ -7,7 +7,9 @@
 - self_rewarding: per-iteration exact match and the self-judge's pairwise agreement with the oracle.
 - dno: per-iteration exact match of DNO vs a single-iteration DPO run on all of DNO's prompts at once
   (the pairs each run trained on are counted and printed: they are matched by construction only
-  approximately, since the margin filter decides how many survive).
+  approximately, since the margin filter decides how many survive), and vs a broken DNO whose judge
+  is the oracle turned upside down (score 6 - s): the world is meant to reward a method that works
+  and not one that is broken.
 
 Runs go to results/bench/ (resumable like any run); every figure printed comes from this run.
 """
@@ -75,6 +77,35 @@ def bench_self_rewarding() -> None:
               f"{m.get('judge/oracle_pair_agreement')} over {m.get('judge/oracle_pairs')} pairs")
 
 
+class _Inverted:
+    """A broken judge: the wrapped judge's scores mirrored on its scale (best becomes worst)."""
+
+    def __init__(self, judge):
+        self.judge, self.name, self.scale = judge, f"inverted-{judge.name}", judge.scale
+
+    def score(self, items):
+        lo, hi = self.scale
+        return [dataclasses.replace(v, score=None if v.score is None else lo + hi - v.score)
+                for v in self.judge.score(items)]
+
+
+def run_with_inverted_judge(cfg) -> list[dict]:
+    """``cfg`` run with its method judge inverted; evaluation judges are left as they are."""
+    import harness.judges as judges
+
+    build = judges.build_judge
+
+    def broken(section, **kw):
+        judge = build(section, **kw)
+        return _Inverted(judge) if section is cfg.judge else judge
+
+    judges.build_judge = broken
+    try:
+        return run(cfg)
+    finally:
+        judges.build_judge = build
+
+
 def bench_dno() -> None:
     cfg = config.load("experiments/tiny/dno.toml")
     rows = run(cfg)
@@ -85,9 +116,12 @@ def bench_dno() -> None:
         options=dataclasses.replace(o, prompts_per_iteration=o.prompts_per_iteration * cfg.method.iterations,
                                     replay=()))
     base = run(one)
+    broken = run_with_inverted_judge(dataclasses.replace(
+        cfg, experiment=dataclasses.replace(cfg.experiment, name="tiny-dno-inverted-judge")))
     dno_pairs = sum(int(r["metrics"].get("train/n_pairs", 0)) for r in rows)
     print(f"DNO   exact match by iteration: {em_row(rows)}  (trained on {dno_pairs} pairs in total, replay included)")
     print(f"1-iteration DPO on the same prompts: {em_row(base)}  ({base[-1]['metrics'].get('train/n_pairs')} pairs)")
+    print(f"DNO with an inverted judge (broken): {em_row(broken)}")
     print(f"DNO final iterate: {json.loads((OUT / ('bench-' + cfg.experiment.name) / 'final.json').read_text())}")
 
 
