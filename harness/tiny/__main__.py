@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     record = json.loads((path / "build.json").read_text())
     print(path)
     print(f"warm-up exact match: {record['exact_match']:.3f} {record['exact_match_per_task']}")
+    print(f"habitual answers: {record['habit_rate']:.3f} {record['habit_rate_per_task']}")
     return 0
 
 
