@@ -66,10 +66,17 @@ def _run(args) -> int:
             return 1
         run_dirs.append(run_dir)
         print(render_leaderboard([run_dir], fmt="markdown", plot_dir=run_dir))
-    if len(run_dirs) > 1:
-        print("\n" + render_leaderboard(run_dirs, fmt="markdown"))
     for d in run_dirs:
         print(f"results: {d / 'results.jsonl'}   plots: {d}/*.png")
+    if len(run_dirs) > 1:  # the combined leaderboard; its plot beside the run directories when they share a parent
+        parents = {Path(d).resolve().parent for d in run_dirs}
+        board = parents.pop() if len(parents) == 1 else None
+        plot = board / "comparison.png" if board is not None else None
+        if plot is not None and plot.exists():
+            plot.unlink()  # never point at an older run's plot
+        print("\n" + render_leaderboard(run_dirs, fmt="markdown", plot_dir=board))
+        if plot is not None and plot.exists():
+            print(f"comparison plot: {plot}")
     print(f"leaderboard: harness table {' '.join(str(d) for d in run_dirs)}")
     return 0
 

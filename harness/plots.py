@@ -129,7 +129,8 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
 
 
 def write_plots(rows: Sequence[dict], out_dir: Path) -> list[Path]:
-    """Write ``<experiment>.png`` per experiment and ``comparison.png``; return the paths.
+    """Write ``<experiment>.png`` per experiment, and ``comparison.png`` when there is
+    something to compare (two experiments, or one and published systems); return the paths.
 
     An experiment without plottable metrics gets no file; published systems
     appear only as reference lines in the comparison plot.
@@ -145,7 +146,8 @@ def write_plots(rows: Sequence[dict], out_dir: Path) -> list[Path]:
         fig = _experiment_figure(name, rs)
         if fig is not None:
             written.append(_save(fig, out_dir / f"{_safe(name, used)}.png"))
-    fig = _comparison_figure(by_exp, [r for r in rows if r["method"] == PUBLISHED])
+    published = [r for r in rows if r["method"] == PUBLISHED]
+    fig = _comparison_figure(by_exp, published) if len(by_exp) + bool(published) > 1 else None
     if fig is not None:
         written.append(_save(fig, out_dir / "comparison.png"))
     return written

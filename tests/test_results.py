@@ -155,6 +155,9 @@ def test_plots_written(runs, tmp_path):
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     assert write_plots([_row("empty", "spin", 0, {"train/loss": 0.1})], tmp_path / "none") == []
+    # one experiment alone has nothing to compare with
+    one = [r for r in load_rows([runs]) if r["experiment"] == "tiny-spin"]
+    assert [p.name for p in write_plots(one, tmp_path / "one")] == ["tiny-spin.png"]
 
 
 def test_render_markdown_and_csv(runs, tmp_path):

@@ -154,7 +154,14 @@ def test_changed_config_stops_with_the_changed_field(tiny_dir, tmp_path):
     exp = write_experiment(tmp_path, tiny_dir, out)
     text = exp.read_text().replace("iterations = 2", "iterations = 1")
     exp.write_text(text)
-    assert harness("run", str(exp)).returncode == 0
+    other = tmp_path / "other.toml"
+    other.write_text(text.replace('name = "resume"', 'name = "other"'))
+    both = harness("run", str(exp), str(other))  # two experiments: one combined leaderboard and plot
+    assert both.returncode == 0, both.stderr[-3000:]
+    board = both.stdout.split("results: ")[-1]
+    assert "| resume " in board and "| other " in board
+    # no evaluation metrics here, so no comparison plot is written or announced
+    assert "comparison plot" not in both.stdout and not (out / "comparison.png").exists()
     exp.write_text(text.replace("max_new_tokens = 12", "max_new_tokens = 10"))
     r = harness("run", str(exp))
     assert r.returncode == 1
