@@ -99,10 +99,8 @@ def _habit(task: str, p: dict) -> str:
         return _no_carry_sum(p["a"], p["b"])   # forgets to carry
     if task == "count":
         return str(len(w))                     # counts every letter
-    if task == "repeat":
-        return w                               # writes it once
-    if task in ("reverse", "sort", "upper"):
-        return w                               # copies the word unchanged
+    if task in ("reverse", "sort", "upper", "repeat"):
+        return w                               # copies the word unchanged (repeat: writes it once)
     raise KeyError(task)
 
 
@@ -141,14 +139,20 @@ TEMPLATE_WORDS: frozenset[str] = frozenset(
     set().union(*map(_words, TEMPLATES.values()), _words(JUDGE_TEMPLATE), *map(_words, VERDICTS.values()), {"Score"}))
 
 
-def parse(prompt: str) -> tuple[str, str] | None:
-    """(task, answer) recovered from the instruction text, or None if it fits no template."""
+def _match(prompt: str) -> tuple[str, dict] | None:
+    """(task, payload fields) of the template the instruction text fits, or None."""
     text = prompt.strip()
     for task, rx in _PARSERS.items():
         m = rx.fullmatch(text)
         if m:
-            return task, _answer(task, m.groupdict())
+            return task, m.groupdict()
     return None
+
+
+def parse(prompt: str) -> tuple[str, str] | None:
+    """(task, answer) recovered from the instruction text, or None if it fits no template."""
+    found = _match(prompt)
+    return None if found is None else (found[0], _answer(*found))
 
 
 def habit(prompt: str) -> str | None:
@@ -156,12 +160,8 @@ def habit(prompt: str) -> str | None:
     letter count, the word copied unchanged (reverse, sort, upper) or written once
     (repeat). It equals the correct answer for some prompts (no carry, a palindrome,
     a word already sorted). None when the prompt fits no template."""
-    text = prompt.strip()
-    for task, rx in _PARSERS.items():
-        m = rx.fullmatch(text)
-        if m:
-            return _habit(task, m.groupdict())
-    return None
+    found = _match(prompt)
+    return None if found is None else _habit(*found)
 
 
 def check(prompt_or_example: str | Example, response: str) -> bool:
