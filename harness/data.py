@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.models import resolve_ref
+from harness.sources import resolve_ref
 
 
 class DataError(ValueError):

@@ -22,7 +22,8 @@ from harness.data import load_examples
 from harness.generate import Prompt, generate
 from harness.judges.base import JudgeItem
 from harness.methods.base import Group, IterationContext
-from harness.models import load_policy, offline_env, resolve_ref
+from harness.models import load_policy, offline_env
+from harness.sources import identity, locate, materialize, resolve_ref
 from harness.registry import METHODS
 from harness.schema import to_dict
 
@@ -44,7 +45,10 @@ class Runner:
         self.c = cfg.to_dict()
         self._loaded: tuple[tuple, object, object] | None = None
         self._examples = None
-        self.base_path = resolve_ref(cfg.model.base)  # resolved once: one build for the whole run
+        # resolved once: every stage loads the same build / conversion
+        source = locate(cfg.model.base, cfg.model.gguf_file)
+        self.base_path = materialize(source)
+        self.base_identity = identity(source, cfg.model.revision)
 
     # ----- helpers -------------------------------------------------------
     def model(self, policy: Policy):
@@ -87,7 +91,7 @@ class Runner:
         # the base model's content, not its name: a rebuilt tiny world or a replaced local
         # checkpoint must not reuse stages computed from the old weights
         base_id = dict_hash({"model": self.c["model"], "lora": self.c["lora"],
-                             "weights": store.path_fingerprint(self.base_path),
+                             "weights": self.base_identity,
                              "chat_template": store.path_fingerprint(resolve_ref(self.cfg.model.chat_template))
                              if self.cfg.model.chat_template else ""})
         data = self.method.init_sft_data(self.cfg)
@@ -232,8 +236,7 @@ class Runner:
         from harness import provenance
         from harness.evaluate import check_thresholds
 
-        prov = provenance.collect(self.cfg, {"base": self.cfg.model.base, "revision": self.cfg.model.revision,
-                                            "judge": to_dict(self.cfg.judge)})
+        prov = provenance.collect(self.cfg, {"base": self.base_identity, "judge": to_dict(self.cfg.judge)})
         store.atomic_write_json(self.run_dir / "provenance.json", prov)
         store.atomic_write_json(self.run_dir / "config.json", {"hash": self.cfg.hash(), "config": self.c})
         rows: list[dict] = []
@@ -274,8 +277,9 @@ class Runner:
             wall += out.get("seconds", 0.0)
         metrics["wall_time_s"] = round(wall, 2)
         return {"experiment": self.cfg.experiment.name, "method": self.cfg.method.name, "iteration": t,
-                "metrics": metrics,
-                "provenance": {k: prov[k] for k in ("config_hash", "seed", "versions", "git_commit", "git_dirty")}}
+                "model": self.cfg.model.base, "metrics": metrics,
+                "provenance": {**{k: prov[k] for k in ("config_hash", "seed", "versions", "git_commit", "git_dirty")},
+                               "model": self.base_identity}}
 
     def _write_results(self, rows: list[dict]) -> None:
         store.write_jsonl(self.run_dir / "results.jsonl", rows)

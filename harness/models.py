@@ -17,16 +17,9 @@ from pathlib import Path
 
 import torch
 
+from harness.sources import model_path, resolve_ref
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_ref(ref: str) -> str:
-    """"tiny" / "tiny:<name>" -> a built local path; anything else unchanged."""
-    if ref == "tiny" or ref.startswith("tiny:"):
-        from harness.tiny import resolve
-
-        return str(resolve(ref))
-    return ref
 
 
 def pick_device(device: str = "auto") -> str:
@@ -47,9 +40,10 @@ def _quant_config(quantization: str, dtype: torch.dtype):
 
 
 def load_tokenizer(name: str, revision: str = "main", chat_template: str = "", trust_remote_code: bool = False):
+    """The tokenizer of a model reference (see ``harness.sources``), padding on the left."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_ref(name), revision=revision, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(model_path(name), revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
         tok.chat_template = Path(resolve_ref(chat_template)).read_text()
     if tok.chat_template is None:
@@ -62,14 +56,14 @@ def load_tokenizer(name: str, revision: str = "main", chat_template: str = "", t
 
 def load_model(name: str, *, revision: str = "main", dtype: str = "float32", quantization: str = "none",
                device: str = "auto", kind: str = "causal", trust_remote_code: bool = False):
-    """A hub id, a local directory or "tiny" -> an eval-mode model on ``device``."""
+    """A model reference (see ``harness.sources``) -> an eval-mode model on ``device``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     torch_dtype = DTYPES[dtype]
     device = pick_device(device)
     qc = _quant_config(quantization, torch_dtype)
-    model = cls.from_pretrained(resolve_ref(name), revision=revision, dtype=torch_dtype,
+    model = cls.from_pretrained(model_path(name), revision=revision, dtype=torch_dtype,
                                 quantization_config=qc, trust_remote_code=trust_remote_code,
                                 device_map={"": device} if qc is not None else None)
     if qc is None:
@@ -80,9 +74,9 @@ def load_model(name: str, *, revision: str = "main", dtype: str = "float32", qua
 
 def load_base(cfg, base: str | None = None):
     """(model, tokenizer) for the configured base model; ``base`` overrides where it is
-    loaded from (the loop resolves "tiny" once per run, so every stage sees one build)."""
+    loaded from (the loop resolves the base once per run, so every stage sees one build)."""
     m = cfg.model
-    base = base or m.base
+    base = base or model_path(m.base, m.gguf_file)
     tok = load_tokenizer(base, m.revision, m.chat_template, m.trust_remote_code)
     model = load_model(base, revision=m.revision, dtype=m.dtype, quantization=m.quantization,
                        device=m.device, trust_remote_code=m.trust_remote_code)

@@ -21,10 +21,54 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+
+def cache_root() -> Path:
+    """Where built and converted artefacts live: ``$HARNESS_CACHE``, default ``~/.cache/harness``."""
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness").resolve()
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Blocking exclusive lock on ``path`` (created if missing), for builds shared by processes."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_once(final: Path, build: Callable[[Path], object]) -> Path:
+    """``final`` built exactly once: ``build(tmp)`` fills a private temporary directory
+    that is renamed to ``final`` when it returns, so an existing ``final`` is always
+    complete. A file lock keeps two processes from building it at once; leftovers of a
+    crashed build are removed first."""
+    final = Path(final)
+    if final.is_dir():
+        return final
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / f"{final.name}.lock"):
+        if final.is_dir():  # another process finished it while we waited
+            return final
+        for stale in root.glob(f".{final.name}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
 
 
 def atomic_write_text(path: Path, text: str) -> None:

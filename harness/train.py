@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +40,48 @@ class _FiniteLossGuard(TrainerCallback):
             self.history.append({k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
 
+def warmup_steps(ratio: float, total: int) -> int:
+    """Warmup steps: rounded down, so an iteration of a few steps gets none."""
+    return int(math.floor(ratio * total))
+
+
+def lr_factor(schedule: str, warmup: int, total: int, step: int) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based).
+
+    Unlike transformers' schedules, no step gets a zero rate: warmup ramps
+    1/(w+1) .. w/(w+1) (transformers starts at 0, which wastes a step and gives a
+    one-step iteration no update at all), and the decay ends one step before
+    reaching 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress  # linear
+
+
+class _Schedule:
+    """Mixin for trl trainers: the learning-rate schedule of ``lr_factor``."""
+    schedule = ("linear", 0.0)  # (name, warmup ratio)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            name, ratio = self.schedule
+            warmup = warmup_steps(ratio, num_training_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, partial(lr_factor, name, warmup, num_training_steps))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def optimizer_steps(n_items: int, training) -> int:
+    """Optimizer steps an iteration of ``n_items`` examples takes (as the trainer counts them)."""
+    per_epoch = max(1, math.ceil(math.ceil(n_items / training.batch_size) / training.gradient_accumulation_steps))
+    return max(1, math.ceil(training.epochs * per_epoch))
+
+
 def lora_config(section):
     from peft import LoraConfig
 
@@ -52,12 +95,19 @@ def _trainer_args(cls, cfg, out_dir: Path, iteration: int, **extra):
     return cls(
         output_dir=str(out_dir / "trainer"), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=cfg.learning_rate_for(iteration),
-        num_train_epochs=t.epochs, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.epochs, lr_scheduler_type=t.lr_scheduler,  # applied by _Schedule
         optim=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=t.max_length,
         gradient_checkpointing=t.gradient_checkpointing, seed=cfg.experiment.seed + iteration,
         data_seed=cfg.experiment.seed + iteration, use_cpu=not on_cuda,
         bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=False, dataset_num_proc=None, **extra)
+
+
+def _trainer(cls, cfg, **kwargs):
+    """A trl trainer of class ``cls`` that uses the harness's learning-rate schedule."""
+    trainer = type(cls.__name__, (_Schedule, cls), {})(**kwargs)
+    trainer.schedule = (cfg.training.lr_scheduler, cfg.training.warmup_ratio)
+    return trainer
 
 
 def _adapter_state(model) -> dict[str, torch.Tensor]:
@@ -129,8 +179,8 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
                                "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
     policy, peft_config = _prepare_policy(model, cfg)
     args = _trainer_args(DPOConfig, cfg, out_dir, iteration, beta=cfg.method.beta, loss_type=[cfg.method.loss])
-    trainer = DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=peft_config)
+    trainer = _trainer(DPOTrainer, cfg, model=policy, args=args, train_dataset=data, processing_class=tokenizer,
+                       peft_config=peft_config)
     metrics = _run(trainer, out_dir)
     c1, r1 = pair_logps(trainer.model, tokenizer, probe, cfg.training.max_length)
     n = len(probe)
@@ -162,6 +212,6 @@ def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, o
     policy, peft_config = _prepare_policy(model, cfg)
     args = _trainer_args(SFTConfig, cfg, out_dir, iteration, completion_only_loss=True, packing=False,
                          max_steps=max_steps)
-    trainer = SFTTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=peft_config)
+    trainer = _trainer(SFTTrainer, cfg, model=policy, args=args, train_dataset=data, processing_class=tokenizer,
+                       peft_config=peft_config)
     return _run(trainer, out_dir)

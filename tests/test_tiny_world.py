@@ -138,6 +138,12 @@ def test_oracle_grades_by_hand():
     assert grade("upper", "ABC", "abc")[0] == 3
     assert grade("upper", "ABC", "123")[0] == 1
     assert grade("repeat", "ab ab", "")[0] == 1
+    # a chat model's longer reply: credit only when its final answer-shaped token is right
+    assert grade("add", "8", "The sum of 3 and 5 is 8.")[0] == 4
+    assert grade("add", "8", "To add 3 and 5, we get 9.")[0] == 1
+    assert grade("upper", "DAY", "The answer is DAY.")[0] == 4
+    assert grade("repeat", "lead lead", "Sure: lead lead")[0] == 4
+    assert grade("repeat", "lead lead", "The word lead is repeated twice.")[0] == 1
 
 
 def test_oracle_unparseable_and_pairwise():

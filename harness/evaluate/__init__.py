@@ -21,7 +21,7 @@ from typing import Callable
 
 from harness.config import Config, JudgeSection
 from harness.generate import Prompt
-from harness.models import resolve_ref
+from harness.sources import resolve_ref
 from harness.store import atomic_write_json
 
 from .alpaca import CoverageError, load_instructions, run_alpaca_eval  # noqa: F401  (re-exported)

@@ -36,7 +36,7 @@ from harness.config import AlpacaEvalSection
 from harness.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
 from harness.judges.base import Judge, JudgeItem, compare
-from harness.models import resolve_ref
+from harness.sources import resolve_ref
 from harness.store import JsonlLog, atomic_write_json, write_jsonl
 
 AE_SET_SIZE = 805  # the AlpacaEval instruction set; the LC model's difficulty table is indexed by position

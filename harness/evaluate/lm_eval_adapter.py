@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 
 from harness.config import EvalSection
-from harness.models import resolve_ref
+from harness.sources import resolve_ref
 from harness.store import atomic_write_json, atomic_write_text
 
 _LEAF_KINDS = ("TASK", "PY_TASK")

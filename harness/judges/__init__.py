@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from harness.config import JUDGES, JudgeSection
 from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group
 from harness.judges.cache import CachedJudge, judge_identity
-from harness.store import path_fingerprint
+from harness.sources import identity, locate
 from harness.judges.parsing import load_template, parse_score
 
 __all__ = ["Judge", "JudgeItem", "Verdict", "compare", "preference", "score_group", "build_judge",
@@ -63,9 +63,7 @@ def _self(s, policy, seed_key):
 
 
 def _local_ident(s: JudgeSection) -> dict:
-    from harness.models import resolve_ref
-
-    return {"model": s.model, "revision": s.revision, "weights": path_fingerprint(resolve_ref(s.model))}
+    return {"model": s.model, "revision": s.revision, "weights": identity(locate(s.model), s.revision)}
 
 
 def _hf(s, policy, seed_key):

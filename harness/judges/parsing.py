@@ -101,12 +101,12 @@ _PLACEHOLDER = re.compile(r"\{(instruction|response)\}")
 
 def load_template(ref: str = "", where: str = "judge.template") -> str:
     """Template text: "" = the built-in additive 5-point rubric; otherwise a file
-    path or "tiny:<name>" (resolved by ``harness.models.resolve_ref``).
+    path or "tiny:<name>" (resolved by ``harness.sources.resolve_ref``).
     Raises ValueError naming ``where`` for a missing file or placeholder."""
     if not ref:
         path = BUILTIN_TEMPLATE
     else:
-        from harness.models import resolve_ref
+        from harness.sources import resolve_ref
 
         path = Path(resolve_ref(ref))
     try:

@@ -6,8 +6,7 @@ files (building once per content hash, see ``build.py``).
 """
 
 from harness.tiny.build import FILES, TinyParams, ensure_tiny, is_tiny_ref, resolve
-from harness.tiny.oracle import OracleJudge
 from harness.tiny.tasks import Example, check, make_split, parse
 
-__all__ = ["FILES", "Example", "OracleJudge", "TinyParams", "check", "ensure_tiny", "is_tiny_ref",
+__all__ = ["FILES", "Example", "TinyParams", "check", "ensure_tiny", "is_tiny_ref",
            "make_split", "parse", "resolve"]

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+from harness.store import build_once, cache_root
 from harness.tiny import tasks
 
 HERE = Path(__file__).parent
@@ -64,10 +61,6 @@ class TinyParams:
     threads: int = 2               # torch threads during the build (part of the hash)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness").resolve()
-
-
 def _source_digest() -> str:
     h = hashlib.sha256()
     for p in sorted(HERE.iterdir()):
@@ -82,16 +75,6 @@ def cache_key(seed: int = 0, params: TinyParams | None = None) -> str:
     blob = json.dumps({"seed": seed, "params": dataclasses.asdict(params), "source": _source_digest(),
                        "versions": versions}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -114,25 +97,8 @@ def _deterministic_torch(seed: int, threads: int) -> Iterator[None]:
 def ensure_tiny(seed: int = 0, params: TinyParams | None = None) -> Path:
     """The built world for (seed, params), building it first if needed."""
     params = params or TinyParams()
-    root = cache_root() / "tiny"
-    final = root / cache_key(seed, params)
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f"{final.name}.lock"):
-        if final.is_dir():  # another process finished it while we waited
-            return final
-        for stale in root.glob(f".{final.name}.*"):  # left by a crashed build of this hash
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        try:
-            build(tmp, seed, params, final=final)
-            tmp.chmod(0o755)  # mkdtemp makes it private
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+    final = cache_root() / "tiny" / cache_key(seed, params)
+    return build_once(final, lambda tmp: build(tmp, seed, params, final=final))
 
 
 def build(out: Path, seed: int = 0, params: TinyParams | None = None, final: Path | None = None) -> dict:

@@ -1,5 +1,8 @@
 """The tiny world's rule-based judge: exact answers score 5, near misses 3-4,
-an answer of the right kind 2, anything else 1.
+an answer of the right kind 2, anything else 1. A longer reply whose final
+answer-shaped token is the correct answer ("The sum of 3 and 5 is 8.") scores 4:
+right, but not in the requested form. That is how a real chat model, which
+rarely answers with the bare answer, gets credit for a correct answer.
 
 Graded partial credit keeps score margins meaningful (DNO keeps only pairs with
 a large margin). Everything here is a pure function of (instruction text,
@@ -17,6 +20,8 @@ from harness.judges.base import JudgeItem, Verdict
 from harness.tiny.tasks import NUMBER_TASKS, Example, parse
 
 _INT = re.compile(r"0|[1-9]\d*")
+_ANY_INT = re.compile(r"(?<![\d.])\d+(?![\d.]\d)")
+_WORD = re.compile(r"[A-Za-z]+")
 _CLOSE = {"add": 10, "count": 2}  # a number this near the answer is "close"
 # the form of a correct answer, per task: a response of this form is "the right kind"
 _FORM = {
@@ -37,8 +42,25 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
+def _final_answer(task: str, response: str) -> str | None:
+    """The last answer-shaped token of a longer reply (two words for "repeat")."""
+    if task in NUMBER_TASKS:
+        numbers = _ANY_INT.findall(response)
+        return numbers[-1] if numbers else None
+    words = _WORD.findall(response)
+    n = 2 if task == "repeat" else 1
+    return " ".join(words[-n:]) if len(words) >= n else None
+
+
 def grade(task: str, answer: str, response: str) -> tuple[int, str]:
     """(score 1..5, reason) of ``response`` for a task whose correct answer is ``answer``."""
+    score, reason = _grade_bare(task, answer, response)
+    if score == 1 and response.strip() and _final_answer(task, response) == answer:
+        return 4, "correct answer in a longer reply"
+    return score, reason
+
+
+def _grade_bare(task: str, answer: str, response: str) -> tuple[int, str]:
     r = response.strip()
     if r == answer:
         return 5, "exact"
