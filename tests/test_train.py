@@ -78,12 +78,14 @@ def test_trl_loss_equals_spin_formula(tiny_dir, tmp_path, loss):
 
 
 def _reference_of_next_iteration(cfg, tmp_path):
-    """Train iteration 1, then build iteration 2's trainer the way the loop does and
-    return (policy log-probs at the end of iteration 1, trl's reference log-probs in iteration 2)."""
+    """Train iteration 1, then build iteration 2's trainer the way the loop does and return
+    (base log-probs before training, policy log-probs at the end of iteration 1,
+    trl's reference log-probs in iteration 2), on the chosen answers of 4 pairs."""
     model, tok = load_policy(cfg, [])
+    msgs = [p["messages"] for p in PAIRS[:4]]
+    base_c = sequence_logprobs(model, tok, msgs, [p["chosen"] for p in PAIRS[:4]])
     _, trained = train_dpo(model, tok, PAIRS, cfg, 1, tmp_path / "it1")
     trained.eval()
-    msgs = [p["messages"] for p in PAIRS[:4]]
     end_c = sequence_logprobs(trained, tok, msgs, [p["chosen"] for p in PAIRS[:4]])
     del trained, model
     from harness.train import _prepare_policy
@@ -93,32 +95,74 @@ def _reference_of_next_iteration(cfg, tmp_path):
     trainer = _trainer(policy, tok2, cfg, PAIRS[:4], peft_config)
     trainer.model.eval()
     ref_c, _ = trainer.compute_ref_log_probs(trainer.model, _batch(trainer, 4))
-    return end_c, ref_c.tolist()
+    return base_c, end_c, ref_c.tolist()
+
+
+def _assert_reference_is_end_of_previous(base, end, ref, tol):
+    """trl's reference equals the end-of-iteration policy to ``tol``, and training moved the
+    log-probs by far more than ``tol``, so a wrong reference (e.g. the base model) cannot pass.
+
+    ``tol``: the reference and the end-of-iteration log-probs come from different forward
+    passes (trl's batch, with its padding, vs sequence_logprobs' batch; a model reloaded
+    from the saved adapter), so they agree only to float rounding -- summed over the
+    answer's tokens -- not bit for bit."""
+    assert ref == pytest.approx(end, abs=tol)
+    moved = max(abs(a - b) for a, b in zip(end, base))
+    assert moved > 20 * tol, f"training moved the log-probs by only {moved:.3g}: the test cannot tell ref from base"
+    assert max(abs(a - b) for a, b in zip(ref, base)) > 20 * tol
 
 
 def test_reference_is_previous_iterate_lora_merge(tiny_dir, tmp_path):
     cfg = make_cfg(tiny_dir, tmp_path)
     assert cfg.chain == "merge"
-    end, ref = _reference_of_next_iteration(cfg, tmp_path)
-    base_model, tok = load_policy(cfg, [])
-    base = sequence_logprobs(base_model, tok, [p["messages"] for p in PAIRS[:4]], [p["chosen"] for p in PAIRS[:4]])
-    assert ref == pytest.approx(end, abs=1e-3)
-    assert max(abs(a - b) for a, b in zip(end, base)) > 1e-2  # training moved it: the base would be wrong
+    _assert_reference_is_end_of_previous(*_reference_of_next_iteration(cfg, tmp_path), tol=1e-3)
 
 
 def test_reference_is_previous_iterate_lora_continue(tiny_dir, tmp_path):
     cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": "continue"})
-    end, ref = _reference_of_next_iteration(cfg, tmp_path)
-    assert ref == pytest.approx(end, abs=1e-3)
+    _assert_reference_is_end_of_previous(*_reference_of_next_iteration(cfg, tmp_path), tol=1e-3)
 
 
-def test_reference_is_previous_iterate_qlora(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def qlora_dir(tmp_path_factory):
+    """A tiny Llama that bitsandbytes can quantize on every CPU.
+
+    On CPUs with AVX-512 BF16, bitsandbytes repacks 4-bit weights for its CPU kernel
+    in eval mode: absmax blocks of 64 input features (the 4-bit blocksize) and tiles of
+    32 output rows. A Linear with fewer than 64 inputs (the shared tiny model's hidden
+    size 32) fails there with "shape '[32, 0]' is invalid". Here every dimension a
+    quantized Linear sees is a multiple of 64: hidden 64, intermediate 128, 4 heads of
+    64 / 4 = 16 with 4 key/value heads (q/k/v/o are 64 x 64); the vocabulary (embedding
+    and tied lm_head, which stay unquantized) is padded to 384. The default initializer
+    range keeps the logits small, so the 4-bit kernels' bf16 rounding stays far below
+    what one iteration of training moves."""
+    from test_eval_fixtures import build_tokenizer, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    tok = build_tokenizer(["the quick brown fox jumps over the lazy dog 0123456789 question answer yes no "
+                           "user assistant what is plus minus say"] * 10)
+    cfg = tiny_llama_config(tok, vocab_size=384, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            num_key_value_heads=4, tie_word_embeddings=True)
+    assert len(tok) <= cfg.vocab_size
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            assert mod.in_features % 64 == 0 and mod.out_features % 64 == 0, (name, mod)
+    out = tmp_path_factory.mktemp("qlora_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_reference_is_previous_iterate_qlora(qlora_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    cfg = make_cfg(tiny_dir, tmp_path, model={"quantization": "4bit"})
+    cfg = make_cfg(qlora_dir, tmp_path, model={"quantization": "4bit"}, training={"learning_rate": 2e-2})
     assert cfg.chain == "continue"
-    end, ref = _reference_of_next_iteration(cfg, tmp_path)
-    # 4-bit base with bf16 adapters: reference and end-of-iteration agree to quantized precision
-    assert ref == pytest.approx(end, abs=5e-2)
+    # 4-bit base: the CPU and GPU 4-bit kernels compute in bf16 (about 3 significant digits),
+    # so reference and end-of-iteration log-probs (sums over the answer's tokens, ~-55 here)
+    # agree to ~1e-3, not to float32 precision; training moves them by ~1
+    _assert_reference_is_end_of_previous(*_reference_of_next_iteration(cfg, tmp_path), tol=2e-2)
 
 
 def test_merge_chain_rejected_for_quantized_base(tiny_dir, tmp_path):
