@@ -135,6 +135,7 @@ class Runner:
 
     def judge_stage(self, t: int, policy: Policy, gen_stage, groups: list[Group]):
         from harness.judges import build_judge, require_coverage
+        from harness.judging import judge_groups
 
         st = self.stage(t, "judge", ("judge", "method", "experiment.seed"),
                         {"generate": gen_stage.outputs()["hash"], "policy": policy.id})
@@ -145,33 +146,14 @@ class Runner:
                 judge_policy = self.model(policy)
             judge = build_judge(self.cfg.judge, policy=judge_policy, identity_extra=policy.id,
                                 seed_key=(self.cfg.experiment.seed, t, "judge"))
-            jlog = store.JsonlLog(work / "judgments.jsonl")
-            todo = [g for g in groups if g.example.id not in jlog]
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(groups), initial=len(groups) - len(todo), desc=f"iter {t} judge", unit="prompt")
-            step = max(1, self.cfg.judge.batch_size // max(1, len(groups[0].candidates)))
-            for i in range(0, len(todo), step):
-                chunk = todo[i:i + step]
-                items, where = [], []
-                for gi, g in enumerate(chunk):
-                    for ci, c in enumerate(g.candidates):
-                        if c.fixed_score is None:
-                            items.append(JudgeItem(g.example.id, g.example.instruction, c.text, g.example.meta))
-                            where.append((gi, ci))
-                verdicts = judge.score(items) if items else []
-                recs = [{"id": g.example.id, "scores": [c.fixed_score for c in g.candidates],
-                         "raw": [[] for _ in g.candidates], "failed": 0} for g in chunk]
-                for (gi, ci), v in zip(where, verdicts):
-                    recs[gi]["scores"][ci] = v.score
-                    recs[gi]["raw"][ci] = list(v.raw)
-                    recs[gi]["failed"] += v.score is None
-                jlog.append(recs)
-                bar.update(len(chunk))
-            bar.close()
-            recs = [jlog.records[g.example.id] for g in groups]
-            n_items = sum(sum(c.fixed_score is None for c in g.candidates) for g in groups)
-            n_failed = sum(r["failed"] for r in recs)
+            # transport failures are not written: the stage fails naming them, a rerun retries only them
+            judged = judge_groups(judge, groups, store.JsonlLog(work / "judgments.jsonl"),
+                                  batch_size=self.cfg.judge.batch_size, what=f"judging of iteration {t}",
+                                  desc=f"iter {t} judge")
+            recs, n_items = judged.records, judged.n_items
+            n_failed = sum(r["failed"] for r in recs)  # unparsable answers: kept, counted, shown
+            if judged.parse_summary():
+                log.warning(judged.parse_summary())
             if n_items:  # the judgments stay in the .tmp log for the next attempt when this raises
                 require_coverage(n_items - n_failed, n_items, self.cfg.judge.min_coverage, f"judging of iteration {t}")
             scores = [s for r in recs for s in r["scores"] if s is not None]

@@ -1,5 +1,7 @@
 """OpenAIJudge against a local fake chat-completions server (127.0.0.1, port 0); never the internet."""
 
+import collections
+import hashlib
 import json
 import socket
 import threading
@@ -22,10 +24,17 @@ def reply(content):
     return 200, json.dumps({"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
 
 
-class FakeServer:
-    """``behave(body, n_for_this_instruction) -> (status, body_text[, sleep_s[, headers]])``."""
+DROP = None  # a status that closes the connection without any reply
 
-    def __init__(self, behave):
+
+class FakeServer:
+    """``behave(body, key, n_for_this_key) -> (status, body_text[, sleep_s[, headers[, trickle_s]]])``.
+
+    ``key`` is the instruction (the template's first line) or, with ``by="content"``,
+    the whole judge prompt (one per judged item). Status ``DROP`` closes the
+    connection unanswered; ``trickle_s`` sends the body one byte per ``trickle_s``."""
+
+    def __init__(self, behave, by="instr", port=0):
         self.behave = behave
         self.requests = []
         self.lock = threading.Lock()
@@ -37,7 +46,8 @@ class FakeServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                instr = body["messages"][-1]["content"].split("\n")[0][3:]
+                content = body["messages"][-1]["content"]
+                instr = content if by == "content" else content.split("\n")[0][3:]
                 with outer.lock:
                     n = sum(1 for r in outer.requests if r["instr"] == instr)
                     outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
@@ -45,7 +55,12 @@ class FakeServer:
                 status, text, *rest = outer.behave(body, instr, n)
                 sleep = rest[0] if rest else 0
                 headers = rest[1] if len(rest) > 1 else {}
+                trickle = rest[2] if len(rest) > 2 else 0
                 time.sleep(sleep)
+                if status is DROP:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 try:
                     data = text.encode()
                     self.send_response(status)
@@ -54,11 +69,17 @@ class FakeServer:
                     for k, v in headers.items():
                         self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(data)
+                    if trickle:
+                        for i in range(len(data)):
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(trickle)
+                    else:
+                        self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.httpd.block_on_close = False
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -77,8 +98,8 @@ def serve(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sekrit")
     servers = []
 
-    def start(behave):
-        s = FakeServer(behave)
+    def start(behave, **kw):
+        s = FakeServer(behave, **kw)
         s.thread.start()
         servers.append(s)
         return s
@@ -224,3 +245,198 @@ def test_build_judge_wires_the_section(serve):
     body = server.requests[0]["body"]
     assert body["max_tokens"] == 17 and body["temperature"] == 0.7
     assert "<request>\nhello\n</request>" in body["messages"][0]["content"]  # the built-in rubric
+
+
+def test_dropped_connection_is_retried(serve):
+    server = serve(lambda body, instr, n: (DROP, "") if n == 0 else reply("Score: 2"))
+    (v,) = judge_for(server.url, max_retries=1).score(items("dropped"))
+    assert v.score == 2.0 and server.count("dropped") == 2
+
+
+def test_503_honours_retry_after(serve):
+    server = serve(lambda body, instr, n: (503, "restarting", 0, {"Retry-After": "0"}) if n == 0
+                   else reply("Score: 2"))
+    t0 = time.perf_counter()
+    (v,) = judge_for(server.url, max_retries=1, backoff_s=5.0).score(items("restart"))
+    assert v.score == 2.0 and server.count("restart") == 2
+    assert time.perf_counter() - t0 < 2.0  # waited Retry-After's 0 s, not the 2.5-5 s backoff
+
+
+def test_a_trickling_reply_is_a_timeout_not_a_hang(serve):
+    # headers at once, then one byte every 50 ms: each read is within the socket
+    # timeout, but the whole reply would take seconds
+    server = serve(lambda body, instr, n: (*reply("Score: 3" + " " * 60), 0, {}, 0.05) if n == 0
+                   else reply("Score: 3"))
+    t0 = time.perf_counter()
+    (v,) = judge_for(server.url, timeout_s=0.4, max_retries=1).score(items("trickle"))
+    assert v.score == 3.0 and server.count("trickle") == 2
+    assert time.perf_counter() - t0 < 2.0
+
+
+# --- the loop's judging and AlpacaEval annotation over a flaky endpoint ---------------------
+
+def _groups(n_prompts=4):
+    from harness.data import Example
+    from harness.methods.base import Candidate, Group
+
+    return [Group(Example(f"p{i}", ({"role": "user", "content": f"task {i}"},)),
+                  [Candidate(f"answer {i} a"), Candidate(f"answer {i} b"), Candidate("junk", fixed_score=1.0)])
+            for i in range(n_prompts)]
+
+
+def _score_of(content):
+    """The fake judge's deterministic score of one judge prompt."""
+    return 1 + int(hashlib.sha256(content.encode()).hexdigest(), 16) % 5
+
+
+class Answered:
+    """Counts the server's successful answers per judge prompt."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, key, text="Looks right.\nScore: {score}"):
+        with self.lock:
+            self.counts[key] += 1
+        return reply(text.format(score=_score_of(key)))
+
+
+def _expected_contents(groups):
+    return {f"Q: {g.example.instruction}\nA: {c.text}" for g in groups for c in g.candidates if c.fixed_score is None}
+
+
+def test_judging_heals_after_5xx_drops_and_a_hang(serve, tmp_path):
+    """Every judge prompt first gets two 500s, a dropped connection and a reply that
+    arrives after the judge's timeout, then an answer: the judging completes with
+    every item answered exactly once and every prompt in the log once."""
+    from harness.judging import judge_groups
+    from harness.store import JsonlLog
+
+    answered = Answered()
+
+    def behave(body, key, n):
+        if n < 2:
+            return 500, "internal error"
+        if n == 2:
+            return DROP, ""
+        if n == 3:
+            return (*reply("Score: 1"), 0.5)  # sleeps past timeout_s: the client has gone
+        return answered(key)
+
+    server = serve(behave, by="content")
+    groups = _groups()
+    judge = judge_for(server.url, timeout_s=0.25, max_retries=4, concurrency=4)
+    log = JsonlLog(tmp_path / "judgments.jsonl")
+    judged = judge_groups(judge, groups, log, batch_size=4, what="judging of iteration 1")
+    expected = _expected_contents(groups)
+    assert set(answered.counts) == expected and set(answered.counts.values()) == {1}
+    assert all(server.count(c) == 5 for c in expected)
+    lines = [json.loads(x) for x in (tmp_path / "judgments.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == [g.example.id for g in groups]  # each prompt once, in order
+    for g, rec in zip(groups, lines):
+        assert rec["scores"][:2] == [_score_of(f"Q: {g.example.instruction}\nA: {c.text}") for c in g.candidates[:2]]
+        assert rec["scores"][2] == 1.0 and rec["failed"] == 0
+    assert judged.records == lines and judged.n_items == 8 and judged.parse_summary() is None
+
+
+def test_judging_with_the_endpoint_down_persists_nothing_and_a_rerun_completes(serve, tmp_path):
+    from harness.judging import JudgeTransportError, judge_groups
+    from harness.judges import CoverageError
+    from harness.store import JsonlLog
+
+    with socket.socket() as s:  # a port nobody listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    groups = _groups()
+    judge = judge_for(f"http://127.0.0.1:{port}/v1", max_retries=1, concurrency=4)
+    path = tmp_path / "judgments.jsonl"
+    with pytest.raises(JudgeTransportError) as info:
+        judge_groups(judge, groups, JsonlLog(path), batch_size=4, what="judging of iteration 1")
+    msg = str(info.value)
+    assert isinstance(info.value, CoverageError)  # the command line reports it without a traceback
+    assert "judging of iteration 1: 4 of 4 prompts (8 judge items) had judge transport errors" in msg
+    assert "rerun" in msg and "Connection refused" in msg
+    assert JsonlLog(path).records == {}  # nothing recorded as a judgment
+
+    answered = Answered()
+    serve(lambda body, key, n: answered(key), by="content", port=port)  # the endpoint is back
+    judged = judge_groups(judge, groups, JsonlLog(path), batch_size=4, what="judging of iteration 1")
+    assert set(answered.counts) == _expected_contents(groups) and set(answered.counts.values()) == {1}
+    assert [r["id"] for r in judged.records] == [g.example.id for g in groups]
+
+
+def test_transport_errors_are_retried_parse_failures_are_kept(serve, tmp_path):
+    """One item's endpoint keeps failing, another answers without a score: the first
+    prompt is retried by the rerun, the second is a kept (failed) judgment; the final
+    log equals an uninterrupted run's, byte for byte."""
+    from harness.judging import JudgeTransportError, judge_groups
+    from harness.store import JsonlLog
+
+    groups = _groups()
+    doomed = "Q: task 1\nA: answer 1 b"
+    unparsable = "Q: task 2\nA: answer 2 a"
+    down = {doomed}
+    answered = Answered()
+
+    def behave(body, key, n):
+        if key in down:
+            return 502, "bad gateway"
+        return answered(key, "I cannot decide." if key == unparsable else "Fine.\nScore: {score}")
+
+    server = serve(behave, by="content")
+    judge = judge_for(server.url, max_retries=1, concurrency=4)
+    path = tmp_path / "judgments.jsonl"
+    with pytest.raises(JudgeTransportError, match=r"1 of 4 prompts \(1 judge items\).*p1: .*HTTP 502: bad gateway"):
+        judge_groups(judge, groups, JsonlLog(path), batch_size=6, what="judging of iteration 2")
+    kept = JsonlLog(path).records
+    assert sorted(kept) == ["p0", "p2", "p3"]  # p1 is not a judgment
+    assert kept["p2"]["scores"][0] is None and kept["p2"]["failed"] == 1
+    assert kept["p2"]["raw"][0] == ["I cannot decide."]  # the real answer, kept
+
+    down.clear()
+    asked = dict(answered.counts)
+    judged = judge_groups(judge, groups, JsonlLog(path), batch_size=6, what="judging of iteration 2")
+    again = {k for k, v in answered.counts.items() if v > asked.get(k, 0)}
+    assert again == {"Q: task 1\nA: answer 1 a", doomed}  # only p1 (a prompt is recorded whole) was asked again
+    assert set(answered.counts.values()) == {1, 2} and server.count(doomed) == 2 + 1
+    assert judged.n_parse_failed == 1 and "p2: 'I cannot decide.'" in judged.parse_summary()
+    assert "judging of iteration 2: 1 of 8 judge answers had no valid score" in judged.parse_summary()
+
+    straight = tmp_path / "straight.jsonl"
+    judge_groups(judge, groups, JsonlLog(straight), batch_size=6, what="x")
+    assert path.read_bytes() == straight.read_bytes()
+
+
+def test_alpaca_annotation_never_records_transport_errors(serve, tmp_path):
+    from harness.evaluate.alpaca import annotate
+    from harness.judging import JudgeTransportError
+    from harness.store import JsonlLog
+
+    rows = [{"id": f"r{i}", "instruction": f"task {i}", "output": f"reference {i}"} for i in range(4)]
+    outputs = {f"r{i}": f"model {i}" for i in range(4)}
+    down = {"task 3"}
+    answered = Answered()
+
+    def behave(body, key, n):
+        instr = key.split("\n")[0][3:]
+        return (503, "overloaded") if instr in down else answered(key)
+
+    server = serve(behave, by="content")
+    judge = judge_for(server.url, max_retries=1, concurrency=4)
+    log = tmp_path / "annotations.jsonl"
+    for position in ("random", "both"):
+        with pytest.raises(JudgeTransportError, match="AlpacaEval annotation of m: 1 of 4 instructions had judge "
+                                                      "transport errors.*r3: .*HTTP 503"):
+            annotate(judge, rows, outputs, position, (0, 1), "m", log=JsonlLog(log), chunk=2)
+        assert sorted(JsonlLog(log).records) == ["r0", "r1", "r2"]
+        log.unlink()
+    with pytest.raises(JudgeTransportError):
+        annotate(judge, rows, outputs, "random", (0, 1), "m", log=JsonlLog(log), chunk=2)
+    asked = dict(answered.counts)
+    down.clear()
+    ann = annotate(judge, rows, outputs, "random", (0, 1), "m", log=JsonlLog(log), chunk=2)
+    assert [a["id"] for a in ann] == ["r0", "r1", "r2", "r3"]
+    assert all(a["preference"] in (1.0, 1.5, 2.0) for a in ann)
+    new = {k: v - asked.get(k, 0) for k, v in answered.counts.items() if v > asked.get(k, 0)}
+    assert {k.split("\n")[0] for k in new} == {"Q: task 3"} and set(new.values()) == {1}

@@ -20,7 +20,10 @@ Coverage: an instruction whose judgment failed keeps ``preference: null`` in
 annotations.json; alpaca_eval drops it from its statistics (its ``n_total``
 counts annotated rows). ``alpaca_eval/coverage`` = n_total / n_instructions,
 and ``CoverageError`` is raised below ``min_coverage`` after the files are
-written, so the failed run can be inspected.
+written, so the failed run can be inspected. A judge call that got no answer at
+all (transport errors) is not a failed judgment: that instruction is left out of
+the annotations log and ``JudgeTransportError`` (a ``CoverageError``) stops the
+evaluation before annotations.json is written; a rerun judges only those.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from typing import Any, Sequence
 from harness.config import AlpacaEvalSection
 from harness.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
-from harness.judges.base import Judge, JudgeItem, compare
+from harness.judges.base import Judge, JudgeItem, compare, preference
+from harness.judges.parsing import is_error
+from harness.judging import JudgeTransportError
 from harness.sources import resolve_ref
 from harness.store import JsonlLog, atomic_write_json, write_jsonl
 
@@ -82,6 +87,23 @@ def _checked(judge: Judge, prefs: list, n: int) -> list:
     return prefs
 
 
+def _compare(judge: Judge, firsts: Sequence[JudgeItem], seconds: Sequence[JudgeItem]
+             ) -> tuple[list[float | None], list[str | None]]:
+    """Preferences (as ``judges.base.compare``) and, per pair, the judge's first transport
+    error (None when it answered). A pointwise judge's verdicts are kept to tell "no answer
+    was obtained" (retried on a rerun) from "the answer did not parse" (a failed judgment);
+    a judge with a native ``compare`` reports its own failures as None preferences."""
+    n = len(firsts)
+    if getattr(judge, "compare", None) is not None:
+        return _checked(judge, compare(judge, firsts, seconds), n), [None] * n
+    verdicts = judge.score(list(firsts) + list(seconds))
+    if len(verdicts) != 2 * n:
+        raise ValueError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {2 * n} items")
+    pairs = [(verdicts[i], verdicts[n + i]) for i in range(n)]
+    errors = [next((r for v in pair for r in v.raw if is_error(r)), None) for pair in pairs]
+    return [preference(a, b) for a, b in pairs], errors
+
+
 def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], position: str,
              seed_key: tuple, generator: str, log: JsonlLog | None = None,
              chunk: int = 32) -> list[dict]:
@@ -92,6 +114,12 @@ def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], positi
     position "both": the judge sees both orders; preference = their mean, None
     unless both orders got a valid judgment. Records are appended to ``log`` per
     chunk and reused on a rerun only when their inputs (texts, judge) are identical.
+
+    An instruction whose judge call got no answer (transport errors: timeouts, refused
+    connections, 5xx after retries) is not annotated at all -- never written as a
+    failed judgment -- and ``JudgeTransportError`` is raised once every other
+    instruction is done, so a rerun asks the judge again for exactly those. An answer
+    that does not parse is a judgment: ``preference`` None, kept and counted.
     """
     def key(row: dict) -> str:
         blob = json.dumps([row["instruction"], row["output"], outputs[row["id"]], judge.name, position,
@@ -102,26 +130,31 @@ def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], positi
     done = {pid: rec for pid, rec in (log.records.items() if log is not None else ())
             if pid in by_id and rec.get("key") == key(by_id[pid])}
     todo = [r for r in rows if r["id"] not in done]
+    missing: list[tuple[str, str]] = []  # (instruction id, transport error): not annotated
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
         ref = [JudgeItem(r["id"], r["instruction"], r["output"], _meta(r)) for r in part]
         mod = [JudgeItem(r["id"], r["instruction"], outputs[r["id"]], _meta(r)) for r in part]
         if position == "both":
-            fwd = _checked(judge, compare(judge, ref, mod), len(part))
-            back = _checked(judge, compare(judge, mod, ref), len(part))
+            fwd, fwd_err = _compare(judge, ref, mod)
+            back, back_err = _compare(judge, mod, ref)
             prefs = [None if a is None or b is None else (a + (3.0 - b)) / 2 for a, b in zip(fwd, back)]
             raws = [[a, b] for a, b in zip(fwd, back)]
+            errors = [a or b for a, b in zip(fwd_err, back_err)]
             placed = ["both"] * len(part)
         else:
             swap = [request_seed(*seed_key, "alpaca_eval_position", r["id"]) & 1 == 1 for r in part]
             firsts = [m if s else f for f, m, s in zip(ref, mod, swap)]
             seconds = [f if s else m for f, m, s in zip(ref, mod, swap)]
-            got = _checked(judge, compare(judge, firsts, seconds), len(part))
+            got, errors = _compare(judge, firsts, seconds)
             prefs = [None if p is None else (3.0 - p if s else float(p)) for p, s in zip(got, swap)]
             raws = [[p] for p in got]
             placed = ["model_first" if s else "reference_first" for s in swap]
         records = []
-        for r, p, raw, where in zip(part, prefs, raws, placed):
+        for r, p, raw, where, error in zip(part, prefs, raws, placed, errors):
+            if error is not None:
+                missing.append((r["id"], error))
+                continue
             if p is not None and not (1.0 <= p <= 2.0 and math.isfinite(p)):
                 p = None  # out-of-range judge output is a failure, never clipped
             records.append({
@@ -132,6 +165,9 @@ def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], positi
         if log is not None:
             log.append(records)
         done.update((rec["id"], rec) for rec in records)
+    if missing:
+        raise JudgeTransportError(f"AlpacaEval annotation of {generator}", f"{len(missing)} of {len(rows)} instructions",
+                                  missing)
     return [done[r["id"]] for r in rows]
 
 

@@ -6,10 +6,14 @@ and a per-request seed (derived like every other seed in the harness, so a
 server that honours seeds reproduces its answers).
 
 Failure behaviour, per request:
-- timeouts, connection errors, HTTP 5xx and 429: retried up to ``max_retries``
-  times with exponential backoff (429 honours a numeric Retry-After, capped);
+- timeouts, refused / reset / dropped connections, HTTP 5xx and 429: retried up
+  to ``max_retries`` times with jittered exponential backoff (a numeric
+  Retry-After on 429/503 is honoured; every wait is capped at ``max_backoff_s``);
   when retries run out the sample becomes an error entry (``ERROR_PREFIX`` +
-  reason) -- counted as a failure, never raised;
+  reason) -- never raised, never a judgment: callers do not persist it, so the
+  next run asks again. ``timeout_s`` bounds each attempt as a whole: no reply
+  within it (a hung server, or one that trickles its body) is a timeout, so one
+  request takes at most about (max_retries + 1) * (timeout_s + max_backoff_s);
 - HTTP 4xx other than 429 (bad key, unknown model, bad request): the same for
   every item, so retrying or continuing is pointless -> ``JudgeRequestError``
   at once, carrying the verdicts of the items already finished (``partial``);
@@ -24,6 +28,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import time
 import urllib.error
 import urllib.request
@@ -93,13 +98,24 @@ class OpenAIJudge:
     def _post_once(self, payload: bytes) -> str:
         """The reply body; raises _Retryable or JudgeRequestError."""
         req = urllib.request.Request(self.url, data=payload, headers=self._headers, method="POST")
+        deadline = time.monotonic() + self.timeout_s
         try:
+            # the socket timeout bounds connecting and each wait for data; the deadline
+            # bounds the whole reply (a server trickling bytes never hangs the stage)
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return resp.read().decode("utf-8", errors="replace")
+                chunks = []
+                while chunk := resp.read1(1 << 16):
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the reply took longer than {self.timeout_s}s")
+                return b"".join(chunks).decode("utf-8", errors="replace")
         except urllib.error.HTTPError as e:  # before URLError: it is a subclass
-            body = e.read().decode("utf-8", errors="replace")[:_BODY_KEEP]
+            try:
+                body = e.read().decode("utf-8", errors="replace")[:_BODY_KEEP]
+            except (OSError, http.client.HTTPException) as read_error:  # the error body itself got lost
+                body = f"(body unreadable: {type(read_error).__name__})"
             if e.code == 429 or e.code >= 500:
-                wait = e.headers.get("Retry-After") if e.code == 429 and e.headers else None
+                wait = e.headers.get("Retry-After") if e.code in (429, 503) and e.headers else None
                 raise _Retryable(f"HTTP {e.code}: {body}",
                                  float(wait) if wait and wait.strip().isdigit() else None) from None
             raise JudgeRequestError(f"judge endpoint {self.url} answered HTTP {e.code} (not retried): {body}",
@@ -129,7 +145,8 @@ class OpenAIJudge:
             except _Retryable as e:
                 reason = str(e)
                 if attempt < self.max_retries:
-                    wait = e.wait if e.wait is not None else self.backoff_s * 2 ** attempt
+                    # jitter spreads the retries of concurrent requests after a shared outage
+                    wait = e.wait if e.wait is not None else self.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
                     time.sleep(min(wait, self.max_backoff_s))
         return f"{ERROR_PREFIX}gave up after {self.max_retries + 1} attempts: {reason}"
 

@@ -1,0 +1,157 @@
+"""Judging that heals: a stage's candidates judged into a per-prompt JSONL log that
+holds only real judgments.
+
+A judge answer that does not parse is a judgment (the judge answered): it is kept,
+counted and shown. A *transport failure* -- no answer obtained at all (timeouts,
+refused connections, 5xx after the judge's own retries, malformed replies; marked
+by ``harness.judges.parsing.is_error`` in a verdict's raw outputs) -- is never
+written as a judgment: the prompt stays missing from the log, the stage fails with
+``JudgeTransportError`` once everything else is judged, and the next run asks the
+judge again for exactly those prompts.
+
+Used by the loop's judge stage (``judge_groups``) and by AlpacaEval annotation
+(``transport_failed`` / ``JudgeTransportError``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from harness import store
+from harness.judges import CoverageError
+from harness.judges.base import JudgeItem, Verdict
+from harness.judges.parsing import is_error
+
+_SHOW = 3          # examples quoted in messages
+_QUOTE = 160       # characters of a raw answer or error quoted
+
+
+def transport_failed(v: Verdict) -> bool:
+    """True when some sample of ``v`` got no answer from the judge (not a judgment)."""
+    return any(is_error(r) for r in v.raw)
+
+
+def _quote(text: str) -> str:
+    text = " ".join(str(text).split())
+    return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
+
+
+class JudgeTransportError(CoverageError):
+    """Items got no answer from the judge; nothing was persisted for them, and a
+    rerun of the same command retries exactly those (finished ones are kept)."""
+
+    def __init__(self, what: str, count: str, examples: Sequence[tuple[str, str]]):
+        shown = "; ".join(f"{pid}: {_quote(reason)}" for pid, reason in examples[:_SHOW])
+        super().__init__(
+            f"{what}: {count} had judge transport errors (no answer after the judge's "
+            f"retries: timeouts, refused connections, HTTP 5xx/429, malformed replies); they were not recorded "
+            f"as judgments and the stage was not finished. Check the judge endpoint, then rerun the same "
+            f"command: it keeps everything already judged and retries only these. First errors: {shown}")
+
+
+@dataclass
+class Judged:
+    """The log's records in ``groups`` order, plus what to report about them."""
+    what: str
+    records: list[dict]
+    n_items: int = 0                      # candidates sent to the judge (fixed scores excluded)
+    n_parse_failed: int = 0               # judge answers without a valid score (kept as judgments)
+    parse_examples: list[tuple[str, str]] = field(default_factory=list)  # (prompt id, raw answer)
+
+    def parse_summary(self) -> str | None:
+        """A one-line account of unparsable answers, or None when there were none."""
+        if not self.n_parse_failed:
+            return None
+        shown = "; ".join(f"{pid}: {_quote(raw)}" for pid, raw in self.parse_examples[:_SHOW])
+        return (f"{self.what}: {self.n_parse_failed} of {self.n_items} judge answers had no valid score "
+                f"(kept as failed judgments, counted in coverage); e.g. {shown}")
+
+
+def _record(group, where: list[tuple[int, int]], verdicts: Sequence[Verdict], gi: int) -> dict:
+    rec = {"id": group.example.id, "scores": [c.fixed_score for c in group.candidates],
+           "raw": [[] for _ in group.candidates], "failed": 0}
+    for (g, ci), v in zip(where, verdicts):
+        if g == gi:
+            rec["scores"][ci] = v.score
+            rec["raw"][ci] = list(v.raw)
+            rec["failed"] += v.score is None
+    return rec
+
+
+def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: int, what: str,
+                 desc: str | None = None) -> Judged:
+    """Judge every group (``harness.methods.base.Group``) not yet in ``log``.
+
+    ``what`` names the work in messages ("judging of iteration 3"); ``desc``, when
+    given, labels a progress bar. Groups go to the judge in chunks of about
+    ``batch_size`` items; after each chunk its finished groups are appended to
+    ``log`` (one record per prompt id: scores, raw answers, number of failed
+    candidates), so a killed process loses at most a chunk. A group is written only
+    when none of its candidates had a transport failure. When the judge raises with
+    ``partial`` verdicts (a non-retryable HTTP error), the groups it had finished
+    are written before re-raising.
+
+    Raises ``JudgeTransportError`` after the last chunk when any group is still
+    missing. On success the log file is rewritten in ``groups`` order, so its bytes
+    (and hash) do not depend on which run judged which prompt.
+    """
+    todo = {g.example.id for g in groups if g.example.id not in log}
+    # chunk boundaries are fixed positions in ``groups`` (a pure function of the prompt list),
+    # so a resumed run sends the judge the same batches as an uninterrupted one
+    step = max(1, batch_size // max(1, len(groups[0].candidates))) if groups else 1
+    missing: list[tuple[str, str]] = []   # (prompt id, first error) of groups not written
+    n_missing_items = 0
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(groups), initial=len(groups) - len(todo), desc=desc, unit="prompt")
+    try:
+        for i in range(0, len(groups), step):
+            chunk = [g for g in groups[i:i + step] if g.example.id in todo]
+            if not chunk:
+                continue
+            items, where = [], []
+            for gi, g in enumerate(chunk):
+                for ci, c in enumerate(g.candidates):
+                    if c.fixed_score is None:
+                        items.append(JudgeItem(g.example.id, g.example.instruction, c.text, g.example.meta))
+                        where.append((gi, ci))
+            try:
+                verdicts = list(judge.score(items)) if items else []
+            except Exception as e:
+                partial = list(getattr(e, "partial", None) or [])
+                if len(partial) == len(items):
+                    log.append(_record(g, where, partial, gi) for gi, g in enumerate(chunk)
+                               if all(v is not None and not transport_failed(v)
+                                      for (k, _), v in zip(where, partial) if k == gi))
+                raise
+            if len(verdicts) != len(items):
+                raise RuntimeError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(items)} items")
+            keep = []
+            for gi, g in enumerate(chunk):
+                errors = [r for (k, _), v in zip(where, verdicts) if k == gi for r in v.raw if is_error(r)]
+                if errors:
+                    missing.append((g.example.id, errors[0]))
+                    n_missing_items += sum(k == gi and transport_failed(v) for (k, _), v in zip(where, verdicts))
+                else:
+                    keep.append(_record(g, where, verdicts, gi))
+            log.append(keep)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    if missing:
+        raise JudgeTransportError(what, f"{len(missing)} of {len(groups)} prompts ({n_missing_items} judge items)",
+                                  missing)
+    records = [log.records[g.example.id] for g in groups]
+    store.write_jsonl(log.path, records)  # canonical order; same bytes as the appended lines
+    out = Judged(what, records, n_items=sum(c.fixed_score is None for g in groups for c in g.candidates))
+    for g, rec in zip(groups, records):
+        for c, score, raw in zip(g.candidates, rec["scores"], rec["raw"]):
+            if c.fixed_score is None and score is None:
+                out.n_parse_failed += 1
+                out.parse_examples.append((g.example.id, raw[0] if raw else ""))
+    return out
