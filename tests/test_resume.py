@@ -1,9 +1,12 @@
-"""A run killed (SIGKILL) in the middle of generation and in the middle of training
-resumes to the same artifacts and metrics as an uninterrupted run, without
-recomputing finished stages."""
+"""A run killed (SIGKILL) in the middle of generation, of training, of judging and of
+AlpacaEval annotation resumes to the same artifacts and metrics as an uninterrupted
+run, without recomputing finished stages or re-asking the judge for recorded
+judgments. The judged runs use an OpenAI-compatible endpoint served by the test
+itself, which holds requests at a chosen point so the kill lands mid-stage."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -182,3 +185,238 @@ def test_replaced_base_weights_are_not_reused(tmp_path):
     build_tiny_model(model_dir, seed=1)  # same path, other weights
     r = harness("run", str(exp))
     assert r.returncode == 1 and "changed: upstream.policy" in r.stderr, r.stderr[-2000:]
+
+
+# --- kill during judging and during AlpacaEval annotation ------------------------------------
+
+N_JUDGED = 8      # training prompts (DNO: 2 samples each, judged)
+N_ALPACA = 8      # AlpacaEval instructions
+KEY_ENV = "HARNESS_TEST_JUDGE_KEY"
+
+
+class JudgeServer:
+    """An OpenAI-compatible chat-completions endpoint on 127.0.0.1 for the run subprocesses.
+
+    Answers "...\\nScore: N" with N a hash of the judge prompt (deterministic). Paths
+    /judge/... and /alpaca/... are the two judges. ``down`` holds the paths answering
+    503; ``quota[path]`` (when set) is how many more answers that path gives before
+    further requests wait for ``release()`` -- so a test can kill a run at a known
+    point with judge requests in flight. ``answered`` counts answers per (path, prompt)."""
+
+    def __init__(self):
+        import collections
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.down: set[str] = set()
+        self.quota: dict[str, int] = {}
+        self.blocked = 0
+        self.answered = collections.Counter()
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                path = self.path.split("/")[1]
+                if path in outer.down:
+                    return self._send(503, "judge endpoint down")
+                with outer.lock:
+                    wait = outer.quota.get(path) == 0
+                    outer.blocked += wait
+                    if path in outer.quota and not wait:
+                        outer.quota[path] -= 1
+                if wait:
+                    outer.gate.wait(120)
+                    return self._send(503, "released")  # the client that asked has been killed
+                with outer.lock:
+                    outer.answered[path, prompt] += 1
+                score = 1 + int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5
+                self._send(200, json.dumps({"choices": [{"message": {"role": "assistant",
+                                                                     "content": f"Judged.\nScore: {score}"}}]}))
+
+            def _send(self, status, text):
+                try:
+                    data = text.encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client is gone
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{path}/v1"
+
+    def hold_after(self, path, n):
+        self.gate.clear()
+        self.blocked = 0
+        self.quota = {path: n}
+
+    def release(self):
+        self.quota = {}
+        self.gate.set()
+
+    def answers(self, path):
+        return {prompt: n for (p, prompt), n in self.answered.items() if p == path}
+
+
+@pytest.fixture
+def judge_server():
+    server = JudgeServer()
+    yield server
+    server.release()
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+def write_judged_experiment(tmp: Path, model_dir: Path, out: Path, server: JudgeServer) -> Path:
+    """DNO, one iteration, judged by the test's endpoint; AlpacaEval judged by it too."""
+    data, alpaca = tmp / "prompts.jsonl", tmp / "alpaca.json"
+    if not data.exists():
+        words = ["fox", "dog", "yes", "no", "lazy", "quick", "brown", "the"]
+        data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"say {words[i % 8]} {words[(i * 3 + 1) % 8]} {i}"})
+                                + "\n" for i in range(N_JUDGED)))
+        alpaca.write_text(json.dumps([{"id": f"a{i}", "instruction": f"what is {i} plus {words[i % 8]}",
+                                       "output": f"{i} {words[(i + 2) % 8]}", "generator": "ref"}
+                                      for i in range(N_ALPACA)]))
+    judge = """model = "fake-judge"
+api_key_env = "{key}"
+base_url = "{url}"
+timeout_s = 60
+max_retries = 0
+batch_size = 2"""
+    exp = tmp / f"exp_{out.name}.toml"
+    exp.write_text(f"""
+[experiment]
+name = "judged"
+seed = 5
+output_dir = "{out}"
+
+[model]
+base = "{model_dir}"
+device = "cpu"
+cpu_threads = 1
+
+[lora]
+r = 4
+alpha = 8
+
+[method]
+name = "dno"
+iterations = 1
+beta = 0.1
+
+[method.dno]
+num_samples = 2
+temperature = 1.0
+student_margin = 1.0
+
+[judge]
+name = "openai"
+{judge.format(key=KEY_ENV, url=server.url("judge"))}
+min_coverage = 0.5
+
+[data]
+train = "{data}"
+
+[generation]
+max_new_tokens = 8
+batch_size = 4
+
+[training]
+learning_rate = 0.005
+batch_size = 4
+epochs = 1
+max_length = 64
+
+[eval.alpaca_eval]
+instructions = "{alpaca}"
+
+[eval.alpaca_eval.judge]
+name = "openai"
+{judge.format(key=KEY_ENV, url=server.url("alpaca"))}
+
+[eval.indicators]
+num_prompts = 0
+""")
+    return exp
+
+
+def judged_artifacts(run: Path) -> dict:
+    out = {}
+    for rel in ("iter_001/generate/samples.jsonl", "iter_001/judge/judgments.jsonl", "iter_001/pairs/pairs.jsonl",
+                "iter_001/train/adapter/adapter_model.safetensors",
+                "iter_000/evaluate/alpaca_eval/annotations.json", "iter_001/evaluate/alpaca_eval/annotations.json"):
+        out[rel] = (run / rel).read_bytes()
+    rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    out["metrics"] = [{k: v for k, v in r["metrics"].items() if not k.endswith(("seconds", "wall_time_s", "_mb"))}
+                      for r in rows]
+    return out
+
+
+def test_kill_during_judging_and_annotation_then_resume(tiny_dir, tmp_path, judge_server):
+    """SIGKILL in the middle of AlpacaEval annotation and in the middle of the judge
+    stage (judge requests in flight), and a run with the judge endpoint down in
+    between: the finished run equals an uninterrupted one, and every judge prompt
+    got exactly as many answers as in the uninterrupted run."""
+    server, env = judge_server, {KEY_ENV: "test-key"}
+    straight = tmp_path / "straight"
+    r = harness("run", str(write_judged_experiment(tmp_path, tiny_dir, straight, server)), env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = {p: server.answers(p) for p in ("judge", "alpaca")}
+    assert reference["judge"] and len(reference["alpaca"]) >= N_ALPACA
+    server.answered.clear()
+
+    killed = tmp_path / "killed"
+    exp = write_judged_experiment(tmp_path, tiny_dir, killed, server)
+    run = killed / "judged"
+    ann_log = run / "iter_000" / "evaluate.tmp" / "alpaca_eval" / "annotations.jsonl"
+    server.hold_after("alpaca", 4)  # 2 instructions x (reference, model) per chunk: the 2nd chunk waits
+    kill_when(harness("run", str(exp), env_extra=env, wait=False), lambda: lines(ann_log) >= 2 and server.blocked)
+    server.release()
+    kept = lines(ann_log)
+    assert 0 < kept < N_ALPACA and not (run / "iter_000" / "evaluate" / "manifest.json").exists()
+
+    # the judge endpoint is down: the judge stage fails with a clear message and records nothing
+    server.down = {"judge"}
+    n_before = sum(server.answers("alpaca").values())
+    r = harness("run", str(exp), env_extra=env)
+    assert r.returncode == 1
+    assert "judging of iteration 1:" in r.stderr and "had judge transport errors" in r.stderr, r.stderr[-3000:]
+    assert "rerun the same command" in r.stderr and "Traceback" not in r.stderr
+    assert (run / "iter_000" / "evaluate" / "manifest.json").exists()
+    assert not (run / "iter_001" / "judge" / "manifest.json").exists()
+    judge_log = run / "iter_001" / "judge.tmp" / "judgments.jsonl"
+    assert "[judge error]" not in (judge_log.read_text() if judge_log.exists() else "")
+    assert sum(server.answers("alpaca").values()) - n_before == 2 * (N_ALPACA - kept)  # resumed, not redone
+    server.down = set()
+
+    server.hold_after("judge", 4)  # about 2 prompts x 2 samples, then the judge's requests wait
+    kill_when(harness("run", str(exp), env_extra=env, wait=False), lambda: lines(judge_log) >= 2 and server.blocked)
+    server.release()
+    done = [json.loads(x)["id"] for x in judge_log.read_text().splitlines()]
+    assert 0 < len(done) < N_JUDGED and not (run / "iter_001" / "judge" / "manifest.json").exists()
+
+    before = dict(server.answered)
+    r = harness("run", str(exp), env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert judged_artifacts(run) == judged_artifacts(straight / "judged")
+    # the judgments recorded before the kill were not asked for again
+    prompts = {json.loads(x)["id"]: json.loads(x)["prompt"] for x in (tmp_path / "prompts.jsonl").read_text().splitlines()}
+    asked_again = [p for (path, p), n in server.answered.items() if path == "judge" and n > before.get((path, p), 0)]
+    assert asked_again and not any(f"<request>\n{prompts[i]}\n</request>" in p for p in asked_again for i in done)
+    # AlpacaEval chunks (2 instructions = 4 requests) were killed on a boundary: nothing was judged twice
+    assert server.answers("alpaca") == reference["alpaca"]
