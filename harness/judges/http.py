@@ -18,7 +18,8 @@ Failure behaviour, per request:
   every item, so retrying or continuing is pointless -> ``JudgeRequestError``
   at once, carrying the verdicts of the items already finished (``partial``);
 - a reply that is not JSON or lacks choices[0].message.content: an error entry
-  holding the reply text (not retried: the server did answer);
+  holding the reply text (not retried within the call: the server did answer;
+  like every error entry it is not persisted, so the next run asks again);
 - content without a parsable score: an ordinary parse failure, raw kept.
 An unexpected exception in one request only fails that request's sample.
 """
