@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,57 +30,147 @@ def _validate(args) -> int:
     if not args.files:
         print("harness validate: give at least one experiment file (or --explain)", file=sys.stderr)
         return 2
-    bad = 0
-    for f in args.files:
+    checked, ok = load_checked(args.files, check_endpoints=args.check_endpoints)
+    for cfg, report in checked:
+        unmet = (f"; needs {', '.join(sorted(report.unmet))}, which this machine lacks: what depends on it "
+                 "was not checked") if report.unmet else ""
+        print(f"{cfg.source}: ok ({cfg.method.name}, {cfg.method.iterations} iterations, config {cfg.hash()}{unmet})")
+    return 0 if ok else 1
+
+
+def load_checked(files: list[str], check_endpoints: bool = False) -> tuple[list, bool]:
+    """Parse and check every file before any compute; print every problem to stderr as
+    ``FILE: dotted.path: problem`` (warnings as ``FILE: dotted.path: warning: ...``).
+    Returns ([(config, validate.Report)] of the files that passed, whether all did)."""
+    from harness import config
+    from harness.validate import check
+
+    good = []
+    for f in files:
         try:
             cfg = config.load(f)
-            print(f"{f}: ok ({cfg.method.name}, {cfg.method.iterations} iterations, config {cfg.hash()})")
         except ConfigError as e:
-            bad += 1
             print(str(e), file=sys.stderr)
-    return 1 if bad else 0
+            continue
+        report = check(cfg, check_endpoints=check_endpoints)
+        for w in report.warnings:
+            print(f"{f}: {w.path}: warning: {w.message}", file=sys.stderr)
+        if report.errors:
+            print(str(ConfigError(f, report.errors)), file=sys.stderr)
+        else:
+            good.append((cfg, report))
+    return good, len(good) == len(files)
 
 
 def _run(args) -> int:
-    from harness import config
+    """Run each experiment with one line per stage on the terminal; everything other
+    libraries print goes to RUN_DIR/harness.log (see harness.console)."""
+    from harness import console
+
+    quiet_env = {} if console.level() >= console.VERBOSE else \
+        {k: "1" for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS") if k not in os.environ}
+    with console.capture(env=quiet_env):
+        with contextlib.redirect_stderr(console.terminal()):  # config problems are for the reader
+            checked, ok = load_checked(args.files)  # every file is checked before any runs
+            for cfg, report in checked:
+                if report.unmet:
+                    ok = False
+                    print(f"{cfg.source}: experiment.requires: needs {', '.join(sorted(report.unmet))}, "
+                          "which this machine lacks", file=sys.stderr)
+            if not ok:
+                return 1
+        return _run_checked(args, [cfg for cfg, _ in checked])
+
+
+def _run_checked(args, cfgs: list) -> int:
+    from harness import console
     from harness.data import DataError
     from harness.judges import CoverageError
     from harness.loop import run_experiment
-    from harness.results import render_leaderboard
+    from harness.results import write_tables
     from harness.store import RunLocked, StageChanged
     from harness.train import TrainingError
 
-    cfgs = []
-    for f in args.files:  # validate every file before running any
-        try:
-            cfgs.append(config.load(f))
-        except ConfigError as e:
-            print(str(e), file=sys.stderr)
-    if len(cfgs) < len(args.files):
-        return 1
-    run_dirs = []
+    known = (StageChanged, RunLocked, CoverageError, DataError, TrainingError, FileNotFoundError)
+    quiet = console.level() <= console.QUIET
+    run_dirs: list[Path] = []
+    table = ""
     for cfg in cfgs:
+        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {cfg.method.iterations} iteration"
+                        f"{'s' * (cfg.method.iterations != 1)}, model {cfg.model.base}")
+        console.reset_failure()
         try:
             run_dir, _ = run_experiment(cfg, fresh=args.fresh)
-        except (StageChanged, RunLocked, CoverageError, DataError, TrainingError, FileNotFoundError) as e:
+            with console.stage("", "tables") as line:
+                table, left_out, written = write_tables([run_dir], run_dir, "results",
+                                                        title=f"{cfg.experiment.name} ({cfg.method.name})",
+                                                        width=console.width())
+                line.done(f"{len(written)} files in {_short_path(run_dir)}/")
+        except known as e:
             # finished stages stay on disk; the failing stage is left unfinished for the next attempt
-            print(f"harness run: {cfg.source}: {e}", file=sys.stderr)
+            where = console.failed_stage()
+            console.error(f"{cfg.source}{f' ({where})' if where else ''}: {e}")
             return 1
+        except KeyboardInterrupt:
+            where = console.failed_stage()
+            console.error(f"interrupted{f' in {where}' if where else ''}; finished stages are kept: "
+                          "rerun the same command to resume")
+            return 130
+        except Exception as e:  # noqa: BLE001  (anything else: one line here, the traceback in the log)
+            return _crash(cfg, e)
         run_dirs.append(run_dir)
-        print(render_leaderboard([run_dir], fmt="markdown", plot_dir=run_dir))
-    for d in run_dirs:
-        print(f"results: {d / 'results.jsonl'}   plots: {d}/*.png")
-    if len(run_dirs) > 1:  # the combined leaderboard; its plot beside the run directories when they share a parent
+        if not quiet:
+            console.data(table)
+        console.info(f"results: {_short_path(run_dir)}/ (results.csv, results.md, results.html, "
+                     f"{', '.join(p.name for p in written if p.suffix == '.png') or 'no plots'}, harness.log)")
+        if left_out:
+            console.info(f"  not shown to fit {console.width()} columns: {', '.join(left_out)} (see results.csv)")
+    if len(run_dirs) > 1:  # the combined leaderboard, beside the run directories when they share a parent
         parents = {Path(d).resolve().parent for d in run_dirs}
         board = parents.pop() if len(parents) == 1 else None
-        plot = board / "comparison.png" if board is not None else None
-        if plot is not None and plot.exists():
-            plot.unlink()  # never point at an older run's plot
-        print("\n" + render_leaderboard(run_dirs, fmt="markdown", plot_dir=board))
-        if plot is not None and plot.exists():
-            print(f"comparison plot: {plot}")
-    print(f"leaderboard: harness table {' '.join(str(d) for d in run_dirs)}")
+        try:
+            if board is not None:
+                (board / "comparison.png").unlink(missing_ok=True)  # never point at an older run's plot
+                table, left_out, written = write_tables(run_dirs, board, "leaderboard", plots=("comparison",),
+                                                        width=console.width())
+            else:
+                from harness.results import build_table, load_rows, to_terminal
+
+                (table, left_out), written = to_terminal(build_table(load_rows(run_dirs)), console.width()), []
+        except Exception as e:  # noqa: BLE001
+            return _crash(None, e)
+        if not quiet:
+            console.data("")
+        console.data(table)
+        if written:
+            console.info(f"leaderboard: {', '.join(_short_path(p) for p in written)}")
+    elif quiet and run_dirs:
+        console.data(table)
+    if run_dirs:
+        console.info(f"full table: harness table {' '.join(_short_path(d) for d in run_dirs)} --format html --out FILE")
     return 0
+
+
+def _short_path(p: Path) -> str:
+    """A path relative to the working directory when it is below it."""
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _crash(cfg, e: BaseException) -> int:
+    """An unexpected exception: one ``error:`` line naming the stage, the traceback in the log."""
+    from harness import console
+
+    where = console.failed_stage() or ("setup" if cfg is not None else "leaderboard")
+    name = cfg.experiment.name if cfg is not None else "harness run"
+    logging.getLogger("harness.cli").error("%s: %s failed", name, where, exc_info=e, extra={"terminal": False})
+    first = next((x.strip() for x in str(e).splitlines() if x.strip()), "")
+    log_file = console.log_path()
+    console.error(f"{name}, {where}: {type(e).__name__}{f': {first}' if first else ''}"
+                  + (f" (traceback in {_short_path(log_file)})" if log_file else ""))
+    return 1
 
 
 def _status(args) -> int:
@@ -101,21 +193,27 @@ def _status(args) -> int:
 
 
 def _table(args) -> int:
+    from harness import console
     from harness.results import ResultsError, render_leaderboard
 
     bad = [f for f in args.filter if "=" not in f]
     if bad:
-        print(f"harness table: --filter needs KEY=VALUE, got {bad[0]!r}", file=sys.stderr)
+        console.error(f"harness table: --filter needs KEY=VALUE, got {bad[0]!r}")
         return 2
     filters = dict(f.split("=", 1) for f in args.filter)
+    plots = Path(args.plots) if args.plots else Path(args.out).parent if args.out else None
+    width = console.width() if sys.stdout.isatty() else console.MAX_WIDTH
     try:
-        out = render_leaderboard([Path(d) for d in args.dirs], fmt=args.format,
-                                 out=Path(args.out) if args.out else None, sort_by=args.sort, filters=filters or None,
-                                 plot_dir=Path(args.plots or (Path(args.out).parent if args.out else args.dirs[0])))
+        text, written = render_leaderboard([Path(d) for d in args.dirs], fmt=args.format,
+                                           out=Path(args.out) if args.out else None, sort_by=args.sort,
+                                           filters=filters or None, plot_dir=plots, width=width)
     except ResultsError as e:
-        print(f"harness table: {e}", file=sys.stderr)
+        console.error(f"harness table: {e}")
         return 1
-    print(out)
+    if args.out is None:
+        console.data(text)  # the table and nothing else: `harness table --format csv > t.csv` is a CSV file
+    for path in written:
+        console.info(f"wrote {path}")
     return 0
 
 
@@ -123,7 +221,9 @@ def _import(args) -> int:
     from harness.evaluate.alpaca import write_published_run
 
     path = write_published_run(Path(args.dest) / args.name, args.name, Path(args.outputs), Path(args.annotations))
-    print(f"imported {args.name} -> {path}")
+    from harness import console
+
+    console.info(f"imported {args.name} -> {path}")
     return 0
 
 
@@ -141,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="check experiment files; every error as FILE: dotted.path: problem")
     v.add_argument("files", nargs="*")
     v.add_argument("--explain", action="store_true", help="print every config field with its default and meaning")
+    v.add_argument("--check-endpoints", action="store_true", help="also check that HTTP judge endpoints answer")
     v.set_defaults(fn=_validate)
 
     r = sub.add_parser("run", help="run (or resume) experiments; finished stages are skipped")

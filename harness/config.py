@@ -18,6 +18,7 @@ from harness.schema import ConfigError, FieldError, opt, parse_section, to_dict,
 
 LOSSES = ("sigmoid", "hinge", "ipo")
 JUDGES = ("none", "oracle", "self", "hf", "reward_model", "openai")
+REQUIREMENTS = ("gpu", "hub", "endpoint")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ExperimentSection:
     name: str = opt(doc="Experiment name; the run directory is <output_dir>/<name>.")
     seed: int = opt(0, "Experiment seed; every sampling request and training run derives its seed from it.", min=0)
     output_dir: str = opt("results", "Where run directories go (relative to the current directory).")
+    requires: tuple[str, ...] = opt(factory=tuple, doc='What the experiment needs beyond this package: "gpu" (a CUDA device), "hub" (the Hugging Face Hub, HARNESS_ONLINE=1), "endpoint" (an HTTP judge and its API key). On a machine without them `harness validate` checks everything else and says what it could not check; `harness run` stops before any compute.', choices=REQUIREMENTS)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class GenerationSection:
 @dataclass(frozen=True)
 class TrainingSection:
     learning_rate: float = opt(5e-5, "Peak learning rate.", min=0.0)
-    learning_rates: tuple[float, ...] = opt(factory=tuple, doc="Per-iteration learning rates (iteration 1 first); the last one repeats. Overrides learning_rate. SPIN's code lowers the rate in later iterations.")
+    learning_rates: tuple[float, ...] = opt(factory=tuple, doc="Per-iteration learning rates (iteration 1 first), at most one per iteration; the last one repeats. Overrides learning_rate. SPIN's code lowers the rate in later iterations.", min=0.0)
     epochs: float = opt(1.0, "Epochs over the iteration's pairs.", min=0.0)
     batch_size: int = opt(8, "Pairs per device batch.", min=1)
     gradient_accumulation_steps: int = opt(1, "Batches per optimiser step.", min=1)
@@ -248,6 +250,10 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
             errors.append(FieldError(f"{where}.base_url", "the openai judge needs base_url"))
         if judge.samples > 1 and judge.temperature == 0.0 and judge.name in ("self", "hf"):
             errors.append(FieldError(f"{where}.samples", "several samples of a greedy judge are identical; set temperature > 0"))
+    n_lrs = len(cfg.training.learning_rates)
+    if n_lrs > cfg.method.iterations:
+        errors.append(FieldError("training.learning_rates", f"{n_lrs} rates for {cfg.method.iterations} iterations; "
+                                                            "give one per iteration (the last one repeats)"))
     if cfg.eval.alpaca_eval.judge.name == "self":
         errors.append(FieldError("eval.alpaca_eval.judge.name", "the policy cannot judge its own AlpacaEval outputs fairly; choose another judge"))
     for err in method.check(cfg):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -81,6 +82,9 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[FieldError]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(FieldError(path, f"expected a number, got {type(value).__name__} {value!r}"))
             return None
+        if not math.isfinite(value):
+            errors.append(FieldError(path, f"expected a finite number, got {value!r}"))
+            return None
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -103,17 +107,20 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[FieldError]) -> Any:
 def _check_rules(value: Any, meta: dict, path: str, errors: list[FieldError]) -> None:
     if value is None:
         return
-    values = value if isinstance(value, tuple) else (value,)
-    for v in values:
-        if meta.get("choices") and v not in meta["choices"]:
-            hint = difflib.get_close_matches(str(v), [str(c) for c in meta["choices"]], n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            errors.append(FieldError(path, f"{v!r} is not one of {list(meta['choices'])}{extra}"))
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if meta.get("min") is not None and v < meta["min"]:
-                errors.append(FieldError(path, f"{v!r} is below the minimum {meta['min']}"))
-            if meta.get("max") is not None and v > meta["max"]:
-                errors.append(FieldError(path, f"{v!r} is above the maximum {meta['max']}"))
+    if isinstance(value, tuple):  # every element, each under its own index
+        for i, v in enumerate(value):
+            _check_rules(v, meta, f"{path}[{i}]", errors)
+        return
+    v = value
+    if meta.get("choices") and v not in meta["choices"]:
+        hint = difflib.get_close_matches(str(v), [str(c) for c in meta["choices"]], n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        errors.append(FieldError(path, f"{v!r} is not one of {list(meta['choices'])}{extra}"))
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if meta.get("min") is not None and v < meta["min"]:
+            errors.append(FieldError(path, f"{v!r} is below the minimum {meta['min']}"))
+        if meta.get("max") is not None and v > meta["max"]:
+            errors.append(FieldError(path, f"{v!r} is above the maximum {meta['max']}"))
 
 
 def closest(name: str, known: list[str]) -> str | None:

@@ -31,7 +31,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from harness.store import build_once, cache_root, path_fingerprint
-from harness.tiny.build import is_tiny_ref
+from harness.tiny.build import FILES as TINY_FILES
+from harness.tiny.build import built_path, is_tiny_ref
 from harness.tiny.build import resolve as tiny_resolve
 
 
@@ -152,13 +153,25 @@ def file_sha256(path: str) -> str:
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def _converted(gguf_path: str) -> Path:
+def _conversion_dir(gguf_path: str) -> Path:
     from importlib.metadata import version
 
     digest = file_sha256(gguf_path)
     key = hashlib.sha256(f"{digest}\0transformers {version('transformers')}".encode()).hexdigest()[:16]
-    final = cache_root() / "models" / key
-    return build_once(final, lambda tmp: _convert_gguf(Path(gguf_path), tmp, digest))
+    return cache_root() / "models" / key
+
+
+def converted(src: ModelSource) -> Path | None:
+    """The converted copy of a GGUF source if it exists already (never converts)."""
+    if src.kind not in ("builtin", "gguf"):
+        return None
+    path = _conversion_dir(str(src.gguf_path))
+    return path if path.is_dir() else None
+
+
+def _converted(gguf_path: str) -> Path:
+    digest = file_sha256(gguf_path)
+    return build_once(_conversion_dir(gguf_path), lambda tmp: _convert_gguf(Path(gguf_path), tmp, digest))
 
 
 def _convert_gguf(gguf_path: Path, out: Path, digest: str) -> None:
@@ -185,3 +198,17 @@ def resolve_ref(ref: str) -> str:
     if is_tiny_ref(ref):
         return str(tiny_resolve(ref))
     return ref
+
+
+def tiny_problem(ref: str) -> str | None:
+    """Why a ``tiny:`` reference is invalid, or None."""
+    name = "model" if ref == "tiny" else ref[len("tiny:"):]
+    if name not in TINY_FILES:
+        return f"unknown tiny-world file {name!r}; known: {', '.join(sorted(TINY_FILES))}"
+    return None
+
+
+def is_built(ref: str) -> bool:
+    """False only for a tiny-world reference whose world is not built yet (its content
+    is then known to be ours, and reading it would mean building it)."""
+    return not is_tiny_ref(ref) or built_path(ref) is not None

@@ -50,15 +50,26 @@ METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discre
 
 
 
+HUB_SET = "alpaca_eval"  # AlpacaEval 2.0 from the hub: 805 instructions, GPT-4 Turbo references
+
+
 def load_instructions(ref: str, limit: int = 0) -> list[dict]:
-    """AlpacaEval-format rows [{instruction, output, generator, dataset, ...}] with a stable ``id``."""
-    path = Path(resolve_ref(ref) if ref.startswith("tiny:") else ref)
-    try:
-        rows = json.loads(path.read_text())
-    except OSError as e:
-        raise FileNotFoundError(f"eval.alpaca_eval.instructions: cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"eval.alpaca_eval.instructions: {path} is not valid JSON: {e}") from None
+    """AlpacaEval-format rows [{instruction, output, generator, dataset, ...}] with a stable ``id``,
+    from a local JSON file, "tiny:alpaca_eval", or "alpaca_eval" (the AlpacaEval 2.0 set, read
+    from the hub by alpaca_eval's own loader)."""
+    if ref == HUB_SET:
+        from alpaca_eval.constants import get_alpaca_eval_data
+
+        rows = [dict(r) for r in get_alpaca_eval_data()]
+        path = Path(HUB_SET)
+    else:
+        path = Path(resolve_ref(ref) if ref.startswith("tiny:") else ref)
+        try:
+            rows = json.loads(path.read_text())
+        except OSError as e:
+            raise FileNotFoundError(f"eval.alpaca_eval.instructions: cannot read {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"eval.alpaca_eval.instructions: {path} is not valid JSON: {e}") from None
     if not isinstance(rows, list):
         raise ValueError(f"eval.alpaca_eval.instructions: {path} must hold a JSON list of objects")
     seen: dict[str, int] = {}

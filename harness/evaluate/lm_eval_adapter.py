@@ -67,6 +67,33 @@ def resolve_task_specs(specs: tuple[str, ...] | list[str]) -> tuple[list[str], l
     return load, sorted(set(include)), builtin
 
 
+def task_metrics(specs: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """(task, primary metric) of every task the specs name, read from the task YAMLs
+    alone (no dataset loads), as ``flat_metrics`` will report them. A task whose YAML
+    cannot be read gives metric "*". Unknown names raise KeyError, missing files
+    FileNotFoundError."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import load_yaml
+
+    if not specs:
+        return []
+    load, include, builtin = resolve_task_specs(specs)
+    manager = TaskManager(include_path=include or None, include_defaults=builtin)
+    _check_names(load, manager.all_tasks)
+    index = manager.task_index
+    out = []
+    for spec in load:
+        entry = next((e for e in index.values() if e.yaml_path and str(e.yaml_path) == spec), None) \
+            if spec.startswith("/") else index.get(spec)
+        try:
+            cfg = load_yaml(entry.yaml_path, resolve_func=False) if entry and entry.yaml_path else {}
+        except (OSError, ValueError):
+            cfg = {}
+        metric_list = cfg.get("metric_list") or []
+        out.append((cfg.get("task", spec), str(metric_list[0]["metric"]) if metric_list else "*"))
+    return out
+
+
 def _check_names(specs: list[str], known: list[str]) -> None:
     """Unknown task names fail here with a suggestion, before any model work."""
     import difflib

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from harness.data import Example
+from harness.data import DataError, Example, load_simple, read_records
 from harness.generate import Sampling
 from harness.schema import FieldError
+from harness.sources import is_built
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,18 @@ class Method(Protocol):
     Options: type              # dataclass schema of [method.<name>]
     needs_judge: bool
 
-    def check(self, cfg) -> list[FieldError]: ...
+    def check(self, cfg) -> list[FieldError]:
+        """Rules across config fields (parse time)."""
+
+    def check_inputs(self, cfg, examples: Sequence[Example]) -> list[FieldError]:
+        """Problems with the data found before compute: ``examples`` are data.train's;
+        the method's own files (teacher, IFT/EFT, prompts) are read here too."""
+
+    def max_pairs(self, cfg, n_examples: int) -> int | None:
+        """The most pairs iteration 1 can train on (None: unknown), for the few-steps warning."""
+
+    def metric_refs(self, cfg) -> list[tuple[str, str]]:
+        """(dotted path, metric name) of the options that name an evaluation metric."""
 
     def init_sft_data(self, cfg) -> list[dict] | None:
         """Examples {messages, response} for an SFT stage before iteration 0, or None."""
@@ -71,9 +83,15 @@ class Method(Protocol):
         """Which iterate is the method's final model (None = the last)."""
 
 
-def iteration_slice(items: Sequence, per_iteration: int, iteration: int) -> list:
-    """Non-overlapping part ``iteration`` (1-based) of ``items``; wraps when they run out."""
-    if per_iteration <= 0 or per_iteration >= len(items):
+def iteration_slice(items: Sequence, per_iteration: int, iteration: int, reuse: bool = False) -> list:
+    """Non-overlapping part ``iteration`` (1-based) of ``items``. When they run out the
+    parts wrap around only if ``reuse`` (validation reports it before a run starts)."""
+    if per_iteration <= 0:
+        return list(items)
+    if iteration * per_iteration > len(items) and not reuse:
+        raise ValueError(f"iteration {iteration} needs prompts {(iteration - 1) * per_iteration + 1}.."
+                         f"{iteration * per_iteration} but only {len(items)} exist; set reuse_prompts = true")
+    if per_iteration >= len(items):
         return list(items)
     start = ((iteration - 1) * per_iteration) % len(items)
     part = list(items[start:start + per_iteration])
@@ -99,3 +117,36 @@ def best_iterate(rows: Sequence[dict], metric: str, higher_is_better: bool = Tru
     sign = 1 if higher_is_better else -1
     best = max(scored, key=lambda r: (sign * r["metrics"][metric], -r["iteration"]))
     return {"iteration": best["iteration"], "metric": metric, "value": best["metrics"][metric]}
+
+
+def prompt_budget(where: str, n_available: int, per_iteration: int, iterations: int,
+                  reuse: bool) -> list[FieldError]:
+    """An error when non-overlapping parts of ``per_iteration`` prompts run out."""
+    need = per_iteration * iterations
+    if per_iteration and need > n_available and not reuse:
+        return [FieldError(where, f"{per_iteration} x {iterations} iterations = {need} prompts, but only "
+                                  f"{n_available} are available; lower it, add prompts, or set reuse_prompts = true "
+                                  "(later iterations then reuse earlier prompts)")]
+    return []
+
+
+def file_problems(ref: str, where: str, columns: Sequence[str] = ("prompt",)) -> tuple[list[Example], list[FieldError]]:
+    """Load a method's own data file as the run will, checking ``columns`` exist in
+    every row. A tiny-world file not built yet is not read (it is ours)."""
+    if not is_built(ref):
+        return [], []
+    try:
+        rows = read_records(ref, where=where)
+    except DataError as e:
+        return [], [FieldError(where, str(e).removeprefix(f"{where}: "))]
+    for n, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            return [], [FieldError(where, f"{ref}: row {n} has no column(s) {', '.join(map(repr, missing))} "
+                                          f"(columns: {', '.join(sorted(row))})")]
+    if not rows:
+        return [], [FieldError(where, f"{ref}: no rows")]
+    try:
+        return load_simple(ref, where), []
+    except DataError as e:
+        return [], [FieldError(where, str(e).removeprefix(f"{where}: "))]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 from harness.data import load_simple
 from harness.generate import Sampling
-from harness.methods.base import (Candidate, IterationContext, best_iterate, iteration_slice, length_stats,
-                                  pair)
+from harness.methods.base import (Candidate, IterationContext, best_iterate, file_problems, iteration_slice,
+                                  length_stats, pair, prompt_budget)
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 
@@ -33,8 +33,9 @@ class DnoOptions:
     student_margin: float = opt(1.0, "Required gap when the positive is a policy sample.", min=0.0)
     repetition_n: int = opt(3, "n of the n-gram repetition detector (whitespace tokens, or characters for single-token answers).", min=1)
     repetition_max: float = opt(0.5, "Samples whose share of repeated n-grams exceeds this are automatic negatives.", min=0.0, max=1.0)
-    replay: tuple[float, ...] = opt(factory=tuple, doc="Fractions of earlier iterations' pairs replayed: [from t-1, from t-2, ...] relative to this iteration's pair count (paper: up to 0.3, 0.15).")
-    prompts_per_iteration: int = opt(0, "Split the prompts into non-overlapping parts of this size, one per iteration; 0 = all every iteration.", min=0)
+    replay: tuple[float, ...] = opt(factory=tuple, doc="Fractions of earlier iterations' pairs replayed: [from t-1, from t-2, ...] relative to this iteration's pair count (paper: up to 0.3, 0.15).", min=0.0, max=1.0)
+    prompts_per_iteration: int = opt(0, "Split the prompts into non-overlapping parts of this size, one per iteration (the paper); 0 = all every iteration.", min=0)
+    reuse_prompts: bool = opt(False, "Allow prompts_per_iteration x iterations to exceed the prompts available: the parts then wrap around and later iterations reuse prompts.")
     select_metric: str = opt("", "Result metric for picking the final iterate (e.g. lm_eval/tiny_gen/exact_match on a validation task); \"\" = the last iterate.")
 
 
@@ -55,16 +56,34 @@ class Dno:
     needs_judge = True
 
     def check(self, cfg) -> list[FieldError]:
-        if any(f < 0 or f > 1 for f in cfg.options.replay):
-            return [FieldError("method.dno.replay", "fractions must be in [0, 1]")]
+        n = len(cfg.options.replay)
+        if n > cfg.method.iterations - 1:
+            return [FieldError("method.dno.replay", f"{n} fractions, but {cfg.method.iterations} iterations can replay "
+                                                    f"from at most {cfg.method.iterations - 1} earlier ones")]
         return []
+
+    def check_inputs(self, cfg, examples):
+        o = cfg.options
+        errors = prompt_budget("method.dno.prompts_per_iteration", len(examples), o.prompts_per_iteration,
+                               cfg.method.iterations, o.reuse_prompts)
+        if o.teacher:
+            errors += file_problems(o.teacher, "method.dno.teacher", ("response",))[1]
+        return errors
+
+    def max_pairs(self, cfg, n_examples):
+        o = cfg.options
+        return min(o.prompts_per_iteration or n_examples, n_examples)  # iteration 1 replays nothing
+
+    def metric_refs(self, cfg):
+        return [("method.dno.select_metric", cfg.options.select_metric)] if cfg.options.select_metric else []
 
     def init_sft_data(self, cfg):
         return None
 
     def prompts(self, ctx: IterationContext):
         """This iteration's part of the prompts, each carrying its teacher answer (or None)."""
-        part = iteration_slice(ctx.examples, ctx.options.prompts_per_iteration, ctx.iteration)
+        part = iteration_slice(ctx.examples, ctx.options.prompts_per_iteration, ctx.iteration,
+                               ctx.options.reuse_prompts)
         teachers = self._teachers(ctx.cfg)
         return [replace(e, response=teachers.get(e.id) or teachers.get(e.instruction)) for e in part]
 

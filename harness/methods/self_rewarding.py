@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from harness.data import Example, load_simple
 from harness.generate import Prompt, Sampling
-from harness.methods.base import Candidate, IterationContext, iteration_slice, length_stats, pair
+from harness.methods.base import (Candidate, IterationContext, file_problems, iteration_slice, length_stats, pair,
+                                  prompt_budget)
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 
@@ -27,6 +28,7 @@ class SelfRewardingOptions:
     eft: str = opt("", "Judge-training data (judge prompt, answer ending in \"Score: N\") for the M1 SFT stage.")
     prompts: str = opt("", "Prompt file for the iterations; \"\" = data.train.")
     prompts_per_iteration: int = opt(0, "Fresh, non-overlapping prompts per iteration; 0 = all every iteration.", min=0)
+    reuse_prompts: bool = opt(False, "Allow prompts_per_iteration x iterations to exceed the prompts available: the parts then wrap around and later iterations reuse prompts.")
     self_instruct: int = opt(0, "Generate this many new prompts per iteration few-shot from the seed prompts with the policy (0 = off).", min=0)
     self_instruct_shots: int = opt(4, "Seed prompts shown per self-instruction request.", min=1)
     self_instruct_max_chars: int = opt(400, "Drop generated prompts longer than this.", min=1)
@@ -44,6 +46,28 @@ class SelfRewarding:
             errors.append(FieldError("judge.samples", "Self-Rewarding averages several judgments (the paper: 3); set samples >= 2 or use an external judge"))
         return errors
 
+    def check_inputs(self, cfg, examples):
+        o = cfg.options
+        errors: list[FieldError] = []
+        pool = examples
+        if o.prompts:
+            pool, errs = file_problems(o.prompts, "method.self_rewarding.prompts", ("prompt",))
+            errors += errs
+        if pool or not o.prompts:
+            errors += prompt_budget("method.self_rewarding.prompts_per_iteration", len(pool),
+                                    o.prompts_per_iteration, cfg.method.iterations, o.reuse_prompts)
+        for ref, where in ((o.ift, "method.self_rewarding.ift"), (o.eft, "method.self_rewarding.eft")):
+            if ref:
+                errors += file_problems(ref, where, ("prompt", "response"))[1]
+        return errors
+
+    def max_pairs(self, cfg, n_examples):
+        o = cfg.options
+        return (o.prompts_per_iteration or n_examples) + o.self_instruct
+
+    def metric_refs(self, cfg):
+        return []
+
     def init_sft_data(self, cfg):
         o = cfg.options
         data = []
@@ -56,7 +80,7 @@ class SelfRewarding:
     def prompts(self, ctx: IterationContext) -> list[Example]:
         o = ctx.options
         pool = load_simple(o.prompts, "method.self_rewarding.prompts") if o.prompts else ctx.examples
-        chosen = iteration_slice(pool, o.prompts_per_iteration, ctx.iteration)
+        chosen = iteration_slice(pool, o.prompts_per_iteration, ctx.iteration, o.reuse_prompts)
         if o.self_instruct:
             chosen = chosen + self._self_instruct(ctx, pool)
         return chosen

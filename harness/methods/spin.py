@@ -32,6 +32,21 @@ class Spin:
             return [FieldError("judge.name", "SPIN uses no judge (the human answer is always chosen); set \"none\"")]
         return []
 
+    def check_inputs(self, cfg, examples):
+        missing = [e.id for e in examples if not e.response]
+        if missing:
+            return [FieldError("data.response_field", (
+                f"SPIN needs a human answer for every prompt; {len(missing)} of {len(examples)} rows of "
+                f"{cfg.data.train} have none in column {cfg.data.response_field!r} (e.g. id {missing[0]!r}; "
+                f"columns: {', '.join(sorted(examples[0].meta) + [cfg.data.prompt_field])})"))]
+        return []
+
+    def max_pairs(self, cfg, n_examples):
+        return n_examples
+
+    def metric_refs(self, cfg):
+        return []
+
     def init_sft_data(self, cfg):
         return None
 

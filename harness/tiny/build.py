@@ -194,6 +194,13 @@ def is_tiny_ref(ref: str) -> bool:
     return ref == "tiny" or ref.startswith("tiny:")
 
 
+def built_path(ref: str, seed: int = 0, params: TinyParams | None = None) -> Path | None:
+    """Path of a tiny-world reference if the world is already built (never builds)."""
+    name = "model" if ref == "tiny" else ref[len("tiny:"):]
+    root = cache_root() / "tiny" / cache_key(seed, params)
+    return root / FILES[name] if root.is_dir() and name in FILES else None
+
+
 def resolve(ref: str, seed: int = 0, params: TinyParams | None = None) -> Path:
     """Path of a tiny-world reference: "tiny" (the model directory) or "tiny:<name>"
     (see FILES), building the world first if needed."""

@@ -1,0 +1,346 @@
+"""Everything about an experiment that can be known before a model loads.
+
+``harness validate`` and the start of ``harness run`` call ``check``: files exist,
+parse and have the named columns; the model resolves and its LoRA target modules
+exist (the model is built from its config on the meta device: no weights load);
+lm-eval tasks exist; a selection metric is one the evaluations produce; the run
+directory is a safe, writable path; the device exists; an HTTP judge has its key.
+Every problem is collected, each as a ``FieldError`` with its dotted path.
+Warnings (e.g. an iteration with very few optimizer steps) do not fail.
+
+Tiny-world files are ours; when the world is not built yet their contents are
+not read (building it is compute), only their names are checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.config import Config, JudgeSection
+from harness.data import DataError, load_examples
+from harness.evaluate import load_eval_prompts
+from harness.evaluate.alpaca import HUB_SET, load_instructions
+from harness.evaluate.lm_eval_adapter import task_metrics
+from harness.judges.parsing import load_template
+from harness.registry import METHODS
+from harness.schema import FieldError
+from harness.sources import ModelSource, SourceError, converted, is_built, is_tiny_ref, locate, resolve_ref, tiny_problem
+from harness.train import optimizer_steps
+
+MIN_STEPS = 4  # fewer optimizer steps per iteration than this gets a warning
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# metrics the AlpacaEval and indicator evaluations write (see harness/evaluate)
+ALPACA_METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate",
+                  "avg_length", "length_controlled_winrate", "n_instructions", "coverage")
+INDICATOR_METRICS = ("topk_entropy", "topk_mass", "distinct_1", "distinct_2", "mean_length")
+
+
+@dataclass
+class Report:
+    errors: list[FieldError] = field(default_factory=list)
+    warnings: list[FieldError] = field(default_factory=list)
+    unmet: set[str] = field(default_factory=set)   # declared requirements this machine lacks
+
+    def environment(self, cfg: Config, need: str, error: FieldError) -> None:
+        """A problem of this machine: an error, unless the experiment declares that it
+        needs ``need`` (then it is an unmet requirement, reported as not checked)."""
+        if need in cfg.experiment.requires:
+            self.unmet.add(need)
+        else:
+            self.errors.append(error)
+
+
+def check(cfg: Config, *, check_endpoints: bool = False) -> Report:
+    r = Report()
+    method = METHODS.get(cfg.method.name)
+    _paths(cfg, r)
+    _device(cfg, r)
+    _model(cfg, r)
+    examples = _data(cfg, r)
+    if examples is not None:
+        r.errors += method.check_inputs(cfg, examples)
+        _steps(cfg, method, len(examples), r)
+    _files(cfg, r)
+    produced = _evaluation(cfg, r)
+    for where, metric in method.metric_refs(cfg):
+        if produced is not None and metric not in produced and not _builtin_task_metric(metric, produced):
+            near = sorted(m for m in produced if not m.endswith("_stderr"))
+            r.errors.append(FieldError(where, f"{metric!r} is not a metric this experiment's evaluations produce; "
+                                              f"they produce: {', '.join(near) or 'none'}"))
+    for where, judge in (("judge", cfg.judge), ("eval.alpaca_eval.judge", cfg.eval.alpaca_eval.judge)):
+        if judge.name != "none" and (where == "judge" or cfg.eval.alpaca_eval.instructions):
+            _judge(cfg, where, judge, r, check_endpoints)
+    return r
+
+
+# ---- files and data --------------------------------------------------------------
+
+def tiny_available(ref: str, where: str, r: Report) -> Path | None:
+    """The built path of a tiny-world reference, None when unknown (an error) or not built yet."""
+    problem = tiny_problem(ref)
+    if problem:
+        r.errors.append(FieldError(where, problem))
+        return None
+    return Path(resolve_ref(ref)) if is_built(ref) else None
+
+
+def readable(ref: str, where: str, r: Report) -> Path | None:
+    """A local file or directory reference that exists, or None (with an error, except
+    for a tiny-world file that is not built yet)."""
+    if is_tiny_ref(ref):
+        return tiny_available(ref, where, r)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        r.errors.append(FieldError(where, f"file not found: {path}"))
+        return None
+    return path
+
+
+def _data(cfg: Config, r: Report) -> list | None:
+    ref = cfg.data.train
+    if is_tiny_ref(ref):
+        if tiny_available(ref, "data.train", r) is None:
+            return None
+    elif not Path(ref).expanduser().exists() and (Path(ref).suffix in (".jsonl", ".json", ".parquet")
+                                                   or ref.startswith(("/", ".", "~"))):
+        r.errors.append(FieldError("data.train", f"file not found: {ref}"))
+        return None
+    elif not Path(ref).expanduser().exists():  # a hub dataset id: it loads at run time
+        if os.environ.get("HARNESS_ONLINE") != "1":
+            r.environment(cfg, "hub", FieldError("data.train", (
+                f"{ref!r} is not a local file, so it is read as a hub dataset id, and the hub is off "
+                "(HARNESS_ONLINE is not 1); give a local file, or declare experiment.requires = [\"hub\"]")))
+        return None
+    try:
+        return load_examples(cfg.data)
+    except DataError as e:
+        r.errors.append(FieldError(*_split_where(str(e), "data.train")))
+        return None
+
+
+def _split_where(message: str, default: str) -> tuple[str, str]:
+    """DataError messages start with their dotted path ("data.prompt_field: ...")."""
+    head, sep, rest = message.partition(": ")
+    if sep and re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", head):
+        return head, rest
+    return default, message
+
+
+def _files(cfg: Config, r: Report) -> None:
+    if cfg.model.chat_template:
+        readable(cfg.model.chat_template, "model.chat_template", r)
+    for where, judge in (("judge", cfg.judge), ("eval.alpaca_eval.judge", cfg.eval.alpaca_eval.judge)):
+        if judge.template and judge.name in ("self", "hf", "openai"):
+            if readable(judge.template, f"{where}.template", r) is not None:
+                try:
+                    load_template(judge.template, f"{where}.template")
+                except ValueError as e:
+                    r.errors.append(FieldError(*_split_where(str(e), f"{where}.template")))
+    ae = cfg.eval.alpaca_eval
+    if ae.instructions == HUB_SET:
+        if os.environ.get("HARNESS_ONLINE") != "1":
+            r.environment(cfg, "hub", FieldError("eval.alpaca_eval.instructions", (
+                f"{HUB_SET!r} is read from the hub, which is off (HARNESS_ONLINE is not 1); give a local "
+                "AlpacaEval-format file, or declare experiment.requires = [\"hub\"]")))
+    elif ae.instructions and readable(ae.instructions, "eval.alpaca_eval.instructions", r) is not None:
+
+        try:
+            load_instructions(ae.instructions, ae.limit)
+        except (OSError, ValueError) as e:
+            r.errors.append(FieldError(*_split_where(str(e), "eval.alpaca_eval.instructions")))
+    if cfg.eval.eval_prompts and readable(cfg.eval.eval_prompts, "eval.eval_prompts", r) is not None:
+        try:
+            load_eval_prompts(cfg.eval.eval_prompts)
+        except (OSError, ValueError) as e:
+            r.errors.append(FieldError(*_split_where(str(e), "eval.eval_prompts")))
+
+
+def _steps(cfg: Config, method, n_examples: int, r: Report) -> None:
+    """Warn when an iteration trains only a handful of optimizer steps."""
+    n_pairs = method.max_pairs(cfg, n_examples)
+    if n_pairs is None:
+        return
+    steps = optimizer_steps(n_pairs, cfg.training)
+    if steps < MIN_STEPS:
+        r.warnings.append(FieldError("training.batch_size", (
+            f"iteration 1 trains at most {n_pairs} pairs: {steps} optimizer step(s) with batch_size "
+            f"{cfg.training.batch_size} x gradient_accumulation_steps {cfg.training.gradient_accumulation_steps} "
+            f"x epochs {cfg.training.epochs:g}; use more prompts or a smaller batch")))
+
+
+# ---- paths, device, model --------------------------------------------------------
+
+def _paths(cfg: Config, r: Report) -> None:
+    name = cfg.experiment.name
+    if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        r.errors.append(FieldError("experiment.name", (
+            f"{name!r} must be one safe path component (letters, digits, '.', '_', '-', '+'; no '/' or '..'): "
+            "it names the run directory inside output_dir")))
+    out = Path(cfg.experiment.output_dir).expanduser()
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        r.errors.append(FieldError("experiment.output_dir", f"{probe} exists and is not a directory"))
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        r.errors.append(FieldError("experiment.output_dir", f"{probe} is not writable"))
+
+
+def _device(cfg: Config, r: Report) -> None:
+    import torch
+
+    if cfg.model.device == "cuda" and not torch.cuda.is_available():
+        r.environment(cfg, "gpu", FieldError("model.device", (
+            "\"cuda\" but no CUDA device is available here (torch was built without CUDA or no GPU is visible); "
+            "use \"auto\" or \"cpu\", or declare experiment.requires = [\"gpu\"]")))
+    if cfg.model.quantization != "none":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            r.errors.append(FieldError("model.quantization", f"{cfg.model.quantization} needs bitsandbytes, "
+                                                             "which is not installed"))
+        elif not _bnb_supports(cfg.model.device):
+            r.errors.append(FieldError("model.quantization", (
+                f"bitsandbytes cannot run {cfg.model.quantization} on this platform "
+                f"({os.uname().machine}, device {cfg.model.device})")))
+
+
+def _bnb_supports(device: str) -> bool:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return True
+    # bitsandbytes' CPU backend exists for x86-64 and aarch64 Linux
+    return os.uname().sysname == "Linux" and os.uname().machine in ("x86_64", "aarch64")
+
+
+def _model(cfg: Config, r: Report) -> None:
+    try:
+        src = locate(cfg.model.base, cfg.model.gguf_file)
+    except SourceError as e:
+        r.errors.append(FieldError("model.base", str(e)))
+        return
+    if src.kind == "hub" and not _hub_ok(src.ref, cfg.model.revision):
+        r.environment(cfg, "hub", FieldError("model.base", (
+            f"{src.ref!r} is a hub id, the hub is off (HARNESS_ONLINE is not 1) and no copy is cached; "
+            "set HARNESS_ONLINE=1 on a machine with network access, use a local directory, "
+            "or declare experiment.requires = [\"hub\"]")))
+        return
+    config = _model_config(src, cfg.model.revision, cfg.model.trust_remote_code)
+    if config is None:
+        return
+    if not cfg.model.chat_template and not _has_chat_template(src):
+        r.errors.append(FieldError("model.chat_template", (
+            f"the tokenizer of {src.ref!r} has no chat template; set model.chat_template to a Jinja file")))
+    names = _module_names(config)
+    for i, target in enumerate(cfg.lora.target_modules):
+        if not any(n == target or n.endswith("." + target) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
+            from harness.schema import closest
+
+            hint = closest(target, leaves)
+            r.errors.append(FieldError(f"lora.target_modules[{i}]", (
+                f"{target!r} matches no module of {src.ref}"
+                + (f"; did you mean {hint!r}?" if hint else "") + f" (modules: {', '.join(leaves)})")))
+
+
+def _hub_ok(repo: str, revision: str) -> bool:
+    if os.environ.get("HARNESS_ONLINE") == "1":
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str)
+
+
+def _model_config(src: ModelSource, revision: str, trust_remote_code: bool):
+    """The model's transformers config, read without weights (None: not available yet)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if src.kind == "tiny":  # the tiny model is a Llama
+        return AutoConfig.from_pretrained(resolve_ref("tiny")) if is_built("tiny") else LlamaConfig()
+    if src.kind in ("builtin", "gguf"):
+        done = converted(src)  # reading the GGUF header takes seconds; the converted copy's config does not
+        return AutoConfig.from_pretrained(str(done)) if done else AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+    return AutoConfig.from_pretrained(src.path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _module_names(config) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [n for n, _ in model.named_modules()]
+
+
+def _has_chat_template(src: ModelSource) -> bool:
+    if src.kind in ("builtin", "gguf"):
+        return True  # read from the GGUF metadata (a missing one fails at load with the same message)
+    if src.kind == "hub" or (src.kind == "tiny" and not is_built("tiny")):
+        return True
+    path = Path(resolve_ref("tiny") if src.kind == "tiny" else src.path)
+    if (path / "chat_template.jinja").is_file():
+        return True
+    tc = path / "tokenizer_config.json"
+    return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
+
+
+# ---- evaluation and judges ----------------------------------------------------------
+
+def _evaluation(cfg: Config, r: Report) -> set[str] | None:
+    """The flat metric names the evaluations will produce (None when unknown)."""
+    produced: set[str] = set()
+    specs = cfg.eval.lm_eval_tasks
+    for i, spec in enumerate(specs):
+        if is_tiny_ref(spec) and tiny_available(spec, f"eval.lm_eval_tasks[{i}]", r) is None:
+            return None  # an unknown name (reported) or a world not built yet: metrics unknown
+    try:
+        for task, metric in task_metrics(specs):
+            produced |= {f"lm_eval/{task}/{metric}", f"lm_eval/{task}/{metric}_stderr"}
+    except (FileNotFoundError, KeyError) as e:
+        r.errors.append(FieldError(*_split_where(str(e).strip("'\""), "eval.lm_eval_tasks")))
+        return None
+    if cfg.eval.alpaca_eval.instructions:
+        produced |= {f"alpaca_eval/{m}" for m in ALPACA_METRICS}
+    if cfg.eval.indicators.num_prompts:
+        produced |= {f"indicators/{m}" for m in INDICATOR_METRICS}
+    return produced
+
+
+def _builtin_task_metric(metric: str, produced: set[str]) -> bool:
+    """A task whose YAML could not be read ("*"): its metric names are known once it loads."""
+    return any(m.startswith("lm_eval/") and m.endswith("/*") and metric.startswith(m[:-1]) for m in produced)
+
+
+def _judge(cfg: Config, where: str, judge: JudgeSection, r: Report, check_endpoints: bool) -> None:
+    if judge.name in ("hf", "reward_model") and judge.model:
+        try:
+            src = locate(judge.model)
+            if src.kind == "hub" and not _hub_ok(src.ref, judge.revision):
+                r.environment(cfg, "hub", FieldError(f"{where}.model", f"{src.ref!r}: the hub is off and no copy is cached"))
+        except SourceError as e:
+            r.errors.append(FieldError(f"{where}.model", str(e)))
+    if judge.name == "openai":
+        if not os.environ.get(judge.api_key_env):
+            r.environment(cfg, "endpoint", FieldError(f"{where}.api_key_env",
+                                                      f"environment variable {judge.api_key_env} is not set"))
+        if check_endpoints and judge.base_url:
+            problem = endpoint_problem(judge.base_url, judge.timeout_s)
+            if problem:
+                r.errors.append(FieldError(f"{where}.base_url", problem))
+
+
+def endpoint_problem(base_url: str, timeout_s: float) -> str | None:
+    """None when ``{base_url}/models`` answers at all (any HTTP status), else why not."""
+    try:
+        urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=min(timeout_s, 10.0))
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        return f"cannot reach {base_url}: {getattr(e, 'reason', e)}"
+    return None

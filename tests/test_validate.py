@@ -1,0 +1,214 @@
+"""Validate before compute: realistic mistakes in experiment files are all reported by
+``harness validate`` as ``FILE: dotted.path: problem``, at once, with no traceback and no
+model weights loaded."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from harness.cli import main
+
+MC = "task: my_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n" \
+     "output_type: multiple_choice\ndoc_to_text: '{{{{q}}}}'\ndoc_to_choice: '{{{{c}}}}'\ndoc_to_target: 0\n" \
+     "metric_list:\n  - metric: acc\n"
+
+
+@pytest.fixture
+def world(tmp_path, tiny_dir):
+    """Local files a user would have: a model directory, SFT data, prompts, teacher answers,
+    an AlpacaEval-format set and a task YAML."""
+    rows = [{"prompt": f"what is {i} plus 1", "response": str(i + 1)} for i in range(20)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    (tmp_path / "teacher.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "answer": "x"}) + "\n"
+                                                    for r in rows))
+    (tmp_path / "ae.json").write_text(json.dumps([{"instruction": "hi", "output": "hello"}]))
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"q": "1+1", "c": ["2", "3"]}) + "\n")
+    (tmp_path / "my_mc.yaml").write_text(MC.format(data=tmp_path / "mc.jsonl"))
+    return tmp_path
+
+
+def spin(w, model, extra=""):
+    return f"""
+[experiment]
+name = "x"
+output_dir = "{w}/out"
+[model]
+base = "{model}"
+device = "cpu"
+[lora]
+r = 4
+target_modules = ["q_proj", "v_proj"]
+[method]
+name = "spin"
+iterations = 2
+[data]
+train = "{w}/sft.jsonl"
+[training]
+batch_size = 2
+{extra}
+"""
+
+
+def dno(w, model, extra=""):
+    return f"""
+[experiment]
+name = "x"
+output_dir = "{w}/out"
+[model]
+base = "{model}"
+device = "cpu"
+[method]
+name = "dno"
+iterations = 2
+[method.dno]
+prompts_per_iteration = 8
+{extra}
+[judge]
+name = "oracle"
+[data]
+train = "{w}/prompts.jsonl"
+[training]
+batch_size = 2
+[eval]
+lm_eval_tasks = ["{w}/my_mc.yaml"]
+"""
+
+
+def run_validate(tmp_path, text, capsys, *args):
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    code = main(["validate", str(path), *args])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    return code, path, out.err
+
+
+def errors_of(err: str, path) -> dict[str, str]:
+    found = {}
+    for line in err.splitlines():
+        if line.startswith(f"{path}: ") and ": warning: " not in line:
+            field, _, problem = line[len(f"{path}: "):].partition(": ")
+            found[field] = problem
+    return found
+
+
+def test_a_correct_file_passes(world, tiny_dir, capsys):
+    code, path, err = run_validate(world, spin(world, tiny_dir), capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("make, edit, field, words", [
+    # files
+    (spin, lambda t, w: t.replace("sft.jsonl", "missing.jsonl"), "data.train", "file not found"),
+    (spin, lambda t, w: t.replace("sft.jsonl", "prompts.jsonl"), "data.response_field", "columns: prompt"),
+    (spin, lambda t, w: t.replace('train = "', 'prompt_field = "question"\ntrain = "'), "data.prompt_field",
+     "columns: prompt, response"),
+    (spin, lambda t, w: t.replace(f'{w}/sft.jsonl', "tiny:nope"), "data.train", "unknown tiny-world file"),
+    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", f'prompts_per_iteration = 8\nteacher = "{w}/teacher.jsonl"'),
+     "method.dno.teacher", "no column(s) 'response'"),
+    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\nteacher = "nope.jsonl"'),
+     "method.dno.teacher", "file not found"),
+    (spin, lambda t, w: t + '[eval.alpaca_eval]\ninstructions = "ae_missing.json"\n', "eval.alpaca_eval.instructions",
+     "file not found"),
+    (spin, lambda t, w: t.replace("[training]", '[judge]\nname = "none"\n[training]') + '[eval.alpaca_eval]\n'
+     f'instructions = "{w}/ae.json"\n[eval.alpaca_eval.judge]\nname = "hf"\nmodel = "{w}/nomodel"\n'
+     'template = "missing.txt"\n', "eval.alpaca_eval.judge.model", "not a local directory"),
+    (spin, lambda t, w: t.replace('device = "cpu"', 'device = "cpu"\nchat_template = "nope.jinja"'),
+     "model.chat_template", "file not found"),
+    # model
+    (spin, lambda t, w: t.replace('base = "/', 'base = "/nonexistent/'), "model.base", "not a local directory"),
+    (spin, lambda t, w: re.sub(r'base = ".*"', 'base = "tinyy"', t), "model.base", "built-in names: tiny"),
+    (spin, lambda t, w: re.sub(r'base = ".*"', 'base = "org/model"', t), "model.base", "the hub is off"),
+    (spin, lambda t, w: t.replace('"q_proj", "v_proj"', '"qproj", "v_proj"'), "lora.target_modules[0]",
+     "did you mean 'q_proj'"),
+    (spin, lambda t, w: t.replace('"q_proj", "v_proj"', '"qproj", "vproj"'), "lora.target_modules[1]",
+     "matches no module"),
+    (spin, lambda t, w: t.replace('device = "cpu"', 'device = "cpu"\ngguf_file = "m.gguf"'), "model.base",
+     "gguf_file 'm.gguf' not found"),
+    # evaluation
+    (dno, lambda t, w: t.replace(f'"{w}/my_mc.yaml"', '"{w}/missing.yaml"'.replace("{w}", str(w))),
+     "eval.lm_eval_tasks", "not found"),
+    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\nselect_metric = "lm_eval/my_mc/exact_match"'),
+     "method.dno.select_metric", "lm_eval/my_mc/acc"),
+    # values
+    (spin, lambda t, w: t.replace("[training]", "[training]\nlearning_rate = nan"), "training.learning_rate",
+     "finite"),
+    (spin, lambda t, w: t.replace("[method]", "[generation]\nmax_new_tokens = 8\n[method]") .replace(
+        "[training]", "[method.spin]\ntemperature = inf\n[training]"), "method.spin.temperature", "finite"),
+    (spin, lambda t, w: t.replace("[training]", "[training]\nlearning_rates = [1e-5, 1e-5, 1e-6]"),
+     "training.learning_rates", "3 rates for 2 iterations"),
+    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", "prompts_per_iteration = 15"),
+     "method.dno.prompts_per_iteration", "only 20 are available"),
+    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", "prompts_per_iteration = 8\nreplay = [0.3, 0.15]"),
+     "method.dno.replay", "at most 1 earlier"),
+    # paths
+    (spin, lambda t, w: t.replace('name = "x"', 'name = "../../x"'), "experiment.name", "one safe path component"),
+    (spin, lambda t, w: t.replace('name = "x"', 'name = "a/b"'), "experiment.name", "one safe path component"),
+    (spin, lambda t, w: t.replace(f'output_dir = "{w}/out"', f'output_dir = "{w}/sft.jsonl/out"'),
+     "experiment.output_dir", "not a directory"),
+    # device and judges
+    (spin, lambda t, w: t.replace('device = "cpu"', 'device = "cuda"'), "model.device", "no CUDA device"),
+    (dno, lambda t, w: t.replace('[judge]\nname = "oracle"', '[judge]\nname = "openai"\nmodel = "m"\n'
+                                 'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "HARNESS_TEST_UNSET_KEY"'),
+     "judge.api_key_env", "HARNESS_TEST_UNSET_KEY is not set"),
+])
+def test_mistake_is_reported_with_its_field(world, tiny_dir, capsys, make, edit, field, words):
+    import torch
+
+    if field == "model.device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, path, err = run_validate(world, edit(make(world, tiny_dir), world), capsys)
+    assert code == 1
+    found = errors_of(err, path)
+    assert field in found, err
+    assert words in found[field], err
+
+
+def test_every_error_at_once(world, tiny_dir, capsys):
+    text = spin(world, tiny_dir).replace('"q_proj", "v_proj"', '"qproj", "vproj"').replace(
+        'name = "x"', 'name = "../x"').replace("[training]", "[training]\nlearning_rate = nan\nwarmup_ratio = inf")
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 1
+    # config errors come first (values), then everything that needs the config to be valid
+    found = errors_of(err, path)
+    assert {"training.learning_rate", "training.warmup_ratio"} <= set(found), err
+    text = spin(world, tiny_dir).replace('"q_proj", "v_proj"', '"qproj", "vproj"').replace(
+        'name = "x"', 'name = "../x"').replace("sft.jsonl", "absent.jsonl")
+    code, path, err = run_validate(world, text, capsys)
+    found = errors_of(err, path)
+    assert {"lora.target_modules[0]", "lora.target_modules[1]", "experiment.name", "data.train"} <= set(found), err
+
+
+def test_few_steps_is_a_warning(world, tiny_dir, capsys):
+    code, path, err = run_validate(world, spin(world, tiny_dir).replace("batch_size = 2", "batch_size = 16"), capsys)
+    assert code == 0
+    assert f"{path}: training.batch_size: warning: " in err and "iteration 1 trains at most 20 pairs: 2 optimizer step(s)" in err
+
+
+def test_declared_requirements_are_not_errors_but_stop_a_run(world, tiny_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    text = spin(world, tiny_dir).replace('device = "cpu"', 'device = "cuda"').replace(
+        'output_dir', 'requires = ["gpu"]\noutput_dir')
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 0, err
+    assert "needs gpu, which this machine lacks" in capsys.readouterr().out or True
+    assert main(["run", str(path)]) == 1
+    assert "experiment.requires: needs gpu" in capsys.readouterr().err
+    assert not (world / "out").exists()  # nothing ran
+
+
+def test_endpoint_check_is_opt_in(world, tiny_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_TEST_KEY", "k")
+    text = dno(world, tiny_dir).replace('[judge]\nname = "oracle"', '[judge]\nname = "openai"\nmodel = "m"\n'
+                                        'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "HARNESS_TEST_KEY"')
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 0, err
+    code, path, err = run_validate(world, text, capsys, "--check-endpoints")
+    assert code == 1 and "judge.base_url: cannot reach" in err
