@@ -106,7 +106,9 @@ def test_prompts_split_into_non_overlapping_parts():
     items = list(range(10))
     parts = [iteration_slice(items, 4, t) for t in (1, 2)]
     assert parts == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert iteration_slice(items, 4, 3) == [8, 9, 0, 1]   # wraps once the prompts run out
+    with pytest.raises(ValueError, match="only 10 exist; set reuse_prompts"):
+        iteration_slice(items, 4, 3)                        # never wraps silently
+    assert iteration_slice(items, 4, 3, reuse=True) == [8, 9, 0, 1]   # wraps when asked to
     assert iteration_slice(items, 0, 5) == items
 
 
