@@ -204,14 +204,17 @@ def _table(args) -> int:
     plots = Path(args.plots) if args.plots else Path(args.out).parent if args.out else None
     width = console.width() if sys.stdout.isatty() else console.MAX_WIDTH
     try:
-        text, written = render_leaderboard([Path(d) for d in args.dirs], fmt=args.format,
-                                           out=Path(args.out) if args.out else None, sort_by=args.sort,
-                                           filters=filters or None, plot_dir=plots, width=width)
+        text, written, left_out = render_leaderboard(
+            [Path(d) for d in args.dirs], fmt=args.format, out=Path(args.out) if args.out else None,
+            sort_by=args.sort, filters=filters or None, plot_dir=plots, width=width)
     except ResultsError as e:
         console.error(f"harness table: {e}")
         return 1
     if args.out is None:
         console.data(text)  # the table and nothing else: `harness table --format csv > t.csv` is a CSV file
+    if left_out:
+        console.info(f"not shown to fit {width} columns: {', '.join(left_out)} (--format markdown, csv or html "
+                     "for every column)")
     for path in written:
         console.info(f"wrote {path}")
     return 0
@@ -234,48 +237,65 @@ def _tiny(args) -> int:
     return 0
 
 
+def _verbosity_flags(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="also show other libraries' logging, warnings and progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="show only the final table (and errors)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="harness", description="Iterative self-improvement alignment benchmark harness.")
+    _verbosity_flags(p, 0)
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity_flags(common, argparse.SUPPRESS)  # also accepted after the command
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    v = sub.add_parser("validate", help="check experiment files; every error as FILE: dotted.path: problem")
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    v = add("validate", help="check experiment files; every error as FILE: dotted.path: problem")
     v.add_argument("files", nargs="*")
     v.add_argument("--explain", action="store_true", help="print every config field with its default and meaning")
     v.add_argument("--check-endpoints", action="store_true", help="also check that HTTP judge endpoints answer")
     v.set_defaults(fn=_validate)
 
-    r = sub.add_parser("run", help="run (or resume) experiments; finished stages are skipped")
+    r = add("run", help="run (or resume) experiments; finished stages are skipped")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--fresh", action="store_true", help="use a new run directory instead of resuming")
     r.set_defaults(fn=_run)
 
-    s = sub.add_parser("status", help="which stages of a run are done, partial or missing")
+    s = add("status", help="which stages of a run are done, partial or missing")
     s.add_argument("run_dir")
     s.set_defaults(fn=_status)
 
-    t = sub.add_parser("table", help="leaderboard across runs (rows: experiment, method, iteration)")
+    t = add("table", help="leaderboard across runs (rows: experiment, method, iteration)")
     t.add_argument("dirs", nargs="*", default=["results"])
-    t.add_argument("--format", choices=("markdown", "csv", "html"), default="markdown")
-    t.add_argument("--out", help="write the table to this file (csv/html)")
+    t.add_argument("--format", choices=("text", "markdown", "csv", "html"), default="text",
+                   help="text: the main metrics, fitted to the terminal; markdown, csv: every column; "
+                        "html: one self-contained page that sorts and filters")
+    t.add_argument("--out", help="write the table to this file instead of stdout (plots go beside it)")
     t.add_argument("--sort", help="metric column to sort by")
     t.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep rows whose KEY (experiment, method) matches VALUE (glob)")
-    t.add_argument("--plots", help="directory for the PNG plots (default: next to --out, else the first DIR)")
+                   help="keep rows whose KEY (experiment, method, model, ...) matches VALUE (glob)")
+    t.add_argument("--plots", metavar="DIR", help="also write the PNG plots into DIR (default: beside --out, else none)")
     t.set_defaults(fn=_table)
 
-    i = sub.add_parser("import-alpaca-eval", help="add a published AlpacaEval system to the leaderboard")
+    i = add("import-alpaca-eval", help="add a published AlpacaEval system to the leaderboard")
     i.add_argument("--name", required=True)
     i.add_argument("--outputs", required=True, help="<system>.model_outputs.json")
     i.add_argument("--annotations", required=True, help="<system>.<annotator>.annotations.json")
     i.add_argument("--dest", default="results/published")
     i.set_defaults(fn=_import)
 
-    b = sub.add_parser("tiny", help="build (or find) the embedded offline tiny world and print its path")
+    b = add("tiny", help="build (or find) the embedded offline tiny world and print its path")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=_tiny)
 
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from harness import console
+
+    console.configure(console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL)
     return args.fn(args)
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from harness import console
 from harness.store import JsonlLog
 
 
@@ -128,8 +128,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    bar = tqdm(total=len(texts) * sampling.n, initial=len(results) * sampling.n, desc=desc,
-               unit="sample", dynamic_ncols=True)
+    bar = console.progress(total=len(texts) * sampling.n, initial=len(results) * sampling.n, desc=desc,
+                           unit="samples")
     n_tokens, t0 = 0, time.perf_counter()
     try:
         for batch in batches:

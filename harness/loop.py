@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import store
+from harness import console, store
 from harness.config import Config, dict_hash
 from harness.data import load_examples
 from harness.generate import Prompt, generate
@@ -223,21 +223,39 @@ class Runner:
         store.atomic_write_json(self.run_dir / "config.json", {"hash": self.cfg.hash(), "config": self.c})
         rows: list[dict] = []
         t0 = time.perf_counter()
-        policy = self.init_stage()
-        rows.append(self._row(0, [self.evaluate_stage(0, policy)], prov))
+        # each stage is one terminal line, summarised from its manifest (harness.console)
+        with console.stage("iter 0", "init_sft") as line:
+            policy = self.init_stage()
+            line.report(self.run_dir / "iter_000" / "init_sft")
+        with console.stage("iter 0", "evaluate") as line:
+            ev = self.evaluate_stage(0, policy)
+            line.report(ev.final)
+        rows.append(self._row(0, [ev], prov))
         self._write_results(rows)
         for t in range(1, self.cfg.method.iterations + 1):
-            gen, groups, ctx = self.generate_stage(t, policy)
+            it = f"iter {t}"
+            with console.stage(it, "generate") as line:
+                gen, groups, ctx = self.generate_stage(t, policy)
+                line.report(gen.final)
             stages = [gen]
             upstream = {"generate": gen.outputs()["hash"]}
             if self.method.needs_judge:
-                judge = self.judge_stage(t, policy, gen, groups)
+                with console.stage(it, "judge") as line:
+                    judge = self.judge_stage(t, policy, gen, groups)
+                    line.report(judge.final)
                 ctx.judge_scale = tuple(judge.outputs()["scale"])
                 stages.append(judge)
                 upstream["judge"] = judge.outputs()["hash"]
-            stages.append(self.pairs_stage(t, ctx, groups, upstream))
-            train, policy = self.train_stage(t, policy, ctx)
-            stages += [train, self.evaluate_stage(t, policy)]
+            with console.stage(it, "pairs") as line:
+                stages.append(self.pairs_stage(t, ctx, groups, upstream))
+                line.report(stages[-1].final)
+            with console.stage(it, "train") as line:
+                train, policy = self.train_stage(t, policy, ctx)
+                line.report(train.final)
+            with console.stage(it, "evaluate") as line:
+                ev = self.evaluate_stage(t, policy)
+                line.report(ev.final, baseline=self.run_dir / "iter_000" / "evaluate")
+            stages += [train, ev]
             rows.append(self._row(t, stages, prov))
             self._write_results(rows)
             warnings = check_thresholds(rows[-1]["metrics"], self.cfg.eval.indicators)
@@ -309,7 +327,11 @@ def run_experiment(cfg: Config, fresh: bool = False) -> tuple[Path, list[dict]]:
             n += 1
         run_dir = run_dir.with_name(f"{run_dir.name}-{n}")
     with store.run_lock(run_dir):
-        rows = Runner(cfg, run_dir).run()
+        console.log_to(run_dir / console.LOG_NAME)  # everything silenced on the terminal, and tracebacks
+        with console.stage("", "setup") as line:
+            runner = Runner(cfg, run_dir)
+            line.done(f"run directory {run_dir} · model {runner.base_path}")
+        rows = runner.run()
     return run_dir, rows
 
 

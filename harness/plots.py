@@ -1,5 +1,15 @@
-"""Result rows -> PNG plots of metrics vs iteration (matplotlib, Agg backend).
+"""Result rows -> PNG plots (matplotlib, Agg backend).
 
+- ``<experiment>.png``: small multiples, one panel per quantity (each lm-eval
+  metric, the AlpacaEval win rate, each over-optimisation indicator, the
+  training-side indicators), each with its own y axis, against the iteration;
+  error bars where a standard error exists.
+- ``comparison.png``: the experiments (methods) side by side, one panel per
+  main metric: a group of bars per experiment, one bar per iteration, with
+  error bars where a standard error exists; published AlpacaEval systems as
+  hatched grey bars.
+
+Wherever a win rate is shown, its n (judged instructions) and coverage are too.
 Figures are built with the object API and an explicit Agg canvas, never through
 pyplot: no global backend switch, no display needed, nothing kept alive after
 a figure is saved.
@@ -7,17 +17,28 @@ a figure is saved.
 
 from __future__ import annotations
 
+import io
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.results import LC_WIN_RATE, PUBLISHED, WIN_RATE, WIN_SE, _stderr_of
+from harness.results import COVERAGE, LC_WIN_RATE, N_TOTAL, PUBLISHED, WIN_RATE, WIN_SE, _stderr_of
 
-LARGE = 10.0  # indicators beyond this magnitude (e.g. mean length) go on a second y axis
+DPI = 100
+PANEL = (3.3, 2.5)        # inches per small-multiple panel
+COMPARE_PANEL = (4.6, 3.4)
+TRAIN_INDICATORS = ["train/reward_margin", "train/prefers_chosen_before", "train/logp_chosen", "train/logp_rejected"]
+TITLES = {WIN_RATE: "AlpacaEval win rate (%)", LC_WIN_RATE: "length-controlled win rate (%)",
+          "train/reward_margin": "reward margin (train)", "train/prefers_chosen_before": "already preferred chosen",
+          "train/logp_chosen": "log p(chosen)", "train/logp_rejected": "log p(rejected)",
+          "indicators/topk_entropy": "top-k entropy", "indicators/topk_mass": "top-k mass",
+          "indicators/mean_length": "mean length (tokens)"}
 
 
 def _num(v) -> float:
@@ -30,24 +51,40 @@ def _series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
     return [i for i, _ in pts], [v for _, v in pts]
 
 
-def _line(ax, rows, key, label, se_key=None, **kw) -> bool:
-    """One metric vs iteration (with error bars when ``se_key`` has values); False if no data."""
-    xs, ys = _series(rows, key)
-    if not xs:
-        return False
-    err = None
-    if se_key is not None:
-        se = {r["iteration"]: _num(r["metrics"].get(se_key)) for r in rows}
-        err = [0.0 if math.isnan(se.get(x, math.nan)) else se[x] for x in xs]
-        err = err if any(err) else None
-    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, **kw)
-    return True
+def _se_key(key: str, keys: set[str]) -> str | None:
+    if key == WIN_RATE:
+        return WIN_SE if WIN_SE in keys else None
+    hits = [k for k in keys if _stderr_of(k) == key]
+    return hits[0] if hits else None
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _title(key: str) -> str:
+    if key in TITLES:
+        return TITLES[key]
+    if key.startswith("lm_eval/"):
+        parts = key.split("/")
+        return f"{parts[1]} {parts[-1].split(',')[0]}" if len(parts) > 2 else parts[-1]
+    return key.rsplit("/", 1)[-1].replace("_", " ")
+
+
+def _judged(rows: Sequence[dict]) -> str:
+    """"n=100, 100% judged" (a range when iterations differ)."""
+    ns = sorted({int(_num(r["metrics"].get(N_TOTAL))) for r in rows if not math.isnan(_num(r["metrics"].get(N_TOTAL)))})
+    covs = sorted({_num(r["metrics"].get(COVERAGE)) for r in rows if not math.isnan(_num(r["metrics"].get(COVERAGE)))})
+    parts = []
+    if ns:
+        parts.append(f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}")
+    if covs:
+        pct = [f"{100 * c:.0f}" if c in (0, 1) else f"{100 * c:.1f}" for c in (covs[0], covs[-1])]
+        parts.append(f"{pct[0]}% judged" if len(covs) == 1 else f"{pct[0]}–{pct[1]}% judged")
+    return ", ".join(parts)
+
+
+def _canvas_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
 
 
 def _safe(name: str, used: set[str]) -> str:
@@ -60,94 +97,159 @@ def _safe(name: str, used: set[str]) -> str:
     return out
 
 
+def _quantities(rows: Sequence[dict]) -> list[str]:
+    """Plotted quantities in panel order: lm-eval metrics, win rates, indicators, training indicators."""
+    keys = {k for r in rows for k in r["metrics"]}
+    has = lambda k: bool(_series(rows, k)[0])  # noqa: E731  (all-null metrics get no panel)
+    lm = sorted(k for k in keys if k.startswith("lm_eval/") and _stderr_of(k) is None and has(k))
+    wins = [k for k in (WIN_RATE, LC_WIN_RATE) if k in keys and has(k)]
+    ind = sorted(k for k in keys if k.startswith("indicators/") and has(k))
+    train = [k for k in TRAIN_INDICATORS if k in keys and has(k)]
+    return lm + wins + ind + train
+
+
 def _experiment_figure(name: str, rows: list[dict]) -> Figure | None:
-    keys = sorted({k for r in rows for k in r["metrics"]})
-    has_data = lambda k: bool(_series(rows, k)[0])  # noqa: E731  (all-null metrics get no line)
-    lm = [k for k in keys if k.startswith("lm_eval/") and _stderr_of(k) is None and has_data(k)]
-    lm_se = {_stderr_of(k): k for k in keys if _stderr_of(k)}
-    ind = [k for k in keys if k.startswith("indicators/") and has_data(k)]
-    panels = [p for p in ("lm_eval", "alpaca_eval", "indicators")
-              if (p == "lm_eval" and lm) or (p == "indicators" and ind)
-              or (p == "alpaca_eval" and has_data(WIN_RATE))]
-    if not panels:
+    quantities = _quantities(rows)
+    if not quantities:
         return None
-    fig = Figure(figsize=(5.0 * len(panels), 3.8), layout="constrained")
-    fig.suptitle(f"{name} ({rows[0]['method']})")
-    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        ax.set_xlabel("iteration")
-        right = None  # second y axis, for large-valued indicators only
-        if panel == "lm_eval":
-            ax.set_title("lm-eval")
-            for k in lm:
-                _line(ax, rows, k, k.removeprefix("lm_eval/"), lm_se.get(k))
-        elif panel == "alpaca_eval":
-            ax.set_title("AlpacaEval win rate (%)")
-            _line(ax, rows, WIN_RATE, "win rate ± s.e.", WIN_SE)
-            _line(ax, rows, LC_WIN_RATE, "length-controlled")
-        else:
-            ax.set_title("indicators")
-            big = [k for k in ind if any(abs(v) > LARGE for v in _series(rows, k)[1])]
-            right = ax.twinx() if big else None
-            for k in ind:
-                target = right if k in big else ax
-                _line(target, rows, k, k.removeprefix("indicators/") + (" (right)" if k in big else ""),
-                      color=f"C{ind.index(k)}")
-            if right is not None:
-                h1, l1 = ax.get_legend_handles_labels()
-                h2, l2 = right.get_legend_handles_labels()
-                ax.legend(h1 + h2, l1 + l2, fontsize=7)
-        if right is None:
-            ax.legend(fontsize=7)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    keys = {k for r in rows for k in r["metrics"]}
+    ncols = min(4, len(quantities))
+    nrows = math.ceil(len(quantities) / ncols)
+    fig = Figure(figsize=(PANEL[0] * ncols, PANEL[1] * nrows + 0.4), layout="constrained")
+    fig.suptitle(f"{name} ({rows[0]['method']}): metrics and indicators by iteration", fontsize=11)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    last = max(r["iteration"] for r in rows)
+    for ax, key in zip(axes, quantities):
+        xs, ys = _series(rows, key)
+        se_key = _se_key(key, keys)
+        err = None
+        if se_key is not None:
+            se = {r["iteration"]: _num(r["metrics"].get(se_key)) for r in rows}
+            err = [0.0 if math.isnan(se.get(x, math.nan)) else se[x] for x in xs]
+            err = err if any(err) else None
+        color = "C0" if key.startswith("lm_eval/") else "C1" if key.startswith("alpaca_eval/") else \
+            "C2" if key.startswith("indicators/") else "C4"
+        ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=3, color=color, linewidth=1.5)
+        title = _title(key)
+        if key == WIN_RATE and _judged(rows):
+            title += f"\n{_judged(rows)}"
+        if err is not None:
+            title += " (± s.e.)" if "\n" not in title else ""
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.set_xlim(-0.3, last + 0.3)
+        ax.set_xticks(range(0, last + 1))
+        ax.grid(alpha=0.3)
+        ax.margins(y=0.15)
+    for ax in axes[len(quantities):]:
+        ax.set_visible(False)
+    for i, ax in enumerate(axes[:len(quantities)]):
+        if i + ncols >= len(quantities):  # the lowest panel of its column
+            ax.set_xlabel("iteration", fontsize=8)
     return fig
 
 
 def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> Figure | None:
-    keys = sorted({k for rs in by_exp.values() for r in rs for k in r["metrics"]})
-    lm = [k for k in keys if k.startswith("lm_eval/") and _stderr_of(k) is None]
-    lm_se = {_stderr_of(k): k for k in keys if _stderr_of(k)}
-    panels = [(WIN_RATE, "AlpacaEval win rate (%)")] + ([(lm[0], lm[0].removeprefix("lm_eval/"))] if lm else [])
-    panels = [(k, t) for k, t in panels if any(_series(rs, k)[0] for rs in by_exp.values())]
-    if not panels:
+    rows = [r for rs in by_exp.values() for r in rs]
+    keys = {k for r in rows + published for k in r["metrics"]}
+    has = lambda k: any(_series(rs, k)[0] for rs in by_exp.values())  # noqa: E731
+    quantities = sorted(k for k in keys if k.startswith("lm_eval/") and _stderr_of(k) is None and has(k))
+    quantities += [k for k in (WIN_RATE, LC_WIN_RATE) if k in keys and has(k)]
+    if not quantities:
         return None
-    fig = Figure(figsize=(5.5 * len(panels), 4.0), layout="constrained")
-    fig.suptitle("all experiments")
-    for ax, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        se_key = WIN_SE if key == WIN_RATE else lm_se.get(key)
-        for name, rs in by_exp.items():
-            _line(ax, rs, key, name, se_key)
-        for r in published:  # a published system is one number: a dashed reference line
-            v = _num(r["metrics"].get(key))
-            if not math.isnan(v):
-                ax.axhline(v, linestyle="--", linewidth=1, color="gray")
-                ax.annotate(r["experiment"], (0, v), fontsize=7, color="gray", va="bottom")
-        ax.legend(fontsize=7)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    ncols = min(3, len(quantities))
+    nrows = math.ceil(len(quantities) / ncols)
+    groups = list(by_exp) + [r["experiment"] for r in published]
+    width_in = max(COMPARE_PANEL[0], 0.9 + 1.1 * len(groups))
+    fig = Figure(figsize=(width_in * ncols, COMPARE_PANEL[1] * nrows + 0.6), layout="constrained")
+    fig.suptitle("methods side by side: one bar per iteration", fontsize=11)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    max_it = max(r["iteration"] for r in rows)
+    cmap = colormaps["viridis"]
+    colors = [cmap(0.15 + 0.7 * i / max(1, max_it)) for i in range(max_it + 1)]
+    bar_w = 0.8 / (max_it + 1)
+    legend: dict[str, object] = {}
+    for ax, key in zip(axes, quantities):
+        se_key = _se_key(key, keys)
+        labels = []
+        shown = [name for name in groups if (name in by_exp and _series(by_exp[name], key)[0])
+                 or any(p["experiment"] == name and not math.isnan(_num(p["metrics"].get(key))) for p in published)]
+        for g, name in enumerate(shown):
+            if name in by_exp:
+                rs = by_exp[name]
+                n = len(rs)
+                for j, r in enumerate(rs):
+                    v = _num(r["metrics"].get(key))
+                    if math.isnan(v):
+                        continue
+                    se = _num(r["metrics"].get(se_key)) if se_key else math.nan
+                    x = g - 0.4 + bar_w * (j + 0.5) + (0.8 - n * bar_w) / 2
+                    ax.bar(x, v, bar_w * 0.92, color=colors[r["iteration"]],
+                           yerr=None if math.isnan(se) else se, capsize=2, error_kw={"linewidth": 0.8},
+                           label=f"iteration {r['iteration']}")
+                label = f"{textwrap.shorten(name, 22, placeholder='…')}\n{rs[0]['method']}"
+                if key in (WIN_RATE, LC_WIN_RATE) and _judged(rs):
+                    label += f"\n{_judged(rs)}"
+            else:
+                r = next(p for p in published if p["experiment"] == name)
+                v = _num(r["metrics"].get(key))
+                se = _num(r["metrics"].get(se_key)) if se_key else math.nan
+                if not math.isnan(v):
+                    ax.bar(g, v, bar_w * 0.92, color="0.75", hatch="//", edgecolor="0.4",
+                           yerr=None if math.isnan(se) else se, capsize=2, label="published (AlpacaEval)")
+                label = f"{textwrap.shorten(name, 22, placeholder='…')}\npublished"
+                if key in (WIN_RATE, LC_WIN_RATE) and _judged([r]):
+                    label += f"\n{_judged([r])}"
+            labels.append(label)
+        ax.set_xticks(range(len(shown)), labels, fontsize=7)
+        ax.set_xlim(-0.6, len(shown) - 0.4)
+        ax.set_title(_title(key) + (" (± s.e.)" if se_key else ""), fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lbl, h)
+    for ax in axes[len(quantities):]:
+        ax.set_visible(False)
+    order = sorted(legend, key=lambda s: (s.startswith("published"), s))
+    fig.legend([legend[k] for k in order], order, loc="outside lower center", ncols=min(6, len(order)), fontsize=8,
+               frameon=False)
     return fig
 
 
-def write_plots(rows: Sequence[dict], out_dir: Path) -> list[Path]:
-    """Write ``<experiment>.png`` per experiment, and ``comparison.png`` when there is
-    something to compare (two experiments, or one and published systems); return the paths.
+def render_plots(rows: Sequence[dict]) -> dict[str, bytes]:
+    """{file stem: PNG bytes}: one figure per experiment, and ``comparison`` when there is
+    something to compare (two experiments, or one and published systems).
 
-    An experiment without plottable metrics gets no file; published systems
-    appear only as reference lines in the comparison plot.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    An experiment without plottable metrics gets no figure; published systems
+    appear only in the comparison."""
     by_exp: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (r["experiment"], r["iteration"])):
         if r["method"] != PUBLISHED:
             by_exp.setdefault(r["experiment"], []).append(r)
-    written, used = [], {"comparison"}
+    out: dict[str, bytes] = {}
+    used = {"comparison"}
     for name, rs in by_exp.items():
         fig = _experiment_figure(name, rs)
         if fig is not None:
-            written.append(_save(fig, out_dir / f"{_safe(name, used)}.png"))
+            out[_safe(name, used)] = _canvas_png(fig)
     published = [r for r in rows if r["method"] == PUBLISHED]
-    fig = _comparison_figure(by_exp, published) if len(by_exp) + bool(published) > 1 else None
+    fig = _comparison_figure(by_exp, published) if by_exp and len(by_exp) + bool(published) > 1 else None
     if fig is not None:
-        written.append(_save(fig, out_dir / "comparison.png"))
-    return written
+        out["comparison"] = _canvas_png(fig)
+    return out
+
+
+def save_plots(pngs: dict[str, bytes], out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem, data in pngs.items():
+        path = out_dir / f"{stem}.png"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def write_plots(rows: Sequence[dict], out_dir: Path) -> list[Path]:
+    """Write ``<experiment>.png`` per experiment and ``comparison.png`` (see ``render_plots``)."""
+    return save_plots(render_plots(rows), out_dir)

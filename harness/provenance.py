@@ -24,16 +24,27 @@ def versions() -> dict[str, str | None]:
 
 
 def git_state(path: Path | None = None) -> dict:
-    """Commit of the harness source tree and whether it has uncommitted changes."""
-    where = str(path or Path(__file__).resolve().parent.parent)
+    """Commit of the harness source tree and whether it has uncommitted changes.
+
+    "unknown" (dirty flag None) when the harness is not a git checkout of its own:
+    an installed package, a copy without .git, a tree inside some other repository,
+    or no git at all. git's own messages never reach the terminal."""
+    root = Path(path or Path(__file__).resolve().parent.parent).resolve()
+    unknown = {"git_commit": "unknown", "git_dirty": None}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True, stdin=subprocess.DEVNULL).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != root:
+            return unknown  # e.g. site-packages inside someone's repository: not our commit
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
         return {"git_commit": commit, "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
+        return unknown
 
 
 def hardware() -> dict:

@@ -121,9 +121,40 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _Progress(TrainerCallback):
+    """Optimizer steps (and the latest loss) as a progress bar in the stage's terminal line,
+    in place of the Trainer's own tqdm bar and printed log dicts."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from harness import console
+
+        self.bar = console.progress(total=state.max_steps, initial=state.global_step, desc="train", unit="steps")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and isinstance(logs.get("loss"), (int, float)):
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _run(trainer, out_dir: Path) -> dict:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     guard = _FiniteLossGuard()
     trainer.add_callback(guard)
+    trainer.remove_callback(ProgressCallback)  # reporting: harness.console's line, not tqdm / prints
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_Progress())
     before = _adapter_state(trainer.model)
     t0 = time.perf_counter()
     trainer.train()

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from harness.results import (ResultsError, build_table, load_rows, read_csv, render_leaderboard, to_csv,
-                             to_html, to_markdown)
+                             to_html, to_markdown, to_terminal, write_tables)
 
 EM = "lm_eval/tiny_gen/exact_match"
 ACC = "lm_eval/tiny_mc/acc,none"
@@ -23,8 +23,11 @@ def _prov(commit="0123456789abcdef", dirty=False, seed=0):
             "versions": {"torch": "2.13.0", "transformers": "5.23.0", "trl": "1.16"}}
 
 
-def _row(exp, method, it, metrics, **prov):
-    return {"experiment": exp, "method": method, "iteration": it, "metrics": metrics, "provenance": _prov(**prov)}
+def _row(exp, method, it, metrics, model=None, **prov):
+    row = {"experiment": exp, "method": method, "iteration": it, "metrics": metrics, "provenance": _prov(**prov)}
+    if model is not None:
+        row["model"] = model
+    return row
 
 
 def _write(run_dir: Path, rows: list[dict]) -> Path:
@@ -39,10 +42,14 @@ def runs(tmp_path: Path) -> Path:
     _write(base / "tiny-spin", [
         _row("tiny-spin", "spin", it, {EM: em, EM + "_stderr": 0.05, ACC: acc, WR: wr,
                                        "alpaca_eval/standard_error": 2.5, LC: None,
+                                       "alpaca_eval/n_total": 100, "alpaca_eval/coverage": 1.0,
                                        "indicators/distinct_1": 0.5 - 0.1 * it, "indicators/mean_length": 40.0 + 10 * it,
                                        "gen/tokens": 1000 * it, "wall_time_s": 12.5 * (it + 1)})
         for it, (em, acc, wr) in enumerate([(0.25, 0.5, 50.0), (0.375, 0.5, 56.25), (0.5, 0.625, 61.0)])
     ])
+    for r in (rows := [json.loads(x) for x in (base / "tiny-spin" / "results.jsonl").read_text().splitlines()]):
+        r["model"] = "tiny"
+    _write(base / "tiny-spin", rows)
     _write(base / "tiny-sr", [
         _row("tiny-sr", "self_rewarding", 0, {EM: 0.3, WR: 40.0}, dirty=True, seed=7),
         _row("tiny-sr", "self_rewarding", 1, {EM: 0.2, WR: 45.5}, dirty=True, seed=7),
@@ -74,10 +81,15 @@ def test_deltas_vs_iteration_0(runs):
 
 def test_columns_provenance_and_default_order(runs):
     df = build_table(load_rows([runs]))
-    assert list(df.columns[:3]) == ["experiment", "method", "iteration"]
+    assert list(df.columns[:4]) == ["experiment", "method", "model", "iteration"]
     assert list(df.columns[-6:]) == ["config_hash", "seed", "commit", "torch", "transformers", "trl"]
     assert df.columns.get_loc(EM + " ±") == df.columns.get_loc(EM) + 1
     assert df.columns.get_loc(WR) < df.columns.get_loc("indicators/distinct_1") < df.columns.get_loc("gen/tokens")
+    # a win rate comes with its n and coverage
+    assert df.columns.get_loc(WR) < df.columns.get_loc("alpaca_eval/n_total") < df.columns.get_loc("alpaca_eval/coverage")
+    assert _cell(df, "tiny-spin", 0, "model") == "tiny"
+    assert _cell(df, "SPIN paper iter3", 0, "model") == "SPIN paper iter3"  # a published system is its own model
+    assert pd.isna(_cell(df, "tiny-sr", 0, "model"))  # rows written before models were recorded
     assert EM + "_stderr" not in df.columns and "alpaca_eval/standard_error" not in df.columns
     assert list(df.experiment) == ["tiny-spin"] * 3 + ["tiny-sr"] * 2 + ["SPIN paper iter3"]  # published last
     assert _cell(df, "tiny-spin", 0, "commit") == "0123456"
@@ -97,7 +109,8 @@ def test_sort_and_filter(runs):
     assert set(build_table(rows, filters={"experiment": "tiny-*"}).experiment) == {"tiny-spin", "tiny-sr"}
     assert len(build_table(rows, filters={"method": ["spin", "published"], "iteration": "0"})) == 2
     picked = build_table(rows, columns=[EM, "wall_time_s"])
-    assert list(picked.columns[3:6]) == [EM, EM + " ±", "wall_time_s"] and WR not in picked.columns
+    assert list(picked.columns[4:7]) == [EM, EM + " ±", "wall_time_s"] and WR not in picked.columns
+    assert build_table(rows, filters={"model": "tiny"}).experiment.unique().tolist() == ["tiny-spin"]
     with pytest.raises(ResultsError, match="did you mean 'method'"):
         build_table(rows, filters={"methd": "spin"})
     with pytest.raises(ResultsError, match="ambiguous"):
@@ -137,23 +150,39 @@ def test_csv_round_trip(runs, tmp_path):
 
 def test_html_is_self_contained(runs, tmp_path):
     out = tmp_path / "board" / "leaderboard.html"
-    text = render_leaderboard([runs], fmt="html", out=out, plot_dir=tmp_path / "board")
+    text, written, _ = render_leaderboard([runs], fmt="html", out=out, plot_dir=tmp_path / "board")
     page = out.read_text(encoding="utf-8")
-    assert f"wrote {out}" in text and "<style>" in page and "</table>" in page
-    assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
+    assert text == "" and written[0] == out and "<style>" in page and "</table>" in page and "<script>" in page
+    assert sorted(p.name for p in written[1:]) == ["comparison.png", "tiny-spin.png", "tiny-sr.png"]
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "<script src" not in page
     assert page.count('src="data:image/png;base64,') == 3  # two experiments + comparison
     assert "0.375 ± 0.050" in page and "unavailable" in page
+    # sortable, filterable, published systems marked (behaviour: tests/test_leaderboard_html.py)
+    assert f'<th data-name="{WR}" data-type="num"' in page and 'data-v="56.25"' in page
+    assert 'id="f-method"' in page and 'id="f-model"' in page and 'id="f-experiment"' in page
+    assert page.count('class="published"') == 1 and "imported published AlpacaEval systems" in page
+    # without --out: the page itself, plots inlined, no file written
+    alone = render_leaderboard([runs], fmt="html")
+    assert alone.text.startswith("<!DOCTYPE html>") and alone.written == []
+    assert alone.text.count('src="data:image/png;base64,') == 3
     evil = to_html(build_table([_row("<b>x</b>", "spin", 0, {WR: 1.0})]))
     assert "<b>x</b>" not in evil and "&lt;b&gt;x&lt;/b&gt;" in evil
 
 
 def test_plots_written(runs, tmp_path):
+    from matplotlib.image import imread
+
     from harness.plots import write_plots
 
     paths = write_plots(load_rows([runs]), tmp_path / "plots")
     assert sorted(p.name for p in paths) == ["comparison.png", "tiny-spin.png", "tiny-sr.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    # small multiples: one panel per quantity (tiny-spin: 2 lm-eval metrics, win rate, 2 indicators -> 4 + 1)
+    h, w = imread(tmp_path / "plots" / "tiny-spin.png").shape[:2]
+    assert w > 4 * 300 and h > 2 * 240
+    h, w = imread(tmp_path / "plots" / "tiny-sr.png").shape[:2]
+    assert w < 2.2 * 340
     assert write_plots([_row("empty", "spin", 0, {"train/loss": 0.1})], tmp_path / "none") == []
     # one experiment alone has nothing to compare with
     one = [r for r in load_rows([runs]) if r["experiment"] == "tiny-spin"]
@@ -161,13 +190,66 @@ def test_plots_written(runs, tmp_path):
 
 
 def test_render_markdown_and_csv(runs, tmp_path):
-    text = render_leaderboard([runs / "tiny-spin"], sort_by="iteration", filters={"iteration": ["1", "2"]})
-    body = [[c.strip() for c in line.strip("|").split("|")][:3] for line in text.splitlines()[2:]]
-    assert body == [["tiny-spin", "spin", "2"], ["tiny-spin", "spin", "1"]]  # sorted descending
+    text = render_leaderboard([runs / "tiny-spin"], fmt="markdown", sort_by="iteration",
+                              filters={"iteration": ["1", "2"]}).text
+    body = [[c.strip() for c in line.strip("|").split("|")][:4] for line in text.splitlines()[2:]]
+    assert body == [["tiny-spin", "spin", "tiny", "2"], ["tiny-spin", "spin", "tiny", "1"]]  # sorted descending
     csv = render_leaderboard([runs], fmt="csv")
-    assert csv.startswith("experiment,method,iteration,")
+    assert csv.text.startswith("experiment,method,model,iteration,") and csv.written == []
+    assert not list(runs.rglob("*.png"))  # plots only when asked for
     with pytest.raises(ResultsError, match="fmt"):
         render_leaderboard([runs], fmt="xlsx")
+
+
+def _terminal_rows(text: str) -> list[dict]:
+    lines = text.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [list(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:]]
+
+
+def test_terminal_table(runs):
+    df = build_table(load_rows([runs]))
+    text, left_out = to_terminal(df)
+    assert left_out == [] and max(map(len, text.splitlines())) <= 120
+    rows = _terminal_rows(text)
+    header = [h for h, _ in rows[0]]
+    # main metric per evaluation, each followed by its delta; n and coverage beside the win rate
+    assert header == ["experiment", "method", "iter", "tiny_gen exact_match", "Δ", "tiny_mc acc", "Δ",
+                      "win rate", "Δ", "n", "judged"] or header == [
+        "experiment", "method", "iter", "tiny_gen", "Δ", "tiny_mc", "Δ", "win rate", "Δ", "n", "judged"]
+    spin1 = rows[1]
+    assert spin1[3][1].startswith("0.375") and spin1[4][1] == "+0.125" and spin1[7][1].startswith("56.25")
+    alone = _terminal_rows(to_terminal(build_table(load_rows([runs / "tiny-spin"])))[0])
+    assert alone[1][3][1] == "0.375 ± 0.050" and alone[1][7][1] == "56.25 ± 2.50"  # ± when there is room
+    assert spin1[9][1] == "100" and spin1[10][1] == "100%"
+    assert rows[0][4][1] == ""  # no delta at iteration 0 itself
+    assert "indicators" not in text and "config_hash" not in text
+
+    # many evaluations: the table still fits, drops metrics from the right, never the win rate's n / coverage alone
+    many = {f"lm_eval/task_number_{i}/exact_match": 0.1 * i for i in range(8)}
+    wide = build_table([_row("an-experiment-with-a-long-name", "self_rewarding", it,
+                             {**many, WR: 40.0 + it, "alpaca_eval/standard_error": 1.5, "alpaca_eval/n_total": 99,
+                              "alpaca_eval/coverage": 0.99}) for it in range(3)])
+    for width in (120, 100, 80):
+        text, left_out = to_terminal(wide, width)
+        assert max(map(len, text.splitlines())) <= width, width
+        assert "task_number_0" in text and "lm_eval/task_number_7/exact_match" in left_out
+        if width == 120:
+            assert "win rate" in text and "| judged |" in text and "99.0%" in text
+        assert ("win rate" in text) == ("| judged |" in text) == (" n |" in text)
+    # several models: a model column (a published system's name does not count as one)
+    assert "| model" not in to_terminal(df)[0]
+    two = build_table(load_rows([runs]) + [_row("other", "spin", 0, {EM: 0.1}, model="smollm2")])
+    assert "| model" in to_terminal(two)[0]
+
+
+def test_write_tables(runs, tmp_path):
+    table, left_out, written = write_tables([runs / "tiny-spin"], tmp_path / "out", "results")
+    assert sorted(p.name for p in written) == ["results.csv", "results.html", "results.md", "tiny-spin.png"]
+    assert "win rate" in table and left_out == []
+    pd.testing.assert_frame_equal(read_csv(tmp_path / "out" / "results.csv"), build_table(load_rows([runs / "tiny-spin"])))
+    _, _, written = write_tables([runs], tmp_path / "board", "leaderboard", plots=("comparison",))
+    assert sorted(p.name for p in written) == ["comparison.png", "leaderboard.csv", "leaderboard.html", "leaderboard.md"]
 
 
 def test_load_errors(runs, tmp_path):

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from harness import console
 from harness.config import Config, JudgeSection
 from harness.generate import Prompt
 from harness.sources import resolve_ref
@@ -82,8 +83,10 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
     seed_key = (cfg.experiment.seed, iteration)
     metrics: dict[str, float | int | None] = {}
     if ev.lm_eval_tasks:
+        console.phase("lm-eval")
         metrics.update(run_lm_eval(model, tokenizer, ev, out_dir / "lm_eval"))
     if ev.alpaca_eval.instructions:
+        console.phase("alpaca_eval")
         judge = judge_factory(ev.alpaca_eval.judge)
         metrics.update(run_alpaca_eval(
             model, tokenizer, ev.alpaca_eval, judge, out_dir / "alpaca_eval", seed_key=seed_key,
@@ -96,6 +99,7 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
             log.warning("eval.indicators.num_prompts > 0 but neither eval.eval_prompts nor "
                         "eval.alpaca_eval.instructions is set: indicators skipped")
         else:
+            console.phase("indicators")
             metrics.update(run_indicators(
                 model, tokenizer, prompts, ev.indicators, seed_key=seed_key,
                 max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
