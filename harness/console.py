@@ -43,7 +43,7 @@ QUIET, NORMAL, VERBOSE = -1, 0, 1
 MAX_WIDTH = 120
 LOG_NAME = "harness.log"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LABEL_W, NAME_W, TIME_W = 7, 8, 5  # columns of a stage line: label, stage name, elapsed time
+LABEL_W, NAME_W, TIME_W = 7, 8, 6  # columns of a stage line: label, stage name, elapsed time
 
 log = logging.getLogger("harness.console")
 
@@ -346,9 +346,11 @@ class Line:
         self.done(summarize(self.name, outputs.get("metrics", {}), baseline=base, bars=self.done_bars,
                             seconds=outputs.get("seconds")), kept=kept)
 
-    def final_text(self, failed: bool = False, cols: int | None = None) -> str:
-        """The finished line, cut to ``cols`` (default: the terminal's width; 0: uncut)."""
-        clock = "failed" if failed else "kept" if self.kept else duration(time.perf_counter() - self.t0)
+    def final_text(self, failed: bool | str = False, cols: int | None = None) -> str:
+        """The finished line, cut to ``cols`` (default: the terminal's width; 0: uncut);
+        ``failed``: True or the word to show instead of the time."""
+        clock = (failed if isinstance(failed, str) else "failed") if failed else \
+            "kept" if self.kept else duration(time.perf_counter() - self.t0)
         text = (self._prefix(clock) + (self.summary or "")).rstrip()
         return text if cols == 0 else fit(text, cols or width())
 
@@ -373,8 +375,9 @@ def stage(label: str, name: str) -> Iterator[Line]:
     except BaseException as e:
         if _S.failed is None:
             _S.failed = f"{_long_label(label)} {name}".strip()
-        text = line.final_text(failed=True)
-        log.info("%s (%s)", line.final_text(failed=True, cols=0), type(e).__name__, extra={"terminal": False})
+        word = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
+        text = line.final_text(failed=word)
+        log.info("%s (%s)", line.final_text(failed=word, cols=0), type(e).__name__, extra={"terminal": False})
         with _S.lock:
             _S.line = outer
             if _S.enabled and _S.level > QUIET:
@@ -427,12 +430,13 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.0f}%" if v in (0, 1) else f"{100 * v:.1f}%"
 
 
-def _delta(v: Any, base: dict | None, key: str, digits: int = 3) -> str:
+def _delta(v: Any, base: dict | None, key: str, digits: int = 3, parens: bool = True) -> str:
+    """" (+0.047)": the change against iteration 0's value, when there is one."""
     b = (base or {}).get(key)
     if not isinstance(v, (int, float)) or not isinstance(b, (int, float)):
         return ""
-    d = v - b
-    return f" ({d:+.{digits}f})"
+    d = f"{v - b:+.{digits}f}"
+    return f" ({d})" if parens else f" {d}"
 
 
 def win_rate_text(m: dict, base: dict | None = None) -> str | None:
@@ -499,10 +503,12 @@ def summarize(name: str, m: dict, *, baseline: dict | None = None, bars: list[di
         for k in sorted(m):
             if k.startswith("lm_eval/") and "_stderr" not in k.rsplit("/", 1)[-1] and isinstance(m[k], (int, float)):
                 task = k.split("/")[1]
-                parts.append(f"{task} {m[k]:.3f}{_delta(m[k], baseline, k)}")
+                parts.append(f"{task} {m[k]:.3f}{_delta(m[k], baseline, k, parens=False)}")
         wr = win_rate_text(m, baseline)
         if wr:
             parts.append(wr)
+        if not m:
+            return "no evaluation configured"
     if not parts:  # an unknown stage: its first few numbers
         parts = [f"{k.rsplit('/', 1)[-1]} {number(v)}" for k, v in list(m.items())[:4] if isinstance(v, (int, float))]
     return " · ".join(parts)
@@ -515,7 +521,7 @@ class _TerminalFilter(logging.Filter):
         if not getattr(record, "terminal", True):
             return False
         if _S.level >= VERBOSE:
-            return True
+            return not (record.name == log.name and record.levelno < logging.INFO)  # (our lines say it)
         ours = record.name == "harness" or record.name.startswith("harness.")
         return ours and record.levelno >= logging.WARNING and _S.level > QUIET
 
@@ -556,6 +562,18 @@ def configure(level: int = NORMAL, *, term: TextIO | None = None, out: TextIO | 
     if _S.tty and _S.ticker is None:
         _S.ticker = threading.Thread(target=_tick, name="console-ticker", daemon=True)
         _S.ticker.start()
+
+
+def reset() -> None:
+    """Back to library behaviour (no lines, tqdm bars); undoes ``configure``."""
+    root = logging.getLogger()
+    for h in (_S.term_handler, _S.file_handler):
+        if h is not None:
+            root.removeHandler(h)
+    _S.term_handler = _S.file_handler = None
+    logging.captureWarnings(False)
+    _S.enabled, _S.level, _S.line, _S.failed, _S.drawn = False, NORMAL, None, None, False
+    _S.term, _S.out, _S.tty = sys.stderr, sys.stdout, False
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -599,6 +617,30 @@ def log_to(path: Path | str) -> None:
         old.close()
 
 
+class _LogWriter(io.TextIOBase):
+    """sys.stdout / sys.stderr while captured: whatever the log file is now (it moves with ``log_to``)."""
+
+    def write(self, text: str) -> int:
+        f = _S.log_file
+        return f.write(text) if f is not None else len(text)
+
+    def flush(self) -> None:
+        if _S.log_file is not None:
+            _S.log_file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        if _S.log_file is None:
+            raise io.UnsupportedOperation("fileno")
+        return _S.log_file.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+
 @contextlib.contextmanager
 def capture(env: dict | None = None) -> Iterator[None]:
     """Everything but our own lines goes to a log file while the block runs (see the module doc).
@@ -631,6 +673,9 @@ def capture(env: dict | None = None) -> Iterator[None]:
                        errors="replace", buffering=1, closefd=True)
         os.dup2(_S.log_file.fileno(), 1)
         os.dup2(_S.log_file.fileno(), 2)
+    streams = (sys.stdout, sys.stderr)
+    if _S.redirected is not None:  # also the Python objects, should they not be writing to fds 1 and 2
+        sys.stdout = sys.stderr = _LogWriter()
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # each warning once per place, into the log
         try:
@@ -640,6 +685,7 @@ def capture(env: dict | None = None) -> Iterator[None]:
                 _clear()
                 sys.stdout.flush()
                 sys.stderr.flush()
+                sys.stdout, sys.stderr = streams
                 if _S.redirected is not None:
                     os.dup2(_S.redirected[0], 1)
                     os.dup2(_S.redirected[1], 2)
