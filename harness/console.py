@@ -156,10 +156,11 @@ def info(msg: str) -> None:
 
 
 def error(msg: str) -> None:
-    """``error: msg`` on stderr, wrapped to the line width; always shown."""
+    """``error: msg`` on stderr as one line, never wrapped or cut (a message is searched
+    for and copied whole: paths, field names); always shown."""
     log.error("%s", msg, extra={"terminal": False})
     _S.keep_log = True  # a log that still lives in a temporary file is kept for the reader
-    _emit(wrap(f"error: {msg}"))
+    _emit([f"error: {' '.join(str(msg).split())}"])
 
 
 def data(text: str) -> None:
