@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -67,9 +66,7 @@ def _run(args) -> int:
     libraries print goes to RUN_DIR/harness.log (see harness.console)."""
     from harness import console
 
-    quiet_env = {} if console.level() >= console.VERBOSE else \
-        {k: "1" for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS") if k not in os.environ}
-    with console.capture(env=quiet_env):
+    with console.capture():
         with contextlib.redirect_stderr(console.terminal()):  # config problems are for the reader
             checked, ok = load_checked(args.files)  # every file is checked before any runs
             for cfg, report in checked:
