@@ -271,3 +271,14 @@ def test_harness_run_output(tiny_dir, tmp_path, capfd, monkeypatch):
     log = (tmp_path / "crash" / "console" / "harness.log").read_text()
     assert "Traceback (most recent call last)" in log and "second line of the message" in log
     assert (tmp_path / "crash" / "console" / "iter_001" / "generate" / "manifest.json").exists()
+
+
+def test_provenance_outside_a_git_checkout(tmp_path, capfd):
+    from harness.provenance import git_state
+
+    assert git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": None}
+    if subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], capture_output=True).returncode == 0:
+        (tmp_path / "repo" / "site-packages").mkdir()
+        # a tree inside some other repository is not a checkout of the harness
+        assert git_state(tmp_path / "repo" / "site-packages")["git_commit"] == "unknown"
+    assert "fatal" not in capfd.readouterr().err
