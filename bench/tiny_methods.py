@@ -54,7 +54,7 @@ def bench_spin() -> None:
     control_dir = OUT / "bench-tiny-spin-sft-control"
     result = control_dir / "metrics.json"
     if not result.exists():
-        examples = load_examples(cfg.data)
+        examples = load_examples(cfg.data, seed=cfg.experiment.seed)
         data = [{"messages": list(e.messages), "response": e.response} for e in examples]
         model, tok = load_policy(cfg, [])
         train_sft(model, tok, data, cfg, 1, control_dir, max_steps=steps)

@@ -46,7 +46,7 @@ class ModelSection:
 class LoraSection:
     r: int = opt(16, "LoRA rank.", min=1)
     alpha: int = opt(32, "LoRA alpha (scaling = alpha / r).", min=1)
-    dropout: float = opt(0.0, "LoRA dropout.", min=0.0, max=1.0)
+    dropout: float = opt(0.0, "Dropout on the trained adapter's input (peft's lora_dropout), active while training; 0 = none. Only the adapter being trained drops out: the base model's own dropout and a frozen reference adapter stay off, so the reference log-probs are deterministic (trl's default turns every dropout off, this value included). SPIN's removed LoRA config used 0.1.", min=0.0, max=1.0)
     target_modules: tuple[str, ...] = opt(factory=lambda: ("q_proj", "k_proj", "v_proj", "o_proj"), doc="Module names that get adapters.")
     chain: str = opt("auto", 'How iteration t+1 starts from iteration t: "merge" folds earlier adapters into a full-precision base and trains a fresh adapter; "continue" keeps training one adapter with a frozen copy as reference (required for quantized bases); "auto" = merge unless quantized.', choices=("auto", "merge", "continue"))
 
@@ -57,7 +57,7 @@ class MethodSection:
     iterations: int = opt(3, "Number of self-improvement iterations (iteration 0 is the starting model).", min=1, max=100)
     beta: float = opt(0.1, "Strength of the KL-anchor to the reference (DPO beta, SPIN lambda).", min=1e-6)
     loss: str = opt("sigmoid", "DPO-family loss: sigmoid (logistic; SPIN's default), hinge, ipo.", choices=LOSSES)
-    reference: str = opt("previous", 'Reference model for iteration t+1: "previous" (the model of iteration t, as in all three papers) or "base".', choices=("previous", "base"))
+    reference: str = opt("previous", 'Reference model of the DPO-family loss in iteration t+1: "previous" (the model of iteration t, as in all three papers) or "base" (the starting model of iteration 0 in every iteration: model.base, with Self-Rewarding\'s M1 SFT adapter when there is one). With chain "merge", "base" keeps a frozen second copy of that model in memory from iteration 2 on; with "continue" (QLoRA) it is the adapter-disabled base or a frozen copy of the M1 adapter.', choices=("previous", "base"))
 
 
 @dataclass(frozen=True)
@@ -65,16 +65,29 @@ class JudgeSection:
     name: str = opt("none", "Judge kind.", choices=JUDGES)
     model: str = opt("", "hf / reward_model: hub id or local path; openai: model name at the endpoint.")
     revision: str = opt("main", "Hub revision of the judge model.")
-    template: str = opt("", 'Judge prompt template file (placeholders {instruction} and {response}); "" = the built-in additive 5-point rubric.')
+    template: str = opt("", 'Judge prompt template (placeholders {instruction} and {response}): a file, "tiny:judge_template", or a built-in: "builtin:additive5" (Self-Rewarding\'s additive 5-point rubric, scores 0-5; "" = this one) or "builtin:dno6" (a DNO-style 6-point scale, 1-6, as the DNO paper\'s annotator). A template declares its score range in a front-matter block ("---" / "scale: 0-5" / "---", stripped before use); without one it is 1-5. See harness/judges/parsing.py.')
     samples: int = opt(1, "Judge each item this many times and average (Self-Rewarding uses 3).", min=1)
     temperature: float = opt(0.0, "Judge sampling temperature (0 = greedy; use > 0 with samples > 1).", min=0.0)
-    max_new_tokens: int = opt(64, "Tokens a model judge may write before its score.", min=1)
+    max_new_tokens: int = opt(256, "Tokens a model judge may write, justification and score together. The built-in rubric asks for up to 100 words before the score (about 130-150 tokens), so 256 leaves room; a judgment cut off at this limit has no score and is counted as judge/n_truncated, apart from judge/n_parse_failed.", min=1)
     batch_size: int = opt(16, "Judge batch size.", min=1)
     base_url: str = opt("", "openai: base URL of an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
     api_key_env: str = opt("OPENAI_API_KEY", "openai: name of the environment variable holding the API key.")
     timeout_s: float = opt(60.0, "openai: per-request timeout in seconds.", min=0.1)
     max_retries: int = opt(3, "openai: retries on timeouts and 5xx answers.", min=0)
     min_coverage: float = opt(0.9, "Fail the stage when fewer than this fraction of items get a valid judgment.", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class SftSection:
+    """Settings of a supervised fine-tuning stage (Self-Rewarding's M1: SFT on IFT + EFT data).
+    The optimizer, weight decay, gradient clipping and checkpointing come from [training]."""
+    learning_rate: float = opt(1e-4, "Peak learning rate. The paper's M1 used 5.5e-6 for full fine-tuning of Llama-2-70B; a LoRA adapter learns a low-rank update and needs a rate 10-100x higher: 1e-4 is QLoRA's rate for its 33B-65B models (2e-4 up to 13B).", min=0.0)
+    epochs: float = opt(1.0, "Epochs over the SFT examples.", min=0.0)
+    batch_size: int = opt(16, "Examples per device batch (x gradient_accumulation_steps = the paper's batch size of 16 by default).", min=1)
+    gradient_accumulation_steps: int = opt(1, "Batches per optimiser step.", min=1)
+    max_length: int = opt(1024, "Truncate prompt + answer to this many tokens (EFT examples hold a whole judge prompt).", min=8)
+    warmup_ratio: float = opt(0.1, "Fraction of steps spent warming up the learning rate.", min=0.0, max=1.0)
+    lr_scheduler: str = opt("linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant", "constant_with_warmup"))
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,7 @@ class DataSection:
     response_field: str = opt("response", "Column with the human / SFT answer (SPIN).")
     messages_field: str = opt("", "Column with chat messages [{role, content}, ...]; when set, the last assistant turn is the answer and the rest the prompt.")
     id_field: str = opt("", "Column with a stable prompt id; empty = a hash of the prompt text.")
-    num_prompts: int = opt(0, "Use the first N prompts (after a seeded shuffle); 0 = all.", min=0)
+    num_prompts: int = opt(0, "Use the first N prompts after a shuffle seeded with experiment.seed (another seed, another subset); 0 = all, in file order.", min=0)
     system_prompt: str = opt("", "Optional system message put before every prompt.")
 
 
@@ -132,6 +145,27 @@ class IndicatorSection:
 
 
 @dataclass(frozen=True)
+class ValidationSection:
+    """Held-out evaluations for choosing an iterate (DNO's best iterate), disjoint from the
+    reported [eval] numbers so that the choice does not peek at them. Metrics are stored
+    under "validation/": validation/lm_eval/<task>/<metric>, validation/alpaca_eval/<metric>,
+    validation/judge/score_mean."""
+    lm_eval_tasks: tuple[str, ...] = opt(factory=tuple, doc='lm-eval tasks on validation data (names, task YAML files or directories, as eval.lm_eval_tasks); they must not be the reported test tasks.')
+    num_fewshot: int = opt(0, "lm-eval few-shot examples.", min=0)
+    limit: int = opt(0, "lm-eval: examples per task; 0 = all.", min=0)
+    alpaca_eval: AlpacaEvalSection = opt(factory=AlpacaEvalSection, doc="AlpacaEval-style win rate on validation instructions (their own file).")
+    prompts: str = opt("", 'Held-out prompts (a .jsonl/.json/.parquet file with a "prompt" column, "tiny:<name>" such as "tiny:ift", or a hub dataset id) whose greedy answers the validation judge scores; metric validation/judge/score_mean. "" = none.')
+    split: str = opt("train", "Hub dataset split of prompts (e.g. a test split the training prompts do not come from).")
+    num_prompts: int = opt(0, "Use the first N of those prompts; 0 = all.", min=0)
+    min_coverage: float = opt(0.9, "Fail the stage when fewer than this fraction of the prompts get a valid judgment.", min=0.0, max=1.0)
+    judge: JudgeSection = opt(factory=lambda: JudgeSection(name="oracle"), doc="The judge that scores the answers to the validation prompts.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lm_eval_tasks or self.alpaca_eval.instructions or self.prompts)
+
+
+@dataclass(frozen=True)
 class EvalSection:
     lm_eval_tasks: tuple[str, ...] = opt(factory=tuple, doc='lm-eval tasks: built-in names (need the hub), task YAML files or directories, or "tiny:<name>".')
     num_fewshot: int = opt(0, "lm-eval few-shot examples.", min=0)
@@ -141,6 +175,7 @@ class EvalSection:
     eval_prompts: str = opt("", 'Held-out prompts for indicators (same format as data.train); "" = use the AlpacaEval instructions.')
     alpaca_eval: AlpacaEvalSection = opt(factory=AlpacaEvalSection, doc="AlpacaEval-style win rate.")
     indicators: IndicatorSection = opt(factory=IndicatorSection, doc="Over-optimisation indicators.")
+    validation: ValidationSection = opt(factory=ValidationSection, doc="Validation evaluations for choosing an iterate (method.dno.select_metric); not reported as results.")
 
 
 @dataclass(frozen=True)
@@ -168,6 +203,11 @@ class Config:
         return dict_hash(self.to_dict())
 
     def learning_rate_for(self, iteration: int) -> float:
+        """The DPO learning rate of training iteration ``iteration`` (1-based). An SFT stage
+        before iteration 1 has its own settings (``SftSection``)."""
+        if iteration < 1:
+            raise ValueError(f"training iterations count from 1, got {iteration}; an SFT stage before "
+                             "iteration 1 uses its own learning rate (method.self_rewarding.sft)")
         lrs = self.training.learning_rates
         if not lrs:
             return self.training.learning_rate
@@ -243,7 +283,7 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
         errors.append(FieldError("judge.name", f"method {cfg.method.name!r} needs a judge; set one of {[j for j in JUDGES if j != 'none']}"))
     if cfg.chain == "merge" and cfg.model.quantization != "none":
         errors.append(FieldError("lora.chain", "merge would fold adapters into quantized weights lossily; use \"continue\" (or \"auto\") with a quantized base"))
-    for where, judge in (("judge", cfg.judge), ("eval.alpaca_eval.judge", cfg.eval.alpaca_eval.judge)):
+    for where, judge in judge_sections(cfg):
         if judge.name in ("hf", "reward_model", "openai") and not judge.model:
             errors.append(FieldError(f"{where}.model", f"judge {judge.name!r} needs a model"))
         if judge.name == "openai" and not judge.base_url:
@@ -254,10 +294,18 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
     if n_lrs > cfg.method.iterations:
         errors.append(FieldError("training.learning_rates", f"{n_lrs} rates for {cfg.method.iterations} iterations; "
                                                             "give one per iteration (the last one repeats)"))
-    if cfg.eval.alpaca_eval.judge.name == "self":
-        errors.append(FieldError("eval.alpaca_eval.judge.name", "the policy cannot judge its own AlpacaEval outputs fairly; choose another judge"))
+    for where in ("eval.alpaca_eval.judge", "eval.validation.alpaca_eval.judge", "eval.validation.judge"):
+        if dict(judge_sections(cfg))[where].name == "self":
+            errors.append(FieldError(f"{where}.name", "the policy cannot judge its own evaluation outputs fairly; choose another judge"))
     for err in method.check(cfg):
         errors.append(err)
+
+
+def judge_sections(cfg: Config) -> list[tuple[str, JudgeSection]]:
+    """Every judge of an experiment with its dotted path."""
+    v = cfg.eval.validation
+    return [("judge", cfg.judge), ("eval.alpaca_eval.judge", cfg.eval.alpaca_eval.judge),
+            ("eval.validation.alpaca_eval.judge", v.alpaca_eval.judge), ("eval.validation.judge", v.judge)]
 
 
 def load(path: str | Path) -> Config:

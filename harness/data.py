@@ -106,16 +106,17 @@ def to_examples(rows: list[dict], *, prompt_field: str = "prompt", response_fiel
     return out
 
 
-def load_examples(section, ref: str | None = None, where: str = "data.train") -> list[Example]:
-    """Examples from ``ref`` (default: ``section.train``), with the section's column mapping,
-    shuffled with a fixed seed and cut to ``num_prompts`` when set."""
+def load_examples(section, ref: str | None = None, where: str = "data.train", *, seed: int) -> list[Example]:
+    """Examples from ``ref`` (default: ``section.train``), with the section's column mapping.
+    With ``num_prompts`` set they are sorted by id, shuffled with ``seed`` (the experiment
+    seed: another seed draws another subset) and cut to the first ``num_prompts``."""
     rows = read_records(ref or section.train, revision=section.revision, split=section.split, where=where)
     exs = to_examples(rows, prompt_field=section.prompt_field, response_field=section.response_field,
                       messages_field=section.messages_field, id_field=section.id_field,
                       system_prompt=section.system_prompt, where="data")
     if section.num_prompts and ref is None:
         exs = sorted(exs, key=lambda e: e.id)
-        random.Random(0).shuffle(exs)
+        random.Random(seed).shuffle(exs)
         exs = exs[:section.num_prompts]
     return exs
 

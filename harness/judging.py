@@ -52,29 +52,54 @@ class JudgeTransportError(CoverageError):
 
 @dataclass
 class Judged:
-    """The log's records in ``groups`` order, plus what to report about them."""
+    """The log's records in ``groups`` order, plus what to report about them.
+
+    Items are candidates; answers are the judge's samples of an item (``judge.samples``
+    each). An item fails (no score) when none of its answers has a valid score. An
+    answer is *truncated* when the judge stopped at its token limit without ending
+    (no EOS): usually the score was never written, and a higher ``judge.max_new_tokens``
+    is the fix. An answer that ended and still has no valid score is a *parse failure*:
+    the judge did not follow the template."""
     what: str
     records: list[dict]
     n_items: int = 0                      # candidates sent to the judge (fixed scores excluded)
-    n_parse_failed: int = 0               # judge answers without a valid score (kept as judgments)
+    n_parse_failed: int = 0               # items without a valid score (kept as judgments)
     parse_examples: list[tuple[str, str]] = field(default_factory=list)  # (prompt id, raw answer)
+    n_answers: int = 0                    # judge answers (items x samples)
+    n_answers_truncated: int = 0          # answers cut at the token limit
+    n_answers_parse_failed: int = 0       # answers that ended without a valid score
 
     def parse_summary(self) -> str | None:
         """A one-line account of unparsable answers, or None when there were none."""
         if not self.n_parse_failed:
             return None
         shown = "; ".join(f"{pid}: {_quote(raw)}" for pid, raw in self.parse_examples[:_SHOW])
-        return (f"{self.what}: {self.n_parse_failed} of {self.n_items} judge answers had no valid score "
-                f"(kept as failed judgments, counted in coverage); e.g. {shown}")
+        cut = (f"; {self.n_answers_truncated} of {self.n_answers} answers were cut at the token limit "
+               "(raise judge.max_new_tokens)") if self.n_answers_truncated else ""
+        return (f"{self.what}: {self.n_parse_failed} of {self.n_items} judge items had no valid score "
+                f"(kept as failed judgments, counted in coverage){cut}; e.g. {shown}")
+
+    def metrics(self) -> dict:
+        """The judge stage's counts (see the class doc)."""
+        return {"judge/n_items": self.n_items, "judge/n_failed": self.n_parse_failed,
+                "judge/coverage": (self.n_items - self.n_parse_failed) / self.n_items if self.n_items else None,
+                "judge/n_answers": self.n_answers, "judge/n_truncated": self.n_answers_truncated,
+                "judge/n_parse_failed": self.n_answers_parse_failed}
 
 
 def _record(group, where: list[tuple[int, int]], verdicts: Sequence[Verdict], gi: int) -> dict:
+    """One prompt's judgments: per candidate its score, the judge's raw answers, their
+    parsed scores and whether each was cut at the token limit (fixed scores: empty)."""
+    n = len(group.candidates)
     rec = {"id": group.example.id, "scores": [c.fixed_score for c in group.candidates],
-           "raw": [[] for _ in group.candidates], "failed": 0}
+           "raw": [[] for _ in range(n)], "answer_scores": [[] for _ in range(n)],
+           "truncated": [[] for _ in range(n)], "failed": 0}
     for (g, ci), v in zip(where, verdicts):
         if g == gi:
             rec["scores"][ci] = v.score
             rec["raw"][ci] = list(v.raw)
+            rec["answer_scores"][ci] = list(v.scores)
+            rec["truncated"][ci] = list(v.truncated) or [False] * len(v.raw)
             rec["failed"] += v.score is None
     return rec
 
@@ -150,8 +175,14 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
     store.write_jsonl(log.path, records)  # canonical order; same bytes as the appended lines
     out = Judged(what, records, n_items=sum(c.fixed_score is None for g in groups for c in g.candidates))
     for g, rec in zip(groups, records):
-        for c, score, raw in zip(g.candidates, rec["scores"], rec["raw"]):
-            if c.fixed_score is None and score is None:
+        for ci, (c, score, raw) in enumerate(zip(g.candidates, rec["scores"], rec["raw"])):
+            if c.fixed_score is not None:
+                continue
+            if score is None:
                 out.n_parse_failed += 1
                 out.parse_examples.append((g.example.id, raw[0] if raw else ""))
+            cut = rec["truncated"][ci]
+            out.n_answers += len(raw)
+            out.n_answers_truncated += sum(cut)
+            out.n_answers_parse_failed += sum(not t and s is None for t, s in zip(cut, rec["answer_scores"][ci]))
     return out

@@ -1,10 +1,20 @@
 """DPO-family training on (chosen, rejected) pairs, and SFT, with LoRA / QLoRA, via trl.
 
-The reference of iteration t+1 is exactly the model of iteration t:
+The reference of iteration t+1 is exactly the model of iteration t
+(``method.reference = "previous"``):
 - merge chain: the policy is base + merged earlier adapters, trl adds a fresh
   adapter (peft_config) and uses the adapter-disabled model as reference;
 - continue chain: the policy is a PeftModel whose "default" adapter starts as a
   copy of adapter_t; trl adds a frozen "ref" copy of it as the reference.
+With ``method.reference = "base"`` the loop passes the iteration-0 chain of
+adapters (``reference``) and the reference is that model instead: merge -- a
+separately loaded, frozen copy handed to trl as ``ref_model``; continue -- the
+"ref" adapter is replaced by the iteration-0 adapter, or removed so that the
+adapter-disabled (quantized) base is the reference.
+
+Dropout: only the adapter being trained drops out (``lora.dropout``); the base
+model's own dropout and a frozen "ref" adapter stay off, so reference log-probs
+are deterministic (trl's ``disable_dropout`` would also zero ``lora.dropout``).
 Guards: a non-finite loss aborts (the stage stays unfinished); training that
 leaves the adapter unchanged is an error; peak memory is recorded.
 """
@@ -14,6 +24,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -76,6 +87,30 @@ class _Schedule:
         return self.lr_scheduler
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """The size and schedule of one training stage: [training] with the iteration's
+    learning rate for DPO, ``SftSection`` for an SFT stage."""
+    learning_rate: float
+    epochs: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    warmup_ratio: float
+    lr_scheduler: str
+
+    @classmethod
+    def dpo(cls, cfg, iteration: int) -> StepSettings:
+        t = cfg.training
+        return cls(cfg.learning_rate_for(iteration), t.epochs, t.batch_size, t.gradient_accumulation_steps,
+                   t.max_length, t.warmup_ratio, t.lr_scheduler)
+
+    @classmethod
+    def sft(cls, section) -> StepSettings:
+        return cls(section.learning_rate, section.epochs, section.batch_size, section.gradient_accumulation_steps,
+                   section.max_length, section.warmup_ratio, section.lr_scheduler)
+
+
 def optimizer_steps(n_items: int, training) -> int:
     """Optimizer steps an iteration of ``n_items`` examples takes (as the trainer counts them)."""
     per_epoch = max(1, math.ceil(math.ceil(n_items / training.batch_size) / training.gradient_accumulation_steps))
@@ -89,25 +124,39 @@ def lora_config(section):
                       target_modules=list(section.target_modules), task_type="CAUSAL_LM")
 
 
-def _trainer_args(cls, cfg, out_dir: Path, iteration: int, **extra):
+def _trainer_args(cls, cfg, out_dir: Path, iteration: int, settings: StepSettings | None = None, **extra):
     t = cfg.training
+    s = settings or StepSettings.dpo(cfg, iteration)
     on_cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
     return cls(
-        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=cfg.learning_rate_for(iteration),
-        num_train_epochs=t.epochs, lr_scheduler_type=t.lr_scheduler,  # applied by _Schedule
-        optim=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=t.max_length,
+        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps, learning_rate=s.learning_rate,
+        num_train_epochs=s.epochs, lr_scheduler_type=s.lr_scheduler,  # applied by _Schedule
+        optim=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=s.max_length,
         gradient_checkpointing=t.gradient_checkpointing, seed=cfg.experiment.seed + iteration,
         data_seed=cfg.experiment.seed + iteration, use_cpu=not on_cuda,
         bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=False, dataset_num_proc=None, **extra)
 
 
-def _trainer(cls, cfg, **kwargs):
-    """A trl trainer of class ``cls`` that uses the harness's learning-rate schedule."""
+def _trainer(cls, settings: StepSettings, lora_dropout: float, **kwargs):
+    """A trl trainer of class ``cls`` that uses the harness's learning-rate schedule and
+    drops out only on the trained adapter."""
     trainer = type(cls.__name__, (_Schedule, cls), {})(**kwargs)
-    trainer.schedule = (cfg.training.lr_scheduler, cfg.training.warmup_ratio)
+    trainer.schedule = (settings.lr_scheduler, settings.warmup_ratio)
+    only_adapter_dropout(trainer.model, lora_dropout)
     return trainer
+
+
+def only_adapter_dropout(model, p: float, adapter: str = "default") -> None:
+    """Dropout ``p`` on the trained adapter's input (peft's ``lora_dropout[adapter]``) and
+    none anywhere else: not in the base model (its nn.Dropout modules and the attention
+    dropout its config may set) and not in a frozen reference adapter."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p if name.endswith(f"lora_dropout.{adapter}") else 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def _adapter_state(model) -> dict[str, torch.Tensor]:
@@ -189,29 +238,97 @@ def pair_logps(model, tokenizer, pairs: Sequence[dict], max_length: int) -> tupl
             sequence_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_length=max_length))
 
 
-def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
-              probe_size: int = 256) -> tuple[dict, object]:
-    """Train one iteration on pairs {messages, chosen, rejected}; save ``out_dir/adapter``.
-    Returns (metrics, the trained in-memory model).
+def _use_reference_adapter(model, reference: Sequence[Path]) -> None:
+    """Continue chain: make the frozen "ref" adapter the model of the adapter chain
+    ``reference`` (its newest adapter carries the earlier ones; none = the base)."""
+    from peft import PeftModel
 
-    Reports, on up to ``probe_size`` pairs, the log-likelihoods before and after,
-    the fraction of pairs the model already preferred (logp chosen > logp
-    rejected) before training, and the implicit reward margin after training
-    (beta * change of the chosen-minus-rejected log-ratio; reference = before).
-    """
+    if not isinstance(model, PeftModel):
+        if reference:
+            raise TrainingError("a reference adapter needs a PEFT policy (continue chain)")
+        return  # a fresh adapter: trl's adapter-disabled reference is the base already
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+    if reference:
+        model.load_adapter(str(reference[-1]), adapter_name="ref", is_trainable=False)
+    model.set_adapter("default")
+    for name, param in model.named_parameters():
+        if ".ref." in name:
+            param.requires_grad_(False)
+
+
+def reference_logps(trainer, n: int) -> tuple[list[float], list[float]]:
+    """trl's own reference log-probs of the first ``n`` training pairs (chosen, rejected),
+    computed the way its loss computes them, in eval mode."""
+    model = trainer.ref_model or trainer.model
+    device = next(trainer.model.parameters()).device
+    was_training = trainer.model.training
+    trainer.model.eval()
+    chosen: list[float] = []
+    rejected: list[float] = []
+    step = trainer.args.per_device_train_batch_size
+    try:
+        for i in range(0, n, step):
+            batch = trainer.data_collator([trainer.train_dataset[j] for j in range(i, min(n, i + step))])
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            c, r = trainer.compute_ref_log_probs(model, batch)
+            chosen += c.float().tolist()
+            rejected += r.float().tolist()
+    finally:
+        trainer.model.train(was_training)
+    return chosen, rejected
+
+
+def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
+                reference: Sequence[Path] | None = None, base: str | None = None):
+    """trl's DPOTrainer for one iteration, its reference set up for the chain in use
+    (see the module doc; ``reference`` and ``base`` as in ``train_dpo``)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    data = Dataset.from_list([{"prompt": list(p["messages"]), "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    policy, peft_config = _prepare_policy(model, cfg)
+    ref_model = None
+    if reference is not None and cfg.chain == "merge":
+        from harness.models import load_policy
+
+        ref_model, _ = load_policy(cfg, list(reference), tokenizer=tokenizer, base=base)
+        ref_model.requires_grad_(False)
+    settings = StepSettings.dpo(cfg, iteration)
+    args = _trainer_args(DPOConfig, cfg, out_dir, iteration, settings, beta=cfg.method.beta,
+                         loss_type=[cfg.method.loss], disable_dropout=False)  # only_adapter_dropout instead
+    trainer = _trainer(DPOTrainer, settings, cfg.lora.dropout, model=policy, ref_model=ref_model, args=args,
+                       train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+    if reference is not None and cfg.chain == "continue":
+        _use_reference_adapter(trainer.model, reference)
+    return trainer
+
+
+def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
+              probe_size: int = 256, reference: Sequence[Path] | None = None,
+              base: str | None = None) -> tuple[dict, object]:
+    """Train one iteration on pairs {messages, chosen, rejected}; save ``out_dir/adapter``.
+    Returns (metrics, the trained in-memory model).
+
+    ``reference``: None = the model passed in is the reference (model_t, "previous");
+    a chain of saved adapters = the reference is that chain's model (``method.reference
+    = "base"``: the iteration-0 chain), loaded from ``base`` (the resolved base path).
+
+    Reports, on up to ``probe_size`` pairs, the log-likelihoods before and after,
+    the fraction of pairs the model already preferred (logp chosen > logp
+    rejected) before training, the implicit reward margin after training
+    (beta * change of the chosen-minus-rejected log-ratio; reference = before),
+    and trl's own reference log-probs of those pairs: ``train/ref_gap_to_start`` is
+    their largest distance to the policy's before training (0 up to float rounding
+    when the reference is the previous iterate).
+    """
     if not pairs:
         raise TrainingError("no training pairs for this iteration")
     probe = list(pairs[:probe_size])
     c0, r0 = pair_logps(model, tokenizer, probe, cfg.training.max_length)
-    data = Dataset.from_list([{"prompt": list(p["messages"]), "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
-    policy, peft_config = _prepare_policy(model, cfg)
-    args = _trainer_args(DPOConfig, cfg, out_dir, iteration, beta=cfg.method.beta, loss_type=[cfg.method.loss])
-    trainer = _trainer(DPOTrainer, cfg, model=policy, args=args, train_dataset=data, processing_class=tokenizer,
-                       peft_config=peft_config)
+    trainer = dpo_trainer(model, tokenizer, pairs, cfg, iteration, out_dir, reference, base)
+    ref_c, ref_r = reference_logps(trainer, len(probe))
     metrics = _run(trainer, out_dir)
     c1, r1 = pair_logps(trainer.model, tokenizer, probe, cfg.training.max_length)
     n = len(probe)
@@ -225,14 +342,18 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
         "train/logp_chosen": sum(c1) / n, "train/logp_rejected": sum(r1) / n,
         "train/reward_margin": sum(margins) / n,
         "train/reward_accuracy": sum(m > 0 for m in margins) / n,
+        "train/ref_logp_chosen": sum(ref_c) / n, "train/ref_logp_rejected": sum(ref_r) / n,
+        "train/ref_gap_to_start": max(abs(a - b) for a, b in zip(ref_c + ref_r, c0 + r0)),
     })
     return metrics, trainer.model
 
 
 def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, out_dir: Path,
-              max_steps: int = -1) -> dict:
+              max_steps: int = -1, settings=None) -> dict:
     """Supervised LoRA fine-tuning on {messages, response} (Self-Rewarding's M1 stage; the SFT
-    control of the SPIN benchmark). Loss on the answer only. ``max_steps`` > 0 overrides epochs."""
+    control of the SPIN benchmark). Loss on the answer only. ``max_steps`` > 0 overrides epochs.
+    ``settings``: a ``harness.config.SftSection`` (the M1 stage's own settings); None = the
+    DPO settings of training iteration ``iteration`` (the SFT control of a DPO run)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -241,8 +362,9 @@ def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, o
     data = Dataset.from_list([{"prompt": list(e["messages"]), "completion": [{"role": "assistant", "content": e["response"]}]}
                               for e in examples])
     policy, peft_config = _prepare_policy(model, cfg)
-    args = _trainer_args(SFTConfig, cfg, out_dir, iteration, completion_only_loss=True, packing=False,
+    steps = StepSettings.dpo(cfg, iteration) if settings is None else StepSettings.sft(settings)
+    args = _trainer_args(SFTConfig, cfg, out_dir, iteration, steps, completion_only_loss=True, packing=False,
                          max_steps=max_steps)
-    trainer = _trainer(SFTTrainer, cfg, model=policy, args=args, train_dataset=data, processing_class=tokenizer,
-                       peft_config=peft_config)
+    trainer = _trainer(SFTTrainer, steps, cfg.lora.dropout, model=policy, args=args, train_dataset=data,
+                       processing_class=tokenizer, peft_config=peft_config)
     return _run(trainer, out_dir)

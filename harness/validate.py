@@ -3,7 +3,8 @@
 ``harness validate`` and the start of ``harness run`` call ``check``: files exist,
 parse and have the named columns; the model resolves and its LoRA target modules
 exist (the model is built from its config on the meta device: no weights load);
-lm-eval tasks exist; a selection metric is one the evaluations produce; the run
+lm-eval tasks exist; a selection metric is one the [eval.validation] evaluations
+produce (never a reported result: choosing on those would peek at them); the run
 directory is a safe, writable path; the device exists; an HTTP judge has its key.
 Every problem is collected, each as a ``FieldError`` with its dotted path.
 Warnings (e.g. an iteration with very few optimizer steps) do not fail.
@@ -23,14 +24,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config import Config, JudgeSection
+from harness.config import Config, JudgeSection, judge_sections
 from harness.data import DataError, load_examples
 from harness.evaluate import load_eval_prompts
 from harness.evaluate.alpaca import HUB_SET, load_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics
-from harness.judges.parsing import load_template
+from harness.judges.parsing import BUILTIN_PREFIX, load_template
 from harness.registry import METHODS
 from harness.schema import FieldError
+from harness.selection import metric_names as validation_metric_names
 from harness.sources import ModelSource, SourceError, converted, is_built, is_tiny_ref, locate, resolve_ref, tiny_problem
 from harness.train import optimizer_steps
 
@@ -68,16 +70,26 @@ def check(cfg: Config, *, check_endpoints: bool = False) -> Report:
         r.errors += method.check_inputs(cfg, examples)
         _steps(cfg, method, len(examples), r)
     _files(cfg, r)
-    produced = _evaluation(cfg, r)
+    _evaluation(cfg, r)
+    validation = _validation(cfg, r)
     for where, metric in method.metric_refs(cfg):
-        if produced is not None and metric not in produced and not _builtin_task_metric(metric, produced):
-            near = sorted(m for m in produced if not m.endswith("_stderr"))
-            r.errors.append(FieldError(where, f"{metric!r} is not a metric this experiment's evaluations produce; "
-                                              f"they produce: {', '.join(near) or 'none'}"))
-    for where, judge in (("judge", cfg.judge), ("eval.alpaca_eval.judge", cfg.eval.alpaca_eval.judge)):
-        if judge.name != "none" and (where == "judge" or cfg.eval.alpaca_eval.instructions):
-            _judge(cfg, where, judge, r, check_endpoints)
+        if validation is not None and metric not in validation and not _builtin_task_metric(metric, validation):
+            near = sorted(m for m in validation if not m.endswith("_stderr"))
+            r.errors.append(FieldError(where, (
+                f"{metric!r} is not a metric the [eval.validation] evaluations produce (an iterate is chosen on "
+                f"validation data, never on the reported results); they produce: "
+                f"{', '.join(near) or 'none (configure eval.validation)'}")))
+    for where, judge in _judges_in_use(cfg):
+        _judge(cfg, where, judge, r, check_endpoints)
     return r
+
+
+def _judges_in_use(cfg: Config) -> list[tuple[str, JudgeSection]]:
+    v = cfg.eval.validation
+    used = {"judge": cfg.judge.name != "none", "eval.alpaca_eval.judge": bool(cfg.eval.alpaca_eval.instructions),
+            "eval.validation.alpaca_eval.judge": bool(v.alpaca_eval.instructions),
+            "eval.validation.judge": bool(v.prompts)}
+    return [(where, judge) for where, judge in judge_sections(cfg) if used[where]]
 
 
 # ---- files and data --------------------------------------------------------------
@@ -119,7 +131,7 @@ def _data(cfg: Config, r: Report) -> list | None:
                 "(HARNESS_ONLINE is not 1); give a local file, or declare experiment.requires = [\"hub\"]")))
         return None
     try:
-        return load_examples(cfg.data)
+        return load_examples(cfg.data, seed=cfg.experiment.seed)
     except DataError as e:
         r.errors.append(FieldError(*_split_where(str(e), "data.train")))
         return None
@@ -136,9 +148,9 @@ def _split_where(message: str, default: str) -> tuple[str, str]:
 def _files(cfg: Config, r: Report) -> None:
     if cfg.model.chat_template:
         readable(cfg.model.chat_template, "model.chat_template", r)
-    for where, judge in (("judge", cfg.judge), ("eval.alpaca_eval.judge", cfg.eval.alpaca_eval.judge)):
+    for where, judge in _judges_in_use(cfg):
         if judge.template and judge.name in ("self", "hf", "openai"):
-            if readable(judge.template, f"{where}.template", r) is not None:
+            if judge.template.startswith(BUILTIN_PREFIX) or readable(judge.template, f"{where}.template", r) is not None:
                 try:
                     load_template(judge.template, f"{where}.template")
                 except ValueError as e:
@@ -312,9 +324,49 @@ def _evaluation(cfg: Config, r: Report) -> set[str] | None:
     return produced
 
 
+def _validation(cfg: Config, r: Report) -> set[str] | None:
+    """The "validation/..." metric names [eval.validation] will produce (None when unknown)."""
+    v = cfg.eval.validation
+    for i, spec in enumerate(v.lm_eval_tasks):
+        if spec in cfg.eval.lm_eval_tasks:
+            r.errors.append(FieldError(f"eval.validation.lm_eval_tasks[{i}]", (
+                f"{spec!r} is also a reported task (eval.lm_eval_tasks): validation must be disjoint from the "
+                "reported results")))
+    if v.alpaca_eval.instructions and v.alpaca_eval.instructions == cfg.eval.alpaca_eval.instructions:
+        r.errors.append(FieldError("eval.validation.alpaca_eval.instructions", (
+            "the same instructions as eval.alpaca_eval (also a reported result): validation must be disjoint")))
+    for i, spec in enumerate(v.lm_eval_tasks):
+        if is_tiny_ref(spec) and tiny_available(spec, f"eval.validation.lm_eval_tasks[{i}]", r) is None:
+            return None
+    if v.prompts:
+        from harness.methods.base import file_problems
+
+        local = is_tiny_ref(v.prompts) or Path(v.prompts).suffix in (".jsonl", ".json", ".parquet") \
+            or v.prompts.startswith(("/", ".", "~")) or Path(v.prompts).expanduser().exists()
+        if not local:  # a hub dataset id: it loads at run time
+            if os.environ.get("HARNESS_ONLINE") != "1":
+                r.environment(cfg, "hub", FieldError("eval.validation.prompts", (
+                    f"{v.prompts!r} is not a local file, so it is read as a hub dataset id, and the hub is off "
+                    "(HARNESS_ONLINE is not 1); give a local file, or declare experiment.requires = [\"hub\"]")))
+        elif readable(v.prompts, "eval.validation.prompts", r) is not None:
+            r.errors += file_problems(v.prompts, "eval.validation.prompts", ("prompt",))[1]
+    ae = v.alpaca_eval
+    if ae.instructions and ae.instructions != HUB_SET \
+            and readable(ae.instructions, "eval.validation.alpaca_eval.instructions", r) is not None:
+        try:
+            load_instructions(ae.instructions, ae.limit)
+        except (OSError, ValueError) as e:
+            r.errors.append(FieldError("eval.validation.alpaca_eval.instructions", str(e)))
+    try:
+        return validation_metric_names(v)
+    except (FileNotFoundError, KeyError) as e:
+        r.errors.append(FieldError(*_split_where(str(e).strip("'\""), "eval.validation.lm_eval_tasks")))
+        return None
+
+
 def _builtin_task_metric(metric: str, produced: set[str]) -> bool:
     """A task whose YAML could not be read ("*"): its metric names are known once it loads."""
-    return any(m.startswith("lm_eval/") and m.endswith("/*") and metric.startswith(m[:-1]) for m in produced)
+    return any(m.endswith("/*") and "lm_eval/" in m and metric.startswith(m[:-1]) for m in produced)
 
 
 def _judge(cfg: Config, where: str, judge: JudgeSection, r: Report, check_endpoints: bool) -> None:

@@ -96,9 +96,29 @@ def _write_instructions(path: Path, n: int) -> Path:
     return path
 
 
+def test_win_rate_statistics_on_hand_made_annotations():
+    """Known answers, counted by hand: 3 wins, 1 loss, 1 exact draw, 1 weighted 1.75, and one
+    failed judgment (null) out of 7 instructions."""
+    import statistics
+
+    from harness.evaluate.alpaca import compute_metrics
+
+    prefs = [2.0, 2.0, 2.0, 1.0, 1.5, 1.75, None]
+    ann = [{"instruction": f"i{i}", "output_1": "ref", "output_2": "model", "generator_1": "r",
+            "generator_2": "m", "preference": p} for i, p in enumerate(prefs)]
+    m, info = compute_metrics(ann, ["ab", "abcd", "abc", "a", "abcdef", "ab", "abcd"], 7)
+    credit = [1, 1, 1, 0, 0.5, 0.75]                     # preference - 1 of the six judged
+    assert m["alpaca_eval/win_rate"] == pytest.approx(100 * 4.25 / 6)
+    assert m["alpaca_eval/standard_error"] == pytest.approx(100 * statistics.stdev(credit) / 6 ** 0.5)
+    assert (m["alpaca_eval/n_wins"], m["alpaca_eval/n_draws"], m["alpaca_eval/n_total"]) == (4, 1, 6)
+    assert m["alpaca_eval/discrete_win_rate"] == pytest.approx(100 * 4.5 / 6)   # 1.75 rounds to a win
+    assert m["alpaca_eval/avg_length"] == 3 and m["alpaca_eval/n_instructions"] == 7   # int(22 / 7)
+    assert m["alpaca_eval/coverage"] == pytest.approx(6 / 7)
+    assert m["alpaca_eval/length_controlled_winrate"] is None and "805" in info["length_controlled_winrate"]
+
+
 def test_run_writes_files_and_metrics_come_from_alpaca_eval(tiny, tmp_path):
-    import pandas as pd
-    from alpaca_eval.metrics import get_winrate
+    import statistics
 
     model, tok = tiny
     section = AlpacaEvalSection(instructions=str(_write_instructions(tmp_path / "ae.json", 12)), limit=10)
@@ -107,11 +127,16 @@ def test_run_writes_files_and_metrics_come_from_alpaca_eval(tiny, tmp_path):
                         max_new_tokens=8, batch_size=4)
     outputs = json.loads((out / "model_outputs.json").read_text())
     assert len(outputs) == 10 and {o["generator"] for o in outputs} == {"tiny/iter_001"}
-    ann = pd.read_json(out / "annotations.json")
-    ref = get_winrate(ann)
-    for k in ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate"):
-        assert m[f"alpaca_eval/{k}"] == ref[k], k
-    assert m["alpaca_eval/avg_length"] == int(pd.Series([o["output"] for o in outputs]).str.len().mean())
+    # the judge prefers the longer answer: the expected preferences follow from the texts alone
+    refs = [r["output"] for r in _rows(10)]
+    lens = [(len(o["output"]), len(r)) for o, r in zip(outputs, refs)]
+    credit = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in lens]
+    assert len(set(credit)) > 1, lens   # not a degenerate case
+    assert m["alpaca_eval/win_rate"] == pytest.approx(100 * sum(credit) / 10)
+    assert m["alpaca_eval/standard_error"] == pytest.approx(100 * statistics.stdev(credit) / 10 ** 0.5)
+    assert m["alpaca_eval/n_wins"] == sum(c == 1.0 for c in credit)
+    assert m["alpaca_eval/n_draws"] == sum(c == 0.5 for c in credit) and m["alpaca_eval/n_total"] == 10
+    assert m["alpaca_eval/avg_length"] == sum(a for a, _ in lens) // 10
     assert m["alpaca_eval/length_controlled_winrate"] is None  # no df_gamed.csv here: never a made-up number
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["notes"]["length_controlled_winrate"].startswith("unavailable")
@@ -195,14 +220,14 @@ def test_published_run_row(tmp_path):
 
 
 def test_length_controlled_win_rate_comes_from_alpaca_eval_when_its_data_is_cached(tmp_path, monkeypatch):
-    """With alpaca_eval's GLM data in the local hub cache, LC is alpaca_eval's own number.
-    The cached files here are synthetic stand-ins with the columns alpaca_eval reads:
-    this checks the wiring, not the published LC values."""
+    """With alpaca_eval's GLM data in the local hub cache, LC is alpaca_eval's length-controlled
+    model's number. The cached files here are synthetic stand-ins with the columns alpaca_eval
+    reads, so the expectations are the properties LC has whatever the data: it removes wins
+    that length explains, keeps wins that it does not, and is 50 for a system against itself."""
     import random
 
     import huggingface_hub.constants
     import pandas as pd
-    from alpaca_eval.metrics import get_length_controlled_winrate
 
     from harness.evaluate.alpaca import AE_SET_SIZE, compute_metrics
 
@@ -219,12 +244,30 @@ def test_length_controlled_win_rate_comes_from_alpaca_eval_when_its_data_is_cach
     pd.Series(difficulty, name="instruction_difficulty").to_csv(snap / "instruction_difficulty.csv")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
-    ann = [{"instruction": f"i{i}", "output_1": "r" * rng.randrange(1, 50), "output_2": "m" * rng.randrange(1, 50),
-            "generator_1": "ref", "generator_2": "model", "annotator": "j", "preference": 1 + rng.random()}
-           for i in range(AE_SET_SIZE)]
+    def annotations(prefs, len_ref, len_model, generator="model"):
+        return [{"instruction": f"i{i}", "output_1": "r" * a, "output_2": "m" * b, "generator_1": "ref",
+                 "generator_2": generator, "annotator": "j", "preference": p}
+                for i, (p, a, b) in enumerate(zip(prefs, len_ref, len_model))]
+
+    len_ref = [rng.randrange(10, 60) for _ in range(AE_SET_SIZE)]
+    # a length gamer: answers longer than the reference 85% of the time, and it wins exactly then
+    len_gamer = [a + (rng.randrange(5, 40) if rng.random() < 0.85 else -rng.randrange(5, 9)) for a in len_ref]
+    wins = [b > a for a, b in zip(len_ref, len_gamer)]
+    ann = annotations([2.0 if w else 1.0 for w in wins], len_ref, len_gamer)
     m, info = compute_metrics(ann, [a["output_2"] for a in ann], AE_SET_SIZE)
-    expected = get_length_controlled_winrate(pd.DataFrame(ann), save_weights_dir=None)["length_controlled_winrate"]
-    assert m["alpaca_eval/length_controlled_winrate"] == expected and "length_controlled_winrate" not in info
+    raw, lc = m["alpaca_eval/win_rate"], m["alpaca_eval/length_controlled_winrate"]
+    assert raw == pytest.approx(100 * sum(wins) / AE_SET_SIZE) and "length_controlled_winrate" not in info
+    assert lc < raw - 15          # the wins are explained by length: length control takes most of them away
+    # wins that do not depend on length keep about their raw rate
+    len_model = [rng.randrange(10, 60) for _ in range(AE_SET_SIZE)]
+    fair = [rng.random() < 0.8 for _ in range(AE_SET_SIZE)]
+    m, _ = compute_metrics(annotations([2.0 if w else 1.0 for w in fair], len_ref, len_model),
+                           ["m" * b for b in len_model], AE_SET_SIZE)
+    assert abs(m["alpaca_eval/length_controlled_winrate"] - m["alpaca_eval/win_rate"]) < 5
+    # a system against itself: 50 by definition, whatever the raw preferences
+    m, _ = compute_metrics(annotations([2.0 if w else 1.0 for w in wins], len_ref, len_gamer, generator="ref"),
+                           ["m" * b for b in len_gamer], AE_SET_SIZE)
+    assert m["alpaca_eval/length_controlled_winrate"] == 50.0
     # a subset (limit) is not the AlpacaEval set: unavailable, never an extrapolated number
     m, info = compute_metrics(ann[:100], [a["output_2"] for a in ann[:100]], 100)
     assert m["alpaca_eval/length_controlled_winrate"] is None and "805" in info["length_controlled_winrate"]

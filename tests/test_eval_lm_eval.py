@@ -159,10 +159,41 @@ def test_adapter_equals_command_line(runs, task, metric, key):
     assert len(a) == LIMIT
 
 
-def test_generation_metric_is_not_trivial(runs):
-    # even docs carry the model's own greedy answer as the target
-    assert runs["ours"]["lm_eval/t_gen/exact_match"] == 0.5
-    assert 0.0 <= runs["ours"]["lm_eval/t_mc/acc"] <= 1.0
+def known_answer_model():
+    """A tiny Llama whose greedy answer to every prompt is known without running it: every
+    layer writes nothing to the residual stream (o_proj and down_proj are zero), every token
+    embeds to the same all-ones vector, and lm_head scores only token T (logit 32, all others
+    0). So the next token is T everywhere, and an answer of n tokens is T repeated n times."""
+    from transformers import LlamaForCausalLM
+
+    from test_eval_fixtures import build_tokenizer, tiny_llama_config
+
+    tok = build_tokenizer(["the quick brown fox jumps over the lazy dog 0123456789 question answer yes no "
+                           "user assistant what is plus minus say"] * 10)
+    tok.padding_side = "left"
+    model = LlamaForCausalLM(tiny_llama_config(tok, tie_word_embeddings=False)).eval()
+    (t,) = tok("yes", add_special_tokens=False).input_ids[:1]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[t] = 1.0
+    return model, tok, t
+
+
+def test_generation_metric_is_not_trivial(tmp_path, datasets_cache):
+    """exact_match against a model with a known answer: the targets of even docs are that
+    answer, so the reported number is 0.5 whatever the adapter's own outputs are."""
+    model, tok, t = known_answer_model()
+    answer = tok.decode([t] * 6)        # GEN_YAML: max_gen_toks 6, no stop sequence in the answer
+    assert answer.strip() and "\n" not in answer
+    _gen_task(tmp_path, [answer if i % 2 == 0 else "no match" for i in range(8)], "known")
+    section = EvalSection(lm_eval_tasks=(str(tmp_path / "gen.yaml"),), batch_size=BATCH, limit=LIMIT)
+    got = run_lm_eval(model, tok, section, tmp_path / "out")
+    assert [s["filtered_resps"][0] for s in _our_samples(tmp_path / "out", "t_gen")] == [answer] * LIMIT
+    assert got["lm_eval/t_gen/exact_match"] == 0.5   # docs 0, 2, 4 of the first 6
 
 
 def test_lm_eval_files_are_kept(runs):

@@ -7,6 +7,7 @@ import pytest
 from harness.config import JudgeSection
 from harness.judges import CachedJudge, CoverageError, build_judge, check_coverage, coverage
 from harness.judges.base import JudgeItem, Verdict
+from harness.tiny import tasks
 
 
 def test_none_and_missing_policy_are_clear_errors():
@@ -23,8 +24,6 @@ def test_bad_template_path_names_the_field(tmp_path):
 
 
 def test_oracle_judge_cached(tmp_path):
-    pytest.importorskip("harness.tiny.oracle")
-    tasks = pytest.importorskip("harness.tiny.tasks")
     judge = build_judge(JudgeSection(name="oracle"))
     assert judge.name == "oracle" and judge.scale == (1.0, 5.0)
     cached = build_judge(JudgeSection(name="oracle"), cache_path=tmp_path / "o.jsonl")

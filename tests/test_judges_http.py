@@ -111,7 +111,7 @@ def serve(monkeypatch):
 
 
 def judge_for(server_url, **kw):
-    args = dict(template=TEMPLATE, api_key_env=KEY_ENV, timeout_s=2.0, max_retries=2, backoff_s=0.01,
+    args = dict(template=TEMPLATE, lo=1, hi=5, api_key_env=KEY_ENV, timeout_s=2.0, max_retries=2, backoff_s=0.01,
                 concurrency=4, seed_key=(0, 1))
     args.update(kw)
     return OpenAIJudge(server_url, "judge-model", **args)
@@ -401,7 +401,8 @@ def test_transport_errors_are_retried_parse_failures_are_kept(serve, tmp_path):
     assert again == {"Q: task 1\nA: answer 1 a", doomed}  # only p1 (a prompt is recorded whole) was asked again
     assert set(answered.counts.values()) == {1, 2} and server.count(doomed) == 2 + 1
     assert judged.n_parse_failed == 1 and "p2: 'I cannot decide.'" in judged.parse_summary()
-    assert "judging of iteration 2: 1 of 8 judge answers had no valid score" in judged.parse_summary()
+    assert "judging of iteration 2: 1 of 8 judge items had no valid score" in judged.parse_summary()
+    assert (judged.n_answers, judged.n_answers_parse_failed, judged.n_answers_truncated) == (8, 1, 0)
 
     straight = tmp_path / "straight.jsonl"
     judge_groups(judge, groups, JsonlLog(straight), batch_size=6, what="x")

@@ -39,7 +39,8 @@ ITEMS = [JudgeItem("p1", "What is two plus two?", "It is four."),
 
 def make(policy, **kw):
     model, tok = policy
-    args = dict(template=TEMPLATE, samples=2, temperature=1.0, max_new_tokens=6, batch_size=4, seed_key=(0, 1, "judge"))
+    args = dict(template=TEMPLATE, lo=1, hi=5, samples=2, temperature=1.0, max_new_tokens=6, batch_size=4,
+                seed_key=(0, 1, "judge"))
     args.update(kw)
     return LLMJudge(model, tok, **args)
 
@@ -68,6 +69,9 @@ def test_duplicates_are_judged_once_and_agree(policy):
     assert v[0] == v[1]
 
 
+CUT = "<cut>"  # a scripted answer ending in CUT stopped at max_new_tokens (finish "length")
+
+
 class StubGenerate:
     """Stands in for harness.generate.generate: answers scripted per instruction."""
 
@@ -82,7 +86,8 @@ class StubGenerate:
             key = next(k for k in self.script if f"Q: {k}\n" in content or f"<request>\n{k}\n" in content)
             texts = self.script[key]
             assert len(texts) == sampling.n
-            out[p.id] = {"id": p.id, "samples": [{"text": t, "n_tokens": 1, "finish": "eos"} for t in texts]}
+            out[p.id] = {"id": p.id, "samples": [{"text": t.removesuffix(CUT), "n_tokens": 1,
+                                                  "finish": "length" if t.endswith(CUT) else "eos"} for t in texts]}
         return out
 
 
@@ -110,19 +115,38 @@ def test_averaging_and_parse_failures_with_stub(monkeypatch, policy):
 
 
 def test_build_self_judge_uses_policy_and_section(monkeypatch, policy):
-    stub = StubGenerate({"a": ["Score: 2", "Score: 4"]})
+    stub = StubGenerate({"a": ["Score: 0", "Score: 4"]})
     monkeypatch.setattr(llm_mod, "generate", stub)
     section = JudgeSection(name="self", samples=2, temperature=0.5, max_new_tokens=12, batch_size=3)
     judge = build_judge(section, policy=policy, seed_key=(0, 3))
-    assert judge.scale == (1.0, 5.0) and judge.name == "self"
+    # the built-in additive rubric starts from 0: a 0 is the worst answer, not a parse failure
+    assert judge.scale == (0.0, 5.0) and judge.name == "self"
     (v,) = judge.score([JudgeItem("i", "a", "r")])
-    assert v.score == 3.0
+    assert v.scores == (0, 4) and v.score == 2.0
     # the built-in rubric was filled in
     content = stub.calls[0]["prompts"][0].messages[0]["content"]
     assert "Score: <points>" in content and "<answer>\nr\n</answer>" in content
     assert stub.calls[0]["seed_key"] == (0, 3)
     with pytest.raises(ValueError, match="policy"):
         build_judge(section)
+
+
+def test_truncated_answers_are_marked(monkeypatch, policy):
+    stub = StubGenerate({"a": ["The answer is relevant and" + CUT, "Fine.\nScore: 4"]})
+    monkeypatch.setattr(llm_mod, "generate", stub)
+    (v,) = make(policy, samples=2).score([JudgeItem("i", "a", "r")])
+    assert v.truncated == (True, False) and v.scores == (None, 4) and v.score == 4.0
+
+
+def test_dno6_template_scores_one_to_six(monkeypatch, policy):
+    stub = StubGenerate({"a": ["Score: 6", "Score: 0"]})
+    monkeypatch.setattr(llm_mod, "generate", stub)
+    judge = build_judge(JudgeSection(name="self", template="builtin:dno6", samples=2, temperature=0.5),
+                        policy=policy, seed_key=(0, 3))
+    assert judge.scale == (1.0, 6.0)
+    (v,) = judge.score([JudgeItem("i", "a", "r")])
+    assert v.scores == (6, None)  # 0 is below the 6-point scale
+    assert "6-point" in stub.calls[0]["prompts"][0].messages[0]["content"]
 
 
 def test_build_hf_judge_from_a_local_directory(tmp_path, policy):
@@ -133,7 +157,7 @@ def test_build_hf_judge_from_a_local_directory(tmp_path, policy):
     tpl.write_text(TEMPLATE + "\n")
     section = JudgeSection(name="hf", model=str(tmp_path / "judge"), template=str(tpl), max_new_tokens=4)
     judge = build_judge(section, cache_path=tmp_path / "cache.jsonl")
-    assert judge.inner.name == f"hf:{tmp_path / 'judge'}" and '"weights":"' in judge.identity
+    assert judge.inner.name == f"hf:{tmp_path / 'judge'}" and '"weights":{"fingerprint":"' in judge.identity
     verdicts = judge.score(ITEMS)
     # the loaded copy answers exactly like the in-memory model (greedy)
     direct = make(policy, samples=1, temperature=0.0, max_new_tokens=4).score(ITEMS)

@@ -4,8 +4,11 @@ import math
 
 import pytest
 
-from harness.judges.parsing import (BUILTIN_TEMPLATE, ERROR_PREFIX, fill_template, is_error, load_template,
-                                    parse_score, verdict_from_samples)
+from harness.config import JudgeSection
+from harness.judges import judge_scale
+from harness.judges.parsing import (BUILTIN_TEMPLATE, BUILTIN_TEMPLATES, ERROR_PREFIX, fill_template, is_error,
+                                    load_judge_template, load_template, parse_score, verdict_from_samples)
+from harness.tiny import resolve as tiny_resolve
 
 VALID = [
     ("Score: 4", 4),
@@ -44,7 +47,7 @@ INVALID = [
     ("Score: <total points>", "template echo only"),
     ("Score: 4.5", "non-integer"),
     ("Score: 3.75/5", "non-integer with denominator"),
-    ("Score: 0", "below range"),
+    ("Score: -0", "signed zero is below the 1-5 range"),
     ("Score: 6", "above range"),
     ("Score: 10", "two digits, above range (not read as 1)"),
     ("Score: -1", "negative (not read as 1)"),
@@ -73,6 +76,8 @@ def test_malformed_ambiguous_or_out_of_range_is_failure(text, why):
 def test_custom_range():
     assert parse_score("Score: 9/10", lo=0, hi=10) == 9
     assert parse_score("Score: 0", lo=0, hi=10) == 0
+    assert parse_score("Score: 0", lo=1, hi=5) is None   # below a 1-5 range
+    assert parse_score("Score: 6", lo=1, hi=6) == 6 and parse_score("Score: 6/6", lo=1, hi=6) == 6
     assert parse_score("Score: 9/5", lo=0, hi=10) is None
     assert parse_score(None) is None  # type: ignore[arg-type]
 
@@ -88,12 +93,55 @@ def test_verdict_from_samples_averages_valid_only():
     assert math.isclose(verdict_from_samples(["Score: 1", "Score: 2", "Score: 2"]).score, 5 / 3)
 
 
-def test_builtin_rubric_is_additive_five_point():
-    text = load_template("")
-    assert text == BUILTIN_TEMPLATE.read_text()
-    assert "{instruction}" in text and "{response}" in text
-    assert text.rstrip().endswith("Score: <points>")
-    assert text.count("+1") == 5
+def test_builtin_rubric_is_additive_zero_to_five():
+    tpl = load_judge_template("")
+    assert load_judge_template("builtin:additive5") == tpl
+    # the rubric starts from 0 and adds up to five points: its scale is 0-5, declared in its front matter
+    assert "Start from 0" in tpl.text and tpl.text.count("+1") == 5
+    assert (tpl.lo, tpl.hi) == (0, 5) and tpl.scale == (0.0, 5.0)
+    raw = BUILTIN_TEMPLATE.read_text()
+    assert raw.startswith("---\nscale: 0-5\n---\n") and tpl.text == raw.split("---\n", 2)[2]
+    assert load_template("") == tpl.text and not tpl.text.startswith("---")
+    assert "{instruction}" in tpl.text and "{response}" in tpl.text
+    assert tpl.text.rstrip().endswith("Score: <points>")
+    # the worst answer parses as 0 on the rubric's own scale (a failure on 1-5 dropped it from pairing)
+    assert verdict_from_samples(["No point earned.\nScore: 0"], tpl.lo, tpl.hi).score == 0
+
+
+def test_builtin_dno6_is_a_six_point_scale():
+    tpl = load_judge_template("builtin:dno6")
+    assert (tpl.lo, tpl.hi) == (1, 6) and set(BUILTIN_TEMPLATES) == {"additive5", "dno6"}
+    assert all(f"{k} - " in tpl.text for k in range(1, 7)) and "{instruction}" in tpl.text
+    assert parse_score("Score: 6", tpl.lo, tpl.hi) == 6 and parse_score("Score: 0", tpl.lo, tpl.hi) is None
+    with pytest.raises(ValueError, match=r"judge\.template.*unknown built-in.*builtin:dno6"):
+        load_judge_template("builtin:dno7")
+
+
+def test_scale_front_matter(tmp_path):
+    def tpl(text):
+        path = tmp_path / "t.txt"
+        path.write_text(text)
+        return str(path)
+
+    assert load_judge_template(tpl("Q {instruction} A {response}")).scale == (1.0, 5.0)  # undeclared: 1-5
+    got = load_judge_template(tpl("---\nscale: 0..10\n---\nQ {instruction} A {response}\n"))
+    assert (got.lo, got.hi, got.text) == (0, 10, "Q {instruction} A {response}\n")
+    assert load_judge_template(tpl("---\nscale: -2 to 2\n---\n{instruction}{response}")).scale == (-2.0, 2.0)
+    for bad, why in (("---\nscale: 5-1\n---\n", "LO < HI"), ("---\nscale: 1-5.5\n---\n", "LO < HI"),
+                     ("---\nrange: 1-5\n---\n", "unknown front-matter key"),
+                     ("---\njust text\n---\n", "not 'key: value'")):
+        with pytest.raises(ValueError, match=why):
+            load_judge_template(tpl(bad + "{instruction} {response}"))
+
+
+def test_judge_scale_is_known_without_a_model(tmp_path):
+    assert judge_scale(JudgeSection(name="oracle")) == (1.0, 5.0)
+    assert judge_scale(JudgeSection(name="self")) == (0.0, 5.0)
+    assert judge_scale(JudgeSection(name="openai", model="m", template="builtin:dno6")) == (1.0, 6.0)
+    assert judge_scale(JudgeSection(name="hf", model="m", template="tiny:judge_template")) == (1.0, 5.0)
+    assert judge_scale(JudgeSection(name="reward_model", model="m")) == (-math.inf, math.inf)
+    with pytest.raises(ValueError, match="no judge"):
+        judge_scale(JudgeSection(name="none"))
 
 
 def test_fill_template_substitutes_once_and_keeps_braces():
@@ -118,8 +166,6 @@ def test_template_file_errors_name_the_field(tmp_path):
 
 
 def test_tiny_template_ref_resolves():
-    tiny = pytest.importorskip("harness.tiny")
-    if not hasattr(tiny, "resolve"):
-        pytest.skip("harness.tiny.resolve not available")
     text = load_template("tiny:judge_template")
+    assert text == tiny_resolve("tiny:judge_template").read_text()
     assert "{instruction}" in text and "{response}" in text

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from harness.config import parse
+from harness.config import SftSection, parse
 from harness.generate import sequence_logprobs
 from harness.models import load_policy
-from harness.train import lora_config, train_dpo
+from harness.train import (StepSettings, _trainer_args, dpo_trainer, lora_config, only_adapter_dropout,
+                           reference_logps, train_dpo)
 
 PAIRS = [{"messages": [{"role": "user", "content": f"what is {i} plus {i + 1}"}],
           "chosen": f"{2 * i + 1}", "rejected": "no no"} for i in range(8)]
@@ -77,8 +78,9 @@ def test_trl_loss_equals_spin_formula(tiny_dir, tmp_path, loss):
     assert len({round(t, 3) for t in ts}) > 1  # the case is not degenerate
 
 
-def _reference_of_next_iteration(cfg, tmp_path):
-    """Train iteration 1, then build iteration 2's trainer the way the loop does and return
+def _reference_of_next_iteration(cfg, tmp_path, reference=None):
+    """Train iteration 1, then build iteration 2's trainer the way the loop does (the
+    harness's own ``dpo_trainer``, with ``reference`` as the loop passes it) and return
     (base log-probs before training, policy log-probs at the end of iteration 1,
     trl's reference log-probs in iteration 2), on the chosen answers of 4 pairs."""
     model, tok = load_policy(cfg, [])
@@ -88,14 +90,10 @@ def _reference_of_next_iteration(cfg, tmp_path):
     trained.eval()
     end_c = sequence_logprobs(trained, tok, msgs, [p["chosen"] for p in PAIRS[:4]])
     del trained, model
-    from harness.train import _prepare_policy
-
     model2, tok2 = load_policy(cfg, [tmp_path / "it1" / "adapter"])
-    policy, peft_config = _prepare_policy(model2, cfg)
-    trainer = _trainer(policy, tok2, cfg, PAIRS[:4], peft_config)
-    trainer.model.eval()
-    ref_c, _ = trainer.compute_ref_log_probs(trainer.model, _batch(trainer, 4))
-    return base_c, end_c, ref_c.tolist()
+    trainer = dpo_trainer(model2, tok2, PAIRS[:4], cfg, 2, tmp_path / "it2", reference=reference)
+    ref_c, _ = reference_logps(trainer, 4)
+    return base_c, end_c, ref_c
 
 
 def _assert_reference_is_end_of_previous(base, end, ref, tol):
@@ -112,6 +110,15 @@ def _assert_reference_is_end_of_previous(base, end, ref, tol):
     assert max(abs(a - b) for a, b in zip(ref, base)) > 20 * tol
 
 
+def _assert_reference_is_base(base, end, ref, tol):
+    """method.reference = "base": trl's reference in iteration 2 equals the model before
+    iteration 1 trained, and training moved the log-probs far beyond ``tol``, so the
+    previous iterate (the default reference) cannot pass."""
+    assert ref == pytest.approx(base, abs=tol)
+    assert max(abs(a - b) for a, b in zip(end, base)) > 20 * tol
+    assert max(abs(a - b) for a, b in zip(ref, end)) > 20 * tol
+
+
 def test_reference_is_previous_iterate_lora_merge(tiny_dir, tmp_path):
     cfg = make_cfg(tiny_dir, tmp_path)
     assert cfg.chain == "merge"
@@ -121,6 +128,93 @@ def test_reference_is_previous_iterate_lora_merge(tiny_dir, tmp_path):
 def test_reference_is_previous_iterate_lora_continue(tiny_dir, tmp_path):
     cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": "continue"})
     _assert_reference_is_end_of_previous(*_reference_of_next_iteration(cfg, tmp_path), tol=1e-3)
+
+
+@pytest.mark.parametrize("chain", ["merge", "continue"])
+def test_reference_base_is_the_starting_model(tiny_dir, tmp_path, chain):
+    cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": chain}, method={"reference": "base"})
+    # the loop passes the iteration-0 chain of adapters: none here (no M1 stage)
+    _assert_reference_is_base(*_reference_of_next_iteration(cfg, tmp_path, reference=[]), tol=1e-3)
+
+
+def test_reference_base_with_a_starting_adapter_continue_chain(tiny_dir, tmp_path):
+    """Continue chain whose iteration 0 already has an adapter (Self-Rewarding's M1): the
+    "base" reference of iteration 2 is that adapter, not the end of iteration 1."""
+    cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": "continue"}, method={"reference": "base"})
+    model, tok = load_policy(cfg, [])
+    _, start = train_dpo(model, tok, PAIRS[4:], cfg, 1, tmp_path / "m1")   # stands in for the M1 adapter
+    start.eval()
+    msgs, chosen = [p["messages"] for p in PAIRS[:4]], [p["chosen"] for p in PAIRS[:4]]
+    start_c = sequence_logprobs(start, tok, msgs, chosen)
+    del start, model
+    model, tok = load_policy(cfg, [tmp_path / "m1" / "adapter"])
+    _, trained = train_dpo(model, tok, PAIRS, cfg, 1, tmp_path / "it1", reference=[tmp_path / "m1" / "adapter"])
+    trained.eval()
+    end_c = sequence_logprobs(trained, tok, msgs, chosen)
+    del trained, model
+    model2, tok2 = load_policy(cfg, [tmp_path / "it1" / "adapter"])
+    trainer = dpo_trainer(model2, tok2, PAIRS[:4], cfg, 2, tmp_path / "it2", reference=[tmp_path / "m1" / "adapter"])
+    ref_c, _ = reference_logps(trainer, 4)
+    _assert_reference_is_base(start_c, end_c, ref_c, tol=1e-3)
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".ref." in n)
+
+
+def test_lora_dropout_is_honoured_and_nothing_else_drops_out(tiny_dir, tmp_path):
+    """trl's default (disable_dropout) would set lora.dropout to 0 silently. The trained
+    adapter drops out at the configured rate; the frozen reference does not, so its
+    log-probs stay deterministic in train mode."""
+    cfg = make_cfg(tiny_dir, tmp_path, lora={"dropout": 0.5, "chain": "continue"})
+    model, tok = load_policy(cfg, [])
+    train_dpo(model, tok, PAIRS, cfg, 1, tmp_path / "it1")
+    model2, tok2 = load_policy(cfg, [tmp_path / "it1" / "adapter"])
+    trainer = dpo_trainer(model2, tok2, PAIRS[:4], cfg, 2, tmp_path / "it2")
+    drops = {n: m.p for n, m in trainer.model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert drops and {p for n, p in drops.items() if n.endswith("lora_dropout.default")} == {0.5}
+    assert {p for n, p in drops.items() if not n.endswith("lora_dropout.default")} == {0.0}
+    assert any(n.endswith("lora_dropout.ref") for n in drops)
+    trainer.model.train()
+    batch = _batch(trainer, 4)
+    torch.manual_seed(0)
+    a = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    b = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.equal(a, b)   # the adapter's dropout is active while training
+    with torch.no_grad():
+        r1, _ = trainer.compute_ref_log_probs(trainer.model, batch)
+        r2, _ = trainer.compute_ref_log_probs(trainer.model, batch)
+    assert torch.equal(r1, r2)     # the reference does not drop out
+    trainer.model.eval()
+    with torch.no_grad():
+        c = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        d = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(c, d)
+
+
+def test_only_adapter_dropout_turns_off_the_base_models_own_dropout():
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, attention_dropout=0.3))
+    model.extra = torch.nn.Dropout(0.2)   # a model's own dropout module
+    peft = get_peft_model(model, lora_config(make_cfg("m", "o", lora={"dropout": 0.1, "target_modules": ["q_proj"]}).lora))
+    only_adapter_dropout(peft, 0.1)
+    assert peft.base_model.model.extra.p == 0.0
+    assert all(m.attention_dropout == 0.0 for m in peft.modules() if hasattr(m, "attention_dropout"))
+    assert [m.p for n, m in peft.named_modules() if n.endswith("lora_dropout.default")] == [0.1]
+
+
+def test_sft_has_its_own_settings(tiny_dir, tmp_path):
+    from trl import SFTConfig
+
+    cfg = make_cfg(tiny_dir, tmp_path, training={"learning_rates": [1e-6, 2e-6]})
+    sft = SftSection(learning_rate=3e-4, epochs=2.0, batch_size=2, gradient_accumulation_steps=3, max_length=99)
+    args = _trainer_args(SFTConfig, cfg, tmp_path, 0, StepSettings.sft(sft))
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size,
+            args.gradient_accumulation_steps, args.max_length) == (3e-4, 2.0, 2, 3, 99)
+    # the DPO iterations keep theirs; iteration 0 is not a DPO iteration (it used to get the last rate)
+    assert cfg.learning_rate_for(1) == 1e-6 and cfg.learning_rate_for(2) == 2e-6 and cfg.learning_rate_for(3) == 2e-6
+    with pytest.raises(ValueError, match="count from 1"):
+        cfg.learning_rate_for(0)
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +259,16 @@ def test_reference_is_previous_iterate_qlora(qlora_dir, tmp_path):
     _assert_reference_is_end_of_previous(*_reference_of_next_iteration(cfg, tmp_path), tol=2e-2)
 
 
+def test_reference_base_qlora(qlora_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(qlora_dir, tmp_path, model={"quantization": "4bit"}, training={"learning_rate": 2e-2},
+                   method={"reference": "base"})
+    _assert_reference_is_base(*_reference_of_next_iteration(cfg, tmp_path, reference=[]), tol=2e-2)
+
+
 def test_merge_chain_rejected_for_quantized_base(tiny_dir, tmp_path):
     from harness.schema import ConfigError
 
     with pytest.raises(ConfigError, match="lora.chain"):
         make_cfg(tiny_dir, tmp_path, model={"quantization": "4bit"}, lora={"chain": "merge"})
+

@@ -28,6 +28,8 @@ def world(tmp_path, tiny_dir):
     (tmp_path / "ae.json").write_text(json.dumps([{"instruction": "hi", "output": "hello"}]))
     (tmp_path / "mc.jsonl").write_text(json.dumps({"q": "1+1", "c": ["2", "3"]}) + "\n")
     (tmp_path / "my_mc.yaml").write_text(MC.format(data=tmp_path / "mc.jsonl"))
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "my_val.yaml").write_text(MC.format(data=tmp_path / "mc.jsonl").replace("my_mc", "my_val"))
     return tmp_path
 
 
@@ -132,8 +134,18 @@ def test_a_correct_file_passes(world, tiny_dir, capsys):
     # evaluation
     (dno, lambda t, w: t.replace(f'"{w}/my_mc.yaml"', '"{w}/missing.yaml"'.replace("{w}", str(w))),
      "eval.lm_eval_tasks", "not found"),
-    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\nselect_metric = "lm_eval/my_mc/exact_match"'),
-     "method.dno.select_metric", "lm_eval/my_mc/acc"),
+    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\nselect_metric = "lm_eval/my_mc/acc"'),
+     "method.dno.select_metric", "would peek at the test numbers"),
+    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\n'
+                                 'select_metric = "validation/lm_eval/my_val/exact_match"'),
+     "method.dno.select_metric", "configures no evaluation"),
+    (dno, lambda t, w: t.replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\n'
+                                 'select_metric = "validation/lm_eval/my_val/exact_match"')
+     + f'[eval.validation]\nlm_eval_tasks = ["{w}/val/my_val.yaml"]\n',
+     "method.dno.select_metric", "they produce: validation/lm_eval/my_val/acc"),
+    (dno, lambda t, w: t + f'[eval.validation]\nlm_eval_tasks = ["{w}/my_mc.yaml"]\n',
+     "eval.validation.lm_eval_tasks[0]", "also a reported"),
+    (dno, lambda t, w: t + '[eval.validation]\nprompts = "nope.jsonl"\n', "eval.validation.prompts", "file not found"),
     # values
     (spin, lambda t, w: t.replace("[training]", "[training]\nlearning_rate = nan"), "training.learning_rate",
      "finite"),
@@ -202,6 +214,17 @@ def test_declared_requirements_are_not_errors_but_stop_a_run(world, tiny_dir, ca
     assert main(["run", str(path)]) == 1
     assert "experiment.requires: needs gpu" in capsys.readouterr().err
     assert not (world / "out").exists()  # nothing ran
+
+
+def test_selection_on_validation_metrics_passes(world, tiny_dir, capsys):
+    text = dno(world, tiny_dir).replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\n'
+                                        'select_metric = "validation/lm_eval/my_val/acc"')
+    text += f'[eval.validation]\nlm_eval_tasks = ["{world}/val/my_val.yaml"]\nprompts = "{world}/prompts.jsonl"\n'
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 0, err
+    code, path, err = run_validate(world, text.replace("validation/lm_eval/my_val/acc", "validation/judge/score_mean"),
+                                   capsys)
+    assert code == 0, err
 
 
 def test_endpoint_check_is_opt_in(world, tiny_dir, capsys, monkeypatch):

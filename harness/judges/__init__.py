@@ -19,17 +19,35 @@ from harness.config import JUDGES, JudgeSection
 from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group
 from harness.judges.cache import CachedJudge, judge_identity
 from harness.sources import identity, locate
-from harness.judges.parsing import load_template, parse_score
+from harness.judges.parsing import JudgeTemplate, load_judge_template, load_template, parse_score
 
 __all__ = ["Judge", "JudgeItem", "Verdict", "compare", "preference", "score_group", "build_judge",
-           "CachedJudge", "CoverageError", "coverage", "check_coverage", "parse_score", "load_template"]
+           "judge_scale", "CachedJudge", "CoverageError", "coverage", "check_coverage", "parse_score",
+           "load_template", "load_judge_template"]
+
+ORACLE_SCALE = (1.0, 5.0)   # the tiny world's rule-based grades
+UNBOUNDED = (-math.inf, math.inf)
 
 
-def _template(s: JudgeSection) -> tuple[str, dict]:
-    text = load_template(s.template)
-    ident = {"template": text, "samples": s.samples, "temperature": s.temperature,
+def judge_scale(section: JudgeSection, where: str = "judge") -> tuple[float, float]:
+    """(lowest, highest) score the configured judge can give, known without loading a
+    model: the oracle's 1-5 grades, an LLM judge's template declaration, or
+    (-inf, inf) for a reward model. Methods get it before candidates are built
+    (``IterationContext.judge_scale``); the judge stage checks the built judge agrees."""
+    if section.name == "oracle":
+        return ORACLE_SCALE
+    if section.name == "reward_model":
+        return UNBOUNDED
+    if section.name in ("self", "hf", "openai"):
+        return load_judge_template(section.template, f"{where}.template").scale
+    raise ValueError(f"{where}.name is {section.name!r}: no judge, so no score scale")
+
+
+def _template(s: JudgeSection) -> tuple[JudgeTemplate, dict]:
+    tpl = load_judge_template(s.template)
+    ident = {"template": tpl.text, "scale": [tpl.lo, tpl.hi], "samples": s.samples, "temperature": s.temperature,
              "max_new_tokens": s.max_new_tokens}
-    return text, ident
+    return tpl, ident
 
 
 def _seed_ident(s: JudgeSection, seed_key: tuple) -> dict:
@@ -56,9 +74,10 @@ def _self(s, policy, seed_key):
     from harness.judges.llm import LLMJudge
 
     model, tokenizer = policy
-    template, ident = _template(s)
-    judge = LLMJudge(model, tokenizer, template=template, samples=s.samples, temperature=s.temperature,
-                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed_key=seed_key, name="self")
+    tpl, ident = _template(s)
+    judge = LLMJudge(model, tokenizer, template=tpl.text, lo=tpl.lo, hi=tpl.hi, samples=s.samples,
+                     temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                     seed_key=seed_key, name="self")
     return judge, {**ident, **_seed_ident(s, seed_key)}
 
 
@@ -70,12 +89,12 @@ def _hf(s, policy, seed_key):
     from harness.judges.llm import LLMJudge
     from harness.models import load_model, load_tokenizer
 
-    template, ident = _template(s)
+    tpl, ident = _template(s)
     tokenizer = load_tokenizer(s.model, s.revision)
     model = load_model(s.model, revision=s.revision)
-    judge = LLMJudge(model, tokenizer, template=template, samples=s.samples, temperature=s.temperature,
-                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed_key=seed_key,
-                     name=f"hf:{s.model}")
+    judge = LLMJudge(model, tokenizer, template=tpl.text, lo=tpl.lo, hi=tpl.hi, samples=s.samples,
+                     temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                     seed_key=seed_key, name=f"hf:{s.model}")
     return judge, {**ident, **_seed_ident(s, seed_key), **_local_ident(s)}
 
 
@@ -92,11 +111,11 @@ def _reward_model(s, policy, seed_key):
 def _openai(s, policy, seed_key):
     from harness.judges.http import OpenAIJudge
 
-    template, ident = _template(s)
-    judge = OpenAIJudge(s.base_url, s.model, template=template, api_key_env=s.api_key_env, samples=s.samples,
-                        temperature=s.temperature, max_new_tokens=s.max_new_tokens, timeout_s=s.timeout_s,
-                        max_retries=s.max_retries, concurrency=s.batch_size, seed_key=seed_key,
-                        name=f"openai:{s.model}")
+    tpl, ident = _template(s)
+    judge = OpenAIJudge(s.base_url, s.model, template=tpl.text, lo=tpl.lo, hi=tpl.hi, api_key_env=s.api_key_env,
+                        samples=s.samples, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
+                        timeout_s=s.timeout_s, max_retries=s.max_retries, concurrency=s.batch_size,
+                        seed_key=seed_key, name=f"openai:{s.model}")
     return judge, {**ident, **_seed_ident(s, seed_key), "base_url": s.base_url, "model": s.model}
 
 

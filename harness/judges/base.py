@@ -28,6 +28,7 @@ class Verdict:
     score: float | None          # None = no valid judgment
     raw: tuple[str, ...] = ()    # the judge's raw outputs (one per sample), for audit
     scores: tuple[float | None, ...] = ()  # per-sample parsed scores before averaging
+    truncated: tuple[bool, ...] = ()       # per sample: cut at the judge's token limit (no EOS); () = unknown
 
     @property
     def ok(self) -> bool:

@@ -69,7 +69,8 @@ class CachedJudge:
 
     def _store(self, pairs: Sequence[tuple[str, JudgeItem, Verdict]]) -> None:
         self.log.append({"id": k, "prompt_id": it.prompt_id, "score": v.score, "raw": list(v.raw),
-                         "scores": list(v.scores)} for k, it, v in pairs if _cacheable(v))
+                         "scores": list(v.scores), "truncated": list(v.truncated)}
+                        for k, it, v in pairs if _cacheable(v))
 
     def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         keys = [self.key(it) for it in items]
@@ -78,7 +79,8 @@ class CachedJudge:
         for k, it in zip(keys, items):
             rec = self.log.records.get(k)
             if rec is not None:
-                found[k] = Verdict(score=rec["score"], raw=tuple(rec["raw"]), scores=tuple(rec["scores"]))
+                found[k] = Verdict(score=rec["score"], raw=tuple(rec["raw"]), scores=tuple(rec["scores"]),
+                                   truncated=tuple(rec.get("truncated", ())))
             elif k not in todo:
                 todo[k] = it
         self.hits += sum(k in found for k in keys)

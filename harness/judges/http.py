@@ -66,11 +66,11 @@ class _Retryable(Exception):
 
 
 class OpenAIJudge:
-    def __init__(self, base_url: str, model: str, *, template: str, api_key_env: str = "OPENAI_API_KEY",
-                 samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 64,
-                 timeout_s: float = 60.0, max_retries: int = 3, concurrency: int = 8,
+    def __init__(self, base_url: str, model: str, *, template: str, lo: int, hi: int,
+                 api_key_env: str = "OPENAI_API_KEY", samples: int = 1, temperature: float = 0.0,
+                 max_new_tokens: int = 256, timeout_s: float = 60.0, max_retries: int = 3, concurrency: int = 8,
                  seed_key: tuple = (), backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 name: str = "openai", lo: int = 1, hi: int = 5):
+                 name: str = "openai"):
         key = os.environ.get(api_key_env, "")
         if not key:
             raise MissingAPIKey(
@@ -92,7 +92,7 @@ class OpenAIJudge:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.name = name
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi = lo, hi  # the template's declared score range (parsing.load_judge_template)
         self.scale = (float(lo), float(hi))
 
     # ---- one request ----------------------------------------------------

@@ -27,11 +27,13 @@ def content_id(text: str) -> str:
 
 
 class LLMJudge:
-    """Judge protocol over an in-memory (model, tokenizer); scale (lo, hi)."""
+    """Judge protocol over an in-memory (model, tokenizer). ``lo``/``hi``: the score range the
+    template declares (``parsing.load_judge_template``); answers outside it are failures.
+    Each verdict records which samples were cut at ``max_new_tokens`` (``truncated``)."""
 
-    def __init__(self, model, tokenizer, *, template: str, samples: int = 1, temperature: float = 0.0,
-                 max_new_tokens: int = 64, batch_size: int = 16, seed_key: tuple = (),
-                 name: str = "self", lo: int = 1, hi: int = 5, system_prompt: str = ""):
+    def __init__(self, model, tokenizer, *, template: str, lo: int, hi: int, samples: int = 1,
+                 temperature: float = 0.0, max_new_tokens: int = 256, batch_size: int = 16,
+                 seed_key: tuple = (), name: str = "self", system_prompt: str = ""):
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.model = model
@@ -58,6 +60,7 @@ class LLMJudge:
         prompts = [Prompt(id=pid, messages=self._messages(t)) for pid, t in unique.items()]
         out = generate(self.model, self.tokenizer, prompts, self.sampling, seed_key=self.seed_key,
                        batch_size=self.batch_size, desc=f"judge ({self.name})")
-        verdicts = {pid: verdict_from_samples([s["text"] for s in rec["samples"]], self.lo, self.hi)
+        verdicts = {pid: verdict_from_samples([s["text"] for s in rec["samples"]], self.lo, self.hi,
+                                              [s.get("finish") == "length" for s in rec["samples"]])
                     for pid, rec in out.items()}
         return [verdicts[pid] for pid in ids]

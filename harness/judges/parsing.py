@@ -22,6 +22,28 @@ agree on the number:
   scale -> failure. Values outside [lo, hi] -> failure. Signs are read, so
   "-1" is out of range, never 1.
 
+Score range: a template declares the range its scores take, and a judge parses
+with exactly that range. The declaration is a front-matter block at the very top
+of the template file, stripped before the template is used:
+
+    ---
+    scale: 0-5
+    ---
+    You are grading ...
+
+``scale: LO-HI`` holds two integers, LO < HI; no other key is known (an unknown
+key is an error, not ignored). A template without the block is read on the 1-5
+scale. Built-in templates, selected as ``judge.template = "builtin:<name>"``:
+
+- ``additive5`` (the default, ``""``): Self-Rewarding's additive rubric -- start
+  from 0 and add a point per criterion met -- so 0-5; a 0 is the worst answer,
+  not a parse failure.
+- ``dno6``: a 6-point absolute scale (1-6), the scale of the DNO paper's
+  annotator; the wording is ours.
+
+``judge_scale`` in ``harness.judges`` gives a configured judge's range without
+loading a model, so methods know it before candidates are built.
+
 Transport-level failures (timeouts, HTTP errors, malformed replies) are recorded
 in a verdict's ``raw`` with ``ERROR_PREFIX``, so caches can tell "the judge
 answered something unparsable" (a judgment, kept) from "no answer was obtained"
@@ -32,6 +54,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -84,41 +107,106 @@ def parse_score(text: str, lo: int = 1, hi: int = 5) -> int | None:
     return score
 
 
-def verdict_from_samples(raws: Sequence[str], lo: int = 1, hi: int = 5) -> Verdict:
+def verdict_from_samples(raws: Sequence[str], lo: int = 1, hi: int = 5,
+                         truncated: Sequence[bool] = ()) -> Verdict:
     """One verdict from a judge's J raw answers: score = mean of the parsable
-    samples, None when none parse (error entries never parse)."""
+    samples, None when none parse (error entries never parse). ``truncated``: per
+    sample, whether the answer was cut at the token limit (kept for the counts)."""
     scores = tuple(None if is_error(r) else parse_score(r, lo, hi) for r in raws)
     valid = [s for s in scores if s is not None]
     mean = math.fsum(valid) / len(valid) if valid else None
-    return Verdict(score=mean, raw=tuple(raws), scores=scores)
+    return Verdict(score=mean, raw=tuple(raws), scores=scores, truncated=tuple(bool(t) for t in truncated))
 
 
 # ---- templates -------------------------------------------------------------
 
-BUILTIN_TEMPLATE = Path(__file__).with_name("rubric.txt")
+BUILTIN_TEMPLATES: dict[str, Path] = {"additive5": Path(__file__).with_name("rubric.txt"),
+                                      "dno6": Path(__file__).with_name("dno6.txt")}
+BUILTIN_TEMPLATE = BUILTIN_TEMPLATES["additive5"]
+BUILTIN_PREFIX = "builtin:"
+DEFAULT_SCALE = (1, 5)   # a template without a scale declaration
 _PLACEHOLDER = re.compile(r"\{(instruction|response)\}")
+_FRONT = re.compile(r"\A---[ \t]*\n(?P<body>.*?)^---[ \t]*\n", re.DOTALL | re.MULTILINE)
+_SCALE = re.compile(r"\A(?P<lo>[-+]?\d+)[ \t]*(?:-|\.\.|to)[ \t]*(?P<hi>[-+]?\d+)\Z")
 
 
-def load_template(ref: str = "", where: str = "judge.template") -> str:
-    """Template text: "" = the built-in additive 5-point rubric; otherwise a file
-    path or "tiny:<name>" (resolved by ``harness.sources.resolve_ref``).
-    Raises ValueError naming ``where`` for a missing file or placeholder."""
+@dataclass(frozen=True)
+class JudgeTemplate:
+    """A judge prompt template without its front matter, and the score range it declares."""
+    text: str
+    lo: int = DEFAULT_SCALE[0]
+    hi: int = DEFAULT_SCALE[1]
+    source: str = ""
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return float(self.lo), float(self.hi)
+
+
+def template_path(ref: str = "", where: str = "judge.template") -> Path:
+    """The file of a template reference: "" or "builtin:<name>" (the files next to this
+    module), "tiny:<name>", or a path."""
     if not ref:
-        path = BUILTIN_TEMPLATE
-    else:
-        from harness.sources import resolve_ref
+        return BUILTIN_TEMPLATE
+    if ref.startswith(BUILTIN_PREFIX):
+        name = ref[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_TEMPLATES:
+            raise ValueError(f"{where}: unknown built-in judge template {ref!r}; known: "
+                             + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_TEMPLATES))
+        return BUILTIN_TEMPLATES[name]
+    from harness.sources import resolve_ref
 
-        path = Path(resolve_ref(ref))
+    return Path(resolve_ref(ref))
+
+
+def split_front_matter(text: str, where: str = "judge.template") -> tuple[dict, str]:
+    """({key: value}, body) of a template; ({}, text) when it has no front matter."""
+    m = _FRONT.match(text)
+    if m is None:
+        return {}, text
+    meta = {}
+    for line in m.group("body").splitlines():
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError(f"{where}: front-matter line {line!r} is not 'key: value'")
+        meta[key.strip()] = value.strip()
+    return meta, text[m.end():]
+
+
+def load_judge_template(ref: str = "", where: str = "judge.template") -> JudgeTemplate:
+    """The template of ``ref`` (see ``template_path``) with its declared score range.
+    Raises ValueError naming ``where`` for a missing file, a missing placeholder or a
+    bad declaration."""
+    path = template_path(ref, where)
     try:
-        text = path.read_text()
+        raw = path.read_text()
     except OSError as e:
         raise ValueError(f"{where}: cannot read judge template {str(path)!r}: {e.strerror}") from None
+    meta, text = split_front_matter(raw, where)
+    unknown = sorted(set(meta) - {"scale"})
+    if unknown:
+        raise ValueError(f"{where}: judge template {str(path)!r} has unknown front-matter key(s) "
+                         f"{', '.join(map(repr, unknown))}; known: 'scale'")
+    lo, hi = DEFAULT_SCALE
+    if "scale" in meta:
+        m = _SCALE.match(meta["scale"])
+        if m is None or int(m.group("lo")) >= int(m.group("hi")):
+            raise ValueError(f"{where}: judge template {str(path)!r}: scale {meta['scale']!r} is not "
+                             "'LO-HI' with integers LO < HI (e.g. 'scale: 0-5')")
+        lo, hi = int(m.group("lo")), int(m.group("hi"))
     found = set(_PLACEHOLDER.findall(text))
     missing = {"instruction", "response"} - found
     if missing:
         raise ValueError(f"{where}: judge template {str(path)!r} lacks placeholder(s) "
                          + ", ".join("{" + m + "}" for m in sorted(missing)))
-    return text
+    return JudgeTemplate(text, lo, hi, str(path))
+
+
+def load_template(ref: str = "", where: str = "judge.template") -> str:
+    """The text of ``load_judge_template`` (front matter stripped)."""
+    return load_judge_template(ref, where).text
 
 
 def fill_template(template: str, instruction: str, response: str) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from harness.data import DataError, Example, load_simple, read_records
-from harness.generate import Sampling
+from harness.generate import Prompt, Sampling
 from harness.schema import FieldError
 from harness.sources import is_built
 
@@ -21,7 +21,8 @@ from harness.sources import is_built
 class Candidate:
     text: str
     source: str = "policy"            # "policy" (a sample of the current model) or "teacher"
-    fixed_score: float | None = None  # set for automatic negatives: not sent to the judge
+    fixed_score: float | None = None  # set for automatic negatives: not sent to the judge;
+                                      # -inf on an unbounded scale (below every real score)
 
 
 @dataclass
@@ -37,13 +38,34 @@ class IterationContext:
     cfg: Any                                  # harness.config.Config
     iteration: int                            # 1-based training iteration
     examples: list[Example]                   # the data.train examples
-    judge_scale: tuple[float, float] = (1.0, 5.0)
+    # (lowest, highest) score of the configured judge, known before any candidate is built
+    # (``harness.judges.judge_scale``); (-inf, inf) for a reward model; None without a judge
+    judge_scale: tuple[float, float] | None = None
     pairs_of: Callable[[int], list[dict]] = lambda k: []     # finished pairs of iteration k
-    generate: Callable[..., dict] | None = None              # sample from the current policy
 
     @property
     def options(self) -> Any:
         return self.cfg.options
+
+    def scale(self) -> tuple[float, float]:
+        if self.judge_scale is None:
+            raise ValueError(f"method {self.cfg.method.name!r} needs the judge's score scale, but the "
+                             "iteration context has none (judge.name = 'none'?)")
+        return self.judge_scale
+
+
+@dataclass(frozen=True)
+class SelfInstruct:
+    """New prompts an iteration generates few-shot before sampling (a stage of its own).
+
+    ``requests`` go to ``model`` ("" = the current policy; else a model reference, as
+    model.base) with ``sampling``; ``select`` turns the outputs {request id: record} into
+    the new prompts (filtering and de-duplication)."""
+    requests: list[Prompt]
+    sampling: Sampling
+    select: Callable[[dict], list[Example]]
+    model: str = ""
+    revision: str = "main"
 
 
 class Method(Protocol):
@@ -62,12 +84,23 @@ class Method(Protocol):
         """The most pairs iteration 1 can train on (None: unknown), for the few-steps warning."""
 
     def metric_refs(self, cfg) -> list[tuple[str, str]]:
-        """(dotted path, metric name) of the options that name an evaluation metric."""
+        """(dotted path, metric name) of the options that name a validation metric
+        ("validation/..."; ``harness validate`` checks the [eval.validation] evaluations
+        produce it)."""
 
     def init_sft_data(self, cfg) -> list[dict] | None:
         """Examples {messages, response} for an SFT stage before iteration 0, or None."""
 
-    def prompts(self, ctx: IterationContext) -> list[Example]: ...
+    def init_sft_settings(self, cfg):
+        """The ``harness.config.SftSection`` of that stage (None: no stage)."""
+
+    def self_instruct(self, ctx: IterationContext) -> SelfInstruct | None:
+        """New prompts to generate before this iteration's sampling, or None. The loop runs
+        them as the resumable "self_instruct" stage and appends the selected prompts to
+        ``prompts(ctx)``."""
+
+    def prompts(self, ctx: IterationContext) -> list[Example]:
+        """This iteration's prompts from the method's data (self-instructed ones come on top)."""
 
     def sampling(self, cfg) -> Sampling: ...
 
@@ -80,7 +113,8 @@ class Method(Protocol):
         """The pairs iteration ``ctx.iteration`` trains on (its own and any replayed)."""
 
     def select_final(self, cfg, rows: Sequence[dict]) -> dict | None:
-        """Which iterate is the method's final model (None = the last)."""
+        """Which iterate is the method's final model, {iteration, metric, value}
+        (None = the last)."""
 
 
 def iteration_slice(items: Sequence, per_iteration: int, iteration: int, reuse: bool = False) -> list:

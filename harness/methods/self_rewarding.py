@@ -1,9 +1,12 @@
 """Self-Rewarding LMs (arXiv 2401.10020): the model judges its own samples, then DPO.
 
-Per iteration: N samples per prompt, judged by the configured judge (the policy
-itself with the additive 5-point rubric by default, J samples averaged), pair =
-(highest, lowest average score), ties dropped. An optional M1 stage first does
-SFT on instruction data (IFT) plus judge-training data (EFT).
+Per iteration: optionally new prompts generated few-shot (self-instruction, a
+stage of its own, by the policy or a fixed model as in the paper), N samples per
+prompt, judged by the configured judge (the policy itself with the additive
+rubric by default, scores 0-5, J samples averaged), pair = (highest, lowest
+average score), ties dropped. An optional M1 stage first does SFT on instruction
+data (IFT) plus judge-training data (EFT), with its own settings
+(``[method.self_rewarding.sft]``).
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from harness.config import SftSection
 from harness.data import Example, load_simple
 from harness.generate import Prompt, Sampling
-from harness.methods.base import (Candidate, IterationContext, file_problems, iteration_slice, length_stats, pair,
-                                  prompt_budget)
+from harness.methods.base import (Candidate, IterationContext, SelfInstruct, file_problems, iteration_slice,
+                                  length_stats, pair, prompt_budget)
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
+from harness.sources import SourceError, locate
 
 
 @dataclass(frozen=True)
@@ -26,10 +31,13 @@ class SelfRewardingOptions:
     top_p: float = opt(0.9, "Candidate nucleus sampling.", min=0.0, max=1.0)
     ift: str = opt("", "Seed instruction-following data (prompt, response) for the M1 SFT stage; \"\" = none.")
     eft: str = opt("", "Judge-training data (judge prompt, answer ending in \"Score: N\") for the M1 SFT stage.")
+    sft: SftSection = opt(factory=SftSection, doc="Settings of the M1 SFT stage (its own learning rate, epochs, batch size, ...; not [training]'s DPO settings). The values used are recorded in the init_sft stage's outputs.")
     prompts: str = opt("", "Prompt file for the iterations; \"\" = data.train.")
     prompts_per_iteration: int = opt(0, "Fresh, non-overlapping prompts per iteration; 0 = all every iteration.", min=0)
     reuse_prompts: bool = opt(False, "Allow prompts_per_iteration x iterations to exceed the prompts available: the parts then wrap around and later iterations reuse prompts.")
-    self_instruct: int = opt(0, "Generate this many new prompts per iteration few-shot from the seed prompts with the policy (0 = off).", min=0)
+    self_instruct: int = opt(0, "Generate this many new prompts per iteration few-shot from the seed prompts (0 = off); a resumable stage of its own before generation.", min=0)
+    self_instruct_model: str = opt("", 'Model that writes the new prompts: "" = the current policy (the harness\'s default: no second model), or a fixed model reference as model.base ("smollm2-135m-instruct", "tiny", a local directory, a hub id), as in the paper, which generated prompts with a fixed Llama-2-Chat 70B.')
+    self_instruct_revision: str = opt("main", "Hub revision of self_instruct_model.")
     self_instruct_shots: int = opt(4, "Seed prompts shown per self-instruction request.", min=1)
     self_instruct_max_chars: int = opt(400, "Drop generated prompts longer than this.", min=1)
     self_instruct_min_chars: int = opt(8, "Drop generated prompts shorter than this.", min=1)
@@ -59,6 +67,11 @@ class SelfRewarding:
         for ref, where in ((o.ift, "method.self_rewarding.ift"), (o.eft, "method.self_rewarding.eft")):
             if ref:
                 errors += file_problems(ref, where, ("prompt", "response"))[1]
+        if o.self_instruct and o.self_instruct_model:
+            try:
+                locate(o.self_instruct_model)
+            except SourceError as e:
+                errors.append(FieldError("method.self_rewarding.self_instruct_model", str(e)))
         return errors
 
     def max_pairs(self, cfg, n_examples):
@@ -67,6 +80,10 @@ class SelfRewarding:
 
     def metric_refs(self, cfg):
         return []
+
+    def init_sft_settings(self, cfg):
+        o = cfg.options
+        return o.sft if o.ift or o.eft else None
 
     def init_sft_data(self, cfg):
         o = cfg.options
@@ -77,31 +94,41 @@ class SelfRewarding:
                          for e in load_simple(ref, where)]
         return data or None
 
+    def _pool(self, ctx: IterationContext) -> list[Example]:
+        o = ctx.options
+        return load_simple(o.prompts, "method.self_rewarding.prompts") if o.prompts else ctx.examples
+
     def prompts(self, ctx: IterationContext) -> list[Example]:
         o = ctx.options
-        pool = load_simple(o.prompts, "method.self_rewarding.prompts") if o.prompts else ctx.examples
-        chosen = iteration_slice(pool, o.prompts_per_iteration, ctx.iteration, o.reuse_prompts)
-        if o.self_instruct:
-            chosen = chosen + self._self_instruct(ctx, pool)
-        return chosen
+        return iteration_slice(self._pool(ctx), o.prompts_per_iteration, ctx.iteration, o.reuse_prompts)
 
-    def _self_instruct(self, ctx: IterationContext, seeds: list[Example]) -> list[Example]:
-        """Few-shot new prompts from seed prompts, de-duplicated and length-filtered."""
+    def self_instruct(self, ctx: IterationContext) -> SelfInstruct | None:
+        """Few-shot requests for new prompts from the seed prompts (each iteration shows other
+        shots); the selection keeps each output's first line, de-duplicated against the
+        seeds and each other, and length-filtered."""
         o = ctx.options
+        if not o.self_instruct:
+            return None
+        seeds = self._pool(ctx)
         requests = []
         for i in range(o.self_instruct):
-            shots = [seeds[(i * o.self_instruct_shots + j) % len(seeds)].instruction for j in range(o.self_instruct_shots)]
+            start = ((ctx.iteration - 1) * o.self_instruct + i) * o.self_instruct_shots
+            shots = [seeds[(start + j) % len(seeds)].instruction for j in range(o.self_instruct_shots)]
             text = "Write one new task like these examples.\n" + "\n".join(f"Task: {s}" for s in shots) + "\nTask:"
             requests.append(Prompt(f"si-{ctx.iteration}-{i}", ({"role": "user", "content": text},)))
-        out = ctx.generate(requests, Sampling(temperature=0.8, top_p=0.95, max_new_tokens=128), "self_instruct")
-        known = {e.instruction.strip() for e in seeds}
-        new = []
-        for pid in sorted(out):
-            text = out[pid]["samples"][0]["text"].strip().split("\n")[0].strip()
-            if o.self_instruct_min_chars <= len(text) <= o.self_instruct_max_chars and text not in known:
-                known.add(text)
-                new.append(Example(pid, ({"role": "user", "content": text},)))
-        return new
+
+        def select(out: dict) -> list[Example]:
+            known = {e.instruction.strip() for e in seeds}
+            new = []
+            for req in requests:  # request order: the same selection whatever order outputs come in
+                text = out[req.id]["samples"][0]["text"].strip().split("\n")[0].strip()
+                if o.self_instruct_min_chars <= len(text) <= o.self_instruct_max_chars and text not in known:
+                    known.add(text)
+                    new.append(Example(req.id, ({"role": "user", "content": text},)))
+            return new
+
+        return SelfInstruct(requests, Sampling(temperature=0.8, top_p=0.95, max_new_tokens=128), select,
+                            model=o.self_instruct_model, revision=o.self_instruct_revision)
 
     def sampling(self, cfg) -> Sampling:
         o = cfg.options

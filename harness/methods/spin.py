@@ -50,6 +50,12 @@ class Spin:
     def init_sft_data(self, cfg):
         return None
 
+    def init_sft_settings(self, cfg):
+        return None
+
+    def self_instruct(self, ctx):
+        return None
+
     def prompts(self, ctx: IterationContext):
         missing = [e.id for e in ctx.examples if not e.response]
         if missing:

@@ -1,0 +1,99 @@
+"""Validation evaluations for choosing an iterate (``[eval.validation]``), kept apart from
+the reported results so that choosing does not peek at them.
+
+``run_validation`` evaluates one iteration's model on what the section configures --
+lm-eval tasks, an AlpacaEval-style win rate on its own instructions, and the mean
+judge score of greedy answers to held-out prompts -- each in a subdirectory of
+``out_dir``, and returns flat metrics under "validation/" (``validation/lm_eval/<task>/
+<metric>``, ``validation/alpaca_eval/<metric>``, ``validation/judge/score_mean``).
+``metric_names`` lists the names a configuration will produce, for ``harness validate``.
+A method's ``select_final`` picks the best iterate on one of them; the loop writes
+the choice to final.json with that iterate's reported (test) metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from harness.config import Config, JudgeSection, ValidationSection
+from harness.data import read_records, to_examples
+from harness.evaluate import run_alpaca_eval, run_lm_eval
+from harness.evaluate.lm_eval_adapter import task_metrics
+from harness.generate import Prompt, Sampling, generate
+from harness.judges import require_coverage
+from harness.judges.base import JudgeItem
+from harness.store import JsonlLog, atomic_write_json, write_jsonl
+
+PREFIX = "validation/"
+ALPACA_METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate",
+                  "avg_length", "length_controlled_winrate", "n_instructions", "coverage")
+JUDGE_METRICS = ("score_mean", "n_prompts", "n_scored", "coverage")
+
+
+def metric_names(v: ValidationSection) -> set[str]:
+    """The "validation/..." names ``run_validation`` produces for ``v``; lm-eval tasks whose
+    YAML cannot be read yet (e.g. hub tasks) appear as ``validation/lm_eval/<task>/*``.
+    Raises FileNotFoundError / KeyError for task files that do not exist."""
+    names: set[str] = set()
+    for task, metric in task_metrics(v.lm_eval_tasks):
+        names |= {f"{PREFIX}lm_eval/{task}/{metric}", f"{PREFIX}lm_eval/{task}/{metric}_stderr"}
+    if v.alpaca_eval.instructions:
+        names |= {f"{PREFIX}alpaca_eval/{m}" for m in ALPACA_METRICS}
+    if v.prompts:
+        names |= {f"{PREFIX}judge/{m}" for m in JUDGE_METRICS}
+    return names
+
+
+def validation_prompts(cfg: Config) -> list[Prompt]:
+    """The first ``num_prompts`` of ``eval.validation.prompts`` (a "prompt" column, as the
+    methods' own files), after data.system_prompt when one is set."""
+    v = cfg.eval.validation
+    system = ({"role": "system", "content": cfg.data.system_prompt},) if cfg.data.system_prompt else ()
+    rows = read_records(v.prompts, split=v.split, where="eval.validation.prompts")
+    exs = to_examples(rows, where="eval.validation.prompts")[:v.num_prompts or None]
+    return [Prompt(e.id, system + e.messages) for e in exs]
+
+
+def judged_prompts(model, tokenizer, cfg: Config, judge, out_dir: Path, seed_key: tuple) -> dict:
+    """Mean judge score of the model's greedy answers to the validation prompts."""
+    v = cfg.eval.validation
+    prompts = validation_prompts(cfg)
+    gens = generate(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=cfg.generation.max_new_tokens),
+                    seed_key=(*seed_key, "validation"), batch_size=cfg.generation.batch_size,
+                    log=JsonlLog(out_dir / "generations.jsonl"), desc="validation")
+    items = [JudgeItem(p.id, p.messages[-1]["content"], gens[p.id]["samples"][0]["text"]) for p in prompts]
+    verdicts = judge.score(items)
+    write_jsonl(out_dir / "judgments.jsonl", [{"id": it.prompt_id, "instruction": it.instruction,
+                                               "response": it.response, "score": vd.score, "raw": list(vd.raw)}
+                                              for it, vd in zip(items, verdicts)])
+    scores = [vd.score for vd in verdicts if vd.score is not None and math.isfinite(vd.score)]
+    require_coverage(len(scores), len(items), v.min_coverage, "validation judging")
+    return {f"{PREFIX}judge/score_mean": math.fsum(scores) / len(scores), f"{PREFIX}judge/n_prompts": len(items),
+            f"{PREFIX}judge/n_scored": len(scores), f"{PREFIX}judge/coverage": len(scores) / len(items)}
+
+
+def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
+                   judge_factory: Callable[[JudgeSection], object]) -> dict:
+    """Every configured validation evaluation of one iteration's model; flat "validation/" metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    v = cfg.eval.validation
+    seed_key = (cfg.experiment.seed, iteration)
+    metrics: dict = {}
+    if v.lm_eval_tasks:
+        section = replace(cfg.eval, lm_eval_tasks=v.lm_eval_tasks, num_fewshot=v.num_fewshot, limit=v.limit)
+        metrics.update({PREFIX + k: m for k, m in run_lm_eval(model, tokenizer, section, out_dir / "lm_eval").items()})
+    if v.alpaca_eval.instructions:
+        got = run_alpaca_eval(model, tokenizer, v.alpaca_eval, judge_factory(v.alpaca_eval.judge),
+                              out_dir / "alpaca_eval", seed_key=(*seed_key, "validation"),
+                              generator=f"{cfg.experiment.name}/iter_{iteration:03d}/validation",
+                              max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
+                              system_prompt=cfg.data.system_prompt)
+        metrics.update({PREFIX + k: m for k, m in got.items()})
+    if v.prompts:
+        metrics.update(judged_prompts(model, tokenizer, cfg, judge_factory(v.judge), out_dir / "judge", seed_key))
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
