@@ -292,8 +292,12 @@ class Runner:
         out = [ev]
         with console.stage(f"iter {t}", "validation") as line:
             val = self.validation_stage(t, policy)
-            line.report(val.final) if val is not None else line.skip()
-        return out + ([val] if val is not None else [])
+            if val is None:
+                line.skip()
+            else:
+                line.report(val.final)
+                out.append(val)
+        return out
 
     # ----- the loop ------------------------------------------------------
     def run(self) -> list[dict]:
@@ -323,8 +327,11 @@ class Runner:
             stages = []
             with console.stage(it, "self_instruct") as line:
                 si, extra = self.self_instruct_stage(t, policy, ctx)
-                line.report(si.final) if si is not None else line.skip()
-            stages += [si] if si is not None else []
+                if si is None:
+                    line.skip()
+                else:
+                    line.report(si.final)
+                    stages.append(si)
             with console.stage(it, "generate") as line:
                 gen, groups = self.generate_stage(t, policy, ctx, extra)
                 line.report(gen.final)
