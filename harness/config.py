@@ -127,7 +127,8 @@ class TrainingSection:
 
 @dataclass(frozen=True)
 class AlpacaEvalSection:
-    instructions: str = opt("", 'AlpacaEval-format file (instruction, output, generator) whose outputs are the reference, or "tiny:alpaca_eval"; "" = skip AlpacaEval.')
+    instructions: str = opt("", 'AlpacaEval-format file (instruction, output, generator) whose outputs are the reference, "tiny:alpaca_eval", or "alpaca_eval" (AlpacaEval 2.0 from the hub); "" = skip AlpacaEval.')
+    reference: str = opt("instructions", 'Whose answers the model is judged against: "instructions" (the outputs in the instructions file) or "iteration0" (the starting model\'s answers from this run\'s iteration-0 evaluation: a head-to-head against the starting model, like the Self-Rewarding paper\'s pairwise comparisons with its SFT baseline; iteration 0 then scores 50 by construction).', choices=("instructions", "iteration0"))
     limit: int = opt(0, "Evaluate only the first N instructions; 0 = all.", min=0)
     position: str = opt("random", 'Position-bias control: "random" (seeded order per item) or "both" (judge both orders, average).', choices=("random", "both"))
     min_coverage: float = opt(0.95, "Fail the evaluation when fewer than this fraction of instructions get an annotation.", min=0.0, max=1.0)

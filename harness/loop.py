@@ -252,16 +252,20 @@ class Runner:
         return st, new
 
     def evaluate_stage(self, t: int, policy: Policy) -> store.Stage:
-        from harness.evaluate import evaluate_iteration
+        from harness.evaluate import evaluate_iteration, iteration0_answers
         from harness.judges import build_judge
 
+        upstream, reference = {"policy": policy.id, "sampler": SAMPLER}, None
+        if t > 0 and self.cfg.eval.alpaca_eval.instructions and self.cfg.eval.alpaca_eval.reference == "iteration0":
+            reference, upstream["reference"] = iteration0_answers(self.run_dir)
         st = self.stage(t, "evaluate", EVAL_KEYS + ("generation", "model", "data.system_prompt", "experiment.seed"),
-                        {"policy": policy.id, "sampler": SAMPLER})
+                        upstream)
         if not st.done():
             work = st.begin()
             model, tok = self.model(policy)
             metrics = evaluate_iteration(model, tok, self.cfg, work, t,
-                                         lambda section: build_judge(section, seed_key=(self.cfg.experiment.seed, t, "alpaca_eval")))
+                                         lambda section: build_judge(section, seed_key=(self.cfg.experiment.seed, t, "alpaca_eval")),
+                                         reference=reference)
             st.commit({"metrics": metrics})
         return st
 

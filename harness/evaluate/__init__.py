@@ -58,6 +58,14 @@ def load_eval_prompts(ref: str) -> list[tuple[str, str]]:
     return out
 
 
+def iteration0_answers(run_dir: Path) -> tuple[dict[str, str], str]:
+    """({instruction id: answer}, content hash) of a run's iteration-0 AlpacaEval answers."""
+    from harness.store import file_hash, read_jsonl
+
+    path = Path(run_dir) / "iter_000" / "evaluate" / "alpaca_eval" / "generations.jsonl"
+    return {r["id"]: r["samples"][0]["text"] for r in read_jsonl(path)}, file_hash(path)
+
+
 def _indicator_prompts(cfg: Config) -> list[Prompt] | None:
     system = ({"role": "system", "content": cfg.data.system_prompt},) if cfg.data.system_prompt else ()
     if cfg.eval.eval_prompts:
@@ -70,8 +78,11 @@ def _indicator_prompts(cfg: Config) -> list[Prompt] | None:
 
 
 def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
-                       judge_factory: Callable[[JudgeSection], object]) -> dict[str, float | int | None]:
+                       judge_factory: Callable[[JudgeSection], object],
+                       reference: dict[str, str] | None = None) -> dict[str, float | int | None]:
     """Run every configured evaluation of one iteration's model; returns flat metrics.
+    ``reference``: the iteration-0 AlpacaEval answers when ``eval.alpaca_eval.reference``
+    is "iteration0" (see ``iteration0_answers``).
 
     ``judge_factory`` builds the AlpacaEval judge from ``cfg.eval.alpaca_eval.judge``;
     it is called only when AlpacaEval is configured. Indicator threshold warnings
@@ -84,7 +95,7 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
     metrics: dict[str, float | int | None] = {}
     if ev.lm_eval_tasks:
         console.phase("lm-eval")
-        metrics.update(run_lm_eval(model, tokenizer, ev, out_dir / "lm_eval"))
+        metrics.update(run_lm_eval(model, tokenizer, ev, out_dir / "lm_eval", system_prompt=cfg.data.system_prompt))
     if ev.alpaca_eval.instructions:
         console.phase("alpaca_eval")
         judge = judge_factory(ev.alpaca_eval.judge)
@@ -92,7 +103,8 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
             model, tokenizer, ev.alpaca_eval, judge, out_dir / "alpaca_eval", seed_key=seed_key,
             generator=f"{cfg.experiment.name}/iter_{iteration:03d}",
             max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
-            system_prompt=cfg.data.system_prompt))
+            system_prompt=cfg.data.system_prompt, reference=reference,
+            reference_name=f"{cfg.experiment.name}/iter_000"))
     if ev.indicators.num_prompts > 0:
         prompts = _indicator_prompts(cfg)
         if prompts is None:

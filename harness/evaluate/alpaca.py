@@ -233,8 +233,12 @@ def compute_metrics(annotations: Sequence[dict] | Any, model_outputs: Sequence[s
 
 def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge, out_dir: Path, *,
                     seed_key: tuple, generator: str, max_new_tokens: int, batch_size: int,
-                    system_prompt: str = "") -> dict[str, float | int | None]:
-    """Greedy answers to the instructions, judged against the reference; see the module doc."""
+                    system_prompt: str = "", reference: dict[str, str] | None = None,
+                    reference_name: str = "") -> dict[str, float | int | None]:
+    """Greedy answers to the instructions, judged against the reference; see the module doc.
+    ``reference`` ({instruction id: answer}) replaces the file's reference outputs; with
+    ``section.reference == "iteration0"`` and no ``reference`` given, this model's own
+    answers are the reference (iteration 0 of a head-to-head)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_instructions(section.instructions, section.limit)
@@ -244,6 +248,14 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge, 
                     seed_key=(*seed_key, "alpaca_eval"), batch_size=batch_size,
                     log=JsonlLog(out_dir / "generations.jsonl"), desc="alpaca_eval")
     outputs = {pid: rec["samples"][0]["text"] for pid, rec in gens.items()}
+    if section.reference == "iteration0":
+        own = reference is None
+        reference = outputs if own else reference
+        missing = [r["id"] for r in rows if r["id"] not in reference]
+        if missing:
+            raise ValueError(f"eval.alpaca_eval.reference: the iteration-0 answers lack {len(missing)} instructions "
+                             f"(e.g. {missing[0]!r}); the instructions or limit changed since iteration 0")
+        rows = [{**r, "output": reference[r["id"]], "generator": reference_name or generator} for r in rows]
     model_outputs = [{"instruction": r["instruction"], "output": outputs[r["id"]], "generator": generator,
                       "dataset": r.get("dataset")} for r in rows]
     atomic_write_json(out_dir / "model_outputs.json", model_outputs)

@@ -140,9 +140,11 @@ def flat_metrics(results: dict) -> tuple[dict[str, float | None], dict[str, str]
 
 
 def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
-                device: str | None = None, seed: int | None = None) -> dict[str, float | None]:
+                device: str | None = None, seed: int | None = None,
+                system_prompt: str = "") -> dict[str, float | None]:
     """Evaluate ``model`` on ``section.lm_eval_tasks``; returns flat primary metrics.
 
+    ``system_prompt``: data.system_prompt, sent as lm-eval's system instruction.
     ``seed`` (optional) replaces lm-eval's default seeds (0, 1234, 1234, 1234);
     leave it None to get numbers comparable with an ``lm_eval`` command line run.
     The model's train/eval mode is restored afterwards (HFLM switches to eval).
@@ -175,6 +177,8 @@ def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
             apply_chat_template=section.apply_chat_template,
             # the lm_eval command line turns multi-turn few-shot on with a chat template
             fewshot_as_multiturn=section.apply_chat_template,
+            # the experiment's system message (data.system_prompt), as in generation and training
+            system_instruction=system_prompt or None,
             **seeds)
     finally:
         model.train(was_training)
