@@ -15,7 +15,7 @@ def _validate(args) -> int:
     from harness import config
 
     if args.explain:
-        from harness.registry import METHODS
+        from harness.methods import METHODS
         from harness.schema import explain
 
         rows = explain(config.Config)

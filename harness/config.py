@@ -7,14 +7,14 @@ validated by the schema the method registers (see ``harness/methods``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.registry import METHODS
 from harness.schema import ConfigError, FieldError, opt, parse_section, to_dict, unknown_key_error
+from harness.store import dict_hash
 
 LOSSES = ("sigmoid", "hinge", "ipo")
 JUDGES = ("none", "oracle", "self", "hf", "reward_model", "openai")
@@ -225,18 +225,13 @@ class Config:
         return "continue" if self.model.quantization != "none" else "merge"
 
 
-def dict_hash(d: Any) -> str:
-    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 _TOP = ("experiment", "model", "method", "data", "lora", "judge", "generation", "training", "eval")
 
 
 def parse(doc: dict, source: str = "<config>") -> Config:
-    """Validate a TOML document; raise ConfigError with every problem found."""
-    from harness.registry import METHODS  # late: methods import config types
-
+    """Validate a TOML document; raise ConfigError with every problem found.
+    Method names and options come from ``harness.registry.METHODS`` (filled by
+    importing ``harness.methods``)."""
     errors: list[FieldError] = []
     sections: dict[str, Any] = {}
 

@@ -20,16 +20,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from harness import console, store
-from harness.config import Config, EvalSection, dict_hash
+from harness.config import Config, EvalSection
 from harness.data import Example, load_examples
 from harness.generate import SAMPLER, Prompt, generate, generation_settings
 from harness.judges import judge_scale
+from harness.judges.oracle import OracleJudge
 from harness.judges.base import JudgeItem
 from harness.methods.base import Group, IterationContext
 from harness.models import load_model, load_policy, load_tokenizer, offline_env
 from harness.sources import identity, locate, materialize, resolve_ref
-from harness.registry import METHODS
+from harness.methods import METHODS
 from harness.schema import to_dict
+from harness.store import dict_hash
 
 log = logging.getLogger("harness")
 
@@ -413,10 +415,6 @@ def oracle_agreement(judge_name: str, groups: list[Group], recs: list[dict]) -> 
     oracle understands the prompts: the share of candidate pairs both order
     strictly that they order the same way."""
     if judge_name == "oracle":
-        return {}
-    try:
-        from harness.tiny.oracle import OracleJudge
-    except ImportError:
         return {}
     oracle = OracleJudge()
     agree = total = 0

@@ -28,6 +28,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 
+def dict_hash(d: Any) -> str:
+    """Short content hash of a JSON-able value (key order does not matter)."""
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def cache_root() -> Path:
     """Where built and converted artefacts live: ``$HARNESS_CACHE``, default ``~/.cache/harness``."""
     return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness").resolve()
@@ -190,8 +196,6 @@ class Stage:
     """One (iteration, stage) directory of a run."""
 
     def __init__(self, run_dir: Path, iteration: int, name: str, inputs: dict):
-        from harness.config import dict_hash
-
         self.final = Path(run_dir) / f"iter_{iteration:03d}" / name
         self.tmp = self.final.with_name(name + ".tmp")
         self.inputs = inputs

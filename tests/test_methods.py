@@ -11,7 +11,7 @@ from harness.config import SftSection, parse
 from harness.data import Example
 from harness.methods.base import Candidate, Group, IterationContext, iteration_slice
 from harness.methods.dno import replayed, repetition_rate
-from harness.registry import METHODS
+from harness.methods import METHODS
 from harness.schema import ConfigError
 
 VALIDATION = {"validation": {"prompts": "v.jsonl"}}

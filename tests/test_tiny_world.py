@@ -12,7 +12,8 @@ import pytest
 from harness.judges.base import JudgeItem, compare
 from harness.tiny import tasks
 from harness.tiny.build import FILES, TinyParams, build, cache_key, ensure_tiny, resolve
-from harness.tiny.oracle import OracleJudge, grade, response_with_score
+from harness.judges.oracle import OracleJudge
+from harness.tiny.oracle import grade, response_with_score
 
 SIZES = {"eval": 150, "train": 384, "ift": 256, "eft": 128, "warmup": 3000}
 

@@ -9,15 +9,14 @@ endpoint). Heavy modules are imported only when their kind is built.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from harness.config import JUDGES, JudgeSection
 from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group
 from harness.judges.cache import CachedJudge, judge_identity
+from harness.judges.oracle import OracleJudge, source_hash
 from harness.sources import identity, locate
 from harness.judges.parsing import JudgeTemplate, load_judge_template, load_template, parse_score
 
@@ -57,15 +56,7 @@ def _seed_ident(s: JudgeSection, seed_key: tuple) -> dict:
 
 
 def _oracle(s, policy, seed_key):
-    from harness.tiny.oracle import OracleJudge
-
-    judge = OracleJudge()
-    # The oracle is code: its identity is the source of its package (grading rules + task parser).
-    src = Path(sys.modules[OracleJudge.__module__].__file__).parent
-    h = hashlib.sha256()
-    for f in sorted(src.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return judge, {"oracle": f"{OracleJudge.__module__}.{OracleJudge.__qualname__}", "source": h.hexdigest()[:16]}
+    return OracleJudge(), {"oracle": f"{OracleJudge.__module__}.{OracleJudge.__qualname__}", "source": source_hash()}
 
 
 def _self(s, policy, seed_key):

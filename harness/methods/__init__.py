@@ -1,3 +1,7 @@
-"""Methods register themselves by name on import (see harness.registry.METHODS)."""
+"""The methods. Importing this package registers spin, self_rewarding and dno in
+``METHODS`` (each module registers its strategy object)."""
 
 from harness.methods import dno, self_rewarding, spin  # noqa: F401
+from harness.registry import METHODS
+
+__all__ = ["METHODS"]

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 from harness.store import build_once, cache_root
-from harness.tiny import tasks
+from harness.tiny import data, tasks, warmup
+from harness.tiny.tokenizer import train_tokenizer
 
 HERE = Path(__file__).parent
 
@@ -104,9 +105,6 @@ def ensure_tiny(seed: int = 0, params: TinyParams | None = None) -> Path:
 def build(out: Path, seed: int = 0, params: TinyParams | None = None, final: Path | None = None) -> dict:
     """Write a complete world into the empty directory ``out``; return its build record.
     ``final`` is where the directory will live (absolute paths in lm-eval files)."""
-    from harness.tiny import data, warmup
-    from harness.tiny.tokenizer import train_tokenizer
-
     params = params or TinyParams()
     out, final = Path(out), Path(final or out).resolve()
     t0 = time.time()

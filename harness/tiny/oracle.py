@@ -14,9 +14,7 @@ from __future__ import annotations
 import random
 import re
 import string
-from typing import Sequence
 
-from harness.judges.base import JudgeItem, Verdict
 from harness.tiny.tasks import NUMBER_TASKS, Example, parse
 
 _INT = re.compile(r"0|[1-9]\d*")
@@ -95,24 +93,6 @@ def grade_text(instruction: str, response: str) -> tuple[int, str] | None:
     if parsed is None:
         return None
     return grade(parsed[0], parsed[1], response)
-
-
-class OracleJudge:
-    """The Judge protocol over ``grade``: one deterministic sample per item."""
-
-    name = "oracle"
-    scale = (1.0, 5.0)
-
-    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        out = []
-        for item in items:
-            g = grade_text(item.instruction, item.response)
-            if g is None:
-                out.append(Verdict(score=None, raw=("unparseable instruction",), scores=(None,)))
-            else:
-                s, reason = g
-                out.append(Verdict(score=float(s), raw=(f"{reason}: {s}",), scores=(float(s),)))
-        return out
 
 
 # --- responses of a chosen score (EFT data, imperfect references) -------------------

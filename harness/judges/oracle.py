@@ -1,0 +1,37 @@
+"""The tiny world's rule-based grader (``harness.tiny.oracle.grade``) as a judge."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+from harness.judges.base import JudgeItem, Verdict
+from harness.tiny import oracle as rules
+
+
+class OracleJudge:
+    """The Judge protocol over the tiny world's ``grade``: one deterministic sample per item."""
+
+    name = "oracle"
+    scale = (1.0, 5.0)
+
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        out = []
+        for item in items:
+            g = rules.grade_text(item.instruction, item.response)
+            if g is None:
+                out.append(Verdict(score=None, raw=("unparseable instruction",), scores=(None,)))
+            else:
+                s, reason = g
+                out.append(Verdict(score=float(s), raw=(f"{reason}: {s}",), scores=(float(s),)))
+        return out
+
+
+def source_hash() -> str:
+    """The oracle is code: its identity is the source of the tiny world's grading rules and
+    task parser (harness/tiny/*.py)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(rules.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
