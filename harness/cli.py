@@ -84,7 +84,7 @@ def _run_checked(args, cfgs: list) -> int:
     from harness.data import DataError
     from harness.judges import CoverageError
     from harness.loop import run_experiment
-    from harness.results import write_tables
+    from harness.results import cost_summary, write_tables
     from harness.store import RunLocked, StageChanged
     from harness.train import TrainingError
 
@@ -97,7 +97,7 @@ def _run_checked(args, cfgs: list) -> int:
                         f"{'s' * (cfg.method.iterations != 1)}, model {cfg.model.base}")
         console.reset_failure()
         try:
-            run_dir, _ = run_experiment(cfg, fresh=args.fresh)
+            run_dir, rows = run_experiment(cfg, fresh=args.fresh)
             with console.stage("", "tables") as line:
                 table, left_out, written = write_tables([run_dir], run_dir, "results",
                                                         title=f"{cfg.experiment.name} ({cfg.method.name})",
@@ -118,6 +118,7 @@ def _run_checked(args, cfgs: list) -> int:
         run_dirs.append(run_dir)
         if not quiet:
             console.data(table)
+        console.info(cost_summary(rows) or "cost: not recorded")
         console.info(f"results: {_short_path(run_dir)}/ (results.csv, results.md, results.html, "
                      f"{', '.join(p.name for p in written if p.suffix == '.png') or 'no plots'}, harness.log)")
         if left_out:

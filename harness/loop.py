@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from harness import console, store
+from harness import console, cost, store
 from harness.config import Config, EvalSection
 from harness.data import Example, load_examples
 from harness.generate import SAMPLER, Prompt, generate, generation_settings
@@ -383,13 +383,20 @@ class Runner:
     def _row(self, t: int, stages: list[store.Stage], prov: dict) -> dict:
         metrics: dict = {}
         wall = 0.0
+        costs = []  # what the stages cost (harness.cost); iteration 0 includes the init_sft stage
+        init = self.run_dir / "iter_000" / "init_sft" / "manifest.json"
+        if t == 0 and init.exists():
+            costs.append(store.read_json(init)["outputs"].get("cost"))
         for st in stages:
             out = st.outputs()
             metrics.update(out.get("metrics", {}))
             wall += out.get("seconds", 0.0)
+            costs.append(out.get("cost"))
         metrics["wall_time_s"] = round(wall, 2)
+        cost_metrics, device = cost.row_metrics(costs)
+        metrics.update(cost_metrics)
         return {"experiment": self.cfg.experiment.name, "method": self.cfg.method.name, "iteration": t,
-                "model": self.cfg.model.base, "metrics": metrics,
+                "model": self.cfg.model.base, "device": device, "metrics": metrics,
                 "provenance": {**{k: prov[k] for k in ("config_hash", "seed", "versions", "git_commit", "git_dirty")},
                                "model": self.base_identity}}
 

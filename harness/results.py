@@ -52,7 +52,8 @@ LC_WIN_RATE = "alpaca_eval/length_controlled_winrate"
 N_TOTAL, COVERAGE = "alpaca_eval/n_total", "alpaca_eval/coverage"
 # shown after the metric families by default: what the iteration trained on and what it cost
 DEFAULT_EXTRA = ["pairs/n_pairs", "judge/coverage", "judge/oracle_pair_agreement", "train/reward_margin",
-                 "gen/tokens", "wall_time_s"]
+                 "gen/tokens", "wall_time_s", "cost/wall_s", "cost/gen_tokens", "cost/train_tokens", "cost/judge_calls",
+                 "cost/peak_mem_mb", "cost/gpu_s"]
 
 
 class ResultsError(ValueError):
@@ -345,8 +346,9 @@ def _main_columns(df: pd.DataFrame) -> list[str]:
         cols += [WIN_RATE] + [c for c in (N_TOTAL, COVERAGE) if c in df.columns]
     if LC_WIN_RATE in df.columns and any(isinstance(v, Real) and not math.isnan(v) for v in df[LC_WIN_RATE]):
         cols.append(LC_WIN_RATE)
-    if not cols:
-        cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS and not c.endswith(SE) and not c.startswith(DELTA)]
+    if not cols:  # cost columns stay in the files: the terminal gets harness.results.cost_summary's line
+        cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS and not c.endswith(SE) and not c.startswith(DELTA)
+                and not c.startswith("cost/")]
     return cols
 
 
@@ -705,3 +707,49 @@ def write_tables(paths: Sequence[Path], out_dir: Path, stem: str, *, title: str 
     written = [out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "html")] + written
     table, left_out = to_terminal(df, width)
     return table, left_out, written
+
+
+# ---------------------------------------------------------------- cost
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else f"{n / 1e3:.1f}k" if n >= 1e3 \
+        else f"{n:.0f}"
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def cost_summary(rows: Sequence[dict]) -> str:
+    """One line per experiment of what its rows cost (the ``cost/*`` metrics, summed over
+    iterations; peak memory the largest): iterations, wall time, tokens generated and
+    trained, judge calls (and an HTTP judge's tokens), peak memory, GPU-hours where a GPU
+    was used, the device: "cost: ..." for one experiment, "cost of <experiment>: ..." for
+    several. Rows without cost metrics (older runs, published systems) are left out; ""
+    when none has them."""
+    lines = []
+    experiments = list(dict.fromkeys(r["experiment"] for r in rows))
+    for exp in experiments:
+        mine = [r for r in rows if r["experiment"] == exp and "cost/wall_s" in r["metrics"]]
+        if not mine:
+            continue
+
+        def total(key: str) -> float:
+            return sum(r["metrics"].get(key) or 0 for r in mine)
+
+        devices = sorted({d for r in mine for d in str(r.get("device") or "").split(", ") if d})
+        gpu = any(d.startswith("cuda") for d in devices)
+        peak = max((r["metrics"].get("cost/peak_mem_mb") or 0) for r in mine)
+        n_iter = max(r["iteration"] for r in mine)
+        parts = [f"{n_iter} iteration{'s' * (n_iter != 1)}", f"{_duration(total('cost/wall_s'))} wall",
+                 f"{_count(total('cost/gen_tokens'))} tokens generated", f"{_count(total('cost/train_tokens'))} trained",
+                 f"{_count(total('cost/judge_calls'))} judge calls"]
+        if total("cost/judge_prompt_tokens") or total("cost/judge_completion_tokens"):
+            parts[-1] += (f" ({_count(total('cost/judge_prompt_tokens'))} + "
+                          f"{_count(total('cost/judge_completion_tokens'))} tokens)")
+        parts.append(f"peak {peak / 1024:.1f} GB {'GPU' if gpu else 'RSS'}")
+        if gpu:
+            parts.append(f"{total('cost/gpu_s') / 3600:.2f} GPU-hours")
+        parts.append(", ".join(d[6:-1] if d.startswith("cuda (") else d for d in devices) or "device unknown")
+        lines.append(f"cost{f' of {exp}' if len(experiments) > 1 else ''}: " + ", ".join(parts))
+    return "\n".join(lines)

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from harness import cost
+
 
 def dict_hash(d: Any) -> str:
     """Short content hash of a JSON-able value (key order does not matter)."""
@@ -228,10 +230,14 @@ class Stage:
         self.tmp.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, self.input_hash)
         self._t0 = time.perf_counter()
+        self._meter = cost.start()
         return self.tmp
 
     def commit(self, outputs: dict | None = None) -> None:
-        outputs = {**(outputs or {}), "seconds": round(time.perf_counter() - self._t0, 3)}
+        """Finish the stage: its outputs, plus its wall time (``seconds``) and what it
+        cost (``cost``: see ``harness.cost``), go into the manifest."""
+        outputs = {**(outputs or {}), "seconds": round(time.perf_counter() - self._t0, 3),
+                   "cost": cost.stop(self._meter)}
         os.replace(self.tmp, self.final)
         atomic_write_json(self.manifest_path, {"input_hash": self.input_hash, "inputs": self.inputs,
                                                "outputs": outputs})

@@ -12,6 +12,11 @@ separately loaded, frozen copy handed to trl as ``ref_model``; continue -- the
 "ref" adapter is replaced by the iteration-0 adapter, or removed so that the
 adapter-disabled (quantized) base is the reference.
 
+The reference is frozen for a whole iteration, so its log-probs of the training pairs
+are computed once before training (``precompute_reference``) and trl reads them from
+the dataset: no step runs a reference forward. Every step and every token trained is
+counted into the stage's cost (``harness.cost``).
+
 Dropout: only the adapter being trained drops out (``lora.dropout``); the base
 model's own dropout and a frozen "ref" adapter stay off, so reference log-probs
 are deterministic (trl's ``disable_dropout`` would also zero ``lora.dropout``).
@@ -32,6 +37,7 @@ from typing import Sequence
 import torch
 from transformers import TrainerCallback
 
+from harness import cost
 from harness.generate import sequence_logprobs
 
 
@@ -196,6 +202,23 @@ class _Progress(TrainerCallback):
             self.bar = None
 
 
+class _TokenCount:
+    """A trainer's collator that counts the tokens of every batch it builds (non-padding:
+    prompt + completion, both sequences of a DPO pair) into ``tokens`` and the stage's cost."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.tokens = 0
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        mask = batch.get("attention_mask")
+        n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.tokens += n
+        cost.add(train_tokens=n)
+        return batch
+
+
 def _run(trainer, out_dir: Path) -> dict:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -206,7 +229,11 @@ def _run(trainer, out_dir: Path) -> dict:
     trainer.add_callback(_Progress())
     before = _adapter_state(trainer.model)
     t0 = time.perf_counter()
-    trainer.train()
+    counter = trainer.data_collator = _TokenCount(trainer.data_collator)
+    try:
+        trainer.train()
+    finally:
+        trainer.data_collator = counter.collate
     after = _adapter_state(trainer.model)
     if not any(not torch.equal(before[k], after[k]) for k in before):
         raise TrainingError("training left the adapter unchanged (zero learning rate or no trainable pairs?)")
@@ -216,6 +243,7 @@ def _run(trainer, out_dir: Path) -> dict:
     losses = [h["loss"] for h in guard.history if "loss" in h]
     return {"train/loss": losses[-1] if losses else None, "train/loss_first": losses[0] if losses else None,
             "train/steps": trainer.state.global_step, "train/seconds": time.perf_counter() - t0,
+            "train/tokens": counter.tokens,
             "train/peak_memory_mb": _peak_memory_mb(), "log_history": guard.history}
 
 
@@ -233,9 +261,18 @@ def _prepare_policy(model, cfg):
 
 
 def pair_logps(model, tokenizer, pairs: Sequence[dict], max_length: int) -> tuple[list[float], list[float]]:
-    prompts = [p["messages"] for p in pairs]
-    return (sequence_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_length=max_length),
-            sequence_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_length=max_length))
+    """(chosen, rejected) log-likelihoods of ``pairs`` under ``model``, in their order. Computed
+    in batches of similar length (longest first), so little of the work is padding."""
+    def logps(key: str) -> list[float]:
+        order = sorted(range(len(pairs)), key=lambda i: -(len(str(pairs[i]["messages"])) + len(pairs[i][key])))
+        got = sequence_logprobs(model, tokenizer, [pairs[i]["messages"] for i in order],
+                                [pairs[i][key] for i in order], max_length=max_length)
+        out = [0.0] * len(pairs)
+        for i, v in zip(order, got):
+            out[i] = v
+        return out
+
+    return logps("chosen"), logps("rejected")
 
 
 def _use_reference_adapter(model, reference: Sequence[Path]) -> None:
@@ -279,6 +316,49 @@ def reference_logps(trainer, n: int) -> tuple[list[float], list[float]]:
     return chosen, rejected
 
 
+def precompute_reference(trainer, batch_size: int | None = None) -> tuple[list[float], list[float]]:
+    """The reference log-probs of every training pair, computed once per iteration (the
+    reference is frozen while an iteration trains) and handed to trl as its precomputed
+    columns, so no training step runs a reference forward. Returns (chosen, rejected) in
+    the order of ``trainer.train_dataset``.
+
+    The numbers are those of trl's per-step path: ``trainer.compute_ref_log_probs`` on the
+    reference the trainer holds (the adapter-disabled model, the frozen "ref" adapter, or a
+    ``ref_model``), in eval mode; the reference never drops out (``only_adapter_dropout``),
+    so train and eval mode agree. Call it once the reference is final (after
+    ``dpo_trainer``). Only the batching differs: pairs of similar length go together
+    (longest first, ``batch_size`` pairs, default twice the training batch), which changes
+    the values by float rounding only. trl's own ``precompute_ref_log_probs`` runs inside
+    ``DPOTrainer.__init__``, before the harness can swap in a "base" reference adapter, and
+    hashes the model and writes a dataset cache file, so it is not used."""
+    data = trainer.train_dataset
+    n = len(data)
+    size = batch_size or 2 * trainer.args.per_device_train_batch_size
+    cap = trainer.args.max_length or math.inf
+    lengths = [min(cap, len(p) + max(len(c), len(r)))
+               for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    model = trainer.ref_model or trainer.model
+    device = next(trainer.model.parameters()).device
+    chosen, rejected = [0.0] * n, [0.0] * n
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        for start in range(0, n, size):
+            idx = order[start:start + size]
+            batch = trainer.data_collator([data[i] for i in idx])
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            c, r = trainer.compute_ref_log_probs(model, batch)
+            for i, a, b in zip(idx, c.float().tolist(), r.float().tolist()):
+                chosen[i], rejected[i] = a, b
+    finally:
+        trainer.model.train(was_training)
+    data = data.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in data.column_names])
+    trainer.train_dataset = data.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+    trainer.precompute_ref_logps = True
+    return chosen, rejected
+
+
 def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
                 reference: Sequence[Path] | None = None, base: str | None = None):
     """trl's DPOTrainer for one iteration, its reference set up for the chain in use
@@ -305,9 +385,12 @@ def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, ou
     return trainer
 
 
+GAP_CHECK_PAIRS = 4  # pairs on which train_dpo compares the reference with the policy before training
+
+
 def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
               probe_size: int = 256, reference: Sequence[Path] | None = None,
-              base: str | None = None) -> tuple[dict, object]:
+              base: str | None = None, precompute: bool = True) -> tuple[dict, object]:
     """Train one iteration on pairs {messages, chosen, rejected}; save ``out_dir/adapter``.
     Returns (metrics, the trained in-memory model).
 
@@ -322,15 +405,42 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     and trl's own reference log-probs of those pairs: ``train/ref_gap_to_start`` is
     their largest distance to the policy's before training (0 up to float rounding
     when the reference is the previous iterate).
+
+    ``precompute``: the reference log-probs of all pairs are computed once, before
+    training (``precompute_reference``), instead of by a reference forward in every
+    step. When the reference is the model passed in, those log-probs are also the
+    "before" values of the probe, and the policy's own are computed on its first
+    ``GAP_CHECK_PAIRS`` pairs only, for ``train/ref_gap_to_start``. The "after" values
+    take one forward over the probe (counted in the stage's time).
     """
     if not pairs:
         raise TrainingError("no training pairs for this iteration")
     probe = list(pairs[:probe_size])
-    c0, r0 = pair_logps(model, tokenizer, probe, cfg.training.max_length)
+    max_length = cfg.training.max_length
+    reuse = precompute and reference is None  # the reference's log-probs double as the "before" values
+    check = probe[:GAP_CHECK_PAIRS] if reuse else probe
+    t0 = time.perf_counter()
+    c0, r0 = pair_logps(model, tokenizer, check, max_length)
+    probe_seconds = time.perf_counter() - t0
     trainer = dpo_trainer(model, tokenizer, pairs, cfg, iteration, out_dir, reference, base)
-    ref_c, ref_r = reference_logps(trainer, len(probe))
+    t0 = time.perf_counter()
+    aligned = False
+    if precompute:
+        ref_all = precompute_reference(trainer)
+        aligned = len(ref_all[0]) == len(pairs)  # trl drops pairs whose prompt alone fills max_length
+    t1 = time.perf_counter()
+    ref_c, ref_r = ([v[:len(probe)] for v in ref_all] if aligned else reference_logps(trainer, len(probe)))
+    ref_seconds, probe_seconds = t1 - t0, probe_seconds + time.perf_counter() - t1
+    k = len(check)
+    gap = max(abs(a - b) for a, b in zip(ref_c[:k] + ref_r[:k], c0 + r0))
+    if reuse and not aligned:
+        c0, r0 = pair_logps(trainer.model, tokenizer, probe, max_length)
+    elif reuse:
+        c0, r0 = ref_c, ref_r
     metrics = _run(trainer, out_dir)
-    c1, r1 = pair_logps(trainer.model, tokenizer, probe, cfg.training.max_length)
+    t0 = time.perf_counter()
+    c1, r1 = pair_logps(trainer.model, tokenizer, probe, max_length)
+    probe_seconds += time.perf_counter() - t0
     n = len(probe)
     beta = cfg.method.beta
     margins = [beta * ((c1[i] - c0[i]) - (r1[i] - r0[i])) for i in range(n)]
@@ -343,7 +453,9 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
         "train/reward_margin": sum(margins) / n,
         "train/reward_accuracy": sum(m > 0 for m in margins) / n,
         "train/ref_logp_chosen": sum(ref_c) / n, "train/ref_logp_rejected": sum(ref_r) / n,
-        "train/ref_gap_to_start": max(abs(a - b) for a, b in zip(ref_c + ref_r, c0 + r0)),
+        "train/ref_gap_to_start": gap,
+        "train/ref_precomputed": int(precompute), "train/ref_seconds": ref_seconds,
+        "train/probe_seconds": probe_seconds,
     })
     return metrics, trainer.model
 

@@ -227,7 +227,7 @@ num_prompts = 0
     return exp
 
 
-OURS = re.compile(r"^(console: spin|(iter \d+)? +[a-z_]+ +([\d.:]+s?|kept|failed)  |results: |full table: |error: )")
+OURS = re.compile(r"^(console: spin|(iter \d+)? +[a-z_]+ +([\d.:]+s?|kept|failed)  |results: |cost: |full table: |error: )")
 
 
 def test_harness_run_output(tiny_dir, tmp_path, capfd, monkeypatch):

@@ -108,7 +108,9 @@ def artifacts(run: Path) -> dict:
                 "iter_002/train/adapter/adapter_model.safetensors"):
         out[rel] = (run / rel).read_bytes()
     rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
-    out["metrics"] = [{k: v for k, v in r["metrics"].items() if not k.endswith(("seconds", "wall_time_s", "_mb"))}
+    # timings and cost (what the finishing attempt did) depend on interruptions
+    out["metrics"] = [{k: v for k, v in r["metrics"].items()
+                       if not k.endswith(("seconds", "wall_time_s", "_mb")) and not k.startswith("cost/")}
                       for r in rows]
     return out
 
@@ -362,7 +364,9 @@ def judged_artifacts(run: Path) -> dict:
                 "iter_000/evaluate/alpaca_eval/annotations.json", "iter_001/evaluate/alpaca_eval/annotations.json"):
         out[rel] = (run / rel).read_bytes()
     rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
-    out["metrics"] = [{k: v for k, v in r["metrics"].items() if not k.endswith(("seconds", "wall_time_s", "_mb"))}
+    # timings and cost (what the finishing attempt did) depend on interruptions
+    out["metrics"] = [{k: v for k, v in r["metrics"].items()
+                       if not k.endswith(("seconds", "wall_time_s", "_mb")) and not k.startswith("cost/")}
                       for r in rows]
     return out
 

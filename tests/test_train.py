@@ -12,7 +12,7 @@ from harness.config import SftSection, parse
 from harness.generate import sequence_logprobs
 from harness.models import load_policy
 from harness.train import (StepSettings, _trainer_args, dpo_trainer, lora_config, only_adapter_dropout,
-                           reference_logps, train_dpo)
+                           precompute_reference, reference_logps, train_dpo)
 
 PAIRS = [{"messages": [{"role": "user", "content": f"what is {i} plus {i + 1}"}],
           "chosen": f"{2 * i + 1}", "rejected": "no no"} for i in range(8)]
@@ -272,3 +272,50 @@ def test_merge_chain_rejected_for_quantized_base(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="lora.chain"):
         make_cfg(tiny_dir, tmp_path, model={"quantization": "4bit"}, lora={"chain": "merge"})
 
+
+def _iteration_two(cfg, tmp_path, reference):
+    """(model_2, tokenizer) after one trained iteration, as the loop loads them."""
+    model, tok = load_policy(cfg, [])
+    train_dpo(model, tok, PAIRS, cfg, 1, tmp_path / "it1")
+    return load_policy(cfg, [tmp_path / "it1" / "adapter"])
+
+
+@pytest.mark.parametrize("chain,reference", [("merge", None), ("continue", None), ("merge", []), ("continue", [])])
+def test_precomputed_reference_is_trls_reference(tiny_dir, tmp_path, chain, reference):
+    """The reference log-probs computed once per iteration are the ones trl's per-step path
+    computes (same reference -- previous iterate, or the base for reference = "base" -- in
+    other batches, so equal to float rounding), and trl's loss then reads them."""
+    cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": chain},
+                   method={"reference": "base" if reference is not None else "previous"})
+    model, tok = _iteration_two(cfg, tmp_path, reference)
+    trainer = dpo_trainer(model, tok, PAIRS, cfg, 2, tmp_path / "it2", reference=reference)
+    per_step = reference_logps(trainer, len(PAIRS))
+    once = precompute_reference(trainer, batch_size=3)
+    assert once[0] == pytest.approx(per_step[0], abs=1e-4) and once[1] == pytest.approx(per_step[1], abs=1e-4)
+    assert trainer.precompute_ref_logps
+    assert trainer.train_dataset["ref_chosen_logps"] == pytest.approx(once[0])
+    batch = _batch(trainer, 4)
+    assert torch.equal(batch["ref_chosen_logps"], torch.tensor(once[0][:4]))
+
+
+@pytest.mark.parametrize("chain", ["merge", "continue"])
+def test_training_with_precomputed_reference_equals_per_step_reference(tiny_dir, tmp_path, chain):
+    """Same start, same pairs: precomputing the reference changes nothing but float rounding
+    (losses, trained adapter, reported metrics); the "before" values it reuses match the
+    policy's own."""
+    cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": chain})
+    got = {}
+    for precompute in (True, False):
+        model, tok = _iteration_two(cfg, tmp_path / str(precompute), None)
+        metrics, trained = train_dpo(model, tok, PAIRS, cfg, 2, tmp_path / f"it2-{precompute}", precompute=precompute)
+        got[precompute] = metrics, {n: p.detach().clone() for n, p in trained.named_parameters() if "lora_" in n
+                                    and ".ref." not in n}
+    (m1, a1), (m0, a0) = got[True], got[False]
+    assert m1["train/ref_precomputed"] == 1 and m0["train/ref_precomputed"] == 0
+    assert [h["loss"] for h in m1["log_history"] if "loss" in h] == pytest.approx(
+        [h["loss"] for h in m0["log_history"] if "loss" in h], abs=1e-5)
+    assert a1.keys() == a0.keys() and all(torch.allclose(a1[k], a0[k], atol=1e-5) for k in a1)
+    for key in ("train/logp_chosen_before", "train/logp_rejected_before", "train/logp_chosen", "train/reward_margin"):
+        assert m1[key] == pytest.approx(m0[key], abs=1e-4), key
+    assert m1["train/ref_gap_to_start"] < 1e-3 and m0["train/ref_gap_to_start"] < 1e-3
+    assert m1["train/tokens"] == m0["train/tokens"] > 0

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+from harness import cost
 from harness.config import JUDGES, JudgeSection
 from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group
 from harness.judges.cache import CachedJudge, judge_identity
@@ -133,6 +134,7 @@ def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
     if cache_path is not None and section.name == "self" and not identity_extra:
         raise ValueError("caching the 'self' judge needs identity_extra (the policy's adapter hash / iteration)")
     judge, ident = builder(section, policy, tuple(seed_key))
+    judge = cost.count_judge(judge)  # answers obtained -> the stage's cost/judge_calls (cache hits excluded)
     if cache_path is None:
         return judge
     identity = judge_identity(kind=section.name, extra=identity_extra, **ident)

@@ -21,6 +21,8 @@ Failure behaviour, per request:
   holding the reply text (not retried within the call: the server did answer;
   like every error entry it is not persisted, so the next run asks again);
 - content without a parsable score: an ordinary parse failure, raw kept.
+A reply's ``usage`` (prompt / completion tokens), when sent, is added to the
+running stage's cost (``harness.cost``).
 An unexpected exception in one request only fails that request's sample.
 """
 
@@ -36,12 +38,24 @@ import urllib.request
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from typing import Sequence
 
+from harness import cost
 from harness.generate import request_seed
 from harness.judges.base import JudgeItem, Verdict
 from harness.judges.llm import content_id
 from harness.judges.parsing import ERROR_PREFIX, fill_template, verdict_from_samples
 
 _BODY_KEEP = 2000  # characters of a bad reply kept for audit
+
+
+def _count_usage(body: str) -> None:
+    """The reply's ``usage`` (prompt / completion tokens), when the endpoint sends it,
+    into the running stage's cost (``harness.cost``)."""
+    try:
+        usage = json.loads(body).get("usage") or {}
+        cost.add(judge_prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                 judge_completion_tokens=int(usage.get("completion_tokens") or 0))
+    except (ValueError, AttributeError, TypeError):
+        pass  # no usage, or a malformed reply (_content reports that)
 
 
 class MissingAPIKey(RuntimeError):
@@ -142,7 +156,9 @@ class OpenAIJudge:
         reason = ""
         for attempt in range(self.max_retries + 1):
             try:
-                return self._content(self._post_once(payload))
+                body = self._post_once(payload)
+                _count_usage(body)
+                return self._content(body)
             except _Retryable as e:
                 reason = str(e)
                 if attempt < self.max_retries:
