@@ -23,8 +23,8 @@ measures):
 - optim: optimizer steps (torch's global optimizer step hooks).
 "outside" is the rest: loading models and data, tokenization, trl's dataset preparation,
 writing files, judging glue, evaluation bookkeeping. Stages are attributed by wrapping
-``store.Stage.begin`` / ``commit``; time between stages (setup, loading results,
-writing tables is not part of ``run_experiment``) is reported as "between stages".
+``store.Stage.begin`` / ``commit``; the rest of ``run_experiment`` (setup, provenance,
+writing results.jsonl) is reported as "between stages" (the CLI's tables are not timed).
 Libraries are imported before timing (a fresh ``harness run`` pays that once, not per
 method). The last lines are ``overhead <method>: X%`` = outside / wall of the run
 (goal: under 10%).
@@ -147,6 +147,7 @@ class Clock:
 
 def experiment(method: str, args, out: Path):
     """The method's SmolLM2 experiment file, shrunk (see the module doc)."""
+    import harness.methods  # noqa: F401  (registers the methods the config names)
     from harness.config import parse
 
     doc = tomllib.loads((REPO / "experiments" / "smollm2" / f"{method}.toml").read_text())

@@ -40,6 +40,7 @@ import torch
 
 
 def make_cfg(args, out: Path, dtype: str = "float32"):
+    import harness.methods  # noqa: F401  (registers the methods the config names)
     from harness.config import parse
 
     return parse({
