@@ -30,7 +30,7 @@ from harness.evaluate import load_eval_prompts
 from harness.evaluate.alpaca import HUB_SET, load_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.judges.parsing import BUILTIN_PREFIX, load_template
-from harness.registry import METHODS
+from harness.methods import METHODS
 from harness.schema import FieldError
 from harness.selection import metric_names as validation_metric_names
 from harness.sources import ModelSource, SourceError, converted, is_built, is_tiny_ref, locate, resolve_ref, tiny_problem
