@@ -229,7 +229,7 @@ def _import(args) -> int:
 
 
 def _tiny(args) -> int:
-    from harness.tiny import ensure_tiny
+    from harness.tiny.build import ensure_tiny
 
     print(ensure_tiny(seed=args.seed))
     return 0

@@ -28,7 +28,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.results import COVERAGE, LC_WIN_RATE, N_TOTAL, PUBLISHED, WIN_RATE, WIN_SE, _stderr_of
+from harness.metric_names import COVERAGE, LC_WIN_RATE, N_TOTAL, PUBLISHED, WIN_RATE, WIN_SE, stderr_of
 
 DPI = 100
 PANEL = (3.3, 2.5)        # inches per small-multiple panel
@@ -54,7 +54,7 @@ def _series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 def _se_key(key: str, keys: set[str]) -> str | None:
     if key == WIN_RATE:
         return WIN_SE if WIN_SE in keys else None
-    hits = [k for k in keys if _stderr_of(k) == key]
+    hits = [k for k in keys if stderr_of(k) == key]
     return hits[0] if hits else None
 
 
@@ -101,7 +101,7 @@ def _quantities(rows: Sequence[dict]) -> list[str]:
     """Plotted quantities in panel order: lm-eval metrics, win rates, indicators, training indicators."""
     keys = {k for r in rows for k in r["metrics"]}
     has = lambda k: bool(_series(rows, k)[0])  # noqa: E731  (all-null metrics get no panel)
-    lm = sorted(k for k in keys if k.startswith("lm_eval/") and _stderr_of(k) is None and has(k))
+    lm = sorted(k for k in keys if k.startswith("lm_eval/") and stderr_of(k) is None and has(k))
     wins = [k for k in (WIN_RATE, LC_WIN_RATE) if k in keys and has(k)]
     ind = sorted(k for k in keys if k.startswith("indicators/") and has(k))
     train = [k for k in TRAIN_INDICATORS if k in keys and has(k)]
@@ -153,7 +153,7 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
     rows = [r for rs in by_exp.values() for r in rs]
     keys = {k for r in rows + published for k in r["metrics"]}
     has = lambda k: any(_series(rs, k)[0] for rs in by_exp.values())  # noqa: E731
-    quantities = sorted(k for k in keys if k.startswith("lm_eval/") and _stderr_of(k) is None and has(k))
+    quantities = sorted(k for k in keys if k.startswith("lm_eval/") and stderr_of(k) is None and has(k))
     quantities += [k for k in (WIN_RATE, LC_WIN_RATE) if k in keys and has(k)]
     if not quantities:
         return None

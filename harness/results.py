@@ -38,18 +38,17 @@ from typing import Any, NamedTuple, Sequence
 
 import pandas as pd
 
+from harness.metric_names import COVERAGE, LC_WIN_RATE, N_TOTAL, PUBLISHED, WIN_RATE, WIN_SE, stderr_of
+from harness.plots import render_plots, save_plots, write_plots
+
 RESULTS_FILE = "results.jsonl"
 UNAVAILABLE = "unavailable"
-PUBLISHED = "published"
 SE = " ±"  # suffix of a standard-error column
 DELTA = "Δ "  # prefix of a delta-vs-iteration-0 column
 ID_COLS = ["experiment", "method", "model", "iteration"]
 TEXT_COLS = ["experiment", "method", "model"]
 KEY_VERSIONS = ("torch", "transformers", "trl")  # packages shown as provenance columns
 PROV_COLS = ["config_hash", "seed", "commit", *KEY_VERSIONS]
-WIN_RATE, WIN_SE = "alpaca_eval/win_rate", "alpaca_eval/standard_error"
-LC_WIN_RATE = "alpaca_eval/length_controlled_winrate"
-N_TOTAL, COVERAGE = "alpaca_eval/n_total", "alpaca_eval/coverage"
 # shown after the metric families by default: what the iteration trained on and what it cost
 DEFAULT_EXTRA = ["pairs/n_pairs", "judge/coverage", "judge/oracle_pair_agreement", "train/reward_margin",
                  "gen/tokens", "wall_time_s", "cost/wall_s", "cost/gen_tokens", "cost/train_tokens", "cost/judge_calls",
@@ -127,12 +126,6 @@ def load_rows(paths: Sequence[Path]) -> list[dict]:
 
 # ---------------------------------------------------------------- table
 
-def _stderr_of(name: str) -> str | None:
-    """The metric an lm-eval stderr key belongs to, or None for a non-stderr key."""
-    head, _, last = name.rpartition("/")
-    return f"{head}/{last.replace('_stderr', '', 1)}" if name.startswith("lm_eval/") and "_stderr" in last else None
-
-
 def _provenance(prov: dict) -> dict:
     commit = prov.get("git_commit")
     if commit and commit != "unknown":  # "unknown": the harness was not a git checkout
@@ -168,7 +161,7 @@ def _number(v: Any) -> float:
 def _full_table(rows: Sequence[dict]) -> tuple[pd.DataFrame, list[str]]:
     """Every metric of every row (+ ± and Δ columns); also the default column choice."""
     keys = sorted({k for r in rows for k in r["metrics"]})
-    se_of = {k: _stderr_of(k) for k in keys}
+    se_of = {k: stderr_of(k) for k in keys}
     se_of[WIN_SE] = WIN_RATE
     metric_keys = [k for k in keys if k not in se_of or se_of[k] is None]
     if WIN_SE in keys and WIN_RATE not in metric_keys:
@@ -640,7 +633,6 @@ def render(df: pd.DataFrame, fmt: str, rows: Sequence[dict] = (), *, width: int 
     if fmt == "csv":
         return to_csv(df)
     if fmt == "html":
-        from harness.plots import render_plots  # late: matplotlib is slow to import
 
         return to_html(df, images=list(render_plots(_selected(rows, df)).items()), title=title)
     raise ResultsError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -668,7 +660,6 @@ def render_leaderboard(paths: Sequence[Path], *, fmt: str = "text", out: Path | 
     df = build_table(rows, sort_by=sort_by, filters=filters, columns=columns)
     written: list[Path] = []
     if plot_dir is not None:
-        from harness.plots import write_plots
 
         written += write_plots(_selected(rows, df), Path(plot_dir))
     left_out: list[str] = []
@@ -696,7 +687,6 @@ def write_tables(paths: Sequence[Path], out_dir: Path, stem: str, *, title: str 
     written = []
     pngs: dict[str, bytes] = {}
     if plots:
-        from harness.plots import render_plots, save_plots
 
         pngs = render_plots(rows)
         keep = pngs if plots is True else {k: v for k, v in pngs.items() if k in plots}

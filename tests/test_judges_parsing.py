@@ -8,7 +8,7 @@ from harness.config import JudgeSection
 from harness.judges import judge_scale
 from harness.judges.parsing import (BUILTIN_TEMPLATE, BUILTIN_TEMPLATES, ERROR_PREFIX, fill_template, is_error,
                                     load_judge_template, load_template, parse_score, verdict_from_samples)
-from harness.tiny import resolve as tiny_resolve
+from harness.tiny.build import resolve as tiny_resolve
 
 VALID = [
     ("Score: 4", 4),
