@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from harness import store
+from harness import console, store
 from harness.judges import CoverageError
 from harness.judges.base import JudgeItem, Verdict
 from harness.judges.parsing import is_error
@@ -129,9 +129,7 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
     n_missing_items = 0
     bar = None
     if desc is not None:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(groups), initial=len(groups) - len(todo), desc=desc, unit="prompt")
+        bar = console.progress(total=len(groups), initial=len(groups) - len(todo), desc=desc, unit="prompt")
     try:
         for i in range(0, len(groups), step):
             chunk = [g for g in groups[i:i + step] if g.example.id in todo]

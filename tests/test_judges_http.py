@@ -441,3 +441,17 @@ def test_alpaca_annotation_never_records_transport_errors(serve, tmp_path):
     assert all(a["preference"] in (1.0, 1.5, 2.0) for a in ann)
     new = {k: v - asked.get(k, 0) for k, v in answered.counts.items() if v > asked.get(k, 0)}
     assert {k.split("\n")[0] for k in new} == {"Q: task 3"} and set(new.values()) == {1}
+
+
+def test_answers_cut_at_max_tokens_are_marked_truncated(serve):
+    """finish_reason "length" = the endpoint stopped at max_tokens: counted apart from parse failures."""
+    def behave(body, instr, n):
+        cut = instr == "long"
+        return 200, json.dumps({"choices": [{"index": 0, "finish_reason": "length" if cut else "stop",
+                                             "message": {"role": "assistant",
+                                                         "content": "It rambles on and on" if cut else "Score: 3"}}]})
+
+    server = serve(behave)
+    long, short = judge_for(server.url).score(items("long", "short"))
+    assert long.truncated == (True,) and long.score is None       # no score: a failure, and truncated
+    assert short.truncated == (False,) and short.score == 3.0

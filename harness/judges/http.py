@@ -139,17 +139,20 @@ class OpenAIJudge:
             reason = getattr(e, "reason", None) or e
             raise _Retryable(f"{type(e).__name__}: {reason} (timeout {self.timeout_s}s)") from None
 
-    def _content(self, body: str) -> str:
+    def _content(self, body: str) -> tuple[str, bool]:
+        """(the answer, whether it stopped at max_tokens: finish_reason "length")."""
         try:
-            content = json.loads(body)["choices"][0]["message"]["content"]
+            choice = json.loads(body)["choices"][0]
+            content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            return f"{ERROR_PREFIX}malformed reply: {body[:_BODY_KEEP]}"
+            return f"{ERROR_PREFIX}malformed reply: {body[:_BODY_KEEP]}", False
         if not isinstance(content, str):
-            return f"{ERROR_PREFIX}malformed reply (content is not text): {body[:_BODY_KEEP]}"
-        return content
+            return f"{ERROR_PREFIX}malformed reply (content is not text): {body[:_BODY_KEEP]}", False
+        return content, choice.get("finish_reason") == "length"
 
-    def _ask(self, text: str, seed: int) -> str:
-        """One judge answer, or an error entry once retries are exhausted."""
+    def _ask(self, text: str, seed: int) -> tuple[str, bool]:
+        """(one judge answer, whether it was cut at max_tokens), or an error entry once
+        retries are exhausted."""
         payload = json.dumps({"model": self.model, "messages": [{"role": "user", "content": text}],
                               "temperature": self.temperature, "max_tokens": self.max_new_tokens,
                               "seed": seed}).encode()
@@ -165,22 +168,22 @@ class OpenAIJudge:
                     # jitter spreads the retries of concurrent requests after a shared outage
                     wait = e.wait if e.wait is not None else self.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
                     time.sleep(min(wait, self.max_backoff_s))
-        return f"{ERROR_PREFIX}gave up after {self.max_retries + 1} attempts: {reason}"
+        return f"{ERROR_PREFIX}gave up after {self.max_retries + 1} attempts: {reason}", False
 
-    def _ask_safe(self, text: str, seed: int) -> str:
+    def _ask_safe(self, text: str, seed: int) -> tuple[str, bool]:
         try:
             return self._ask(text, seed)
         except JudgeRequestError:
             raise
         except Exception as e:  # a bug or odd failure in one request must not sink the others
-            return f"{ERROR_PREFIX}{type(e).__name__}: {e}"
+            return f"{ERROR_PREFIX}{type(e).__name__}: {e}", False
 
     # ---- the Judge protocol --------------------------------------------
     def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         texts = [fill_template(self.template, it.instruction, it.response) for it in items]
         ids = [content_id(t) for t in texts]
         unique = dict(zip(ids, texts))  # identical items are asked once
-        answers: dict[tuple[str, int], str] = {}
+        answers: dict[tuple[str, int], tuple[str, bool]] = {}
         fatal: JudgeRequestError | None = None
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = {pool.submit(self._ask_safe, text, request_seed(*self.seed_key, cid, j) % 2**31): (cid, j)
@@ -197,9 +200,10 @@ class OpenAIJudge:
                     pass  # dropped after a fatal error; _ask_safe catches everything else
         verdicts: dict[str, Verdict] = {}
         for cid in unique:
-            raws = [answers.get((cid, j)) for j in range(self.samples)]
-            if all(r is not None for r in raws):
-                verdicts[cid] = verdict_from_samples(raws, self.lo, self.hi)
+            got = [answers.get((cid, j)) for j in range(self.samples)]
+            if all(g is not None for g in got):
+                verdicts[cid] = verdict_from_samples([g[0] for g in got], self.lo, self.hi,
+                                                     truncated=[g[1] for g in got])
         if fatal is not None:
             fatal.partial = [verdicts.get(cid) for cid in ids]
             raise fatal
