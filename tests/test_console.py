@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from test_eval_fixtures import experiment_head
 
 from harness import console
 
@@ -188,21 +189,7 @@ def _experiment(tmp: Path, model_dir: Path, out: Path) -> Path:
                                         "response": f"{words[i % 8]} {words[(i * 3 + 1) % 8]}"}) + "\n"
                             for i in range(16)))
     exp = tmp / f"{out.name}.toml"
-    exp.write_text(f"""
-[experiment]
-name = "console"
-seed = 1
-output_dir = "{out}"
-
-[model]
-base = "{model_dir}"
-device = "cpu"
-cpu_threads = 1
-
-[lora]
-r = 4
-alpha = 8
-
+    exp.write_text(experiment_head("console", 1, out, model_dir) + f"""
 [method]
 name = "spin"
 iterations = 1

@@ -115,3 +115,22 @@ def test_tiny_model_fixture_is_usable(tiny):
     assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
     assert tok.padding_side == "left" and tok.pad_token_id == 0
     assert model.config.vocab_size == len(tok)
+
+
+def experiment_head(name: str, seed: int, out: Path, model_dir: Path) -> str:
+    """The first tables of a small test experiment on a local tiny model (CPU, one thread, LoRA r=4)."""
+    return f"""
+[experiment]
+name = "{name}"
+seed = {seed}
+output_dir = "{out}"
+
+[model]
+base = "{model_dir}"
+device = "cpu"
+cpu_threads = 1
+
+[lora]
+r = 4
+alpha = 8
+"""

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_eval_fixtures import experiment_head
 
 pytestmark = pytest.mark.slow
 
@@ -31,21 +32,7 @@ def write_experiment(tmp: Path, model_dir: Path, out: Path) -> Path:
                 a, b = words[i % 8], words[(i * 3 + 1) % 8]
                 f.write(json.dumps({"id": f"q{i}", "prompt": f"say {a} {b} {i}", "response": f"{a} {b}"}) + "\n")
     exp = tmp / f"exp_{out.name}.toml"
-    exp.write_text(f"""
-[experiment]
-name = "resume"
-seed = 3
-output_dir = "{out}"
-
-[model]
-base = "{model_dir}"
-device = "cpu"
-cpu_threads = 1
-
-[lora]
-r = 4
-alpha = 8
-
+    exp.write_text(experiment_head("resume", 3, out, model_dir) + f"""
 [method]
 name = "spin"
 iterations = 2
@@ -301,21 +288,7 @@ timeout_s = 60
 max_retries = 0
 batch_size = 2"""
     exp = tmp / f"exp_{out.name}.toml"
-    exp.write_text(f"""
-[experiment]
-name = "judged"
-seed = 5
-output_dir = "{out}"
-
-[model]
-base = "{model_dir}"
-device = "cpu"
-cpu_threads = 1
-
-[lora]
-r = 4
-alpha = 8
-
+    exp.write_text(experiment_head("judged", 5, out, model_dir) + f"""
 [method]
 name = "dno"
 iterations = 1
