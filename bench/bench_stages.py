@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from harness.models import offline_env
+
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("forward", "backward", "generate", "optim")
 ORDER = ["init_sft", "self_instruct", "generate", "judge", "pairs", "train", "evaluate", "validation"]
@@ -211,10 +213,7 @@ def run_method(method: str, args, clock: Clock, root: Path) -> float:
 
 
 def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help='a model reference, e.g. "tiny"')
     ap.add_argument("--methods", default="spin,self_rewarding,dno")

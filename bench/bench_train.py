@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from harness.models import offline_env
+
 
 def make_cfg(args, out: Path, dtype: str = "float32"):
     import harness.methods  # noqa: F401  (registers the methods the config names)
@@ -125,10 +127,7 @@ def logprob_agreement(cfg32, cfg16, pairs) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help='a model reference, e.g. "tiny"')
     ap.add_argument("--pairs", type=int, default=32)
