@@ -1,6 +1,9 @@
 """The three methods on the tiny world against the baselines their papers compare with.
 
-    .venv/bin/python bench/tiny_methods.py [spin] [self_rewarding] [dno]
+    .venv/bin/python bench/tiny_methods.py [spin] [self_rewarding] [dno] [--experiments experiments/smollm2]
+
+``--experiments`` picks the directory of experiment files (default ``experiments/tiny``; the
+SmolLM2 files use the same tasks, oracle and metrics, so the same controls apply).
 
 - spin: exact match of iteration 0 vs the last iteration, against a control that continues
   plain SFT on the same human answers for the same number of optimizer steps (SPIN's comparison).
@@ -27,6 +30,7 @@ from harness.store import run_lock
 
 EM = "lm_eval/tiny_gen/exact_match"
 OUT = Path("results/bench")
+EXPERIMENTS = Path("experiments/tiny")
 
 
 def run(cfg) -> list[dict]:
@@ -42,16 +46,16 @@ def em_row(rows, key=EM) -> str:
     return " -> ".join(f"{r['metrics'].get(key, float('nan')):.3f}" for r in rows)
 
 
-def bench_spin() -> None:
+def bench_spin(experiments: Path = EXPERIMENTS) -> None:
     from harness.data import load_examples
     from harness.evaluate import run_lm_eval
     from harness.models import load_policy
     from harness.train import train_sft
 
-    cfg = config.load("experiments/tiny/spin.toml")
+    cfg = config.load(experiments / "spin.toml")
     rows = run(cfg)
     steps = sum(int(r["metrics"].get("train/steps", 0)) for r in rows)
-    control_dir = OUT / "bench-tiny-spin-sft-control"
+    control_dir = OUT / f"bench-{cfg.experiment.name}-sft-control"
     result = control_dir / "metrics.json"
     if not result.exists():
         examples = load_examples(cfg.data, seed=cfg.experiment.seed)
@@ -67,8 +71,8 @@ def bench_spin() -> None:
     print(f"SFT control, same data, {steps} steps: {rows[0]['metrics'][EM]:.3f} -> {control[EM]:.3f}")
 
 
-def bench_self_rewarding() -> None:
-    rows = run(config.load("experiments/tiny/self_rewarding.toml"))
+def bench_self_rewarding(experiments: Path = EXPERIMENTS) -> None:
+    rows = run(config.load(experiments / "self_rewarding.toml"))
     print(f"Self-Rewarding exact match by iteration: {em_row(rows)}")
     for r in rows[1:]:
         m = r["metrics"]
@@ -106,18 +110,18 @@ def run_with_inverted_judge(cfg) -> list[dict]:
         judges.build_judge = build
 
 
-def bench_dno() -> None:
-    cfg = config.load("experiments/tiny/dno.toml")
+def bench_dno(experiments: Path = EXPERIMENTS) -> None:
+    cfg = config.load(experiments / "dno.toml")
     rows = run(cfg)
     o = cfg.options
     one = dataclasses.replace(
-        cfg, experiment=dataclasses.replace(cfg.experiment, name="tiny-dno-single-iteration-dpo"),
+        cfg, experiment=dataclasses.replace(cfg.experiment, name=f"{cfg.experiment.name}-single-iteration-dpo"),
         method=dataclasses.replace(cfg.method, iterations=1),
         options=dataclasses.replace(o, prompts_per_iteration=o.prompts_per_iteration * cfg.method.iterations,
                                     replay=()))
     base = run(one)
     broken = run_with_inverted_judge(dataclasses.replace(
-        cfg, experiment=dataclasses.replace(cfg.experiment, name="tiny-dno-inverted-judge")))
+        cfg, experiment=dataclasses.replace(cfg.experiment, name=f"{cfg.experiment.name}-inverted-judge")))
     dno_pairs = sum(int(r["metrics"].get("train/n_pairs", 0)) for r in rows)
     print(f"DNO   exact match by iteration: {em_row(rows)}  (trained on {dno_pairs} pairs in total, replay included)")
     print(f"1-iteration DPO on the same prompts: {em_row(base)}  ({base[-1]['metrics'].get('train/n_pairs')} pairs)")
@@ -128,9 +132,10 @@ def bench_dno() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="*", default=["spin", "self_rewarding", "dno"])
+    ap.add_argument("--experiments", type=Path, default=EXPERIMENTS, help="directory of spin/self_rewarding/dno.toml")
     args = ap.parse_args()
     for name in args.which:
-        {"spin": bench_spin, "self_rewarding": bench_self_rewarding, "dno": bench_dno}[name]()
+        {"spin": bench_spin, "self_rewarding": bench_self_rewarding, "dno": bench_dno}[name](args.experiments)
 
 
 if __name__ == "__main__":
