@@ -9,7 +9,7 @@ evaluation; ``harness/loop.py`` does those for every method alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 from harness.data import DataError, Example, load_simple, read_records
 from harness.generate import Prompt, Sampling
@@ -68,53 +68,71 @@ class SelfInstruct:
     revision: str = "main"
 
 
-class Method(Protocol):
+class Method:
+    """Base class of the method strategies. The hooks with a body here are optional (a method
+    overrides what it needs); the ones that raise are what every method must say."""
+
     name: str
     Options: type              # dataclass schema of [method.<name>]
     needs_judge: bool
 
     def check(self, cfg) -> list[FieldError]:
         """Rules across config fields (parse time)."""
+        return []
 
     def check_inputs(self, cfg, examples: Sequence[Example]) -> list[FieldError]:
         """Problems with the data found before compute: ``examples`` are data.train's;
         the method's own files (teacher, IFT/EFT, prompts) are read here too."""
+        return []
 
     def max_pairs(self, cfg, n_examples: int) -> int | None:
         """The most pairs iteration 1 can train on (None: unknown), for the few-steps warning."""
+        return None
 
     def metric_refs(self, cfg) -> list[tuple[str, str]]:
         """(dotted path, metric name) of the options that name a validation metric
         ("validation/..."; ``harness validate`` checks the [eval.validation] evaluations
         produce it)."""
+        return []
 
     def init_sft_data(self, cfg) -> list[dict] | None:
         """Examples {messages, response} for an SFT stage before iteration 0, or None."""
+        return None
 
     def init_sft_settings(self, cfg):
         """The ``harness.config.SftSection`` of that stage (None: no stage)."""
+        return None
 
     def self_instruct(self, ctx: IterationContext) -> SelfInstruct | None:
         """New prompts to generate before this iteration's sampling, or None. The loop runs
         them as the resumable "self_instruct" stage and appends the selected prompts to
         ``prompts(ctx)``."""
-
-    def prompts(self, ctx: IterationContext) -> list[Example]:
-        """This iteration's prompts from the method's data (self-instructed ones come on top)."""
-
-    def sampling(self, cfg) -> Sampling: ...
-
-    def candidates(self, ctx: IterationContext, example: Example, samples: Sequence[str]) -> list[Candidate]: ...
-
-    def build_pairs(self, ctx: IterationContext, groups: Sequence[Group]) -> tuple[list[dict], dict]:
-        """Pairs {id, messages, chosen, rejected, ...} and statistics for the report."""
-
-    def training_set(self, ctx: IterationContext) -> list[dict]:
-        """The pairs iteration ``ctx.iteration`` trains on (its own and any replayed)."""
+        return None
 
     def select_final(self, cfg, rows: Sequence[dict]) -> dict | None:
         """Which iterate is the method's final model, {iteration, metric, value}
         (None = the last)."""
+        return None
+
+    def prompts(self, ctx: IterationContext) -> list[Example]:
+        """This iteration's prompts from the method's data (self-instructed ones come on top)."""
+        raise NotImplementedError
+
+    def sampling(self, cfg) -> Sampling:
+        """How the policy samples this method's candidates."""
+        raise NotImplementedError
+
+    def candidates(self, ctx: IterationContext, example: Example, samples: Sequence[str]) -> list[Candidate]:
+        """The answers a judge (if any) scores for one prompt: samples, plus any fixed ones."""
+        raise NotImplementedError
+
+    def build_pairs(self, ctx: IterationContext, groups: Sequence[Group]) -> tuple[list[dict], dict]:
+        """Pairs {id, messages, chosen, rejected, ...} and statistics for the report."""
+        raise NotImplementedError
+
+    def training_set(self, ctx: IterationContext) -> list[dict]:
+        """The pairs iteration ``ctx.iteration`` trains on (its own and any replayed)."""
+        raise NotImplementedError
 
 
 def iteration_slice(items: Sequence, per_iteration: int, iteration: int, reuse: bool = False) -> list:

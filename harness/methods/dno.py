@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from harness.data import load_simple
 from harness.generate import Sampling
-from harness.methods.base import (Candidate, IterationContext, best_iterate, file_problems, iteration_slice,
+from harness.methods.base import (Candidate, IterationContext, Method, best_iterate, file_problems, iteration_slice,
                                   length_stats, pair, prompt_budget)
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
@@ -60,7 +60,7 @@ def repetition_rate(text: str, n: int) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-class Dno:
+class Dno(Method):
     name = "dno"
     Options = DnoOptions
     needs_judge = True
@@ -96,15 +96,6 @@ class Dno:
 
     def metric_refs(self, cfg):
         return [("method.dno.select_metric", cfg.options.select_metric)] if cfg.options.select_metric else []
-
-    def init_sft_data(self, cfg):
-        return None
-
-    def init_sft_settings(self, cfg):
-        return None
-
-    def self_instruct(self, ctx):
-        return None
 
     def prompts(self, ctx: IterationContext):
         """This iteration's part of the prompts, each carrying its teacher answer (or None)."""

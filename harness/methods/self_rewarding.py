@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from harness.config import SftSection
 from harness.data import Example, load_simple
 from harness.generate import Prompt, Sampling
-from harness.methods.base import (Candidate, IterationContext, SelfInstruct, file_problems, iteration_slice,
+from harness.methods.base import (Candidate, IterationContext, Method, SelfInstruct, file_problems, iteration_slice,
                                   length_stats, pair, prompt_budget)
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
@@ -43,7 +43,7 @@ class SelfRewardingOptions:
     self_instruct_min_chars: int = opt(8, "Drop generated prompts shorter than this.", min=1)
 
 
-class SelfRewarding:
+class SelfRewarding(Method):
     name = "self_rewarding"
     Options = SelfRewardingOptions
     needs_judge = True
@@ -77,9 +77,6 @@ class SelfRewarding:
     def max_pairs(self, cfg, n_examples):
         o = cfg.options
         return (o.prompts_per_iteration or n_examples) + o.self_instruct
-
-    def metric_refs(self, cfg):
-        return []
 
     def init_sft_settings(self, cfg):
         o = cfg.options
@@ -161,9 +158,6 @@ class SelfRewarding:
 
     def training_set(self, ctx):
         return ctx.pairs_of(ctx.iteration)
-
-    def select_final(self, cfg, rows):
-        return None
 
 
 METHODS.register("self_rewarding")(SelfRewarding())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.generate import Sampling
-from harness.methods.base import IterationContext, length_stats, pair
+from harness.methods.base import Candidate, IterationContext, Method, length_stats, pair
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 
@@ -22,7 +22,7 @@ class SpinOptions:
     drop_identical: bool = opt(True, "Drop pairs whose model answer equals the human answer (they carry no gradient).")
 
 
-class Spin:
+class Spin(Method):
     name = "spin"
     Options = SpinOptions
     needs_judge = False
@@ -44,18 +44,6 @@ class Spin:
     def max_pairs(self, cfg, n_examples):
         return n_examples
 
-    def metric_refs(self, cfg):
-        return []
-
-    def init_sft_data(self, cfg):
-        return None
-
-    def init_sft_settings(self, cfg):
-        return None
-
-    def self_instruct(self, ctx):
-        return None
-
     def prompts(self, ctx: IterationContext):
         missing = [e.id for e in ctx.examples if not e.response]
         if missing:
@@ -68,8 +56,6 @@ class Spin:
         return Sampling(temperature=o.temperature, top_p=o.top_p, max_new_tokens=cfg.generation.max_new_tokens, n=1)
 
     def candidates(self, ctx, example, samples):
-        from harness.methods.base import Candidate
-
         return [Candidate(samples[0])]
 
     def build_pairs(self, ctx, groups):
@@ -87,9 +73,6 @@ class Spin:
         t = ctx.iteration
         first = {"newest": t, "newest_plus_previous": max(1, t - 1), "all": 1}[ctx.options.data_mix]
         return [p for k in range(first, t + 1) for p in ctx.pairs_of(k)]
-
-    def select_final(self, cfg, rows):
-        return None
 
 
 METHODS.register("spin")(Spin())
