@@ -39,11 +39,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from harness.metric_names import VALIDATION
+
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 MAX_WIDTH = 120
 LOG_NAME = "harness.log"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LABEL_W, NAME_W, TIME_W = 7, 8, 6  # columns of a stage line: label, stage name, elapsed time
+LABEL_W, NAME_W, TIME_W = 7, 10, 6  # columns of a stage line: label, stage name (self_instruct overflows), time
 
 log = logging.getLogger("harness.console")
 
@@ -459,6 +461,18 @@ def win_rate_text(m: dict, base: dict | None = None) -> str | None:
     return text
 
 
+def _evaluation_parts(m: dict, baseline: dict | None) -> list[str]:
+    """lm-eval's main metric per task and the win rate, each with its change from ``baseline``."""
+    parts = []
+    for k in sorted(m):
+        if k.startswith("lm_eval/") and "_stderr" not in k.rsplit("/", 1)[-1] and isinstance(m[k], (int, float)):
+            parts.append(f"{k.split('/')[1]} {m[k]:.3f}{_delta(m[k], baseline, k, parens=False)}")
+    wr = win_rate_text(m, baseline)
+    if wr:
+        parts.append(wr)
+    return parts
+
+
 def summarize(name: str, m: dict, *, baseline: dict | None = None, bars: list[dict] | None = None,
               seconds: float | None = None) -> str:
     """A stage's result in a few numbers, from its flat metrics (the stage manifest's)."""
@@ -501,15 +515,18 @@ def summarize(name: str, m: dict, *, baseline: dict | None = None, bars: list[di
         if g("pairs/n_prompts") is not None:
             parts.append(f"from {number(g('pairs/n_prompts'))} prompts")
     elif name == "evaluate":
-        for k in sorted(m):
-            if k.startswith("lm_eval/") and "_stderr" not in k.rsplit("/", 1)[-1] and isinstance(m[k], (int, float)):
-                task = k.split("/")[1]
-                parts.append(f"{task} {m[k]:.3f}{_delta(m[k], baseline, k, parens=False)}")
-        wr = win_rate_text(m, baseline)
-        if wr:
-            parts.append(wr)
         if not m:
             return "no evaluation configured"
+        parts = _evaluation_parts(m, baseline)
+    elif name == "validation":  # the same evaluations on validation data, plus the judge's mean score
+        inner = {k.removeprefix(VALIDATION): v for k, v in m.items()}
+        inner_base = {k.removeprefix(VALIDATION): v for k, v in (baseline or {}).items()} or None
+        parts = _evaluation_parts(inner, inner_base)
+        if isinstance(inner.get("judge/score_mean"), (int, float)):
+            scored = inner.get("judge/n_scored")
+            parts.append(f"judge score {inner['judge/score_mean']:.2f}"
+                         + _delta(inner["judge/score_mean"], inner_base, "judge/score_mean", parens=False)
+                         + (f" on {number(scored)} prompts" if scored is not None else ""))
     if not parts:  # an unknown stage: its first few numbers
         parts = [f"{k.rsplit('/', 1)[-1]} {number(v)}" for k, v in list(m.items())[:4] if isinstance(v, (int, float))]
     return " · ".join(parts)

@@ -301,7 +301,7 @@ class Runner:
             if val is None:
                 line.skip()
             else:
-                line.report(val.final)
+                line.report(val.final, baseline=self.run_dir / "iter_000" / "validation" if t else None)
                 out.append(val)
         return out
 

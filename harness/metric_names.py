@@ -6,6 +6,7 @@ PUBLISHED = "published"  # the method of an imported AlpacaEval system's row
 WIN_RATE, WIN_SE = "alpaca_eval/win_rate", "alpaca_eval/standard_error"
 LC_WIN_RATE = "alpaca_eval/length_controlled_winrate"
 N_TOTAL, COVERAGE = "alpaca_eval/n_total", "alpaca_eval/coverage"
+VALIDATION = "validation/"  # prefix of the [eval.validation] metrics (choosing an iterate)
 
 
 def stderr_of(name: str) -> str | None:

@@ -25,9 +25,10 @@ from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.generate import Prompt, Sampling, generate
 from harness.judges import require_coverage
 from harness.judges.base import JudgeItem
+from harness.metric_names import VALIDATION
 from harness.store import JsonlLog, atomic_write_json, write_jsonl
 
-PREFIX = "validation/"
+PREFIX = VALIDATION
 ALPACA_METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate",
                   "avg_length", "length_controlled_winrate", "n_instructions", "coverage")
 JUDGE_METRICS = ("score_mean", "n_prompts", "n_scored", "coverage")

@@ -45,7 +45,7 @@ def test_stage_lines_and_progress_on_a_plain_stream():
     with console.stage("iter 1", "evaluate") as line:
         line.done("tiny_gen 0.400 (+0.047) · " + "x" * 200)
     lines = term.getvalue().splitlines()
-    assert lines[0] == "iter 1  generate   0.0s  256 samples · 1,129 tokens"
+    assert lines[0] == "iter 1  generate     0.0s  256 samples · 1,129 tokens"
     assert len(lines) == 2 and len(lines[1]) == 120 and lines[1].endswith("…")
     assert "\r" not in term.getvalue() and out.getvalue() == ""  # no live bar on a non-terminal
     console.data("| table |")
@@ -78,7 +78,23 @@ def test_a_failing_stage_is_named():
         with console.stage("iter 3", "judge"):
             raise ValueError("boom")
     assert console.failed_stage() == "iteration 3 judge"
-    assert term.getvalue().splitlines() == ["iter 3  judge    failed"]
+    assert term.getvalue().splitlines() == ["iter 3  judge      failed"]
+
+
+def test_stage_summaries_say_what_changed_since_iteration_0():
+    evaluate = {"lm_eval/tiny_gen/exact_match": 0.46, "lm_eval/tiny_gen/exact_match_stderr": 0.04,
+                "alpaca_eval/win_rate": 34.5, "alpaca_eval/standard_error": 3.5, "alpaca_eval/n_total": 100,
+                "alpaca_eval/coverage": 1.0}
+    base = {"lm_eval/tiny_gen/exact_match": 0.353, "alpaca_eval/win_rate": 26.5}
+    assert console.summarize("evaluate", evaluate, baseline=base) == \
+        "tiny_gen 0.460 +0.107 · win rate 34.5±3.5 (+8.0), n=100, 100% judged"
+    # the validation stage: the same evaluations under "validation/", plus the judge's mean score
+    validation = {"validation/" + k: v for k, v in evaluate.items()} | {
+        "validation/judge/score_mean": 4.11, "validation/judge/n_scored": 64, "validation/judge/n_prompts": 64}
+    vbase = {"validation/" + k: v for k, v in base.items()} | {"validation/judge/score_mean": 3.75}
+    assert console.summarize("validation", validation, baseline=vbase) == (
+        "tiny_gen 0.460 +0.107 · win rate 34.5±3.5 (+8.0), n=100, 100% judged · judge score 4.11 +0.360 on 64 prompts")
+    assert console.summarize("validation", {"validation/judge/score_mean": 3.75}) == "judge score 3.75"
 
 
 def test_levels_and_whose_logging_is_shown():
@@ -126,7 +142,7 @@ def test_capture_sends_everything_else_to_the_log(tmp_path, capfd):
         assert console.log_path() == tmp_path / "run" / "harness.log"
     captured = capfd.readouterr()
     assert captured.out == "| the table |\n"
-    assert captured.err.splitlines() == ["our status line", "iter 1  pairs      0.0s  158 pairs"]
+    assert captured.err.splitlines() == ["our status line", "iter 1  pairs        0.0s  158 pairs"]
     log = (tmp_path / "run" / "harness.log").read_text()
     for text in ("raw fd 2 noise", "fatal: not a git repository", "child stdout", "fd 1 noise", "print() noise",
                  "stderr noise",
@@ -254,7 +270,7 @@ def test_harness_run_output(tiny_dir, tmp_path, capfd, monkeypatch):
     errors = [line for line in got.err.splitlines() if line.startswith("error:")]
     assert errors == ["error: console, iteration 1 train: ValueError: the optimizer exploded "
                       "(traceback in crash/console/harness.log)"]
-    assert "Traceback" not in got.err and "iter 1  train    failed" in got.err
+    assert "Traceback" not in got.err and "iter 1  train      failed" in got.err
     log = (tmp_path / "crash" / "console" / "harness.log").read_text()
     assert "Traceback (most recent call last)" in log and "second line of the message" in log
     assert (tmp_path / "crash" / "console" / "iter_001" / "generate" / "manifest.json").exists()

@@ -28,6 +28,7 @@ from harness.data import load_simple
 from harness.generate import Sampling
 from harness.methods.base import (Candidate, IterationContext, Method, best_iterate, file_problems, iteration_slice,
                                   length_stats, pair, prompt_budget)
+from harness.metric_names import VALIDATION
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 
@@ -72,7 +73,7 @@ class Dno(Method):
             errors.append(FieldError("method.dno.replay", f"{n} fractions, but {cfg.method.iterations} iterations can "
                                                           f"replay from at most {cfg.method.iterations - 1} earlier ones"))
         metric = cfg.options.select_metric
-        if metric and not metric.startswith("validation/"):
+        if metric and not metric.startswith(VALIDATION):
             errors.append(FieldError("method.dno.select_metric", (
                 f"{metric!r} is a reported result; selecting on it would peek at the test numbers. Name a "
                 "validation metric (\"validation/...\") and configure [eval.validation]")))
