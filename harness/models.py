@@ -68,8 +68,26 @@ def load_model(name: str, *, revision: str = "main", dtype: str = "float32", qua
                                 device_map={"": device} if qc is not None else None)
     if qc is None:
         model.to(device)
+    elif quantization == "4bit" and device == "cpu":
+        _keep_4bit_trainable_on_cpu(model)
     model.eval()
     return model
+
+
+def _keep_4bit_trainable_on_cpu(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX-512 BF16 CPU kernel.
+
+    bitsandbytes (0.50) repacks a ``Linear4bit`` at its first eval-mode forward without
+    gradients (generation, reference log-probs) on CPUs with AVX-512 BF16, for good; that
+    kernel has no backward, so later training steps pass no gradient through the frozen 4-bit
+    layers and every LoRA adapter below the top one learns from a wrong gradient, silently
+    (``tests/test_train.py::test_qlora_gradients_survive_an_eval_forward``). The packed layout
+    only speeds up CPU inference, so the harness keeps the trainable one."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_base(cfg, base: str | None = None):

@@ -266,6 +266,41 @@ def test_reference_base_qlora(qlora_dir, tmp_path):
     _assert_reference_is_base(*_reference_of_next_iteration(cfg, tmp_path, reference=[]), tol=2e-2)
 
 
+def test_qlora_gradients_survive_an_eval_forward(qlora_dir):
+    """A QLoRA policy that has generated (an eval-mode forward without gradients) must train
+    with the same gradients as one that has not. On CPUs with AVX-512 BF16, bitsandbytes would
+    otherwise switch its 4-bit layers to a kernel without a backward pass after that forward,
+    and the adapters of the lower layers would get wrong gradients (on other CPUs both
+    models take the same path and this checks only that loading is deterministic)."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    from harness.models import load_model
+
+    ids = torch.tensor([[5, 9, 14, 22, 31, 7, 12, 40]])
+
+    def lora_grads(eval_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = load_model(str(qlora_dir), quantization="4bit", device="cpu")
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 lora_dropout=0.0, init_lora_weights=False))
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, after_eval = lora_grads(False), lora_grads(True)
+    lowest = [n for n in fresh if ".layers.0." in n]
+    assert lowest and all(fresh[n] is not None and fresh[n].abs().sum() > 0 for n in lowest)
+    no_gradient = [n for n, g in after_eval.items() if g is None]
+    assert not no_gradient, f"no gradient reached {no_gradient}"
+    for name in fresh:
+        torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
 def test_merge_chain_rejected_for_quantized_base(tiny_dir, tmp_path):
     from harness.schema import ConfigError
 
