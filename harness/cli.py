@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from harness.console import plural
 from harness.schema import ConfigError
 
 
@@ -33,7 +34,8 @@ def _validate(args) -> int:
     for cfg, report in checked:
         unmet = (f"; needs {', '.join(sorted(report.unmet))}, which this machine lacks: what depends on it "
                  "was not checked") if report.unmet else ""
-        print(f"{cfg.source}: ok ({cfg.method.name}, {cfg.method.iterations} iterations, config {cfg.hash()}{unmet})")
+        print(f"{cfg.source}: ok ({cfg.method.name}, {plural(cfg.method.iterations, 'iteration')}, "
+              f"config {cfg.hash()}{unmet})")
     return 0 if ok else 1
 
 
@@ -93,8 +95,8 @@ def _run_checked(args, cfgs: list) -> int:
     run_dirs: list[Path] = []
     table = ""
     for cfg in cfgs:
-        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {cfg.method.iterations} iteration"
-                        f"{'s' * (cfg.method.iterations != 1)}, model {cfg.model.base}")
+        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {plural(cfg.method.iterations, 'iteration')}, "
+                        f"model {cfg.model.base}")
         console.reset_failure()
         try:
             run_dir, rows = run_experiment(cfg, fresh=args.fresh)
@@ -181,7 +183,7 @@ def _status(args) -> int:
         print(f"harness status: {run_dir} is not a run directory (no config.json)", file=sys.stderr)
         return 1
     cfg = json.loads((run_dir / "config.json").read_text())
-    print(f"{run_dir}: {cfg['config']['method']['name']}, {cfg['config']['method']['iterations']} iterations, "
+    print(f"{run_dir}: {cfg['config']['method']['name']}, {plural(cfg['config']['method']['iterations'], 'iteration')}, "
           f"config {cfg['hash']}")
     for row in status(run_dir):
         print(f"  iter {row['iteration']:>3}  {row['stage']:<10} {row['state']:<8} {row['detail']}")

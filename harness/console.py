@@ -112,6 +112,11 @@ def duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def plural(n: int, word: str) -> str:
+    """``plural(1, "iteration")`` -> "1 iteration"; ``plural(3, "iteration")`` -> "3 iterations"."""
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def number(v: Any, digits: int = 3) -> str:
     """A compact number: integers with thousands separators, floats to ``digits`` significant-ish digits."""
     if v is None:

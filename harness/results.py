@@ -38,6 +38,7 @@ from typing import Any, NamedTuple, Sequence
 
 import pandas as pd
 
+from harness.console import plural
 from harness.metric_names import COVERAGE, LC_WIN_RATE, N_TOTAL, PUBLISHED, WIN_RATE, WIN_SE, stderr_of
 from harness.plots import render_plots, save_plots, write_plots
 
@@ -731,7 +732,7 @@ def cost_summary(rows: Sequence[dict]) -> str:
         gpu = any(d.startswith("cuda") for d in devices)
         peak = max((r["metrics"].get("cost/peak_mem_mb") or 0) for r in mine)
         n_iter = max(r["iteration"] for r in mine)
-        parts = [f"{n_iter} iteration{'s' * (n_iter != 1)}", f"{_duration(total('cost/wall_s'))} wall",
+        parts = [plural(n_iter, "iteration"), f"{_duration(total('cost/wall_s'))} wall",
                  f"{_count(total('cost/gen_tokens'))} tokens generated", f"{_count(total('cost/train_tokens'))} trained",
                  f"{_count(total('cost/judge_calls'))} judge calls"]
         if total("cost/judge_prompt_tokens") or total("cost/judge_completion_tokens"):
