@@ -89,14 +89,17 @@ def run_harness(model, tok, prompts, sampling, bs):
 
 
 @torch.inference_mode()
-def run_hf(model, tok, prompts, sampling, bs):
-    """Plain ``model.generate`` over the same batches as the harness."""
+def run_hf(model, tok, prompts, sampling, bs, cache: str | None = None):
+    """Plain ``model.generate`` over the same batches as the harness (``cache``: a
+    ``cache_implementation`` such as "static"; None = the default dynamic cache)."""
     texts = {p.id: render(tok, p.messages) for p in prompts}
     lengths = {pid: len(tok(t, add_special_tokens=False).input_ids) for pid, t in texts.items()}
     device = next(model.parameters()).device
     cfg = generation_config(model, tok, sampling, min_new_tokens=sampling.max_new_tokens)
     if sampling.temperature > 0:
         cfg.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    if cache:
+        cfg.cache_implementation = cache
     tokens, outs = 0, {}
     for batch in plan_batches(lengths, list(texts), 1, bs):
         enc = tok([texts[pid] for pid in batch], return_tensors="pt", padding=True,
@@ -114,6 +117,20 @@ def timed(fn, device, *args):
     tokens, outs = fn(*args)
     sync(device)
     return tokens, time.perf_counter() - t0, outs
+
+
+def static_vs_dynamic(model, tok, prompts, sampling, sizes, args, dev) -> None:
+    """Plain HF greedy decoding, static KV cache vs dynamic, per batch size (fastest of
+    ``--repeats``, each side warmed up at that batch size first: compilation is per shape)."""
+    for bs in sizes:
+        ps = prompts[:args.prompts_b1] if bs == 1 else prompts[:args.prompts]
+        best = {}
+        for cache in ("static", None):
+            run_hf(model, tok, ps[:bs], sampling, bs, cache)
+            best[cache] = min(timed(run_hf, dev, model, tok, ps, sampling, bs, cache)[1] for _ in range(args.repeats))
+        n = len(ps) * args.max_new_tokens
+        print(f"hf greedy bs={bs:<3d} static cache {n / best['static']:9.1f} tok/s  dynamic {n / best[None]:9.1f} "
+              f"tok/s  static/dynamic {best[None] / best['static']:.3f}", flush=True)
 
 
 def main() -> None:
@@ -136,6 +153,9 @@ def main() -> None:
     ap.add_argument("--random-shape", default="full", choices=["full", "small"])
     ap.add_argument("--bandwidth", type=float, default=3.35e12,
                     help="memory bandwidth in bytes/s for the bound (default: H100 SXM)")
+    ap.add_argument("--static-cache", action="store_true",
+                    help="also time plain HF greedy decoding with a static KV cache (on CUDA transformers "
+                         "then compiles the forward pass) against the default dynamic cache")
     args = ap.parse_args()
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,6 +211,8 @@ def main() -> None:
         print(f"{mode:7s} all     harness {rate['harness']:9.1f} tok/s  hf {rate['hf']:9.1f} tok/s  "
               f"(total tokens / total seconds over batch sizes {sizes})")
         ratios[mode] = rate["harness"] / rate["hf"]
+    if args.static_cache:
+        static_vs_dynamic(model, tok, prompts, modes["greedy"], sizes, args, dev)
     print(f"greedy harness/hf: {ratios['greedy']:.3f}")
     print(f"sampled harness/hf: {ratios['sampled']:.3f}")
 

@@ -3,8 +3,9 @@
 # (no trl / lm-eval / alpaca-eval / bitsandbytes, no model hub, no package index):
 # harness.generate vs plain Hugging Face generate on a randomly initialised model with the
 # shape of Qwen2.5-0.5B (bfloat16 on cuda), greedy and sampled, batch 1 and 32, with
-# tokens/s against the memory-bandwidth bound. The harness is used from this checkout
-# (PYTHONPATH), not installed.
+# tokens/s against the memory-bandwidth bound, then plain HF greedy decoding with a static KV
+# cache (compiled by transformers on CUDA) against the dynamic one. The harness is used from
+# this checkout (PYTHONPATH), not installed.
 #
 #   bench/gpu.sh                                # H100 SXM bound (3.35e12 B/s)
 #   bench/gpu.sh --bandwidth 4.8e12             # H200
@@ -22,4 +23,4 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
 exec "$PY" bench/bench_generate.py --model qwen0.5b-random --prompts 64 --prompts-b1 4 \
-  --max-new-tokens 128 --repeats 2 "$@"
+  --max-new-tokens 128 --repeats 2 --static-cache "$@"
