@@ -27,6 +27,37 @@ def reply(content):
 DROP = None  # a status that closes the connection without any reply
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, text: str, headers: dict | None = None,
+              trickle: float = 0) -> None:
+    """Answer one request; ``trickle``: send the body a byte per ``trickle`` seconds. A client
+    that has gone (timed out, killed) is not an error of the server's."""
+    try:
+        data = text.encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        if trickle:
+            for i in range(len(data)):
+                handler.wfile.write(data[i:i + 1])
+                handler.wfile.flush()
+                time.sleep(trickle)
+        else:
+            handler.wfile.write(data)
+    except OSError:
+        pass
+
+
+def local_server(handler_cls, port: int = 0) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """A threading HTTP server on 127.0.0.1 and the (not yet started) thread that serves it."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), handler_cls)
+    httpd.daemon_threads = True
+    httpd.block_on_close = False
+    return httpd, threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+
 class FakeServer:
     """``behave(body, key, n_for_this_key) -> (status, body_text[, sleep_s[, headers[, trickle_s]]])``.
 
@@ -61,29 +92,9 @@ class FakeServer:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                try:
-                    data = text.encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    if trickle:
-                        for i in range(len(data)):
-                            self.wfile.write(data[i:i + 1])
-                            self.wfile.flush()
-                            time.sleep(trickle)
-                    else:
-                        self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout)
+                send_json(self, status, text, headers, trickle)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.httpd, self.thread = local_server(Handler, port)
 
     @property
     def url(self):

@@ -6,17 +6,21 @@ itself, which holds requests at a chosen point so the kill lands mid-stage."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from test_eval_fixtures import experiment_head
+from test_judges_http import local_server, send_json
 
 pytestmark = pytest.mark.slow
 
@@ -193,10 +197,6 @@ class JudgeServer:
     point with judge requests in flight. ``answered`` counts answers per (path, prompt)."""
 
     def __init__(self):
-        import collections
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.down: set[str] = set()
         self.quota: dict[str, int] = {}
         self.blocked = 0
@@ -230,20 +230,9 @@ class JudgeServer:
                                                                      "content": f"Judged.\nScore: {score}"}}]}))
 
             def _send(self, status, text):
-                try:
-                    data = text.encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass  # the client is gone
+                send_json(self, status, text)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.httpd, self.thread = local_server(Handler)
         self.thread.start()
 
     def url(self, path):
