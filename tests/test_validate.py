@@ -33,7 +33,8 @@ def world(tmp_path, tiny_dir):
     return tmp_path
 
 
-def spin(w, model, extra=""):
+def head(w, model):
+    """[experiment] and [model] of every experiment below."""
     return f"""
 [experiment]
 name = "x"
@@ -41,7 +42,11 @@ output_dir = "{w}/out"
 [model]
 base = "{model}"
 device = "cpu"
-[lora]
+"""
+
+
+def spin(w, model, extra=""):
+    return head(w, model) + f"""[lora]
 r = 4
 target_modules = ["q_proj", "v_proj"]
 [method]
@@ -56,14 +61,7 @@ batch_size = 2
 
 
 def dno(w, model, extra=""):
-    return f"""
-[experiment]
-name = "x"
-output_dir = "{w}/out"
-[model]
-base = "{model}"
-device = "cpu"
-[method]
+    return head(w, model) + f"""[method]
 name = "dno"
 iterations = 2
 [method.dno]
