@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from harness.console import plural
+from harness import console
 from harness.schema import ConfigError
 
 
@@ -34,7 +34,7 @@ def _validate(args) -> int:
     for cfg, report in checked:
         unmet = (f"; needs {', '.join(sorted(report.unmet))}, which this machine lacks: what depends on it "
                  "was not checked") if report.unmet else ""
-        print(f"{cfg.source}: ok ({cfg.method.name}, {plural(cfg.method.iterations, 'iteration')}, "
+        print(f"{cfg.source}: ok ({cfg.method.name}, {console.plural(cfg.method.iterations, 'iteration')}, "
               f"config {cfg.hash()}{unmet})")
     return 0 if ok else 1
 
@@ -66,7 +66,6 @@ def load_checked(files: list[str], check_endpoints: bool = False) -> tuple[list,
 def _run(args) -> int:
     """Run each experiment with one line per stage on the terminal; everything other
     libraries print goes to RUN_DIR/harness.log (see harness.console)."""
-    from harness import console
 
     with console.capture():
         with contextlib.redirect_stderr(console.terminal()):  # config problems are for the reader
@@ -82,7 +81,6 @@ def _run(args) -> int:
 
 
 def _run_checked(args, cfgs: list) -> int:
-    from harness import console
     from harness.data import DataError
     from harness.judges import CoverageError
     from harness.loop import run_experiment
@@ -95,8 +93,8 @@ def _run_checked(args, cfgs: list) -> int:
     run_dirs: list[Path] = []
     table = ""
     for cfg in cfgs:
-        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {plural(cfg.method.iterations, 'iteration')}, "
-                        f"model {cfg.model.base}")
+        iterations = console.plural(cfg.method.iterations, "iteration")
+        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {iterations}, model {cfg.model.base}")
         console.reset_failure()
         try:
             run_dir, rows = run_experiment(cfg, fresh=args.fresh)
@@ -161,7 +159,6 @@ def _short_path(p: Path) -> str:
 
 def _crash(cfg, e: BaseException) -> int:
     """An unexpected exception: one ``error:`` line naming the stage, the traceback in the log."""
-    from harness import console
 
     where = console.failed_stage() or ("setup" if cfg is not None else "leaderboard")
     name = cfg.experiment.name if cfg is not None else "harness run"
@@ -183,8 +180,8 @@ def _status(args) -> int:
         print(f"harness status: {run_dir} is not a run directory (no config.json)", file=sys.stderr)
         return 1
     cfg = json.loads((run_dir / "config.json").read_text())
-    print(f"{run_dir}: {cfg['config']['method']['name']}, {plural(cfg['config']['method']['iterations'], 'iteration')}, "
-          f"config {cfg['hash']}")
+    method = cfg["config"]["method"]
+    print(f"{run_dir}: {method['name']}, {console.plural(method['iterations'], 'iteration')}, config {cfg['hash']}")
     for row in status(run_dir):
         print(f"  iter {row['iteration']:>3}  {row['stage']:<10} {row['state']:<8} {row['detail']}")
     if (run_dir / "final.json").exists():
@@ -193,7 +190,6 @@ def _status(args) -> int:
 
 
 def _table(args) -> int:
-    from harness import console
     from harness.results import ResultsError, render_leaderboard
 
     bad = [f for f in args.filter if "=" not in f]
@@ -224,7 +220,6 @@ def _import(args) -> int:
     from harness.evaluate.alpaca import write_published_run
 
     path = write_published_run(Path(args.dest) / args.name, args.name, Path(args.outputs), Path(args.annotations))
-    from harness import console
 
     console.info(f"imported {args.name} -> {path}")
     return 0
@@ -293,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=_tiny)
 
     args = p.parse_args(argv)
-    from harness import console
 
     console.configure(console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL)
     return args.fn(args)
