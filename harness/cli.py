@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -290,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     console.configure(console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL)
-    return args.fn(args)
+    try:
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # the reader went away (`harness table ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit flush
+        return 1
 
 
 if __name__ == "__main__":

@@ -276,6 +276,20 @@ def test_harness_run_output(tiny_dir, tmp_path, capfd, monkeypatch):
     assert (tmp_path / "crash" / "console" / "iter_001" / "generate" / "manifest.json").exists()
 
 
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``harness validate --explain | head -1``: a closed pipe ends the command quietly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first write: every write meets a closed pipe
+    try:
+        proc = subprocess.run([sys.executable, "-m", "harness.cli", "validate", "--explain"],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_provenance_outside_a_git_checkout(tmp_path, capfd):
     from harness.provenance import git_state
 
