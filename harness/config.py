@@ -8,7 +8,7 @@ validated by the schema the method registers (see ``harness/methods``).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -321,8 +321,3 @@ def load(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [FieldError("<toml>", f"not valid TOML: {e}")]) from None
     return parse(doc, str(path))
-
-
-def with_overrides(cfg: Config, **sections: Any) -> Config:
-    """A copy with whole sections replaced (tests and benchmarks)."""
-    return replace(cfg, **sections)
