@@ -8,7 +8,7 @@ validated by the schema the method registers (see ``harness/methods``).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,16 +83,35 @@ class JudgeSection:
 
 
 @dataclass(frozen=True)
-class SftSection:
-    """Settings of a supervised fine-tuning stage (Self-Rewarding's M1: SFT on IFT + EFT data).
-    The optimizer, weight decay, gradient clipping and checkpointing come from [training]."""
-    learning_rate: float = opt(1e-4, "Peak learning rate. The paper's M1 used 5.5e-6 for full fine-tuning of Llama-2-70B; a LoRA adapter learns a low-rank update and needs a rate 10-100x higher: 1e-4 is QLoRA's rate for its 33B-65B models (2e-4 up to 13B).", min=0.0)
-    epochs: float = opt(1.0, "Epochs over the SFT examples.", min=0.0)
-    batch_size: int = opt(16, "Examples per device batch (x gradient_accumulation_steps = the paper's batch size of 16 by default).", min=1)
+class StepSettings:
+    """The size and schedule of one training stage, declared once: [training] (the DPO
+    iterations) is these fields and more; ``SftSection`` changes the defaults and docs that
+    differ for an SFT stage, never the value rules."""
+    learning_rate: float = opt(5e-5, "Peak learning rate.", min=0.0)
+    epochs: float = opt(1.0, "Epochs over the iteration's pairs.", min=0.0)
+    batch_size: int = opt(8, "Pairs per device batch.", min=1)
     gradient_accumulation_steps: int = opt(1, "Batches per optimiser step.", min=1)
-    max_length: int = opt(1024, "Truncate prompt + answer to this many tokens (EFT examples hold a whole judge prompt).", min=8)
+    max_length: int = opt(1024, "Truncate prompt + answer to this many tokens.", min=8)
     warmup_ratio: float = opt(0.1, "Fraction of steps spent warming up the learning rate.", min=0.0, max=1.0)
     lr_scheduler: str = opt("linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant", "constant_with_warmup"))
+
+
+def _refine(base: type, name: str, default: Any = MISSING, doc: str = "") -> Any:
+    """Field ``name`` of the dataclass ``base`` declared again with another default and/or
+    doc; its value rules (choices, min, max) stay the base's."""
+    f = base.__dataclass_fields__[name]
+    return opt(f.default if default is MISSING else default, doc or f.metadata["doc"],
+               choices=f.metadata["choices"], min=f.metadata["min"], max=f.metadata["max"])
+
+
+@dataclass(frozen=True)
+class SftSection(StepSettings):
+    """Settings of a supervised fine-tuning stage (Self-Rewarding's M1: SFT on IFT + EFT data).
+    The optimizer, weight decay, gradient clipping and checkpointing come from [training]."""
+    learning_rate: float = _refine(StepSettings, "learning_rate", 1e-4, "Peak learning rate. The paper's M1 used 5.5e-6 for full fine-tuning of Llama-2-70B; a LoRA adapter learns a low-rank update and needs a rate 10-100x higher: 1e-4 is QLoRA's rate for its 33B-65B models (2e-4 up to 13B).")
+    epochs: float = _refine(StepSettings, "epochs", doc="Epochs over the SFT examples.")
+    batch_size: int = _refine(StepSettings, "batch_size", 16, "Examples per device batch (x gradient_accumulation_steps = the paper's batch size of 16 by default).")
+    max_length: int = _refine(StepSettings, "max_length", doc="Truncate prompt + answer to this many tokens (EFT examples hold a whole judge prompt).")
 
 
 @dataclass(frozen=True)
@@ -115,15 +134,10 @@ class GenerationSection:
 
 
 @dataclass(frozen=True)
-class TrainingSection:
-    learning_rate: float = opt(5e-5, "Peak learning rate.", min=0.0)
+class TrainingSection(StepSettings):
+    """The DPO iterations' training: ``StepSettings``, per-iteration rates, and the optimiser
+    settings an SFT stage shares."""
     learning_rates: tuple[float, ...] = opt(factory=tuple, doc="Per-iteration learning rates (iteration 1 first), at most one per iteration; the last one repeats. Overrides learning_rate. SPIN's code lowers the rate in later iterations.", min=0.0)
-    epochs: float = opt(1.0, "Epochs over the iteration's pairs.", min=0.0)
-    batch_size: int = opt(8, "Pairs per device batch.", min=1)
-    gradient_accumulation_steps: int = opt(1, "Batches per optimiser step.", min=1)
-    max_length: int = opt(1024, "Truncate prompt + answer to this many tokens.", min=8)
-    warmup_ratio: float = opt(0.1, "Fraction of steps spent warming up the learning rate.", min=0.0, max=1.0)
-    lr_scheduler: str = opt("linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant", "constant_with_warmup"))
     optimizer: str = opt("adamw_torch", "Optimiser (SPIN's code uses rmsprop).", choices=("adamw_torch", "rmsprop", "sgd", "paged_adamw_8bit"))
     weight_decay: float = opt(0.0, "Weight decay.", min=0.0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.", min=0.0)
