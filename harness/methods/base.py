@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from harness.data import DataError, Example, load_simple, read_records
 from harness.generate import Prompt, Sampling
-from harness.schema import FieldError
+from harness.schema import FieldError, opt
 from harness.sources import is_built
 
 
@@ -180,6 +180,22 @@ def prompt_budget(where: str, n_available: int, per_iteration: int, iterations: 
                                   f"{n_available} are available; lower it, add prompts, or set reuse_prompts = true "
                                   "(later iterations then reuse earlier prompts)")]
     return []
+
+
+@dataclass(frozen=True)
+class PromptSplit:
+    """Options (a base of a method's ``Options``) of a method whose iterations each take their
+    own part of the prompts."""
+    prompts_per_iteration: int = opt(0, "Split the prompts into non-overlapping parts of this size, one fresh part per iteration; 0 = all every iteration.", min=0)
+    reuse_prompts: bool = opt(False, "Allow prompts_per_iteration x iterations to exceed the prompts available: the parts then wrap around and later iterations reuse prompts.")
+
+    def part(self, items: Sequence, iteration: int) -> list:
+        """Iteration ``iteration``'s part of ``items`` (``iteration_slice``)."""
+        return iteration_slice(items, self.prompts_per_iteration, iteration, self.reuse_prompts)
+
+    def budget(self, where: str, n_available: int, iterations: int) -> list[FieldError]:
+        """An error when the parts run out (``prompt_budget``)."""
+        return prompt_budget(where, n_available, self.prompts_per_iteration, iterations, self.reuse_prompts)
 
 
 def file_problems(ref: str, where: str, columns: Sequence[str] = ("prompt",)) -> tuple[list[Example], list[FieldError]]:

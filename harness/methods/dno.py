@@ -5,8 +5,10 @@ configured; heavily repetitive samples are automatic negatives (lowest score,
 not sent to the judge); the judge scores the rest side by side; a pair is kept
 only when its positive is near the top of the scale and its negative at least
 ``margin`` below (``student_margin`` when the positive is a policy sample).
-Pairs of earlier iterations can be replayed (a seeded sample). The final model
-is the best iterate on a validation metric, never on the reported test numbers.
+Each iteration takes its own part of the prompts (``prompts_per_iteration``, as
+in the paper), and pairs of earlier iterations can be replayed (a seeded sample).
+The final model is the best iterate on a validation metric, never on the reported
+test numbers.
 
 The judge's scale is known before candidates are built (``ctx.judge_scale``).
 Bounded (an LLM judge's template, the oracle): scores are used as they are and an
@@ -26,15 +28,15 @@ from dataclasses import dataclass, replace
 
 from harness.data import load_simple
 from harness.generate import Sampling
-from harness.methods.base import (Candidate, IterationContext, Method, best_iterate, file_problems, iteration_slice,
-                                  length_stats, pair, prompt_budget)
+from harness.methods.base import (Candidate, IterationContext, Method, PromptSplit, best_iterate, file_problems,
+                                  length_stats, pair)
 from harness.metric_names import VALIDATION
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 
 
 @dataclass(frozen=True)
-class DnoOptions:
+class DnoOptions(PromptSplit):
     num_samples: int = opt(5, "Samples per prompt (K).", min=1)
     temperature: float = opt(0.7, "Sampling temperature.", min=0.0)
     top_p: float = opt(0.95, "Nucleus sampling.", min=0.0, max=1.0)
@@ -45,8 +47,6 @@ class DnoOptions:
     repetition_n: int = opt(3, "n of the n-gram repetition detector (whitespace tokens, or characters for single-token answers).", min=1)
     repetition_max: float = opt(0.5, "Samples whose share of repeated n-grams exceeds this are automatic negatives.", min=0.0, max=1.0)
     replay: tuple[float, ...] = opt(factory=tuple, doc="Fractions of earlier iterations' pairs replayed: [from t-1, from t-2, ...] relative to this iteration's pair count (paper: up to 0.3, 0.15); which pairs is a sample seeded by (experiment seed, iteration, lag).", min=0.0, max=1.0)
-    prompts_per_iteration: int = opt(0, "Split the prompts into non-overlapping parts of this size, one per iteration (the paper); 0 = all every iteration.", min=0)
-    reuse_prompts: bool = opt(False, "Allow prompts_per_iteration x iterations to exceed the prompts available: the parts then wrap around and later iterations reuse prompts.")
     select_metric: str = opt("", 'Validation metric that picks the final iterate, the best one (the paper: best iterate on validation data), e.g. "validation/judge/score_mean" or "validation/lm_eval/<task>/<metric>"; it must come from [eval.validation], never from the reported [eval] results. "" = the last iterate. The choice is written to final.json (with that iterate\'s test metrics) and marked metrics["selected"] = 1 in its results row.')
 
 
@@ -85,8 +85,7 @@ class Dno(Method):
 
     def check_inputs(self, cfg, examples):
         o = cfg.options
-        errors = prompt_budget("method.dno.prompts_per_iteration", len(examples), o.prompts_per_iteration,
-                               cfg.method.iterations, o.reuse_prompts)
+        errors = o.budget("method.dno.prompts_per_iteration", len(examples), cfg.method.iterations)
         if o.teacher:
             errors += file_problems(o.teacher, "method.dno.teacher", ("response",))[1]
         return errors
@@ -100,8 +99,7 @@ class Dno(Method):
 
     def prompts(self, ctx: IterationContext):
         """This iteration's part of the prompts, each carrying its teacher answer (or None)."""
-        part = iteration_slice(ctx.examples, ctx.options.prompts_per_iteration, ctx.iteration,
-                               ctx.options.reuse_prompts)
+        part = ctx.options.part(ctx.examples, ctx.iteration)
         teachers = self._teachers(ctx.cfg)
         return [replace(e, response=teachers.get(e.id) or teachers.get(e.instruction)) for e in part]
 

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from harness.config import SftSection
 from harness.data import Example, load_simple
 from harness.generate import Prompt, Sampling
-from harness.methods.base import (Candidate, IterationContext, Method, SelfInstruct, file_problems, iteration_slice,
-                                  length_stats, pair, prompt_budget)
+from harness.methods.base import (Candidate, IterationContext, Method, PromptSplit, SelfInstruct, file_problems,
+                                  length_stats, pair)
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 from harness.sources import SourceError, locate
 
 
 @dataclass(frozen=True)
-class SelfRewardingOptions:
+class SelfRewardingOptions(PromptSplit):
     num_samples: int = opt(4, "Candidates sampled per prompt.", min=2)
     temperature: float = opt(0.7, "Candidate sampling temperature.", min=0.0)
     top_p: float = opt(0.9, "Candidate nucleus sampling.", min=0.0, max=1.0)
@@ -33,8 +33,6 @@ class SelfRewardingOptions:
     eft: str = opt("", "Judge-training data (judge prompt, answer ending in \"Score: N\") for the M1 SFT stage.")
     sft: SftSection = opt(factory=SftSection, doc="Settings of the M1 SFT stage (its own learning rate, epochs, batch size, ...; not [training]'s DPO settings). The values used are recorded in the init_sft stage's outputs.")
     prompts: str = opt("", "Prompt file for the iterations; \"\" = data.train.")
-    prompts_per_iteration: int = opt(0, "Fresh, non-overlapping prompts per iteration; 0 = all every iteration.", min=0)
-    reuse_prompts: bool = opt(False, "Allow prompts_per_iteration x iterations to exceed the prompts available: the parts then wrap around and later iterations reuse prompts.")
     self_instruct: int = opt(0, "Generate this many new prompts per iteration few-shot from the seed prompts (0 = off); a resumable stage of its own before generation.", min=0)
     self_instruct_model: str = opt("", 'Model that writes the new prompts: "" = the current policy (the harness\'s default: no second model), or a fixed model reference as model.base ("smollm2-135m-instruct", "tiny", a local directory, a hub id), as in the paper, which generated prompts with a fixed Llama-2-Chat 70B.')
     self_instruct_revision: str = opt("main", "Hub revision of self_instruct_model.")
@@ -62,8 +60,7 @@ class SelfRewarding(Method):
             pool, errs = file_problems(o.prompts, "method.self_rewarding.prompts", ("prompt",))
             errors += errs
         if pool or not o.prompts:
-            errors += prompt_budget("method.self_rewarding.prompts_per_iteration", len(pool),
-                                    o.prompts_per_iteration, cfg.method.iterations, o.reuse_prompts)
+            errors += o.budget("method.self_rewarding.prompts_per_iteration", len(pool), cfg.method.iterations)
         for ref, where in ((o.ift, "method.self_rewarding.ift"), (o.eft, "method.self_rewarding.eft")):
             if ref:
                 errors += file_problems(ref, where, ("prompt", "response"))[1]
@@ -96,8 +93,7 @@ class SelfRewarding(Method):
         return load_simple(o.prompts, "method.self_rewarding.prompts") if o.prompts else ctx.examples
 
     def prompts(self, ctx: IterationContext) -> list[Example]:
-        o = ctx.options
-        return iteration_slice(self._pool(ctx), o.prompts_per_iteration, ctx.iteration, o.reuse_prompts)
+        return ctx.options.part(self._pool(ctx), ctx.iteration)
 
     def self_instruct(self, ctx: IterationContext) -> SelfInstruct | None:
         """Few-shot requests for new prompts from the seed prompts (each iteration shows other
