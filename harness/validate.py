@@ -125,10 +125,7 @@ def _data(cfg: Config, r: Report) -> list | None:
         r.errors.append(FieldError("data.train", f"file not found: {ref}"))
         return None
     elif not Path(ref).expanduser().exists():  # a hub dataset id: it loads at run time
-        if os.environ.get("HARNESS_ONLINE") != "1":
-            r.environment(cfg, "hub", FieldError("data.train", (
-                f"{ref!r} is not a local file, so it is read as a hub dataset id, and the hub is off "
-                "(HARNESS_ONLINE is not 1); give a local file, or declare experiment.requires = [\"hub\"]")))
+        _hub_off(cfg, r, "data.train", ref, *_HUB_DATASET)
         return None
     try:
         return load_examples(cfg.data, seed=cfg.experiment.seed)
@@ -157,10 +154,8 @@ def _files(cfg: Config, r: Report) -> None:
                     r.errors.append(FieldError(*_split_where(str(e), f"{where}.template")))
     ae = cfg.eval.alpaca_eval
     if ae.instructions == HUB_SET:
-        if os.environ.get("HARNESS_ONLINE") != "1":
-            r.environment(cfg, "hub", FieldError("eval.alpaca_eval.instructions", (
-                f"{HUB_SET!r} is read from the hub, which is off (HARNESS_ONLINE is not 1); give a local "
-                "AlpacaEval-format file, or declare experiment.requires = [\"hub\"]")))
+        _hub_off(cfg, r, "eval.alpaca_eval.instructions", HUB_SET, "is read from the hub",
+                 "give a local AlpacaEval-format file")
     elif ae.instructions and readable(ae.instructions, "eval.alpaca_eval.instructions", r) is not None:
 
         try:
@@ -238,10 +233,7 @@ def _model(cfg: Config, r: Report) -> None:
         r.errors.append(FieldError("model.base", str(e)))
         return
     if src.kind == "hub" and not _hub_ok(src.ref, cfg.model.revision):
-        r.environment(cfg, "hub", FieldError("model.base", (
-            f"{src.ref!r} is a hub id, the hub is off (HARNESS_ONLINE is not 1) and no copy is cached; "
-            "set HARNESS_ONLINE=1 on a machine with network access, use a local directory, "
-            "or declare experiment.requires = [\"hub\"]")))
+        _hub_off(cfg, r, "model.base", src.ref, *_HUB_MODEL)
         return
     config = _model_config(src, cfg.model.revision, cfg.model.trust_remote_code)
     if config is None:
@@ -259,6 +251,22 @@ def _model(cfg: Config, r: Report) -> None:
             r.errors.append(FieldError(f"lora.target_modules[{i}]", (
                 f"{target!r} matches no module of {src.ref}"
                 + (f"; did you mean {hint!r}?" if hint else "") + f" (modules: {', '.join(leaves)})")))
+
+
+# (why the reference needs the hub, what to do instead) for _hub_off
+_HUB_DATASET = ("is not a local file, so it is read as a hub dataset id", "give a local file")
+_HUB_MODEL = ("is a hub id with no cached copy",
+              "set HARNESS_ONLINE=1 on a machine with network access, use a local directory")
+
+
+def _hub_off(cfg: Config, r: Report, where: str, ref: str, why: str, instead: str) -> None:
+    """A reference that needs the hub ("'<ref>' <why>") while the hub is off (HARNESS_ONLINE is
+    not 1): an error saying what to do ``instead``, or an unmet "hub" requirement when the
+    experiment declares one. Nothing while the hub is on."""
+    if os.environ.get("HARNESS_ONLINE") != "1":
+        r.environment(cfg, "hub", FieldError(where, (
+            f"{ref!r} {why}, and the hub is off (HARNESS_ONLINE is not 1); {instead}, "
+            "or declare experiment.requires = [\"hub\"]")))
 
 
 def _hub_ok(repo: str, revision: str) -> bool:
@@ -344,10 +352,7 @@ def _validation(cfg: Config, r: Report) -> set[str] | None:
         local = is_tiny_ref(v.prompts) or Path(v.prompts).suffix in (".jsonl", ".json", ".parquet") \
             or v.prompts.startswith(("/", ".", "~")) or Path(v.prompts).expanduser().exists()
         if not local:  # a hub dataset id: it loads at run time
-            if os.environ.get("HARNESS_ONLINE") != "1":
-                r.environment(cfg, "hub", FieldError("eval.validation.prompts", (
-                    f"{v.prompts!r} is not a local file, so it is read as a hub dataset id, and the hub is off "
-                    "(HARNESS_ONLINE is not 1); give a local file, or declare experiment.requires = [\"hub\"]")))
+            _hub_off(cfg, r, "eval.validation.prompts", v.prompts, *_HUB_DATASET)
         elif readable(v.prompts, "eval.validation.prompts", r) is not None:
             r.errors += file_problems(v.prompts, "eval.validation.prompts", ("prompt",))[1]
     ae = v.alpaca_eval
@@ -374,7 +379,7 @@ def _judge(cfg: Config, where: str, judge: JudgeSection, r: Report, check_endpoi
         try:
             src = locate(judge.model)
             if src.kind == "hub" and not _hub_ok(src.ref, judge.revision):
-                r.environment(cfg, "hub", FieldError(f"{where}.model", f"{src.ref!r}: the hub is off and no copy is cached"))
+                _hub_off(cfg, r, f"{where}.model", src.ref, *_HUB_MODEL)
         except SourceError as e:
             r.errors.append(FieldError(f"{where}.model", str(e)))
     if judge.name == "openai":
