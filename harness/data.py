@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from harness.sources import resolve_ref
 
@@ -68,6 +68,12 @@ def read_records(ref: str, *, revision: str = "main", split: str = "train", wher
         raise DataError(f"{where}: cannot load dataset {ref!r} (revision {revision}, split {split}): {e}") from None
 
 
+def with_system(system_prompt: str, messages: Sequence[dict] = ()) -> tuple[dict, ...]:
+    """``messages`` after a system message of ``system_prompt`` (data.system_prompt); none
+    when it is empty."""
+    return (({"role": "system", "content": system_prompt},) if system_prompt else ()) + tuple(messages)
+
+
 def _stable_id(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -94,8 +100,7 @@ def to_examples(rows: list[dict], *, prompt_field: str = "prompt", response_fiel
                                 f"(columns: {', '.join(sorted(row))})")
             messages = ({"role": "user", "content": str(row[prompt_field])},)
             response = row.get(response_field)
-        if system_prompt:
-            messages = ({"role": "system", "content": system_prompt},) + messages
+        messages = with_system(system_prompt, messages)
         key = id_field or "id"
         pid = str(row[key]) if key in row else _stable_id(json.dumps(messages, sort_keys=True))
         if pid in seen:

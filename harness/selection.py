@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.config import Config, JudgeSection, ValidationSection
-from harness.data import read_records, to_examples
+from harness.data import read_records, to_examples, with_system
 from harness.evaluate import run_alpaca_eval, run_lm_eval
 from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.generate import Prompt, Sampling, generate
@@ -52,7 +52,7 @@ def validation_prompts(cfg: Config) -> list[Prompt]:
     """The first ``num_prompts`` of ``eval.validation.prompts`` (a "prompt" column, as the
     methods' own files), after data.system_prompt when one is set."""
     v = cfg.eval.validation
-    system = ({"role": "system", "content": cfg.data.system_prompt},) if cfg.data.system_prompt else ()
+    system = with_system(cfg.data.system_prompt)
     rows = read_records(v.prompts, split=v.split, where="eval.validation.prompts")
     exs = to_examples(rows, where="eval.validation.prompts")[:v.num_prompts or None]
     return [Prompt(e.id, system + e.messages) for e in exs]

@@ -21,6 +21,7 @@ from typing import Callable
 
 from harness import console
 from harness.config import Config, JudgeSection
+from harness.data import with_system
 from harness.generate import Prompt
 from harness.sources import resolve_ref
 from harness.store import atomic_write_json
@@ -67,7 +68,7 @@ def iteration0_answers(run_dir: Path) -> tuple[dict[str, str], str]:
 
 
 def _indicator_prompts(cfg: Config) -> list[Prompt] | None:
-    system = ({"role": "system", "content": cfg.data.system_prompt},) if cfg.data.system_prompt else ()
+    system = with_system(cfg.data.system_prompt)
     if cfg.eval.eval_prompts:
         pairs = load_eval_prompts(cfg.eval.eval_prompts)
     elif cfg.eval.alpaca_eval.instructions:

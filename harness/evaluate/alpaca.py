@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from harness.config import AlpacaEvalSection
+from harness.data import with_system
 from harness.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
 from harness.judges.base import Judge, JudgeItem, compare, preference
@@ -242,7 +243,7 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_instructions(section.instructions, section.limit)
-    system = ({"role": "system", "content": system_prompt},) if system_prompt else ()
+    system = with_system(system_prompt)
     prompts = [Prompt(r["id"], system + ({"role": "user", "content": r["instruction"]},)) for r in rows]
     gens = generate(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=max_new_tokens),
                     seed_key=(*seed_key, "alpaca_eval"), batch_size=batch_size,
