@@ -3,24 +3,24 @@
 -> evaluate [-> validation]. After the last iteration the method picks the final
 iterate (final.json; ``metrics["selected"]`` marks its results row).
 
-Every stage is a ``store.Stage``: skipped when finished with the same inputs,
-an error when finished with different ones, resumed from its JSONL log when
-interrupted. Stage inputs name the config fields they depend on plus the
-output hashes of the stages they consume, so a change anywhere upstream is
-caught, and models are loaded only when some stage has work to do.
+Every stage is run by ``Runner.run_stage`` from a small declaration: its name, its
+upstream (content hashes of what it consumes) and its compute function, which gets the
+stage's recording view of the config (``harness.stages.ConfigView``). A finished stage is
+skipped when its upstream and every config field it read are unchanged, an error
+(naming the change) when they differ, and resumed from its JSONL log when interrupted.
+Models are loaded only when some stage has work to do.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness import console, cost, store
-from harness.config import Config, EvalSection
+from harness.config import Config
 from harness.data import Example, load_examples
 from harness.generate import SAMPLER, Prompt, generate, generation_settings
 from harness.judges import judge_scale
@@ -30,7 +30,9 @@ from harness.methods.base import Group, IterationContext
 from harness.models import load_model, load_policy, load_tokenizer, offline_env
 from harness.sources import identity, locate, materialize, resolve_ref
 from harness.methods import METHODS
+from harness.rundir import MANIFEST, TMP_SUFFIX, RunDir
 from harness.schema import to_dict
+from harness.stages import ConfigView, RecordedStage
 from harness.store import dict_hash
 
 log = logging.getLogger("harness")
@@ -46,11 +48,12 @@ class Policy:
 class Runner:
     def __init__(self, cfg: Config, run_dir: Path | None = None):
         self.cfg = cfg
-        self.run_dir = Path(run_dir or cfg.run_dir)
+        self.layout = RunDir(run_dir or cfg.run_dir)
+        self.run_dir = self.layout.root
         self.method = METHODS.get(cfg.method.name)
-        self.c = cfg.to_dict()
-        self._loaded: tuple[tuple, object, object] | None = None
+        self._loaded: tuple[tuple, object, object, dict] | None = None
         self._examples = None
+        self._view: ConfigView | None = None  # the config view of the stage being computed
         # resolved once: every stage loads the same build / conversion
         source = locate(cfg.model.base, cfg.model.gguf_file)
         self.base_path = materialize(source)
@@ -58,11 +61,16 @@ class Runner:
 
     # ----- helpers -------------------------------------------------------
     def model(self, policy: Policy):
+        """model_t, loaded once while consecutive stages use it. The config fields read to load
+        it count as read by every stage that uses it, not only by the one that loaded it."""
         key = tuple(map(str, policy.adapters))
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # free the previous model first
-            model, tok = load_policy(self.cfg, policy.adapters, base=self.base_path)
-            self._loaded = (key, model, tok)
+            view = ConfigView(self.cfg)
+            model, tok = load_policy(view.cfg, policy.adapters, base=self.base_path)
+            self._loaded = (key, model, tok, view.reads)
+        if self._view is not None:
+            self._view.merge(self._loaded[3])
         return self._loaded[1], self._loaded[2]
 
     @property
@@ -71,137 +79,152 @@ class Runner:
             self._examples = load_examples(self.cfg.data, seed=self.cfg.experiment.seed)
         return self._examples
 
-    def stage(self, t: int, name: str, config_keys: tuple[str, ...], upstream: dict) -> store.Stage:
-        inputs = {"config": {k: self._pick(k) for k in config_keys}, "upstream": upstream}
-        return store.Stage(self.run_dir, t, name, inputs)
-
-    def _pick(self, dotted: str):
-        node = self.c
-        for part in dotted.split("."):
-            node = node[part]
-        return node
-
-    def context(self, t: int) -> IterationContext:
-        def pairs_of(k: int) -> list[dict]:
-            return store.read_jsonl(self.run_dir / f"iter_{k:03d}" / "pairs" / "pairs.jsonl")
-
+    def context(self, t: int, cfg) -> IterationContext:
         # the judge's scale from its configuration, before any candidate is built
-        scale = judge_scale(self.cfg.judge) if self.cfg.judge.name != "none" else None
-        return IterationContext(self.cfg, t, self.examples, scale, pairs_of)
+        scale = judge_scale(cfg.judge) if cfg.judge.name != "none" else None
+        return IterationContext(cfg, t, self.examples, scale, lambda k: store.read_jsonl(self.layout.pairs(k)))
+
+    def run_stage(self, t: int, name: str, upstream: dict, compute, *, compare: bool = False) -> RecordedStage:
+        """One stage from its declaration, as one terminal line: reused when finished with the
+        same inputs, else ``compute(cfg, work_dir) -> manifest outputs`` with the stage's
+        recording view of the config, then committed. ``compare``: the line shows the change
+        against iteration 0's same stage."""
+        st = RecordedStage(self.layout.stage(t, name), upstream, self.cfg)
+        with console.stage(f"iter {t}", name) as line:
+            if not st.done():
+                work = st.begin()
+                self._view = view = ConfigView(self.cfg)
+                try:
+                    outputs = compute(view.cfg, work)
+                finally:
+                    self._view = None
+                st.commit_view(outputs, view)
+            line.report(st.final, baseline=self.layout.stage(0, name) if compare and t else None)
+        return st
+
+    @staticmethod
+    def skip_stage(t: int, name: str) -> None:
+        """A stage that does not apply to this experiment: no line."""
+        with console.stage(f"iter {t}", name) as line:
+            line.skip()
 
     # ----- stages --------------------------------------------------------
     def init_stage(self) -> Policy:
         # the base model's content, not its name: a rebuilt tiny world or a replaced local
         # checkpoint must not reuse stages computed from the old weights
-        base_id = dict_hash({"model": self.c["model"], "lora": self.c["lora"],
+        base_id = dict_hash({"model": self.cfg.to_dict()["model"], "lora": self.cfg.to_dict()["lora"],
                              "weights": self.base_identity,
                              "chat_template": store.path_fingerprint(resolve_ref(self.cfg.model.chat_template))
                              if self.cfg.model.chat_template else ""})
         data = self.method.init_sft_data(self.cfg)
         if not data:
+            self.skip_stage(0, "init_sft")
             return Policy([], base_id)
-        settings = self.method.init_sft_settings(self.cfg)
-        st = self.stage(0, "init_sft", ("model", "lora", "training", "method", "experiment.seed"),
-                        {"data": dict_hash(data)})
-        if not st.done():
+
+        def compute(cfg, work):
             from harness.train import train_sft
 
-            work = st.begin()
+            settings = self.method.init_sft_settings(cfg)
             model, tok = self.model(Policy([], base_id))
-            metrics = train_sft(model, tok, data, self.cfg, 0, work, settings=settings)
+            metrics = train_sft(model, tok, data, cfg, 0, work, settings=settings)
             self._loaded = None  # the object was wrapped by training; reload from disk
             store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
-            t = self.cfg.training  # what the SFT stage shares with the DPO iterations
-            st.commit({"adapter_hash": store.file_hash(work / "adapter"),
-                       "metrics": {**_numeric(metrics), "train/n_examples": len(data)},
-                       "settings": {**to_dict(settings), "optimizer": t.optimizer, "weight_decay": t.weight_decay,
-                                    "max_grad_norm": t.max_grad_norm, "lora_dropout": self.cfg.lora.dropout}})
+            tr = cfg.training  # what the SFT stage shares with the DPO iterations
+            return {"adapter_hash": store.file_hash(work / "adapter"),
+                    "metrics": {**_numeric(metrics), "train/n_examples": len(data)},
+                    "settings": {**to_dict(settings), "optimizer": tr.optimizer, "weight_decay": tr.weight_decay,
+                                 "max_grad_norm": tr.max_grad_norm, "lora_dropout": cfg.lora.dropout}}
+
+        st = self.run_stage(0, "init_sft", {"base": base_id, "data": dict_hash(data)}, compute)
         return Policy([st.final / "adapter"], dict_hash([base_id, st.outputs()["adapter_hash"]]))
 
-    def self_instruct_stage(self, t: int, policy: Policy, ctx: IterationContext
-                            ) -> tuple[store.Stage | None, list[Example]]:
+    def self_instruct_stage(self, t: int, policy: Policy) -> tuple[RecordedStage | None, list[Example]]:
         """New prompts written few-shot (the method's ``self_instruct`` plan) by the policy or a
         fixed model, resumable like generation; the generate stage reads its prompts.jsonl."""
-        plan = self.method.self_instruct(ctx)
+        plan = self.method.self_instruct(self.context(t, self.cfg))
         if plan is None:
+            self.skip_stage(t, "self_instruct")
             return None, []
         if plan.model:
-            src = locate(plan.model)
-            writer = {"model": plan.model, "revision": plan.revision, "weights": identity(src, plan.revision)}
+            writer = {"model": plan.model, "revision": plan.revision,
+                      "weights": identity(locate(plan.model), plan.revision)}
         else:
             writer = {"policy": policy.id}
-        st = self.stage(t, "self_instruct", ("method", "model.dtype", "model.device", "generation.batch_size",
-                                             "experiment.seed"),
-                        {"writer": writer, "sampling": to_dict(plan.sampling),
-                         "requests": dict_hash([[r.id, r.messages] for r in plan.requests])})
-        if not st.done():
-            work = st.begin()
+
+        def compute(cfg, work):
+            plan = self.method.self_instruct(self.context(t, cfg))
             if plan.model:
-                model = load_model(plan.model, revision=plan.revision, dtype=self.cfg.model.dtype,
-                                   device=self.cfg.model.device)
+                model = load_model(plan.model, revision=plan.revision, dtype=cfg.model.dtype, device=cfg.model.device)
                 tok = load_tokenizer(plan.model, plan.revision)
             else:
                 model, tok = self.model(policy)
-            out = generate(model, tok, plan.requests, plan.sampling, seed_key=(self.cfg.experiment.seed, t, "self_instruct"),
-                           batch_size=self.cfg.generation.batch_size, log=store.JsonlLog(work / "outputs.jsonl"),
+            out = generate(model, tok, plan.requests, plan.sampling, seed_key=(cfg.experiment.seed, t, "self_instruct"),
+                           batch_size=cfg.generation.batch_size, log=store.JsonlLog(work / "outputs.jsonl"),
                            desc=f"iter {t} self_instruct")
             del model, tok
             new = plan.select(out)
             store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages} for e in new])
-            st.commit({"hash": store.file_hash(work / "prompts.jsonl"), "writer": writer,
-                       "metrics": {"self_instruct/n_requests": len(plan.requests), "self_instruct/n_prompts": len(new)}})
+            return {"hash": store.file_hash(work / "prompts.jsonl"), "writer": writer,
+                    "metrics": {"self_instruct/n_requests": len(plan.requests), "self_instruct/n_prompts": len(new)}}
+
+        st = self.run_stage(t, "self_instruct", {"writer": writer, "sampling": to_dict(plan.sampling),
+                                                 "requests": dict_hash([[r.id, r.messages] for r in plan.requests])},
+                            compute)
         return st, [Example(r["id"], tuple(r["messages"])) for r in store.read_jsonl(st.final / "prompts.jsonl")]
 
-    def generate_stage(self, t: int, policy: Policy, ctx: IterationContext, extra: list[Example]):
-        prompts = self.method.prompts(ctx) + extra  # extra: the self_instruct stage's prompts
-        sampling = self.method.sampling(self.cfg)
-        st = self.stage(t, "generate", ("data", "generation", "method", "experiment.seed"),
-                        {"policy": policy.id, "prompts": dict_hash([[e.id, e.messages] for e in prompts]),
-                         "sampler": SAMPLER})
-        if not st.done():
-            work = st.begin()
+    def generate_stage(self, t: int, policy: Policy, extra: list[Example]) -> tuple[RecordedStage, list[Example]]:
+        # extra: the self_instruct stage's prompts; the answers (SPIN's chosen side, DNO's
+        # teacher) are part of what later stages consume, so they are hashed with the prompts
+        prompts = self.method.prompts(self.context(t, self.cfg)) + extra
+
+        def compute(cfg, work):
+            sampling = self.method.sampling(cfg)
             model, tok = self.model(policy)
             glog = store.JsonlLog(work / "samples.jsonl")
             resumed = len(glog.records)  # records kept from an interrupted attempt
             records = generate(model, tok, [Prompt(e.id, e.messages) for e in prompts], sampling,
-                               seed_key=(self.cfg.experiment.seed, t, "generate"),
-                               batch_size=self.cfg.generation.batch_size, log=glog, desc=f"iter {t} generate")
+                               seed_key=(cfg.experiment.seed, t, "generate"),
+                               batch_size=cfg.generation.batch_size, log=glog, desc=f"iter {t} generate")
             tokens = sum(s["n_tokens"] for r in records.values() for s in r["samples"])
             store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages, "response": e.response}
                                                        for e in prompts])
-            st.commit({"hash": store.file_hash(work / "samples.jsonl"), "resumed_records": resumed,
-                       "metrics": {"gen/tokens": tokens}, "generation": generation_settings(model, tok, sampling)})
-        records = {r["id"]: r for r in store.read_jsonl(st.final / "samples.jsonl")}
-        groups = [Group(e, self.method.candidates(ctx, e, [s["text"] for s in records[e.id]["samples"]]))
-                  for e in prompts]
-        return st, groups
+            return {"hash": store.file_hash(work / "samples.jsonl"), "resumed_records": resumed,
+                    "metrics": {"gen/tokens": tokens}, "generation": generation_settings(model, tok, sampling)}
 
-    def judge_stage(self, t: int, policy: Policy, gen_stage, groups: list[Group], scale: tuple[float, float]):
+        st = self.run_stage(t, "generate", {"policy": policy.id, "sampler": SAMPLER,
+                                            "prompts": dict_hash([[e.id, e.messages, e.response] for e in prompts])},
+                            compute)
+        return st, prompts
+
+    def groups(self, ctx: IterationContext, gen: RecordedStage, prompts: list[Example]) -> list[Group]:
+        """Each prompt's candidates for the judge and the pairs (the method's ``candidates``)."""
+        records = {r["id"]: r for r in store.read_jsonl(gen.final / "samples.jsonl")}
+        return [Group(e, self.method.candidates(ctx, e, [s["text"] for s in records[e.id]["samples"]]))
+                for e in prompts]
+
+    def judge_stage(self, t: int, policy: Policy, gen: RecordedStage, prompts: list[Example]) -> RecordedStage:
         from harness.judges import build_judge, require_coverage
         from harness.judging import judge_groups
 
-        st = self.stage(t, "judge", ("judge", "method", "experiment.seed"),
-                        {"generate": gen_stage.outputs()["hash"], "policy": policy.id})
-        judge_policy = None
-        if not st.done():
-            work = st.begin()
-            if self.cfg.judge.name == "self":
-                judge_policy = self.model(policy)
-            judge = build_judge(self.cfg.judge, policy=judge_policy, identity_extra=policy.id,
-                                seed_key=(self.cfg.experiment.seed, t, "judge"))
+        def compute(cfg, work):
+            ctx = self.context(t, cfg)
+            groups, scale = self.groups(ctx, gen, prompts), ctx.scale()
+            judge_policy = self.model(policy) if cfg.judge.name == "self" else None
+            judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id,
+                                seed_key=(cfg.experiment.seed, t, "judge"))
             if tuple(judge.scale) != tuple(scale):
                 raise RuntimeError(f"judge {judge.name!r} scores on {judge.scale}, but the method was told "
                                    f"{scale} (harness.judges.judge_scale disagrees with the judge)")
             # transport failures are not written: the stage fails naming them, a rerun retries only them
             judged = judge_groups(judge, groups, store.JsonlLog(work / "judgments.jsonl"),
-                                  batch_size=self.cfg.judge.batch_size, what=f"judging of iteration {t}",
+                                  batch_size=cfg.judge.batch_size, what=f"judging of iteration {t}",
                                   desc=f"iter {t} judge")
             recs, n_items = judged.records, judged.n_items
             n_failed = judged.n_parse_failed  # items without a valid score: kept, counted, shown
             if judged.parse_summary():
                 log.warning(judged.parse_summary())
             if n_items:  # the judgments stay in the .tmp log for the next attempt when this raises
-                require_coverage(n_items - n_failed, n_items, self.cfg.judge.min_coverage, f"judging of iteration {t}")
+                require_coverage(n_items - n_failed, n_items, cfg.judge.min_coverage, f"judging of iteration {t}")
             # judged candidates only: automatic negatives carry a fixed score, not a judgment
             scores = [s for g, r in zip(groups, recs) for c, s in zip(g.candidates, r["scores"])
                       if c.fixed_score is None and s is not None]
@@ -209,101 +232,94 @@ class Runner:
             metrics = {**judged.metrics(), "judge/score_mean": sum(scores) / len(scores) if scores else None,
                        "judge/score_min": min(scores, default=None), "judge/score_max": max(scores, default=None),
                        "judge/scale_lo": lo, "judge/scale_hi": hi,
-                       **oracle_agreement(self.cfg.judge.name, groups, recs)}
-            st.commit({"hash": store.file_hash(work / "judgments.jsonl"), "metrics": metrics, "scale": [lo, hi]})
-        by_id = {r["id"]: r for r in store.read_jsonl(st.final / "judgments.jsonl")}
-        for g in groups:
-            g.scores = by_id[g.example.id]["scores"]
-        return st
+                       **oracle_agreement(cfg.judge.name, groups, recs)}
+            return {"hash": store.file_hash(work / "judgments.jsonl"), "metrics": metrics, "scale": [lo, hi]}
 
-    def pairs_stage(self, t: int, ctx: IterationContext, groups: list[Group], upstream: dict):
-        st = self.stage(t, "pairs", ("method", "experiment.seed"), upstream)
-        if not st.done():
-            work = st.begin()
+        return self.run_stage(t, "judge", {"generate": gen.outputs()["hash"], "policy": policy.id}, compute)
+
+    def pairs_stage(self, t: int, gen: RecordedStage, judge: RecordedStage | None,
+                    prompts: list[Example]) -> RecordedStage:
+        upstream = {"generate": gen.outputs()["hash"], "prompts": gen.inputs["upstream"]["prompts"]}
+        if judge is not None:
+            upstream["judge"] = judge.outputs()["hash"]
+
+        def compute(cfg, work):
+            ctx = self.context(t, cfg)
+            groups = self.groups(ctx, gen, prompts)
+            if judge is not None:
+                by_id = {r["id"]: r for r in store.read_jsonl(judge.final / "judgments.jsonl")}
+                for g in groups:
+                    g.scores = by_id[g.example.id]["scores"]
             pairs, stats = self.method.build_pairs(ctx, groups)
             store.write_jsonl(work / "pairs.jsonl", pairs)
-            st.commit({"hash": store.file_hash(work / "pairs.jsonl"), "metrics": _numeric(stats)})
-        return st
+            return {"hash": store.file_hash(work / "pairs.jsonl"), "metrics": _numeric(stats)}
 
-    def train_stage(self, t: int, policy: Policy, ctx: IterationContext, start: Policy
-                    ) -> tuple[store.Stage, Policy]:
+        return self.run_stage(t, "pairs", upstream, compute)
+
+    def train_stage(self, t: int, policy: Policy, start: Policy) -> tuple[RecordedStage, Policy]:
         """DPO from ``policy`` (model_t). The reference is model_t ("previous") or ``start``,
         the iteration-0 model ("base"); the stage's outputs name it."""
-        from harness.train import train_dpo
-
-        pairs = self.method.training_set(ctx)
+        pairs = self.method.training_set(self.context(t, self.cfg))
         ref = start if self.cfg.method.reference == "base" else policy
-        st = self.stage(t, "train", ("training", "lora", "method", "model", "experiment.seed"),
-                        {"policy": policy.id, "reference": ref.id, "pairs": dict_hash(pairs)})
-        if not st.done():
-            work = st.begin()
+
+        def compute(cfg, work):
+            from harness.train import train_dpo
+
             model, tok = self.model(policy)
             # model_t is trl's default reference; another one is passed as its chain of adapters
             reference = None if ref.adapters == policy.adapters else ref.adapters
-            metrics, _ = train_dpo(model, tok, pairs, self.cfg, t, work, reference=reference, base=self.base_path)
+            metrics, _ = train_dpo(model, tok, pairs, cfg, t, work, reference=reference, base=self.base_path)
             self._loaded = None  # trl wrapped or changed the object; the next user reloads from disk
             store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
             metrics["train/n_replayed"] = sum(p.get("iteration", t) != t for p in pairs)
             adapter_hash = store.file_hash(work / "adapter")
-            st.commit({"adapter_hash": adapter_hash, "metrics": _numeric(metrics),
-                       "policy": policy.id, "trained": dict_hash([policy.id, adapter_hash]),
-                       "reference": {"kind": self.cfg.method.reference, "policy": ref.id,
-                                     "adapters": [str(p) for p in ref.adapters]}})
+            return {"adapter_hash": adapter_hash, "metrics": _numeric(metrics),
+                    "policy": policy.id, "trained": dict_hash([policy.id, adapter_hash]),
+                    "reference": {"kind": cfg.method.reference, "policy": ref.id,
+                                  "adapters": [str(p) for p in ref.adapters]}}
+
+        st = self.run_stage(t, "train", {"policy": policy.id, "reference": ref.id, "pairs": dict_hash(pairs)}, compute)
         new = Policy(_chain(self.cfg, policy.adapters, st.final / "adapter"),
-                     dict_hash([policy.id, st.outputs()["adapter_hash"]]))
+                     dict_hash([policy.id, self.cfg.chain, st.outputs()["adapter_hash"]]))
         return st, new
 
-    def evaluate_stage(self, t: int, policy: Policy) -> store.Stage:
+    def evaluate_stage(self, t: int, policy: Policy) -> RecordedStage:
         from harness.evaluate import evaluate_iteration, iteration0_answers
         from harness.judges import build_judge
 
         upstream, reference = {"policy": policy.id, "sampler": SAMPLER}, None
         if t > 0 and self.cfg.eval.alpaca_eval.instructions and self.cfg.eval.alpaca_eval.reference == "iteration0":
-            reference, upstream["reference"] = iteration0_answers(self.run_dir)
-        st = self.stage(t, "evaluate", EVAL_KEYS + ("generation", "model", "data.system_prompt", "experiment.seed"),
-                        upstream)
-        if not st.done():
-            work = st.begin()
-            model, tok = self.model(policy)
-            metrics = evaluate_iteration(model, tok, self.cfg, work, t,
-                                         lambda section: build_judge(section, seed_key=(self.cfg.experiment.seed, t, "alpaca_eval")),
-                                         reference=reference)
-            st.commit({"metrics": metrics})
-        return st
+            reference, upstream["reference"] = iteration0_answers(self.layout.alpaca_generations(0))
 
-    def validation_stage(self, t: int, policy: Policy) -> store.Stage | None:
+        def compute(cfg, work):
+            model, tok = self.model(policy)
+            return {"metrics": evaluate_iteration(
+                model, tok, cfg, work, t,
+                lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval")),
+                reference=reference)}
+
+        return self.run_stage(t, "evaluate", upstream, compute, compare=True)
+
+    def validation_stage(self, t: int, policy: Policy) -> RecordedStage | None:
         """[eval.validation] (for choosing an iterate): its metrics are "validation/..."."""
         from harness.judges import build_judge
         from harness.selection import run_validation
 
         if not self.cfg.eval.validation.enabled:
+            self.skip_stage(t, "validation")
             return None
-        st = self.stage(t, "validation", ("eval.validation", "eval.batch_size", "eval.apply_chat_template",
-                                          "generation", "model", "data.system_prompt", "experiment.seed"),
-                        {"policy": policy.id})
-        if not st.done():
-            work = st.begin()
-            model, tok = self.model(policy)
-            metrics = run_validation(model, tok, self.cfg, work, t,
-                                     lambda section: build_judge(section, seed_key=(self.cfg.experiment.seed, t,
-                                                                                    "validation")))
-            st.commit({"metrics": metrics})
-        return st
 
-    def evaluations(self, t: int, policy: Policy) -> list[store.Stage]:
+        def compute(cfg, work):
+            model, tok = self.model(policy)
+            return {"metrics": run_validation(
+                model, tok, cfg, work, t,
+                lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation")))}
+
+        return self.run_stage(t, "validation", {"policy": policy.id}, compute, compare=True)
+
+    def evaluations(self, t: int, policy: Policy) -> list[RecordedStage]:
         """The evaluate stage and, when configured, the validation stage of iteration ``t``."""
-        with console.stage(f"iter {t}", "evaluate") as line:
-            ev = self.evaluate_stage(t, policy)
-            line.report(ev.final, baseline=self.run_dir / "iter_000" / "evaluate" if t else None)
-        out = [ev]
-        with console.stage(f"iter {t}", "validation") as line:
-            val = self.validation_stage(t, policy)
-            if val is None:
-                line.skip()
-            else:
-                line.report(val.final, baseline=self.run_dir / "iter_000" / "validation" if t else None)
-                out.append(val)
-        return out
+        return [st for st in (self.evaluate_stage(t, policy), self.validation_stage(t, policy)) if st is not None]
 
     # ----- the loop ------------------------------------------------------
     def run(self) -> list[dict]:
@@ -316,53 +332,28 @@ class Runner:
         from harness.evaluate import check_thresholds
 
         prov = provenance.collect(self.cfg, {"base": self.base_identity, "judge": to_dict(self.cfg.judge)})
-        store.atomic_write_json(self.run_dir / "provenance.json", prov)
-        store.atomic_write_json(self.run_dir / "config.json", {"hash": self.cfg.hash(), "config": self.c})
+        store.atomic_write_json(self.layout.provenance, prov)
+        store.atomic_write_json(self.layout.config, {"hash": self.cfg.hash(), "config": self.cfg.to_dict()})
         rows: list[dict] = []
         t0 = time.perf_counter()
-        # each stage is one terminal line, summarised from its manifest (harness.console)
-        with console.stage("iter 0", "init_sft") as line:
-            policy = self.init_stage()
-            line.report(self.run_dir / "iter_000" / "init_sft")
+        policy = self.init_stage()
         start = policy  # the iteration-0 model: method.reference = "base" trains against it
         rows.append(self._row(0, self.evaluations(0, policy), prov))
         self._write_results(rows)
         for t in range(1, self.cfg.method.iterations + 1):
-            it = f"iter {t}"
-            ctx = self.context(t)
-            stages = []
-            with console.stage(it, "self_instruct") as line:
-                si, extra = self.self_instruct_stage(t, policy, ctx)
-                if si is None:
-                    line.skip()
-                else:
-                    line.report(si.final)
-                    stages.append(si)
-            with console.stage(it, "generate") as line:
-                gen, groups = self.generate_stage(t, policy, ctx, extra)
-                line.report(gen.final)
-            stages.append(gen)
-            upstream = {"generate": gen.outputs()["hash"]}
-            if self.method.needs_judge:
-                with console.stage(it, "judge") as line:
-                    judge = self.judge_stage(t, policy, gen, groups, ctx.scale())
-                    line.report(judge.final)
-                stages.append(judge)
-                upstream["judge"] = judge.outputs()["hash"]
-            with console.stage(it, "pairs") as line:
-                stages.append(self.pairs_stage(t, ctx, groups, upstream))
-                line.report(stages[-1].final)
-            with console.stage(it, "train") as line:
-                train, policy = self.train_stage(t, policy, ctx, start)
-                line.report(train.final)
-            stages += [train, *self.evaluations(t, policy)]
-            rows.append(self._row(t, stages, prov))
+            si, extra = self.self_instruct_stage(t, policy)
+            gen, prompts = self.generate_stage(t, policy, extra)
+            judge = self.judge_stage(t, policy, gen, prompts) if self.method.needs_judge else None
+            pairs = self.pairs_stage(t, gen, judge, prompts)
+            train, policy = self.train_stage(t, policy, start)
+            stages = [s for s in (si, gen, judge, pairs, train) if s is not None]
+            rows.append(self._row(t, stages + self.evaluations(t, policy), prov))
             self._write_results(rows)
             warnings = check_thresholds(rows[-1]["metrics"], self.cfg.eval.indicators)
             if warnings and self.cfg.eval.indicators.action == "stop":
                 log.warning("stopping after iteration %d: %s", t, "; ".join(warnings))
                 break
-        store.atomic_write_json(self.run_dir / "final.json", self._select(rows))
+        store.atomic_write_json(self.layout.final, self._select(rows))
         self._write_results(rows)
         log.info("run finished in %.1fs", time.perf_counter() - t0)
         return rows
@@ -384,7 +375,7 @@ class Runner:
         metrics: dict = {}
         wall = 0.0
         costs = []  # what the stages cost (harness.cost); iteration 0 includes the init_sft stage
-        init = self.run_dir / "iter_000" / "init_sft" / "manifest.json"
+        init = self.layout.manifest(0, "init_sft")
         if t == 0 and init.exists():
             costs.append(store.read_json(init)["outputs"].get("cost"))
         for st in stages:
@@ -401,12 +392,10 @@ class Runner:
                                "model": self.base_identity}}
 
     def _write_results(self, rows: list[dict]) -> None:
-        store.write_jsonl(self.run_dir / "results.jsonl", rows)
+        store.write_jsonl(self.layout.results, rows)
 
 
-# the evaluate stage's inputs: [eval] without its validation part (that is its own stage)
-EVAL_KEYS = tuple(f"eval.{f.name}" for f in fields(EvalSection) if f.name != "validation")
-
+# ---- small helpers
 
 def _chain(cfg: Config, adapters: list[Path], new: Path) -> list[Path]:
     """merge: every adapter in order; continue: the newest carries the earlier ones."""
@@ -446,7 +435,7 @@ def run_experiment(cfg: Config, fresh: bool = False) -> tuple[Path, list[dict]]:
             n += 1
         run_dir = run_dir.with_name(f"{run_dir.name}-{n}")
     with store.run_lock(run_dir):
-        console.log_to(run_dir / console.LOG_NAME)  # everything silenced on the terminal, and tracebacks
+        console.log_to(RunDir(run_dir).log)  # everything silenced on the terminal, and tracebacks
         with console.stage("", "setup") as line:
             runner = Runner(cfg, run_dir)
             line.done(f"run directory {run_dir} · model {runner.base_path}")
@@ -455,17 +444,18 @@ def run_experiment(cfg: Config, fresh: bool = False) -> tuple[Path, list[dict]]:
 
 
 def status(run_dir: Path) -> list[dict]:
-    """Finished / partial / missing stages of a run directory, for ``harness status``."""
+    """Finished / partial stages of a run directory, for ``harness status``."""
     out = []
-    for it in sorted(run_dir.glob("iter_*")):
-        for st in sorted(it.iterdir()):
-            if st.name.endswith(".tmp"):
-                logs = [p.name for p in st.glob("*.jsonl")]
-                n = sum(1 for p in st.glob("*.jsonl") for _ in open(p))
-                out.append({"iteration": int(it.name[5:]), "stage": st.name[:-4], "state": "partial",
-                            "detail": f"{n} records in {', '.join(logs)}" if logs else ""})
-            elif (st / "manifest.json").exists():
-                m = json.loads((st / "manifest.json").read_text())
-                out.append({"iteration": int(it.name[5:]), "stage": st.name, "state": "done",
-                            "detail": f"inputs {m['input_hash']}"})
+    for t, st in RunDir(run_dir).stage_dirs():
+        if st.name.endswith(TMP_SUFFIX):
+            logs = [p.name for p in st.glob("*.jsonl")]
+            n = sum(1 for p in st.glob("*.jsonl") for _ in open(p, "rb"))
+            out.append({"iteration": t, "stage": st.name.removesuffix(TMP_SUFFIX), "state": "partial",
+                        "detail": f"{n} records in {', '.join(logs)}" if logs else ""})
+        elif (st / MANIFEST).exists():
+            try:
+                detail = f"inputs {store.read_json(st / MANIFEST)['input_hash']}"
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                detail = f"{MANIFEST} is unreadable: delete {st} to recompute it"
+            out.append({"iteration": t, "stage": st.name, "state": "done", "detail": detail})
     return out

@@ -1,13 +1,6 @@
-"""Run-directory layout, atomic writes, stage manifests, resumable JSONL, the run lock.
+"""Atomic writes, content hashes, stage directories and manifests, resumable JSONL, the run lock.
 
-Layout of a run directory::
-
-    config.toml / config.json   resolved config (+ hash) of the run
-    provenance.json             versions, commit, hardware (rewritten each start)
-    run.lock                    held by the running process (fcntl lock)
-    iter_000/evaluate/ ...      iteration 0 = the starting model
-    iter_001/generate/ judge/ pairs/ train/ evaluate/
-    results.jsonl               derived: one row per evaluated iteration
+The layout of a run directory is spelled in ``harness.rundir``.
 
 Invariant: a stage directory exists only when the stage completed. A stage is
 built in ``<stage>.tmp``, renamed into place, and its ``manifest.json`` is
@@ -28,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from harness import cost
+from harness.rundir import MANIFEST, TMP_SUFFIX
 
 
 def dict_hash(d: Any) -> str:
@@ -194,26 +188,49 @@ class StageChanged(RuntimeError):
     """A finished stage was produced from different inputs than this run would use."""
 
 
-class Stage:
-    """One (iteration, stage) directory of a run."""
+class StageCorrupt(RuntimeError):
+    """A finished stage's manifest cannot be read."""
 
-    def __init__(self, run_dir: Path, iteration: int, name: str, inputs: dict):
-        self.final = Path(run_dir) / f"iter_{iteration:03d}" / name
-        self.tmp = self.final.with_name(name + ".tmp")
+
+class Stage:
+    """One stage directory of a run: built in ``<name>.tmp``, renamed into place, its
+    ``manifest.json`` (inputs and outputs) written last.
+
+    ``inputs``: what the stage was computed from, known before it runs; ``commit`` may add what
+    became known while it ran (``extra_inputs``). ``changes(old_inputs)`` says which inputs of a
+    finished stage differ from this run's (here: any difference of ``inputs``; subclasses compare
+    more precisely). ``stamp``: the key under which an interrupted attempt's partial work is resumed.
+    """
+
+    def __init__(self, final: Path, inputs: dict, stamp: str | None = None):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(self.final.name + TMP_SUFFIX)
         self.inputs = inputs
-        self.input_hash = dict_hash(inputs)
+        self.stamp = stamp or dict_hash(inputs)
 
     @property
     def manifest_path(self) -> Path:
-        return self.final / "manifest.json"
+        return self.final / MANIFEST
+
+    def manifest(self) -> dict:
+        try:
+            manifest = read_json(self.manifest_path)
+            if not isinstance(manifest, dict) or "inputs" not in manifest or "outputs" not in manifest:
+                raise ValueError("no inputs or outputs")
+            return manifest
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StageCorrupt(f"{self.manifest_path}: not a valid stage manifest ({e}); delete {self.final} "
+                               "to recompute that stage (later stages that used it are then refused too)") from None
+
+    def changes(self, old_inputs: dict) -> list[str]:
+        return sorted(diff_keys(old_inputs, self.inputs))
 
     def done(self) -> bool:
         """True when finished with the same inputs; raise StageChanged when inputs differ."""
         if not self.manifest_path.exists():
             return False
-        manifest = read_json(self.manifest_path)
-        if manifest["input_hash"] != self.input_hash:
-            changed = sorted(_diff_keys(manifest["inputs"], self.inputs))
+        changed = self.changes(self.manifest()["inputs"])
+        if changed:
             raise StageChanged(
                 f"{self.final} was produced from different inputs; changed: {', '.join(changed)}. "
                 "Revert the change or start a fresh run directory (harness run --fresh, or a new experiment.name).")
@@ -225,34 +242,40 @@ class Stage:
         if self.final.exists():  # renamed but manifest missing: crashed between the two
             shutil.rmtree(self.final)
         stamp = self.tmp / ".inputs_hash"
-        if self.tmp.exists() and (not stamp.exists() or stamp.read_text() != self.input_hash):
+        if self.tmp.exists() and (not stamp.exists() or stamp.read_text() != self.stamp):
             shutil.rmtree(self.tmp)  # partial work for other inputs is never resumed
         self.tmp.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stamp, self.input_hash)
+        atomic_write_text(stamp, self.stamp)
         self._t0 = time.perf_counter()
         self._meter = cost.start()
         return self.tmp
 
-    def commit(self, outputs: dict | None = None) -> None:
+    def commit(self, outputs: dict | None = None, extra_inputs: dict | None = None) -> None:
         """Finish the stage: its outputs, plus its wall time (``seconds``) and what it
         cost (``cost``: see ``harness.cost``), go into the manifest."""
         outputs = {**(outputs or {}), "seconds": round(time.perf_counter() - self._t0, 3),
                    "cost": cost.stop(self._meter)}
+        inputs = {**self.inputs, **(extra_inputs or {})}
         os.replace(self.tmp, self.final)
-        atomic_write_json(self.manifest_path, {"input_hash": self.input_hash, "inputs": self.inputs,
+        atomic_write_json(self.manifest_path, {"input_hash": dict_hash(inputs), "inputs": inputs,
                                                "outputs": outputs})
 
     def outputs(self) -> dict:
-        return read_json(self.manifest_path)["outputs"]
+        return self.manifest()["outputs"]
 
 
-def _diff_keys(old: Any, new: Any, prefix: str = "") -> set[str]:
+def diff_keys(old: Any, new: Any, prefix: str = "") -> set[str]:
+    """Dotted paths at which two JSON-like values differ (tuples equal lists, as in JSON)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: set[str] = set()
         for k in set(old) | set(new):
-            out |= _diff_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+            out |= diff_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
         return out
-    return set() if old == new else {prefix or "<root>"}
+    return set() if _json(old) == _json(new) else {prefix or "<root>"}
+
+
+def _json(v: Any) -> Any:
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
 
 
 class RunLocked(RuntimeError):

@@ -30,7 +30,7 @@ def test_corrupt_line_with_newline_is_dropped_too(tmp_path):
 
 
 def test_stage_lifecycle_and_changed_inputs(tmp_path):
-    st = Stage(tmp_path, 1, "generate", {"config": {"generation": {"max_new_tokens": 8}}})
+    st = Stage(tmp_path / "iter_001" / "generate", {"config": {"generation": {"max_new_tokens": 8}}})
     assert not st.done()
     work = st.begin()
     (work / "out.txt").write_text("x")
@@ -38,17 +38,17 @@ def test_stage_lifecycle_and_changed_inputs(tmp_path):
     st.commit({"hash": "abc"})
     assert st.done() and (st.final / "out.txt").read_text() == "x" and not st.tmp.exists()
     assert st.outputs()["hash"] == "abc"
-    changed = Stage(tmp_path, 1, "generate", {"config": {"generation": {"max_new_tokens": 9}}})
+    changed = Stage(tmp_path / "iter_001" / "generate", {"config": {"generation": {"max_new_tokens": 9}}})
     with pytest.raises(StageChanged, match=r"changed: config\.generation\.max_new_tokens"):
         changed.done()
 
 
 def test_partial_work_for_other_inputs_is_discarded(tmp_path):
-    st = Stage(tmp_path, 1, "judge", {"a": 1})
+    st = Stage(tmp_path / "iter_001" / "judge", {"a": 1})
     (st.begin() / "judgments.jsonl").write_text('{"id": "x"}\n')
-    same = Stage(tmp_path, 1, "judge", {"a": 1})
+    same = Stage(tmp_path / "iter_001" / "judge", {"a": 1})
     assert (same.begin() / "judgments.jsonl").exists()        # resumed
-    other = Stage(tmp_path, 1, "judge", {"a": 2})
+    other = Stage(tmp_path / "iter_001" / "judge", {"a": 2})
     assert not (other.begin() / "judgments.jsonl").exists()   # never resumed across inputs
 
 

@@ -59,11 +59,11 @@ def load_eval_prompts(ref: str) -> list[tuple[str, str]]:
     return out
 
 
-def iteration0_answers(run_dir: Path) -> tuple[dict[str, str], str]:
-    """({instruction id: answer}, content hash) of a run's iteration-0 AlpacaEval answers."""
+def iteration0_answers(path: Path) -> tuple[dict[str, str], str]:
+    """({instruction id: answer}, content hash) of a run's iteration-0 AlpacaEval answers
+    (``RunDir.alpaca_generations(0)``)."""
     from harness.store import file_hash, read_jsonl
 
-    path = Path(run_dir) / "iter_000" / "evaluate" / "alpaca_eval" / "generations.jsonl"
     return {r["id"]: r["samples"][0]["text"] for r in read_jsonl(path)}, file_hash(path)
 
 
