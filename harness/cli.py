@@ -17,13 +17,16 @@ def _validate(args) -> int:
     from harness import config
 
     if args.explain:
+        from harness.judges import JUDGES
         from harness.methods import METHODS
         from harness.schema import explain
 
         rows = explain(config.Config)
         for name in METHODS.names():
             rows += explain(METHODS.get(name).Options, f"method.{name}")
-        rows = [r for r in rows if not r[0].startswith(("options", "source"))]
+        for name in JUDGES.names():  # the same tables go under every judge section ([eval.alpaca_eval.judge.<name>], ...)
+            rows += explain(JUDGES.get(name).Options, f"judge.{name}")
+        rows = [r for r in rows if r[0].rsplit(".", 1)[-1] not in ("options", "source")]
         print("| key | type | default | meaning |\n|---|---|---|---|")
         for key, tp, default, doc in rows:
             print(f"| `{key}` | {tp} | `{default}` | {doc} |")
@@ -85,7 +88,8 @@ def _run_checked(args, cfgs: list) -> int:
     from harness.data import DataError
     from harness.judges import CoverageError
     from harness.loop import run_experiment
-    from harness.results import cost_summary, write_tables
+    from harness.cost import cost_summary
+    from harness.report import combined_board, run_board
     from harness.store import RunLocked, StageChanged
     from harness.train import TrainingError
 
@@ -100,9 +104,8 @@ def _run_checked(args, cfgs: list) -> int:
         try:
             run_dir, rows = run_experiment(cfg, fresh=args.fresh)
             with console.stage("", "tables") as line:
-                table, left_out, written = write_tables([run_dir], run_dir, "results",
-                                                        title=f"{cfg.experiment.name} ({cfg.method.name})",
-                                                        width=console.width())
+                table, written, left_out = run_board(run_dir, f"{cfg.experiment.name} ({cfg.method.name})",
+                                                     width=console.width())
                 line.done(f"{len(written)} files in {_short_path(run_dir)}/")
         except known as e:
             # finished stages stay on disk; the failing stage is left unfinished for the next attempt
@@ -125,17 +128,8 @@ def _run_checked(args, cfgs: list) -> int:
         if left_out:
             console.info(f"  not shown to fit {console.width()} columns: {', '.join(left_out)} (see results.csv)")
     if len(run_dirs) > 1:  # the combined leaderboard, beside the run directories when they share a parent
-        parents = {Path(d).resolve().parent for d in run_dirs}
-        board = parents.pop() if len(parents) == 1 else None
         try:
-            if board is not None:
-                (board / "comparison.png").unlink(missing_ok=True)  # never point at an older run's plot
-                table, left_out, written = write_tables(run_dirs, board, "leaderboard", plots=("comparison",),
-                                                        width=console.width())
-            else:
-                from harness.results import build_table, load_rows, to_terminal
-
-                (table, left_out), written = to_terminal(build_table(load_rows(run_dirs)), console.width()), []
+            table, written, left_out = combined_board(run_dirs, width=console.width())
         except Exception as e:  # noqa: BLE001
             return _crash(None, e)
         if not quiet:
@@ -172,38 +166,44 @@ def _crash(cfg, e: BaseException) -> int:
 
 
 def _status(args) -> int:
-    import json
+    from harness.rundir import RunDir
+    from harness.reuse import status
+    from harness.store import read_json
 
-    from harness.loop import status
-
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").exists():
-        print(f"harness status: {run_dir} is not a run directory (no config.json)", file=sys.stderr)
+    layout = RunDir(args.run_dir)
+    if not layout.config.exists():
+        print(f"harness status: {layout.root} is not a run directory (no config.json)", file=sys.stderr)
         return 1
-    cfg = json.loads((run_dir / "config.json").read_text())
-    method = cfg["config"]["method"]
-    print(f"{run_dir}: {method['name']}, {console.plural(method['iterations'], 'iteration')}, config {cfg['hash']}")
-    for row in status(run_dir):
+    try:
+        cfg = read_json(layout.config)
+        method = cfg["config"]["method"]
+        head = f"{method['name']}, {console.plural(method['iterations'], 'iteration')}, config {cfg['hash']}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        head = f"{layout.config} is unreadable ({type(e).__name__}: {e})"
+    print(f"{layout.root}: {head}")
+    for row in status(layout.root):
         print(f"  iter {row['iteration']:>3}  {row['stage']:<10} {row['state']:<8} {row['detail']}")
-    if (run_dir / "final.json").exists():
-        print(f"  final: {json.loads((run_dir / 'final.json').read_text())}")
+    if layout.final.exists():
+        try:
+            print(f"  final: {read_json(layout.final)}")
+        except (ValueError, UnicodeDecodeError) as e:
+            print(f"  final: {layout.final} is unreadable ({e})")
     return 0
 
 
 def _table(args) -> int:
-    from harness.results import ResultsError, render_leaderboard
+    from harness.report import ResultsError, leaderboard
 
     bad = [f for f in args.filter if "=" not in f]
     if bad:
         console.error(f"harness table: --filter needs KEY=VALUE, got {bad[0]!r}")
         return 2
     filters = dict(f.split("=", 1) for f in args.filter)
-    plots = Path(args.plots) if args.plots else Path(args.out).parent if args.out else None
     width = console.width() if sys.stdout.isatty() else console.MAX_WIDTH
-    try:
-        text, written, left_out = render_leaderboard(
+    try:  # plots go beside --out unless --plots names a directory
+        text, written, left_out = leaderboard(
             [Path(d) for d in args.dirs], fmt=args.format, out=Path(args.out) if args.out else None,
-            sort_by=args.sort, filters=filters or None, plot_dir=plots, width=width)
+            sort_by=args.sort, filters=filters or None, plot_dir=Path(args.plots) if args.plots else None, width=width)
     except ResultsError as e:
         console.error(f"harness table: {e}")
         return 1
@@ -218,10 +218,9 @@ def _table(args) -> int:
 
 
 def _import(args) -> int:
-    from harness.evaluate.alpaca import write_published_run
+    from harness.report.published import import_published
 
-    path = write_published_run(Path(args.dest) / args.name, args.name, Path(args.outputs), Path(args.annotations))
-
+    path = import_published(args.dest, args.name, args.outputs, args.annotations)
     console.info(f"imported {args.name} -> {path}")
     return 0
 

@@ -12,7 +12,7 @@
     results.jsonl               derived: one row per evaluated iteration
     final.json                  the method's final iterate
 
-This module only names paths; ``harness.store`` writes them and ``harness.stages``
+This module only names paths; ``harness.store`` writes them and ``harness.reuse``
 decides when a stage directory may be reused.
 """
 

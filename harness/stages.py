@@ -1,183 +1,288 @@
-"""When a finished stage may be reused: its inputs, recorded while it ran.
+"""What each stage of an iteration computes, as declarations for ``Runner.run_stage``:
+a stage's name, its upstream (content hashes of what it consumes) and its compute
+function, which reads the config only through the view it is given.
 
-A stage's inputs are of two kinds.
-
-- **upstream**: content hashes of what the loop hands it (other stages' outputs, the prompts
-  with their answers, the pairs, the policy's adapter chain), known before it runs;
-- **config**: every config field its compute read, recorded while it ran through a
-  ``ConfigView``, with the content fingerprint of every local file such a field names (data
-  files, templates, task files, a local model directory).
-
-No stage lists its config fields by hand, so none can forget one. A finished stage is reused
-only when its upstream is unchanged and every field it read still has the value it had (and
-every file it named the same content); otherwise ``StageChanged`` names what changed. A
-field no stage read may change freely: raising ``method.iterations`` continues a finished
-run, because no stage's work depends on the count.
-
-Soundness: a stage's compute is a deterministic function of its upstream and of the config
-fields it reads, and which fields it reads is itself decided by fields it read. So if every
-recorded field has its old value, a rerun would read the same fields and compute the same
-result.
-
-This module records and compares; ``harness.store`` writes the directories and
-``harness.loop`` says what each stage computes.
+``r`` is the ``harness.loop.Runner`` (its model cache, examples, context and
+``run_stage``); this module holds no loop and decides no reuse (``harness.reuse``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from harness import store
+from harness.config import Config
+from harness.data import Example
+from harness.generate import SAMPLER, Prompt, generate, generation_settings
+from harness.judges.base import JudgeItem
+from harness.judges.oracle import OracleJudge
+from harness.methods.base import Group, IterationContext
+from harness.models import load_model, load_tokenizer
+from harness.reuse import RecordedStage
 from harness.schema import to_dict
-from harness.sources import is_built, is_tiny_ref, resolve_ref
-from harness.store import Stage, StageChanged, dict_hash, diff_keys, path_fingerprint
+from harness.sources import identity, locate, resolve_ref
+from harness.store import dict_hash
 
-__all__ = ["ConfigView", "RecordedStage", "StageChanged", "config_value"]
-
-_MISSING = "<absent>"
+log = logging.getLogger("harness")
 
 
-def _normal(value: Any) -> Any:
-    """A config value as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(to_dict(value), default=str))
+@dataclass
+class Policy:
+    """model_t as a chain of saved adapters plus a content id for cache keys."""
+    adapters: list[Path]
+    id: str
 
 
-def _stat_key(path: Path) -> tuple:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return tuple((str(f), (s := f.stat()).st_size, s.st_mtime_ns) for f in files)
+def init_stage(r) -> Policy:
+    # the base model's content, not its name: a rebuilt tiny world or a replaced local
+    # checkpoint must not reuse stages computed from the old weights
+    base_id = dict_hash({"model": r.cfg.to_dict()["model"], "lora": r.cfg.to_dict()["lora"],
+                         "weights": r.base_identity,
+                         "chat_template": store.path_fingerprint(resolve_ref(r.cfg.model.chat_template))
+                         if r.cfg.model.chat_template else ""})
+    data = r.method.init_sft_data(r.cfg)
+    if not data:
+        r.skip_stage(0, "init_sft")
+        return Policy([], base_id)
+
+    def compute(cfg, work):
+        from harness.train import train_sft
+
+        settings = r.method.init_sft_settings(cfg)
+        model, tok = r.model(Policy([], base_id))
+        metrics = train_sft(model, tok, data, cfg, 0, work, settings=settings)
+        r._loaded = None  # the object was wrapped by training; reload from disk
+        store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
+        tr = cfg.training  # what the SFT stage shares with the DPO iterations
+        return {"adapter_hash": store.file_hash(work / "adapter"),
+                "metrics": {**_numeric(metrics), "train/n_examples": len(data)},
+                "settings": {**to_dict(settings), "optimizer": tr.optimizer, "weight_decay": tr.weight_decay,
+                             "max_grad_norm": tr.max_grad_norm, "lora_dropout": cfg.lora.dropout}}
+
+    st = r.run_stage(0, "init_sft", {"base": base_id, "data": dict_hash(data)}, compute)
+    return Policy([st.final / "adapter"], dict_hash([base_id, st.outputs()["adapter_hash"]]))
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
+def self_instruct_stage(r, t: int, policy: Policy) -> tuple[RecordedStage | None, list[Example]]:
+    """New prompts written few-shot (the method's ``self_instruct`` plan) by the policy or a
+    fixed model, resumable like generation; the generate stage reads its prompts.jsonl."""
+    plan = r.method.self_instruct(r.context(t, r.cfg))
+    if plan is None:
+        r.skip_stage(t, "self_instruct")
+        return None, []
+    if plan.model:
+        writer = {"model": plan.model, "revision": plan.revision,
+                  "weights": identity(locate(plan.model), plan.revision)}
+    else:
+        writer = {"policy": policy.id}
+
+    def compute(cfg, work):
+        plan = r.method.self_instruct(r.context(t, cfg))
+        if plan.model:
+            model = load_model(plan.model, revision=plan.revision, dtype=cfg.model.dtype, device=cfg.model.device)
+            tok = load_tokenizer(plan.model, plan.revision)
+        else:
+            model, tok = r.model(policy)
+        out = generate(model, tok, plan.requests, plan.sampling, seed_key=(cfg.experiment.seed, t, "self_instruct"),
+                       batch_size=cfg.generation.batch_size, log=store.JsonlLog(work / "outputs.jsonl"),
+                       desc=f"iter {t} self_instruct")
+        del model, tok
+        new = plan.select(out)
+        store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages} for e in new])
+        return {"hash": store.file_hash(work / "prompts.jsonl"), "writer": writer,
+                "metrics": {"self_instruct/n_requests": len(plan.requests), "self_instruct/n_prompts": len(new)}}
+
+    st = r.run_stage(t, "self_instruct", {"writer": writer, "sampling": to_dict(plan.sampling),
+                                             "requests": dict_hash([[q.id, q.messages] for q in plan.requests])},
+                        compute)
+    return st, [Example(rec["id"], tuple(rec["messages"])) for rec in store.read_jsonl(st.final / "prompts.jsonl")]
 
 
-def file_fingerprint(value: Any) -> str | list | None:
-    """Content fingerprint of the local file or directory a config string names, a list of them
-    for a list of strings, or None when the value names no local file (a plain setting, a hub
-    id, a built-in name, a tiny-world file not built yet)."""
-    if isinstance(value, (list, tuple)):
-        fps = [file_fingerprint(v) for v in value]
-        return fps if any(f is not None for f in fps) else None
-    if not isinstance(value, str) or not value or value.startswith("builtin:"):
+def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[RecordedStage, list[Example]]:
+    # extra: the self_instruct stage's prompts; the answers (SPIN's chosen side, DNO's
+    # teacher) are part of what later stages consume, so they are hashed with the prompts
+    prompts = r.method.prompts(r.context(t, r.cfg)) + extra
+
+    def compute(cfg, work):
+        sampling = r.method.sampling(cfg)
+        model, tok = r.model(policy)
+        glog = store.JsonlLog(work / "samples.jsonl")
+        resumed = len(glog.records)  # records kept from an interrupted attempt
+        records = generate(model, tok, [Prompt(e.id, e.messages) for e in prompts], sampling,
+                           seed_key=(cfg.experiment.seed, t, "generate"),
+                           batch_size=cfg.generation.batch_size, log=glog, desc=f"iter {t} generate")
+        tokens = sum(s["n_tokens"] for rec in records.values() for s in rec["samples"])
+        store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages, "response": e.response}
+                                                   for e in prompts])
+        return {"hash": store.file_hash(work / "samples.jsonl"), "resumed_records": resumed,
+                "metrics": {"gen/tokens": tokens}, "generation": generation_settings(model, tok, sampling)}
+
+    st = r.run_stage(t, "generate", {"policy": policy.id, "sampler": SAMPLER,
+                                        "prompts": dict_hash([[e.id, e.messages, e.response] for e in prompts])},
+                        compute)
+    return st, prompts
+
+
+def candidate_groups(r, ctx: IterationContext, gen: RecordedStage, prompts: list[Example]) -> list[Group]:
+    """Each prompt's candidates for the judge and the pairs (the method's ``candidates``)."""
+    records = {rec["id"]: rec for rec in store.read_jsonl(gen.final / "samples.jsonl")}
+    return [Group(e, r.method.candidates(ctx, e, [s["text"] for s in records[e.id]["samples"]]))
+            for e in prompts]
+
+
+def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Example]) -> RecordedStage:
+    from harness.judges import build_judge, require_coverage
+    from harness.judging import judge_groups
+
+    def compute(cfg, work):
+        ctx = r.context(t, cfg)
+        groups, scale = candidate_groups(r, ctx, gen, prompts), ctx.scale()
+        judge_policy = r.model(policy) if cfg.judge.name == "self" else None
+        judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id,
+                            seed_key=(cfg.experiment.seed, t, "judge"))
+        if tuple(judge.scale) != tuple(scale):
+            raise RuntimeError(f"judge {judge.name!r} scores on {judge.scale}, but the method was told "
+                               f"{scale} (harness.judges.judge_scale disagrees with the judge)")
+        # transport failures are not written: the stage fails naming them, a rerun retries only them
+        judged = judge_groups(judge, groups, store.JsonlLog(work / "judgments.jsonl"),
+                              batch_size=cfg.judge.batch_size, what=f"judging of iteration {t}",
+                              desc=f"iter {t} judge")
+        recs, n_items = judged.records, judged.n_items
+        n_failed = judged.n_parse_failed  # items without a valid score: kept, counted, shown
+        if judged.parse_summary():
+            log.warning(judged.parse_summary())
+        if n_items:  # the judgments stay in the .tmp log for the next attempt when this raises
+            require_coverage(n_items - n_failed, n_items, cfg.judge.min_coverage, f"judging of iteration {t}")
+        # judged candidates only: automatic negatives carry a fixed score, not a judgment
+        scores = [s for g, r in zip(groups, recs) for c, s in zip(g.candidates, r["scores"])
+                  if c.fixed_score is None and s is not None]
+        lo, hi = (v if math.isfinite(v) else None for v in scale)
+        metrics = {**judged.metrics(), "judge/score_mean": sum(scores) / len(scores) if scores else None,
+                   "judge/score_min": min(scores, default=None), "judge/score_max": max(scores, default=None),
+                   "judge/scale_lo": lo, "judge/scale_hi": hi,
+                   **oracle_agreement(cfg.judge.name, groups, recs)}
+        return {"hash": store.file_hash(work / "judgments.jsonl"), "metrics": metrics, "scale": [lo, hi]}
+
+    return r.run_stage(t, "judge", {"generate": gen.outputs()["hash"], "policy": policy.id}, compute)
+
+
+def pairs_stage(r, t: int, gen: RecordedStage, judge: RecordedStage | None,
+                prompts: list[Example]) -> RecordedStage:
+    upstream = {"generate": gen.outputs()["hash"], "prompts": gen.inputs["upstream"]["prompts"]}
+    if judge is not None:
+        upstream["judge"] = judge.outputs()["hash"]
+
+    def compute(cfg, work):
+        ctx = r.context(t, cfg)
+        groups = candidate_groups(r, ctx, gen, prompts)
+        if judge is not None:
+            by_id = {rec["id"]: rec for rec in store.read_jsonl(judge.final / "judgments.jsonl")}
+            for g in groups:
+                g.scores = by_id[g.example.id]["scores"]
+        pairs, stats = r.method.build_pairs(ctx, groups)
+        store.write_jsonl(work / "pairs.jsonl", pairs)
+        return {"hash": store.file_hash(work / "pairs.jsonl"), "metrics": _numeric(stats)}
+
+    return r.run_stage(t, "pairs", upstream, compute)
+
+
+def train_stage(r, t: int, policy: Policy, start: Policy) -> tuple[RecordedStage, Policy]:
+    """DPO from ``policy`` (model_t). The reference is model_t ("previous") or ``start``,
+    the iteration-0 model ("base"); the stage's outputs name it."""
+    pairs = r.method.training_set(r.context(t, r.cfg))
+    ref = start if r.cfg.method.reference == "base" else policy
+
+    def compute(cfg, work):
+        from harness.train import train_dpo
+
+        model, tok = r.model(policy)
+        # model_t is trl's default reference; another one is passed as its chain of adapters
+        reference = None if ref.adapters == policy.adapters else ref.adapters
+        metrics, _ = train_dpo(model, tok, pairs, cfg, t, work, reference=reference, base=r.base_path)
+        r._loaded = None  # trl wrapped or changed the object; the next user reloads from disk
+        store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
+        metrics["train/n_replayed"] = sum(p.get("iteration", t) != t for p in pairs)
+        adapter_hash = store.file_hash(work / "adapter")
+        return {"adapter_hash": adapter_hash, "metrics": _numeric(metrics),
+                "policy": policy.id, "trained": dict_hash([policy.id, adapter_hash]),
+                "reference": {"kind": cfg.method.reference, "policy": ref.id,
+                              "adapters": [str(p) for p in ref.adapters]}}
+
+    st = r.run_stage(t, "train", {"policy": policy.id, "reference": ref.id, "pairs": dict_hash(pairs)}, compute)
+    new = Policy(_chain(r.cfg, policy.adapters, st.final / "adapter"),
+                 dict_hash([policy.id, st.outputs()["adapter_hash"]]))
+    return st, new
+
+
+def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
+    from harness.evaluate import evaluate_iteration, iteration0_answers
+    from harness.judges import build_judge
+
+    upstream, reference = {"policy": policy.id, "sampler": SAMPLER}, None
+    if t > 0 and r.cfg.eval.alpaca_eval.instructions and r.cfg.eval.alpaca_eval.reference == "iteration0":
+        reference, upstream["reference"] = iteration0_answers(r.layout.alpaca_generations(0))
+
+    def compute(cfg, work):
+        model, tok = r.model(policy)
+        return {"metrics": evaluate_iteration(
+            model, tok, cfg, work, t,
+            lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval")),
+            reference=reference)}
+
+    return r.run_stage(t, "evaluate", upstream, compute, compare=True)
+
+
+def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
+    """[eval.validation] (for choosing an iterate): its metrics are "validation/..."."""
+    from harness.judges import build_judge
+    from harness.selection import run_validation
+
+    if not r.cfg.eval.validation.enabled:
+        r.skip_stage(t, "validation")
         return None
-    if is_tiny_ref(value):
-        if not is_built(value):
-            return None
-        value = resolve_ref(value)
-    path = Path(value)
-    try:
-        if not path.exists():
-            return None
-        key = (str(path.resolve()), _stat_key(path))
-    except OSError:
-        return None
-    if key not in _FINGERPRINTS:  # stat-keyed: an edited file is hashed again
-        _FINGERPRINTS[key] = path_fingerprint(path)
-    return _FINGERPRINTS[key]
+
+    def compute(cfg, work):
+        model, tok = r.model(policy)
+        return {"metrics": run_validation(
+            model, tok, cfg, work, t,
+            lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation")))}
+
+    return r.run_stage(t, "validation", {"policy": policy.id}, compute, compare=True)
 
 
-def config_value(cfg_dict: dict, path: str) -> Any:
-    """The value at a dotted path of ``Config.to_dict()``, or a marker when it is absent."""
-    node: Any = cfg_dict
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
+def evaluations(r, t: int, policy: Policy) -> list[RecordedStage]:
+    """The evaluate stage and, when configured, the validation stage of iteration ``t``."""
+    return [st for st in (evaluate_stage(r, t, policy), validation_stage(r, t, policy)) if st is not None]
 
 
-# ---------------------------------------------------------------- recording
-
-_RECORDING: dict[type, type] = {}
-
-
-def _recording_class(cls: type) -> type:
-    """A subclass of a config dataclass whose field reads are recorded by its view."""
-    if cls not in _RECORDING:
-        names = frozenset(f.name for f in dataclasses.fields(cls))
-
-        def __getattribute__(self, name, _names=names):
-            value = object.__getattribute__(self, name)
-            if name in _names:
-                object.__getattribute__(self, "_view_read")(name, value)
-            return value
-
-        _RECORDING[cls] = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
-                                                      "__module__": cls.__module__})
-    return _RECORDING[cls]
+def _chain(cfg: Config, adapters: list[Path], new: Path) -> list[Path]:
+    """merge: every adapter in order; continue: the newest carries the earlier ones."""
+    return adapters + [new] if cfg.chain == "merge" else [new]
 
 
-class ConfigView:
-    """A copy of a ``Config`` that records every field read through it.
-
-    ``view.cfg`` behaves as the config (same classes, via subclasses; same values). Each leaf
-    read lands in ``reads`` as {dotted path: value}; the method's own options are spelled
-    ``method.<name>.<field>``, as in the TOML file. Only leaves are recorded: a read of a whole
-    section (``to_dict(cfg.training)``) reads, and records, each of its fields."""
-
-    def __init__(self, cfg: Any):
-        self.reads: dict[str, Any] = {}
-        self._options_path = f"method.{cfg.method.name}"
-        self.cfg = self._wrap(cfg, "")
-
-    def _wrap(self, obj: Any, path: str) -> Any:
-        copy = object.__new__(_recording_class(type(obj)))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            sub = self._sub_path(path, f.name)
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                value = self._wrap(value, sub)
-            object.__setattr__(copy, f.name, value)
-        object.__setattr__(copy, "_view_read", lambda name, value, _p=path: self._read(_p, name, value))
-        return copy
-
-    def _sub_path(self, path: str, name: str) -> str:
-        if not path and name == "options":
-            return self._options_path
-        return f"{path}.{name}" if path else name
-
-    def _read(self, path: str, name: str, value: Any) -> None:
-        if not path and name == "source":  # the file a config came from is not one of its values
-            return
-        if dataclasses.is_dataclass(value):  # a section: its leaves are recorded when read
-            return
-        self.reads.setdefault(self._sub_path(path, name), value)
-
-    def merge(self, reads: dict[str, Any]) -> None:
-        """Count reads made through another view (e.g. while loading a cached model) as this one's."""
-        for k, v in reads.items():
-            self.reads.setdefault(k, v)
-
-    def recorded(self) -> tuple[dict, dict]:
-        """({path: value}, {path: file fingerprint}) of everything read, JSON-ready."""
-        values = {k: _normal(v) for k, v in sorted(self.reads.items())}
-        files = {k: fp for k, v in values.items() if (fp := file_fingerprint(v)) is not None}
-        return values, files
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, type(None))) and not isinstance(v, bool)}
 
 
-# ---------------------------------------------------------------- reuse
-
-class RecordedStage(Stage):
-    """A stage directory whose reuse is decided by its upstream and its recorded config reads."""
-
-    def __init__(self, final: Path, upstream: dict, cfg: Any):
-        self.upstream = upstream
-        self._cfg_dict = cfg.to_dict()
-        # partial work (.tmp) is resumed only for the same upstream and the same whole config:
-        # which fields an unfinished attempt read is not known
-        super().__init__(final, {"upstream": upstream}, stamp=dict_hash([upstream, cfg.hash()]))
-
-    def changes(self, old: dict) -> list[str]:
-        out = [f"upstream.{k}" for k in diff_keys(old.get("upstream", {}), self.upstream)]
-        for path, value in old.get("config", {}).items():
-            if config_value(self._cfg_dict, path) != value:
-                out.append(f"config.{path}")
-        for path, fp in old.get("files", {}).items():
-            if file_fingerprint(config_value(self._cfg_dict, path)) != fp:
-                out.append(f"the contents of config.{path}")
-        return sorted(set(out))
-
-    def commit_view(self, outputs: dict, view: ConfigView) -> None:
-        values, files = view.recorded()
-        self.commit(outputs, extra_inputs={"config": values, "files": files})
+def oracle_agreement(judge_name: str, groups: list[Group], recs: list[dict]) -> dict:
+    """Agreement of the judge with the tiny world's rule-based oracle, where the
+    oracle understands the prompts: the share of candidate pairs both order
+    strictly that they order the same way."""
+    if judge_name == "oracle":
+        return {}
+    oracle = OracleJudge()
+    agree = total = 0
+    for g, r in zip(groups, recs):
+        truth = oracle.score([JudgeItem(g.example.id, g.example.instruction, c.text) for c in g.candidates])
+        for i in range(len(g.candidates)):
+            for j in range(i + 1, len(g.candidates)):
+                a, b = r["scores"][i], r["scores"][j]
+                ta, tb = truth[i].score, truth[j].score
+                if None in (a, b, ta, tb) or a == b or ta == tb:
+                    continue
+                total += 1
+                agree += (a > b) == (ta > tb)
+    return {"judge/oracle_pair_agreement": agree / total if total else None, "judge/oracle_pairs": total}

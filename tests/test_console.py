@@ -160,7 +160,7 @@ def test_harness_table_writes_only_the_table_to_stdout(tmp_path, capfd):
     import pandas as pd
 
     from harness.cli import main
-    from harness.results import build_table, load_rows, to_csv
+    from harness.report import build_table, load_rows, to_csv
 
     run = tmp_path / "results" / "exp"
     run.mkdir(parents=True)
@@ -257,12 +257,12 @@ def test_harness_run_output(tiny_dir, tmp_path, capfd, monkeypatch):
     assert got_q.err == "" and got_q.out == got.out
 
     # an unexpected exception: one error line naming the stage, the traceback in the log, finished stages kept
-    import harness.loop
+    import harness.train
 
-    def broken(self, *args, **kwargs):
+    def broken(*args, **kwargs):
         raise ValueError("the optimizer exploded\nsecond line of the message")
 
-    monkeypatch.setattr(harness.loop.Runner, "train_stage", broken)
+    monkeypatch.setattr(harness.train, "train_dpo", broken)
     exp2 = _experiment(tmp_path, tiny_dir, tmp_path / "crash")
     assert main(["run", str(exp2)]) == 1
     got = capfd.readouterr()

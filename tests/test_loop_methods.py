@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import console, loop, store
+from harness import console, loop, stages, store
 from harness.config import parse
 from harness.loop import run_experiment
 from harness.sources import resolve_ref
@@ -157,7 +157,7 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
         raise AssertionError("a finished run loaded a model")
 
     monkeypatch.setattr(loop, "load_policy", no_model)
-    monkeypatch.setattr(loop, "load_model", no_model)
+    monkeypatch.setattr(stages, "load_model", no_model)
     _, again = run_experiment(cfg)
     assert {p: p.stat().st_mtime_ns for p in run.glob("iter_*/*/manifest.json")} == manifests
     assert [r["metrics"] for r in again] == [r["metrics"] for r in rows]
