@@ -1,17 +1,16 @@
-"""What the harness says on the terminal, and where everything else goes.
+"""What the harness says on the terminal: stage lines, progress bars, status lines.
 
 Terminal (stderr), by default: one line per stage ("iter 1  generate  0:03
 256 samples · 1,129 tokens"), with a live progress bar (counts, rate) on an
 interactive terminal while the stage runs, and ``warning:`` / ``error:`` lines
 of the harness's own loggers. No line is wider than ``MAX_WIDTH`` columns.
-Data (tables) goes to stdout through ``data``.
+Data (tables) goes to stdout through ``data``. A stage's summary comes from its
+metrics as the metric catalogue says (harness.summary).
 
 Everything else (other libraries' logging, Python warnings, progress bars,
-prints, and our own logging at debug level) goes to the run's log file,
-``RUN_DIR/harness.log``: while ``capture`` is active, file descriptors 1 and 2
-themselves point at the log file, so even output of C extensions and child
-processes (``git``'s "fatal: ...") lands there; our own lines are written to
-duplicates of the original descriptors.
+prints, and our own logging at debug level) goes to the run's log file while
+``capture`` is active; the log file and the descriptor redirection are
+harness.logs' (``log_to`` and ``LOG_NAME`` are importable from here too).
 
 Levels: ``QUIET`` (only data and errors), ``NORMAL``, ``VERBOSE`` (nothing is
 redirected: other libraries' output and every log record are shown too).
@@ -19,8 +18,8 @@ redirected: other libraries' output and every log record are shown too).
 Library use (tests, bench scripts) without ``configure``: ``stage`` draws
 nothing and ``progress`` is a plain tqdm bar, as before.
 
-This module imports nothing of the harness; the loop, training and evaluation
-code import it.
+Not here: formatting numbers (harness.fmt) or which metric a line shows
+(harness.metrics). The loop, training and evaluation code import this module.
 """
 
 from __future__ import annotations
@@ -31,20 +30,19 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import textwrap
 import threading
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Iterator, TextIO
 
-from harness.metric_names import VALIDATION
+from harness import logs
+from harness.fmt import clock, cut, plural  # noqa: F401  (plural: for the CLI's lines)
+from harness.logs import LOG_NAME, NORMAL, QUIET, VERBOSE, log_path, log_to  # noqa: F401  (used from here too)
+from harness.progress import Progress
+from harness.summary import summarize
 
-QUIET, NORMAL, VERBOSE = -1, 0, 1
 MAX_WIDTH = 120
-LOG_NAME = "harness.log"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LABEL_W, NAME_W, TIME_W = 7, 10, 6  # columns of a stage line: label, stage name (self_instruct overflows), time
 
 log = logging.getLogger("harness.console")
@@ -61,14 +59,7 @@ class _State:
         self.line: Line | None = None    # the stage line being drawn
         self.drawn = False               # a transient (unfinished) line is on the terminal
         self.failed: str | None = None   # "iteration 1 train": the stage an exception left
-        self.log_path: Path | None = None
-        self.log_file: TextIO | None = None
-        self.temp_log: Path | None = None
-        self.file_handler: logging.Handler | None = None
-        self.term_handler: logging.Handler | None = None
-        self.redirected: tuple[int, int] | None = None  # saved fds 1 and 2
         self.ticker: threading.Thread | None = None
-        self.keep_log = False
 
 
 _S = _State()
@@ -89,9 +80,8 @@ def width() -> int:
 
 
 def fit(text: str, cols: int | None = None) -> str:
-    """``text`` cut to ``cols`` columns with an ellipsis."""
-    cols = cols or width()
-    return text if len(text) <= cols else text[: cols - 1] + "…"
+    """``text`` cut to ``cols`` columns (default: the terminal's) with an ellipsis."""
+    return cut(text, cols or width())
 
 
 def wrap(text: str, cols: int | None = None, indent: str = "  ") -> list[str]:
@@ -101,33 +91,6 @@ def wrap(text: str, cols: int | None = None, indent: str = "  ") -> list[str]:
     for para in str(text).splitlines() or [""]:
         out += textwrap.wrap(para, cols, subsequent_indent=indent, break_on_hyphens=False) or [""]
     return out
-
-
-def duration(seconds: float) -> str:
-    """0.4s, 12.3s, 4:05, 1:02:03."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def plural(n: int, word: str) -> str:
-    """``plural(1, "iteration")`` -> "1 iteration"; ``plural(3, "iteration")`` -> "3 iterations"."""
-    return f"{n} {word}{'s' * (n != 1)}"
-
-
-def number(v: Any, digits: int = 3) -> str:
-    """A compact number: integers with thousands separators, floats to ``digits`` significant-ish digits."""
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, int) or (abs(v) >= 1000 and float(v).is_integer()):
-        return f"{int(v):,}"
-    a = abs(v)
-    decimals = 0 if a >= 1000 else 1 if a >= 100 else 2 if a >= 1 else digits
-    return f"{v:,.{decimals}f}"
 
 
 def _utf8(stream: TextIO) -> bool:
@@ -166,7 +129,7 @@ def error(msg: str) -> None:
     """``error: msg`` on stderr as one line, never wrapped or cut (a message is searched
     for and copied whole: paths, field names); always shown."""
     log.error("%s", msg, extra={"terminal": False})
-    _S.keep_log = True  # a log that still lives in a temporary file is kept for the reader
+    logs.keep()  # a log that still lives in a temporary file is kept for the reader
     _emit([f"error: {' '.join(str(msg).split())}"])
 
 
@@ -192,84 +155,6 @@ def heading(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- progress bars
-
-class Progress:
-    """A count with a rate, drawn inside the current stage line (tqdm's update/set_postfix/close)."""
-
-    def __init__(self, line: Line | None, total: int | None, initial: int, desc: str | None, unit: str):
-        self.line, self.total, self.initial, self.n = line, total, initial, initial
-        # a description repeating the stage's name ("iter 1 generate") says nothing new in its line
-        self.desc = "" if desc and line is not None and desc.split()[-1] == line.name else (desc or "")
-        self.unit = unit
-        self.postfix: dict[str, Any] = {}
-        self.t0 = time.perf_counter()
-        if line is not None:
-            line.bar = self
-            line.draw(force=True)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if self.line is not None:
-            self.line.draw()
-
-    def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kw) -> None:
-        self.postfix = {**(ordered_dict or {}), **kw}
-        if self.line is not None:
-            self.line.draw()
-
-    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
-        self.desc = desc or ""
-
-    def refresh(self) -> None:
-        if self.line is not None:
-            self.line.draw(force=True)
-
-    def close(self) -> None:
-        if self.line is not None:
-            self.line.done_bars.append(self.counts())
-            if self.line.bar is self:
-                self.line.bar = None
-            self.line.draw(force=True)
-            self.line = None
-
-    def rate(self) -> float:
-        return (self.n - self.initial) / max(time.perf_counter() - self.t0, 1e-9)
-
-    def counts(self) -> dict:
-        return {"desc": self.desc, "n": self.n, "total": self.total, "unit": self.unit, "rate": self.rate(),
-                "postfix": dict(self.postfix)}
-
-    def text(self, cols: int) -> str:
-        """``desc ━━━━━━──── 128/256 samples · 1,900/s · 8,760 tok/s`` within ``cols`` columns."""
-        count = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
-        parts = [f"{count} {self.unit}"]
-        if self.n > self.initial:
-            parts.append(f"{number(self.rate(), 1)}/s")
-        for k, v in self.postfix.items():
-            try:
-                v = number(float(v), 1) if k.endswith("_s") else v
-            except (TypeError, ValueError):
-                pass
-            parts.append(f"{v} {k[:-2]}/s" if k.endswith("_s") else f"{k} {v}")
-        tail = " · ".join(parts)
-        head = f"{self.desc} " if self.desc else ""
-        room = cols - len(head) - len(tail) - 1
-        if self.total and room >= 10:
-            full, empty = ("━", "─") if _utf8(_S.term) else ("#", "-")
-            w = min(24, room)
-            k = int(w * min(1.0, self.n / self.total))
-            head += full * k + empty * (w - k) + " "
-        return fit(head + tail, cols)
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __iter__(self):  # tqdm(iterable) is not supported; progress is counted with update()
-        raise TypeError("console.progress counts with update(); it does not wrap an iterable")
-
 
 def progress(total: int | None = None, initial: int = 0, desc: str | None = None, unit: str = "it",
              **tqdm_kwargs):
@@ -310,8 +195,8 @@ class Line:
         self.silent = False
         self._drawn_at = 0.0
 
-    def _prefix(self, clock: str) -> str:
-        return f"{self.label:<{LABEL_W}} {self.name:<{NAME_W}} {clock:>{TIME_W}}  "
+    def _prefix(self, time_text: str) -> str:
+        return f"{self.label:<{LABEL_W}} {self.name:<{NAME_W}} {time_text:>{TIME_W}}  "
 
     def draw(self, force: bool = False) -> None:
         """Redraw the live line (interactive terminal only, at most 10 times a second)."""
@@ -322,8 +207,11 @@ class Line:
             return
         self._drawn_at = now
         cols = width() - 1  # never touch the last column: some terminals wrap there
-        prefix = self._prefix(duration(now - self.t0))
-        body = self.bar.text(cols - len(prefix)) if self.bar is not None else (self.phase + " …" if self.phase else "…")
+        prefix = self._prefix(clock(now - self.t0))
+        if self.bar is not None:
+            body = self.bar.text(cols - len(prefix), _utf8(_S.term))
+        else:
+            body = self.phase + " …" if self.phase else "…"
         if self.bar is not None and self.phase and not self.bar.desc:
             body = fit(f"{self.phase} {body}", cols - len(prefix))
         with _S.lock:
@@ -357,9 +245,9 @@ class Line:
     def final_text(self, failed: bool | str = False, cols: int | None = None) -> str:
         """The finished line, cut to ``cols`` (default: the terminal's width; 0: uncut);
         ``failed``: True or the word to show instead of the time."""
-        clock = (failed if isinstance(failed, str) else "failed") if failed else \
-            "kept" if self.kept else duration(time.perf_counter() - self.t0)
-        text = (self._prefix(clock) + (self.summary or "")).rstrip()
+        time_text = (failed if isinstance(failed, str) else "failed") if failed else \
+            "kept" if self.kept else clock(time.perf_counter() - self.t0)
+        text = (self._prefix(time_text) + (self.summary or "")).rstrip()
         return text if cols == 0 else fit(text, cols or width())
 
 
@@ -429,138 +317,7 @@ def _tick() -> None:
                 return
 
 
-# ---------------------------------------------------------------- summaries
-
-def _pct(v: Any) -> str:
-    """1.0 -> 100%, 0.987 -> 98.7%."""
-    if not isinstance(v, (int, float)):
-        return "n/a"
-    return f"{100 * v:.0f}%" if v in (0, 1) else f"{100 * v:.1f}%"
-
-
-def _delta(v: Any, base: dict | None, key: str, digits: int = 3, parens: bool = True) -> str:
-    """" (+0.047)": the change against iteration 0's value, when there is one."""
-    b = (base or {}).get(key)
-    if not isinstance(v, (int, float)) or not isinstance(b, (int, float)):
-        return ""
-    d = f"{v - b:+.{digits}f}"
-    return f" ({d})" if parens else f" {d}"
-
-
-def win_rate_text(m: dict, base: dict | None = None) -> str | None:
-    """``win rate 28.0±3.6 (+1.5), n=100, 100% judged`` from flat alpaca_eval/* metrics."""
-    wr = m.get("alpaca_eval/win_rate")
-    if not isinstance(wr, (int, float)):
-        return None
-    se = m.get("alpaca_eval/standard_error")
-    text = f"win rate {wr:.1f}" + (f"±{se:.1f}" if isinstance(se, (int, float)) else "")
-    text += _delta(wr, base, "alpaca_eval/win_rate", 1)
-    n, cov = m.get("alpaca_eval/n_total"), m.get("alpaca_eval/coverage")
-    if n is not None:
-        text += f", n={number(n)}"
-    if cov is not None:
-        text += f", {_pct(cov)} judged"
-    lc = m.get("alpaca_eval/length_controlled_winrate")
-    if isinstance(lc, (int, float)):
-        text += f" · LC {lc:.1f}"
-    return text
-
-
-def _evaluation_parts(m: dict, baseline: dict | None) -> list[str]:
-    """lm-eval's main metric per task and the win rate, each with its change from ``baseline``."""
-    parts = []
-    for k in sorted(m):
-        if k.startswith("lm_eval/") and "_stderr" not in k.rsplit("/", 1)[-1] and isinstance(m[k], (int, float)):
-            parts.append(f"{k.split('/')[1]} {m[k]:.3f}{_delta(m[k], baseline, k, parens=False)}")
-    wr = win_rate_text(m, baseline)
-    if wr:
-        parts.append(wr)
-    return parts
-
-
-def summarize(name: str, m: dict, *, baseline: dict | None = None, bars: list[dict] | None = None,
-              seconds: float | None = None) -> str:
-    """A stage's result in a few numbers, from its flat metrics (the stage manifest's)."""
-    bars = bars or []
-    g = m.get
-    parts: list[str] = []
-    if name in ("train", "init_sft"):
-        if g("train/steps") is not None:
-            parts.append(f"{number(g('train/steps'))} steps")
-        if g("train/n_pairs") is not None:
-            parts.append(f"{number(g('train/n_pairs'))} pairs")
-        if isinstance(g("train/loss"), (int, float)):
-            first = g("train/loss_first")
-            parts.append("loss " + (f"{first:.3f}→" if isinstance(first, (int, float)) else "") + f"{g('train/loss'):.3f}")
-        if isinstance(g("train/reward_margin"), (int, float)):
-            parts.append(f"margin {g('train/reward_margin'):+.3f}")
-        if isinstance(g("train/reward_accuracy"), (int, float)):
-            parts.append(f"reward acc {g('train/reward_accuracy'):.2f}")
-    elif name == "generate":
-        samples = sum(b["n"] for b in bars if b["unit"] in ("sample", "samples"))
-        if samples:
-            parts.append(f"{number(samples)} samples")
-        tokens = g("gen/tokens")
-        if tokens is not None:
-            parts.append(f"{number(tokens)} tokens")
-            if seconds:
-                parts.append(f"{number(tokens / seconds, 1)} tok/s")
-    elif name == "judge":
-        if g("judge/n_items") is not None:
-            parts.append(f"{number(g('judge/n_items'))} judged")
-        if g("judge/coverage") is not None:
-            parts.append(f"coverage {_pct(g('judge/coverage'))}")
-        if isinstance(g("judge/score_mean"), (int, float)):
-            parts.append(f"mean score {g('judge/score_mean'):.2f}")
-        if isinstance(g("judge/oracle_pair_agreement"), (int, float)):
-            parts.append(f"oracle agreement {g('judge/oracle_pair_agreement'):.2f}")
-    elif name == "pairs":
-        if g("pairs/n_pairs") is not None:
-            parts.append(f"{number(g('pairs/n_pairs'))} pairs")
-        if g("pairs/n_prompts") is not None:
-            parts.append(f"from {number(g('pairs/n_prompts'))} prompts")
-    elif name == "evaluate":
-        if not m:
-            return "no evaluation configured"
-        parts = _evaluation_parts(m, baseline)
-    elif name == "validation":  # the same evaluations on validation data, plus the judge's mean score
-        inner = {k.removeprefix(VALIDATION): v for k, v in m.items()}
-        inner_base = {k.removeprefix(VALIDATION): v for k, v in (baseline or {}).items()} or None
-        parts = _evaluation_parts(inner, inner_base)
-        if isinstance(inner.get("judge/score_mean"), (int, float)):
-            scored = inner.get("judge/n_scored")
-            parts.append(f"judge score {inner['judge/score_mean']:.2f}"
-                         + _delta(inner["judge/score_mean"], inner_base, "judge/score_mean", parens=False)
-                         + (f" on {number(scored)} prompts" if scored is not None else ""))
-    if not parts:  # an unknown stage: its first few numbers
-        parts = [f"{k.rsplit('/', 1)[-1]} {number(v)}" for k, v in list(m.items())[:4] if isinstance(v, (int, float))]
-    return " · ".join(parts)
-
-
-# ---------------------------------------------------------------- logging and capture
-
-class _TerminalFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "terminal", True):
-            return False
-        if _S.level >= VERBOSE:
-            return not (record.name == log.name and record.levelno < logging.INFO)  # (our lines say it)
-        ours = record.name == "harness" or record.name.startswith("harness.")
-        return ours and record.levelno >= logging.WARNING and _S.level > QUIET
-
-
-class _TerminalHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = record.getMessage()
-            if _S.level >= VERBOSE:
-                text = f"{record.levelname.lower()} {record.name}: {msg}"
-            else:
-                text = f"{record.levelname.lower()}: {msg}"
-            _emit(wrap(text))
-        except Exception:  # noqa: BLE001  (logging must never raise)
-            self.handleError(record)
-
+# ---------------------------------------------------------------- set-up, capture
 
 def configure(level: int = NORMAL, *, term: TextIO | None = None, out: TextIO | None = None) -> None:
     """Set up terminal output and logging for a command (called once by the CLI)."""
@@ -570,18 +327,7 @@ def configure(level: int = NORMAL, *, term: TextIO | None = None, out: TextIO | 
     _S.out = out or sys.stdout
     _S.tty = _isatty(_S.term)
     _S.failed = None
-    root = logging.getLogger()
-    for h in (_S.term_handler, _S.file_handler):
-        if h is not None:
-            root.removeHandler(h)
-    _S.term_handler = _TerminalHandler(logging.DEBUG)
-    _S.term_handler.addFilter(_TerminalFilter())
-    root.addHandler(_S.term_handler)
-    root.setLevel(logging.DEBUG if level >= VERBOSE else logging.INFO)
-    logging.getLogger("harness").setLevel(logging.DEBUG)
-    for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "fsspec", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.INFO if level >= VERBOSE else logging.WARNING)
-    logging.captureWarnings(True)
+    logs.route(level, lambda text: _emit(wrap(text)), own=log.name)
     if _S.tty and _S.ticker is None:
         _S.ticker = threading.Thread(target=_tick, name="console-ticker", daemon=True)
         _S.ticker.start()
@@ -589,12 +335,7 @@ def configure(level: int = NORMAL, *, term: TextIO | None = None, out: TextIO | 
 
 def reset() -> None:
     """Back to library behaviour (no lines, tqdm bars); undoes ``configure``."""
-    root = logging.getLogger()
-    for h in (_S.term_handler, _S.file_handler):
-        if h is not None:
-            root.removeHandler(h)
-    _S.term_handler = _S.file_handler = None
-    logging.captureWarnings(False)
+    logs.reset()
     _S.enabled, _S.level, _S.line, _S.failed, _S.drawn = False, NORMAL, None, None, False
     _S.term, _S.out, _S.tty = sys.stderr, sys.stdout, False
 
@@ -606,129 +347,21 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-def log_path() -> Path | None:
-    """The log file everything silenced goes to (None outside ``capture``)."""
-    return _S.log_path
-
-
-def _open_log(path: Path) -> TextIO:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "a", encoding="utf-8", errors="replace", buffering=1)
-
-
-def log_to(path: Path | str) -> None:
-    """Send the log (and, when captured, fds 1 and 2) to ``path`` from now on, appending;
-    what was logged before the path was known is moved there too."""
-    path = Path(path)
-    if _S.log_file is None or _S.log_path == path:
-        return
-    with _S.lock:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        new = _open_log(path)
-        new.write(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} harness {' '.join(sys.argv[1:])}\n")
-        if _S.temp_log is not None and _S.log_path == _S.temp_log:
-            _S.log_file.flush()
-            new.write(_S.temp_log.read_text(encoding="utf-8", errors="replace"))
-        new.flush()
-        if _S.redirected is not None:
-            os.dup2(new.fileno(), 1)
-            os.dup2(new.fileno(), 2)
-        if _S.file_handler is not None:
-            _S.file_handler.setStream(new)
-        old, _S.log_file, _S.log_path = _S.log_file, new, path
-        old.close()
-
-
-class _LogWriter(io.TextIOBase):
-    """sys.stdout / sys.stderr while captured: whatever the log file is now (it moves with ``log_to``)."""
-
-    def write(self, text: str) -> int:
-        f = _S.log_file
-        return f.write(text) if f is not None else len(text)
-
-    def flush(self) -> None:
-        if _S.log_file is not None:
-            _S.log_file.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        if _S.log_file is None:
-            raise io.UnsupportedOperation("fileno")
-        return _S.log_file.fileno()
-
-    @property
-    def encoding(self) -> str:
-        return "utf-8"
-
-
 @contextlib.contextmanager
 def capture(env: dict | None = None) -> Iterator[None]:
-    """Everything but our own lines goes to a log file while the block runs (see the module doc).
+    """Everything but our own lines goes to a log file while the block runs (harness.logs).
 
     The log starts in a temporary file until ``log_to`` names the run's; at the
     end the descriptors are restored. With VERBOSE nothing is redirected, but
     the log file still receives every log record. ``env`` sets environment
     variables for the block (e.g. to switch other libraries' progress bars off)."""
-    fd, tmp = tempfile.mkstemp(prefix="harness-", suffix=".log")
-    os.close(fd)
-    _S.keep_log = False
-    _S.temp_log = Path(tmp)
-    _S.log_path = _S.temp_log
-    _S.log_file = _open_log(_S.temp_log)
-    _S.file_handler = logging.StreamHandler(_S.log_file)
-    _S.file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.addHandler(_S.file_handler)
-    saved_env = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    term, out = _S.term, _S.out
-    if _S.level < VERBOSE:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _S.redirected = (os.dup(1), os.dup(2))
-        # our own streams: duplicates of the original descriptors
-        _S.out = open(os.dup(_S.redirected[0]), "w", encoding=getattr(out, "encoding", None) or "utf-8",
-                      errors="replace", buffering=1, closefd=True)
-        _S.term = open(os.dup(_S.redirected[1]), "w", encoding=getattr(term, "encoding", None) or "utf-8",
-                       errors="replace", buffering=1, closefd=True)
-        os.dup2(_S.log_file.fileno(), 1)
-        os.dup2(_S.log_file.fileno(), 2)
-    streams = (sys.stdout, sys.stderr)
-    if _S.redirected is not None:  # also the Python objects, should they not be writing to fds 1 and 2
-        sys.stdout = sys.stderr = _LogWriter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")  # each warning once per place, into the log
+    out, term = _S.out, _S.term
+    with logs.capture(out, term, redirect=_S.level < VERBOSE, env=env) as ours:
+        if ours is not None:  # our own streams: duplicates of the original descriptors
+            _S.out, _S.term = ours
         try:
             yield
         finally:
             with _S.lock:
                 _clear()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                sys.stdout, sys.stderr = streams
-                if _S.redirected is not None:
-                    os.dup2(_S.redirected[0], 1)
-                    os.dup2(_S.redirected[1], 2)
-                    for saved in _S.redirected:
-                        os.close(saved)
-                    _S.redirected = None
-                    for stream in (_S.out, _S.term):
-                        stream.flush()
-                        stream.close()
-                    _S.out, _S.term = out, term
-                root.removeHandler(_S.file_handler)
-                _S.file_handler = None
-                _S.log_file.close()
-                _S.log_file = None
-                if _S.log_path != _S.temp_log or not _S.keep_log:
-                    _S.temp_log.unlink(missing_ok=True)
-                _S.log_path = _S.temp_log = None
-                _S.keep_log = False
-                for k, v in saved_env.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+                _S.out, _S.term = out, term

@@ -25,13 +25,10 @@ from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.generate import Prompt, Sampling, generate
 from harness.judges import require_coverage
 from harness.judges.base import JudgeItem
-from harness.metric_names import VALIDATION
+from harness.metrics import ALPACA_EVAL, VALIDATION, VALIDATION_JUDGE, produced_by
 from harness.store import JsonlLog, atomic_write_json, write_jsonl
 
 PREFIX = VALIDATION
-ALPACA_METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate",
-                  "avg_length", "length_controlled_winrate", "n_instructions", "coverage")
-JUDGE_METRICS = ("score_mean", "n_prompts", "n_scored", "coverage")
 
 
 def metric_names(v: ValidationSection) -> set[str]:
@@ -42,9 +39,9 @@ def metric_names(v: ValidationSection) -> set[str]:
     for task, metric in task_metrics(v.lm_eval_tasks):
         names |= {f"{PREFIX}lm_eval/{task}/{metric}", f"{PREFIX}lm_eval/{task}/{metric}_stderr"}
     if v.alpaca_eval.instructions:
-        names |= {f"{PREFIX}alpaca_eval/{m}" for m in ALPACA_METRICS}
+        names |= {PREFIX + m for m in produced_by(ALPACA_EVAL)}
     if v.prompts:
-        names |= {f"{PREFIX}judge/{m}" for m in JUDGE_METRICS}
+        names |= set(produced_by(VALIDATION_JUDGE))  # "validation/judge/..."
     return names
 
 

@@ -31,6 +31,7 @@ from harness.evaluate.alpaca import HUB_SET, load_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.judges.parsing import BUILTIN_PREFIX, load_template
 from harness.methods import METHODS
+from harness.metrics import ALPACA_EVAL, INDICATORS, produced_by
 from harness.schema import FieldError
 from harness.selection import metric_names as validation_metric_names
 from harness.sources import ModelSource, SourceError, converted, is_built, is_tiny_ref, locate, resolve_ref, tiny_problem
@@ -38,10 +39,6 @@ from harness.train import optimizer_steps
 
 MIN_STEPS = 4  # fewer optimizer steps per iteration than this gets a warning
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-# metrics the AlpacaEval and indicator evaluations write (see harness/evaluate)
-ALPACA_METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate",
-                  "avg_length", "length_controlled_winrate", "n_instructions", "coverage")
-INDICATOR_METRICS = ("topk_entropy", "topk_mass", "distinct_1", "distinct_2", "mean_length")
 
 
 @dataclass
@@ -326,9 +323,9 @@ def _evaluation(cfg: Config, r: Report) -> set[str] | None:
         r.errors.append(FieldError(*_split_where(str(e).strip("'\""), "eval.lm_eval_tasks")))
         return None
     if cfg.eval.alpaca_eval.instructions:
-        produced |= {f"alpaca_eval/{m}" for m in ALPACA_METRICS}
+        produced |= set(produced_by(ALPACA_EVAL))  # the metrics the evaluation writes (harness.metrics)
     if cfg.eval.indicators.num_prompts:
-        produced |= {f"indicators/{m}" for m in INDICATOR_METRICS}
+        produced |= set(produced_by(INDICATORS))
     return produced
 
 

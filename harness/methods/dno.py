@@ -30,7 +30,7 @@ from harness.data import load_simple
 from harness.generate import Sampling
 from harness.methods.base import (Candidate, IterationContext, Method, PromptSplit, best_iterate, file_problems,
                                   length_stats, pair)
-from harness.metric_names import VALIDATION
+from harness.metrics import VALIDATION
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 
