@@ -24,6 +24,10 @@ where the work happens, so no call site can forget them:
 
 A stage resumed after a kill reports the finishing attempt's work only: what the
 killed attempt did is lost with it (its records are reused, not recounted).
+
+``cost_summary`` says what a run's rows cost in one line per experiment (the line
+``harness run`` prints under its table). Not here: the cost columns of the
+leaderboard (the metric catalogue, harness.metrics).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
+
+from harness.fmt import count, duration, plural
 
 COUNTS = ("gen_tokens", "train_tokens", "judge_calls", "judge_prompt_tokens", "judge_completion_tokens")
 
@@ -211,3 +218,40 @@ def row_metrics(costs: list[dict]) -> tuple[dict, str | None]:
     out["cost/gpu_s"] = round(sum(c.get("wall_s", 0.0) for c in on_gpu), 2)
     devices = sorted({c["device"] for c in costs if c.get("device")})
     return out, ", ".join(devices) or None
+
+
+# ---- the cost line ------------------------------------------------------------------
+
+def cost_summary(rows: Sequence[dict]) -> str:
+    """One line per experiment of what its rows cost (the ``cost/*`` metrics, summed over
+    iterations; peak memory the largest): iterations, wall time, tokens generated and
+    trained, judge calls (and an HTTP judge's tokens), peak memory, GPU-hours where a GPU
+    was used, the device: "cost: ..." for one experiment, "cost of <experiment>: ..." for
+    several. Rows without cost metrics (older runs, published systems) are left out; ""
+    when none has them."""
+    lines = []
+    experiments = list(dict.fromkeys(r["experiment"] for r in rows))
+    for exp in experiments:
+        mine = [r for r in rows if r["experiment"] == exp and "cost/wall_s" in r["metrics"]]
+        if not mine:
+            continue
+
+        def total(key: str) -> float:
+            return sum(r["metrics"].get(key) or 0 for r in mine)
+
+        devices = sorted({d for r in mine for d in str(r.get("device") or "").split(", ") if d})
+        gpu = any(d.startswith("cuda") for d in devices)
+        peak = max((r["metrics"].get("cost/peak_mem_mb") or 0) for r in mine)
+        n_iter = max(r["iteration"] for r in mine)
+        parts = [plural(n_iter, "iteration"), f"{duration(total('cost/wall_s'))} wall",
+                 f"{count(total('cost/gen_tokens'))} tokens generated", f"{count(total('cost/train_tokens'))} trained",
+                 f"{count(total('cost/judge_calls'))} judge calls"]
+        if total("cost/judge_prompt_tokens") or total("cost/judge_completion_tokens"):
+            parts[-1] += (f" ({count(total('cost/judge_prompt_tokens'))} + "
+                          f"{count(total('cost/judge_completion_tokens'))} tokens)")
+        parts.append(f"peak {peak / 1024:.1f} GB {'GPU' if gpu else 'RSS'}")
+        if gpu:
+            parts.append(f"{total('cost/gpu_s') / 3600:.2f} GPU-hours")
+        parts.append(", ".join(d[6:-1] if d.startswith("cuda (") else d for d in devices) or "device unknown")
+        lines.append(f"cost{f' of {exp}' if len(experiments) > 1 else ''}: " + ", ".join(parts))
+    return "\n".join(lines)

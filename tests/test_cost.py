@@ -94,7 +94,7 @@ def test_http_judge_usage_tokens(monkeypatch):
 
 
 def test_row_metrics_and_summary():
-    from harness.results import cost_summary
+    from harness.cost import cost_summary
 
     stages = [{"wall_s": 10.0, "gen_tokens": 1200, "train_tokens": 0, "judge_calls": 0, "peak_mem_mb": 900.0,
                "peak_rss_mb": 900.0, "device": "cpu"},
@@ -125,7 +125,7 @@ def test_a_run_records_cost_per_stage_and_per_row(tiny_dir, tmp_path):
     tokens agree with the stages' own counts."""
     from harness.config import load
     from harness.loop import run_experiment
-    from harness.results import cost_summary
+    from harness.cost import cost_summary
     from harness.store import read_json
     from test_console import _experiment
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import build_table, to_html
+from harness.report import build_table, to_html
 
 EM = "lm_eval/tiny_gen/exact_match"
 WR = "alpaca_eval/win_rate"
@@ -192,7 +192,7 @@ def page(tmp_path_factory) -> Path:
 
 def load_rows_row(r: dict) -> dict:
     """A row as load_rows returns it (validated, with its source)."""
-    from harness.results import _check_row
+    from harness.report.rows import _check_row
 
     return _check_row(r, "test:1")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.results import (ResultsError, build_table, load_rows, read_csv, render_leaderboard, to_csv,
-                             to_html, to_markdown, to_terminal, write_tables)
+from harness.report import (ResultsError, build_table, leaderboard, load_rows, read_csv, to_csv, to_html,
+                            to_markdown, to_terminal)
 
 EM = "lm_eval/tiny_gen/exact_match"
 ACC = "lm_eval/tiny_mc/acc,none"
@@ -150,7 +150,7 @@ def test_csv_round_trip(runs, tmp_path):
 
 def test_html_is_self_contained(runs, tmp_path):
     out = tmp_path / "board" / "leaderboard.html"
-    text, written, _ = render_leaderboard([runs], fmt="html", out=out, plot_dir=tmp_path / "board")
+    text, written, _ = leaderboard([runs], fmt="html", out=out, plot_dir=tmp_path / "board")
     page = out.read_text(encoding="utf-8")
     assert text == "" and written[0] == out and "<style>" in page and "</table>" in page and "<script>" in page
     assert sorted(p.name for p in written[1:]) == ["comparison.png", "tiny-spin.png", "tiny-sr.png"]
@@ -162,7 +162,7 @@ def test_html_is_self_contained(runs, tmp_path):
     assert 'id="f-method"' in page and 'id="f-model"' in page and 'id="f-experiment"' in page
     assert page.count('class="published"') == 1 and "imported published AlpacaEval systems" in page
     # without --out: the page itself, plots inlined, no file written
-    alone = render_leaderboard([runs], fmt="html")
+    alone = leaderboard([runs], fmt="html")
     assert alone.text.startswith("<!DOCTYPE html>") and alone.written == []
     assert alone.text.count('src="data:image/png;base64,') == 3
     evil = to_html(build_table([_row("<b>x</b>", "spin", 0, {WR: 1.0})]))
@@ -172,7 +172,7 @@ def test_html_is_self_contained(runs, tmp_path):
 def test_plots_written(runs, tmp_path):
     from matplotlib.image import imread
 
-    from harness.plots import write_plots
+    from harness.report.plots import write_plots
 
     paths = write_plots(load_rows([runs]), tmp_path / "plots")
     assert sorted(p.name for p in paths) == ["comparison.png", "tiny-spin.png", "tiny-sr.png"]
@@ -190,15 +190,15 @@ def test_plots_written(runs, tmp_path):
 
 
 def test_render_markdown_and_csv(runs, tmp_path):
-    text = render_leaderboard([runs / "tiny-spin"], fmt="markdown", sort_by="iteration",
-                              filters={"iteration": ["1", "2"]}).text
+    text = leaderboard([runs / "tiny-spin"], fmt="markdown", sort_by="iteration",
+                       filters={"iteration": ["1", "2"]}).text
     body = [[c.strip() for c in line.strip("|").split("|")][:4] for line in text.splitlines()[2:]]
     assert body == [["tiny-spin", "spin", "tiny", "2"], ["tiny-spin", "spin", "tiny", "1"]]  # sorted descending
-    csv = render_leaderboard([runs], fmt="csv")
+    csv = leaderboard([runs], fmt="csv")
     assert csv.text.startswith("experiment,method,model,iteration,") and csv.written == []
     assert not list(runs.rglob("*.png"))  # plots only when asked for
     with pytest.raises(ResultsError, match="fmt"):
-        render_leaderboard([runs], fmt="xlsx")
+        leaderboard([runs], fmt="xlsx")
 
 
 def _terminal_rows(text: str) -> list[dict]:
@@ -243,12 +243,14 @@ def test_terminal_table(runs):
     assert "| model" in to_terminal(two)[0]
 
 
-def test_write_tables(runs, tmp_path):
-    table, left_out, written = write_tables([runs / "tiny-spin"], tmp_path / "out", "results")
+def test_saved_tables(runs, tmp_path):
+    table, written, left_out = leaderboard([runs / "tiny-spin"], save_as=tmp_path / "out" / "results",
+                                           plot_dir=tmp_path / "out")
     assert sorted(p.name for p in written) == ["results.csv", "results.html", "results.md", "tiny-spin.png"]
     assert "win rate" in table and left_out == []
     pd.testing.assert_frame_equal(read_csv(tmp_path / "out" / "results.csv"), build_table(load_rows([runs / "tiny-spin"])))
-    _, _, written = write_tables([runs], tmp_path / "board", "leaderboard", plots=("comparison",))
+    _, written, _ = leaderboard([runs], save_as=tmp_path / "board" / "leaderboard", plot_dir=tmp_path / "board",
+                                plots=("comparison",))
     assert sorted(p.name for p in written) == ["comparison.png", "leaderboard.csv", "leaderboard.html", "leaderboard.md"]
 
 

@@ -9,10 +9,12 @@
   error bars where a standard error exists; published AlpacaEval systems as
   hatched grey bars.
 
-Wherever a win rate is shown, its n (judged instructions) and coverage are too.
-Figures are built with the object API and an explicit Agg canvas, never through
-pyplot: no global backend switch, no display needed, nothing kept alive after
-a figure is saved.
+Which quantities get a panel, in which order, and their titles are the metric
+catalogue's ``plot`` and ``compare`` views (harness.metrics). Wherever a win rate is
+shown, its n (judged instructions) and coverage are too. Figures are built with the
+object API and an explicit Agg canvas, never through pyplot: no global backend
+switch, no display needed, nothing kept alive after a figure is saved. Not here:
+the tables (harness.report) or which rows are shown (the caller's).
 """
 
 from __future__ import annotations
@@ -28,17 +30,15 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.metric_names import COVERAGE, LC_WIN_RATE, N_TOTAL, PUBLISHED, WIN_RATE, WIN_SE, stderr_of
+from harness import fmt
+from harness.metrics import ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_EVAL, N_TOTAL, WIN_RATE, find, ordered, \
+    stderr_of, title
+from harness.report.rows import PUBLISHED
 
 DPI = 100
 PANEL = (3.3, 2.5)        # inches per small-multiple panel
 COMPARE_PANEL = (4.6, 3.4)
-TRAIN_INDICATORS = ["train/reward_margin", "train/prefers_chosen_before", "train/logp_chosen", "train/logp_rejected"]
-TITLES = {WIN_RATE: "AlpacaEval win rate (%)", LC_WIN_RATE: "length-controlled win rate (%)",
-          "train/reward_margin": "reward margin (train)", "train/prefers_chosen_before": "already preferred chosen",
-          "train/logp_chosen": "log p(chosen)", "train/logp_rejected": "log p(rejected)",
-          "indicators/topk_entropy": "top-k entropy", "indicators/topk_mass": "top-k mass",
-          "indicators/mean_length": "mean length (tokens)"}
+COLORS = {LM_EVAL: "C0", ALPACA_EVAL: "C1", INDICATORS: "C2"}  # by producer; anything else "C4"
 
 
 def _num(v) -> float:
@@ -52,19 +52,8 @@ def _series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _se_key(key: str, keys: set[str]) -> str | None:
-    if key == WIN_RATE:
-        return WIN_SE if WIN_SE in keys else None
-    hits = [k for k in keys if stderr_of(k) == key]
+    hits = [k for k in sorted(keys) if stderr_of(k) == key]
     return hits[0] if hits else None
-
-
-def _title(key: str) -> str:
-    if key in TITLES:
-        return TITLES[key]
-    if key.startswith("lm_eval/"):
-        parts = key.split("/")
-        return f"{parts[1]} {parts[-1].split(',')[0]}" if len(parts) > 2 else parts[-1]
-    return key.rsplit("/", 1)[-1].replace("_", " ")
 
 
 def _judged(rows: Sequence[dict]) -> str:
@@ -75,7 +64,7 @@ def _judged(rows: Sequence[dict]) -> str:
     if ns:
         parts.append(f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}")
     if covs:
-        pct = [f"{100 * c:.0f}" if c in (0, 1) else f"{100 * c:.1f}" for c in (covs[0], covs[-1])]
+        pct = [fmt.percent(c).removesuffix("%") for c in (covs[0], covs[-1])]
         parts.append(f"{pct[0]}% judged" if len(covs) == 1 else f"{pct[0]}–{pct[1]}% judged")
     return ", ".join(parts)
 
@@ -98,14 +87,10 @@ def _safe(name: str, used: set[str]) -> str:
 
 
 def _quantities(rows: Sequence[dict]) -> list[str]:
-    """Plotted quantities in panel order: lm-eval metrics, win rates, indicators, training indicators."""
+    """Plotted quantities in panel order (the catalogue's: lm-eval metrics, win rates,
+    indicators, training indicators); all-null metrics get no panel."""
     keys = {k for r in rows for k in r["metrics"]}
-    has = lambda k: bool(_series(rows, k)[0])  # noqa: E731  (all-null metrics get no panel)
-    lm = sorted(k for k in keys if k.startswith("lm_eval/") and stderr_of(k) is None and has(k))
-    wins = [k for k in (WIN_RATE, LC_WIN_RATE) if k in keys and has(k)]
-    ind = sorted(k for k in keys if k.startswith("indicators/") and has(k))
-    train = [k for k in TRAIN_INDICATORS if k in keys and has(k)]
-    return lm + wins + ind + train
+    return ordered(sorted(k for k in keys if _series(rows, k)[0]), "plot")
 
 
 def _experiment_figure(name: str, rows: list[dict]) -> Figure | None:
@@ -127,15 +112,14 @@ def _experiment_figure(name: str, rows: list[dict]) -> Figure | None:
             se = {r["iteration"]: _num(r["metrics"].get(se_key)) for r in rows}
             err = [0.0 if math.isnan(se.get(x, math.nan)) else se[x] for x in xs]
             err = err if any(err) else None
-        color = "C0" if key.startswith("lm_eval/") else "C1" if key.startswith("alpaca_eval/") else \
-            "C2" if key.startswith("indicators/") else "C4"
+        color = COLORS.get(find(key).producer, "C4")
         ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=3, color=color, linewidth=1.5)
-        title = _title(key)
+        text = title(key)
         if key == WIN_RATE and _judged(rows):
-            title += f"\n{_judged(rows)}"
+            text += f"\n{_judged(rows)}"
         if err is not None:
-            title += " (± s.e.)" if "\n" not in title else ""
-        ax.set_title(title, fontsize=9)
+            text += " (± s.e.)" if "\n" not in text else ""
+        ax.set_title(text, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.set_xlim(-0.3, last + 0.3)
         ax.set_xticks(range(0, last + 1))
@@ -153,8 +137,7 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
     rows = [r for rs in by_exp.values() for r in rs]
     keys = {k for r in rows + published for k in r["metrics"]}
     has = lambda k: any(_series(rs, k)[0] for rs in by_exp.values())  # noqa: E731
-    quantities = sorted(k for k in keys if k.startswith("lm_eval/") and stderr_of(k) is None and has(k))
-    quantities += [k for k in (WIN_RATE, LC_WIN_RATE) if k in keys and has(k)]
+    quantities = ordered(sorted(k for k in keys if has(k)), "compare")
     if not quantities:
         return None
     ncols = min(3, len(quantities))
@@ -203,7 +186,7 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
             labels.append(label)
         ax.set_xticks(range(len(shown)), labels, fontsize=7)
         ax.set_xlim(-0.6, len(shown) - 0.4)
-        ax.set_title(_title(key) + (" (± s.e.)" if se_key else ""), fontsize=9)
+        ax.set_title(title(key) + (" (± s.e.)" if se_key else ""), fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
         for h, lbl in zip(*ax.get_legend_handles_labels()):

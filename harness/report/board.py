@@ -1,0 +1,99 @@
+"""The leaderboard in one call: rows loaded, tabulated, rendered, written (``leaderboard``),
+and the boards ``harness run`` writes: each run's own, and the one across its runs.
+
+Not here: the parts (rows, table, files, terminal, html, plots modules) or the
+command line's parsing and printing (harness.cli).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import pandas as pd
+
+from harness.report.files import to_csv, to_markdown
+from harness.report.html import to_html
+from harness.report.plots import render_plots, save_plots
+from harness.report.rows import ResultsError, load_rows
+from harness.report.table import build_table, selected
+from harness.report.terminal import TERMINAL_WIDTH, to_terminal
+
+FORMATS = ("text", "markdown", "csv", "html")
+RUN_STEM, BOARD_STEM = "results", "leaderboard"  # file names of a run's tables and of the board across runs
+
+
+class Board(NamedTuple):
+    text: str                # for stdout: the table, or "" when it went to ``out``
+    written: list[Path]      # files written (``out``, the saved tables, then plots)
+    left_out: list[str]      # columns the text table left out to fit its width
+
+
+def _render(df: pd.DataFrame, fmt: str, pngs: dict[str, bytes], width: int, title: str) -> tuple[str, list[str]]:
+    if fmt == "text":
+        return to_terminal(df, width)
+    if fmt == "markdown":
+        return to_markdown(df), []
+    if fmt == "csv":
+        return to_csv(df), []
+    return to_html(df, images=list(pngs.items()), title=title), []
+
+
+def leaderboard(paths: Sequence[Path], *, fmt: str = "text", out: Path | None = None, save_as: Path | None = None,
+                sort_by: str | None = None, filters: dict | None = None, columns: list[str] | None = None,
+                plot_dir: Path | None = None, plots: bool | Sequence[str] = True, width: int = TERMINAL_WIDTH,
+                title: str = "Leaderboard") -> Board:
+    """The leaderboard of the results under ``paths`` (see harness.report.table for
+    ``sort_by``, ``filters`` and ``columns``).
+
+    ``text`` is the table in ``fmt`` (text: fitted to ``width``, the columns left out
+    in ``left_out``; html: the page with the plots inlined), or "" when ``out`` is given:
+    then the table goes to that file. ``save_as`` (a path without suffix) also writes
+    every column as ``<save_as>.csv``, ``.md`` and ``.html`` (the page inlining every
+    plot). PNG plots are written into ``plot_dir`` (default: beside ``out``; none
+    without either): all of them, or the ones ``plots`` names (e.g. ("comparison",)).
+    """
+    if fmt not in FORMATS:
+        raise ResultsError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    rows = load_rows(paths)
+    df = build_table(rows, sort_by=sort_by, filters=filters, columns=columns)
+    if plot_dir is None and out is not None:
+        plot_dir = Path(out).parent
+    pngs = render_plots(selected(rows, df)) if plot_dir is not None or save_as is not None or fmt == "html" else {}
+    text, left_out = _render(df, fmt, pngs, width, title)
+    written: list[Path] = []
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        written.append(Path(out))
+        text = ""
+    if save_as is not None:
+        stem = Path(save_as)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        saved = [stem.with_name(f"{stem.name}.{ext}") for ext in ("csv", "md", "html")]
+        to_csv(df, saved[0])
+        saved[1].write_text(to_markdown(df) + "\n", encoding="utf-8")
+        to_html(df, saved[2], images=list(pngs.items()), title=title)
+        written += saved
+    if plot_dir is not None:
+        written += save_plots(pngs if plots is True else {k: v for k, v in pngs.items() if plots and k in plots},
+                              Path(plot_dir))
+    return Board(text, written, left_out)
+
+
+def run_board(run_dir: Path, title: str, width: int = TERMINAL_WIDTH) -> Board:
+    """A run's own tables (``results.csv``, ``.md``, ``.html``) and plots in its directory;
+    the text is its terminal table."""
+    return leaderboard([run_dir], save_as=Path(run_dir) / RUN_STEM, plot_dir=run_dir, title=title, width=width)
+
+
+def combined_board(run_dirs: Sequence[Path], width: int = TERMINAL_WIDTH) -> Board:
+    """The leaderboard across several runs: written beside them (``leaderboard.csv``,
+    ``.md``, ``.html``, ``comparison.png``) when they share a parent directory, else
+    only its terminal table."""
+    parents = {Path(d).resolve().parent for d in run_dirs}
+    if len(parents) != 1:
+        return leaderboard(run_dirs, width=width)
+    board = parents.pop()
+    (board / "comparison.png").unlink(missing_ok=True)  # never point at an older run's plot
+    return leaderboard(run_dirs, save_as=board / BOARD_STEM, plot_dir=board, plots=("comparison",), width=width)

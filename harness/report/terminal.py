@@ -1,0 +1,122 @@
+"""The leaderboard fitted to a terminal: the main metric of each evaluation and its delta.
+
+Which columns are main, their headers and (for a percentage) their format are the
+metric catalogue's ``terminal`` view (harness.metrics); the rest stays in the CSV /
+Markdown / HTML files. Not here: those files' renderers, or the stage lines.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import pandas as pd
+
+from harness import fmt
+from harness.metrics import COST, LC_WIN_RATE, WIN_RATE, companions, find, header, ordered
+from harness.report.files import cell
+from harness.report.rows import PUBLISHED
+from harness.report.table import DELTA, ID_COLS, PROV_COLS, SE
+
+TERMINAL_WIDTH = 120
+
+
+def _main_columns(df: pd.DataFrame) -> tuple[list[str], set[str]]:
+    """The main metric of each evaluation (lm-eval tasks' primary metrics, the win rate
+    with its n and coverage, the LC win rate where a row has one); every metric column
+    when none of those is there. Also the columns shown in their catalogue format (the
+    main ones: a percentage as such)."""
+    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS and not c.endswith(SE)
+                   and not c.startswith(DELTA)]
+    cols = []
+    for c in ordered(metric_cols, "terminal"):
+        if c == LC_WIN_RATE and not any(isinstance(v, Real) and not math.isnan(v) for v in df[c]):
+            continue  # offline it is null: an "unavailable" column says nothing
+        cols += [c] + [k for k in companions(c) if k in df.columns]
+    if not cols:  # cost columns stay in the files: the terminal gets harness.cost.cost_summary's line
+        return [c for c in metric_cols if not (find(c) is not None and find(c).producer == COST)], set()
+    return cols, set(cols)
+
+
+def _cell(col: str, v: Any, se: Any = math.nan, styled: bool = False) -> str:
+    if styled and find(col).format == "percent":
+        return fmt.percent(v, blank="")
+    text = cell(v)
+    return f"{text} ± {cell(se)}" if text and cell(se) else text
+
+
+def _pipe(header_cells: list[str], rows: list[list[str]], right: list[bool]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header_cells)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(header_cells), rule] + [line(r) for r in rows])
+
+
+def to_terminal(df: pd.DataFrame, width: int = TERMINAL_WIDTH) -> tuple[str, list[str]]:
+    """A pipe table at most ``width`` columns wide: experiment, method (model when
+    rows differ in it), iteration, and per evaluation its main metric (± its
+    standard error) followed by "Δ" against iteration 0; n and coverage after a
+    win rate. Returns (table, the metric columns left out to fit).
+
+    To fit: as many evaluations as fit in the most compact style (task names
+    without the metric name, no ± values, names cut to 16 characters), shown in
+    the richest style that fits them. The full table is in the CSV / Markdown /
+    HTML files."""
+    if df.empty:
+        return "(no results match)", []
+    main, styled = _main_columns(df)
+    runs = df[df["method"] != PUBLISHED] if "model" in df.columns else df.iloc[:0]
+    show_model = runs["model"].nunique(dropna=True) > 1  # a published system's model is its name
+    ids = ["experiment", "method"] + (["model"] if show_model else []) + ["iteration"]
+
+    def render(cols: list[str], short: bool, with_se: bool, cut: int | None) -> str:
+        head, right = [], []
+        for c in ids:
+            head.append("iter" if c == "iteration" else c)
+            right.append(c == "iteration")
+        for c in cols:
+            head.append(header(c, short))
+            right.append(True)
+            if DELTA + c in df.columns:
+                head.append("Δ")
+                right.append(True)
+        rows = []
+        for _, r in df.iterrows():
+            cells = []
+            for c in ids:
+                t = cell(r[c])
+                cells.append(t if cut is None else fmt.cut(t, cut))
+            for c in cols:
+                se = r[c + SE] if with_se and c + SE in df.columns else math.nan
+                cells.append(_cell(c, r[c], se, c in styled))
+                if DELTA + c in df.columns:  # blank at iteration 0 itself
+                    cells.append(cell(r[DELTA + c], signed=True) if r["iteration"] != 0 else "")
+            rows.append(cells)
+        return _pipe(head, rows, right)
+
+    def wide(text: str) -> int:
+        return max(len(line) for line in text.splitlines())
+
+    styles = [(False, True, None), (True, True, None), (True, False, None), (True, False, 24), (True, False, 16)]
+
+    # as many evaluations as fit in the most compact style, then the richest style that fits them;
+    # dropped in this order: the LC win rate, lm-eval metrics from the right (the first stays), then
+    # the win rate with its n and coverage (never one of them without the others)
+    win_group = (WIN_RATE, *companions(WIN_RATE))
+    win = [c for c in main if c in win_group]
+    lm = [c for c in main if c not in win and c != LC_WIN_RATE]
+    drops = [[c] for c in main if c == LC_WIN_RATE] + [[c] for c in reversed(lm[1:])] + ([win] if win and lm else [])
+    cols = list(main)
+    for group in [[]] + drops:
+        cols = [c for c in cols if c not in group]
+        if wide(render(cols, *styles[-1])) <= width or not cols:
+            break
+    for style in styles:
+        text = render(cols, *style)
+        if wide(text) <= width:
+            break
+    return text, [c for c in main if c not in cols]
