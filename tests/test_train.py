@@ -11,8 +11,8 @@ import torch
 from harness.config import SftSection, parse
 from harness.generate import sequence_logprobs
 from harness.models import load_policy
-from harness.train import (StepSettings, _trainer_args, dpo_trainer, lora_config, only_adapter_dropout,
-                           precompute_reference, reference_logps, train_dpo)
+from harness.train import (dpo_trainer, lora_config, only_adapter_dropout, precompute_reference, reference_logps,
+                           train_dpo, trainer_args)
 
 PAIRS = [{"messages": [{"role": "user", "content": f"what is {i} plus {i + 1}"}],
           "chosen": f"{2 * i + 1}", "rejected": "no no"} for i in range(8)]
@@ -34,12 +34,10 @@ def _trainer(model, tok, cfg, pairs, peft_config, **extra):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from harness.train import _trainer_args
-
     data = Dataset.from_list([{"prompt": p["messages"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
                                "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
-    args = _trainer_args(DPOConfig, cfg, cfg.run_dir, 1, beta=cfg.method.beta, loss_type=[cfg.method.loss],
-                         **extra)
+    args = trainer_args(DPOConfig, cfg, cfg.run_dir, 1, beta=cfg.method.beta, loss_type=[cfg.method.loss],
+                        **extra)
     return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config)
 
 
@@ -208,7 +206,7 @@ def test_sft_has_its_own_settings(tiny_dir, tmp_path):
 
     cfg = make_cfg(tiny_dir, tmp_path, training={"learning_rates": [1e-6, 2e-6]})
     sft = SftSection(learning_rate=3e-4, epochs=2.0, batch_size=2, gradient_accumulation_steps=3, max_length=99)
-    args = _trainer_args(SFTConfig, cfg, tmp_path, 0, StepSettings.sft(sft))
+    args = trainer_args(SFTConfig, cfg, tmp_path, 0, sft)
     assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size,
             args.gradient_accumulation_steps, args.max_length) == (3e-4, 2.0, 2, 3, 99)
     # the DPO iterations keep theirs; iteration 0 is not a DPO iteration (it used to get the last rate)

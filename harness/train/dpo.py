@@ -1,0 +1,130 @@
+"""One DPO-family iteration on (chosen, rejected) pairs, with LoRA / QLoRA, via trl.
+
+The reference of iteration t+1 is exactly the model of iteration t
+(``method.reference = "previous"``):
+- merge chain: the policy is base + merged earlier adapters, trl adds a fresh
+  adapter (peft_config) and uses the adapter-disabled model as reference;
+- continue chain: the policy is a PeftModel whose "default" adapter starts as a
+  copy of adapter_t; trl adds a frozen "ref" copy of it as the reference.
+With ``method.reference = "base"`` the loop passes the iteration-0 chain of
+adapters (``reference``) and the reference is that model instead: merge -- a
+separately loaded, frozen copy handed to trl as ``ref_model``; continue -- the
+"ref" adapter is replaced by the iteration-0 adapter, or removed so that the
+adapter-disabled (quantized) base is the reference.
+
+Its reference log-probs are computed once before training
+(``harness.train.reference.precompute_reference``), and a probe of the pairs reports
+how the policy's preferences moved. Not here: running the trainer and its guards
+(``harness.train.trainer``), SFT (``harness.train.sft``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from harness.train.reference import pair_logps, precompute_reference, reference_logps, use_reference_adapter
+from harness.train.schedule import dpo_steps
+from harness.train.trainer import TrainingError, make_trainer, prepare_policy, run_trainer, trainer_args
+
+
+def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
+                reference: Sequence[Path] | None = None, base: str | None = None):
+    """trl's DPOTrainer for one iteration, its reference set up for the chain in use
+    (see the module doc; ``reference`` and ``base`` as in ``train_dpo``)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    data = Dataset.from_list([{"prompt": list(p["messages"]), "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    policy, peft_config = prepare_policy(model, cfg)
+    ref_model = None
+    if reference is not None and cfg.chain == "merge":
+        from harness.models import load_policy
+
+        ref_model, _ = load_policy(cfg, list(reference), tokenizer=tokenizer, base=base)
+        ref_model.requires_grad_(False)
+    settings = dpo_steps(cfg, iteration)
+    args = trainer_args(DPOConfig, cfg, out_dir, iteration, settings, beta=cfg.method.beta,
+                         loss_type=[cfg.method.loss], disable_dropout=False)  # only_adapter_dropout instead
+    trainer = make_trainer(DPOTrainer, settings, cfg.lora.dropout, model=policy, ref_model=ref_model, args=args,
+                       train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+    if reference is not None and cfg.chain == "continue":
+        use_reference_adapter(trainer.model, reference)
+    return trainer
+
+
+GAP_CHECK_PAIRS = 4  # pairs on which train_dpo compares the reference with the policy before training
+
+
+def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
+              probe_size: int = 256, reference: Sequence[Path] | None = None,
+              base: str | None = None, precompute: bool = True) -> tuple[dict, object]:
+    """Train one iteration on pairs {messages, chosen, rejected}; save ``out_dir/adapter``.
+    Returns (metrics, the trained in-memory model).
+
+    ``reference``: None = the model passed in is the reference (model_t, "previous");
+    a chain of saved adapters = the reference is that chain's model (``method.reference
+    = "base"``: the iteration-0 chain), loaded from ``base`` (the resolved base path).
+
+    Reports, on up to ``probe_size`` pairs, the log-likelihoods before and after,
+    the fraction of pairs the model already preferred (logp chosen > logp
+    rejected) before training, the implicit reward margin after training
+    (beta * change of the chosen-minus-rejected log-ratio; reference = before),
+    and trl's own reference log-probs of those pairs: ``train/ref_gap_to_start`` is
+    their largest distance to the policy's before training (0 up to float rounding
+    when the reference is the previous iterate).
+
+    ``precompute``: the reference log-probs of all pairs are computed once, before
+    training (``precompute_reference``), instead of by a reference forward in every
+    step. When the reference is the model passed in, those log-probs are also the
+    "before" values of the probe, and the policy's own are computed on its first
+    ``GAP_CHECK_PAIRS`` pairs only, for ``train/ref_gap_to_start``. The "after" values
+    take one forward over the probe (counted in the stage's time).
+    """
+    if not pairs:
+        raise TrainingError("no training pairs for this iteration")
+    probe = list(pairs[:probe_size])
+    max_length = cfg.training.max_length
+    reuse = precompute and reference is None  # the reference's log-probs double as the "before" values
+    check = probe[:GAP_CHECK_PAIRS] if reuse else probe
+    t0 = time.perf_counter()
+    c0, r0 = pair_logps(model, tokenizer, check, max_length)
+    probe_seconds = time.perf_counter() - t0
+    trainer = dpo_trainer(model, tokenizer, pairs, cfg, iteration, out_dir, reference, base)
+    t0 = time.perf_counter()
+    aligned = False
+    if precompute:
+        ref_all = precompute_reference(trainer)
+        aligned = len(ref_all[0]) == len(pairs)  # trl drops pairs whose prompt alone fills max_length
+    t1 = time.perf_counter()
+    ref_c, ref_r = ([v[:len(probe)] for v in ref_all] if aligned else reference_logps(trainer, len(probe)))
+    ref_seconds, probe_seconds = t1 - t0, probe_seconds + time.perf_counter() - t1
+    k = len(check)
+    gap = max(abs(a - b) for a, b in zip(ref_c[:k] + ref_r[:k], c0 + r0))
+    if reuse and not aligned:
+        c0, r0 = pair_logps(trainer.model, tokenizer, probe, max_length)
+    elif reuse:
+        c0, r0 = ref_c, ref_r
+    metrics = run_trainer(trainer, out_dir)
+    t0 = time.perf_counter()
+    c1, r1 = pair_logps(trainer.model, tokenizer, probe, max_length)
+    probe_seconds += time.perf_counter() - t0
+    n = len(probe)
+    beta = cfg.method.beta
+    margins = [beta * ((c1[i] - c0[i]) - (r1[i] - r0[i])) for i in range(n)]
+    metrics.update({
+        "train/n_pairs": len(pairs),
+        "train/prefers_chosen_before": sum(c0[i] > r0[i] for i in range(n)) / n,
+        "train/prefers_chosen_after": sum(c1[i] > r1[i] for i in range(n)) / n,
+        "train/logp_chosen_before": sum(c0) / n, "train/logp_rejected_before": sum(r0) / n,
+        "train/logp_chosen": sum(c1) / n, "train/logp_rejected": sum(r1) / n,
+        "train/reward_margin": sum(margins) / n,
+        "train/reward_accuracy": sum(m > 0 for m in margins) / n,
+        "train/ref_logp_chosen": sum(ref_c) / n, "train/ref_logp_rejected": sum(ref_r) / n,
+        "train/ref_gap_to_start": gap,
+        "train/ref_precomputed": int(precompute), "train/ref_seconds": ref_seconds,
+        "train/probe_seconds": probe_seconds,
+    })
+    return metrics, trainer.model

@@ -1,0 +1,203 @@
+"""A trl trainer as the harness runs it, for any training stage (DPO or SFT).
+
+Builds the trainer's arguments from the experiment (``trainer_args``) and the
+trainer itself with the harness's learning-rate schedule (``make_trainer``), and
+runs it with its guards (``run_trainer``): a non-finite loss aborts (the stage
+stays unfinished); training that leaves the adapter unchanged is an error; peak
+memory, steps and every token trained (into the stage's cost, ``harness.cost``)
+are recorded; progress goes to the stage's terminal line.
+
+Dropout: only the adapter being trained drops out (``lora.dropout``); the base
+model's own dropout and a frozen "ref" adapter stay off, so reference log-probs
+are deterministic (trl's ``disable_dropout`` would also zero ``lora.dropout``).
+
+Not here: what a stage trains on and what its reference is (``harness.train.dpo``,
+``harness.train.sft``), reference log-probs (``harness.train.reference``), the
+schedule's arithmetic (``harness.train.schedule``).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from harness import cost
+from harness.config import StepSettings
+from harness.train.schedule import dpo_steps, lr_factor, warmup_steps
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class _FiniteLossGuard(TrainerCallback):
+    def __init__(self):
+        self.history: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            if not math.isfinite(logs["loss"]):
+                raise TrainingError(f"non-finite training loss {logs['loss']} at step {state.global_step}; "
+                                    "the stage is left unfinished (lower the learning rate or check the data)")
+            self.history.append({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+
+class _Schedule:
+    """Mixin for trl trainers: the learning-rate schedule of ``lr_factor``."""
+    schedule = ("linear", 0.0)  # (name, warmup ratio)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            name, ratio = self.schedule
+            warmup = warmup_steps(ratio, num_training_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, partial(lr_factor, name, warmup, num_training_steps))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def lora_config(section):
+    from peft import LoraConfig
+
+    return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                      target_modules=list(section.target_modules), task_type="CAUSAL_LM")
+
+
+def trainer_args(cls, cfg, out_dir: Path, iteration: int, settings: StepSettings | None = None, **extra):
+    """trl's arguments of class ``cls`` for a stage of ``settings`` (default: DPO iteration
+    ``iteration``'s); the optimizer, clipping and checkpointing come from [training]."""
+    t = cfg.training
+    s = settings or dpo_steps(cfg, iteration)
+    on_cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
+    return cls(
+        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps, learning_rate=s.learning_rate,
+        num_train_epochs=s.epochs, lr_scheduler_type=s.lr_scheduler,  # applied by _Schedule
+        optim=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=s.max_length,
+        gradient_checkpointing=t.gradient_checkpointing, seed=cfg.experiment.seed + iteration,
+        data_seed=cfg.experiment.seed + iteration, use_cpu=not on_cuda,
+        bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=False, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=False, dataset_num_proc=None, **extra)
+
+
+def make_trainer(cls, settings: StepSettings, lora_dropout: float, **kwargs):
+    """A trl trainer of class ``cls`` that uses the harness's learning-rate schedule and
+    drops out only on the trained adapter."""
+    trainer = type(cls.__name__, (_Schedule, cls), {})(**kwargs)
+    trainer.schedule = (settings.lr_scheduler, settings.warmup_ratio)
+    only_adapter_dropout(trainer.model, lora_dropout)
+    return trainer
+
+
+def only_adapter_dropout(model, p: float, adapter: str = "default") -> None:
+    """Dropout ``p`` on the trained adapter's input (peft's ``lora_dropout[adapter]``) and
+    none anywhere else: not in the base model (its nn.Dropout modules and the attention
+    dropout its config may set) and not in a frozen reference adapter."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p if name.endswith(f"lora_dropout.{adapter}") else 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def prepare_policy(model, cfg):
+    """Arguments for trl: (model, peft_config) for the chain in use."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if isinstance(model, PeftModel):      # continue chain with an existing adapter
+        return model, None
+    if cfg.chain == "continue":           # continue chain, first adapter
+        if cfg.model.quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+        return get_peft_model(model, lora_config(cfg.lora)), None
+    return model, lora_config(cfg.lora)   # merge chain: trl adds a fresh adapter
+
+
+def _adapter_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+            if "lora_" in n and ".ref." not in n}
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Progress(TrainerCallback):
+    """Optimizer steps (and the latest loss) as a progress bar in the stage's terminal line,
+    in place of the Trainer's own tqdm bar and printed log dicts."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from harness import console
+
+        self.bar = console.progress(total=state.max_steps, initial=state.global_step, desc="train", unit="steps")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and isinstance(logs.get("loss"), (int, float)):
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _TokenCount:
+    """A trainer's collator that counts the tokens of every batch it builds (non-padding:
+    prompt + completion, both sequences of a DPO pair) into ``tokens`` and the stage's cost."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.tokens = 0
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        mask = batch.get("attention_mask")
+        n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.tokens += n
+        cost.add(train_tokens=n)
+        return batch
+
+
+def run_trainer(trainer, out_dir: Path) -> dict:
+    """Train, save ``out_dir/adapter`` (the trained adapter only) and return the metrics
+    ("train/..." and the ``log_history``)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    guard = _FiniteLossGuard()
+    trainer.add_callback(guard)
+    trainer.remove_callback(ProgressCallback)  # reporting: harness.console's line, not tqdm / prints
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_Progress())
+    before = _adapter_state(trainer.model)
+    t0 = time.perf_counter()
+    counter = trainer.data_collator = _TokenCount(trainer.data_collator)
+    try:
+        trainer.train()
+    finally:
+        trainer.data_collator = counter.collate
+    after = _adapter_state(trainer.model)
+    if not any(not torch.equal(before[k], after[k]) for k in before):
+        raise TrainingError("training left the adapter unchanged (zero learning rate or no trainable pairs?)")
+    model = trainer.model
+    names = ["default"] if "default" in getattr(model, "peft_config", {}) else None
+    model.save_pretrained(str(out_dir / "adapter"), selected_adapters=names)
+    losses = [h["loss"] for h in guard.history if "loss" in h]
+    return {"train/loss": losses[-1] if losses else None, "train/loss_first": losses[0] if losses else None,
+            "train/steps": trainer.state.global_step, "train/seconds": time.perf_counter() - t0,
+            "train/tokens": counter.tokens,
+            "train/peak_memory_mb": _peak_memory_mb(), "log_history": guard.history}
