@@ -114,6 +114,7 @@ class Runner:
         store.atomic_write_json(self.layout.provenance, prov)
         store.atomic_write_json(self.layout.config, {"hash": self.cfg.hash(), "config": self.cfg.to_dict()})
         rows: list[dict] = []
+        stopped = None  # the iterate whose indicators crossed a threshold with action "stop"
         t0 = time.perf_counter()
         policy = init_stage(self)
         start = policy  # the iteration-0 model: method.reference = "base" trains against it
@@ -131,22 +132,29 @@ class Runner:
             warnings = check_thresholds(rows[-1]["metrics"], self.cfg.eval.indicators)
             if warnings and self.cfg.eval.indicators.action == "stop":
                 log.warning("stopping after iteration %d: %s", t, "; ".join(warnings))
+                stopped = {"iteration": t, "warnings": warnings}
                 break
-        store.atomic_write_json(self.layout.final, self._select(rows))
+        store.atomic_write_json(self.layout.final, self._select(rows, stopped))
         self._write_results(rows)
         log.info("run finished in %.1fs", time.perf_counter() - t0)
         return rows
 
-    def _select(self, rows: list[dict]) -> dict:
+    def _select(self, rows: list[dict], stopped: dict | None = None) -> dict:
         """The method's final iterate (the last when it does not choose), marked in the rows
         (metrics["selected"] = 1 on its row, 0 on the others); final.json also holds the
-        chosen row's reported metrics (the validation ones, used to choose, apart)."""
-        final = self.method.select_final(self.cfg, rows) or {"iteration": rows[-1]["iteration"], "metric": None,
-                                                              "value": None}
+        chosen row's reported metrics (the validation ones, used to choose, apart). When the
+        indicators stopped the run, the iterate that crossed the threshold is not a candidate:
+        the final model is chosen among the ones before it."""
+        candidates = rows[:-1] if stopped else rows
+        final = self.method.select_final(self.cfg, candidates) or {
+            "iteration": candidates[-1]["iteration"], "metric": None, "value": None}
         for r in rows:
             r["metrics"]["selected"] = int(r["iteration"] == final["iteration"])
         chosen = next(r for r in rows if r["iteration"] == final["iteration"])
-        return {**final, "selected_by": "validation" if final["metric"] else "last iterate",
+        by = "validation" if final["metric"] else "last iterate"
+        if stopped:
+            by += f" before iteration {stopped['iteration']}, whose indicators stopped the run"
+        return {**final, "selected_by": by, "stopped": stopped,
                 "test": {k: v for k, v in chosen["metrics"].items()
                          if k.startswith(("lm_eval/", "alpaca_eval/", "indicators/"))}}
 

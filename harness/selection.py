@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Callable
 
 from harness.config import Config, JudgeSection, ValidationSection
-from harness.data import read_records, to_examples, with_system
+from harness.data import Example, read_records, to_examples, with_system
 from harness.evaluate import run_alpaca_eval, run_lm_eval
 from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.generate import Prompt, Sampling, generate
 from harness.judges import require_coverage
-from harness.judges.base import JudgeItem
+from harness.judging import judge_groups
+from harness.methods.base import Candidate, Group
 from harness.metrics import ALPACA_EVAL, VALIDATION, VALIDATION_JUDGE, produced_by
-from harness.store import JsonlLog, atomic_write_json, write_jsonl
+from harness.store import JsonlLog, atomic_write_json
 
 PREFIX = VALIDATION
 
@@ -56,26 +57,30 @@ def validation_prompts(cfg: Config) -> list[Prompt]:
 
 
 def judged_prompts(model, tokenizer, cfg: Config, judge, out_dir: Path, seed_key: tuple) -> dict:
-    """Mean judge score of the model's greedy answers to the validation prompts."""
+    """Mean judge score of the model's greedy answers to the validation prompts, judged through
+    the same healing path as the judge stage (``harness.judging``): a transport failure is
+    never stored as a judgment, the stage fails naming it and a rerun asks again."""
     v = cfg.eval.validation
     prompts = validation_prompts(cfg)
     gens = generate(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=cfg.generation.max_new_tokens),
                     seed_key=(*seed_key, "validation"), batch_size=cfg.generation.batch_size,
                     log=JsonlLog(out_dir / "generations.jsonl"), desc="validation")
-    items = [JudgeItem(p.id, p.messages[-1]["content"], gens[p.id]["samples"][0]["text"]) for p in prompts]
-    verdicts = judge.score(items)
-    write_jsonl(out_dir / "judgments.jsonl", [{"id": it.prompt_id, "instruction": it.instruction,
-                                               "response": it.response, "score": vd.score, "raw": list(vd.raw)}
-                                              for it, vd in zip(items, verdicts)])
-    scores = [vd.score for vd in verdicts if vd.score is not None and math.isfinite(vd.score)]
-    require_coverage(len(scores), len(items), v.min_coverage, "validation judging")
-    return {f"{PREFIX}judge/score_mean": math.fsum(scores) / len(scores), f"{PREFIX}judge/n_prompts": len(items),
-            f"{PREFIX}judge/n_scored": len(scores), f"{PREFIX}judge/coverage": len(scores) / len(items)}
+    groups = [Group(Example(p.id, p.messages), [Candidate(gens[p.id]["samples"][0]["text"])]) for p in prompts]
+    judged = judge_groups(judge, groups, JsonlLog(out_dir / "judgments.jsonl"), batch_size=v.judge.batch_size,
+                          what="validation judging")
+    scores = [s for rec in judged.records for s in rec["scores"] if s is not None and math.isfinite(s)]
+    require_coverage(len(scores), len(prompts), v.min_coverage, "validation judging")
+    return {f"{PREFIX}judge/score_mean": math.fsum(scores) / len(scores), f"{PREFIX}judge/n_prompts": len(prompts),
+            f"{PREFIX}judge/n_scored": len(scores), f"{PREFIX}judge/coverage": len(scores) / len(prompts)}
 
 
 def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
-                   judge_factory: Callable[[JudgeSection], object]) -> dict:
-    """Every configured validation evaluation of one iteration's model; flat "validation/" metrics."""
+                   judge_factory: Callable[[JudgeSection], object],
+                   reference: dict[str, str] | None = None) -> dict:
+    """Every configured validation evaluation of one iteration's model; flat "validation/" metrics.
+    ``reference``: iteration 0's validation AlpacaEval answers when
+    ``eval.validation.alpaca_eval.reference`` is "iteration0" (else each iterate would be
+    judged against its own answers: 50 every time)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     v = cfg.eval.validation
@@ -89,7 +94,8 @@ def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
                               out_dir / "alpaca_eval", seed_key=(*seed_key, "validation"),
                               generator=f"{cfg.experiment.name}/iter_{iteration:03d}/validation",
                               max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
-                              system_prompt=cfg.data.system_prompt)
+                              system_prompt=cfg.data.system_prompt, reference=reference,
+                              reference_name=f"{cfg.experiment.name}/iter_000/validation")
         metrics.update({PREFIX + k: m for k, m in got.items()})
     if v.prompts:
         metrics.update(judged_prompts(model, tokenizer, cfg, judge_factory(v.judge), out_dir / "judge", seed_key))

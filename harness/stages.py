@@ -57,7 +57,7 @@ def init_stage(r) -> Policy:
         r._loaded = None  # the object was wrapped by training; reload from disk
         store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
         tr = cfg.training  # what the SFT stage shares with the DPO iterations
-        return {"adapter_hash": store.file_hash(work / "adapter"),
+        return {"adapter_hash": store.adapter_hash(work / "adapter"),
                 "metrics": {**_numeric(metrics), "train/n_examples": len(data)},
                 "settings": {**to_dict(settings), "optimizer": tr.optimizer, "weight_decay": tr.weight_decay,
                              "max_grad_norm": tr.max_grad_norm, "lora_dropout": cfg.lora.dropout}}
@@ -205,7 +205,7 @@ def train_stage(r, t: int, policy: Policy, start: Policy) -> tuple[RecordedStage
         r._loaded = None  # trl wrapped or changed the object; the next user reloads from disk
         store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
         metrics["train/n_replayed"] = sum(p.get("iteration", t) != t for p in pairs)
-        adapter_hash = store.file_hash(work / "adapter")
+        adapter_hash = store.adapter_hash(work / "adapter")
         return {"adapter_hash": adapter_hash, "metrics": _numeric(metrics),
                 "policy": policy.id, "trained": dict_hash([policy.id, adapter_hash]),
                 "reference": {"kind": cfg.method.reference, "policy": ref.id,
@@ -237,20 +237,26 @@ def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
 
 def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
     """[eval.validation] (for choosing an iterate): its metrics are "validation/..."."""
+    from harness.evaluate import iteration0_answers
     from harness.judges import build_judge
     from harness.selection import run_validation
 
-    if not r.cfg.eval.validation.enabled:
+    v = r.cfg.eval.validation
+    if not v.enabled:
         r.skip_stage(t, "validation")
         return None
+    upstream, reference = {"policy": policy.id}, None
+    if t > 0 and v.alpaca_eval.instructions and v.alpaca_eval.reference == "iteration0":
+        reference, upstream["reference"] = iteration0_answers(r.layout.alpaca_generations(0, "validation"))
 
     def compute(cfg, work):
         model, tok = r.model(policy)
         return {"metrics": run_validation(
             model, tok, cfg, work, t,
-            lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation")))}
+            lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation")),
+            reference=reference)}
 
-    return r.run_stage(t, "validation", {"policy": policy.id}, compute, compare=True)
+    return r.run_stage(t, "validation", upstream, compute, compare=True)
 
 
 def evaluations(r, t: int, policy: Policy) -> list[RecordedStage]:

@@ -74,14 +74,19 @@ def build_once(final: Path, build: Callable[[Path], object]) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename; a crash leaves the old file or none, never half."""
+    """Write via a temp file + rename; a crash leaves the old file or none, never half.
+    A failed write (a full disk) removes its temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -149,6 +154,25 @@ def file_hash(*paths: Path) -> str:
             if f.is_file():
                 h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
                 h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def adapter_hash(path: Path) -> str:
+    """Content hash of a saved peft adapter directory that is the same for the same weights in
+    any process: peft writes ``target_modules`` (a set) in hash-seed order, so
+    ``adapter_config.json`` is hashed as canonical JSON with its set-valued lists sorted."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
+        if f.name == "adapter_config.json":
+            cfg = json.loads(f.read_text())
+            for key in ("target_modules", "modules_to_save", "exclude_modules"):
+                if isinstance(cfg.get(key), list):
+                    cfg[key] = sorted(cfg[key])
+            h.update(json.dumps(cfg, sort_keys=True).encode())
+        else:
+            h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -226,14 +250,22 @@ class Stage:
         return sorted(diff_keys(old_inputs, self.inputs))
 
     def done(self) -> bool:
-        """True when finished with the same inputs; raise StageChanged when inputs differ."""
+        """True when finished with the same inputs and with its files as it wrote them; raise
+        StageChanged when inputs differ, StageCorrupt when a file it wrote was changed since."""
         if not self.manifest_path.exists():
             return False
-        changed = self.changes(self.manifest()["inputs"])
+        manifest = self.manifest()
+        changed = self.changes(manifest["inputs"])
         if changed:
             raise StageChanged(
                 f"{self.final} was produced from different inputs; changed: {', '.join(changed)}. "
                 "Revert the change or start a fresh run directory (harness run --fresh, or a new experiment.name).")
+        for rel, digest in manifest.get("files", {}).items():
+            f = self.final / rel
+            if not f.is_file() or file_hash(f) != digest:
+                what = "is missing" if not f.is_file() else f"differs from what the stage wrote (sha256 {digest})"
+                raise StageCorrupt(f"{f} {what}; delete {self.final} to recompute that stage "
+                                   "(later stages that used it are then refused too)")
         return True
 
     def begin(self) -> Path:
@@ -256,9 +288,12 @@ class Stage:
         outputs = {**(outputs or {}), "seconds": round(time.perf_counter() - self._t0, 3),
                    "cost": cost.stop(self._meter)}
         inputs = {**self.inputs, **(extra_inputs or {})}
+        # every file the stage wrote, verified when the stage is reused
+        files = {f.relative_to(self.tmp).as_posix(): file_hash(f) for f in sorted(self.tmp.rglob("*"))
+                 if f.is_file() and f.name != ".inputs_hash"}
         os.replace(self.tmp, self.final)
         atomic_write_json(self.manifest_path, {"input_hash": dict_hash(inputs), "inputs": inputs,
-                                               "outputs": outputs})
+                                               "outputs": outputs, "files": files})
 
     def outputs(self) -> dict:
         return self.manifest()["outputs"]

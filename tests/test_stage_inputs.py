@@ -219,3 +219,73 @@ def test_a_truncated_manifest_names_its_file(finished, tmp_path):
         run(moved)
     rows = {(r["iteration"], r["stage"]): r for r in status(broken)}
     assert "unreadable" in rows[(1, "pairs")]["detail"] and rows[(1, "train")]["state"] == "done"
+
+
+def test_a_tampered_stage_output_is_detected_on_reuse(finished, tmp_path):
+    doc, run_dir, _ = finished
+    copied = tmp_path / "out" / "spin"
+    shutil.copytree(run_dir, copied)
+    moved = copy.deepcopy(doc)
+    moved["experiment"]["output_dir"] = str(tmp_path / "out")
+    samples = copied / "iter_001" / "generate" / "samples.jsonl"
+    first = samples.read_text().splitlines()[0]
+    with open(samples, "a") as f:  # a valid record appended to a finished stage's log
+        f.write(first.replace('"id": "', '"id": "forged-') + "\n")
+    with pytest.raises(StageCorrupt, match=rf"{samples} differs from what the stage wrote"):
+        run(moved)
+    (copied / "iter_001" / "pairs" / "pairs.jsonl").unlink()
+    shutil.copy(run_dir / "iter_001" / "generate" / "samples.jsonl", samples)
+    with pytest.raises(StageCorrupt, match=r"iter_001/pairs/pairs\.jsonl is missing"):
+        run(moved)
+
+
+def test_adapter_hash_does_not_depend_on_the_order_peft_wrote_a_set_in(tmp_path):
+    for name, modules in (("a", ["q_proj", "v_proj", "k_proj"]), ("b", ["k_proj", "q_proj", "v_proj"])):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": modules}))
+        (d / "adapter_model.safetensors").write_bytes(b"weights")
+    assert store.file_hash(tmp_path / "a") != store.file_hash(tmp_path / "b")  # the bytes differ
+    assert store.adapter_hash(tmp_path / "a") == store.adapter_hash(tmp_path / "b")
+    (tmp_path / "b" / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert store.adapter_hash(tmp_path / "a") != store.adapter_hash(tmp_path / "b")
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    import os
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        store.atomic_write_text(tmp_path / "x.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_indicators_that_stop_the_run_exclude_the_crossing_iterate_from_the_final_choice(tmp_path):
+    doc = spin_doc(tmp_path, "stop", iterations=2)
+    doc["eval"]["indicators"].update(entropy_min=50.0, action="stop")  # crossed by every iterate
+    run_dir, rows = run(doc)
+    assert [r["iteration"] for r in rows] == [0, 1]  # stopped after iteration 1
+    final = store.read_json(run_dir / "final.json")
+    assert final["iteration"] == 0 and final["stopped"]["iteration"] == 1
+    assert final["selected_by"] == "last iterate before iteration 1, whose indicators stopped the run"
+    assert [r["metrics"]["selected"] for r in rows] == [1, 0]
+
+
+def test_validation_head_to_head_is_against_iteration_0s_answers(tmp_path):
+    doc = spin_doc(tmp_path, "h2h", iterations=1)
+    doc["training"]["learning_rate"] = 3e-3  # an iterate whose answers differ from iteration 0's
+    doc["eval"]["validation"] = {"alpaca_eval": {"instructions": "tiny:alpaca_eval", "limit": 24,
+                                                 "reference": "iteration0"}}
+    run_dir, rows = run(doc)
+    first, second = (r["metrics"]["validation/alpaca_eval/win_rate"] for r in rows)
+    assert first == 50.0  # iteration 0 against itself, by construction
+    own = [json.loads(line)["samples"][0]["text"] for line in
+           (run_dir / "iter_001" / "validation" / "alpaca_eval" / "generations.jsonl").read_text().splitlines()]
+    ref = [json.loads(line)["samples"][0]["text"] for line in
+           (run_dir / "iter_000" / "validation" / "alpaca_eval" / "generations.jsonl").read_text().splitlines()]
+    assert own != ref and second != 50.0  # judged against iteration 0's answers, not its own
+    annotations = json.loads((run_dir / "iter_001" / "validation" / "alpaca_eval" / "annotations.json").read_text())
+    assert {a["generator_1"] for a in annotations} == {"h2h/iter_000/validation"}
