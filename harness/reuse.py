@@ -30,6 +30,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from harness.schema import to_dict
 from harness.sources import is_built, is_tiny_ref, resolve_ref
 from harness.rundir import MANIFEST, TMP_SUFFIX, RunDir
@@ -70,12 +72,30 @@ def file_fingerprint(value: Any) -> str | list | None:
     try:
         if not path.exists():
             return None
-        key = (str(path.resolve()), _stat_key(path))
+        data = [Path(f) for f in _task_data_files(path)]
+        key = (str(path.resolve()), _stat_key(path), tuple(_stat_key(f) for f in data if f.exists()))
     except OSError:
         return None
     if key not in _FINGERPRINTS:  # stat-keyed: an edited file is hashed again
-        _FINGERPRINTS[key] = path_fingerprint(path)
+        _FINGERPRINTS[key] = path_fingerprint(path) + "".join(f"+{path_fingerprint(f)}" for f in data if f.exists())
     return _FINGERPRINTS[key]
+
+
+def _task_data_files(path: Path) -> list[str]:
+    """The local data files an lm-eval task YAML (or a directory of them) reads
+    (``dataset_kwargs.data_files``): a task file's content alone would miss an edited data file."""
+    out: list[str] = []
+    yamls = sorted(path.rglob("*.y*ml")) if path.is_dir() else [path] if path.suffix in (".yaml", ".yml") else []
+    for f in yamls:
+        try:
+            doc = yaml.safe_load(f.read_text())
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            continue  # not a task file we can read: its own bytes are still fingerprinted
+        files = ((doc or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(doc, dict) else None
+        values = files.values() if isinstance(files, dict) else [files] if files else []
+        for v in values:
+            out += [str(x) for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
+    return out
 
 
 def config_value(cfg_dict: dict, path: str) -> Any:
@@ -127,13 +147,16 @@ class ConfigView:
 
     def _wrap(self, obj: Any, path: str) -> Any:
         copy = object.__new__(_recording_class(type(obj)))
+        # a section that spells a field under another key in its TOML table (a judge's options
+        # under the kind's name) says so with ``table_key``
+        key = getattr(obj, "table_key", lambda name: name)
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            sub = self._sub_path(path, f.name)
+            sub = self._sub_path(path, key(f.name))
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 value = self._wrap(value, sub)
             object.__setattr__(copy, f.name, value)
-        object.__setattr__(copy, "_view_read", lambda name, value, _p=path: self._read(_p, name, value))
+        object.__setattr__(copy, "_view_read", lambda name, value, _p=path: self._read(_p, key(name), value))
         return copy
 
     def _sub_path(self, path: str, name: str) -> str:

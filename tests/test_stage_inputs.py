@@ -207,6 +207,21 @@ def test_edited_data_files_are_changed_inputs(tmp_path):
         run(doc)
 
 
+def test_an_edited_lm_eval_data_file_is_a_changed_input(tmp_path):
+    from test_eval_fixtures import MC_YAML
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"question": f"reverse ab{i}", "choices": [f"b{i}a", f"ab{i}"], "label": 0})
+                            + "\n" for i in range(4)))
+    (tmp_path / "mc.yaml").write_text(MC_YAML.format(name="stage_mc", extra="", data=data))
+    doc = spin_doc(tmp_path, "task")
+    doc["eval"]["lm_eval_tasks"] = [str(tmp_path / "mc.yaml")]
+    run(doc)
+    data.write_text(data.read_text().replace('"label": 0', '"label": 1'))  # the task file itself unchanged
+    with pytest.raises(StageChanged, match=r"iter_000/evaluate .*changed: the contents of config\.eval\.lm_eval_tasks"):
+        run(doc)
+
+
 def test_a_truncated_manifest_names_its_file(finished, tmp_path):
     doc, run_dir, _ = finished
     broken = tmp_path / "out" / "spin"
