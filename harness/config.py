@@ -2,7 +2,8 @@
 
 Every field is documented where it is declared; ``harness validate --explain``
 prints the table. A method's own options live in ``[method.<name>]`` and are
-validated by the schema the method registers (see ``harness/methods``).
+validated by the schema the method registers (see ``harness/methods``); a judge's
+in ``[judge.<kind>]`` (``harness.judge_section``, schemas from ``harness/judges``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.registry import METHODS
+from harness.judge_section import JudgeSection
+from harness.registry import JUDGES, METHODS
 from harness.schema import ConfigError, FieldError, opt, parse_section, to_dict, unknown_key_error
 from harness.store import dict_hash
 
 LOSSES = ("sigmoid", "hinge", "ipo")
-JUDGES = ("none", "oracle", "self", "hf", "reward_model", "openai")
 REQUIREMENTS = ("gpu", "hub", "endpoint")
 
 
@@ -63,23 +64,6 @@ class MethodSection:
     beta: float = opt(0.1, "Strength of the KL-anchor to the reference (DPO beta, SPIN lambda).", min=1e-6)
     loss: str = opt("sigmoid", "DPO-family loss: sigmoid (logistic; SPIN's default), hinge, ipo.", choices=LOSSES)
     reference: str = opt("previous", 'Reference model of the DPO-family loss in iteration t+1: "previous" (the model of iteration t, as in all three papers) or "base" (the starting model of iteration 0 in every iteration: model.base, with Self-Rewarding\'s M1 SFT adapter when there is one). With chain "merge", "base" keeps a frozen second copy of that model in memory from iteration 2 on; with "continue" (QLoRA) it is the adapter-disabled base or a frozen copy of the M1 adapter.', choices=("previous", "base"))
-
-
-@dataclass(frozen=True)
-class JudgeSection:
-    name: str = opt("none", "Judge kind.", choices=JUDGES)
-    model: str = opt("", "hf / reward_model: hub id or local path; openai: model name at the endpoint.")
-    revision: str = opt("main", "Hub revision of the judge model.")
-    template: str = opt("", 'Judge prompt template (placeholders {instruction} and {response}): a file, "tiny:judge_template", or a built-in: "builtin:additive5" (Self-Rewarding\'s additive 5-point rubric, scores 0-5; "" = this one) or "builtin:dno6" (a DNO-style 6-point scale, 1-6, as the DNO paper\'s annotator). A template declares its score range in a front-matter block ("---" / "scale: 0-5" / "---", stripped before use); without one it is 1-5. See harness/judges/parsing.py.')
-    samples: int = opt(1, "Judge each item this many times and average (Self-Rewarding uses 3).", min=1)
-    temperature: float = opt(0.0, "Judge sampling temperature (0 = greedy; use > 0 with samples > 1).", min=0.0)
-    max_new_tokens: int = opt(256, "Tokens a model judge may write, justification and score together. The built-in rubric asks for up to 100 words before the score (about 130-150 tokens), so 256 leaves room; a judgment cut off at this limit has no score and is counted as judge/n_truncated, apart from judge/n_parse_failed.", min=1)
-    batch_size: int = opt(16, "Judge batch size.", min=1)
-    base_url: str = opt("", "openai: base URL of an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
-    api_key_env: str = opt("OPENAI_API_KEY", "openai: name of the environment variable holding the API key.")
-    timeout_s: float = opt(60.0, "openai: per-request timeout in seconds.", min=0.1)
-    max_retries: int = opt(3, "openai: retries on timeouts and 5xx answers.", min=0)
-    min_coverage: float = opt(0.9, "Fail the stage when fewer than this fraction of items get a valid judgment.", min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
@@ -295,23 +279,17 @@ def parse(doc: dict, source: str = "<config>") -> Config:
 def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
     """Rules that span fields."""
     if method.needs_judge and cfg.judge.name == "none":
-        errors.append(FieldError("judge.name", f"method {cfg.method.name!r} needs a judge; set one of {[j for j in JUDGES if j != 'none']}"))
+        errors.append(FieldError("judge.name", f"method {cfg.method.name!r} needs a judge; set one of {JUDGES.names()}"))
     if cfg.chain == "merge" and cfg.model.quantization != "none":
         errors.append(FieldError("lora.chain", "merge would fold adapters into quantized weights lossily; use \"continue\" (or \"auto\") with a quantized base"))
-    for where, judge in judge_sections(cfg):
-        if judge.name in ("hf", "reward_model", "openai") and not judge.model:
-            errors.append(FieldError(f"{where}.model", f"judge {judge.name!r} needs a model"))
-        if judge.name == "openai" and not judge.base_url:
-            errors.append(FieldError(f"{where}.base_url", "the openai judge needs base_url"))
-        if judge.samples > 1 and judge.temperature == 0.0 and judge.name in ("self", "hf"):
-            errors.append(FieldError(f"{where}.samples", "several samples of a greedy judge are identical; set temperature > 0"))
     n_lrs = len(cfg.training.learning_rates)
     if n_lrs > cfg.method.iterations:
         errors.append(FieldError("training.learning_rates", f"{n_lrs} rates for {cfg.method.iterations} iterations; "
                                                             "give one per iteration (the last one repeats)"))
-    for where in ("eval.alpaca_eval.judge", "eval.validation.alpaca_eval.judge", "eval.validation.judge"):
-        if dict(judge_sections(cfg))[where].name == "self":
-            errors.append(FieldError(f"{where}.name", "the policy cannot judge its own evaluation outputs fairly; choose another judge"))
+    for where, judge in judge_sections(cfg)[1:]:  # the evaluations' judges (a kind's own checks ran at parse)
+        if judge.needs_policy:
+            errors.append(FieldError(f"{where}.name", f"judge {judge.name!r} is the policy, which cannot judge its own "
+                                                      "evaluation outputs fairly; choose another judge"))
     for err in method.check(cfg):
         errors.append(err)
 

@@ -54,10 +54,10 @@ class JudgeTransportError(CoverageError):
 class Judged:
     """The log's records in ``groups`` order, plus what to report about them.
 
-    Items are candidates; answers are the judge's samples of an item (``judge.samples``
+    Items are candidates; answers are the judge's samples of an item (``samples``
     each). An item fails (no score) when none of its answers has a valid score. An
     answer is *truncated* when the judge stopped at its token limit without ending
-    (no EOS): usually the score was never written, and a higher ``judge.max_new_tokens``
+    (no EOS): usually the score was never written, and a higher ``max_new_tokens`` ([judge.<kind>])
     is the fix. An answer that ended and still has no valid score is a *parse failure*:
     the judge did not follow the template."""
     what: str
@@ -75,7 +75,7 @@ class Judged:
             return None
         shown = "; ".join(f"{pid}: {_quote(raw)}" for pid, raw in self.parse_examples[:_SHOW])
         cut = (f"; {self.n_answers_truncated} of {self.n_answers} answers were cut at the token limit "
-               "(raise judge.max_new_tokens)") if self.n_answers_truncated else ""
+               "(raise max_new_tokens in the judge's [judge.<kind>] table)") if self.n_answers_truncated else ""
         return (f"{self.what}: {self.n_parse_failed} of {self.n_items} judge items had no valid score "
                 f"(kept as failed judgments, counted in coverage){cut}; e.g. {shown}")
 

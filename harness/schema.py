@@ -143,8 +143,19 @@ def parse_section(cls: type, data: dict, path: str, errors: list[FieldError],
     """Build ``cls`` from ``data``; unknown keys, wrong types and bad values go to ``errors``.
 
     Keys named in ``skip`` are left for the caller (used for tables whose schema
-    depends on another field, such as a method's own options).
+    depends on another field, such as a method's own options). A class with a
+    ``from_table(data, path, errors)`` classmethod parses itself (a judge section,
+    whose sub-table's schema depends on its ``name``), usually with ``parse_fields``.
     """
+    custom = getattr(cls, "from_table", None)
+    if custom is not None:
+        return custom(data, path, errors)
+    return parse_fields(cls, data, path, errors, skip)
+
+
+def parse_fields(cls: type, data: dict, path: str, errors: list[FieldError],
+                 skip: tuple[str, ...] = ()) -> Any:
+    """``parse_section`` without the ``from_table`` hook: ``cls``'s own fields only."""
     hints = get_type_hints(cls)
     known = [f.name for f in fields(cls)]
     for key in data:
@@ -177,6 +188,9 @@ def _join(path: str, key: str) -> str:
 def to_dict(obj: Any) -> Any:
     """Dataclass tree -> plain dict with lists (for JSON/TOML dumps and hashing)."""
     if dataclasses.is_dataclass(obj):
+        custom = getattr(obj, "to_table", None)  # the inverse of a ``from_table`` (see parse_section)
+        if custom is not None:
+            return custom()
         return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]

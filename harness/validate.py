@@ -19,8 +19,6 @@ import importlib.util
 import json
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,8 @@ from harness.data import DataError, load_examples
 from harness.evaluate import load_eval_prompts
 from harness.evaluate.alpaca import HUB_SET, load_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics
-from harness.judges.parsing import BUILTIN_PREFIX, load_template
+from harness.judges import JUDGES
+from harness.judges.kind import Checks
 from harness.methods import METHODS
 from harness.metrics import ALPACA_EVAL, INDICATORS, produced_by
 from harness.schema import FieldError
@@ -142,13 +141,6 @@ def _split_where(message: str, default: str) -> tuple[str, str]:
 def _files(cfg: Config, r: Report) -> None:
     if cfg.model.chat_template:
         readable(cfg.model.chat_template, "model.chat_template", r)
-    for where, judge in _judges_in_use(cfg):
-        if judge.template and judge.name in ("self", "hf", "openai"):
-            if judge.template.startswith(BUILTIN_PREFIX) or readable(judge.template, f"{where}.template", r) is not None:
-                try:
-                    load_template(judge.template, f"{where}.template")
-                except ValueError as e:
-                    r.errors.append(FieldError(*_split_where(str(e), f"{where}.template")))
     ae = cfg.eval.alpaca_eval
     if ae.instructions == HUB_SET:
         _hub_off(cfg, r, "eval.alpaca_eval.instructions", HUB_SET, "is read from the hub",
@@ -372,29 +364,13 @@ def _builtin_task_metric(metric: str, produced: set[str]) -> bool:
 
 
 def _judge(cfg: Config, where: str, judge: JudgeSection, r: Report, check_endpoints: bool) -> None:
-    if judge.name in ("hf", "reward_model") and judge.model:
-        try:
-            src = locate(judge.model)
-            if src.kind == "hub" and not _hub_ok(src.ref, judge.revision):
-                _hub_off(cfg, r, f"{where}.model", src.ref, *_HUB_MODEL)
-        except SourceError as e:
-            r.errors.append(FieldError(f"{where}.model", str(e)))
-    if judge.name == "openai":
-        if not os.environ.get(judge.api_key_env):
-            r.environment(cfg, "endpoint", FieldError(f"{where}.api_key_env",
-                                                      f"environment variable {judge.api_key_env} is not set"))
-        if check_endpoints and judge.base_url:
-            problem = endpoint_problem(judge.base_url, judge.timeout_s)
-            if problem:
-                r.errors.append(FieldError(f"{where}.base_url", problem))
+    """The judge kind's pre-flight checks (``JudgeKind.preflight``) into the report."""
+    def hub_model(path: str, repo: str, revision: str) -> None:
+        if not _hub_ok(repo, revision):
+            _hub_off(cfg, r, path, repo, *_HUB_MODEL)
 
-
-def endpoint_problem(base_url: str, timeout_s: float) -> str | None:
-    """None when ``{base_url}/models`` answers at all (any HTTP status), else why not."""
-    try:
-        urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=min(timeout_s, 10.0))
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (urllib.error.URLError, OSError) as e:
-        return f"cannot reach {base_url}: {getattr(e, 'reason', e)}"
-    return None
+    checks = Checks(check_endpoints, readable=lambda ref, path: readable(ref, path, r), hub_model=hub_model)
+    JUDGES.get(judge.name).preflight(judge.options, f"{where}.{judge.name}", checks)
+    r.errors += checks.errors
+    for need, problem in checks.unmet:
+        r.environment(cfg, need, problem)

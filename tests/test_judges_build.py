@@ -12,21 +12,21 @@ from harness.tiny import tasks
 
 def test_none_and_missing_policy_are_clear_errors():
     with pytest.raises(ValueError, match=r"judge\.name is 'none'.*oracle"):
-        build_judge(JudgeSection(name="none"))
+        build_judge(JudgeSection.of("none"))
     with pytest.raises(ValueError, match=r"policy=\(model, tokenizer\)"):
-        build_judge(JudgeSection(name="self"))
+        build_judge(JudgeSection.of("self"))
 
 
 def test_bad_template_path_names_the_field(tmp_path):
-    section = JudgeSection(name="self", template=str(tmp_path / "nope.txt"))
-    with pytest.raises(ValueError, match=r"judge\.template"):
+    section = JudgeSection.of("self", template=str(tmp_path / "nope.txt"))
+    with pytest.raises(ValueError, match=r"judge\.self\.template"):
         build_judge(section, policy=(object(), object()))
 
 
 def test_oracle_judge_cached(tmp_path):
-    judge = build_judge(JudgeSection(name="oracle"))
+    judge = build_judge(JudgeSection.of("oracle"))
     assert judge.name == "oracle" and judge.scale == (1.0, 5.0)
-    cached = build_judge(JudgeSection(name="oracle"), cache_path=tmp_path / "o.jsonl")
+    cached = build_judge(JudgeSection.of("oracle"), cache_path=tmp_path / "o.jsonl")
     assert isinstance(cached, CachedJudge) and '"oracle"' in cached.identity and '"source"' in cached.identity
     import random
 

@@ -142,25 +142,29 @@ def test_openai_key_changes_with_every_identity_field(tmp_path, monkeypatch):
     monkeypatch.setenv("K", "x")
     tpl = tmp_path / "tpl.txt"
     tpl.write_text("Other rubric {instruction} / {response}")
-    base = JudgeSection(name="openai", model="m", base_url="http://127.0.0.1:1/v1", api_key_env="K",
-                        samples=3, temperature=0.7)
+    fixed = dict(model="m", base_url="http://127.0.0.1:1/v1", api_key_env="K", samples=3, temperature=0.7)
+
+    def section(**change):
+        return JudgeSection.of("openai", **{**fixed, **change})
+
+    base = section()
     k0 = _key(base, tmp_path, seed_key=(0, 1))
     assert _key(base, tmp_path, seed_key=(0, 1)) == k0
     # fields that do not determine a judgment leave the key alone
-    assert _key(dataclasses.replace(base, batch_size=3, timeout_s=1, max_retries=0), tmp_path, seed_key=(0, 1)) == k0
+    assert _key(section(batch_size=3, timeout_s=1, max_retries=0), tmp_path, seed_key=(0, 1)) == k0
     changes = [dict(model="m2"), dict(base_url="http://127.0.0.1:2/v1"), dict(template=str(tpl)),
                dict(samples=2), dict(temperature=0.9), dict(max_new_tokens=65)]
     for change in changes:
-        assert _key(dataclasses.replace(base, **change), tmp_path, seed_key=(0, 1)) != k0, change
+        assert _key(section(**change), tmp_path, seed_key=(0, 1)) != k0, change
     assert _key(base, tmp_path, seed_key=(1, 1)) != k0
     assert _key(base, tmp_path, seed_key=(0, 1), identity_extra="x") != k0
     # greedy: the seed has no effect, so it is not part of the key
-    greedy = dataclasses.replace(base, temperature=0.0)
+    greedy = section(temperature=0.0)
     assert _key(greedy, tmp_path, seed_key=(0, 1)) == _key(greedy, tmp_path, seed_key=(0, 2))
 
 
 def test_self_judge_cache_needs_the_policy_identity(tmp_path):
-    section = JudgeSection(name="self", samples=3, temperature=0.7)
+    section = JudgeSection.of("self", samples=3, temperature=0.7)
     policy = (object(), object())  # never called: only the key is computed here
     with pytest.raises(ValueError, match="identity_extra"):
         build_judge(section, policy=policy, cache_path=tmp_path / "k.jsonl")

@@ -240,14 +240,14 @@ def test_missing_api_key_names_the_variable(monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(MissingAPIKey, match=KEY_ENV):
         judge_for("http://127.0.0.1:9/v1")
-    section = JudgeSection(name="openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env=KEY_ENV)
-    with pytest.raises(MissingAPIKey, match=f"judge.api_key_env.*{KEY_ENV}"):
+    section = JudgeSection.of("openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env=KEY_ENV)
+    with pytest.raises(MissingAPIKey, match=f"judge.openai.api_key_env.*{KEY_ENV}"):
         build_judge(section)
 
 
 def test_build_judge_wires_the_section(serve):
     server = serve(lambda body, instr, n: reply("Score: 4"))
-    section = JudgeSection(name="openai", model="judge-model", base_url=server.url + "/", api_key_env=KEY_ENV,
+    section = JudgeSection.of("openai", model="judge-model", base_url=server.url + "/", api_key_env=KEY_ENV,
                            samples=3, temperature=0.7, max_new_tokens=17, timeout_s=5, max_retries=0, batch_size=2)
     judge = build_judge(section, seed_key=(3,))
     assert isinstance(judge, OpenAIJudge) and judge.concurrency == 2 and judge.max_retries == 0

@@ -117,7 +117,7 @@ def test_averaging_and_parse_failures_with_stub(monkeypatch, policy):
 def test_build_self_judge_uses_policy_and_section(monkeypatch, policy):
     stub = StubGenerate({"a": ["Score: 0", "Score: 4"]})
     monkeypatch.setattr(llm_mod, "generate", stub)
-    section = JudgeSection(name="self", samples=2, temperature=0.5, max_new_tokens=12, batch_size=3)
+    section = JudgeSection.of("self", samples=2, temperature=0.5, max_new_tokens=12, batch_size=3)
     judge = build_judge(section, policy=policy, seed_key=(0, 3))
     # the built-in additive rubric starts from 0: a 0 is the worst answer, not a parse failure
     assert judge.scale == (0.0, 5.0) and judge.name == "self"
@@ -141,7 +141,7 @@ def test_truncated_answers_are_marked(monkeypatch, policy):
 def test_dno6_template_scores_one_to_six(monkeypatch, policy):
     stub = StubGenerate({"a": ["Score: 6", "Score: 0"]})
     monkeypatch.setattr(llm_mod, "generate", stub)
-    judge = build_judge(JudgeSection(name="self", template="builtin:dno6", samples=2, temperature=0.5),
+    judge = build_judge(JudgeSection.of("self", template="builtin:dno6", samples=2, temperature=0.5),
                         policy=policy, seed_key=(0, 3))
     assert judge.scale == (1.0, 6.0)
     (v,) = judge.score([JudgeItem("i", "a", "r")])
@@ -155,7 +155,7 @@ def test_build_hf_judge_from_a_local_directory(tmp_path, policy):
     tok.save_pretrained(tmp_path / "judge")
     tpl = tmp_path / "tpl.txt"
     tpl.write_text(TEMPLATE + "\n")
-    section = JudgeSection(name="hf", model=str(tmp_path / "judge"), template=str(tpl), max_new_tokens=4)
+    section = JudgeSection.of("hf", model=str(tmp_path / "judge"), template=str(tpl), max_new_tokens=4)
     judge = build_judge(section, cache_path=tmp_path / "cache.jsonl")
     assert judge.inner.name == f"hf:{tmp_path / 'judge'}" and '"weights":{"fingerprint":"' in judge.identity
     verdicts = judge.score(ITEMS)

@@ -135,13 +135,13 @@ def test_scale_front_matter(tmp_path):
 
 
 def test_judge_scale_is_known_without_a_model(tmp_path):
-    assert judge_scale(JudgeSection(name="oracle")) == (1.0, 5.0)
-    assert judge_scale(JudgeSection(name="self")) == (0.0, 5.0)
-    assert judge_scale(JudgeSection(name="openai", model="m", template="builtin:dno6")) == (1.0, 6.0)
-    assert judge_scale(JudgeSection(name="hf", model="m", template="tiny:judge_template")) == (1.0, 5.0)
-    assert judge_scale(JudgeSection(name="reward_model", model="m")) == (-math.inf, math.inf)
+    assert judge_scale(JudgeSection.of("oracle")) == (1.0, 5.0)
+    assert judge_scale(JudgeSection.of("self")) == (0.0, 5.0)
+    assert judge_scale(JudgeSection.of("openai", model="m", template="builtin:dno6")) == (1.0, 6.0)
+    assert judge_scale(JudgeSection.of("hf", model="m", template="tiny:judge_template")) == (1.0, 5.0)
+    assert judge_scale(JudgeSection.of("reward_model", model="m")) == (-math.inf, math.inf)
     with pytest.raises(ValueError, match="no judge"):
-        judge_scale(JudgeSection(name="none"))
+        judge_scale(JudgeSection.of("none"))
 
 
 def test_fill_template_substitutes_once_and_keeps_braces():

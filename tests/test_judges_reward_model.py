@@ -37,7 +37,7 @@ ITEMS = [JudgeItem("a", "What is the capital of France?", "Paris."),
 
 
 def test_scores_are_finite_and_batch_invariant(rm_dir):
-    judge = build_judge(JudgeSection(name="reward_model", model=str(rm_dir), batch_size=3))
+    judge = build_judge(JudgeSection.of("reward_model", model=str(rm_dir), batch_size=3))
     assert isinstance(judge, RewardModelJudge) and judge.scale == (-math.inf, math.inf)
     assert judge.observed is None
     batched = judge.score(ITEMS)
@@ -61,7 +61,7 @@ def test_scores_are_finite_and_batch_invariant(rm_dir):
 
 
 def test_reward_uses_the_full_chat(rm_dir):
-    judge = build_judge(JudgeSection(name="reward_model", model=str(rm_dir)))
+    judge = build_judge(JudgeSection.of("reward_model", model=str(rm_dir)))
     text = judge._text(ITEMS[0])
     assert text == "<s>user: What is the capital of France?</s><s>assistant: Paris.</s>"
     # the response matters: same instruction, other response -> other reward

@@ -84,8 +84,8 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
                                         "sft": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 8,
                                                 "max_length": 160, "warmup_ratio": 0.0,
                                                 "lr_scheduler": "constant"}}}
-    doc["judge"] = {"name": "self", "template": "tiny:judge_template", "samples": 2, "temperature": 0.7,
-                    "max_new_tokens": 8, "min_coverage": 0.0}
+    doc["judge"] = {"name": "self", "min_coverage": 0.0,
+                    "self": {"template": "tiny:judge_template", "samples": 2, "temperature": 0.7, "max_new_tokens": 8}}
     cfg = parse(doc)
     run, rows = run_experiment(cfg)
 
@@ -265,7 +265,7 @@ def test_dno_with_a_reward_model_judge(tmp_path, tiny_reward_model):
     doc["method"] = {"name": "dno", "iterations": 1,
                      "dno": {"num_samples": 4, "prompts_per_iteration": 16, "repetition_max": 0.0,
                              "positive_min": 0.5, "margin": 0.5, "student_margin": 0.25}}
-    doc["judge"] = {"name": "reward_model", "model": str(tiny_reward_model)}
+    doc["judge"] = {"name": "reward_model", "reward_model": {"model": str(tiny_reward_model)}}
     doc["eval"] = {"indicators": {"num_prompts": 0}}
     run, rows = run_experiment(parse(doc))
     it = run / "iter_001"

@@ -64,7 +64,7 @@ def test_self_rewarding_pairs_on_the_rubrics_zero_to_five_scale():
 
 
 def test_self_rewarding_requires_several_self_judgments():
-    with pytest.raises(ConfigError, match="judge.samples"):
+    with pytest.raises(ConfigError, match=r"judge\.self\.samples"):
         cfg_for("self_rewarding", judge="self")
 
 

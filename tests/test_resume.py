@@ -274,8 +274,7 @@ def write_judged_experiment(tmp: Path, model_dir: Path, out: Path, server: Judge
 api_key_env = "{key}"
 base_url = "{url}"
 timeout_s = 60
-max_retries = 0
-batch_size = 2"""
+max_retries = 0"""
     exp = tmp / f"exp_{out.name}.toml"
     exp.write_text(experiment_head("judged", 5, out, model_dir) + f"""
 [method]
@@ -290,8 +289,11 @@ student_margin = 1.0
 
 [judge]
 name = "openai"
-{judge.format(key=KEY_ENV, url=server.url("judge"))}
+batch_size = 2
 min_coverage = 0.5
+
+[judge.openai]
+{judge.format(key=KEY_ENV, url=server.url("judge"))}
 
 [data]
 train = "{data}"
@@ -311,6 +313,9 @@ instructions = "{alpaca}"
 
 [eval.alpaca_eval.judge]
 name = "openai"
+batch_size = 2
+
+[eval.alpaca_eval.judge.openai]
 {judge.format(key=KEY_ENV, url=server.url("alpaca"))}
 
 [eval.indicators]

@@ -115,8 +115,8 @@ def test_a_correct_file_passes(world, tiny_dir, capsys):
     (spin, lambda t, w: t + '[eval.alpaca_eval]\ninstructions = "ae_missing.json"\n', "eval.alpaca_eval.instructions",
      "file not found"),
     (spin, lambda t, w: t.replace("[training]", '[judge]\nname = "none"\n[training]') + '[eval.alpaca_eval]\n'
-     f'instructions = "{w}/ae.json"\n[eval.alpaca_eval.judge]\nname = "hf"\nmodel = "{w}/nomodel"\n'
-     'template = "missing.txt"\n', "eval.alpaca_eval.judge.model", "not a local directory"),
+     f'instructions = "{w}/ae.json"\n[eval.alpaca_eval.judge]\nname = "hf"\n[eval.alpaca_eval.judge.hf]\n'
+     f'model = "{w}/nomodel"\ntemplate = "missing.txt"\n', "eval.alpaca_eval.judge.hf.model", "not a local directory"),
     (spin, lambda t, w: t.replace('device = "cpu"', 'device = "cpu"\nchat_template = "nope.jinja"'),
      "model.chat_template", "file not found"),
     # model
@@ -162,9 +162,9 @@ def test_a_correct_file_passes(world, tiny_dir, capsys):
      "experiment.output_dir", "not a directory"),
     # device and judges
     (spin, lambda t, w: t.replace('device = "cpu"', 'device = "cuda"'), "model.device", "no CUDA device"),
-    (dno, lambda t, w: t.replace('[judge]\nname = "oracle"', '[judge]\nname = "openai"\nmodel = "m"\n'
+    (dno, lambda t, w: t.replace('[judge]\nname = "oracle"', '[judge]\nname = "openai"\n[judge.openai]\nmodel = "m"\n'
                                  'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "HARNESS_TEST_UNSET_KEY"'),
-     "judge.api_key_env", "HARNESS_TEST_UNSET_KEY is not set"),
+     "judge.openai.api_key_env", "HARNESS_TEST_UNSET_KEY is not set"),
 ])
 def test_mistake_is_reported_with_its_field(world, tiny_dir, capsys, make, edit, field, words):
     import torch
@@ -216,9 +216,9 @@ def test_declared_requirements_are_not_errors_but_stop_a_run(world, tiny_dir, ca
 
 def test_endpoint_check_is_opt_in(world, tiny_dir, capsys, monkeypatch):
     monkeypatch.setenv("HARNESS_TEST_KEY", "k")
-    text = dno(world, tiny_dir).replace('[judge]\nname = "oracle"', '[judge]\nname = "openai"\nmodel = "m"\n'
-                                        'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "HARNESS_TEST_KEY"')
+    text = dno(world, tiny_dir).replace('[judge]\nname = "oracle"', '[judge]\nname = "openai"\n[judge.openai]\n'
+                                        'model = "m"\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "HARNESS_TEST_KEY"')
     code, path, err = run_validate(world, text, capsys)
     assert code == 0, err
     code, path, err = run_validate(world, text, capsys, "--check-endpoints")
-    assert code == 1 and "judge.base_url: cannot reach" in err
+    assert code == 1 and "judge.openai.base_url: cannot reach" in err

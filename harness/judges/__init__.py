@@ -1,32 +1,40 @@
 """Judges behind one protocol (``harness.judges.base.Judge``), built from a
-``JudgeSection``, plus coverage accounting.
+``harness.config.JudgeSection``, plus coverage accounting.
 
-Kinds: "oracle" (the tiny world's rule-based judge), "self" (the policy as
-LLM-as-a-judge), "hf" (a local causal LM as LLM-as-a-judge), "reward_model"
-(a sequence-classification reward model), "openai" (an OpenAI-compatible
-endpoint). Heavy modules are imported only when their kind is built.
+Each kind is a module of this package that registers a ``kind.JudgeKind`` in
+``harness.registry.JUDGES`` (importing this package registers them all): "oracle"
+(the tiny world's rule-based judge), "self" (the policy as LLM-as-a-judge), "hf" (a
+local causal LM as LLM-as-a-judge), "reward_model" (a sequence-classification reward
+model), "openai" (an OpenAI-compatible endpoint). A new kind is one module plus its
+import below. Heavy modules are imported only when their kind is built. Not here: the
+judging stage that persists judgments (``harness.judging``).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from harness import cost
-from harness.config import JUDGES, JudgeSection
+from harness.config import JudgeSection
+from harness.judges import hf, openai, oracle, reward_model, self  # noqa: F401  (each registers its kind)
 from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group
 from harness.judges.cache import CachedJudge, judge_identity
-from harness.judges.oracle import OracleJudge, source_hash
-from harness.sources import identity, locate
-from harness.judges.parsing import JudgeTemplate, load_judge_template, load_template, parse_score
+from harness.judges.kind import JudgeKind
+from harness.judges.parsing import load_judge_template, load_template, parse_score
+from harness.registry import JUDGES
 
-__all__ = ["Judge", "JudgeItem", "Verdict", "compare", "preference", "score_group", "build_judge",
-           "judge_scale", "CachedJudge", "CoverageError", "coverage", "check_coverage", "parse_score",
-           "load_template", "load_judge_template"]
+__all__ = ["JUDGES", "Judge", "JudgeItem", "JudgeKind", "Verdict", "compare", "preference", "score_group",
+           "build_judge", "judge_scale", "CachedJudge", "CoverageError", "coverage", "check_coverage",
+           "parse_score", "load_template", "load_judge_template"]
 
-ORACLE_SCALE = (1.0, 5.0)   # the tiny world's rule-based grades
-UNBOUNDED = (-math.inf, math.inf)
+
+def _kind(section: JudgeSection, where: str) -> JudgeKind:
+    if section.name == "none":
+        raise ValueError(f"{where}.name is 'none', but this stage needs a judge; set {where}.name to one of "
+                         + ", ".join(JUDGES.names()))
+    return JUDGES.get(section.name)
 
 
 def judge_scale(section: JudgeSection, where: str = "judge") -> tuple[float, float]:
@@ -34,106 +42,28 @@ def judge_scale(section: JudgeSection, where: str = "judge") -> tuple[float, flo
     model: the oracle's 1-5 grades, an LLM judge's template declaration, or
     (-inf, inf) for a reward model. Methods get it before candidates are built
     (``IterationContext.judge_scale``); the judge stage checks the built judge agrees."""
-    if section.name == "oracle":
-        return ORACLE_SCALE
-    if section.name == "reward_model":
-        return UNBOUNDED
-    if section.name in ("self", "hf", "openai"):
-        return load_judge_template(section.template, f"{where}.template").scale
-    raise ValueError(f"{where}.name is {section.name!r}: no judge, so no score scale")
-
-
-def _template(s: JudgeSection) -> tuple[JudgeTemplate, dict]:
-    tpl = load_judge_template(s.template)
-    ident = {"template": tpl.text, "scale": [tpl.lo, tpl.hi], "samples": s.samples, "temperature": s.temperature,
-             "max_new_tokens": s.max_new_tokens}
-    return tpl, ident
-
-
-def _seed_ident(s: JudgeSection, seed_key: tuple) -> dict:
-    # A greedy judge's answer does not depend on the seed: leave it out, so that a
-    # fixed external judge's cache is reused across iterations.
-    return {"seed": list(seed_key)} if s.temperature > 0 else {}
-
-
-def _oracle(s, policy, seed_key):
-    return OracleJudge(), {"oracle": f"{OracleJudge.__module__}.{OracleJudge.__qualname__}", "source": source_hash()}
-
-
-def _self(s, policy, seed_key):
-    if policy is None:
-        raise ValueError("judge.name = 'self' judges with the policy: pass policy=(model, tokenizer) to build_judge")
-    from harness.judges.llm import LLMJudge
-
-    model, tokenizer = policy
-    tpl, ident = _template(s)
-    judge = LLMJudge(model, tokenizer, template=tpl.text, lo=tpl.lo, hi=tpl.hi, samples=s.samples,
-                     temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                     seed_key=seed_key, name="self")
-    return judge, {**ident, **_seed_ident(s, seed_key)}
-
-
-def _local_ident(s: JudgeSection) -> dict:
-    return {"model": s.model, "revision": s.revision, "weights": identity(locate(s.model), s.revision)}
-
-
-def _hf(s, policy, seed_key):
-    from harness.judges.llm import LLMJudge
-    from harness.models import load_model, load_tokenizer
-
-    tpl, ident = _template(s)
-    tokenizer = load_tokenizer(s.model, s.revision)
-    model = load_model(s.model, revision=s.revision)
-    judge = LLMJudge(model, tokenizer, template=tpl.text, lo=tpl.lo, hi=tpl.hi, samples=s.samples,
-                     temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                     seed_key=seed_key, name=f"hf:{s.model}")
-    return judge, {**ident, **_seed_ident(s, seed_key), **_local_ident(s)}
-
-
-def _reward_model(s, policy, seed_key):
-    from harness.judges.reward_model import RewardModelJudge
-    from harness.models import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(s.model, s.revision)
-    model = load_model(s.model, revision=s.revision, kind="sequence_classification")
-    judge = RewardModelJudge(model, tokenizer, batch_size=s.batch_size, name=f"reward_model:{s.model}")
-    return judge, {**_local_ident(s), "max_length": judge.max_length}
-
-
-def _openai(s, policy, seed_key):
-    from harness.judges.http import OpenAIJudge
-
-    tpl, ident = _template(s)
-    judge = OpenAIJudge(s.base_url, s.model, template=tpl.text, lo=tpl.lo, hi=tpl.hi, api_key_env=s.api_key_env,
-                        samples=s.samples, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                        timeout_s=s.timeout_s, max_retries=s.max_retries, concurrency=s.batch_size,
-                        seed_key=seed_key, name=f"openai:{s.model}")
-    return judge, {**ident, **_seed_ident(s, seed_key), "base_url": s.base_url, "model": s.model}
-
-
-_BUILDERS: dict[str, Callable] = {"oracle": _oracle, "self": _self, "hf": _hf,
-                                  "reward_model": _reward_model, "openai": _openai}
+    if section.name == "none":
+        raise ValueError(f"{where}.name is 'none': no judge, so no score scale")
+    return _kind(section, where).scale(section.options, f"{where}.{section.name}")
 
 
 def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
                 cache_path: Path | None = None, seed_key: tuple = ()) -> Judge:
     """The configured judge; wrapped in a ``CachedJudge`` when ``cache_path`` is given.
 
-    ``policy``: (model, tokenizer) for the "self" judge. ``identity_extra``:
-    what identifies the weights that the section does not (for "self": the
-    adapter hash / iteration -- required when caching, else one iteration's
-    scores could be served for another). ``seed_key``: prefix of every judge
-    sampling seed, e.g. (experiment seed, iteration, "judge").
+    ``policy``: (model, tokenizer) for a kind that ``needs_policy`` ("self").
+    ``identity_extra``: what identifies the weights that the section does not (for
+    the policy: the adapter hash / iteration -- required when caching, else one
+    iteration's scores could be served for another). ``seed_key``: prefix of every
+    judge sampling seed, e.g. (experiment seed, iteration, "judge").
     """
-    if section.name == "none":
-        raise ValueError("judge.name is 'none', but this stage needs a judge; set judge.name to one of "
-                         + ", ".join(n for n in JUDGES if n != "none"))
-    builder = _BUILDERS.get(section.name)
-    if builder is None:
-        raise ValueError(f"judge.name: unknown judge {section.name!r}; known: {', '.join(_BUILDERS)}")
-    if cache_path is not None and section.name == "self" and not identity_extra:
-        raise ValueError("caching the 'self' judge needs identity_extra (the policy's adapter hash / iteration)")
-    judge, ident = builder(section, policy, tuple(seed_key))
+    kind = _kind(section, "judge")
+    if kind.needs_policy and policy is None:
+        raise ValueError(f"judge.name = {kind.name!r} judges with the policy: pass policy=(model, tokenizer) "
+                         "to build_judge")
+    if cache_path is not None and kind.needs_policy and not identity_extra:
+        raise ValueError(f"caching the {kind.name!r} judge needs identity_extra (the policy's adapter hash / iteration)")
+    judge, ident = kind.build(section, policy, tuple(seed_key))
     judge = cost.count_judge(judge)  # answers obtained -> the stage's cost/judge_calls (cache hits excluded)
     if cache_path is None:
         return judge

@@ -88,10 +88,10 @@ class OpenAIJudge:
         key = os.environ.get(api_key_env, "")
         if not key:
             raise MissingAPIKey(
-                f"judge.api_key_env: environment variable {api_key_env} is not set (or empty); "
+                f"judge.openai.api_key_env: environment variable {api_key_env} is not set (or empty); "
                 f"export {api_key_env}=<key> (for a local server that ignores keys, any value works)")
         if not base_url:
-            raise ValueError("judge.base_url: the openai judge needs the endpoint's base URL")
+            raise ValueError("judge.openai.base_url: the openai judge needs the endpoint's base URL")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}

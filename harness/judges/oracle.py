@@ -1,4 +1,6 @@
-"""The tiny world's rule-based grader (``harness.tiny.oracle.grade``) as a judge."""
+"""The tiny world's rule-based grader (``harness.tiny.oracle.grade``) as a judge, and its
+kind "oracle" (no options; grades 1-5). Not an LLM: it understands only the tiny world's
+task prompts, and an item it cannot parse is a failed judgment."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.judges.base import JudgeItem, Verdict
+from harness.judges.kind import JudgeKind
+from harness.registry import JUDGES
 from harness.tiny import oracle as rules
 
 
@@ -35,3 +39,17 @@ def source_hash() -> str:
     for f in sorted(Path(rules.__file__).parent.glob("*.py")):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+class Oracle(JudgeKind):
+    name = OracleJudge.name
+
+    def scale(self, options, where):
+        return OracleJudge.scale
+
+    def build(self, section, policy, seed_key):
+        return OracleJudge(), {"oracle": f"{OracleJudge.__module__}.{OracleJudge.__qualname__}",
+                               "source": source_hash()}
+
+
+JUDGES.register(Oracle.name)(Oracle())

@@ -33,7 +33,7 @@ of the template file, stripped before the template is used:
 
 ``scale: LO-HI`` holds two integers, LO < HI; no other key is known (an unknown
 key is an error, not ignored). A template without the block is read on the 1-5
-scale. Built-in templates, selected as ``judge.template = "builtin:<name>"``:
+scale. Built-in templates, selected as ``template = "builtin:<name>"`` in [judge.<kind>]:
 
 - ``additive5`` (the default, ``""``): Self-Rewarding's additive rubric -- start
   from 0 and add a point per criterion met -- so 0-5; a 0 is the worst answer,

@@ -1,4 +1,5 @@
-"""A sequence-classification reward model (one logit) as a pointwise judge.
+"""A sequence-classification reward model (one logit) as a pointwise judge, and its kind
+"reward_model" (options: the model; unbounded scores).
 
 The (instruction, response) pair is rendered as a full two-turn chat with the
 reward model's OWN chat template, without a generation prompt: that is the text
@@ -7,6 +8,7 @@ prompt awaiting an answer, which is the wrong shape here).
 
 Scores are unbounded, so ``scale`` is (-inf, inf); ``observed`` gives the range
 seen so far. A non-finite reward is a failure (score None), never a number.
+Not an LLM judge: no template, no samples.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
-
 from harness.judges.base import JudgeItem, Verdict
+from harness.judges.kind import JudgeKind, LocalModelOptions, model_ident, model_preflight, model_problems
+from harness.registry import JUDGES
+
+UNBOUNDED = (-math.inf, math.inf)
 
 
 class RewardModelJudge:
@@ -35,7 +39,7 @@ class RewardModelJudge:
         self.batch_size = batch_size
         self.max_length = max_length
         self.name = name
-        self.scale = (-math.inf, math.inf)
+        self.scale = UNBOUNDED
         self._lo = math.inf
         self._hi = -math.inf
 
@@ -48,8 +52,13 @@ class RewardModelJudge:
         chat = [{"role": "user", "content": item.instruction}, {"role": "assistant", "content": item.response}]
         return self.tokenizer.apply_chat_template(chat, tokenize=False)
 
-    @torch.inference_mode()
     def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        import torch  # heavy: only when a reward model scores
+
+        with torch.inference_mode():
+            return self._score(items)
+
+    def _score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         out: list[Verdict] = []
         device = next(self.model.parameters()).device
         was_training = self.model.training
@@ -71,3 +80,29 @@ class RewardModelJudge:
         finally:
             self.model.train(was_training)
         return out
+
+
+class RewardModel(JudgeKind):
+    name = "reward_model"
+    Options = LocalModelOptions
+
+    def scale(self, options, where):
+        return UNBOUNDED
+
+    def check(self, options, where):
+        return model_problems(self.name, options, where)
+
+    def preflight(self, options, where, checks):
+        model_preflight(options, where, checks)
+
+    def build(self, section, policy, seed_key):
+        from harness.models import load_model, load_tokenizer  # torch
+
+        o = section.options
+        tokenizer = load_tokenizer(o.model, o.revision)
+        model = load_model(o.model, revision=o.revision, kind="sequence_classification")
+        judge = RewardModelJudge(model, tokenizer, batch_size=section.batch_size, name=f"{self.name}:{o.model}")
+        return judge, {**model_ident(o), "max_length": judge.max_length}
+
+
+JUDGES.register(RewardModel.name)(RewardModel())

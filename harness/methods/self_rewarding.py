@@ -48,8 +48,8 @@ class SelfRewarding(Method):
 
     def check(self, cfg) -> list[FieldError]:
         errors = []
-        if cfg.judge.name == "self" and cfg.judge.samples == 1:
-            errors.append(FieldError("judge.samples", "Self-Rewarding averages several judgments (the paper: 3); set samples >= 2 or use an external judge"))
+        if cfg.judge.needs_policy and cfg.judge.options.samples == 1:
+            errors.append(FieldError(f"judge.{cfg.judge.name}.samples", "Self-Rewarding averages several judgments (the paper: 3); set samples >= 2 or use an external judge"))
         return errors
 
     def check_inputs(self, cfg, examples):
