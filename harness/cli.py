@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from harness import console
+from harness.fmt import duration
 from harness.schema import ConfigError
 
 
@@ -82,13 +83,88 @@ def _run(args) -> int:
                           "which this machine lacks", file=sys.stderr)
             if not ok:
                 return 1
-        return _run_checked(args, [cfg for cfg, _ in checked])
+        cfgs = [c for cfg, _ in checked for c in cfg.for_seeds(args.seeds)]
+        if args.jobs > 1 and len(cfgs) > 1:
+            return _run_parallel(args, cfgs)
+        return _run_checked(args, cfgs)
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
+def _run_parallel(args, cfgs: list) -> int:
+    """``--jobs N``: the runs (experiments x seeds) as N processes at a time, each a plain
+    ``harness run`` of one experiment and seed (so each stays resumable on its own). On a
+    machine with several GPUs each process sees one (CUDA_VISIBLE_DEVICES); its output goes to
+    its run's harness.log, and this process prints one line per run, then the leaderboard."""
+    import queue
+    import subprocess
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harness.report import combined_board
+
+    gpus = _gpu_count()
+    slots: queue.Queue = queue.Queue()
+    for i in range(args.jobs):
+        slots.put(i % gpus if gpus > 1 else None)
+
+    def one(cfg):
+        slot = slots.get()
+        env = dict(os.environ)
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot)
+        cmd = [sys.executable, "-m", "harness.cli", "run", "-q", cfg.source, *(["--fresh"] if args.fresh else []),
+               *(["--seeds", str(cfg.experiment.seed)] if cfg.experiment.seeds else [])]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        finally:
+            slots.put(slot)
+        return cfg, proc, time.perf_counter() - t0
+
+    console.info(f"{console.plural(len(cfgs), 'run')}, {args.jobs} at a time"
+                 + (f", one GPU each of {gpus}" if gpus > 1 else ""))
+    failed = 0
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for cfg, proc, seconds in pool.map(one, cfgs):
+            name = f"{cfg.experiment.name}" + (f" seed {cfg.experiment.seed}" if cfg.experiment.seeds else "")
+            if proc.returncode == 0:
+                console.info(f"{name}: done in {duration(seconds)} ({_short_path(cfg.run_dir)})")
+            else:
+                failed += 1
+                errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")] or proc.stderr.splitlines()[-1:]
+                console.error(f"{name}: failed (exit {proc.returncode}): " + " / ".join(errors))
+    done = [cfg.run_dir for cfg in cfgs if (cfg.run_dir / "results.jsonl").exists()]
+    if done:
+        table, written, _ = combined_board(done, width=console.width())
+        console.data(table)
+        if written:
+            console.info(f"leaderboard: {', '.join(_short_path(p) for p in written)}")
+    return 1 if failed else 0
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001  (no usable CUDA: CPU runs)
+        return 0
 
 
 def _run_checked(args, cfgs: list) -> int:
     from harness.data import DataError
     from harness.judges import CoverageError
     from harness.loop import run_experiment
+    from harness.reuse import adopt_iteration0
     from harness.cost import cost_summary
     from harness.report import combined_board, run_board
     from harness.store import RunLocked, StageChanged
@@ -98,12 +174,20 @@ def _run_checked(args, cfgs: list) -> int:
     quiet = console.level() <= console.QUIET
     run_dirs: list[Path] = []
     table = ""
+    first_seed: dict[str, Path] = {}  # experiment -> the run directory of its first seed
     for cfg in cfgs:
         iterations = console.plural(cfg.method.iterations, "iteration")
-        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {iterations}, model {cfg.model.base}")
+        seed = f", seed {cfg.experiment.seed}" if cfg.experiment.seeds else ""
+        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {iterations}, model {cfg.model.base}{seed}")
         console.reset_failure()
         try:
+            if cfg.experiment.seeds and cfg.source in first_seed and not args.fresh:
+                shared = adopt_iteration0(first_seed[cfg.source], cfg)
+                if shared:
+                    console.info(f"iteration 0 ({', '.join(shared)}) shared with {_short_path(first_seed[cfg.source])}: "
+                                 "none of its stages read the seed")
             run_dir, rows = run_experiment(cfg, fresh=args.fresh)
+            first_seed.setdefault(cfg.source, run_dir)
             with console.stage("", "tables") as line:
                 table, written, left_out = run_board(run_dir, f"{cfg.experiment.name} ({cfg.method.name})",
                                                      width=console.width())
@@ -259,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     r = add("run", help="run (or resume) experiments; finished stages are skipped")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--fresh", action="store_true", help="use a new run directory instead of resuming")
+    r.add_argument("--seeds", type=_seed_list, default=(), metavar="0,1,2",
+                   help="run each experiment once per seed (run directories <name>/seed-<k>); overrides experiment.seeds")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N experiments/seeds at once, each in its own process (one GPU each on a multi-GPU machine)")
     r.set_defaults(fn=_run)
 
     s = add("status", help="which stages of a run are done, partial or missing")

@@ -9,7 +9,7 @@ in ``[judge.<kind>]`` (``harness.judge_section``, schemas from ``harness/judges`
 from __future__ import annotations
 
 import tomllib
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,9 @@ REQUIREMENTS = ("gpu", "hub", "endpoint")
 
 @dataclass(frozen=True)
 class ExperimentSection:
-    name: str = opt(doc="Experiment name; the run directory is <output_dir>/<name>.")
+    name: str = opt(doc="Experiment name; the run directory is <output_dir>/<name> (<output_dir>/<name>/seed-<k> with seeds).")
     seed: int = opt(0, "Experiment seed; every sampling request and training run derives its seed from it.", min=0)
+    seeds: tuple[int, ...] = opt(factory=tuple, doc="Run the experiment once per seed (each run in <output_dir>/<name>/seed-<k>, resumable on its own; `harness run --seeds 0,1,2` overrides); tables then show the mean and spread across seeds. Empty = one run with experiment.seed.", min=0)
     output_dir: str = opt("results", "Where run directories go (relative to the current directory).")
     requires: tuple[str, ...] = opt(factory=tuple, doc='What the experiment needs beyond this package: "gpu" (a CUDA device), "hub" (the Hugging Face Hub, HARNESS_ONLINE=1), "endpoint" (an HTTP judge and its API key). On a machine without them `harness validate` checks everything else and says what it could not check; `harness run` stops before any compute.', choices=REQUIREMENTS)
 
@@ -219,7 +220,16 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.experiment.output_dir) / self.experiment.name
+        base = Path(self.experiment.output_dir) / self.experiment.name
+        return base / f"seed-{self.experiment.seed}" if self.experiment.seeds else base
+
+    def for_seeds(self, seeds: tuple[int, ...] = ()) -> list["Config"]:
+        """One config per seed to run: ``seeds`` (from the command line) or experiment.seeds, each
+        with experiment.seed set and its own run directory; without seeds, this config alone."""
+        seeds = tuple(seeds) or self.experiment.seeds
+        if not seeds:
+            return [self]
+        return [replace(self, experiment=replace(self.experiment, seed=k, seeds=seeds)) for k in seeds]
 
     @property
     def chain(self) -> str:
@@ -278,6 +288,8 @@ def parse(doc: dict, source: str = "<config>") -> Config:
 
 def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
     """Rules that span fields."""
+    if len(set(cfg.experiment.seeds)) != len(cfg.experiment.seeds):
+        errors.append(FieldError("experiment.seeds", f"repeats a seed: {list(cfg.experiment.seeds)}"))
     if method.needs_judge and cfg.judge.name == "none":
         errors.append(FieldError("judge.name", f"method {cfg.method.name!r} needs a judge; set one of {JUDGES.names()}"))
     if cfg.chain == "merge" and cfg.model.quantization != "none":

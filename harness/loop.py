@@ -174,7 +174,7 @@ class Runner:
         cost_metrics, device = cost.row_metrics(costs)
         metrics.update(cost_metrics)
         return {"experiment": self.cfg.experiment.name, "method": self.cfg.method.name, "iteration": t,
-                "model": self.cfg.model.base, "device": device, "metrics": metrics,
+                "seed": self.cfg.experiment.seed, "model": self.cfg.model.base, "device": device, "metrics": metrics,
                 "provenance": {**{k: prov[k] for k in ("config_hash", "seed", "versions", "git_commit", "git_dirty")},
                                "model": self.base_identity}}
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,31 @@ class RecordedStage(Stage):
     def commit_view(self, outputs: dict, view: ConfigView) -> None:
         values, files = view.recorded()
         self.commit(outputs, extra_inputs={"config": values, "files": files})
+
+
+# ---------------------------------------------------------------- sharing
+
+def adopt_iteration0(source_run: Path, cfg: Any) -> list[str]:
+    """Iteration 0 of another run of the same experiment (another seed), copied into ``cfg``'s run
+    directory when this run would reuse it unchanged: every config field its stages read has the
+    same value here (so none of them read experiment.seed). All of iteration 0 or nothing, since
+    its stages feed one another. Returns the names of the stages copied."""
+    src, dst = RunDir(source_run), RunDir(cfg.run_dir)
+    stages = [st for t, st in src.stage_dirs() if t == 0]
+    if not stages or any(st.name.endswith(TMP_SUFFIX) or not (st / MANIFEST).exists() for st in stages):
+        return []
+    if any(dst.stage(0, st.name).exists() for st in stages):
+        return []
+    for st in stages:
+        inputs = read_json(st / MANIFEST)["inputs"]
+        if RecordedStage(dst.stage(0, st.name), inputs.get("upstream", {}), cfg).changes(inputs):
+            return []
+    for st in stages:
+        tmp = dst.stage(0, st.name + TMP_SUFFIX)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(st, tmp)
+        os.replace(tmp, dst.stage(0, st.name))
+    return [st.name for st in stages]
 
 
 # ---------------------------------------------------------------- status

@@ -140,7 +140,7 @@ def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Exa
     def compute(cfg, work):
         ctx = r.context(t, cfg)
         groups, scale = candidate_groups(r, ctx, gen, prompts), ctx.scale()
-        judge_policy = r.model(policy) if cfg.judge.name == "self" else None
+        judge_policy = r.model(policy) if cfg.judge.needs_policy else None
         judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id,
                             seed_key=(cfg.experiment.seed, t, "judge"))
         if tuple(judge.scale) != tuple(scale):
