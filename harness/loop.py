@@ -24,6 +24,7 @@ from harness.judges import judge_scale
 from harness.methods import METHODS
 from harness.methods.base import IterationContext
 from harness.models import load_policy, offline_env
+from harness.outcomes import gains_at
 from harness.reuse import ConfigView, RecordedStage
 from harness.rundir import RunDir
 from harness.schema import to_dict
@@ -175,6 +176,7 @@ class Runner:
         metrics.update(cost_metrics)
         return {"experiment": self.cfg.experiment.name, "method": self.cfg.method.name, "iteration": t,
                 "seed": self.cfg.experiment.seed, "model": self.cfg.model.base, "device": device, "metrics": metrics,
+                "paired": gains_at(self.layout.root, t),
                 "provenance": {**{k: prov[k] for k in ("config_hash", "seed", "versions", "git_commit", "git_dirty")},
                                "model": self.base_identity}}
 

@@ -21,6 +21,7 @@ from harness.judges.base import JudgeItem
 from harness.judges.oracle import OracleJudge
 from harness.methods.base import Group, IterationContext
 from harness.models import load_model, load_tokenizer
+from harness.outcomes import write_items
 from harness.reuse import RecordedStage
 from harness.schema import to_dict
 from harness.sources import identity, locate, resolve_ref
@@ -227,10 +228,10 @@ def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
 
     def compute(cfg, work):
         model, tok = r.model(policy)
-        return {"metrics": evaluate_iteration(
-            model, tok, cfg, work, t,
-            lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval")),
-            reference=reference)}
+        metrics = evaluate_iteration(model, tok, cfg, work, t,
+                                     lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval")),
+                                     reference=reference)
+        return {"metrics": metrics, "items": write_items(work)}
 
     return r.run_stage(t, "evaluate", upstream, compute, compare=True)
 
@@ -251,10 +252,10 @@ def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
 
     def compute(cfg, work):
         model, tok = r.model(policy)
-        return {"metrics": run_validation(
-            model, tok, cfg, work, t,
-            lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation")),
-            reference=reference)}
+        metrics = run_validation(model, tok, cfg, work, t,
+                                 lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation")),
+                                 reference=reference)
+        return {"metrics": metrics, "items": write_items(work, "validation/")}
 
     return r.run_stage(t, "validation", upstream, compute, compare=True)
 
