@@ -34,38 +34,120 @@ class Example:
         return self.messages[-1]["content"]
 
 
-def read_records(ref: str, *, revision: str = "main", split: str = "train", where: str = "data.train") -> list[dict]:
-    """Rows of a .jsonl / .json / .parquet file, "tiny:<name>", or a hub dataset id."""
+class Row(dict):
+    """One record of a data file: its columns, and ``where`` it came from ("FILE:LINE" for
+    JSONL, "FILE: record N" for a JSON list, "FILE: row N" for parquet, "DATASET: row N" for
+    a hub dataset), for messages about it."""
+
+    def __init__(self, columns: dict, where: str):
+        super().__init__(columns)
+        self.where = where
+
+
+def _kind_of(value: Any) -> str:
+    """How a JSON value is named in messages: "a JSON array", "the number 5", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {json.dumps(value)}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a JSON array"
+    return f"a {type(value).__name__}"
+
+
+def _utf8_problem(data: bytes, e: UnicodeDecodeError) -> tuple[int, str]:
+    """(1-based line, problem) of the first invalid UTF-8 byte of ``data``."""
+    line_start = data.rfind(b"\n", 0, e.start) + 1
+    line = data.count(b"\n", 0, e.start) + 1
+    return line, (f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}); "
+                  "save the file as UTF-8")
+
+
+def _jsonl_rows(path: Path, where: str) -> list[Row]:
+    data = path.read_bytes()
+    rows = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: {path}:{n}: {_utf8_problem(raw, e)[1]}") from None
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: {path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: {path}:{n}: {_kind_of(value)}, not a JSON object; a JSONL file holds "
+                            'one object per line, e.g. {"prompt": "..."}')
+        rows.append(Row(value, f"{path}:{n}"))
+    return rows
+
+
+def _json_rows(path: Path, where: str) -> list[Row]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, problem = _utf8_problem(data, e)
+        raise DataError(f"{where}: {path}:{line}: {problem}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: {path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(values, list):
+        raise DataError(f"{where}: {path}: expected a JSON list of records, got {_kind_of(values)}")
+    for i, value in enumerate(values):
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: {path}: record {i} is {_kind_of(value)}, not a JSON object")
+    return [Row(value, f"{path}: record {i}") for i, value in enumerate(values)]
+
+
+def read_records(ref: str, *, revision: str = "main", split: str = "train", where: str = "data.train") -> list[Row]:
+    """Rows of a .jsonl / .json / .parquet file, "tiny:<name>", or a hub dataset id; each a
+    ``Row`` (a dict of its columns) knowing where it came from. A line or record that is not
+    a JSON object, invalid JSON or invalid UTF-8 is a ``DataError`` naming FILE:LINE."""
     path = Path(resolve_ref(ref))
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.exists():
             raise DataError(f"{where}: file not found: {path}")
         if path.suffix == ".jsonl":
-            rows = []
-            with open(path) as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{where}: {path}:{n}: not valid JSON ({e.msg})") from None
-            return rows
+            return _jsonl_rows(path, where)
         if path.suffix == ".json":
-            rows = json.loads(path.read_text())
-            if not isinstance(rows, list):
-                raise DataError(f"{where}: {path}: expected a JSON list of records")
-            return rows
+            return _json_rows(path, where)
         import pandas as pd
 
-        return pd.read_parquet(path).to_dict("records")
+        return [Row(r, f"{path}: row {i}") for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
     if path.exists():
         raise DataError(f"{where}: {path}: unsupported file type (use .jsonl, .json or .parquet)")
     from datasets import load_dataset  # a hub dataset id; needs network (HARNESS_ONLINE=1)
 
     try:
-        return list(load_dataset(ref, revision=revision, split=split))
+        rows = list(load_dataset(ref, revision=revision, split=split))
     except Exception as e:  # noqa: BLE001 - the hub raises many kinds; report them uniformly
         raise DataError(f"{where}: cannot load dataset {ref!r} (revision {revision}, split {split}): {e}") from None
+    return [Row(r, f"{ref}: row {i}") for i, r in enumerate(rows)]
+
+
+def text_column(row: dict, column: str, where: str, *, required: bool = True, n: int = 0) -> str | None:
+    """``row[column]`` as text. A required column that is missing, null or not a string is a
+    ``DataError`` naming the row (``Row.where``, else "row ``n``") and the column; an optional
+    one may be missing or null (None) but, when given, must be a string."""
+    at = getattr(row, "where", f"row {n}")
+    if column not in row:
+        if not required:
+            return None
+        raise DataError(f"{where}: {at}: no column {column!r} (columns: {', '.join(sorted(map(str, row)))})")
+    value = row[column]
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {at}: column {column!r} is {_kind_of(value)}, not text")
+    return value
 
 
 def with_system(system_prompt: str, messages: Sequence[dict] = ()) -> tuple[dict, ...]:
@@ -78,28 +160,50 @@ def _stable_id(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _messages(row: dict, column: str, where: str, n: int) -> tuple[list[dict], str | None]:
+    """(the prompt's messages, the final assistant turn's text or None) of a messages column."""
+    at = getattr(row, "where", f"row {n}")
+    msgs = row.get(column)
+    if msgs is not None and not isinstance(msgs, (str, dict)) and hasattr(msgs, "__len__"):
+        msgs = list(msgs)  # parquet gives numpy arrays for list columns
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: {at}: column {column!r} is {_kind_of(msgs) if column in row else 'missing'}, "
+                        "not a list of messages [{role, content}, ...]")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {at}: column {column!r}, message {i}: not {{role, content}} with text values")
+    response = None
+    if msgs[-1]["role"] == "assistant":
+        response, msgs = msgs[-1]["content"], msgs[:-1]
+    if not msgs:
+        raise DataError(f"{where}: {at}: column {column!r} holds only the answer, no prompt")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs], response
+
+
 def to_examples(rows: list[dict], *, prompt_field: str = "prompt", response_field: str = "response",
                 messages_field: str = "", id_field: str = "", system_prompt: str = "",
-                where: str = "data") -> list[Example]:
+                where: str = "data", file_where: str | None = None, require_response: bool = False) -> list[Example]:
+    """Examples of ``rows``. The prompt (column ``prompt_field``, or the messages) is required
+    text; the response is optional unless ``require_response``, and text when given (see
+    ``text_column``). A missing column is reported at ``{where}.prompt_field`` /
+    ``{where}.response_field``, a bad value in one row at ``file_where`` (default ``where``)."""
+    file_where = file_where or where
     out: list[Example] = []
     seen: set[str] = set()
     for n, row in enumerate(rows):
         if messages_field:
-            msgs = row.get(messages_field)
-            if msgs is not None and not isinstance(msgs, (str, dict)) and hasattr(msgs, "__len__"):
-                msgs = list(msgs)  # parquet gives numpy arrays for list columns
-            if not isinstance(msgs, list) or not msgs:
-                raise DataError(f"{where}.messages_field: row {n} has no list in column {messages_field!r}")
-            response = None
-            if msgs[-1].get("role") == "assistant":
-                response, msgs = msgs[-1]["content"], msgs[:-1]
-            messages = tuple({"role": m["role"], "content": m["content"]} for m in msgs)
+            msgs, response = _messages(row, messages_field, f"{where}.messages_field", n)
+            messages = tuple(msgs)
+            if require_response and response is None:
+                raise DataError(f"{file_where}: {getattr(row, 'where', f'row {n}')}: column {messages_field!r} "
+                                "does not end with an assistant turn (the answer)")
         else:
             if prompt_field not in row:
-                raise DataError(f"{where}.prompt_field: row {n} has no column {prompt_field!r} "
-                                f"(columns: {', '.join(sorted(row))})")
-            messages = ({"role": "user", "content": str(row[prompt_field])},)
-            response = row.get(response_field)
+                text_column(row, prompt_field, f"{where}.prompt_field", n=n)
+            messages = ({"role": "user", "content": text_column(row, prompt_field, file_where, n=n)},)
+            if require_response and response_field not in row:
+                text_column(row, response_field, f"{where}.response_field", n=n)
+            response = text_column(row, response_field, file_where, required=require_response, n=n)
         messages = with_system(system_prompt, messages)
         key = id_field or "id"
         pid = str(row[key]) if key in row else _stable_id(json.dumps(messages, sort_keys=True))
@@ -107,18 +211,21 @@ def to_examples(rows: list[dict], *, prompt_field: str = "prompt", response_fiel
             raise DataError(f"{where}: duplicate prompt id {pid!r} (row {n})")
         seen.add(pid)
         meta = {k: v for k, v in row.items() if k not in (prompt_field, response_field, messages_field, key)}
-        out.append(Example(pid, messages, None if response is None else str(response), meta))
+        out.append(Example(pid, messages, response, meta))
     return out
 
 
-def load_examples(section, ref: str | None = None, where: str = "data.train", *, seed: int) -> list[Example]:
+def load_examples(section, ref: str | None = None, where: str = "data.train", *, seed: int,
+                  require_response: bool = False) -> list[Example]:
     """Examples from ``ref`` (default: ``section.train``), with the section's column mapping.
     With ``num_prompts`` set they are sorted by id, shuffled with ``seed`` (the experiment
-    seed: another seed draws another subset) and cut to the first ``num_prompts``."""
+    seed: another seed draws another subset) and cut to the first ``num_prompts``.
+    ``require_response``: every row must have its answer (SPIN)."""
     rows = read_records(ref or section.train, revision=section.revision, split=section.split, where=where)
     exs = to_examples(rows, prompt_field=section.prompt_field, response_field=section.response_field,
                       messages_field=section.messages_field, id_field=section.id_field,
-                      system_prompt=section.system_prompt, where="data")
+                      system_prompt=section.system_prompt, where="data", file_where=where,
+                      require_response=require_response)
     if section.num_prompts and ref is None:
         exs = sorted(exs, key=lambda e: e.id)
         random.Random(seed).shuffle(exs)
@@ -126,7 +233,8 @@ def load_examples(section, ref: str | None = None, where: str = "data.train", *,
     return exs
 
 
-def load_simple(ref: str, where: str, prompt_field: str = "prompt", response_field: str = "response") -> list[Example]:
+def load_simple(ref: str, where: str, prompt_field: str = "prompt", response_field: str = "response", *,
+                require_response: bool = False) -> list[Example]:
     """Files of a method's own options (IFT/EFT, teacher outputs, prompt files)."""
     return to_examples(read_records(ref, where=where), prompt_field=prompt_field,
-                       response_field=response_field, where=where)
+                       response_field=response_field, where=where, require_response=require_response)

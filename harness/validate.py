@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import Config, JudgeSection, judge_sections
-from harness.data import DataError, load_examples
+from harness.data import DataError, load_examples, read_records, text_column
 from harness.evaluate import load_eval_prompts
 from harness.evaluate.alpaca import HUB_SET, load_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics
@@ -61,13 +61,13 @@ def check(cfg: Config, *, check_endpoints: bool = False) -> Report:
     _paths(cfg, r)
     _device(cfg, r)
     _model(cfg, r)
-    examples = _data(cfg, r)
+    examples = _guarded(r, "data.train", _data, cfg, r)
     if examples is not None:
-        r.errors += method.check_inputs(cfg, examples)
+        _guarded(r, f"method.{cfg.method.name}", _inputs, cfg, method, examples, r)
         _steps(cfg, method, len(examples), r)
-    _files(cfg, r)
+    _guarded(r, "eval", _files, cfg, r)
     _evaluation(cfg, r)
-    validation = _validation(cfg, r)
+    validation = _guarded(r, "eval.validation", _validation, cfg, r)
     for where, metric in method.metric_refs(cfg):
         if validation is not None and metric not in validation and not _builtin_task_metric(metric, validation):
             near = sorted(m for m in validation if not m.endswith("_stderr"))
@@ -89,6 +89,44 @@ def _judges_in_use(cfg: Config) -> list[tuple[str, JudgeSection]]:
 
 
 # ---- files and data --------------------------------------------------------------
+
+def _guarded(r: Report, where: str, fn, *args):
+    """``fn(*args)``; an unexpected exception (a bug, or a file no check foresaw) becomes one
+    error at ``where`` instead of ending the validation of everything else."""
+    try:
+        return fn(*args)
+    except DataError as e:
+        r.errors.append(FieldError(*_split_where(str(e), where)))
+    except Exception as e:  # noqa: BLE001 - reported, never a traceback
+        r.errors.append(FieldError(where, f"could not be checked: {type(e).__name__}: {e}"))
+    return None
+
+
+def _inputs(cfg: Config, method, examples: list, r: Report) -> None:
+    """The method's checks of its data. When it finds rows without their answer (SPIN), the
+    first such row is named as FILE:LINE too."""
+    errors = method.check_inputs(cfg, examples)
+    r.errors += errors
+    if any(e.path == "data.response_field" for e in errors):
+        try:
+            load_examples(cfg.data, seed=cfg.experiment.seed, require_response=True)
+        except DataError as e:
+            r.errors.append(FieldError(*_split_where(str(e), "data.train")))
+
+
+def rows_problems(ref: str, where: str, columns: tuple[str, ...]) -> list[FieldError]:
+    """A local data file read as the harness reads rows (``data.read_records``): each problem
+    as FILE:LINE (invalid UTF-8, a line that is not a JSON object, a required text column that
+    is missing, null or not a string). Files of other types are left to their loader."""
+    if Path(resolve_ref(ref)).suffix not in (".jsonl", ".json", ".parquet"):
+        return []
+    try:
+        for n, row in enumerate(read_records(ref, where=where)):
+            for column in columns:
+                text_column(row, column, where, n=n)
+    except DataError as e:
+        return [FieldError(*_split_where(str(e), where))]
+    return []
 
 def tiny_available(ref: str, where: str, r: Report) -> Path | None:
     """The built path of a tiny-world reference, None when unknown (an error) or not built yet."""
@@ -146,16 +184,22 @@ def _files(cfg: Config, r: Report) -> None:
         _hub_off(cfg, r, "eval.alpaca_eval.instructions", HUB_SET, "is read from the hub",
                  "give a local AlpacaEval-format file")
     elif ae.instructions and readable(ae.instructions, "eval.alpaca_eval.instructions", r) is not None:
-
-        try:
-            load_instructions(ae.instructions, ae.limit)
-        except (OSError, ValueError) as e:
-            r.errors.append(FieldError(*_split_where(str(e), "eval.alpaca_eval.instructions")))
+        _loads(r, "eval.alpaca_eval.instructions", ae.instructions, ("instruction", "output"),
+               lambda: load_instructions(ae.instructions, ae.limit))
     if cfg.eval.eval_prompts and readable(cfg.eval.eval_prompts, "eval.eval_prompts", r) is not None:
-        try:
-            load_eval_prompts(cfg.eval.eval_prompts)
-        except (OSError, ValueError) as e:
-            r.errors.append(FieldError(*_split_where(str(e), "eval.eval_prompts")))
+        _loads(r, "eval.eval_prompts", cfg.eval.eval_prompts, ("prompt",), lambda: load_eval_prompts(cfg.eval.eval_prompts))
+
+
+def _loads(r: Report, where: str, ref: str, columns: tuple[str, ...], load) -> None:
+    """The file's rows (``rows_problems``: FILE:LINE), then its own loader's checks."""
+    problems = rows_problems(ref, where, columns)
+    if problems:
+        r.errors += problems
+        return
+    try:
+        load()
+    except (OSError, ValueError) as e:
+        r.errors.append(FieldError(*_split_where(str(e), where)))
 
 
 def _steps(cfg: Config, method, n_examples: int, r: Report) -> None:
@@ -343,14 +387,13 @@ def _validation(cfg: Config, r: Report) -> set[str] | None:
         if not local:  # a hub dataset id: it loads at run time
             _hub_off(cfg, r, "eval.validation.prompts", v.prompts, *_HUB_DATASET)
         elif readable(v.prompts, "eval.validation.prompts", r) is not None:
-            r.errors += file_problems(v.prompts, "eval.validation.prompts", ("prompt",))[1]
+            r.errors += rows_problems(v.prompts, "eval.validation.prompts", ("prompt",)) \
+                or file_problems(v.prompts, "eval.validation.prompts", ("prompt",))[1]
     ae = v.alpaca_eval
     if ae.instructions and ae.instructions != HUB_SET \
             and readable(ae.instructions, "eval.validation.alpaca_eval.instructions", r) is not None:
-        try:
-            load_instructions(ae.instructions, ae.limit)
-        except (OSError, ValueError) as e:
-            r.errors.append(FieldError("eval.validation.alpaca_eval.instructions", str(e)))
+        _loads(r, "eval.validation.alpaca_eval.instructions", ae.instructions, ("instruction", "output"),
+               lambda: load_instructions(ae.instructions, ae.limit))
     try:
         return validation_metric_names(v)
     except (FileNotFoundError, KeyError) as e:

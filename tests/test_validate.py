@@ -222,3 +222,76 @@ def test_endpoint_check_is_opt_in(world, tiny_dir, capsys, monkeypatch):
     assert code == 0, err
     code, path, err = run_validate(world, text, capsys, "--check-endpoints")
     assert code == 1 and "judge.openai.base_url: cannot reach" in err
+
+
+def bad_jsonl(path, good_rows, line4: bytes):
+    """``good_rows`` as JSONL with ``line4`` (raw bytes) as the file's 4th line."""
+    lines = [json.dumps(r).encode() for r in good_rows]
+    path.write_bytes(b"\n".join(lines[:3] + [line4] + lines[3:]) + b"\n")
+    return path
+
+
+def test_malformed_data_files_each_name_file_and_line_all_at_once(world, tiny_dir, capsys):
+    """A JSON array line, a bare scalar line, invalid UTF-8 and a null required text column:
+    each file's problem is one FILE:LINE error, and one bad file does not stop the others'."""
+    rows = [{"prompt": f"what is {i} plus 1", "response": str(i + 1)} for i in range(20)]
+    train = bad_jsonl(world / "train.jsonl", rows, b'["what is 1 plus 1", "2"]')
+    teacher = bad_jsonl(world / "teach.jsonl", rows, b"5")
+    evalp = bad_jsonl(world / "evalp.jsonl", rows, b'{"prompt": "caf\xe9"}')
+    val = bad_jsonl(world / "val.jsonl", rows, b'{"prompt": null}')
+    (world / "ae_bad.json").write_text(json.dumps([{"instruction": "hi", "output": "hello"},
+                                                   {"instruction": None, "output": "x"}]))
+    text = dno(world, tiny_dir, f'teacher = "{teacher}"').replace(f"{world}/prompts.jsonl", str(train)) \
+        .replace("[eval]", f'[eval]\neval_prompts = "{evalp}"') \
+        + f'[eval.alpaca_eval]\ninstructions = "{world}/ae_bad.json"\n[eval.alpaca_eval.judge]\nname = "oracle"\n' \
+        + f'[eval.validation]\nprompts = "{val}"\n[eval.validation.judge]\nname = "oracle"\n'
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 1
+    found = errors_of(err, path)
+    assert found["data.train"] == f"{train}:4: a JSON array, not a JSON object; a JSONL file holds one object " \
+                                  'per line, e.g. {"prompt": "..."}', err
+    assert found["eval.eval_prompts"].startswith(f"{evalp}:4: not valid UTF-8 (byte 0xe9 at column 16)"), err
+    assert found["eval.validation.prompts"] == f"{val}:4: column 'prompt' is null, not text", err
+    assert found["eval.alpaca_eval.instructions"] == f"{world}/ae_bad.json: record 1: column 'instruction' is " \
+                                                     "null, not text", err
+    # the teacher file is checked even though data.train could not be read
+    text = text.replace(str(train), f"{world}/prompts.jsonl")
+    code, path, err = run_validate(world, text, capsys)
+    found = errors_of(err, path)
+    assert found["method.dno.teacher"].startswith(f"{teacher}:4: the number 5, not a JSON object"), err
+    assert {"eval.eval_prompts", "eval.validation.prompts", "eval.alpaca_eval.instructions"} <= set(found), err
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"prompt": None, "response": "x"}, "column 'prompt' is null, not text"),
+    ({"prompt": 7, "response": "x"}, "column 'prompt' is the number 7, not text"),
+    ({"prompt": "q"}, "no column 'response' (columns: prompt)"),
+    ({"prompt": "q", "response": None}, "column 'response' is null, not text"),
+    ({"prompt": "q", "response": ["a"]}, "column 'response' is a JSON array, not text"),
+])
+def test_a_required_text_column_missing_null_or_not_text_is_an_error(world, tiny_dir, capsys, row, words):
+    rows = [{"prompt": f"what is {i} plus 1", "response": str(i + 1)} for i in range(20)]
+    train = bad_jsonl(world / "sft.jsonl", rows, json.dumps(row).encode())
+    code, path, err = run_validate(world, spin(world, tiny_dir), capsys)
+    assert code == 1
+    assert any(line.endswith(f": {train}:4: {words}") for line in err.splitlines()), err
+
+
+@pytest.mark.parametrize("line4, words", [
+    (b"[1, 2]", "4: a JSON array, not a JSON object"),
+    (b"5", "4: the number 5, not a JSON object"),
+    (b'{"prompt": "caf\xe9", "response": "x"}', "4: not valid UTF-8 (byte 0xe9 at column 16)"),
+    (b'{"prompt": null, "response": "x"}', "4: column 'prompt' is null, not text"),
+])
+def test_at_run_time_a_malformed_file_is_a_data_error(tmp_path, line4, words):
+    from harness.config import DataSection
+    from harness.data import DataError, load_examples
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
+    train = bad_jsonl(tmp_path / "t.jsonl", rows, line4)
+    with pytest.raises(DataError) as e:
+        load_examples(DataSection(train=str(train)), seed=0)
+    assert str(e.value).startswith(f"data.train: {train}:{words}")
+    with pytest.raises(DataError, match="no column 'response'"):
+        load_examples(DataSection(train=str(bad_jsonl(tmp_path / "u.jsonl", rows, b'{"prompt": "q"}'))), seed=0,
+                      require_response=True)
