@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_eval_fixtures import SHARED_DATA, tiny, tiny_dir  # noqa: F401  (fixtures)
+from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F401  (fixtures)
 
 from harness.config import AlpacaEvalSection
 from harness.evaluate.alpaca import (CoverageError, annotate, import_published, load_instructions,
@@ -195,8 +195,7 @@ def _published(name: str) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_import_reproduces_published_leaderboard(name):
-    if not AE_DATA.is_dir():
-        pytest.skip(f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
+    require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
     m = import_published(*_published(name), name)
     row = _leaderboard_rows()[name]
     for k in ("win_rate", "standard_error", "discrete_win_rate"):
@@ -207,8 +206,7 @@ def test_import_reproduces_published_leaderboard(name):
 
 
 def test_published_run_row(tmp_path):
-    if not AE_DATA.is_dir():
-        pytest.skip(f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
+    require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
     outs, ann = _published("alpaca-7b")
     path = write_published_run(tmp_path / "alpaca-7b", "alpaca-7b", outs, ann)
     (row,) = [json.loads(line) for line in path.read_text().splitlines()]

@@ -20,6 +20,14 @@ for _k, _v in OFFLINE_ENV.items():
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# set by .ci/run, where the shared data and the SmolLM2 wheel are present: a missing one is a failure there
+REQUIRE = os.environ.get("HARNESS_REQUIRE_SHARED_DATA") == "1"
+
+
+def require(present: bool, what: str) -> None:
+    """Skip (saying why) when ``what`` is absent; under HARNESS_REQUIRE_SHARED_DATA=1 fail instead."""
+    if not present:
+        (pytest.fail if REQUIRE else pytest.skip)(f"{what} (HARNESS_REQUIRE_SHARED_DATA={int(REQUIRE)})")
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_eval_fixtures import MC_YAML, OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache  # noqa: F401
+from test_eval_fixtures import MC_YAML, OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache, require  # noqa: F401
 
 from harness.config import EvalSection
 from harness.evaluate import lm_eval_adapter
@@ -207,8 +207,7 @@ def test_lm_eval_files_are_kept(runs):
 
 
 def test_gsm8k_local_equals_command_line(runs):
-    if not GSM8K.is_dir():
-        pytest.skip(f"GSM8K data not found at {GSM8K} (shared data folder absent)")
+    require(GSM8K.is_dir(), f"GSM8K data not found at {GSM8K} (shared data folder absent)")
     ours, cli = runs["ours"], runs["cli"]["results"]["gsm8k_local"]
     # primary = first metric under the first filter (strict-match)
     assert ours["lm_eval/gsm8k_local/exact_match"] == cli["exact_match,strict-match"]

@@ -14,6 +14,7 @@ import pytest
 
 from harness.cli import main
 from harness.sources import BUILTINS, SourceError, locate
+from test_eval_fixtures import require
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "experiments" / "smollm2" / "smoke.toml"
@@ -24,7 +25,11 @@ except SourceError as e:  # not installed: ./install.sh installs it
     SOURCE = None
     WHY = str(e)
 
-pytestmark = pytest.mark.skipif(SOURCE is None, reason=f"SmolLM2 wheel not installed ({'' if SOURCE else WHY})")
+
+
+@pytest.fixture(autouse=True)
+def _wheel_present():
+    require(SOURCE is not None, f"SmolLM2 wheel not installed ({'' if SOURCE else WHY})")
 
 
 def test_locate_finds_the_wheel_without_importing_it():
