@@ -466,3 +466,36 @@ def test_answers_cut_at_max_tokens_are_marked_truncated(serve):
     long, short = judge_for(server.url).score(items("long", "short"))
     assert long.truncated == (True,) and long.score is None       # no score: a failure, and truncated
     assert short.truncated == (False,) and short.score == 3.0
+
+
+def test_an_oversized_reply_is_a_counted_failure_and_stays_small(serve, tmp_path):
+    """An endpoint answering every request with a 20 MB body (or a valid reply whose answer
+    ignores max_tokens): not read whole, not stored whole, not retried; each such item is a
+    failed judgment, counted and shown like a parse failure."""
+    from harness.judging import judge_groups
+    from harness.store import JsonlLog
+
+    huge_body = "x" * (20 << 20)
+    long_answer = reply("blah " * 40_000 + "Score: 4")[1]  # 200 kB: far beyond max_tokens=64
+
+    def behave(body, key, n):
+        return 200, long_answer if "answer 0" in key else huge_body
+
+    server = serve(behave, by="content")
+    groups = _groups(16)
+    judge = judge_for(server.url, max_new_tokens=64, timeout_s=20.0)
+    log = JsonlLog(tmp_path / "judgments.jsonl")
+    judged = judge_groups(judge, groups, log, batch_size=8, what="judging of iteration 1")
+    assert judged.n_items == 32 and judged.n_parse_failed == 32 and judged.metrics()["judge/coverage"] == 0.0
+    assert len(server.requests) == 32  # one request each: an over-long reply is an answer, not retried
+    assert (tmp_path / "judgments.jsonl").stat().st_size < 32 * 3000
+    raws = [r[0] for rec in judged.records for r in rec["raw"][:2]]
+    assert all(r.startswith("[reply too long] ") for r in raws)
+    assert any("passed 1048576 bytes (max_reply_bytes" in r for r in raws)
+    assert any("the answer has 200008 characters, more than 64 tokens" in r for r in raws)
+    assert "no valid score" in judged.parse_summary() and "[reply too long]" in judged.parse_summary()
+    # the cap is an option of [judge.openai]
+    small = judge_for(server.url, max_reply_bytes=4096)
+    assert small.max_reply_bytes == 4096
+    section = JudgeSection.of("openai", model="m", base_url=server.url, api_key_env=KEY_ENV, max_reply_bytes=4096)
+    assert build_judge(section).max_reply_bytes == 4096

@@ -20,7 +20,12 @@ Failure behaviour, per request:
 - a reply that is not JSON or lacks choices[0].message.content: an error entry
   holding the reply text (not retried within the call: the server did answer;
   like every error entry it is not persisted, so the next run asks again);
-- content without a parsable score: an ordinary parse failure, raw kept.
+- content without a parsable score: an ordinary parse failure, raw kept;
+- an over-long reply -- a body over ``max_reply_bytes`` (read no further), or an
+  answer longer than ``max_new_tokens`` could produce (``answer_cap``: an endpoint
+  that ignored max_tokens) -- is a failed judgment like a parse failure: stored,
+  counted and shown, with ``TOO_LONG`` and the first ``_BODY_KEEP`` characters as its
+  raw answer, never the whole reply; not retried (the server did answer).
 A reply's ``usage`` (prompt / completion tokens), when sent, is added to the
 running stage's cost (``harness.cost``).
 An unexpected exception in one request only fails that request's sample.
@@ -45,6 +50,22 @@ from harness.judges.llm import content_id
 from harness.judges.parsing import ERROR_PREFIX, fill_template, verdict_from_samples
 
 _BODY_KEEP = 2000  # characters of a bad reply kept for audit
+MAX_REPLY_BYTES = 1 << 20  # default cap on a reply body read from the endpoint (1 MiB)
+CHARS_PER_TOKEN = 32  # no tokenizer's tokens are this long on average: a longer answer ignored max_tokens
+TOO_LONG = "[reply too long] "  # raw answer of an over-long reply (a failed judgment, stored)
+
+
+def answer_cap(max_new_tokens: int) -> int:
+    """The most characters an answer of ``max_new_tokens`` tokens is taken to have."""
+    return max(_BODY_KEEP, CHARS_PER_TOKEN * max_new_tokens)
+
+
+class _TooLong(Exception):
+    """The reply body passed ``max_reply_bytes``; ``head`` is what was read of it."""
+
+    def __init__(self, head: str):
+        super().__init__(head)
+        self.head = head
 
 
 def _count_usage(body: str) -> None:
@@ -84,7 +105,7 @@ class OpenAIJudge:
                  api_key_env: str = "OPENAI_API_KEY", samples: int = 1, temperature: float = 0.0,
                  max_new_tokens: int = 256, timeout_s: float = 60.0, max_retries: int = 3, concurrency: int = 8,
                  seed_key: tuple = (), backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 name: str = "openai"):
+                 max_reply_bytes: int = MAX_REPLY_BYTES, name: str = "openai"):
         key = os.environ.get(api_key_env, "")
         if not key:
             raise MissingAPIKey(
@@ -105,6 +126,8 @@ class OpenAIJudge:
         self.seed_key = tuple(seed_key)
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_reply_bytes = max_reply_bytes
+        self.answer_cap = answer_cap(max_new_tokens)
         self.name = name
         self.lo, self.hi = lo, hi  # the template's declared score range (parsing.load_judge_template)
         self.scale = (float(lo), float(hi))
@@ -118,15 +141,18 @@ class OpenAIJudge:
             # the socket timeout bounds connecting and each wait for data; the deadline
             # bounds the whole reply (a server trickling bytes never hangs the stage)
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                chunks = []
-                while chunk := resp.read1(1 << 16):
+                chunks, size = [], 0
+                while chunk := resp.read1(min(1 << 16, self.max_reply_bytes + 1 - size)):
                     chunks.append(chunk)
+                    size += len(chunk)
+                    if size > self.max_reply_bytes:  # read no further: the rest is never held
+                        raise _TooLong(b"".join(chunks)[:_BODY_KEEP].decode("utf-8", errors="replace"))
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"the reply took longer than {self.timeout_s}s")
                 return b"".join(chunks).decode("utf-8", errors="replace")
         except urllib.error.HTTPError as e:  # before URLError: it is a subclass
             try:
-                body = e.read().decode("utf-8", errors="replace")[:_BODY_KEEP]
+                body = e.read(_BODY_KEEP).decode("utf-8", errors="replace")
             except (OSError, http.client.HTTPException) as read_error:  # the error body itself got lost
                 body = f"(body unreadable: {type(read_error).__name__})"
             if e.code == 429 or e.code >= 500:
@@ -148,6 +174,10 @@ class OpenAIJudge:
             return f"{ERROR_PREFIX}malformed reply: {body[:_BODY_KEEP]}", False
         if not isinstance(content, str):
             return f"{ERROR_PREFIX}malformed reply (content is not text): {body[:_BODY_KEEP]}", False
+        if len(content) > self.answer_cap:
+            return (f"{TOO_LONG}the answer has {len(content)} characters, more than {self.max_new_tokens} tokens "
+                    f"(max_new_tokens) can hold (at most {self.answer_cap} taken): the endpoint ignored max_tokens; "
+                    f"kept: {content[:_BODY_KEEP]} [cut]"), False
         return content, choice.get("finish_reason") == "length"
 
     def _ask(self, text: str, seed: int) -> tuple[str, bool]:
@@ -162,6 +192,9 @@ class OpenAIJudge:
                 body = self._post_once(payload)
                 _count_usage(body)
                 return self._content(body)
+            except _TooLong as e:  # the server answered: a failed judgment, not retried
+                return (f"{TOO_LONG}the reply body passed {self.max_reply_bytes} bytes (max_reply_bytes in "
+                        f"[judge.openai]) and was not read further; its start: {e.head} [cut]"), False
             except _Retryable as e:
                 reason = str(e)
                 if attempt < self.max_retries:

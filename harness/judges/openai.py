@@ -23,6 +23,7 @@ class EndpointOptions:
     api_key_env: str = opt("OPENAI_API_KEY", "Name of the environment variable holding the API key.")
     timeout_s: float = opt(60.0, "Per-request timeout in seconds.", min=0.1)
     max_retries: int = opt(3, "Retries on timeouts and 5xx answers.", min=0)
+    max_reply_bytes: int = opt(1 << 20, "Most bytes of one reply body read from the endpoint (default 1 MiB; a judge's answer is a few KB). A longer reply is not read further and is a failed judgment, counted like a parse failure; so is an answer longer than max_new_tokens can hold (32 characters a token), and only its first 2000 characters are stored.", min=1024)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,11 @@ class OpenAI(LLMKind):
         judge = OpenAIJudge(o.base_url, o.model, template=tpl.text, lo=tpl.lo, hi=tpl.hi, api_key_env=o.api_key_env,
                             samples=o.samples, temperature=o.temperature, max_new_tokens=o.max_new_tokens,
                             timeout_s=o.timeout_s, max_retries=o.max_retries, concurrency=section.batch_size,
-                            seed_key=seed_key, name=f"{self.name}:{o.model}")
-        return judge, {**ident, **self.seed_ident(o, seed_key), "base_url": o.base_url, "model": o.model}
+                            seed_key=seed_key, max_reply_bytes=o.max_reply_bytes, name=f"{self.name}:{o.model}")
+        # an over-long reply is a stored failure under this cap: another cap is another judge
+        # (left out at the default, so the identities of existing caches stay as they were)
+        cap = {"max_reply_bytes": o.max_reply_bytes} if o.max_reply_bytes != 1 << 20 else {}
+        return judge, {**ident, **self.seed_ident(o, seed_key), "base_url": o.base_url, "model": o.model, **cap}
 
 
 JUDGES.register(OpenAI.name)(OpenAI())
