@@ -51,9 +51,6 @@ def test_tiny_model_mechanics_and_reproducible_seeding(policy):
     assert len(verdicts) == 3
     for v in verdicts:
         assert len(v.raw) == 2 and len(v.scores) == 2 and all(isinstance(r, str) for r in v.raw)
-        # an untrained model's babble rarely parses; whatever parses is averaged
-        valid = [s for s in v.scores if s is not None]
-        assert v.score == (sum(valid) / len(valid) if valid else None)
     assert coverage(verdicts)["n_total"] == 3
     # seeds depend on content only: other order, other neighbours, other batch size -> same answers
     again = make(policy, batch_size=1).score([ITEMS[2], ITEMS[0]])
@@ -165,3 +162,37 @@ def test_build_hf_judge_from_a_local_directory(tmp_path, policy):
     # cached: a rebuilt judge (a restarted stage) does not generate again
     again = build_judge(section, cache_path=tmp_path / "cache.jsonl")
     assert again.score(ITEMS) == verdicts and (again.hits, again.misses) == (3, 0)
+
+
+FIXED = {0: "Helpful.\nScore: 2", 1: "Score: 5", 2: "no score at all"}  # answer of each sample index
+
+
+def test_scores_are_the_mean_of_the_parsable_samples(monkeypatch, policy):
+    """The real generation path, with each sample's text replaced by a fixed answer of its
+    sample index: the verdicts are hand-computed, so a wrong average or a failure counted
+    as a score fails."""
+    real = llm_mod.generate
+
+    def fixed(*args, **kw):
+        out = real(*args, **kw)
+        for rec in out.values():
+            for j, s in enumerate(rec["samples"]):
+                s["text"] = FIXED[j]
+        return out
+
+    monkeypatch.setattr(llm_mod, "generate", fixed)
+    verdicts = make(policy, samples=3).score(ITEMS)
+    for v in verdicts:
+        assert v.scores == (2, 5, None)
+        assert v.score == 3.5  # (2 + 5) / 2: the unparsable third sample is left out, not a 0
+        assert v.raw == (FIXED[0], FIXED[1], FIXED[2])
+    assert coverage(verdicts) == {"n_total": 3, "n_scored": 3, "n_failed": 0, "coverage": 1.0}
+    (one,) = make(policy, samples=1).score(ITEMS[:1])
+    assert one.score == 2.0 and one.scores == (2,)
+    # one sample that does not parse is a failure, never a score
+    monkeypatch.setattr(llm_mod, "generate", lambda *a, **kw: {
+        pid: {**rec, "samples": [{**s, "text": "no score at all"} for s in rec["samples"]]}
+        for pid, rec in real(*a, **kw).items()})
+    (bad,) = make(policy, samples=1).score(ITEMS[:1])
+    assert bad.score is None and bad.scores == (None,)
+    assert coverage([bad]) == {"n_total": 1, "n_scored": 0, "n_failed": 1, "coverage": 0.0}
