@@ -76,9 +76,16 @@ class StepSettings:
     epochs: float = opt(1.0, "Epochs over the iteration's pairs.", min=0.0)
     batch_size: int = opt(8, "Pairs per device batch.", min=1)
     gradient_accumulation_steps: int = opt(1, "Batches per optimiser step.", min=1)
-    max_length: int = opt(1024, "Truncate prompt + answer to this many tokens.", min=8)
+    max_length: int = opt(1024, "Most tokens of prompt + answer. Prompts are first cut to max_prompt_length; an answer that still does not fit keeps its start (its end, end-of-turn included, is cut) and the pair counts as truncated.", min=8)
+    max_prompt_length: int = opt(0, "Most tokens of a rendered prompt (chat template included). A longer prompt is cut from the left before training: whole earlier turns are dropped (a system message stays), and only when the last user turn alone is still too long is its text cut from the left; a prompt that cannot fit (a system message alone too long) drops its pair. 0 = max_length // 2, the split of SPIN's code (max_length 1024, max_prompt_length 512). Must be below max_length.", min=0)
+    max_truncated_share: float = opt(0.1, "Fail the stage when more than this share of its pairs (examples) had a prompt or answer cut or was dropped to fit max_length: past it the data does not fit the configured lengths and the numbers would describe cut answers. Counts are reported as train/n_pairs_truncated and train/n_pairs_dropped. 1 = never fail.", min=0.0, max=1.0)
     warmup_ratio: float = opt(0.1, "Fraction of steps spent warming up the learning rate.", min=0.0, max=1.0)
     lr_scheduler: str = opt("linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant", "constant_with_warmup"))
+
+    @property
+    def prompt_limit(self) -> int:
+        """Most tokens of a rendered prompt: max_prompt_length, or half of max_length."""
+        return self.max_prompt_length or self.max_length // 2
 
 
 def _refine(base: type, name: str, default: Any = MISSING, doc: str = "") -> Any:
@@ -96,7 +103,7 @@ class SftSection(StepSettings):
     learning_rate: float = _refine(StepSettings, "learning_rate", 1e-4, "Peak learning rate. The paper's M1 used 5.5e-6 for full fine-tuning of Llama-2-70B; a LoRA adapter learns a low-rank update and needs a rate 10-100x higher: 1e-4 is QLoRA's rate for its 33B-65B models (2e-4 up to 13B).")
     epochs: float = _refine(StepSettings, "epochs", doc="Epochs over the SFT examples.")
     batch_size: int = _refine(StepSettings, "batch_size", 16, "Examples per device batch (x gradient_accumulation_steps = the paper's batch size of 16 by default).")
-    max_length: int = _refine(StepSettings, "max_length", doc="Truncate prompt + answer to this many tokens (EFT examples hold a whole judge prompt).")
+    max_length: int = _refine(StepSettings, "max_length", doc="Most tokens of prompt + answer (EFT examples hold a whole judge prompt, cut from the left to max_prompt_length like any prompt: raise both when judge prompts are long).")
 
 
 @dataclass(frozen=True)
@@ -294,6 +301,9 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
         errors.append(FieldError("judge.name", f"method {cfg.method.name!r} needs a judge; set one of {JUDGES.names()}"))
     if cfg.chain == "merge" and cfg.model.quantization != "none":
         errors.append(FieldError("lora.chain", "merge would fold adapters into quantized weights lossily; use \"continue\" (or \"auto\") with a quantized base"))
+    if cfg.training.prompt_limit >= cfg.training.max_length:
+        errors.append(FieldError("training.max_prompt_length", f"{cfg.training.prompt_limit} leaves no room for an answer "
+                                                               f"within max_length {cfg.training.max_length}; set it below"))
     n_lrs = len(cfg.training.learning_rates)
     if n_lrs > cfg.method.iterations:
         errors.append(FieldError("training.learning_rates", f"{n_lrs} rates for {cfg.method.iterations} iterations; "

@@ -313,7 +313,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
     return {pid: results[pid] for pid in texts}
 
 
-def _chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template, as trl tokenizes them."""
     return list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
                                               add_generation_prompt=add_generation_prompt)["input_ids"])
 
@@ -322,8 +323,8 @@ def completion_ids(tokenizer, messages: Sequence[dict], response: str) -> tuple[
     """(prompt ids, completion ids) exactly as trl's DPOTrainer tokenizes a
     conversational pair: the completion starts where the rendered prompt and the
     rendered prompt+answer diverge, and includes the template's end-of-turn."""
-    prompt = _chat_ids(tokenizer, messages, True)
-    full = _chat_ids(tokenizer, list(messages) + [{"role": "assistant", "content": response}], False)
+    prompt = chat_ids(tokenizer, messages, True)
+    full = chat_ids(tokenizer, list(messages) + [{"role": "assistant", "content": response}], False)
     n = 0
     while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
         n += 1

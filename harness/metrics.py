@@ -120,6 +120,10 @@ CATALOGUE: tuple[Metric, ...] = (
     # train: DPO / SFT training (harness.train)
     M("train/steps", "optimizer steps", format="count", producer=TRAIN, lines=_train("{} steps")),
     M("train/n_pairs", "pairs trained on", format="count", producer=TRAIN, lines=_train("{} pairs")),
+    M("train/n_pairs_truncated", "pairs (examples) with a prompt or answer cut to fit max_length", format="count",
+      higher_is_better=False, producer=TRAIN, lines=_train("{} cut to fit")),
+    M("train/n_pairs_dropped", "pairs (examples) that cannot fit max_length", format="count", higher_is_better=False,
+      producer=TRAIN, lines=_train("{} dropped")),
     M("train/loss_first", "first loss", higher_is_better=False, producer=TRAIN),
     M("train/loss", "last loss", higher_is_better=False, producer=TRAIN,
       lines=_train("loss [{train/loss_first}→]{}")),

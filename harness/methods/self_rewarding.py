@@ -50,6 +50,10 @@ class SelfRewarding(Method):
         errors = []
         if cfg.judge.needs_policy and cfg.judge.options.samples == 1:
             errors.append(FieldError(f"judge.{cfg.judge.name}.samples", "Self-Rewarding averages several judgments (the paper: 3); set samples >= 2 or use an external judge"))
+        sft = cfg.options.sft
+        if sft.prompt_limit >= sft.max_length:
+            errors.append(FieldError("method.self_rewarding.sft.max_prompt_length", f"{sft.prompt_limit} leaves no room "
+                                     f"for an answer within max_length {sft.max_length}; set it below"))
         return errors
 
     def check_inputs(self, cfg, examples):

@@ -27,6 +27,7 @@ from typing import Sequence
 from harness.train.reference import pair_logps, precompute_reference, reference_logps, use_reference_adapter
 from harness.train.schedule import dpo_steps
 from harness.train.trainer import TrainingError, make_trainer, prepare_policy, run_trainer, trainer_args
+from harness.train.truncate import check_share, cut_answers, fit
 
 
 def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
@@ -37,7 +38,8 @@ def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, ou
     from trl import DPOConfig, DPOTrainer
 
     data = Dataset.from_list([{"prompt": list(p["messages"]), "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}], "row": i}
+                              for i, p in enumerate(pairs)])  # "row": which pair a tokenized row is
     policy, peft_config = prepare_policy(model, cfg)
     ref_model = None
     if reference is not None and cfg.chain == "merge":
@@ -52,6 +54,7 @@ def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, ou
                        train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
     if reference is not None and cfg.chain == "continue":
         use_reference_adapter(trainer.model, reference)
+    trainer.train_dataset = cut_answers(trainer.train_dataset, settings.max_length)
     return trainer
 
 
@@ -85,37 +88,49 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     """
     if not pairs:
         raise TrainingError("no training pairs for this iteration")
-    probe = list(pairs[:probe_size])
-    max_length = cfg.training.max_length
+    settings = dpo_steps(cfg, iteration)
+    max_length = settings.max_length
+    fitted = fit(tokenizer, pairs, ("chosen", "rejected"), max_length, settings.prompt_limit)
+    check_share(fitted, len(pairs), settings, "training")
+    kept = fitted.items
     reuse = precompute and reference is None  # the reference's log-probs double as the "before" values
-    check = probe[:GAP_CHECK_PAIRS] if reuse else probe
+    first = list(range(min(probe_size, len(kept))))
+    check = first[:GAP_CHECK_PAIRS] if reuse else first
     t0 = time.perf_counter()
-    c0, r0 = pair_logps(model, tokenizer, check, max_length)
+    before = dict(zip(check, zip(*pair_logps(model, tokenizer, [kept[i] for i in check], max_length))))
     probe_seconds = time.perf_counter() - t0
-    trainer = dpo_trainer(model, tokenizer, pairs, cfg, iteration, out_dir, reference, base)
+    trainer = dpo_trainer(model, tokenizer, kept, cfg, iteration, out_dir, reference, base)
+    # trl's rows -> our pairs, by the "row" column: nothing is dropped after fitting, but if trl
+    # ever drops a row, the probe and its reference values must still be those of one pair
+    pos = {row: i for i, row in enumerate(trainer.train_dataset["row"])}
+    if not pos:
+        raise TrainingError(f"trl kept none of the {len(kept)} pairs")
+    probe = [i for i in range(len(kept)) if i in pos][:probe_size]
     t0 = time.perf_counter()
-    aligned = False
     if precompute:
         ref_all = precompute_reference(trainer)
-        aligned = len(ref_all[0]) == len(pairs)  # trl drops pairs whose prompt alone fills max_length
+        ref_c, ref_r = [ref_all[0][pos[i]] for i in probe], [ref_all[1][pos[i]] for i in probe]
     t1 = time.perf_counter()
-    ref_c, ref_r = ([v[:len(probe)] for v in ref_all] if aligned else reference_logps(trainer, len(probe)))
+    if not precompute:
+        ref_c, ref_r = reference_logps(trainer, [pos[i] for i in probe])
     ref_seconds, probe_seconds = t1 - t0, probe_seconds + time.perf_counter() - t1
-    k = len(check)
-    gap = max(abs(a - b) for a, b in zip(ref_c[:k] + ref_r[:k], c0 + r0))
-    if reuse and not aligned:
-        c0, r0 = pair_logps(trainer.model, tokenizer, probe, max_length)
-    elif reuse:
-        c0, r0 = ref_c, ref_r
+    ref = dict(zip(probe, zip(ref_c, ref_r)))
+    gap = max((abs(a - b) for i in check if i in pos for a, b in zip(ref[i], before[i])), default=None)
+    if reuse:
+        before = ref
+    missing = [i for i in probe if i not in before]
+    if missing:
+        before.update(zip(missing, zip(*pair_logps(trainer.model, tokenizer, [kept[i] for i in missing], max_length))))
+    c0, r0 = [before[i][0] for i in probe], [before[i][1] for i in probe]
     metrics = run_trainer(trainer, out_dir)
     t0 = time.perf_counter()
-    c1, r1 = pair_logps(trainer.model, tokenizer, probe, max_length)
+    c1, r1 = pair_logps(trainer.model, tokenizer, [kept[i] for i in probe], max_length)
     probe_seconds += time.perf_counter() - t0
     n = len(probe)
     beta = cfg.method.beta
     margins = [beta * ((c1[i] - c0[i]) - (r1[i] - r0[i])) for i in range(n)]
     metrics.update({
-        "train/n_pairs": len(pairs),
+        "train/n_pairs": len(pos), **fitted.metrics(),
         "train/prefers_chosen_before": sum(c0[i] > r0[i] for i in range(n)) / n,
         "train/prefers_chosen_after": sum(c1[i] > r1[i] for i in range(n)) / n,
         "train/logp_chosen_before": sum(c0) / n, "train/logp_rejected_before": sum(r0) / n,
@@ -128,3 +143,4 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
         "train/probe_seconds": probe_seconds,
     })
     return metrics, trainer.model
+

@@ -77,11 +77,15 @@ def _reference_forward(trainer, batches: Sequence[Sequence[int]], n: int) -> tup
     return chosen, rejected
 
 
-def reference_logps(trainer, n: int) -> tuple[list[float], list[float]]:
-    """trl's own reference log-probs of the first ``n`` training pairs (chosen, rejected),
+def reference_logps(trainer, rows: int | Sequence[int]) -> tuple[list[float], list[float]]:
+    """trl's own reference log-probs (chosen, rejected) of the rows ``rows`` of
+    ``trainer.train_dataset`` (positions in it; an int n = the first n), in that order,
     computed the way its loss computes them (in its batches, in order), in eval mode."""
+    rows = list(range(rows)) if isinstance(rows, int) else list(rows)
     step = trainer.args.per_device_train_batch_size
-    return _reference_forward(trainer, [range(i, min(n, i + step)) for i in range(0, n, step)], n)
+    chosen, rejected = _reference_forward(trainer, [rows[i:i + step] for i in range(0, len(rows), step)],
+                                          len(trainer.train_dataset))
+    return [chosen[i] for i in rows], [rejected[i] for i in rows]
 
 
 def precompute_reference(trainer, batch_size: int | None = None) -> tuple[list[float], list[float]]:
