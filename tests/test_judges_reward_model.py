@@ -87,3 +87,42 @@ def test_non_finite_reward_is_a_failure(rm_dir):
         model.score.weight.fill_(float("nan"))
     (v,) = RewardModelJudge(model, AutoTokenizer.from_pretrained(rm_dir)).score(ITEMS[:1])
     assert v.score is None and v.scores == (None,)
+
+
+def _unpadded_reward(model, tok, text):
+    """The reward of ``text`` alone, unpadded, read at its last token: the reference."""
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    saved, model.config.pad_token_id = model.config.pad_token_id, None
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0, 0].item()
+    finally:
+        model.config.pad_token_id = saved
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("pad", ["eos", "none"])
+def test_pad_equal_to_eos_pools_each_texts_last_token(rm_dir, side, pad):
+    """A tokenizer whose pad is its eos (or that has no pad): the chat text ends with eos, so
+    a model told pad = eos would read the token before it. Every reward, batched with texts
+    of other lengths or alone, equals the unpadded text's reward read at its last token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    tok.padding_side = side
+    if pad == "eos":
+        tok.pad_token = tok.eos_token
+    else:
+        tok.pad_token = None
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    judge = RewardModelJudge(model, tok, batch_size=3)
+    assert judge._text(ITEMS[0]).endswith(tok.eos_token)
+    expected = [_unpadded_reward(model, tok, judge._text(it)) for it in ITEMS]
+    assert len({round(e, 6) for e in expected}) == 3
+    batched = judge.score(ITEMS)
+    alone = [judge.score([it])[0] for it in ITEMS]
+    for b, a, e in zip(batched, alone, expected):
+        assert b.score == pytest.approx(e, rel=1e-5, abs=1e-5)
+        assert a.score == pytest.approx(e, rel=1e-5, abs=1e-5)
+    assert model.config.pad_token_id == tok.pad_token_id  # the model's own setting is restored
