@@ -41,7 +41,7 @@ class ModelSection:
     # 0.6, on answers of about 25 nats), as much as one iteration's reward margins at beta 0.1, and merging
     # adapters into bfloat16 weights rounds them, so "the reference is the previous iterate" would hold only to
     # that precision. Without AVX-512 BF16 / AMX, or for the tiny world's small matrices (0.6x), bfloat16 is slower.
-    dtype: str = opt("float32", "Weights dtype for the base model. float32 (default) keeps log-probs and merged adapters exact to float32 rounding; bfloat16 is the usual choice on a GPU (training then runs in bf16 mixed precision) and is faster on CPUs with AVX-512 BF16 or AMX, at about 0.2 nats of log-prob noise per answer.", choices=("float32", "bfloat16", "float16"))
+    dtype: str = opt("float32", "Weights dtype for the base model. float32 (default) keeps log-probs and merged adapters exact to float32 rounding; bfloat16 is the usual choice on a GPU (training then runs in bf16 mixed precision) and is faster on CPUs with AVX-512 BF16 or AMX, at about 0.2 nats of log-prob noise per answer; a bfloat16 base chains iterations by continuing one float32 adapter (lora.chain), never by merging into bfloat16 weights. float16 is rejected: the harness trains without loss scaling, so float16 gradients underflow.", choices=("float32", "bfloat16", "float16"))
     quantization: str = opt("none", "Load the base quantized (QLoRA). Quantized bases chain iterations by continuing one adapter.", choices=("none", "4bit", "8bit"))
     chat_template: str = opt("", "Path to a Jinja chat template that overrides the tokenizer's; one template serves generation, training and evaluation.")
     device: str = opt("auto", 'Device: "auto" (cuda if available, else cpu), "cpu" or "cuda".', choices=("auto", "cpu", "cuda"))
@@ -55,7 +55,7 @@ class LoraSection:
     alpha: int = opt(32, "LoRA alpha (scaling = alpha / r).", min=1)
     dropout: float = opt(0.0, "Dropout on the trained adapter's input (peft's lora_dropout), active while training; 0 = none. Only the adapter being trained drops out: the base model's own dropout and a frozen reference adapter stay off, so the reference log-probs are deterministic (trl's default turns every dropout off, this value included). SPIN's removed LoRA config used 0.1.", min=0.0, max=1.0)
     target_modules: tuple[str, ...] = opt(factory=lambda: ("q_proj", "k_proj", "v_proj", "o_proj"), doc="Module names that get adapters.")
-    chain: str = opt("auto", 'How iteration t+1 starts from iteration t: "merge" folds earlier adapters into a full-precision base and trains a fresh adapter; "continue" keeps training one adapter with a frozen copy as reference (required for quantized bases); "auto" = merge unless quantized.', choices=("auto", "merge", "continue"))
+    chain: str = opt("auto", 'How iteration t+1 starts from iteration t: "merge" folds earlier adapters into a float32 base and trains a fresh adapter; "continue" keeps training one adapter with a frozen copy as reference (required for quantized and bfloat16 bases: merging into bfloat16 rounds small updates away); "auto" = merge for an unquantized float32 base, else continue.', choices=("auto", "merge", "continue"))
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,7 @@ class DataSection:
 class GenerationSection:
     max_new_tokens: int = opt(256, "Tokens generated per answer.", min=1)
     batch_size: int = opt(32, "Prompts per generation batch (length-sorted, left-padded).", min=1)
+    engine: str = opt("hf", 'Generation engine of the generate stage: "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the merged policy; its own sampler with the same per-sample seeds).', choices=("hf", "vllm"))
 
 
 @dataclass(frozen=True)
@@ -240,9 +241,10 @@ class Config:
 
     @property
     def chain(self) -> str:
+        """merge only for a float32, unquantized base; see ``harness.models`` for why."""
         if self.lora.chain != "auto":
             return self.lora.chain
-        return "continue" if self.model.quantization != "none" else "merge"
+        return "merge" if self.model.quantization == "none" and self.model.dtype == "float32" else "continue"
 
 
 _TOP = ("experiment", "model", "method", "data", "lora", "judge", "generation", "training", "eval")
@@ -299,8 +301,19 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
         errors.append(FieldError("experiment.seeds", f"repeats a seed: {list(cfg.experiment.seeds)}"))
     if method.needs_judge and cfg.judge.name == "none":
         errors.append(FieldError("judge.name", f"method {cfg.method.name!r} needs a judge; set one of {JUDGES.names()}"))
+    if cfg.model.dtype == "float16":
+        errors.append(FieldError("model.dtype", (
+            "float16 training needs loss scaling (a GradScaler), which the harness does not run: small gradients "
+            "underflow to zero and large activations overflow, silently. Use \"bfloat16\" (same memory, float32's "
+            "range) or \"float32\"")))
     if cfg.chain == "merge" and cfg.model.quantization != "none":
         errors.append(FieldError("lora.chain", "merge would fold adapters into quantized weights lossily; use \"continue\" (or \"auto\") with a quantized base"))
+    elif cfg.chain == "merge" and cfg.model.dtype != "float32":
+        errors.append(FieldError("lora.chain", (
+            f"merge would fold each iteration's LoRA delta into {cfg.model.dtype} weights, which rounds small "
+            "updates away (bench/bench_bf16_merge.py: at lr ~2e-6, 88% of the entries stay unchanged and the merged "
+            "model keeps about a quarter of the update); use \"continue\" (or \"auto\") with a "
+            f"{cfg.model.dtype} base")))
     if cfg.training.prompt_limit >= cfg.training.max_length:
         errors.append(FieldError("training.max_prompt_length", f"{cfg.training.prompt_limit} leaves no room for an answer "
                                                                f"within max_length {cfg.training.max_length}; set it below"))

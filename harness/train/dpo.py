@@ -40,7 +40,7 @@ def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, ou
     data = Dataset.from_list([{"prompt": list(p["messages"]), "chosen": [{"role": "assistant", "content": p["chosen"]}],
                                "rejected": [{"role": "assistant", "content": p["rejected"]}], "row": i}
                               for i, p in enumerate(pairs)])  # "row": which pair a tokenized row is
-    policy, peft_config = prepare_policy(model, cfg)
+    policy, peft_config = prepare_policy(model, cfg, iteration)
     ref_model = None
     if reference is not None and cfg.chain == "merge":
         from harness.models import load_policy
@@ -127,6 +127,12 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     c1, r1 = pair_logps(trainer.model, tokenizer, [kept[i] for i in probe], max_length)
     probe_seconds += time.perf_counter() - t0
     n = len(probe)
+    merge_gap = None
+    if cfg.chain == "merge":  # the next iteration starts from this adapter merged in: check it keeps the model
+        t0 = time.perf_counter()
+        k = min(n, GAP_CHECK_PAIRS)
+        merge_gap = _merge_gap(trainer.model, tokenizer, [kept[i] for i in probe[:k]], c1[:k] + r1[:k], max_length)
+        probe_seconds += time.perf_counter() - t0
     beta = cfg.method.beta
     margins = [beta * ((c1[i] - c0[i]) - (r1[i] - r0[i])) for i in range(n)]
     metrics.update({
@@ -138,9 +144,28 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
         "train/reward_margin": sum(margins) / n,
         "train/reward_accuracy": sum(m > 0 for m in margins) / n,
         "train/ref_logp_chosen": sum(ref_c) / n, "train/ref_logp_rejected": sum(ref_r) / n,
-        "train/ref_gap_to_start": gap,
+        "train/ref_gap_to_start": gap, "train/merge_gap": merge_gap,
         "train/ref_precomputed": int(precompute), "train/ref_seconds": ref_seconds,
         "train/probe_seconds": probe_seconds,
     })
     return metrics, trainer.model
 
+
+def _merge_gap(model, tokenizer, pairs: Sequence[dict], unmerged: Sequence[float], max_length: int) -> float:
+    """Largest log-prob distance, on ``pairs`` (chosen then rejected, as ``unmerged``), between
+    the trained model with its "default" adapter applied and the same model with it merged into
+    the base weights by peft's merge (the one ``harness.models.load_policy`` runs for the next
+    iteration). The base weights are restored bit for bit afterwards."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
+    saved = [m.get_base_layer().weight.data.clone() for m in layers]
+    try:
+        for m in layers:
+            m.merge(adapter_names=["default"])
+        c, r = pair_logps(model, tokenizer, pairs, max_length)  # a merged layer runs its base layer only
+    finally:
+        for m, w in zip(layers, saved):
+            m.get_base_layer().weight.data = w
+            m.merged_adapters.clear()
+    return max(abs(a - b) for a, b in zip(c + r, unmerged))

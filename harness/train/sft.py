@@ -33,7 +33,7 @@ def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, o
                 "examples")
     data = Dataset.from_list([{"prompt": list(e["messages"]), "completion": [{"role": "assistant", "content": e["response"]}]}
                               for e in fitted.items])
-    policy, peft_config = prepare_policy(model, cfg)
+    policy, peft_config = prepare_policy(model, cfg, iteration)
     args = trainer_args(SFTConfig, cfg, out_dir, iteration, steps, completion_only_loss=True, packing=False,
                         max_steps=max_steps)
     trainer = make_trainer(SFTTrainer, steps, cfg.lora.dropout, model=policy, args=args, train_dataset=data,

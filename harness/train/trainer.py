@@ -106,15 +106,19 @@ def only_adapter_dropout(model, p: float, adapter: str = "default") -> None:
             module.attention_dropout = 0.0
 
 
-def prepare_policy(model, cfg):
-    """Arguments for trl: (model, peft_config) for the chain in use."""
+def prepare_policy(model, cfg, iteration: int):
+    """Arguments for trl: (model, peft_config) for the chain in use. A first adapter created
+    here (continue chain) is initialised under the seed trl uses for the stage
+    (experiment.seed + iteration), as trl's own adapter of the merge chain is."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     if isinstance(model, PeftModel):      # continue chain with an existing adapter
         return model, None
     if cfg.chain == "continue":           # continue chain, first adapter
         if cfg.model.quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+        set_seed(cfg.experiment.seed + iteration)
         return get_peft_model(model, lora_config(cfg.lora)), None
     return model, lora_config(cfg.lora)   # merge chain: trl adds a fresh adapter
 
