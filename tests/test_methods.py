@@ -209,6 +209,13 @@ def test_dno_never_selects_on_a_reported_metric():
         cfg_for("dno", {"select_metric": "validation/judge/score_mean"})
 
 
+def test_dno_trains_at_most_one_epoch_per_iteration():
+    with pytest.raises(ConfigError, match=r"training.epochs: 2 epochs per iteration; DNO trains at most one epoch"):
+        cfg_for("dno", training={"epochs": 2.0})
+    assert cfg_for("dno", training={"epochs": 1.0}).training.epochs == 1.0
+    assert cfg_for("spin", training={"epochs": 2.0}).training.epochs == 2.0  # SPIN's paper: 2 epochs
+
+
 # ---- SPIN -------------------------------------------------------------------------
 def test_spin_pairs_human_vs_model_and_drops_identical():
     cfg = cfg_for("spin")

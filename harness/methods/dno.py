@@ -68,6 +68,11 @@ class Dno(Method):
 
     def check(self, cfg) -> list[FieldError]:
         errors = []
+        if cfg.training.epochs > 1:
+            errors.append(FieldError("training.epochs", (
+                f"{cfg.training.epochs:g} epochs per iteration; DNO trains at most one epoch per iteration (its "
+                "batched on-policy step: each iteration's pairs are sampled from the current policy and used once, "
+                "methods.md); set epochs <= 1 and add iterations instead")))
         n = len(cfg.options.replay)
         if n > cfg.method.iterations - 1:
             errors.append(FieldError("method.dno.replay", f"{n} fractions, but {cfg.method.iterations} iterations can "
