@@ -274,6 +274,8 @@ def _model(cfg: Config, r: Report) -> None:
     if not cfg.model.chat_template and not _has_chat_template(src):
         r.errors.append(FieldError("model.chat_template", (
             f"the tokenizer of {src.ref!r} has no chat template; set model.chat_template to a Jinja file")))
+    elif cfg.data.system_prompt:
+        _system_role(cfg, src, r)
     names = _module_names(config)
     for i, target in enumerate(cfg.lora.target_modules):
         if not any(n == target or n.endswith("." + target) for n in names):
@@ -329,6 +331,30 @@ def _module_names(config) -> list[str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return [n for n, _ in model.named_modules()]
+
+
+def _system_role(cfg: Config, src: ModelSource, r: Report) -> None:
+    """data.system_prompt puts a system message before every prompt; some chat templates
+    have no system role and raise on one (Gemma-2's), which would end the run at its first
+    generation. Render a system + user probe with the template the run will use (a local or
+    built tiny model's tokenizer; the others are not read here)."""
+    if src.kind not in ("local", "tiny") or (src.kind == "tiny" and not is_built("tiny")):
+        return
+    if cfg.model.chat_template and not Path(resolve_ref(cfg.model.chat_template)).is_file():
+        return  # reported as model.chat_template already
+    from harness.models import load_tokenizer
+
+    probe = [{"role": "system", "content": cfg.data.system_prompt}, {"role": "user", "content": "Hi"}]
+    try:
+        tok = load_tokenizer(resolve_ref("tiny") if src.kind == "tiny" else src.path, cfg.model.revision,
+                             cfg.model.chat_template, cfg.model.trust_remote_code)
+        tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template raises whatever its author wrote
+        which = f"model.chat_template ({cfg.model.chat_template})" if cfg.model.chat_template else \
+            f"the chat template of {src.ref!r}"
+        r.errors.append(FieldError("data.system_prompt", (
+            f"{which} cannot render a system message ({type(e).__name__}: {e}); clear data.system_prompt or set "
+            "model.chat_template to a template with a system role")))
 
 
 def _has_chat_template(src: ModelSource) -> bool:
