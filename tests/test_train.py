@@ -76,6 +76,65 @@ def test_trl_loss_equals_spin_formula(tiny_dir, tmp_path, loss):
     assert len({round(t, 3) for t in ts}) > 1  # the case is not degenerate
 
 
+def test_trl_ipo_loss_equals_its_formula(tiny_dir, tmp_path):
+    """loss = "ipo": trl's loss is IPO's (Eq. 17, tau = beta) on log-ratios averaged over each
+    answer's tokens (trl's normalisation, confirmed there with IPO's authors):
+    mean((d_c / n_c - d_r / n_r - 1 / (2 beta))^2), d = log p - log p_ref, n = answer tokens."""
+    from harness.generate import completion_ids
+
+    cfg = make_cfg(tiny_dir, tmp_path, method={"loss": "ipo"})
+    model, tok = load_policy(cfg, [])
+    pairs = [{**p, "rejected": "no " * (i + 1)} for i, p in enumerate(PAIRS[:4])]  # answers of other lengths
+    trainer = _trainer(model, tok, cfg, pairs, lora_config(cfg.lora))
+    torch.manual_seed(0)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    batch = _batch(trainer, 4)
+    ref_c = torch.tensor([-20.0, -31.5, -12.25, -40.0])
+    ref_r = torch.tensor([-25.0, -18.0, -30.5, -41.0])
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_c, ref_r
+    trainer.precompute_ref_logps = True
+    trainer.model.eval()
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch).item()
+    msgs = [p["messages"] for p in pairs]
+    pc = sequence_logprobs(trainer.model, tok, msgs, [p["chosen"] for p in pairs])
+    pr = sequence_logprobs(trainer.model, tok, msgs, [p["rejected"] for p in pairs])
+    nc = [len(completion_ids(tok, p["messages"], p["chosen"])[1]) for p in pairs]
+    nr = [len(completion_ids(tok, p["messages"], p["rejected"])[1]) for p in pairs]
+    tau = cfg.method.beta
+    terms = [((pc[i] - ref_c[i].item()) / nc[i] - (pr[i] - ref_r[i].item()) / nr[i] - 1 / (2 * tau)) ** 2
+             for i in range(4)]
+    assert got == pytest.approx(sum(terms) / 4, rel=1e-4, abs=1e-5)
+    assert len(set(nr)) > 1 and len({round(t, 3) for t in terms}) > 1  # the case is not degenerate
+
+
+def test_spin_at_its_optimum_has_no_gradient(tiny_dir, tmp_path):
+    """methods.md's theory check: when the model equals the data (its answers are the human
+    ones: y' = y), SPIN's loss has no gradient; with other answers it has one."""
+    cfg = make_cfg(tiny_dir, tmp_path)
+
+    def grad_norm(pairs):
+        model, tok = load_policy(cfg, [])
+        trainer = _trainer(model, tok, cfg, pairs, lora_config(cfg.lora))
+        torch.manual_seed(0)
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.2)  # the policy is not the reference
+        batch = _batch(trainer, 4)
+        trainer.model.eval()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return math.sqrt(sum(float(p.grad.pow(2).sum()) for n, p in trainer.model.named_parameters()
+                             if p.grad is not None)), loss.item()
+
+    at_optimum, loss = grad_norm([{**p, "rejected": p["chosen"]} for p in PAIRS[:4]])
+    away, _ = grad_norm(PAIRS[:4])
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
+    assert away > 1e-2 and at_optimum < 1e-4 * away, (at_optimum, away)  # zero up to float rounding
+
+
 def _reference_of_next_iteration(cfg, tmp_path, reference=None):
     """Train iteration 1, then build iteration 2's trainer the way the loop does (the
     harness's own ``dpo_trainer``, with ``reference`` as the loop passes it) and return
