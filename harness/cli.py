@@ -42,7 +42,35 @@ def _validate(args) -> int:
                  "was not checked") if report.unmet else ""
         print(f"{cfg.source}: ok ({cfg.method.name}, {console.plural(cfg.method.iterations, 'iteration')}, "
               f"config {cfg.hash()}{unmet})")
+        for run in cfg.for_seeds():
+            conflicts = _existing_run(run)
+            for line in conflicts:
+                print(f"{cfg.source}: warning: {line}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _existing_run(cfg) -> list[str]:
+    """What a run of ``cfg`` would meet in its existing run directory: a note of where it
+    continues (on stdout) and, returned, the finished stages it would refuse."""
+    from harness.reuse import last_finished_iteration
+
+    last = last_finished_iteration(cfg.run_dir)
+    if last is None:
+        return []
+    conflicts = _existing_conflicts(cfg)
+    if not conflicts:
+        more = (f"; continues to iteration {cfg.method.iterations}" if cfg.method.iterations > last
+                else "; nothing left to compute" if cfg.method.iterations == last else "")
+        print(f"  {_short_path(cfg.run_dir)}: finished up to iteration {last}{more}")
+    return conflicts
+
+
+def _existing_conflicts(cfg) -> list[str]:
+    """The finished stages of ``cfg``'s run directory that this config would refuse, as lines."""
+    from harness.reuse import finished_conflicts
+
+    return [f"{_short_path(cfg.run_dir)}: {c}: the run would stop there (revert the change, or --fresh for a "
+            "new run directory)" for c in finished_conflicts(cfg)]
 
 
 def load_checked(files: list[str], check_endpoints: bool = False) -> tuple[list, bool]:
@@ -84,6 +112,12 @@ def _run(args) -> int:
             if not ok:
                 return 1
         cfgs = [c for cfg, _ in checked for c in cfg.for_seeds(args.seeds)]
+        if not args.fresh:  # finished stages this config would refuse: said before any compute
+            refused = [(c, line) for c in cfgs for line in _existing_conflicts(c)]
+            for c, line in refused:
+                console.error(f"{c.source}: {line}")
+            if refused:
+                return 1
         if args.jobs > 1 and len(cfgs) > 1:
             return _run_parallel(args, cfgs)
         return _run_checked(args, cfgs)
@@ -279,16 +313,22 @@ def _status(args) -> int:
 def _table(args) -> int:
     from harness.report import ResultsError, leaderboard
 
+    if args.compare:
+        return _compare(args)
+    if args.iteration is not None:
+        console.error("harness table: --iteration goes with --compare A B")
+        return 2
     bad = [f for f in args.filter if "=" not in f]
     if bad:
         console.error(f"harness table: --filter needs KEY=VALUE, got {bad[0]!r}")
         return 2
     filters = dict(f.split("=", 1) for f in args.filter)
     width = console.width() if sys.stdout.isatty() else console.MAX_WIDTH
-    try:  # plots go beside --out unless --plots names a directory
+    try:  # plots only where --plots names a directory
         text, written, left_out = leaderboard(
             [Path(d) for d in args.dirs], fmt=args.format, out=Path(args.out) if args.out else None,
-            sort_by=args.sort, filters=filters or None, plot_dir=Path(args.plots) if args.plots else None, width=width)
+            sort_by=args.sort, filters=filters or None, plot_dir=Path(args.plots) if args.plots else None, width=width,
+            per_seed=args.per_seed)
     except ResultsError as e:
         console.error(f"harness table: {e}")
         return 1
@@ -302,10 +342,31 @@ def _table(args) -> int:
     return 0
 
 
-def _import(args) -> int:
-    from harness.report.published import import_published
+def _compare(args) -> int:
+    """``harness table --compare A B``: B - A on the items both evaluated, one line per metric."""
+    from harness.report.compare import CompareError, compare_text
 
-    path = import_published(args.dest, args.name, args.outputs, args.annotations)
+    if args.dirs != ["results"] or args.out or args.filter or args.sort or args.plots or args.per_seed \
+            or args.format != "text":
+        console.error("harness table: --compare A B takes only --iteration N")
+        return 2
+    try:
+        text = compare_text(Path(args.compare[0]), Path(args.compare[1]), args.iteration)
+    except CompareError as e:
+        console.error(f"harness table --compare: {e}")
+        return 1
+    console.data(text)
+    return 0
+
+
+def _import(args) -> int:
+    from harness.report.published import PublishedError, import_published
+
+    try:
+        path = import_published(args.dest, args.name, args.outputs, args.annotations)
+    except PublishedError as e:
+        console.error(f"harness import-alpaca-eval: {e}")
+        return 1
     console.info(f"imported {args.name} -> {path}")
     return 0
 
@@ -353,20 +414,29 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("run_dir")
     s.set_defaults(fn=_status)
 
-    t = add("table", help="leaderboard across runs (rows: experiment, method, iteration)")
+    t = add("table", help="leaderboard across runs (rows: experiment, method, iteration; seeds averaged)")
     t.add_argument("dirs", nargs="*", default=["results"])
     t.add_argument("--format", choices=("text", "markdown", "csv", "html"), default="text",
                    help="text: the main metrics, fitted to the terminal; markdown, csv: every column; "
                         "html: one self-contained page that sorts and filters")
-    t.add_argument("--out", help="write the table to this file instead of stdout (plots go beside it)")
+    t.add_argument("--out", help="write the table to this file instead of stdout (no plots: see --plots)")
     t.add_argument("--sort", help="metric column to sort by")
     t.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep rows whose KEY (experiment, method, model, ...) matches VALUE (glob)")
-    t.add_argument("--plots", metavar="DIR", help="also write the PNG plots into DIR (default: beside --out, else none)")
+                   help="keep rows whose KEY (experiment, method, model, seed, ...) matches VALUE (glob)")
+    t.add_argument("--plots", metavar="DIR", help="also write the PNG plots into DIR (none without it)")
+    t.add_argument("--per-seed", action="store_true",
+                   help="one row per seed instead of the mean ± sd over the seeds of a run (harness run --seeds)")
+    t.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="paired comparison of two run directories on the items both evaluated: per metric "
+                        "B - A, its standard error, 95%% interval and n")
+    t.add_argument("--iteration", type=int, metavar="N",
+                   help="with --compare: compare at iteration N (default: the last both evaluated)")
     t.set_defaults(fn=_table)
 
     i = add("import-alpaca-eval", help="add a published AlpacaEval system to the leaderboard")
-    i.add_argument("--name", required=True)
+    i.add_argument("--name", required=True,
+                   help="the system's name: one path component (letters, digits, '.', '_', '-', '+'), "
+                        "the directory DEST/NAME")
     i.add_argument("--outputs", required=True, help="<system>.model_outputs.json")
     i.add_argument("--annotations", required=True, help="<system>.<annotator>.annotations.json")
     i.add_argument("--dest", default="results/published")

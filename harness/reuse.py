@@ -215,6 +215,38 @@ class RecordedStage(Stage):
         self.commit(outputs, extra_inputs={"config": values, "files": files})
 
 
+# ---------------------------------------------------------------- before a run
+
+def finished_conflicts(cfg: Any) -> list[str]:
+    """What the finished stages of ``cfg``'s run directory read that this config changes, one
+    line per stage ("iter_001/generate: generation.max_new_tokens was 24, now 20"), known before
+    any model loads. Upstream changes (the data a stage consumed) are found when the stage is
+    reached; config fields and the files they name are found here."""
+    cfg_dict = cfg.to_dict()
+    out = []
+    for t, st in RunDir(cfg.run_dir).stage_dirs():
+        if st.name.endswith(TMP_SUFFIX) or not (st / MANIFEST).exists():
+            continue
+        try:
+            inputs = read_json(st / MANIFEST)["inputs"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            out.append(f"{st.parent.name}/{st.name}: its {MANIFEST} is unreadable")
+            continue
+        changed = [f"{k} was {json.dumps(v)}, now {json.dumps(config_value(cfg_dict, k), default=str)}"
+                   for k, v in inputs.get("config", {}).items() if config_value(cfg_dict, k) != v]
+        changed += [f"the contents of {k} changed" for k, fp in inputs.get("files", {}).items()
+                    if file_fingerprint(config_value(cfg_dict, k)) != fp]
+        if changed:
+            out.append(f"{st.parent.name}/{st.name}: " + "; ".join(changed))
+    return out
+
+
+def last_finished_iteration(run_dir: Path) -> int | None:
+    """The highest iteration whose evaluate stage is finished, or None."""
+    done = [t for t, st in RunDir(run_dir).stage_dirs() if st.name == "evaluate" and (st / MANIFEST).exists()]
+    return max(done) if done else None
+
+
 # ---------------------------------------------------------------- sharing
 
 def adopt_iteration0(source_run: Path, cfg: Any) -> list[str]:
