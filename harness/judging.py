@@ -20,7 +20,7 @@ from typing import Sequence
 
 from harness import console, store
 from harness.judges import CoverageError
-from harness.judges.base import JudgeItem, Verdict
+from harness.judges.base import JudgeItem, Verdict, score_groups
 from harness.judges.parsing import is_error
 
 _SHOW = 3          # examples quoted in messages
@@ -104,9 +104,20 @@ def _record(group, where: list[tuple[int, int]], verdicts: Sequence[Verdict], gi
     return rec
 
 
+def side_by_side(cfg) -> bool:
+    """Whether the judge stage scores each prompt's candidates side by side (the method's
+    ``judging = "group"``, [method.dno]) instead of one by one."""
+    return getattr(cfg.options, "judging", "pointwise") == "group"
+
+
 def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: int, what: str,
-                 desc: str | None = None) -> Judged:
+                 desc: str | None = None, side_by_side: bool = False) -> Judged:
     """Judge every group (``harness.methods.base.Group``) not yet in ``log``.
+
+    ``side_by_side``: each group's judged candidates go to the judge together
+    (``base.score_groups``: one prompt of its group template per group, one score per
+    candidate, the whole group failed when the answer does not score each exactly once);
+    else each candidate alone (``judge.score``). Either way the healing below is the same.
 
     ``what`` names the work in messages ("judging of iteration 3"); ``desc``, when
     given, labels a progress bar. Groups go to the judge in chunks of about
@@ -142,7 +153,13 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
                         items.append(JudgeItem(g.example.id, g.example.instruction, c.text, g.example.meta))
                         where.append((gi, ci))
             try:
-                verdicts = list(judge.score(items)) if items else []
+                if not items:
+                    verdicts = []
+                elif side_by_side:
+                    per_group = [[it for it, (k, _) in zip(items, where) if k == gi] for gi in range(len(chunk))]
+                    verdicts = [v for vs in score_groups(judge, per_group) for v in vs]
+                else:
+                    verdicts = list(judge.score(items))
             except Exception as e:
                 partial = list(getattr(e, "partial", None) or [])
                 if len(partial) == len(items):

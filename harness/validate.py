@@ -29,6 +29,7 @@ from harness.evaluate.alpaca import HUB_SET, load_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.judges import JUDGES
 from harness.judges.kind import Checks
+from harness.judging import side_by_side
 from harness.methods import METHODS
 from harness.metrics import ALPACA_EVAL, INDICATORS, produced_by
 from harness.schema import FieldError
@@ -439,7 +440,18 @@ def _judge(cfg: Config, where: str, judge: JudgeSection, r: Report, check_endpoi
             _hub_off(cfg, r, path, repo, *_HUB_MODEL)
 
     checks = Checks(check_endpoints, readable=lambda ref, path: readable(ref, path, r), hub_model=hub_model)
-    JUDGES.get(judge.name).preflight(judge.options, f"{where}.{judge.name}", checks)
+    kind = JUDGES.get(judge.name)
+    kind.preflight(judge.options, f"{where}.{judge.name}", checks)
+    if where == "judge" and side_by_side(cfg) and hasattr(kind, "group") and not judge.options.group_template:
+        try:
+            group = kind.group(judge.options, f"{where}.{judge.name}")
+        except ValueError:
+            group = ""  # reported by the template's own check
+        if group is None:
+            r.errors.append(FieldError(f"{where}.{judge.name}.group_template", (
+                f"judging side by side (method.{cfg.method.name}.judging = \"group\") needs a group template, and "
+                f"the template {judge.options.template!r} has no built-in group form; give one with "
+                "{instruction} and {responses}")))
     r.errors += checks.errors
     for need, problem in checks.unmet:
         r.environment(cfg, need, problem)

@@ -110,7 +110,11 @@ def test_builtin_rubric_is_additive_zero_to_five():
 
 def test_builtin_dno6_is_a_six_point_scale():
     tpl = load_judge_template("builtin:dno6")
-    assert (tpl.lo, tpl.hi) == (1, 6) and set(BUILTIN_TEMPLATES) == {"additive5", "dno6"}
+    assert (tpl.lo, tpl.hi) == (1, 6)
+    assert set(BUILTIN_TEMPLATES) == {"additive5", "dno6", "additive5_group", "dno6_group"}
+    for name in ("additive5", "dno6"):  # each group form scores on its pointwise template's scale
+        group = load_judge_template(f"builtin:{name}_group", group=True)
+        assert group.scale == load_judge_template(f"builtin:{name}").scale and "{responses}" in group.text
     assert all(f"{k} - " in tpl.text for k in range(1, 7)) and "{instruction}" in tpl.text
     assert parse_score("Score: 6", tpl.lo, tpl.hi) == 6 and parse_score("Score: 0", tpl.lo, tpl.hi) is None
     with pytest.raises(ValueError, match=r"judge\.template.*unknown built-in.*builtin:dno6"):

@@ -19,13 +19,13 @@ from typing import Sequence
 from harness import cost
 from harness.config import JudgeSection
 from harness.judges import hf, openai, oracle, reward_model, self  # noqa: F401  (each registers its kind)
-from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group
+from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group, score_groups
 from harness.judges.cache import CachedJudge, judge_identity
 from harness.judges.kind import JudgeKind
 from harness.judges.parsing import load_judge_template, load_template, parse_score
 from harness.registry import JUDGES
 
-__all__ = ["JUDGES", "Judge", "JudgeItem", "JudgeKind", "Verdict", "compare", "preference", "score_group",
+__all__ = ["JUDGES", "Judge", "JudgeItem", "JudgeKind", "Verdict", "compare", "preference", "score_group", "score_groups",
            "build_judge", "judge_scale", "CachedJudge", "CoverageError", "coverage", "check_coverage",
            "parse_score", "load_template", "load_judge_template"]
 
@@ -65,10 +65,26 @@ def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
         raise ValueError(f"caching the {kind.name!r} judge needs identity_extra (the policy's adapter hash / iteration)")
     judge, ident = kind.build(section, policy, tuple(seed_key))
     judge = cost.count_judge(judge)  # answers obtained -> the stage's cost/judge_calls (cache hits excluded)
+    _count_groups(judge)
     if cache_path is None:
         return judge
     identity = judge_identity(kind=section.name, extra=identity_extra, **ident)
     return CachedJudge(judge, cache_path, identity, chunk_size=max(section.batch_size, 1) * 4)
+
+
+def _count_groups(judge) -> None:
+    """A judge's ``score_groups`` counting its answers (one per group and sample) into the
+    stage's cost/judge_calls, as ``cost.count_judge`` does for ``score``."""
+    inner = getattr(judge, "score_groups", None)
+    if inner is None:
+        return
+
+    def counted(groups):
+        out = inner(groups)
+        cost.add(judge_calls=sum(max(1, len(vs[0].raw or ())) for vs in out if vs))
+        return out
+
+    judge.score_groups = counted
 
 
 # ---- coverage ---------------------------------------------------------------

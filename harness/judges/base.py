@@ -2,7 +2,9 @@
 LLM judge, a reward model, an OpenAI-compatible endpoint, the tiny world's oracle.
 
 A judge gives pointwise scores; side-by-side scoring of a prompt's candidates and
-pairwise preferences are derived from them unless a judge overrides them.
+pairwise preferences are derived from them unless a judge overrides them. A judge
+that scores a prompt's candidates in one prompt (an LLM judge with a group template)
+has ``score_groups(groups) -> one list of verdicts per group``.
 A verdict whose ``score`` is None is a *failure* (unparseable answer, exhausted
 retries): it is counted, never guessed.
 """
@@ -45,9 +47,26 @@ class Judge(Protocol):
 
 
 def score_group(judge: Judge, items: Sequence[JudgeItem]) -> list[Verdict]:
-    """Side-by-side scores for one prompt's candidates (judges may override)."""
+    """Side-by-side scores for one prompt's candidates (judges may override); pointwise
+    scores for a judge that has no group mode."""
+    return score_groups(judge, [items])[0]
+
+
+def score_groups(judge: Judge, groups: Sequence[Sequence[JudgeItem]]) -> list[list[Verdict]]:
+    """``score_group`` of each group: one call to a judge with ``score_groups``, else each
+    group's items scored pointwise (in one ``score`` call)."""
+    fn = getattr(judge, "score_groups", None)
+    if fn is not None:
+        return [list(v) for v in fn([list(g) for g in groups])]
     fn = getattr(judge, "score_group", None)
-    return fn(items) if fn else judge.score(items)
+    if fn is not None:
+        return [list(fn(list(g))) for g in groups]
+    flat = judge.score([it for g in groups for it in g])
+    out, i = [], 0
+    for g in groups:
+        out.append(list(flat[i:i + len(g)]))
+        i += len(g)
+    return out
 
 
 def preference(a: Verdict, b: Verdict) -> float | None:

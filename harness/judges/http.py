@@ -47,7 +47,8 @@ from harness import cost
 from harness.generate import request_seed
 from harness.judges.base import JudgeItem, Verdict
 from harness.judges.llm import content_id
-from harness.judges.parsing import ERROR_PREFIX, fill_template, verdict_from_samples
+from harness.judges.parsing import (ERROR_PREFIX, fill_group_template, fill_template, group_verdicts,
+                                    verdict_from_samples)
 
 _BODY_KEEP = 2000  # characters of a bad reply kept for audit
 MAX_REPLY_BYTES = 1 << 20  # default cap on a reply body read from the endpoint (1 MiB)
@@ -105,7 +106,7 @@ class OpenAIJudge:
                  api_key_env: str = "OPENAI_API_KEY", samples: int = 1, temperature: float = 0.0,
                  max_new_tokens: int = 256, timeout_s: float = 60.0, max_retries: int = 3, concurrency: int = 8,
                  seed_key: tuple = (), backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 max_reply_bytes: int = MAX_REPLY_BYTES, name: str = "openai"):
+                 max_reply_bytes: int = MAX_REPLY_BYTES, name: str = "openai", group_template: str | None = None):
         key = os.environ.get(api_key_env, "")
         if not key:
             raise MissingAPIKey(
@@ -113,7 +114,8 @@ class OpenAIJudge:
                 f"export {api_key_env}=<key> (for a local server that ignores keys, any value works)")
         if not base_url:
             raise ValueError("judge.openai.base_url: the openai judge needs the endpoint's base URL")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model = model
         self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         self.template = template
@@ -127,15 +129,16 @@ class OpenAIJudge:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.max_reply_bytes = max_reply_bytes
+        self.group_template = group_template  # {instruction}/{responses}, same scale; None = no group mode
         self.answer_cap = answer_cap(max_new_tokens)
         self.name = name
         self.lo, self.hi = lo, hi  # the template's declared score range (parsing.load_judge_template)
         self.scale = (float(lo), float(hi))
 
     # ---- one request ----------------------------------------------------
-    def _post_once(self, payload: bytes) -> str:
+    def _post_once(self, payload: bytes, url: str = "") -> str:
         """The reply body; raises _Retryable or JudgeRequestError."""
-        req = urllib.request.Request(self.url, data=payload, headers=self._headers, method="POST")
+        req = urllib.request.Request(url or self.url, data=payload, headers=self._headers, method="POST")
         deadline = time.monotonic() + self.timeout_s
         try:
             # the socket timeout bounds connecting and each wait for data; the deadline
@@ -180,28 +183,36 @@ class OpenAIJudge:
                     f"kept: {content[:_BODY_KEEP]} [cut]"), False
         return content, choice.get("finish_reason") == "length"
 
-    def _ask(self, text: str, seed: int) -> tuple[str, bool]:
-        """(one judge answer, whether it was cut at max_tokens), or an error entry once
-        retries are exhausted."""
-        payload = json.dumps({"model": self.model, "messages": [{"role": "user", "content": text}],
-                              "temperature": self.temperature, "max_tokens": self.max_new_tokens,
-                              "seed": seed}).encode()
+    def request(self, body: dict, path: str = "/chat/completions") -> tuple[str | None, str]:
+        """(the reply body, "") of one POST of ``body`` to ``{base_url}{path}`` with the retries
+        above, or (None, why) when retries ran out (``why`` starts with ERROR_PREFIX) or the
+        reply passed max_reply_bytes (TOO_LONG). Usage is counted; a non-retryable HTTP error
+        raises JudgeRequestError."""
+        payload = json.dumps(body).encode()
         reason = ""
         for attempt in range(self.max_retries + 1):
             try:
-                body = self._post_once(payload)
-                _count_usage(body)
-                return self._content(body)
+                reply = self._post_once(payload, self.base_url + path)
+                _count_usage(reply)
+                return reply, ""
             except _TooLong as e:  # the server answered: a failed judgment, not retried
-                return (f"{TOO_LONG}the reply body passed {self.max_reply_bytes} bytes (max_reply_bytes in "
-                        f"[judge.openai]) and was not read further; its start: {e.head} [cut]"), False
+                return None, (f"{TOO_LONG}the reply body passed {self.max_reply_bytes} bytes (max_reply_bytes in "
+                              f"[judge.openai]) and was not read further; its start: {e.head} [cut]")
             except _Retryable as e:
                 reason = str(e)
                 if attempt < self.max_retries:
                     # jitter spreads the retries of concurrent requests after a shared outage
                     wait = e.wait if e.wait is not None else self.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
                     time.sleep(min(wait, self.max_backoff_s))
-        return f"{ERROR_PREFIX}gave up after {self.max_retries + 1} attempts: {reason}", False
+        return None, f"{ERROR_PREFIX}gave up after {self.max_retries + 1} attempts: {reason}"
+
+    def _ask(self, text: str, seed: int) -> tuple[str, bool]:
+        """(one judge answer, whether it was cut at max_tokens), or an error entry once
+        retries are exhausted."""
+        reply, why = self.request({"model": self.model, "messages": [{"role": "user", "content": text}],
+                                   "temperature": self.temperature, "max_tokens": self.max_new_tokens,
+                                   "seed": seed})
+        return (why, False) if reply is None else self._content(reply)
 
     def _ask_safe(self, text: str, seed: int) -> tuple[str, bool]:
         try:
@@ -212,10 +223,10 @@ class OpenAIJudge:
             return f"{ERROR_PREFIX}{type(e).__name__}: {e}", False
 
     # ---- the Judge protocol --------------------------------------------
-    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        texts = [fill_template(self.template, it.instruction, it.response) for it in items]
-        ids = [content_id(t) for t in texts]
-        unique = dict(zip(ids, texts))  # identical items are asked once
+    def _answers(self, texts: Sequence[str]) -> tuple[dict[str, list[tuple[str, bool]]], JudgeRequestError | None]:
+        """({content id: its samples' (answer, cut)} of each distinct text whose samples all
+        finished, the first non-retryable error or None)."""
+        unique = dict(zip((content_id(t) for t in texts), texts))  # identical texts are asked once
         answers: dict[tuple[str, int], tuple[str, bool]] = {}
         fatal: JudgeRequestError | None = None
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -231,13 +242,40 @@ class OpenAIJudge:
                             other.cancel()  # requests not yet started are dropped
                 except CancelledError:
                     pass  # dropped after a fatal error; _ask_safe catches everything else
-        verdicts: dict[str, Verdict] = {}
+        done = {}
         for cid in unique:
             got = [answers.get((cid, j)) for j in range(self.samples)]
             if all(g is not None for g in got):
-                verdicts[cid] = verdict_from_samples([g[0] for g in got], self.lo, self.hi,
-                                                     truncated=[g[1] for g in got])
+                done[cid] = got
+        return done, fatal
+
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        texts = [fill_template(self.template, it.instruction, it.response) for it in items]
+        done, fatal = self._answers(texts)
+        verdicts = {cid: verdict_from_samples([g[0] for g in got], self.lo, self.hi, truncated=[g[1] for g in got])
+                    for cid, got in done.items()}
+        ids = [content_id(t) for t in texts]
         if fatal is not None:
             fatal.partial = [verdicts.get(cid) for cid in ids]
             raise fatal
         return [verdicts[cid] for cid in ids]
+
+    def score_groups(self, groups: Sequence[Sequence[JudgeItem]]) -> list[list[Verdict]]:
+        """Each group (one prompt's candidates) in one request of the group template: one
+        verdict per candidate, all failed when an answer does not score every one. A
+        non-retryable error's ``partial`` holds one entry per item of all groups, in order."""
+        if self.group_template is None:
+            raise ValueError(f"judge {self.name!r} has no group template (group_template in [judge.openai])")
+        groups = [list(g) for g in groups]
+        texts = [fill_group_template(self.group_template, g[0].instruction, [it.response for it in g]) if g else ""
+                 for g in groups]
+        done, fatal = self._answers([t for t, g in zip(texts, groups) if g])
+        out: list[list[Verdict] | None] = []
+        for t, g in zip(texts, groups):
+            got = done.get(content_id(t)) if g else []
+            out.append(None if got is None else
+                       group_verdicts([a for a, _ in got], len(g), self.lo, self.hi, [c for _, c in got]) if g else [])
+        if fatal is not None:
+            fatal.partial = [v for g, vs in zip(groups, out) for v in (vs if vs is not None else [None] * len(g))]
+            raise fatal
+        return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.judges.parsing import BUILTIN_PREFIX, JudgeTemplate, load_judge_template
+from harness.judges.parsing import BUILTIN_PREFIX, JudgeTemplate, group_template_ref, load_judge_template
 from harness.registry import JUDGES
 from harness.schema import FieldError, opt
 from harness.sources import SourceError, identity, locate
@@ -79,6 +79,7 @@ class LLMOptions:
     template: str = opt("", 'Judge prompt template (placeholders {instruction} and {response}): a file, "tiny:judge_template", or a built-in: "builtin:additive5" (Self-Rewarding\'s additive 5-point rubric, scores 0-5; "" = this one) or "builtin:dno6" (a DNO-style 6-point scale, 1-6, as the DNO paper\'s annotator). A template declares its score range in a front-matter block ("---" / "scale: 0-5" / "---", stripped before use); without one it is 1-5. See harness/judges/parsing.py.')
     samples: int = opt(1, "Judge each item this many times and average (Self-Rewarding uses 3).", min=1)
     temperature: float = opt(0.0, "Judge sampling temperature (0 = greedy; use > 0 with samples > 1).", min=0.0)
+    group_template: str = opt("", 'Template for judging one prompt\'s candidates side by side in one prompt (DNO\'s [method.dno] judging = "group"): placeholders {instruction} and {responses} (the candidates, numbered in <answer N> tags), the same front matter and score range as template; the answer must end with one "Score N: <score>" line per candidate, and an answer that does not score every candidate exactly once fails them all. "" = the group form of a built-in template (builtin:additive5_group, builtin:dno6_group); a template from a file needs its own.')
     max_new_tokens: int = opt(256, "Tokens a model judge may write, justification and score together. The built-in rubric asks for up to 100 words before the score (about 130-150 tokens), so 256 leaves room; a judgment cut off at this limit has no score and is counted as judge/n_truncated, apart from judge/n_parse_failed.", min=1)
 
 
@@ -106,6 +107,29 @@ class LLMKind(JudgeKind):
                 load_judge_template(ref, path)
             except ValueError as e:
                 checks.errors.append(FieldError(path, str(e).removeprefix(f"{path}: ")))
+        ref, path = options.group_template, f"{where}.group_template"
+        if ref and (ref.startswith(BUILTIN_PREFIX) or checks.readable(ref, path) is not None):
+            try:
+                self.group(options, where)
+            except ValueError as e:
+                checks.errors.append(FieldError(path, str(e).removeprefix(f"{path}: ")))
+
+    def group(self, options: LLMOptions, where: str = "") -> str | None:
+        """The text of the group template (``LLMOptions.group_template``), None when there is
+        none (a file template without one: group judging then fails naming the option).
+        ValueError when it does not load or declares another score range than ``template``."""
+        where = where or f"judge.{self.name}"
+        path = f"{where}.group_template"
+        try:
+            ref = group_template_ref(options.template, options.group_template)
+        except ValueError:
+            return None
+        tpl = load_judge_template(ref, path, group=True)
+        lo, hi = load_judge_template(options.template, f"{where}.template").scale
+        if tpl.scale != (lo, hi):
+            raise ValueError(f"{path}: the group template scores {tpl.lo}-{tpl.hi}, but template scores "
+                             f"{lo:g}-{hi:g}: both must declare the same range")
+        return tpl.text
 
     def template(self, options: LLMOptions) -> tuple[JudgeTemplate, dict]:
         """The loaded template and the identity fields of the prompt and its sampling."""
@@ -123,7 +147,7 @@ class LLMKind(JudgeKind):
         tpl, ident = self.template(o)
         judge = LLMJudge(model, tokenizer, template=tpl.text, lo=tpl.lo, hi=tpl.hi, samples=o.samples,
                          temperature=o.temperature, max_new_tokens=o.max_new_tokens, batch_size=section.batch_size,
-                         seed_key=seed_key, name=name)
+                         seed_key=seed_key, name=name, group_template=self.group(o))
         return judge, {**ident, **self.seed_ident(o, seed_key)}
 
     @staticmethod

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from harness.generate import Prompt, Sampling, generate
 from harness.judges.base import JudgeItem, Verdict
-from harness.judges.parsing import fill_template, verdict_from_samples
+from harness.judges.parsing import fill_group_template, fill_template, group_verdicts, verdict_from_samples
 
 
 def content_id(text: str) -> str:
@@ -33,7 +33,8 @@ class LLMJudge:
 
     def __init__(self, model, tokenizer, *, template: str, lo: int, hi: int, samples: int = 1,
                  temperature: float = 0.0, max_new_tokens: int = 256, batch_size: int = 16,
-                 seed_key: tuple = (), name: str = "self", system_prompt: str = ""):
+                 seed_key: tuple = (), name: str = "self", system_prompt: str = "",
+                 group_template: str | None = None):
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.model = model
@@ -46,21 +47,43 @@ class LLMJudge:
         self.lo, self.hi = lo, hi
         self.scale = (float(lo), float(hi))
         self.system_prompt = system_prompt
+        self.group_template = group_template  # {instruction}/{responses}, same scale; None = no group mode
 
     def _messages(self, text: str) -> tuple[dict, ...]:
         user = {"role": "user", "content": text}
         return ({"role": "system", "content": self.system_prompt}, user) if self.system_prompt else (user,)
 
+    def _answers(self, texts: Sequence[str]) -> dict[str, tuple[list[str], list[bool]]]:
+        """{content id: (raw answers, cut at the token limit)} of each distinct filled prompt."""
+        unique = dict(zip((content_id(t) for t in texts), texts))  # duplicates judged once
+        prompts = [Prompt(id=pid, messages=self._messages(t)) for pid, t in unique.items()]
+        out = generate(self.model, self.tokenizer, prompts, self.sampling, seed_key=self.seed_key,
+                       batch_size=self.batch_size, desc=f"judge ({self.name})")
+        return {pid: ([s["text"] for s in rec["samples"]], [s.get("finish") == "length" for s in rec["samples"]])
+                for pid, rec in out.items()}
+
     def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         if not items:
             return []
         texts = [fill_template(self.template, it.instruction, it.response) for it in items]
-        ids = [content_id(t) for t in texts]
-        unique = dict(zip(ids, texts))  # duplicates judged once
-        prompts = [Prompt(id=pid, messages=self._messages(t)) for pid, t in unique.items()]
-        out = generate(self.model, self.tokenizer, prompts, self.sampling, seed_key=self.seed_key,
-                       batch_size=self.batch_size, desc=f"judge ({self.name})")
-        verdicts = {pid: verdict_from_samples([s["text"] for s in rec["samples"]], self.lo, self.hi,
-                                              [s.get("finish") == "length" for s in rec["samples"]])
-                    for pid, rec in out.items()}
-        return [verdicts[pid] for pid in ids]
+        answers = self._answers(texts)
+        verdicts = {pid: verdict_from_samples(raws, self.lo, self.hi, cut) for pid, (raws, cut) in answers.items()}
+        return [verdicts[content_id(t)] for t in texts]
+
+    def score_groups(self, groups: Sequence[Sequence[JudgeItem]]) -> list[list[Verdict]]:
+        """Each group (one prompt's candidates) judged in one prompt of the group template:
+        one verdict per candidate, all failed when an answer does not score every one."""
+        if self.group_template is None:
+            raise ValueError(f"judge {self.name!r} has no group template (group_template in its [judge.<kind>] table)")
+        groups = [list(g) for g in groups]
+        texts = [fill_group_template(self.group_template, g[0].instruction, [it.response for it in g])
+                 for g in groups if g]
+        answers = self._answers(texts) if texts else {}
+        out, t = [], iter(texts)
+        for g in groups:
+            if not g:
+                out.append([])
+                continue
+            raws, cut = answers[content_id(next(t))]
+            out.append(group_verdicts(raws, len(g), self.lo, self.hi, cut))
+        return out

@@ -73,7 +73,8 @@ class OpenAI(LLMKind):
         judge = OpenAIJudge(o.base_url, o.model, template=tpl.text, lo=tpl.lo, hi=tpl.hi, api_key_env=o.api_key_env,
                             samples=o.samples, temperature=o.temperature, max_new_tokens=o.max_new_tokens,
                             timeout_s=o.timeout_s, max_retries=o.max_retries, concurrency=section.batch_size,
-                            seed_key=seed_key, max_reply_bytes=o.max_reply_bytes, name=f"{self.name}:{o.model}")
+                            seed_key=seed_key, max_reply_bytes=o.max_reply_bytes, name=f"{self.name}:{o.model}",
+                            group_template=self.group(o))
         # an over-long reply is a stored failure under this cap: another cap is another judge
         # (left out at the default, so the identities of existing caches stay as they were)
         cap = {"max_reply_bytes": o.max_reply_bytes} if o.max_reply_bytes != 1 << 20 else {}

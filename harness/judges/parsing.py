@@ -44,6 +44,17 @@ scale. Built-in templates, selected as ``template = "builtin:<name>"`` in [judge
 ``judge_scale`` in ``harness.judges`` gives a configured judge's range without
 loading a model, so methods know it before candidates are built.
 
+Group judging (several candidates of one prompt side by side, as the DNO paper's
+annotator does): a *group template* has the placeholders {instruction} and
+{responses} (the candidates, numbered, each in ``<answer N>`` tags) and the same
+front matter; built-ins ``additive5_group`` and ``dno6_group`` are the group forms
+of the two built-in templates (``group_template_ref`` finds them). A group answer
+must END with one line "Score N: <integer>" per candidate, N = 1..K; it is parsed
+strictly by ``parse_group_scores``: every candidate exactly one valid score (a
+restated line with the same value is fine), no number outside 1..K, nothing after
+the last score line but whitespace/punctuation -- else the whole answer is a
+failure for every candidate (counted, never guessed).
+
 Transport-level failures (timeouts, HTTP errors, malformed replies) are recorded
 in a verdict's ``raw`` with ``ERROR_PREFIX``, so caches can tell "the judge
 answered something unparsable" (a judgment, kept) from "no answer was obtained"
@@ -121,11 +132,14 @@ def verdict_from_samples(raws: Sequence[str], lo: int = 1, hi: int = 5,
 # ---- templates -------------------------------------------------------------
 
 BUILTIN_TEMPLATES: dict[str, Path] = {"additive5": Path(__file__).with_name("rubric.txt"),
-                                      "dno6": Path(__file__).with_name("dno6.txt")}
+                                      "dno6": Path(__file__).with_name("dno6.txt"),
+                                      "additive5_group": Path(__file__).with_name("additive5_group.txt"),
+                                      "dno6_group": Path(__file__).with_name("dno6_group.txt")}
 BUILTIN_TEMPLATE = BUILTIN_TEMPLATES["additive5"]
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_SCALE = (1, 5)   # a template without a scale declaration
 _PLACEHOLDER = re.compile(r"\{(instruction|response)\}")
+_GROUP_PLACEHOLDER = re.compile(r"\{(instruction|responses)\}")
 _FRONT = re.compile(r"\A---[ \t]*\n(?P<body>.*?)^---[ \t]*\n", re.DOTALL | re.MULTILINE)
 _SCALE = re.compile(r"\A(?P<lo>[-+]?\d+)[ \t]*(?:-|\.\.|to)[ \t]*(?P<hi>[-+]?\d+)\Z")
 
@@ -175,10 +189,10 @@ def split_front_matter(text: str, where: str = "judge.template") -> tuple[dict, 
     return meta, text[m.end():]
 
 
-def load_judge_template(ref: str = "", where: str = "judge.template") -> JudgeTemplate:
+def load_judge_template(ref: str = "", where: str = "judge.template", *, group: bool = False) -> JudgeTemplate:
     """The template of ``ref`` (see ``template_path``) with its declared score range.
     Raises ValueError naming ``where`` for a missing file, a missing placeholder or a
-    bad declaration."""
+    bad declaration. ``group``: a group template ({instruction} and {responses})."""
     path = template_path(ref, where)
     try:
         raw = path.read_text()
@@ -196,8 +210,8 @@ def load_judge_template(ref: str = "", where: str = "judge.template") -> JudgeTe
             raise ValueError(f"{where}: judge template {str(path)!r}: scale {meta['scale']!r} is not "
                              "'LO-HI' with integers LO < HI (e.g. 'scale: 0-5')")
         lo, hi = int(m.group("lo")), int(m.group("hi"))
-    found = set(_PLACEHOLDER.findall(text))
-    missing = {"instruction", "response"} - found
+    found = set((_GROUP_PLACEHOLDER if group else _PLACEHOLDER).findall(text))
+    missing = {"instruction", "responses" if group else "response"} - found
     if missing:
         raise ValueError(f"{where}: judge template {str(path)!r} lacks placeholder(s) "
                          + ", ".join("{" + m + "}" for m in sorted(missing)))
@@ -216,3 +230,70 @@ def fill_template(template: str, instruction: str, response: str) -> str:
     whitespace (a file's final newline) is not part of the prompt."""
     values = {"instruction": instruction, "response": response}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template.strip())
+
+
+# ---- group judging -------------------------------------------------------------
+
+def group_template_ref(template_ref: str, group_ref: str = "") -> str:
+    """The group template to use: ``group_ref`` when given, else the group form of a
+    built-in pointwise template ("" / additive5 -> additive5_group, dno6 -> dno6_group);
+    a pointwise template from a file has none (ValueError: give one)."""
+    if group_ref:
+        return group_ref
+    name = template_ref[len(BUILTIN_PREFIX):] if template_ref.startswith(BUILTIN_PREFIX) else template_ref
+    name = name or "additive5"
+    if f"{name}_group" in BUILTIN_TEMPLATES:
+        return f"{BUILTIN_PREFIX}{name}_group"
+    raise ValueError(f"the judge template {template_ref!r} has no built-in group form; set group_template "
+                     "to a file with {instruction} and {responses}")
+
+
+def fill_group_template(template: str, instruction: str, responses: Sequence[str]) -> str:
+    """A group template with the candidates numbered 1..K in ``<answer N>`` tags."""
+    block = "\n\n".join(f"<answer {i}>\n{r}\n</answer {i}>" for i, r in enumerate(responses, 1))
+    values = {"instruction": instruction, "responses": block}
+    return _GROUP_PLACEHOLDER.sub(lambda m: values[m.group(1)], template.strip())
+
+
+_GROUP_LINE = re.compile(
+    r"^[ \t#>*_`-]*score[ \t]+(?P<idx>\d+)[ \t*_`]*:[ \t*_`]*(?P<num>[-+]?\d+(?:\.\d+)?)"
+    r"(?:[ \t]*(?:/|out[ \t]+of)[ \t]*(?P<den>\d+))?[ \t.!*_`]*$",
+    re.IGNORECASE | re.MULTILINE)
+
+
+def parse_group_scores(text: str, k: int, lo: int = 1, hi: int = 5) -> tuple[int, ...] | None:
+    """The K scores of a group answer (see the module doc), or None: the group failed."""
+    if not isinstance(text, str) or k < 1:
+        return None
+    lines = list(_GROUP_LINE.finditer(text))
+    if not lines or text[lines[-1].end():].strip(" \t\n.!*_`"):
+        return None  # no score lines, or text after the last one
+    found: dict[int, int] = {}
+    for m in lines:
+        idx = int(m.group("idx"))
+        if not 1 <= idx <= k:
+            return None
+        if m.group("den") is not None and int(m.group("den")) != hi:
+            return None
+        score = _as_int(m.group("num"))
+        if score is None or not lo <= score <= hi:
+            return None
+        if found.setdefault(idx, score) != score:
+            return None  # two different scores for one candidate: ambiguous
+    if len(found) != k:
+        return None
+    return tuple(found[i] for i in range(1, k + 1))
+
+
+def group_verdicts(raws: Sequence[str], k: int, lo: int, hi: int, truncated: Sequence[bool] = ()) -> list[Verdict]:
+    """One verdict per candidate from a judge's J raw group answers: candidate i's score is
+    the mean of its scores over the answers that parse (a failed answer fails every
+    candidate); every verdict carries all the raw answers."""
+    parsed = [None if is_error(r) else parse_group_scores(r, k, lo, hi) for r in raws]
+    out = []
+    for i in range(k):
+        scores = tuple(None if p is None else p[i] for p in parsed)
+        valid = [s for s in scores if s is not None]
+        out.append(Verdict(score=math.fsum(valid) / len(valid) if valid else None, raw=tuple(raws),
+                           scores=scores, truncated=tuple(bool(t) for t in truncated)))
+    return out

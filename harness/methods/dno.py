@@ -47,6 +47,7 @@ class DnoOptions(PromptSplit):
     repetition_n: int = opt(3, "n of the n-gram repetition detector (whitespace tokens, or characters for single-token answers).", min=1)
     repetition_max: float = opt(0.5, "Samples whose share of repeated n-grams exceeds this are automatic negatives.", min=0.0, max=1.0)
     replay: tuple[float, ...] = opt(factory=tuple, doc="Fractions of earlier iterations' pairs replayed: [from t-1, from t-2, ...] relative to this iteration's pair count (paper: up to 0.3, 0.15); which pairs is a sample seeded by (experiment seed, iteration, lag).", min=0.0, max=1.0)
+    judging: str = opt("pointwise", 'How the judge scores a prompt\'s candidates (the K samples and the teacher): "group" = side by side, all in one prompt of the LLM judge\'s group template (the DNO paper\'s annotator compares them this way), one score per candidate, the whole group failing when the answer does not score each exactly once; "pointwise" = each candidate alone. Pointwise is the default: the oracle and reward-model judges score alone by nature (they have no group mode), and pointwise scores are absolute, comparable across prompts and iterations as positive_min and the margins assume, and the same as Self-Rewarding and validation judging give; choose "group" with an LLM judge (self, hf, openai) to follow the paper.', choices=("pointwise", "group"))
     select_metric: str = opt("", 'Validation metric that picks the final iterate, the best one (the paper: best iterate on validation data), e.g. "validation/judge/score_mean" or "validation/lm_eval/<task>/<metric>"; it must come from [eval.validation], never from the reported [eval] results. "" = the last iterate. The choice is written to final.json (with that iterate\'s test metrics) and marked metrics["selected"] = 1 in its results row.')
 
 
@@ -77,6 +78,10 @@ class Dno(Method):
         if n > cfg.method.iterations - 1:
             errors.append(FieldError("method.dno.replay", f"{n} fractions, but {cfg.method.iterations} iterations can "
                                                           f"replay from at most {cfg.method.iterations - 1} earlier ones"))
+        if cfg.options.judging == "group" and not hasattr(cfg.judge.kind, "group"):  # LLM judges have one
+            errors.append(FieldError("method.dno.judging", (
+                f"\"group\" needs an LLM judge (self, hf or openai), but judge.name is {cfg.judge.name!r}, "
+                "which scores each candidate alone; use \"pointwise\"")))
         metric = cfg.options.select_metric
         if metric and not metric.startswith(VALIDATION):
             errors.append(FieldError("method.dno.select_metric", (
