@@ -136,7 +136,7 @@ def candidate_groups(r, ctx: IterationContext, gen: RecordedStage, prompts: list
 
 def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Example]) -> RecordedStage:
     from harness.judges import build_judge, require_coverage
-    from harness.judging import judge_groups
+    from harness.judging import judge_groups, side_by_side
 
     def compute(cfg, work):
         ctx = r.context(t, cfg)
@@ -150,7 +150,7 @@ def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Exa
         # transport failures are not written: the stage fails naming them, a rerun retries only them
         judged = judge_groups(judge, groups, store.JsonlLog(work / "judgments.jsonl"),
                               batch_size=cfg.judge.batch_size, what=f"judging of iteration {t}",
-                              desc=f"iter {t} judge")
+                              desc=f"iter {t} judge", side_by_side=side_by_side(cfg))
         recs, n_items = judged.records, judged.n_items
         n_failed = judged.n_parse_failed  # items without a valid score: kept, counted, shown
         if judged.parse_summary():
