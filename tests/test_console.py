@@ -190,7 +190,8 @@ def test_harness_table_writes_only_the_table_to_stdout(tmp_path, capfd):
     out = tmp_path / "board" / "leaderboard.html"
     assert main(["table", str(tmp_path / "results"), "--format", "html", "--out", str(out)]) == 0
     got = capfd.readouterr()
-    assert got.out == "" and got.err.splitlines() == [f"wrote {out}", f"wrote {out.parent / 'exp.png'}"]
+    assert got.out == "" and got.err.splitlines() == [f"wrote {out}"]  # the page inlines its plots: no PNGs
+    assert not list(out.parent.glob("*.png"))
     assert main(["table", str(tmp_path / "results"), "--plots", str(tmp_path / "p"), "-q"]) == 0
     got = capfd.readouterr()
     assert got.err == "" and (tmp_path / "p" / "exp.png").exists()

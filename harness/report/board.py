@@ -7,6 +7,7 @@ command line's parsing and printing (harness.cli).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -16,7 +17,7 @@ from harness.report.files import to_csv, to_markdown
 from harness.report.html import to_html
 from harness.report.plots import render_plots, save_plots
 from harness.report.rows import ResultsError, load_rows
-from harness.report.table import build_table, selected
+from harness.report.table import SEEDS, build_table, selected
 from harness.report.terminal import TERMINAL_WIDTH, to_terminal
 
 FORMATS = ("text", "markdown", "csv", "html")
@@ -42,29 +43,35 @@ def _render(df: pd.DataFrame, fmt: str, pngs: dict[str, bytes], width: int, titl
 def leaderboard(paths: Sequence[Path], *, fmt: str = "text", out: Path | None = None, save_as: Path | None = None,
                 sort_by: str | None = None, filters: dict | None = None, columns: list[str] | None = None,
                 plot_dir: Path | None = None, plots: bool | Sequence[str] = True, width: int = TERMINAL_WIDTH,
-                title: str = "Leaderboard") -> Board:
+                title: str = "Leaderboard", per_seed: bool = False) -> Board:
     """The leaderboard of the results under ``paths`` (see harness.report.table for
     ``sort_by``, ``filters`` and ``columns``).
 
     ``text`` is the table in ``fmt`` (text: fitted to ``width``, the columns left out
     in ``left_out``; html: the page with the plots inlined), or "" when ``out`` is given:
-    then the table goes to that file. ``save_as`` (a path without suffix) also writes
+    then the table goes to that file (its directory is made; a directory or an unwritable
+    path is a ResultsError naming it). ``save_as`` (a path without suffix) also writes
     every column as ``<save_as>.csv``, ``.md`` and ``.html`` (the page inlining every
-    plot). PNG plots are written into ``plot_dir`` (default: beside ``out``; none
-    without either): all of them, or the ones ``plots`` names (e.g. ("comparison",)).
+    plot), and ``<save_as>.per-seed.csv`` (one row per seed) when the table averages
+    seeds. PNG plots are written only into ``plot_dir`` (none without it): all of them,
+    or the ones ``plots`` names (e.g. ("comparison",)). ``per_seed``: one row per seed
+    (harness.report.table).
     """
     if fmt not in FORMATS:
         raise ResultsError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     rows = load_rows(paths)
-    df = build_table(rows, sort_by=sort_by, filters=filters, columns=columns)
-    if plot_dir is None and out is not None:
-        plot_dir = Path(out).parent
+    df = build_table(rows, sort_by=sort_by, filters=filters, columns=columns, per_seed=per_seed)
+    if out is not None:
+        _check_writable(Path(out))
     pngs = render_plots(selected(rows, df)) if plot_dir is not None or save_as is not None or fmt == "html" else {}
     text, left_out = _render(df, fmt, pngs, width, title)
     written: list[Path] = []
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        except OSError as e:
+            raise ResultsError(f"{out}: cannot write the table ({e.strerror or e})") from None
         written.append(Path(out))
         text = ""
     if save_as is not None:
@@ -75,10 +82,27 @@ def leaderboard(paths: Sequence[Path], *, fmt: str = "text", out: Path | None = 
         saved[1].write_text(to_markdown(df) + "\n", encoding="utf-8")
         to_html(df, saved[2], images=list(pngs.items()), title=title)
         written += saved
+        if SEEDS in df.columns and not per_seed:  # the seeds one by one
+            each = stem.with_name(f"{stem.name}.per-seed.csv")
+            to_csv(build_table(rows, sort_by=sort_by, filters=filters, columns=columns, per_seed=True), each)
+            written.append(each)
     if plot_dir is not None:
         written += save_plots(pngs if plots is True else {k: v for k, v in pngs.items() if plots and k in plots},
                               Path(plot_dir))
     return Board(text, written, left_out)
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` can take the table: not a directory, its nearest existing parent a writable directory."""
+    if out.is_dir():
+        raise ResultsError(f"{out}: is a directory; --out names the file to write the table to")
+    probe = out if out.exists() else out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir() and probe != out:
+        raise ResultsError(f"{out}: cannot write the table ({probe} is not a directory)")
+    if not os.access(probe, os.W_OK):
+        raise ResultsError(f"{out}: cannot write the table (permission denied on {probe})")
 
 
 def run_board(run_dir: Path, title: str, width: int = TERMINAL_WIDTH) -> Board:

@@ -1,7 +1,9 @@
 """The leaderboard as display strings, Markdown and CSV (and the CSV read back).
 
 Markdown and CSV carry every column of the table: Markdown as formatted cells ("v ± se",
-signed deltas, blanks for missing), CSV as raw values with the ± columns numeric.
+"mean ± sd" over seeds, signed deltas with a "*" where the paired interval excludes 0, the
+intervals' "Δ <metric> lo" / "hi" columns, blanks for missing) and the legend of what it
+shows under it, CSV as raw values with the ±, sd, lo, hi and sig columns as their own.
 Not here: the terminal's fitted table (harness.report.terminal) or the HTML page.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from harness import fmt
-from harness.report.table import DELTA, PROV_COLS, SE, TEXT_COLS, UNAVAILABLE
+from harness.report.table import DELTA, HI, LO, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE, marked
 
 
 def cell(v: Any, signed: bool = False) -> str:
@@ -22,21 +24,55 @@ def cell(v: Any, signed: bool = False) -> str:
     return fmt.number(None if v is pd.NA else v, grouped=False, signed=signed, blank="")
 
 
+def _merged(df: pd.DataFrame, c: str) -> bool:
+    """A column shown inside another's cell (its ±, sd or significance)."""
+    return any(c.endswith(x) and c[: -len(x)] in df.columns for x in (SE, SD, SIG))
+
+
 def formatted(df: pd.DataFrame) -> pd.DataFrame:
-    """The table as display strings: "v ± se" cells, signed deltas, blanks for missing."""
+    """The table as display strings: "v ± se" cells ("mean ± sd" over seeds), signed deltas
+    ("*" after one whose paired 95% interval excludes 0), blanks for missing."""
     out = {}
     for c in df.columns:
-        if c.endswith(SE) and c[: -len(SE)] in df.columns:
+        if _merged(df, c):
             continue
         cells = [cell(v, signed=c.startswith(DELTA)) for v in df[c]]
-        if c + SE in df.columns:
-            cells = [f"{t} ± {cell(se)}" if t and cell(se) else t for t, se in zip(cells, df[c + SE])]
+        for spread in (SE, SD):
+            if c + spread in df.columns:
+                cells = [f"{t} ± {cell(e)}" if t and cell(e) else t for t, e in zip(cells, df[c + spread])]
+        if c + SIG in df.columns:
+            cells = [t + "*" if t and marked(sig) else t for t, sig in zip(cells, df[c + SIG])]
         out[c] = cells
     return pd.DataFrame(out, columns=list(out), dtype=object)
 
 
+def legend(df: pd.DataFrame, bracketed: bool = False, intervals: bool | None = None, spread: bool = True) -> list[str]:
+    """What the marks of a table with paired intervals or seeds mean (none for a plain one).
+    ``bracketed``: the interval is shown as [lo, hi] after the Δ (the terminal's); ``intervals``:
+    whether any is shown (default: whether any row has one); ``spread``: whether the sd between
+    seeds is."""
+    lines = []
+    sig = [c for c in df.columns if c.endswith(SIG) and c[: -len(SIG)] + LO in df.columns]
+    if sig and intervals is None:
+        intervals = any(df[c[: -len(SIG)] + LO].notna().any() for c in sig)
+    if sig and intervals:
+        where = "[lo, hi]" if bracketed else "lo / hi"
+        lines.append(f"Δ: gain over the same experiment's iteration 0; {where}: its paired 95% interval on the "
+                     "items both evaluated; * the interval excludes 0.")
+    elif sig and SEEDS not in df.columns:
+        lines.append("Δ: gain over the same experiment's iteration 0; * its paired 95% interval on the items "
+                     "both evaluated excludes 0.")
+    if SEEDS in df.columns:
+        lines.append("Rows over several seeds (seeds > 1): mean over seeds "
+                     + ("± standard deviation between seeds" if spread else
+                        "(standard deviation between seeds: --format markdown, csv or html)")
+                     + ("; * after a mean gain: every seed's paired 95% interval excludes 0, on the same side" if sig
+                        else "") + " (one row per seed: harness table --per-seed).")
+    return lines
+
+
 def to_markdown(df: pd.DataFrame) -> str:
-    """A pipe table of every column (pandas' to_markdown, i.e. tabulate).
+    """A pipe table of every column (pandas' to_markdown, i.e. tabulate), the legend under it.
 
     disable_numparse: cells are already formatted; tabulate must not re-parse
     "0.500" or a numeric-looking commit hash as numbers and reformat them.
@@ -46,7 +82,9 @@ def to_markdown(df: pd.DataFrame) -> str:
     text_cols = set(TEXT_COLS + PROV_COLS)
     cells = formatted(df)
     align = ["left" if c in text_cols else "right" for c in cells.columns]
-    return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
+    table = cells.to_markdown(index=False, disable_numparse=True, colalign=align)
+    notes = legend(df)
+    return table + "".join("\n\n" + n for n in notes)
 
 
 def to_csv(df: pd.DataFrame, path: Path | None = None) -> str:
@@ -63,13 +101,15 @@ def read_csv(path: Path) -> pd.DataFrame:
 
     Text columns stay text (a commit "1234567" or version "1.16" is not a number,
     an experiment named "NA" is not missing); metric cells are floats, blank
-    (NaN) or the literal "unavailable".
+    (NaN) or the literal "unavailable"; a "Δ ... sig" column is boolean.
     """
     text_cols = [c for c in [*TEXT_COLS, *PROV_COLS] if c != "seed"]
     df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     for c in df.columns:
         if c in text_cols:
             df[c] = df[c].where(df[c] != "")
+        elif c.endswith(SIG):
+            df[c] = pd.array([None if not v else v == "True" for v in df[c]], dtype="boolean")
         elif c in ("iteration", "seed") or (any(df[c]) and all(v.lstrip("-").isdigit() for v in df[c] if v)):
             # to_csv writes integer columns without a decimal point, floats always with one
             df[c] = pd.array([int(v) if v else None for v in df[c]], dtype="int64" if c == "iteration" else "Int64")

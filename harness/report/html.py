@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from harness.report.files import formatted
+from harness.report.files import formatted, legend
 from harness.report.rows import PUBLISHED
 from harness.report.table import PROV_COLS, TEXT_COLS
 
@@ -81,6 +81,8 @@ def to_html(df: pd.DataFrame, path: Path | None = None, *, images: Sequence[Path
     n_pub = int((df["method"] == PUBLISHED).sum()) if len(df) else 0
     note = (f"{len(df)} rows. Click a column header to sort (again to reverse); numbers sort highest first, "
             "missing values last. Δ columns: change against the same experiment's iteration 0.")
+    for line in legend(df):
+        note += " " + line
     if n_pub:
         note += (" Rows marked AlpacaEval are imported published AlpacaEval systems: judged by their own"
                  " annotator against AlpacaEval's references, not runs of this harness.")

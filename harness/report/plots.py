@@ -6,8 +6,14 @@
   error bars where a standard error exists.
 - ``comparison.png``: the experiments (methods) side by side, one panel per
   main metric: a group of bars per experiment, one bar per iteration, with
-  error bars where a standard error exists; published AlpacaEval systems as
-  hatched grey bars.
+  error bars: at iteration 0 its standard error, at a later iteration that has a
+  paired gain (``row["paired"]``) the gain's paired 95% interval, drawn around the
+  bar's top (the bar is iteration 0's value plus the gain, so the bar covers
+  iteration 0's value plus that interval), else its standard error; published
+  AlpacaEval systems as hatched grey bars.
+
+Several seeds of an experiment are one point / bar per iteration: the mean over the
+seeds, its error bar the standard deviation between them (harness.outcomes.across_seeds).
 
 Which quantities get a panel, in which order, and their titles are the metric
 catalogue's ``plot`` and ``compare`` views (harness.metrics). Wherever a win rate is
@@ -34,6 +40,7 @@ from harness import fmt
 from harness.metrics import ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_EVAL, N_TOTAL, WIN_RATE, find, ordered, \
     stderr_of, title
 from harness.report.rows import PUBLISHED
+from harness.report.table import paired_of, seeds_spread
 
 DPI = 100
 PANEL = (3.3, 2.5)        # inches per small-multiple panel
@@ -108,8 +115,10 @@ def _experiment_figure(name: str, rows: list[dict]) -> Figure | None:
         xs, ys = _series(rows, key)
         se_key = _se_key(key, keys)
         err = None
-        if se_key is not None:
-            se = {r["iteration"]: _num(r["metrics"].get(se_key)) for r in rows}
+        seeded = any(r.get("spread") for r in rows)
+        if se_key is not None or seeded:
+            se = {r["iteration"]: _num(r["spread"].get(key)) if r.get("spread") else
+                  _num(r["metrics"].get(se_key)) if se_key else math.nan for r in rows}
             err = [0.0 if math.isnan(se.get(x, math.nan)) else se[x] for x in xs]
             err = err if any(err) else None
         color = COLORS.get(find(key).producer, "C4")
@@ -118,7 +127,7 @@ def _experiment_figure(name: str, rows: list[dict]) -> Figure | None:
         if key == WIN_RATE and _judged(rows):
             text += f"\n{_judged(rows)}"
         if err is not None:
-            text += " (± s.e.)" if "\n" not in text else ""
+            text += (" (± sd, seeds)" if seeded else " (± s.e.)") if "\n" not in text else ""
         ax.set_title(text, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.set_xlim(-0.3, last + 0.3)
@@ -155,6 +164,7 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
     for ax, key in zip(axes, quantities):
         se_key = _se_key(key, keys)
         labels = []
+        gains = False
         shown = [name for name in groups if (name in by_exp and _series(by_exp[name], key)[0])
                  or any(p["experiment"] == name and not math.isnan(_num(p["metrics"].get(key))) for p in published)]
         for g, name in enumerate(shown):
@@ -165,10 +175,11 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
                     v = _num(r["metrics"].get(key))
                     if math.isnan(v):
                         continue
-                    se = _num(r["metrics"].get(se_key)) if se_key else math.nan
                     x = g - 0.4 + bar_w * (j + 0.5) + (0.8 - n * bar_w) / 2
+                    yerr = _bar_error(r, key, se_key)
+                    gains |= _gain_interval(r, key) is not None
                     ax.bar(x, v, bar_w * 0.92, color=colors[r["iteration"]],
-                           yerr=None if math.isnan(se) else se, capsize=2, error_kw={"linewidth": 0.8},
+                           yerr=yerr, capsize=2, error_kw={"linewidth": 0.8},
                            label=f"iteration {r['iteration']}")
                 label = f"{textwrap.shorten(name, 22, placeholder='…')}\n{rs[0]['method']}"
                 if key in (WIN_RATE, LC_WIN_RATE) and _judged(rs):
@@ -186,7 +197,10 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
             labels.append(label)
         ax.set_xticks(range(len(shown)), labels, fontsize=7)
         ax.set_xlim(-0.6, len(shown) - 0.4)
-        ax.set_title(title(key) + (" (± s.e.)" if se_key else ""), fontsize=9)
+        seeded = any(r.get("spread") for name in shown if name in by_exp for r in by_exp[name])
+        bars = (["iteration 0 ± s.e."] if se_key and gains else []) + (["later: 95% interval of the gain"] if gains else []) \
+            + (["seeds: ± sd"] if seeded else [])
+        ax.set_title(title(key) + (f"\n({'; '.join(bars)})" if bars else " (± s.e.)" if se_key else ""), fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
         for h, lbl in zip(*ax.get_legend_handles_labels()):
@@ -199,6 +213,47 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
     return fig
 
 
+def _gain_interval(r: dict, key: str) -> tuple[float, float] | None:
+    """(below, above) the bar's top: the paired 95% interval of the gain over iteration 0."""
+    p = paired_of(r, key) if r["iteration"] != 0 and not r.get("spread") else None
+    if not p:
+        return None
+    mean, lo, hi = _num(p.get("mean")), _num(p.get("ci_low")), _num(p.get("ci_high"))
+    if any(math.isnan(x) for x in (mean, lo, hi)):
+        return None
+    return max(0.0, mean - lo), max(0.0, hi - mean)
+
+
+def _bar_error(r: dict, key: str, se_key: str | None):
+    """A bar's error: the gain's paired interval, the seeds' sd, or the standard error (None: none)."""
+    gain = _gain_interval(r, key)
+    if gain is not None:
+        return [[gain[0]], [gain[1]]]
+    e = _num(r["spread"].get(key)) if r.get("spread") else _num(r["metrics"].get(se_key)) if se_key else math.nan
+    return None if math.isnan(e) else e
+
+
+def _over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per iteration: several seeds' rows become their mean, with ``spread`` (the sd
+    between them per metric) and ``seeds`` (how many)."""
+    by_it: dict[int, list[dict]] = {}
+    for r in rows:
+        by_it.setdefault(r["iteration"], []).append(r)
+    out = []
+    for it, group in sorted(by_it.items()):
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        metrics, spread = {}, {}
+        for k in sorted({k for r in group for k in r["metrics"]}):
+            s = seeds_spread([_num(r["metrics"].get(k)) for r in group])
+            metrics[k] = None if s is None else s.mean
+            if s is not None and s.sd is not None:
+                spread[k] = s.sd
+        out.append({**group[0], "metrics": metrics, "spread": spread, "seeds": len(group), "paired": {}})
+    return out
+
+
 def render_plots(rows: Sequence[dict]) -> dict[str, bytes]:
     """{file stem: PNG bytes}: one figure per experiment, and ``comparison`` when there is
     something to compare (two experiments, or one and published systems).
@@ -209,6 +264,7 @@ def render_plots(rows: Sequence[dict]) -> dict[str, bytes]:
     for r in sorted(rows, key=lambda r: (r["experiment"], r["iteration"])):
         if r["method"] != PUBLISHED:
             by_exp.setdefault(r["experiment"], []).append(r)
+    by_exp = {name: _over_seeds(rs) for name, rs in by_exp.items()}
     out: dict[str, bytes] = {}
     used = {"comparison"}
     for name, rs in by_exp.items():

@@ -3,9 +3,13 @@
 A row there is::
 
     {"experiment": str, "method": str, "iteration": int (0 = starting model),
-     "model": str (optional), "metrics": {flat metric name: number or null}, "provenance": {...}}
+     "model": str (optional), "seed": int (optional; the run's seed), "metrics": {flat metric name: number or null},
+     "paired": {metric: {"n", "mean", "se", "ci_low", "ci_high", "significant"}} (optional; the gain over
+     iteration 0 of the same run on their shared items), "provenance": {...}}
 
-An imported published AlpacaEval system has method ``PUBLISHED`` and iteration 0.
+An imported published AlpacaEval system has method ``PUBLISHED`` and iteration 0. Rows of
+several seeds of one experiment (``harness run --seeds``) differ only in ``seed``; the table
+shows them as one row (harness.report.table).
 Not here: what the metrics mean (harness.metrics) or how rows become a table
 (harness.report.table). The loop writes the rows.
 """
@@ -48,6 +52,12 @@ def _check_row(row: Any, where: str) -> dict:
     for key, value in row["metrics"].items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
             raise ResultsError(f"{where}: metrics[{key!r}] must be a number or null, got {value!r}")
+    seed = row.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ResultsError(f"{where}: field 'seed' must be an integer, got {seed!r}")
+    paired = row.get("paired")
+    if paired is not None and not (isinstance(paired, dict) and all(isinstance(v, dict) for v in paired.values())):
+        raise ResultsError(f"{where}: field 'paired' must map metrics to objects")
     if row.get("model") is not None and not isinstance(row["model"], str):
         raise ResultsError(f"{where}: field 'model' must be a string, got {row['model']!r}")
     prov = row.get("provenance") or {}
@@ -60,10 +70,11 @@ def load_rows(paths: Sequence[Path]) -> list[dict]:
     """Rows of every results.jsonl under ``paths`` (run dirs, parent dirs or the files).
 
     A missing path, a directory without results, a malformed line or a bad field
-    raises ResultsError naming the file and line. Within one file a later row for
-    the same (experiment, method, iteration) replaces an earlier one (a
-    re-evaluation); the same key in two different files is an error, since
-    picking one would silently hide the other.
+    raises ResultsError naming the file and line (also a file that is not UTF-8 text).
+    Within one file a later row for the same (experiment, method, iteration, seed)
+    replaces an earlier one (a re-evaluation); the same key in two different files is
+    an error, since picking one would silently hide the other. Rows that differ only
+    in their seed are all kept.
     """
     files: dict[Path, None] = {}
     for p in paths:
@@ -71,18 +82,28 @@ def load_rows(paths: Sequence[Path]) -> list[dict]:
             files.setdefault(f.resolve(), None)
     rows: dict[tuple, dict] = {}
     for f in files:
-        with open(f) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{f}:{lineno}"
-                try:
-                    row = _check_row(json.loads(line), where)
-                except json.JSONDecodeError as e:
-                    raise ResultsError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                key = (row["experiment"], row["method"], row["iteration"])
-                if key in rows and rows[key]["source"] != row["source"]:
-                    raise ResultsError(f"{where}: {key} is also in {rows[key]['source']}; "
-                                       "pass only one of the two run directories")
-                rows[key] = row
+        try:
+            with open(f, "rb") as fh:
+                lines = fh.read().splitlines()
+        except OSError as e:
+            raise ResultsError(f"{f}: cannot be read ({e.strerror or e})") from None
+        for lineno, raw in enumerate(lines, 1):
+            where = f"{f}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ResultsError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                    from None
+            if not line.strip():
+                continue
+            try:
+                row = _check_row(json.loads(line), where)
+            except json.JSONDecodeError as e:
+                raise ResultsError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            key = (row["experiment"], row["method"], row["iteration"], row.get("seed"))
+            if key in rows and rows[key]["source"] != row["source"]:
+                shown = key[:3] if key[3] is None else key[:3] + (f"seed {key[3]}",)
+                raise ResultsError(f"{where}: {shown} is also in {rows[key]['source']}; "
+                                   "pass only one of the two run directories")
+            rows[key] = row
     return list(rows.values())

@@ -10,6 +10,22 @@ Conventions:
   key is whose standard error, which metrics get a "Δ <metric>" column (value -
   value at iteration 0 of the same experiment) and which are shown by default is
   the metric catalogue's (harness.metrics).
+- gains with paired intervals: where a row carries ``paired`` (its gain over iteration 0
+  on the items both evaluated, harness.outcomes), "Δ <metric> lo" / "Δ <metric> hi" hold
+  the 95% interval and "Δ <metric> sig" whether it excludes 0 (the renderers mark such a
+  gain with a trailing "*"); an lm-eval paired key's ",<filter>" suffix is matched to the
+  metric without it when that is unambiguous;
+- seeds: rows of several seeds of one (experiment, method, iteration) (``harness run
+  --seeds``) are one table row (``per_seed=False``, the default): each metric and Δ is the
+  mean over the seeds (harness.outcomes.across_seeds), "<metric> sd" / "Δ <metric> sd" the
+  standard deviation between seeds (shown as "mean ± sd"; the row's "<metric> ±" is
+  blank), "seeds" the number of seeds; each seed's Δ is against that seed's own iteration 0.
+  Such a row's mean gain is marked significant ("Δ <metric> sig") only when every seed's
+  paired interval excludes 0 in the same direction; its lo / hi are blank (the seeds'
+  intervals are in the per-seed rows). ``per_seed=True`` keeps one row per seed (the
+  "seed" column tells them apart): ``harness table --per-seed``, and the
+  ``<stem>.per-seed.csv`` a saved board writes beside its CSV. Rows of one seed (or none)
+  show exactly as without this: no "seeds" or "sd" columns.
 
 Not here: reading the rows (harness.report.rows) or rendering (files, terminal, html).
 """
@@ -18,6 +34,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from fnmatch import fnmatchcase
 from numbers import Real
 from typing import Any, Sequence
@@ -25,11 +42,16 @@ from typing import Any, Sequence
 import pandas as pd
 
 from harness.metrics import WIN_RATE, WIN_SE, ordered, stderr_of
+from harness.outcomes import across_seeds
 from harness.report.rows import PUBLISHED, ResultsError
 
 UNAVAILABLE = "unavailable"
 SE = " ±"  # suffix of a standard-error column
 DELTA = "Δ "  # prefix of a delta-vs-iteration-0 column
+SD = " sd"  # suffix of a between-seeds standard deviation column
+LO, HI, SIG = " lo", " hi", " sig"  # suffixes of a Δ's paired 95% interval and whether it excludes 0
+COMPANIONS = (SE, SD, LO, HI, SIG)  # columns that belong to the one they suffix
+SEEDS = "seeds"  # number of seeds in a row (only in tables that aggregate seeds)
 ID_COLS = ["experiment", "method", "model", "iteration"]
 TEXT_COLS = ["experiment", "method", "model"]
 KEY_VERSIONS = ("torch", "transformers", "trl")  # packages shown as provenance columns
@@ -68,18 +90,24 @@ def _number(v: Any) -> float:
     return float(v) if isinstance(v, Real) else math.nan
 
 
-def _full_table(rows: Sequence[dict]) -> tuple[pd.DataFrame, list[str]]:
-    """Every metric of every row (+ ± and Δ columns); also the default column choice."""
-    keys = sorted({k for r in rows for k in r["metrics"]})
-    se_of = {k: stderr_of(k) for k in keys}
-    metric_keys = [k for k in keys if se_of[k] is None]
-    if WIN_SE in keys and WIN_RATE not in metric_keys:
-        metric_keys.append(WIN_RATE)  # an error bar without its value still gets a column
-    se_for = {m: s for s, m in se_of.items() if m is not None and s in keys}
-    delta_keys = ordered(metric_keys, "delta")
+def paired_of(row: dict, key: str) -> dict | None:
+    """The row's paired gain over iteration 0 for metric ``key`` (None when it has none).
 
-    # (experiment, method) -> metrics at iteration 0; an experiment without one gets NaN deltas
-    base = {(r["experiment"], r["method"]): r["metrics"] for r in rows
+    lm-eval's per-item keys carry the filter ("lm_eval/t/acc,none") that the aggregate key
+    may lack ("lm_eval/t/acc"): one such entry is taken, several (two filters) are not."""
+    p = row.get("paired") or {}
+    if key in p:
+        return p[key]
+    hits = [v for k, v in p.items() if "," in k and k.split(",", 1)[0] == key]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _records(rows: Sequence[dict], metric_keys: list[str], se_for: dict, delta_keys: list[str],
+             ci_keys: set[str]) -> list[dict]:
+    """One record per row (per seed): values, ± values, deltas against the same seed's iteration 0,
+    paired intervals, provenance."""
+    # (experiment, method, seed) -> metrics at iteration 0; an experiment without one gets NaN deltas
+    base = {(r["experiment"], r["method"], r.get("seed")): r["metrics"] for r in rows
             if r["iteration"] == 0 and r["method"] != PUBLISHED}
     records = []
     for r in rows:
@@ -90,19 +118,117 @@ def _full_table(rows: Sequence[dict]) -> tuple[pd.DataFrame, list[str]]:
             rec[k] = _value(m, k)
             if k in se_for:
                 rec[k + SE] = _number(m.get(se_for[k]))
-        ref = base.get((r["experiment"], r["method"]))
+        ref = base.get((r["experiment"], r["method"], r.get("seed")))
         for k in delta_keys:
             rec[DELTA + k] = _number(m.get(k)) - _number(ref.get(k)) if ref is not None else math.nan
+            if k in ci_keys:
+                p = paired_of(r, k) if r["iteration"] != 0 else None
+                rec[DELTA + k + LO] = _number(p.get("ci_low")) if p else math.nan
+                rec[DELTA + k + HI] = _number(p.get("ci_high")) if p else math.nan
+                rec[DELTA + k + SIG] = bool(p.get("significant")) if p else pd.NA
         rec.update(_provenance(r["provenance"]))
+        if r.get("seed") is not None:
+            rec["seed"] = r["seed"]
         records.append(rec)
+    return records
+
+
+def seeds_spread(values: Sequence[float]):
+    """harness.outcomes.across_seeds, quiet about equal values (scipy warns of precision loss
+    for them; their standard deviation is 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return across_seeds(values)
+
+
+def marked(v: Any) -> bool:
+    """A "sig" cell that is true (not missing)."""
+    return v is not None and v is not pd.NA and not (isinstance(v, float) and math.isnan(v)) and bool(v)
+
+
+def _mean(values: list[Any]) -> tuple[Any, float]:
+    """The mean over seeds (an integer when every seed's is one and so is the mean; "unavailable"
+    when no seed has a number but one says so) and the standard deviation between them."""
+    spread = seeds_spread([v for v in values if isinstance(v, Real) and not isinstance(v, bool)])
+    if spread is None:
+        return (UNAVAILABLE if UNAVAILABLE in values else math.nan), math.nan
+    mean = spread.mean
+    nums = [v for v in values if isinstance(v, Real) and not (isinstance(v, float) and math.isnan(v))]
+    if all(isinstance(v, int) for v in nums) and float(mean).is_integer():
+        mean = int(mean)
+    return mean, math.nan if spread.sd is None else spread.sd
+
+
+def _same(values: list[Any]) -> Any:
+    """The value every seed shares, else the distinct values joined by ","; None when none has one."""
+    distinct = list(dict.fromkeys(v for v in values if v is not None and v is not pd.NA and not
+                                  (isinstance(v, float) and math.isnan(v))))
+    return distinct[0] if len(distinct) == 1 else ",".join(map(str, distinct)) if distinct else None
+
+
+def _over_seeds(group: list[dict], metric_keys: list[str], se_for: dict, delta_keys: list[str],
+                ci_keys: set[str]) -> dict:
+    """One record for the seeds of one (experiment, method, iteration)."""
+    first = group[0]
+    rec: dict[str, Any] = {c: first[c] for c in ("experiment", "method", "iteration")}
+    rec["model"] = _same([g["model"] for g in group])
+    rec[SEEDS] = len(group)
+    for k in metric_keys:
+        rec[k], rec[k + SD] = _mean([g[k] for g in group])
+        if k in se_for:
+            rec[k + SE] = math.nan  # within-seed errors: in the per-seed rows
+    for k in delta_keys:
+        d = DELTA + k
+        rec[d], rec[d + SD] = _mean([g[d] for g in group])
+        if k in ci_keys:
+            rec[d + LO] = rec[d + HI] = math.nan
+            lows, highs = [g[d + LO] for g in group], [g[d + HI] for g in group]
+            if group[0]["iteration"] == 0 or all(math.isnan(v) for v in lows):
+                rec[d + SIG] = pd.NA
+            else:  # every seed's interval excludes 0, all on the same side
+                rec[d + SIG] = all(lo > 0 for lo in lows) or all(hi < 0 for hi in highs)
+    for c in PROV_COLS:
+        rec[c] = None if c == "seed" else _same([g.get(c) for g in group])
+    return rec
+
+
+def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Every metric of every row (+ ±, Δ, interval and seed columns); also the default column choice."""
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    se_of = {k: stderr_of(k) for k in keys}
+    metric_keys = [k for k in keys if se_of[k] is None]
+    if WIN_SE in keys and WIN_RATE not in metric_keys:
+        metric_keys.append(WIN_RATE)  # an error bar without its value still gets a column
+    se_for = {m: s for s, m in se_of.items() if m is not None and s in keys}
+    delta_keys = ordered(metric_keys, "delta")
+    ci_keys = {k for k in delta_keys if any(r["iteration"] != 0 and paired_of(r, k) for r in rows)}
+
+    records = _records(rows, metric_keys, se_for, delta_keys, ci_keys)
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault((rec["experiment"], rec["method"], rec["iteration"]), []).append(rec)
+    seeded = not per_seed and any(len(g) > 1 for g in groups.values())
+    if seeded:
+        records = [_over_seeds(g, metric_keys, se_for, delta_keys, ci_keys) if len(g) > 1 else {**g[0], SEEDS: 1}
+                   for g in groups.values()]
 
     metric_cols = []
     for k in metric_keys:
-        metric_cols += [k, k + SE] if k in se_for else [k]
-    df = pd.DataFrame.from_records(records, columns=ID_COLS + metric_cols + [DELTA + k for k in delta_keys] + PROV_COLS)
+        metric_cols += [k] + ([k + SE] if k in se_for else []) + ([k + SD] if seeded else [])
+    delta_cols = []
+    for k in delta_keys:
+        delta_cols += [DELTA + k] + ([DELTA + k + SD] if seeded else []) \
+            + ([DELTA + k + LO, DELTA + k + HI, DELTA + k + SIG] if k in ci_keys else [])
+    ids = ID_COLS + ([SEEDS] if seeded else [])
+    df = pd.DataFrame.from_records(records, columns=ids + metric_cols + delta_cols + PROV_COLS)
     df["seed"] = df["seed"].astype("Int64")
+    if seeded:
+        df[SEEDS] = df[SEEDS].astype("Int64")
+    for k in ci_keys:
+        df[DELTA + k + SIG] = df[DELTA + k + SIG].astype("boolean")
     for k in metric_keys:  # counts stay integers (nullable), so they render and round-trip as such
-        present = [r["metrics"][k] for r in rows if r["metrics"].get(k) is not None]
+        present = [v for v in (rec[k] for rec in records) if isinstance(v, Real) and not
+                   (isinstance(v, float) and math.isnan(v))]
         if present and all(isinstance(v, int) for v in present) and UNAVAILABLE not in set(df[k]):
             df[k] = df[k].astype("Int64")
     return df, ordered(metric_keys, "table") + [DELTA + k for k in delta_keys]
@@ -129,22 +255,30 @@ def _matches(value: Any, pattern: Any) -> bool:
 
 
 def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending: bool = True,
-                filters: dict | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+                filters: dict | None = None, columns: list[str] | None = None, per_seed: bool = False) -> pd.DataFrame:
     """The leaderboard as a data frame: identity columns, metrics, deltas, provenance.
 
     ``filters`` maps a column (experiment, method, iteration, seed, ...) to a glob
     or a list of globs matched against the value's text. Deltas are computed
-    before filtering, so filtering out iteration 0 keeps them. ``sort_by`` is a
+    before filtering, so filtering out iteration 0 keeps them; a "seed" filter picks
+    the seeds before they are averaged. ``sort_by`` is a
     column (or its last '/' component, e.g. "win_rate"); missing and
     "unavailable" values sort last. ``columns`` replaces the default metric
-    columns (any metric key, "Δ ..." column); ± columns follow their metric and
-    the identity and provenance columns are always kept.
+    columns (any metric key, "Δ ..." column); ±, sd and interval columns follow their
+    metric and the identity and provenance columns are always kept. ``per_seed``: one
+    row per seed instead of one per (experiment, method, iteration).
     """
-    df, default = _full_table(rows)
+    filters = dict(filters or {})
+    if "seed" in filters:
+        pattern = filters.pop("seed")
+        rows = [r for r in rows if _matches("" if r.get("seed") is None else r["seed"], pattern)
+                or (r.get("seed") is None and _matches(_text(r["provenance"].get("seed")), pattern))]
+    df, default = _full_table(rows, per_seed=per_seed)
     # Default order: experiments alphabetically, published systems after runs.
-    df = df.sort_values(["method", "experiment", "iteration"], kind="stable",
+    order = ["method", "experiment", "iteration"] + (["seed"] if per_seed else [])
+    df = df.sort_values(order, kind="stable", na_position="first",
                         key=lambda s: s.eq(PUBLISHED) if s.name == "method" else s).reset_index(drop=True)
-    for col, pattern in (filters or {}).items():
+    for col, pattern in filters.items():
         col = _resolve(col, list(df.columns), "filter")
         df = df[[_matches(v, pattern) for v in df[col]]]
     if sort_by is not None:
@@ -152,13 +286,18 @@ def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending:
         text = col in TEXT_COLS or col in PROV_COLS
         df = df.sort_values(col, ascending=not descending, na_position="last", kind="stable",
                             key=None if text else (lambda s: pd.to_numeric(s, errors="coerce")))
-    choosable = [c for c in df.columns if not c.endswith(SE)]
+    ids = [c for c in ID_COLS + [SEEDS] if c in df.columns]
+    choosable = [c for c in df.columns if not any(c.endswith(x) and c[: -len(x)] in df.columns for x in COMPANIONS)]
     picked = [_resolve(c, choosable, "columns") for c in columns] if columns else default
     shown = []
     for c in picked:
-        shown += [c, c + SE] if c + SE in df.columns else [c]
-    shown = [c for c in shown if c not in ID_COLS + PROV_COLS]
-    return df[ID_COLS + shown + PROV_COLS].reset_index(drop=True)
+        shown += [c] + [c + x for x in COMPANIONS if c + x in df.columns]
+    shown = [c for c in shown if c not in ids + PROV_COLS]
+    return df[ids + shown + PROV_COLS].reset_index(drop=True)
+
+
+def _text(v: Any) -> str:
+    return "" if v is None else str(v)
 
 
 def selected(rows: Sequence[dict], df: pd.DataFrame) -> list[dict]:

@@ -2,12 +2,16 @@
 
 Which columns are main, their headers and (for a percentage) their format are the
 metric catalogue's ``terminal`` view (harness.metrics); the rest stays in the CSV /
-Markdown / HTML files. Not here: those files' renderers, or the stage lines.
+Markdown / HTML files. A Δ shows its paired 95% interval where the row has one
+("+0.120 [+0.058, +0.182]*", the interval dropped first when space is short) and a
+trailing "*" when that interval excludes 0; rows over several seeds show "mean ± sd" and
+a "seeds" column; a legend under the table says so (none for a table without either). Not here: those files' renderers, or the stage lines.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from numbers import Real
 from typing import Any
 
@@ -15,9 +19,9 @@ import pandas as pd
 
 from harness import fmt
 from harness.metrics import COST, LC_WIN_RATE, WIN_RATE, companions, find, header, ordered
-from harness.report.files import cell
+from harness.report.files import cell, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import DELTA, ID_COLS, PROV_COLS, SE
+from harness.report.table import COMPANIONS, DELTA, HI, ID_COLS, LO, PROV_COLS, SD, SE, SEEDS, SIG, marked
 
 TERMINAL_WIDTH = 120
 
@@ -27,8 +31,8 @@ def _main_columns(df: pd.DataFrame) -> tuple[list[str], set[str]]:
     with its n and coverage, the LC win rate where a row has one); every metric column
     when none of those is there. Also the columns shown in their catalogue format (the
     main ones: a percentage as such)."""
-    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS and not c.endswith(SE)
-                   and not c.startswith(DELTA)]
+    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS + [SEEDS] and not c.startswith(DELTA)
+                   and not any(c.endswith(x) and c[: -len(x)] in df.columns for x in COMPANIONS)]
     cols = []
     for c in ordered(metric_cols, "terminal"):
         if c == LC_WIN_RATE and not any(isinstance(v, Real) and not math.isnan(v) for v in df[c]):
@@ -44,6 +48,22 @@ def _cell(col: str, v: Any, se: Any = math.nan, styled: bool = False) -> str:
         return fmt.percent(v, blank="")
     text = cell(v)
     return f"{text} ± {cell(se)}" if text and cell(se) else text
+
+
+def _delta_cell(r: pd.Series, col: str, with_se: bool, with_ci: bool) -> str:
+    """A Δ: "+0.12", with the seeds' sd ("+0.12 ± 0.03"), its paired interval ("+0.12 [+0.06, +0.18]")
+    and "*" when the interval excludes 0 (over seeds: every seed's, on one side)."""
+    d = DELTA + col
+    text = cell(r[d], signed=True)
+    if not text:
+        return text
+    if with_se and d + SD in r.index and cell(r[d + SD]):
+        text += f" ± {cell(r[d + SD])}"
+    if with_ci and d + LO in r.index and cell(r[d + LO]) and cell(r[d + HI]):
+        text += f" [{cell(r[d + LO], signed=True)}, {cell(r[d + HI], signed=True)}]"
+    if d + SIG in r.index and marked(r[d + SIG]):
+        text += "*"
+    return text
 
 
 def _pipe(header_cells: list[str], rows: list[list[str]], right: list[bool]) -> str:
@@ -71,13 +91,14 @@ def to_terminal(df: pd.DataFrame, width: int = TERMINAL_WIDTH) -> tuple[str, lis
     main, styled = _main_columns(df)
     runs = df[df["method"] != PUBLISHED] if "model" in df.columns else df.iloc[:0]
     show_model = runs["model"].nunique(dropna=True) > 1  # a published system's model is its name
-    ids = ["experiment", "method"] + (["model"] if show_model else []) + ["iteration"]
+    ids = ["experiment", "method"] + (["model"] if show_model else []) + ["iteration"] \
+        + ([SEEDS] if SEEDS in df.columns else [])
 
-    def render(cols: list[str], short: bool, with_se: bool, cut: int | None) -> str:
+    def render(cols: list[str], short: bool, with_se: bool, with_ci: bool, cut: int | None) -> str:
         head, right = [], []
         for c in ids:
             head.append("iter" if c == "iteration" else c)
-            right.append(c == "iteration")
+            right.append(c in ("iteration", SEEDS))
         for c in cols:
             head.append(header(c, short))
             right.append(True)
@@ -92,16 +113,20 @@ def to_terminal(df: pd.DataFrame, width: int = TERMINAL_WIDTH) -> tuple[str, lis
                 cells.append(t if cut is None else fmt.cut(t, cut))
             for c in cols:
                 se = r[c + SE] if with_se and c + SE in df.columns else math.nan
+                if with_se and c + SD in df.columns and fmt.missing(se):
+                    se = r[c + SD]  # a row over seeds: the standard deviation between them
                 cells.append(_cell(c, r[c], se, c in styled))
                 if DELTA + c in df.columns:  # blank at iteration 0 itself
-                    cells.append(cell(r[DELTA + c], signed=True) if r["iteration"] != 0 else "")
+                    cells.append(_delta_cell(r, c, with_se, with_ci) if r["iteration"] != 0 else "")
             rows.append(cells)
         return _pipe(head, rows, right)
 
     def wide(text: str) -> int:
         return max(len(line) for line in text.splitlines())
 
-    styles = [(False, True, None), (True, True, None), (True, False, None), (True, False, 24), (True, False, 16)]
+    # (short names, ± values, Δ intervals, cut names to): richest first
+    plain = [(False, True, None), (True, True, None), (True, False, None), (True, False, 24), (True, False, 16)]
+    styles = {ci: [(short, se, ci, cut) for short, se, cut in plain] for ci in (True, False)}
 
     # as many evaluations as fit in the most compact style, then the richest style that fits them;
     # dropped in this order: the LC win rate, lm-eval metrics from the right (the first stays), then
@@ -110,13 +135,33 @@ def to_terminal(df: pd.DataFrame, width: int = TERMINAL_WIDTH) -> tuple[str, lis
     win = [c for c in main if c in win_group]
     lm = [c for c in main if c not in win and c != LC_WIN_RATE]
     drops = [[c] for c in main if c == LC_WIN_RATE] + [[c] for c in reversed(lm[1:])] + ([win] if win and lm else [])
-    cols = list(main)
-    for group in [[]] + drops:
-        cols = [c for c in cols if c not in group]
-        if wide(render(cols, *styles[-1])) <= width or not cols:
-            break
-    for style in styles:
+    def fits(cols: list[str], with_ci: bool) -> bool:
+        return wide(render(cols, *styles[with_ci][-1])) <= width
+
+    def fit(with_ci: bool) -> list[str]:
+        cols = list(main)
+        for group in [[]] + (drops[:-1] if with_ci and win and lm else drops):
+            cols = [c for c in cols if c not in group]
+            if fits(cols, with_ci) or not cols:
+                break
+        return cols
+
+    # the Δ intervals come before more lm-eval metrics (never before the win rate or the first
+    # lm-eval metric): without room for them then, the table is as without them
+    has_ci = lambda cols: any(DELTA + c + LO in df.columns and df[DELTA + c + LO].notna().any()  # noqa: E731
+                              for c in cols)
+    cols = fit(True)
+    if not (has_ci(cols) and fits(cols, True)):
+        cols = fit(False)
+    with_ci = has_ci(cols) and fits(cols, True)
+    for style in styles[with_ci]:
         text = render(cols, *style)
         if wide(text) <= width:
             break
+    with_se = style[1]
+    shown = [c for c in df.columns if any(c == DELTA + m + SIG for m in cols)] + [c for c in (SEEDS,) if c in df]
+    notes = legend(df[[c for c in df.columns if c in shown or not (c.endswith(SIG) or c == SEEDS)]], bracketed=True,
+                   intervals=with_ci, spread=with_se)
+    if notes:
+        text += "\n" + "\n".join(textwrap.fill(n, width=min(width, max(40, wide(text)))) for n in notes)
     return text, [c for c in main if c not in cols]
