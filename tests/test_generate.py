@@ -78,13 +78,38 @@ def test_topk_stats_match_the_formula():
     assert mass[1].item() == pytest.approx(3 / 5) and ent[1].item() == pytest.approx(math.log(3))
 
 
-def test_indicator_stats_recorded_per_sample(tiny):
+def test_indicator_stats_equal_an_independent_forward_pass_over_prompt_and_answer(tiny):
+    """Each recorded top-k statistic is the mean, over the answer's tokens, of the statistic of
+    the distribution that token was drawn from: recomputed here token by token with full forward
+    passes (no cache, no padding, no generate), so an off-by-one in which logits are recorded fails."""
+    from harness.generate import render
+
     model, tok = tiny
-    out = generate(model, tok, PROMPTS[:3], Sampling(temperature=1.0, max_new_tokens=8, top_k_stats=10),
+    k, steps = 10, 8
+    out = generate(model, tok, PROMPTS[:3], Sampling(temperature=0.0, max_new_tokens=steps, top_k_stats=k),
                    seed_key=(0,), batch_size=3)
-    for rec in out.values():
-        s = rec["samples"][0]
-        assert 0.0 < s["topk_mass"] <= 1.0 and 0.0 <= s["topk_entropy"] <= math.log(10) + 1e-6
+    eos = tok.eos_token_id
+    for p in PROMPTS[:3]:
+        ids = tok(render(tok, p.messages), add_special_tokens=False, return_tensors="pt").input_ids
+        ents, masses, new = [], [], []
+        for _ in range(steps):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+            top = logp.topk(k).values.exp()
+            q = top / top.sum()
+            ents.append(float(-(q * q.log()).sum()))
+            masses.append(float(top.sum()))
+            nxt = int(logp.argmax())
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            if nxt == eos:
+                break
+        s = out[p.id]["samples"][0]
+        assert s["n_tokens"] == len(new) and s["text"] == tok.decode(new, skip_special_tokens=True)
+        assert s["topk_entropy"] == pytest.approx(sum(ents) / len(ents), rel=1e-4)
+        assert s["topk_mass"] == pytest.approx(sum(masses) / len(masses), rel=1e-4)
+        # the statistic of the next step's distribution is not the one recorded (an off-by-one shows)
+        assert len(set(round(e, 4) for e in ents)) > 1
 
 
 # ----- the device-side sampler -------------------------------------------------------------
