@@ -142,9 +142,39 @@ class AlpacaEvalSection:
     instructions: str = opt("", 'AlpacaEval-format file (instruction, output, generator) whose outputs are the reference, "tiny:alpaca_eval", or "alpaca_eval" (AlpacaEval 2.0 from the hub); "" = skip AlpacaEval.')
     reference: str = opt("instructions", 'Whose answers the model is judged against: "instructions" (the outputs in the instructions file) or "iteration0" (the starting model\'s answers from this run\'s iteration-0 evaluation: a head-to-head against the starting model, like the Self-Rewarding paper\'s pairwise comparisons with its SFT baseline; iteration 0 then scores 50 by construction).', choices=("instructions", "iteration0"))
     limit: int = opt(0, "Evaluate only the first N instructions; 0 = all.", min=0)
-    position: str = opt("random", 'Position-bias control: "random" (seeded order per item) or "both" (judge both orders, average).', choices=("random", "both"))
+    annotator: str = opt("", 'Who annotates model vs reference. The name of an annotator config that alpaca_eval ships (its evaluators_configs: "weighted_alpaca_eval_gpt4_turbo" = AlpacaEval 2.0, "alpaca_eval_gpt4" = 1.0, "weighted_alpaca_eval_vllm_llama3_70b", "alpaca_eval_llama3_70b_fn", ...) or the path of a configs.yaml in that format: both answers in one prompt, with alpaca_eval\'s prompt, output-order randomisation, completion parser and preference semantics (its own code), sent to the OpenAI-compatible endpoint of this section\'s judge, which must be "openai" (base_url, model = the judge model, api_key_env, timeout_s, max_retries; judge.batch_size = concurrent requests; its template and sampling options are not used). "harness_rubric" = the harness\'s pointwise comparison: the judge scores each answer alone with its rubric and the two scores are compared, with position control (the tiny world\'s oracle). "" = "weighted_alpaca_eval_gpt4_turbo" when instructions = "alpaca_eval", else "harness_rubric".')
+    position: str = opt("random", 'Position-bias control of the harness_rubric protocol: "random" (seeded order per item) or "both" (judge both orders, average). alpaca_eval\'s annotators randomise the order themselves.', choices=("random", "both"))
     min_coverage: float = opt(0.95, "Fail the evaluation when fewer than this fraction of instructions get an annotation.", min=0.0, max=1.0)
-    judge: JudgeSection = opt(factory=lambda: JudgeSection(name="oracle"), doc="The judge that annotates model vs reference.")
+    judge: JudgeSection = opt(factory=lambda: JudgeSection(name="oracle"), doc="The judge that annotates model vs reference (harness_rubric), or whose endpoint an alpaca_eval annotator uses (openai).")
+
+    @property
+    def protocol(self) -> str:
+        """The annotator in use: ``annotator``, or its default for ``instructions``."""
+        from harness.evaluate.annotators import resolve_protocol
+
+        return resolve_protocol(self.annotator, self.instructions)
+
+    def problems(self, where: str) -> list[FieldError]:
+        """Rules of an AlpacaEval section that is used (instructions set)."""
+        from harness.evaluate.annotators import RUBRIC, config_problems
+
+        if not self.instructions or self.protocol == RUBRIC:
+            return []
+        name = self.protocol
+        errors = [FieldError(f"{where}.annotator", p) for p in config_problems(name)]
+        how = f'annotator {name!r}' + ("" if self.annotator else f' (the default for instructions = "{self.instructions}")')
+        if self.judge.name != "openai":
+            errors.append(FieldError(f"{where}.judge.name", (
+                f'{how} sends its prompts to an OpenAI-compatible endpoint: set [{where}.judge] name = "openai" '
+                f'with base_url, model and api_key_env in [{where}.judge.openai], or annotator = "harness_rubric" '
+                "for the harness's pointwise rubric")))
+        elif self.judge.options.template:
+            errors.append(FieldError(f"{where}.judge.openai.template", f"{how} uses its own prompt; remove the template "
+                                                                        'or set annotator = "harness_rubric"'))
+        if self.position != "random":
+            errors.append(FieldError(f"{where}.position", f"{how} randomises the output order itself (alpaca_eval's "
+                                                          'is_randomize_output_order); position applies to harness_rubric'))
+        return errors
 
 
 @dataclass(frozen=True)
@@ -325,6 +355,8 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
         if judge.needs_policy:
             errors.append(FieldError(f"{where}.name", f"judge {judge.name!r} is the policy, which cannot judge its own "
                                                       "evaluation outputs fairly; choose another judge"))
+    errors.extend(cfg.eval.alpaca_eval.problems("eval.alpaca_eval"))
+    errors.extend(cfg.eval.validation.alpaca_eval.problems("eval.validation.alpaca_eval"))
     for err in method.check(cfg):
         errors.append(err)
 

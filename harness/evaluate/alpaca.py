@@ -1,6 +1,17 @@
 """AlpacaEval-style win rate of the policy against reference outputs, and import
 of published AlpacaEval results so the leaderboard can show them beside ours.
 
+Two annotation protocols (``eval.alpaca_eval.annotator``):
+- an alpaca_eval annotator config (``weighted_alpaca_eval_gpt4_turbo`` = AlpacaEval 2.0,
+  the default for the hub set; ``alpaca_eval_gpt4`` = 1.0; ...): both outputs in one
+  prompt, alpaca_eval's order randomisation and completion parsing, through alpaca_eval's
+  own annotator (``harness.evaluate.annotators``) against the endpoint of the section's
+  openai judge; ``annotate_alpaca_eval`` below;
+- ``harness_rubric``: the section's judge scores each answer alone with the harness's
+  rubric and the preference compares the two scores, with our position control
+  (``annotate``; the tiny world's oracle, the default for other instruction files).
+Each evaluation's ``metrics.json`` holds a ``protocol`` record (``protocol_record``).
+
 Conventions are AlpacaEval's: output_1 is the reference, output_2 the model,
 ``preference`` is in [1, 2] with 2 = the model wins and 1.5 = a draw. Every
 statistic (win rate, standard error, wins, draws, discrete win rate, and the
@@ -31,12 +42,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Sequence
 
 from harness.config import AlpacaEvalSection
 from harness.data import with_system
+from harness.evaluate.annotators import (HUB_SET, RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint,
+                                         quiet, resolve_protocol)
 from harness.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
 from harness.judges.base import Judge, JudgeItem, compare, preference
@@ -48,10 +63,8 @@ from harness.store import JsonlLog, atomic_write_json, write_jsonl
 AE_SET_SIZE = 805  # the AlpacaEval instruction set; the LC model's difficulty table is indexed by position
 METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate")
 
-
-
-
-HUB_SET = "alpaca_eval"  # AlpacaEval 2.0 from the hub: 805 instructions, GPT-4 Turbo references
+LC_REPO, LC_FILE = "tatsu-lab/alpaca_eval", "df_gamed.csv"  # what alpaca_eval's LC model reads (baseline None)
+# HUB_SET = "alpaca_eval": AlpacaEval 2.0 from the hub, 805 instructions, GPT-4 Turbo references
 
 
 def load_instructions(ref: str, limit: int = 0) -> list[dict]:
@@ -183,6 +196,99 @@ def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], positi
     return [done[r["id"]] for r in rows]
 
 
+def _ae_pair(row: dict, output: str, generator: str) -> tuple[dict, dict]:
+    """(reference, model) rows of one instruction as ``alpaca_eval.main.evaluate`` reads
+    them from a reference file and a model-outputs file."""
+    extra = {"dataset": row["dataset"]} if row.get("dataset") is not None else {}
+    return ({"instruction": row["instruction"], "output": row["output"],
+             "generator": row.get("generator", "reference"), **extra},
+            {"instruction": row["instruction"], "output": output, "generator": generator, **extra})
+
+
+def annotate_alpaca_eval(annotator: AlpacaEvalAnnotator, rows: Sequence[dict], outputs: dict[str, str],
+                         generator: str, log: JsonlLog | None = None, chunk: int = 32) -> list[dict]:
+    """AlpacaEval annotations by alpaca_eval's own annotator, one instruction per call
+    (``AlpacaEvalAnnotator.annotate``), up to the endpoint's concurrency at once. Records
+    are alpaca_eval's rows (instruction, output_1 = reference, output_2 = model, generator_1/2,
+    annotator, preference, preference_raw_completion, ...) plus ``id`` and ``key``; they are
+    appended to ``log`` per chunk and reused when their inputs and the annotator's identity
+    are unchanged. A completion that does not parse is alpaca_eval's missing annotation:
+    ``preference`` None, kept and counted. An instruction whose endpoint call got no answer
+    is not annotated, and ``JudgeTransportError`` is raised once the others are done."""
+    ident = annotator.identity()
+
+    def key(row: dict) -> str:
+        blob = json.dumps([row["instruction"], row["output"], row.get("generator"), outputs[row["id"]], generator,
+                           ident], default=str, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    by_id = {r["id"]: r for r in rows}
+    done = {pid: rec for pid, rec in (log.records.items() if log is not None else ())
+            if pid in by_id and rec.get("key") == key(by_id[pid])}
+    todo = [r for r in rows if r["id"] not in done]
+    missing: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, annotator.endpoint.concurrency)) as pool:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            futures = [pool.submit(annotator.annotate, *_ae_pair(r, outputs[r["id"]], generator)) for r in part]
+            records = []
+            for r, fut in zip(part, futures):
+                try:
+                    ann = fut.result()
+                except AnnotatorTransportError as e:
+                    missing.append((r["id"], str(e)))
+                    continue
+                records.append({"id": r["id"], "key": key(r), **ann, "preference": ann.get("preference")})
+            if log is not None:
+                log.append(records)
+            done.update((rec["id"], rec) for rec in records)
+    if missing:
+        raise JudgeTransportError(f"AlpacaEval annotation of {generator} by {annotator.name}",
+                                  f"{len(missing)} of {len(rows)} instructions", missing)
+    return [done[r["id"]] for r in rows]
+
+
+def build_annotator(section: AlpacaEvalSection) -> AlpacaEvalAnnotator:
+    """The section's alpaca_eval annotator, talking to the endpoint of its openai judge
+    ([<section>.judge.openai]: base_url, model, api_key_env, timeout_s, max_retries,
+    max_reply_bytes; the judge's batch_size = concurrent requests)."""
+    name = resolve_protocol(section.annotator, section.instructions)
+    if section.judge.name != "openai":
+        raise ValueError(f"eval.alpaca_eval.annotator {name!r} needs an OpenAI-compatible endpoint: "
+                         f"[<section>.judge] name = \"openai\" (got {section.judge.name!r})")
+    o = section.judge.options
+    return AlpacaEvalAnnotator(name, Endpoint(o.base_url, o.model, api_key_env=o.api_key_env, timeout_s=o.timeout_s,
+                                              max_retries=o.max_retries, concurrency=section.judge.batch_size,
+                                              max_reply_bytes=getattr(o, "max_reply_bytes", 1 << 20)))
+
+
+def protocol_record(section: AlpacaEvalSection, annotations: Sequence[dict], metrics: dict, notes: dict,
+                    judge: Judge | None = None, annotator: AlpacaEvalAnnotator | None = None) -> dict:
+    """How this evaluation's numbers were made (``metrics.json`` "protocol")."""
+    if annotator is not None:
+        usage = annotator.fn.usage
+        prices = [a.get("preference_price_per_example") for a in annotations]
+        how = {**annotator.protocol(), "position": "alpaca_eval (is_randomize_output_order, seeded by instruction)",
+               "cost": {"calls": usage["calls"], "prompt_tokens": usage["prompt_tokens"],
+                        "completion_tokens": usage["completion_tokens"],
+                        "price_usd": sum(p for p in prices if isinstance(p, (int, float)) and math.isfinite(p))}}
+    else:
+        tpl = getattr(judge, "template", None)
+        name = getattr(judge, "name", "")
+        how = {"annotator": RUBRIC, "template_hash": hashlib.sha256(tpl.encode()).hexdigest() if isinstance(tpl, str)
+               else None, "judge_model": name, "endpoint_kind": section.judge.name,
+               "base_url": getattr(judge, "url", None), "position": section.position}
+    lc = notes.get("length_controlled_data")
+    return {**how,
+            "reference": {"instructions": section.instructions, "reference": section.reference,
+                          "generator": sorted({str(a.get("generator_1")) for a in annotations})},
+            "n": metrics["alpaca_eval/n_total"], "n_instructions": metrics["alpaca_eval/n_instructions"],
+            "coverage": metrics["alpaca_eval/coverage"],
+            "length_controlled": {"status": "computed", "df_gamed": {k: lc[k] for k in ("repo", "revision", "sha256")}}
+            if lc else {"status": "unavailable", "reason": notes.get("length_controlled_winrate", "")},
+            "alpaca_eval_version": version("alpaca-eval") if _installed("alpaca-eval") else None}
+
+
 def _plain(v: Any) -> float | int | None:
     """numpy scalars -> Python; NaN -> None (no number is better than a made-up one)."""
     if v is None:
@@ -191,16 +297,50 @@ def _plain(v: Any) -> float | int | None:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def lc_unavailable_reason(n_instructions: int) -> str | None:
-    """None when alpaca_eval's length-controlled model can run offline here."""
-    from huggingface_hub import try_to_load_from_cache
+def lc_data(n_instructions: int) -> tuple[dict | None, str | None]:
+    """(the df_gamed.csv that alpaca_eval's length-controlled model reads: its path, hub
+    revision and sha256; None) when the LC win rate can be computed here, else (None, why
+    not). The file is downloaded when the hub is allowed (HARNESS_ONLINE=1) and read from
+    the local Hugging Face cache otherwise."""
+    from huggingface_hub import hf_hub_download
 
     if n_instructions != AE_SET_SIZE:
-        return f"needs the {AE_SET_SIZE} AlpacaEval instructions in their order (got {n_instructions})"
-    for name in ("df_gamed.csv", "instruction_difficulty.csv"):
-        if not isinstance(try_to_load_from_cache("tatsu-lab/alpaca_eval", name, repo_type="dataset"), str):
-            return f"alpaca_eval's {name} is not in the local Hugging Face cache"
-    return None
+        return None, f"needs the {AE_SET_SIZE} AlpacaEval instructions in their order (got {n_instructions})"
+    online = os.environ.get("HARNESS_ONLINE") == "1"
+    try:
+        with _hub_mode(online):
+            path = Path(hf_hub_download(LC_REPO, LC_FILE, repo_type="dataset", local_files_only=not online))
+    except Exception as e:  # not cached, no network, no such file
+        where = "could not be downloaded" if online else \
+            "is not in the local Hugging Face cache and the hub is off (HARNESS_ONLINE is not 1)"
+        return None, f"alpaca_eval's {LC_FILE} (hub dataset {LC_REPO}) {where}: {type(e).__name__}"
+    return {"repo": LC_REPO, "file": LC_FILE, "revision": path.parent.name, "path": str(path),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}, None
+
+
+def lc_unavailable_reason(n_instructions: int) -> str | None:
+    """None when alpaca_eval's length-controlled model can run here."""
+    return lc_data(n_instructions)[1]
+
+
+class _hub_mode:
+    """huggingface_hub offline while the hub is off, so that alpaca_eval's own download of
+    df_gamed.csv reads the cache and never tries the network."""
+
+    def __init__(self, online: bool):
+        self.online = online
+
+    def __enter__(self):
+        import huggingface_hub.constants as c
+
+        self.saved = c.HF_HUB_OFFLINE
+        if not self.online:
+            c.HF_HUB_OFFLINE = True
+
+    def __exit__(self, *exc):
+        import huggingface_hub.constants as c
+
+        c.HF_HUB_OFFLINE = self.saved
 
 
 def compute_metrics(annotations: Sequence[dict] | Any, model_outputs: Sequence[str],
@@ -214,16 +354,20 @@ def compute_metrics(annotations: Sequence[dict] | Any, model_outputs: Sequence[s
     df["preference"] = pd.to_numeric(df["preference"], errors="coerce")  # null -> NaN, dropped by alpaca_eval
     info: dict[str, Any] = {}
     n_valid = int(df["preference"].notna().sum())
-    raw = get_winrate(df) if n_valid else {}
+    with quiet():
+        raw = get_winrate(df) if n_valid else {}
     out: dict[str, float | int | None] = {f"alpaca_eval/{k}": _plain(raw.get(k)) for k in METRICS}
     out["alpaca_eval/n_total"] = n_valid if not raw else _plain(raw["n_total"])
     # as alpaca_eval.main.evaluate: int(model_outputs["output"].str.len().mean())
     lengths = pd.Series(list(model_outputs), dtype=object)
     out["alpaca_eval/avg_length"] = int(lengths.str.len().mean()) if len(lengths) else None
-    reason = lc_unavailable_reason(n_instructions) or (None if n_valid else "no annotations")
+    data, reason = lc_data(n_instructions)
+    reason = reason or (None if n_valid else "no annotations")
     if reason is None:
-        lc = get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
+        with _hub_mode(os.environ.get("HARNESS_ONLINE") == "1"), quiet():
+            lc = get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
         out["alpaca_eval/length_controlled_winrate"] = _plain(lc["length_controlled_winrate"])
+        info["length_controlled_data"] = data
     else:
         out["alpaca_eval/length_controlled_winrate"] = None
         info["length_controlled_winrate"] = f"unavailable: {reason}"
@@ -232,14 +376,17 @@ def compute_metrics(annotations: Sequence[dict] | Any, model_outputs: Sequence[s
     return out, info
 
 
-def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge, out_dir: Path, *,
+def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge | None, out_dir: Path, *,
                     seed_key: tuple, generator: str, max_new_tokens: int, batch_size: int,
                     system_prompt: str = "", reference: dict[str, str] | None = None,
-                    reference_name: str = "") -> dict[str, float | int | None]:
+                    reference_name: str = "", annotator: AlpacaEvalAnnotator | None = None
+                    ) -> dict[str, float | int | None]:
     """Greedy answers to the instructions, judged against the reference; see the module doc.
     ``reference`` ({instruction id: answer}) replaces the file's reference outputs; with
     ``section.reference == "iteration0"`` and no ``reference`` given, this model's own
-    answers are the reference (iteration 0 of a head-to-head)."""
+    answers are the reference (iteration 0 of a head-to-head). ``judge`` annotates under
+    the harness_rubric protocol and is unused otherwise (None is fine); ``annotator``
+    overrides the one built from the section (``build_annotator``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_instructions(section.instructions, section.limit)
@@ -260,16 +407,29 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge, 
     model_outputs = [{"instruction": r["instruction"], "output": outputs[r["id"]], "generator": generator,
                       "dataset": r.get("dataset")} for r in rows]
     atomic_write_json(out_dir / "model_outputs.json", model_outputs)
-    annotations = annotate(judge, rows, outputs, section.position, seed_key, generator,
-                           log=JsonlLog(out_dir / "annotations.jsonl"), chunk=section.judge.batch_size)
+    log = JsonlLog(out_dir / "annotations.jsonl")
+    if resolve_protocol(section.annotator, section.instructions) == RUBRIC:
+        if judge is None:
+            raise ValueError("eval.alpaca_eval: the harness_rubric protocol needs a judge")
+        annotator = None
+        annotations = annotate(judge, rows, outputs, section.position, seed_key, generator, log=log,
+                               chunk=section.judge.batch_size)
+        who, position = judge.name, section.position
+    else:
+        annotator = annotator or build_annotator(section)
+        annotations = annotate_alpaca_eval(annotator, rows, outputs, generator, log=log,
+                                           chunk=max(32, annotator.endpoint.concurrency))
+        who, position = annotator.name, "alpaca_eval"
     atomic_write_json(out_dir / "annotations.json", annotations)
     metrics, info = compute_metrics(annotations, [m["output"] for m in model_outputs], len(rows))
-    atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "notes": info, "judge": judge.name,
-                                                 "position": section.position, "generator": generator})
+    protocol = protocol_record(section, annotations, metrics, info, judge=judge, annotator=annotator)
+    atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "notes": info, "judge": who,
+                                                 "position": position, "generator": generator,
+                                                 "protocol": protocol})
     if metrics["alpaca_eval/coverage"] < section.min_coverage:
         raise CoverageError(
             f"AlpacaEval: {metrics['alpaca_eval/n_total']}/{len(rows)} instructions got a valid judgment from "
-            f"judge {judge.name!r} (coverage {metrics['alpaca_eval/coverage']:.3f} < "
+            f"{'judge' if annotator is None else 'annotator'} {who!r} (coverage {metrics['alpaca_eval/coverage']:.3f} < "
             f"eval.alpaca_eval.min_coverage {section.min_coverage}); see {out_dir / 'annotations.json'}")
     return metrics
 

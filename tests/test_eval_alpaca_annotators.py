@@ -1,0 +1,359 @@
+"""alpaca_eval's own annotators through the harness, against a local OpenAI-compatible endpoint
+(127.0.0.1, port 0; never the internet): the harness's per-instruction preferences and statistics
+equal those of ``alpaca_eval.main.evaluate`` run on the same outputs against the same endpoint;
+transport faults are retried and never stored; the LC win rate comes from a cached df_gamed.csv."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F401  (fixtures)
+from test_judges_http import local_server, send_json
+
+from harness.config import AlpacaEvalSection
+from harness.evaluate.alpaca import (AE_SET_SIZE, annotate_alpaca_eval, compute_metrics, load_instructions,
+                                     run_alpaca_eval)
+from harness.evaluate.annotators import AE2, RUBRIC, AlpacaEvalAnnotator, Endpoint, config_problems
+from harness.judging import JudgeTransportError
+
+KEY_ENV = "HARNESS_TEST_ANNOTATOR_KEY"
+AE_DATA = SHARED_DATA / "alpaca_eval"
+N = 10
+METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate")
+
+
+def _digest(body: dict) -> bytes:
+    prompt = body.get("messages") or body.get("prompt")
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).digest()
+
+
+def answer(body: dict) -> dict:
+    """A deterministic completion for a request: log-probs of m / M (and three other tokens)
+    when asked for them, else a ranking in alpaca_eval_gpt4's format; a few prompts get an
+    answer the parsers cannot read."""
+    d = _digest(body)
+    bad = d[0] % 7 == 0
+    if body.get("logprobs"):
+        lp_m, lp_M = -(d[1] / 40.0), -(d[2] / 40.0)
+        top = [{"token": "m", "logprob": lp_m}, {"token": "M", "logprob": lp_M},
+               {"token": "Both", "logprob": -9.5}, {"token": "The", "logprob": -11.0}, {"token": "Output", "logprob": -12.0}]
+        if bad:
+            top = [t for t in top if t["token"] not in ("m", "M")]   # neither token: alpaca_eval's NaN
+        top.sort(key=lambda t: -t["logprob"])
+        content = top[0]["token"]
+        logprobs = {"content": [{"token": content, "logprob": top[0]["logprob"], "bytes": list(content.encode()),
+                                 "top_logprobs": [{**t, "bytes": list(t["token"].encode())}
+                                                  for t in top[:body.get("top_logprobs", 5)]]}]}
+    else:
+        first = 1 if d[1] % 2 else 2
+        content = "I cannot decide." if bad else \
+            f"[{{'model': 'model_1', 'rank': {first}}}, {{'model': 'model_2', 'rank': {3 - first}}}]"
+        logprobs = None
+    choice = {"index": 0, "finish_reason": "stop", "logprobs": logprobs,
+              "message": {"role": "assistant", "content": content}}
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", ""),
+            "choices": [choice], "usage": {"prompt_tokens": 100 + d[3], "completion_tokens": 1,
+                                           "total_tokens": 101 + d[3]}}
+
+
+class Endpoint_:
+    """A local chat-completions server. ``fail(body, n)`` -> an HTTP status to answer
+    instead (n = how many times this prompt was asked before), or None."""
+
+    def __init__(self, fail=None):
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    n = sum(1 for r in outer.requests if _digest(r["body"]) == _digest(body))
+                    outer.requests.append({"path": self.path, "body": body,
+                                           "auth": self.headers.get("Authorization")})
+                status = fail(body, n) if fail else None
+                if status:
+                    send_json(self, status, json.dumps({"error": {"message": "busy"}}))
+                else:
+                    send_json(self, 200, json.dumps(answer(body)))
+
+        self.httpd, thread = local_server(Handler)
+        thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sekrit")
+    made = []
+
+    def start(fail=None):
+        made.append(Endpoint_(fail))
+        return made[-1]
+
+    yield start
+    for e in made:
+        e.close()
+
+
+def _shared_rows(n: int = N) -> tuple[list[dict], dict[str, str]]:
+    """The first n AlpacaEval instructions with GPT-4 Turbo's reference answers, and
+    gemma-7b-it's published answers as the model's."""
+    require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
+    rows = load_instructions(str(AE_DATA / "gpt4_1106_preview.model_outputs.json"), n)
+    gemma = {r["instruction"]: r["output"] for r in json.loads((AE_DATA / "gemma-7b-it.model_outputs.json").read_text())}
+    return rows, {r["id"]: gemma[r["instruction"]] for r in rows}
+
+
+def _alpaca_eval_itself(name: str, rows: list[dict], outputs: dict[str, str], generator: str, url: str,
+                        tmp_path: Path):
+    """alpaca_eval.main.evaluate on the same outputs with its own openai decoder, pointed at
+    the endpoint by a client config (the file OPENAI_CLIENT_CONFIG_PATH would name)."""
+    import yaml
+
+    from alpaca_eval.main import evaluate
+
+    client_config = tmp_path / "openai_clients.yaml"
+    client_config.write_text(yaml.safe_dump({"default": [{"api_key": "sekrit", "base_url": url}]}))
+    reference = [{"dataset": r["dataset"], "instruction": r["instruction"], "output": r["output"],
+                  "generator": r["generator"]} for r in rows]
+    model = [{"dataset": r["dataset"], "instruction": r["instruction"], "output": outputs[r["id"]],
+              "generator": generator} for r in rows]
+    leaderboard, annotations = evaluate(
+        model_outputs=model, reference_outputs=reference, annotators_config=name, fn_metric="get_winrate",
+        sort_by="win_rate", precomputed_leaderboard=None, caching_path=None, output_path=None,
+        is_return_instead_of_print=True, is_cache_leaderboard=False,
+        annotation_kwargs={"client_config_path": str(client_config)})
+    return leaderboard.loc[generator], annotations
+
+
+@pytest.mark.parametrize("name", [AE2, "alpaca_eval_gpt4"])
+def test_preferences_and_statistics_equal_alpaca_eval_itself(name, endpoint, tmp_path):
+    rows, outputs = _shared_rows()
+    server = endpoint()
+    generator = "gemma-7b-it"
+    ours_ann = annotate_alpaca_eval(AlpacaEvalAnnotator(name, Endpoint(server.url, "gpt-4-1106-preview" if name == AE2
+                                                                       else "gpt-4", api_key_env=KEY_ENV)),
+                                    rows, outputs, generator)
+    ours, _ = compute_metrics(ours_ann, list(outputs.values()), len(rows))
+    ours_requests = [r["body"] for r in server.requests]
+    server.requests.clear()
+    theirs, their_ann = _alpaca_eval_itself(name, rows, outputs, generator, server.url, tmp_path)
+
+    # the same prompts went out, in the same form (messages, max_tokens, temperature, logprobs, ...)
+    canon = lambda reqs: sorted(json.dumps(r, sort_keys=True) for r in reqs)  # noqa: E731
+    assert canon(ours_requests) == canon(r["body"] for r in server.requests)
+    assert len(ours_requests) == N
+    # per-instruction preferences, NaN (unparsable) included
+    by_instr = {a["instruction"]: a["preference"] for a in their_ann}
+    mine = [a["preference"] for a in ours_ann]
+    theirs_p = [by_instr[r["instruction"]] for r in rows]
+    theirs_p = [None if p is None or (isinstance(p, float) and math.isnan(p)) else p for p in theirs_p]
+    assert mine == theirs_p
+    valid = [p for p in mine if p is not None]
+    assert len(valid) < N and min(valid) < 1.5 < max(valid)   # not degenerate: failures, wins and losses
+    if name == AE2:
+        assert len(set(valid)) == len(valid) and all(1 < p < 2 for p in valid)   # continuous, from log-probs
+    else:
+        assert set(valid) == {1.0, 2.0}
+    # statistics, every digit
+    for k in METRICS:
+        assert ours[f"alpaca_eval/{k}"] == theirs[k], k
+    assert ours["alpaca_eval/avg_length"] == theirs["avg_length"]
+    assert ours["alpaca_eval/n_total"] < N and ours["alpaca_eval/coverage"] == ours["alpaca_eval/n_total"] / N
+
+
+def _section(ins: str, url: str, **kw) -> AlpacaEvalSection:
+    from harness.config import parse
+
+    doc = {"experiment": {"name": "t"}, "model": {"base": "tiny"}, "method": {"name": "spin"},
+           "data": {"train": "tiny:sft"},
+           "eval": {"alpaca_eval": {"instructions": ins, **kw,
+                                    "judge": {"name": "openai", "batch_size": 3,
+                                              "openai": {"base_url": url, "model": "gpt-4-1106-preview",
+                                                         "api_key_env": KEY_ENV, "max_retries": 1}}}}}
+    return parse(doc).eval.alpaca_eval
+
+
+def _write_instructions(path: Path, n: int) -> str:
+    path.write_text(json.dumps([{"instruction": f"Write a haiku about the number {i}.", "output": "ref " * (i % 4 + 1),
+                                 "generator": "ref_model", "dataset": "unit"} for i in range(n)]))
+    return str(path)
+
+
+def test_run_with_an_annotator_writes_protocol_and_resumes(tiny, endpoint, tmp_path):
+    model, tok = tiny
+    server = endpoint()
+    ins = _write_instructions(tmp_path / "ae.json", 8)
+    section = _section(ins, server.url, annotator=AE2, min_coverage=0.0)
+    kw = dict(seed_key=(0, 1), generator="tiny/iter_001", max_new_tokens=6, batch_size=4)
+    out = tmp_path / "out"
+    m = run_alpaca_eval(model, tok, section, None, out, **kw)
+    saved = json.loads((out / "metrics.json").read_text())
+    proto = saved["protocol"]
+    assert proto["annotator"] == AE2 and proto["judge_model"] == "gpt-4-1106-preview"
+    assert proto["endpoint_kind"] == "openai:chat/completions" and proto["base_url"] == server.url
+    assert proto["completion_parser"] == ["logprob_parser"] and len(proto["template_hash"]) == 64
+    assert proto["reference"] == {"instructions": ins, "reference": "instructions", "generator": ["ref_model"]}
+    assert (proto["n"], proto["n_instructions"], proto["coverage"]) == (m["alpaca_eval/n_total"], 8,
+                                                                      m["alpaca_eval/coverage"])
+    assert proto["cost"]["calls"] == len(server.requests) == 8 and proto["cost"]["prompt_tokens"] > 800
+    assert proto["length_controlled"]["status"] == "unavailable" and "805" in proto["length_controlled"]["reason"]
+    ann = json.loads((out / "annotations.json").read_text())
+    assert [a["id"] for a in ann] == [r["id"] for r in load_instructions(ins)]
+    assert all(a["annotator"] == AE2 and a["output_1"].startswith("ref") for a in ann)
+    # the same inputs: nothing asked again
+    run_alpaca_eval(model, tok, section, None, out, **kw)
+    assert len(server.requests) == 8
+    # the tiny oracle through the rubric protocol names itself
+    rubric = AlpacaEvalSection(instructions="tiny:alpaca_eval", limit=4)
+    assert rubric.protocol == RUBRIC
+    from harness.judges import build_judge
+
+    run_alpaca_eval(model, tok, rubric, build_judge(rubric.judge, seed_key=(0, 1)), tmp_path / "rubric", **kw)
+    proto = json.loads((tmp_path / "rubric" / "metrics.json").read_text())["protocol"]
+    assert proto["annotator"] == RUBRIC and proto["endpoint_kind"] == "oracle" and proto["position"] == "random"
+
+
+def test_transport_faults_are_retried_and_never_stored(tiny, endpoint, tmp_path):
+    model, tok = tiny
+    ins = _write_instructions(tmp_path / "ae.json", 6)
+    down = {"on": True}
+    # one prompt's endpoint is down (503) until told otherwise; the others answer
+    victims: set[bytes] = set()
+
+    def fail(body, n):
+        d = _digest(body)
+        if down["on"] and (not victims or d in victims):
+            victims.add(d)
+            return 503
+        return None
+
+    server = endpoint(fail)
+    section = _section(ins, server.url, annotator=AE2, min_coverage=0.0)
+    from harness.evaluate import annotators
+
+    kw = dict(seed_key=(0, 1), generator="g", max_new_tokens=6, batch_size=4)
+    orig = annotators.EndpointCompletions.__init__
+    annotators.EndpointCompletions.__init__ = lambda self, ep, backoff_s=1.0: orig(self, ep, backoff_s=0.01)
+    try:
+        with pytest.raises(JudgeTransportError, match="1 of 6 instructions"):
+            run_alpaca_eval(model, tok, section, None, tmp_path / "out", **kw)
+        log = [json.loads(x) for x in (tmp_path / "out" / "annotations.jsonl").read_text().splitlines()]
+        assert len(log) == 5 and not (tmp_path / "out" / "annotations.json").exists()
+        assert sum(1 for r in server.requests if _digest(r["body"]) in victims) == 2   # max_retries 1: two attempts
+        down["on"] = False
+        n_before = len(server.requests)
+        m = run_alpaca_eval(model, tok, section, None, tmp_path / "out", **kw)
+    finally:
+        annotators.EndpointCompletions.__init__ = orig
+    assert len(server.requests) == n_before + 1     # only the missing instruction is asked again
+    assert m["alpaca_eval/n_instructions"] == 6
+
+
+def test_config_checks_name_the_annotator_and_its_endpoint(tmp_path):
+    from harness.config import parse
+    from harness.schema import ConfigError
+
+    def errors(ae: dict) -> str:
+        doc = {"experiment": {"name": "t"}, "model": {"base": "tiny"}, "method": {"name": "spin"},
+               "data": {"train": "tiny:sft"}, "eval": {"alpaca_eval": ae}}
+        try:
+            parse(doc)
+        except ConfigError as e:
+            return str(e)
+        return ""
+
+    assert errors({"instructions": "tiny:alpaca_eval"}) == ""                       # rubric + oracle
+    assert "did you mean 'weighted_alpaca_eval_gpt4_turbo'" in errors(
+        {"instructions": "tiny:alpaca_eval", "annotator": "weighted_alpaca_eval_gpt4_trbo"})
+    msg = errors({"instructions": "alpaca_eval"})                                     # default: AlpacaEval 2.0
+    assert "eval.alpaca_eval.judge.name" in msg and "weighted_alpaca_eval_gpt4_turbo" in msg
+    assert "vllm_local_completions" in errors({"instructions": "tiny:alpaca_eval",
+                                               "annotator": "alpaca_eval_vllm_llama3_70b_fn"})
+    assert "batch_size" in " ".join(config_problems("alpaca_farm_greedy_gpt4"))
+    for name in (AE2, "alpaca_eval_gpt4", "weighted_alpaca_eval_vllm_llama3_70b", "alpaca_eval_llama3_70b_fn"):
+        assert config_problems(name) == [], name
+    # a user's configs.yaml, with its prompt beside it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "p.txt").write_text("{instruction} {output_1} {output_2}")
+    (tmp_path / "mine" / "configs.yaml").write_text("mine:\n  prompt_template: mine/p.txt\n  fn_completions: "
+                                                    "openai_completions\n  completions_kwargs:\n    model_name: x\n")
+    assert config_problems(str(tmp_path / "mine" / "configs.yaml")) == []
+    assert config_problems(str(tmp_path / "nope.yaml"))
+
+
+def _df_gamed_cache(tmp_path: Path, monkeypatch) -> str:
+    import random
+
+    import huggingface_hub.constants
+    import pandas as pd
+
+    rev = "1" * 40
+    repo = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    rng = random.Random(0)
+    difficulty = [rng.gauss(0, 1) for _ in range(AE_SET_SIZE)]
+    pd.DataFrame([{"model": m, "index": i, "instruction_difficulty": difficulty[i], "preference": rng.random(),
+                   "std_delta_len": rng.gauss(0, 1), "not_gamed_baseline": False}
+                  for m in ("gamed_a", "gamed_b") for i in range(AE_SET_SIZE)]).to_csv(snap / "df_gamed.csv", index=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HARNESS_ONLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return rev
+
+
+def test_length_controlled_win_rate_from_a_cached_df_gamed_only(tmp_path, monkeypatch):
+    """df_gamed.csv alone (no instruction_difficulty.csv) in the local HF cache: alpaca_eval's LC
+    model runs and its file's revision and hash are recorded; without it: unavailable, with why."""
+    import random
+
+    from alpaca_eval.metrics import get_length_controlled_winrate
+
+    rng = random.Random(1)
+    ann = [{"instruction": f"i{i}", "output_1": "r" * rng.randrange(5, 50), "output_2": "m" * rng.randrange(5, 80),
+            "generator_1": "ref", "generator_2": "model", "annotator": "j", "preference": 1 + rng.random()}
+           for i in range(AE_SET_SIZE)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(empty))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    m, notes = compute_metrics(ann, [a["output_2"] for a in ann], AE_SET_SIZE)
+    assert m["alpaca_eval/length_controlled_winrate"] is None
+    assert notes["length_controlled_winrate"].startswith("unavailable: alpaca_eval's df_gamed.csv")
+    assert "not in the local Hugging Face cache" in notes["length_controlled_winrate"]
+
+    rev = _df_gamed_cache(tmp_path, monkeypatch)
+    m, notes = compute_metrics(ann, [a["output_2"] for a in ann], AE_SET_SIZE)
+    import pandas as pd
+
+    expect = get_length_controlled_winrate(pd.DataFrame(ann), save_weights_dir=None,
+                                           is_add_glm_preference_inplace=False)["length_controlled_winrate"]
+    assert m["alpaca_eval/length_controlled_winrate"] == float(expect)
+    data = notes["length_controlled_data"]
+    snap = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / rev / "df_gamed.csv"
+    assert data["revision"] == rev and data["sha256"] == hashlib.sha256(snap.read_bytes()).hexdigest()
