@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from harness import fmt
-from harness.report.table import DELTA, HI, LO, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE, marked
+from harness.report.table import DELTA, LO, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE, marked
 
 
 def cell(v: Any, signed: bool = False) -> str:
