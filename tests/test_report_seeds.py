@@ -14,7 +14,6 @@ import pytest
 from harness.cli import main
 from harness.report import ResultsError, build_table, leaderboard, load_rows, read_csv, to_csv, to_markdown, \
     to_terminal
-from harness.report.table import DELTA
 
 EM = "lm_eval/tiny_gen/exact_match"
 WR = "alpaca_eval/win_rate"
