@@ -145,13 +145,17 @@ def _alpaca_eval_itself(name: str, rows: list[dict], outputs: dict[str, str], ge
     return leaderboard.loc[generator], annotations
 
 
-@pytest.mark.parametrize("name", [AE2, "alpaca_eval_gpt4"])
+@pytest.mark.parametrize("name", [AE2, "alpaca_eval_gpt4", "weighted_alpaca_eval_vllm_llama3_70b"])
 def test_preferences_and_statistics_equal_alpaca_eval_itself(name, endpoint, tmp_path):
+    from harness.evaluate.annotators import config_path, load_config
+
     rows, outputs = _shared_rows()
     server = endpoint()
     generator = "gemma-7b-it"
-    ours_ann = annotate_alpaca_eval(AlpacaEvalAnnotator(name, Endpoint(server.url, "gpt-4-1106-preview" if name == AE2
-                                                                       else "gpt-4", api_key_env=KEY_ENV)),
+    # the judge model served under the config's own model name, so that both sides send the same requests
+    (cfg,) = load_config(config_path(name)).values()
+    served = cfg["completions_kwargs"]["model_name"]
+    ours_ann = annotate_alpaca_eval(AlpacaEvalAnnotator(name, Endpoint(server.url, served, api_key_env=KEY_ENV)),
                                     rows, outputs, generator)
     ours, _ = compute_metrics(ours_ann, list(outputs.values()), len(rows))
     ours_requests = [r["body"] for r in server.requests]
@@ -170,7 +174,7 @@ def test_preferences_and_statistics_equal_alpaca_eval_itself(name, endpoint, tmp
     assert mine == theirs_p
     valid = [p for p in mine if p is not None]
     assert len(valid) < N and min(valid) < 1.5 < max(valid)   # not degenerate: failures, wins and losses
-    if name == AE2:
+    if name != "alpaca_eval_gpt4":
         assert len(set(valid)) == len(valid) and all(1 < p < 2 for p in valid)   # continuous, from log-probs
     else:
         assert set(valid) == {1.0, 2.0}
