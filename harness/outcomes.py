@@ -2,10 +2,11 @@
 
 Every evaluate / validation stage writes ``items.jsonl``: one line per (metric, item)::
 
-    {"metric": "lm_eval/tiny_mc/acc,none", "item": "<id>", "value": 1.0}
+    {"metric": "lm_eval/tiny_mc/acc", "item": "<id>", "value": 1.0}
 
-- lm-eval: every per-sample metric of ``lm_eval/samples_<task>.jsonl``, the item being lm-eval's
-  ``doc_hash`` (the same document has the same id in every iteration and run);
+- lm-eval: every per-sample metric of ``lm_eval/samples_<task>.jsonl`` under the filter the results
+  report (the task's primary one), named as in the results rows (``lm_eval/<task>/<metric>``), the
+  item being lm-eval's ``doc_hash`` (the same document has the same id in every iteration and run);
 - AlpacaEval: ``alpaca_eval/win_rate`` per instruction id, the value being
   ``100 * (preference - 1)`` (so the mean over items is the win rate; a tie is 50);
 - validation prompts: ``validation/judge/score_mean`` per prompt id, the judge's score.
@@ -29,6 +30,7 @@ from typing import Sequence
 
 from scipy import stats
 
+from harness.evaluate.lm_eval_adapter import primary_key
 from harness.rundir import RunDir
 from harness.store import read_json, read_jsonl, write_jsonl
 
@@ -42,14 +44,19 @@ def write_items(stage_dir: Path, prefix: str = "") -> int:
     stage_dir = Path(stage_dir)
     rows: list[dict] = []
     lm = stage_dir / "lm_eval"
+    results = read_json(lm / "results.json") if (lm / "results.json").exists() else {}
     for f in sorted(lm.glob("samples_*.jsonl")) if lm.is_dir() else []:
         task = f.stem.removeprefix("samples_")
+        if task not in results.get("configs", {}):
+            continue
+        _, filt = primary_key(results["configs"][task])  # the filter whose numbers the results report
         for s in read_jsonl(f):
+            if s.get("filter", "none") != filt:
+                continue
             for metric in s.get("metrics", []):
                 v = s.get(metric)
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    rows.append({"metric": f"{prefix}lm_eval/{task}/{metric},{s.get('filter', 'none')}",
-                                 "item": s["doc_hash"], "value": float(v)})
+                    rows.append({"metric": f"{prefix}lm_eval/{task}/{metric}", "item": s["doc_hash"], "value": float(v)})
     ann = stage_dir / "alpaca_eval" / "annotations.json"
     if ann.exists():
         for a in read_json(ann):
@@ -105,9 +112,9 @@ def paired(a: dict[str, float], b: dict[str, float], confidence: float = 0.95) -
     xa, xb = [a[k] for k in shared], [b[k] for k in shared]
     d = [y - x for x, y in zip(xa, xb)]
     mean = math.fsum(d) / len(d)
-    se = float(stats.sem(d))
-    if se == 0 or not math.isfinite(se):
+    if all(x == d[0] for x in d):  # no spread (scipy would warn): the interval is a point
         return Paired(len(d), mean, 0.0, mean, mean)
+    se = float(stats.sem(d))
     ci = stats.ttest_rel(xb, xa).confidence_interval(confidence)
     return Paired(len(d), mean, se, float(ci.low), float(ci.high))
 
@@ -124,8 +131,12 @@ def across_seeds(values: Sequence[float]) -> Spread | None:
     vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not vals:
         return None
-    sd = float(stats.tstd(vals)) if len(vals) > 1 else None
-    return Spread(len(vals), math.fsum(vals) / len(vals), sd)
+    mean = math.fsum(vals) / len(vals)
+    if len(vals) < 2:
+        return Spread(len(vals), mean, None)
+    if all(v == vals[0] for v in vals):  # scipy warns of precision loss on identical values
+        return Spread(len(vals), mean, 0.0)
+    return Spread(len(vals), mean, float(stats.tstd(vals)))
 
 
 def gains_at(run_dir: Path, t: int, stage: str = "evaluate") -> dict[str, dict]:

@@ -64,7 +64,7 @@ def file_fingerprint(value: Any) -> str | list | None:
     if isinstance(value, (list, tuple)):
         fps = [file_fingerprint(v) for v in value]
         return fps if any(f is not None for f in fps) else None
-    if not isinstance(value, str) or not value or value.startswith("builtin:"):
+    if not isinstance(value, str) or not _names_a_file(value):
         return None
     if is_tiny_ref(value):
         if not is_built(value):
@@ -98,6 +98,19 @@ def _task_data_files(path: Path) -> list[str]:
         for v in values:
             out += [str(x) for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
     return out
+
+
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".jinja", ".gguf", ".safetensors")
+
+
+def _names_a_file(value: str) -> bool:
+    """A config string that refers to a local file or directory: a tiny-world reference, a path
+    with a directory part, or a file name with a data / template / model suffix. A bare word
+    (a setting, an experiment name, a hub-less model name) does not, even when a file of that
+    name happens to sit in the working directory."""
+    if not value or value.startswith("builtin:"):
+        return False
+    return is_tiny_ref(value) or "/" in value or value.lower().endswith(_FILE_SUFFIXES)
 
 
 def config_value(cfg_dict: dict, path: str) -> Any:
@@ -184,7 +197,8 @@ class ConfigView:
     def recorded(self) -> tuple[dict, dict]:
         """({path: value}, {path: file fingerprint}) of everything read, JSON-ready."""
         values = {k: _normal(v) for k, v in sorted(self.reads.items())}
-        files = {k: fp for k, v in values.items() if (fp := file_fingerprint(v)) is not None}
+        files = {k: fp for k, v in values.items()
+                 if not k.startswith("experiment.") and (fp := file_fingerprint(v)) is not None}
         return values, files
 
 

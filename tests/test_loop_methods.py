@@ -57,9 +57,12 @@ def common(tmp_path: Path, name: str) -> dict:
                      "indicators": {"num_prompts": 0}}}
 
 
-def assert_trained_against_previous_iterate(run: Path, iterations: int, start_policy: str | None = None):
+def assert_trained_against_previous_iterate(run: Path, iterations: int, start_policy: str | None = None,
+                                            cfg=None):
     """Each iteration starts from the model the previous one trained, and trl's reference
-    log-probs equal that model's (the loop records both on up to 256 of its pairs)."""
+    log-probs equal that model's (the loop records both on up to 256 of its pairs). With ``cfg``,
+    the previous iterate is also loaded afresh from its saved adapters and its log-probs on the
+    iteration's pairs are computed independently of the training code's own "before" values."""
     previous = start_policy
     for t in range(1, iterations + 1):
         out = manifest(run, t, "train")
@@ -71,6 +74,18 @@ def assert_trained_against_previous_iterate(run: Path, iterations: int, start_po
         assert m["train/ref_logp_chosen"] == pytest.approx(m["train/logp_chosen_before"], abs=1e-3)
         # training moved the policy far beyond that tolerance, so a stale reference would show
         assert abs(m["train/logp_chosen"] - m["train/logp_chosen_before"]) > 0.02
+        pairs = read(run / f"iter_{t:03d}" / "pairs" / "pairs.jsonl")
+        if cfg is not None and m["train/n_replayed"] == 0 and m["train/n_pairs"] == len(pairs) <= 256:
+            from harness.models import load_policy
+            from harness.sources import locate, materialize
+            from harness.train import pair_logps
+
+            chain = [run / "iter_000" / "init_sft" / "adapter"] if (run / "iter_000" / "init_sft").exists() else []
+            chain += [run / f"iter_{k:03d}" / "train" / "adapter" for k in range(1, t)]
+            model, tok = load_policy(cfg, chain, base=materialize(locate(cfg.model.base)))
+            chosen, rejected = pair_logps(model, tok, pairs, cfg.training.max_length)
+            assert m["train/ref_logp_chosen"] == pytest.approx(sum(chosen) / len(chosen), abs=1e-3)
+            assert m["train/ref_logp_rejected"] == pytest.approx(sum(rejected) / len(rejected), abs=1e-3)
         previous = out["trained"]
 
 
@@ -142,9 +157,11 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
         assert train["train/n_pairs"] == len(pairs) and train["train/n_replayed"] == 0
 
         ev = manifest(run, t, "evaluate")["metrics"]
-        assert 0 <= ev["lm_eval/tiny_gen/exact_match"] <= 1 and ev["alpaca_eval/n_instructions"] == 8
+        per_doc = read(run / f"iter_{t:03d}" / "evaluate" / "lm_eval" / "samples_tiny_gen.jsonl")
+        assert len(per_doc) == 8 and ev["alpaca_eval/n_instructions"] == 8  # eval.limit, alpaca_eval.limit
+        assert ev["lm_eval/tiny_gen/exact_match"] == pytest.approx(sum(d["exact_match"] for d in per_doc) / 8)
     assert not base_ids[0] & base_ids[1]   # non-overlapping prompt parts
-    assert_trained_against_previous_iterate(run, 2)
+    assert_trained_against_previous_iterate(run, 2, cfg=cfg)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["metrics"]["selected"] for r in rows] == [0, 0, 1]
     final = json.loads((run / "final.json").read_text())
@@ -221,7 +238,7 @@ def test_dno_through_the_loop(tmp_path):
         train = manifest(run, t, "train")["metrics"]
         replay = min(len(own[1]), round(0.5 * len(pairs))) if t == 2 else 0
         assert train["train/n_pairs"] == len(pairs) + replay and train["train/n_replayed"] == replay
-    assert_trained_against_previous_iterate(run, 2)
+    assert_trained_against_previous_iterate(run, 2, cfg=cfg)
 
     # validation ("validation/...", oracle-scored answers to held-out prompts) on every iterate;
     # the final model is the best one on it, and final.json reports its test numbers
