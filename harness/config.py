@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.annotator_configs import RUBRIC, config_problems, resolve_protocol
 from harness.judge_section import JudgeSection
 from harness.registry import JUDGES, METHODS
 from harness.schema import ConfigError, FieldError, opt, parse_section, to_dict, unknown_key_error
@@ -150,14 +151,10 @@ class AlpacaEvalSection:
     @property
     def protocol(self) -> str:
         """The annotator in use: ``annotator``, or its default for ``instructions``."""
-        from harness.evaluate.annotators import resolve_protocol
-
         return resolve_protocol(self.annotator, self.instructions)
 
     def problems(self, where: str) -> list[FieldError]:
         """Rules of an AlpacaEval section that is used (instructions set)."""
-        from harness.evaluate.annotators import RUBRIC, config_problems
-
         if not self.instructions or self.protocol == RUBRIC:
             return []
         name = self.protocol

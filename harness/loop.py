@@ -176,9 +176,17 @@ class Runner:
         metrics.update(cost_metrics)
         return {"experiment": self.cfg.experiment.name, "method": self.cfg.method.name, "iteration": t,
                 "seed": self.cfg.experiment.seed, "model": self.cfg.model.base, "device": device, "metrics": metrics,
-                "paired": gains_at(self.layout.root, t),
+                "paired": gains_at(self.layout.root, t), "protocol": self._protocols(t),
                 "provenance": {**{k: prov[k] for k in ("config_hash", "seed", "versions", "git_commit", "git_dirty")},
                                "model": self.base_identity}}
+
+    def _protocols(self, t: int) -> dict:
+        """How iteration t's numbers were made, per evaluation that records it (AlpacaEval: the
+        annotator or rubric, judge, reference set, n and coverage), so that tables rank together
+        only numbers of one protocol."""
+        ae = self.layout.stage(t, "evaluate") / "alpaca_eval" / "metrics.json"
+        protocol = store.read_json(ae).get("protocol") if ae.exists() else None
+        return {"alpaca_eval": protocol} if protocol else {}
 
     def _write_results(self, rows: list[dict]) -> None:
         store.write_jsonl(self.layout.results, rows)
