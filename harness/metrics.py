@@ -16,6 +16,11 @@ so specific rows come before the families that would also match them. Rows are i
 display order: a view lists its keys row by row, and keys of one row in the order
 given. Not here: the producers themselves, or how a view lays its columns out.
 
+A key may carry a qualifier, " [<tag>]" after it: the leaderboard's AlpacaEval columns
+split by protocol ("alpaca_eval/win_rate [P1]", harness.report.table). Such a key is its
+unqualified key's row, and its header, title, companions and standard error carry the
+same qualifier.
+
 Views: ``table`` (the leaderboard's default metric columns, files and HTML), ``delta``
 (gets a "Δ" column against iteration 0), ``terminal`` (a main column of the terminal
 table; ``companions`` follow it there), ``plot`` (a panel per experiment), ``compare``
@@ -173,9 +178,19 @@ _PATTERNS = [(_pattern(m.name), m) for m in CATALOGUE]
 _RANK = {m.name: i for i, m in enumerate(CATALOGUE)}
 
 
+_QUALIFIED = re.compile(r"(.+)( \[[^\[\]/]+\])")
+
+
+def qualified(key: str) -> tuple[str, str]:
+    """(the key without its qualifier, the qualifier " [<tag>]" or "")."""
+    m = _QUALIFIED.fullmatch(key)
+    return (m.group(1), m.group(2)) if m else (key, "")
+
+
 @lru_cache(maxsize=4096)
 def find(key: str) -> Metric | None:
     """The catalogue row of ``key`` (None for a metric it does not know)."""
+    key = qualified(key)[0]
     return next((m for pattern, m in _PATTERNS if pattern.fullmatch(key)), None)
 
 
@@ -197,20 +212,23 @@ def _fill(template: str, key: str) -> str:
 def title(key: str) -> str:
     """A plot's title for ``key`` (an unknown key: its last component, in words)."""
     m = find(key)
-    return _fill(m.title if m is not None else "{words}", key)
+    key, tag = qualified(key)
+    return _fill(m.title if m is not None else "{words}", key) + tag
 
 
 def header(key: str, short: bool = False) -> str:
     """The terminal table's column header for ``key``."""
     m = find(key)
     text = (m.short if short else m.header) if m is not None else ""
-    return _fill(text, key) if text else key.rsplit("/", 1)[-1] if short else key
+    base, tag = qualified(key)
+    return _fill(text, base) + tag if text else key.rsplit("/", 1)[-1] if short else key
 
 
 def stderr_of(key: str) -> str | None:
     """The metric ``key`` is the standard error of, or None when it is none's."""
     m = find(key)
-    return _fill(m.error_of, key) if m is not None and m.error_of else None
+    key, tag = qualified(key)
+    return _fill(m.error_of, key) + tag if m is not None and m.error_of else None
 
 
 def shows(key: str, view: str) -> bool:
@@ -237,4 +255,5 @@ def produced_by(producer: str) -> tuple[str, ...]:
 
 def companions(key: str) -> tuple[str, ...]:
     m = find(key)
-    return m.companions if m is not None else ()
+    tag = qualified(key)[1]
+    return tuple(c + tag for c in m.companions) if m is not None else ()

@@ -192,8 +192,10 @@ def test_plots_written(runs, tmp_path):
 def test_render_markdown_and_csv(runs, tmp_path):
     text = leaderboard([runs / "tiny-spin"], fmt="markdown", sort_by="iteration",
                        filters={"iteration": ["1", "2"]}).text
-    body = [[c.strip() for c in line.strip("|").split("|")][:4] for line in text.splitlines()[2:]]
+    table, note = text.split("\n\n")
+    body = [[c.strip() for c in line.strip("|").split("|")][:4] for line in table.splitlines()[2:]]
     assert body == [["tiny-spin", "spin", "tiny", "2"], ["tiny-spin", "spin", "tiny", "1"]]  # sorted descending
+    assert note == "AlpacaEval protocol: unknown (rows written before results rows recorded their protocol)."
     csv = leaderboard([runs], fmt="csv")
     assert csv.text.startswith("experiment,method,model,iteration,") and csv.written == []
     assert not list(runs.rglob("*.png"))  # plots only when asked for

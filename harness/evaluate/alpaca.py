@@ -473,10 +473,40 @@ def _file_record(path: Path) -> dict:
 
 def write_published_run(dest_dir: Path, name: str, model_outputs: Path, annotations: Path) -> Path:
     """A run-like directory whose results.jsonl holds one row for a published system,
-    so tables show it beside the iterations of our runs. Returns the results.jsonl path."""
+    so tables show it beside the iterations of our runs. Returns the results.jsonl path.
+
+    The row's ``protocol`` record (as ``protocol_record``'s) is read from the annotations
+    file: its ``annotator`` field and ``generator_1`` (whose answers are the reference).
+    Where the file lacks them, AlpacaEval 2.0's: annotator weighted_alpaca_eval_gpt4_turbo
+    against gpt4_1106_preview (GPT-4 Turbo) references; the instruction set is always
+    AlpacaEval's ("alpaca_eval"), and the judge model is the one the annotator's shipped
+    config names (None when alpaca_eval does not ship that annotator)."""
+    from harness.evaluate.annotators import AE2, config_path, load_config
+
     dest_dir = Path(dest_dir)
     metrics, notes = _import(model_outputs, annotations, name)
+    records = [r for r in json.loads(Path(annotations).read_text(encoding="utf-8")) if isinstance(r, dict)]
+    if len({r.get("generator_2") for r in records}) > 1:  # a file of several systems: this one's
+        records = [r for r in records if r.get("generator_2") == name]
+    found = {f: sorted({str(r[f]) for r in records if r.get(f) is not None}) for f in ("annotator", "generator_1")}
+    who = "+".join(found["annotator"]) or AE2
+    try:
+        models = sorted({str((c.get("completions_kwargs") or {}).get("model_name"))
+                         for c in load_config(config_path(who)).values()})
+    except (ValueError, ModuleNotFoundError, OSError):  # not an annotator alpaca_eval ships here
+        models = []
+    lc = notes.get("length_controlled_data")
+    protocol = {"annotator": who, "judge_model": models[0] if len(models) == 1 else None, "config_model_name": models,
+                "template_hash": None, "endpoint_kind": "published annotations",
+                "reference": {"instructions": HUB_SET, "reference": "instructions",
+                              "generator": found["generator_1"] or ["gpt4_1106_preview"]},
+                "n": metrics["alpaca_eval/n_total"], "n_instructions": metrics["alpaca_eval/n_instructions"],
+                "coverage": metrics["alpaca_eval/coverage"],
+                "length_controlled": {"status": "computed", "df_gamed": {k: lc[k] for k in ("repo", "revision", "sha256")}}
+                if lc else {"status": "unavailable", "reason": notes.get("length_controlled_winrate", "")},
+                "from_annotations_file": [f for f in ("annotator", "generator_1") if found[f]]}
     row = {"experiment": name, "method": "published", "iteration": 0, "metrics": metrics,
+           "protocol": {"alpaca_eval": protocol},
            "provenance": {"notes": notes, "imported_from": {"model_outputs": _file_record(model_outputs),
                                             "annotations": _file_record(annotations)},
                           "versions": {p: version(p) for p in ("alpaca-eval", "pandas", "selfimprove-harness")

@@ -1,7 +1,9 @@
 """Leaderboards from result rows: ``rows`` (results.jsonl read and checked), ``table``
 (the data frame), ``files`` (Markdown, CSV), ``terminal`` (the fitted terminal table),
 ``html`` (the self-contained page, with its ``leaderboard.css`` / ``.js``), ``plots``
-(PNG figures) and ``board`` (all of it in one call, and the boards a run writes).
+(PNG figures) and ``board`` (all of it in one call, and the boards a run writes);
+``protocol``: each row's AlpacaEval protocol and its label (win rates of different
+protocols get separate columns and panels, never one ranking).
 
 What each metric means and where it is shown is the catalogue's (harness.metrics);
 the cost line is harness.cost's. The names below are the package's public ones.

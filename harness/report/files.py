@@ -4,6 +4,10 @@ Markdown and CSV carry every column of the table: Markdown as formatted cells ("
 "mean ± sd" over seeds, signed deltas with a "*" where the paired interval excludes 0, the
 intervals' "Δ <metric> lo" / "hi" columns, blanks for missing) and the legend of what it
 shows under it, CSV as raw values with the ±, sd, lo, hi and sig columns as their own.
+The AlpacaEval protocol (harness.report.table): CSV has its ``protocol`` column always;
+Markdown (and the terminal table and HTML page) name a table's one protocol in a note line
+under it, and where the rows have several, show the protocol column and a note saying
+which protocol each "[P1]", "[P2]" ... of the split AlpacaEval columns is.
 Not here: the terminal's fitted table (harness.report.terminal) or the HTML page.
 """
 
@@ -16,7 +20,9 @@ from typing import Any
 import pandas as pd
 
 from harness import fmt
-from harness.report.table import DELTA, LO, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE, marked
+from harness.report.protocol import UNKNOWN
+from harness.report.table import (DELTA, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE, marked,
+                                  protocol_tags)
 
 
 def cell(v: Any, signed: bool = False) -> str:
@@ -46,8 +52,31 @@ def formatted(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=list(out), dtype=object)
 
 
+def displayed(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as Markdown, the terminal and HTML show it: without its protocol column when
+    every row has one protocol (the note under it names that one)."""
+    return df.drop(columns=[PROTOCOL]) if PROTOCOL in df.columns and not protocol_tags(df) else df
+
+
+def protocol_note(df: pd.DataFrame) -> list[str]:
+    """The line naming the table's AlpacaEval protocol, or saying which protocol each tag of the
+    split columns is ([] for a table without AlpacaEval rows)."""
+    if PROTOCOL not in df.columns:
+        return []
+    tags = protocol_tags(df)
+    if tags:
+        return ["AlpacaEval protocols (win rates of different protocols are never ranked together; each has its "
+                "own columns): " + "; ".join(f"[{t}] {label}" for label, t in tags.items()) + "."]
+    labels = [v for v in df[PROTOCOL] if isinstance(v, str)]
+    if not labels:
+        return []
+    return [f"AlpacaEval protocol: {labels[0]}." if labels[0] != UNKNOWN else
+            "AlpacaEval protocol: unknown (rows written before results rows recorded their protocol)."]
+
+
 def legend(df: pd.DataFrame, bracketed: bool = False, intervals: bool | None = None, spread: bool = True) -> list[str]:
-    """What the marks of a table with paired intervals or seeds mean (none for a plain one).
+    """What the marks of a table with paired intervals or seeds mean (none for a plain one),
+    then its AlpacaEval protocol note (``protocol_note``).
     ``bracketed``: the interval is shown as [lo, hi] after the Δ (the terminal's); ``intervals``:
     whether any is shown (default: whether any row has one); ``spread``: whether the sd between
     seeds is."""
@@ -68,7 +97,7 @@ def legend(df: pd.DataFrame, bracketed: bool = False, intervals: bool | None = N
                         "(standard deviation between seeds: --format markdown, csv or html)")
                      + ("; * after a mean gain: every seed's paired 95% interval excludes 0, on the same side" if sig
                         else "") + " (one row per seed: harness table --per-seed).")
-    return lines
+    return lines + protocol_note(df)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -79,8 +108,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     """
     if df.empty:
         return "(no results match)"
-    text_cols = set(TEXT_COLS + PROV_COLS)
-    cells = formatted(df)
+    text_cols = set(TEXT_COLS + PROV_COLS + [PROTOCOL])
+    cells = formatted(displayed(df))
     align = ["left" if c in text_cols else "right" for c in cells.columns]
     table = cells.to_markdown(index=False, disable_numparse=True, colalign=align)
     notes = legend(df)
@@ -103,7 +132,7 @@ def read_csv(path: Path) -> pd.DataFrame:
     an experiment named "NA" is not missing); metric cells are floats, blank
     (NaN) or the literal "unavailable"; a "Δ ... sig" column is boolean.
     """
-    text_cols = [c for c in [*TEXT_COLS, *PROV_COLS] if c != "seed"]
+    text_cols = [c for c in [*TEXT_COLS, PROTOCOL, *PROV_COLS] if c != "seed"]
     df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     for c in df.columns:
         if c in text_cols:

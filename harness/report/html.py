@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from harness.report.files import formatted, legend
+from harness.report.files import displayed, formatted, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import PROV_COLS, TEXT_COLS
+from harness.report.table import PROTOCOL, PROV_COLS, TEXT_COLS, protocol_tags
 
 
 @lru_cache(maxsize=None)
@@ -46,13 +46,20 @@ def to_html(df: pd.DataFrame, path: Path | None = None, *, images: Sequence[Path
             title: str = "Leaderboard") -> str:
     """One self-contained HTML page: click a column header to sort (again to reverse),
     select an experiment / method / model to filter; imported published AlpacaEval
-    systems are marked. The sort and filters are also read from, and written to, the
+    systems are marked. The AlpacaEval protocol is named in the note above the table; with
+several, the page has a protocol column and each protocol its own AlpacaEval columns
+(harness.report.table), their headers' tooltips naming it. The sort and filters are also read from, and written to, the
     URL hash (``#sort=COLUMN&order=desc&method=spin``). Written to ``path`` when given."""
-    cells = formatted(df)
+    cells = formatted(displayed(df))
     cols = list(cells.columns)
-    numeric = {c: c not in TEXT_COLS + PROV_COLS for c in cols}
+    numeric = {c: c not in TEXT_COLS + PROV_COLS + [PROTOCOL] for c in cols}
     esc = html.escape
-    head = "".join(f'<th data-name="{esc(c)}" data-type="{"num" if numeric[c] else "text"}" title="{esc(c)}">'
+    tags = {f"[{t}]": label for label, t in protocol_tags(df).items()}
+
+    def tip(c: str) -> str:  # a split AlpacaEval column's protocol, in full
+        return c + next((f": {label}" for t, label in tags.items() if t in c.split()), "")
+
+    head = "".join(f'<th data-name="{esc(c)}" data-type="{"num" if numeric[c] else "text"}" title="{esc(tip(c))}">'
                    f"{esc(c)}</th>" for c in cols)
     body = []
     for i in range(len(df)):

@@ -10,7 +10,10 @@
   paired gain (``row["paired"]``) the gain's paired 95% interval, drawn around the
   bar's top (the bar is iteration 0's value plus the gain, so the bar covers
   iteration 0's value plus that interval), else its standard error; published
-  AlpacaEval systems as hatched grey bars.
+  AlpacaEval systems as hatched grey bars. Rows of several AlpacaEval protocols
+  (harness.report.protocol) get one panel per protocol for each AlpacaEval metric,
+  tagged "[P1]", "[P2]", ... as the tables' split columns are (harness.report.table), the
+  tags named under the figure's title: no panel puts two protocols' win rates side by side.
 
 Several seeds of an experiment are one point / bar per iteration: the mean over the
 seeds, its error bar the standard deviation between them (harness.outcomes.across_seeds).
@@ -38,7 +41,8 @@ from matplotlib.figure import Figure
 
 from harness import fmt
 from harness.metrics import ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_EVAL, N_TOTAL, WIN_RATE, find, ordered, \
-    stderr_of, title
+    qualified, stderr_of, title
+from harness.report.protocol import PREFIX, row_labels
 from harness.report.rows import PUBLISHED
 from harness.report.table import paired_of, seeds_spread
 
@@ -63,10 +67,11 @@ def _se_key(key: str, keys: set[str]) -> str | None:
     return hits[0] if hits else None
 
 
-def _judged(rows: Sequence[dict]) -> str:
-    """"n=100, 100% judged" (a range when iterations differ)."""
-    ns = sorted({int(_num(r["metrics"].get(N_TOTAL))) for r in rows if not math.isnan(_num(r["metrics"].get(N_TOTAL)))})
-    covs = sorted({_num(r["metrics"].get(COVERAGE)) for r in rows if not math.isnan(_num(r["metrics"].get(COVERAGE)))})
+def _judged(rows: Sequence[dict], tag: str = "") -> str:
+    """"n=100, 100% judged" (a range when iterations differ); ``tag``: the protocol's qualifier."""
+    n_key, cov_key = N_TOTAL + tag, COVERAGE + tag
+    ns = sorted({int(_num(r["metrics"].get(n_key))) for r in rows if not math.isnan(_num(r["metrics"].get(n_key)))})
+    covs = sorted({_num(r["metrics"].get(cov_key)) for r in rows if not math.isnan(_num(r["metrics"].get(cov_key)))})
     parts = []
     if ns:
         parts.append(f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}")
@@ -142,7 +147,28 @@ def _experiment_figure(name: str, rows: list[dict]) -> Figure | None:
     return fig
 
 
+def _by_protocol(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The rows with their AlpacaEval metrics renamed per protocol ("alpaca_eval/win_rate [P1]")
+    when they have several protocols, and {label: tag}; as they are and {} otherwise."""
+    names = row_labels(rows)
+    found = sorted({n for n in names if n is not None})
+    if len(found) < 2:
+        return rows, {}
+    tags = {label: f"P{i}" for i, label in enumerate(found, 1)}
+
+    def renamed(values: dict | None, name: str | None) -> dict:
+        return {(f"{k} [{tags[name]}]" if name is not None and k.startswith(PREFIX) else k): v
+                for k, v in (values or {}).items()}
+
+    return [{**r, **{f: renamed(r.get(f), n) for f in ("metrics", "spread", "paired") if f in r}}
+            for r, n in zip(rows, names)], tags
+
+
 def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> Figure | None:
+    split, tags = _by_protocol([r for rs in by_exp.values() for r in rs] + published)
+    split_iter = iter(split)
+    by_exp = {name: [next(split_iter) for _ in rs] for name, rs in by_exp.items()}
+    published = list(split_iter)
     rows = [r for rs in by_exp.values() for r in rs]
     keys = {k for r in rows + published for k in r["metrics"]}
     has = lambda k: any(_series(rs, k)[0] for rs in by_exp.values())  # noqa: E731
@@ -154,7 +180,9 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
     groups = list(by_exp) + [r["experiment"] for r in published]
     width_in = max(COMPARE_PANEL[0], 0.9 + 1.1 * len(groups))
     fig = Figure(figsize=(width_in * ncols, COMPARE_PANEL[1] * nrows + 0.6), layout="constrained")
-    fig.suptitle("methods side by side: one bar per iteration", fontsize=11)
+    fig.suptitle("methods side by side: one bar per iteration"
+                 + "".join(f"\n[{t}] {label}" for label, t in tags.items()
+                           if any(qualified(q)[1] == f" [{t}]" for q in quantities)), fontsize=11)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     max_it = max(r["iteration"] for r in rows)
     cmap = colormaps["viridis"]
@@ -182,8 +210,8 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
                            yerr=yerr, capsize=2, error_kw={"linewidth": 0.8},
                            label=f"iteration {r['iteration']}")
                 label = f"{textwrap.shorten(name, 22, placeholder='…')}\n{rs[0]['method']}"
-                if key in (WIN_RATE, LC_WIN_RATE) and _judged(rs):
-                    label += f"\n{_judged(rs)}"
+                if qualified(key)[0] in (WIN_RATE, LC_WIN_RATE) and _judged(rs, qualified(key)[1]):
+                    label += f"\n{_judged(rs, qualified(key)[1])}"
             else:
                 r = next(p for p in published if p["experiment"] == name)
                 v = _num(r["metrics"].get(key))
@@ -192,8 +220,8 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
                     ax.bar(g, v, bar_w * 0.92, color="0.75", hatch="//", edgecolor="0.4",
                            yerr=None if math.isnan(se) else se, capsize=2, label="published (AlpacaEval)")
                 label = f"{textwrap.shorten(name, 22, placeholder='…')}\npublished"
-                if key in (WIN_RATE, LC_WIN_RATE) and _judged([r]):
-                    label += f"\n{_judged([r])}"
+                if qualified(key)[0] in (WIN_RATE, LC_WIN_RATE) and _judged([r], qualified(key)[1]):
+                    label += f"\n{_judged([r], qualified(key)[1])}"
             labels.append(label)
         ax.set_xticks(range(len(shown)), labels, fontsize=7)
         ax.set_xlim(-0.6, len(shown) - 0.4)

@@ -5,7 +5,8 @@ A row there is::
     {"experiment": str, "method": str, "iteration": int (0 = starting model),
      "model": str (optional), "seed": int (optional; the run's seed), "metrics": {flat metric name: number or null},
      "paired": {metric: {"n", "mean", "se", "ci_low", "ci_high", "significant"}} (optional; the gain over
-     iteration 0 of the same run on their shared items), "provenance": {...}}
+     iteration 0 of the same run on their shared items), "protocol": {"alpaca_eval": {...}} (optional;
+     how its AlpacaEval numbers were made, harness.report.protocol), "provenance": {...}}
 
 An imported published AlpacaEval system has method ``PUBLISHED`` and iteration 0. Rows of
 several seeds of one experiment (``harness run --seeds``) differ only in ``seed``; the table
@@ -60,6 +61,10 @@ def _check_row(row: Any, where: str) -> dict:
         raise ResultsError(f"{where}: field 'paired' must map metrics to objects")
     if row.get("model") is not None and not isinstance(row["model"], str):
         raise ResultsError(f"{where}: field 'model' must be a string, got {row['model']!r}")
+    protocol = row.get("protocol")
+    if protocol is not None and not (isinstance(protocol, dict) and all(isinstance(v, dict)
+                                                                        for v in protocol.values())):
+        raise ResultsError(f"{where}: field 'protocol' must map evaluations to objects")
     prov = row.get("provenance") or {}
     if not isinstance(prov, dict):
         raise ResultsError(f"{where}: field 'provenance' must be an object")

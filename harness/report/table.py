@@ -26,7 +26,19 @@ Conventions:
   "seed" column tells them apart): ``harness table --per-seed``, and the
   ``<stem>.per-seed.csv`` a saved board writes beside its CSV. Rows of one seed (or none)
   show exactly as without this: no "seeds" or "sd" columns.
-
+- AlpacaEval protocols: a "protocol" column (before the provenance columns, in tables with
+  AlpacaEval metrics) holds each row's protocol label (harness.report.protocol: "unknown
+  protocol" for a row written before rows recorded one). When the rows shown (after the
+  filters) have more than one protocol, the AlpacaEval columns are split per protocol, not
+  the rows grouped: each ``alpaca_eval/*`` column, its Δ and their companions become one
+  column per protocol, tagged "[P1]", "[P2]", ... (labels in alphabetical order), holding
+  only that protocol's rows ("alpaca_eval/win_rate [P1]", "alpaca_eval/win_rate [P1] ±",
+  "Δ alpaca_eval/win_rate [P1]"), so no column ranks win rates of two protocols together
+  while the other metrics (lm-eval's) stay one column. Sorting by a split column ranks its
+  protocol's rows (the others are blank there, so last); sorting by the unsplit name
+  ("win_rate") puts the rows of one protocol after another, in tag order, each ranked only
+  among themselves, and rows without AlpacaEval last; ``columns`` naming an unsplit metric
+  shows all its protocols' columns. With one protocol nothing is split.
 Not here: reading the rows (harness.report.rows) or rendering (files, terminal, html).
 """
 
@@ -43,6 +55,7 @@ import pandas as pd
 
 from harness.metrics import WIN_RATE, WIN_SE, ordered, stderr_of
 from harness.outcomes import across_seeds
+from harness.report.protocol import PREFIX, row_labels
 from harness.report.rows import PUBLISHED, ResultsError
 
 UNAVAILABLE = "unavailable"
@@ -56,6 +69,7 @@ ID_COLS = ["experiment", "method", "model", "iteration"]
 TEXT_COLS = ["experiment", "method", "model"]
 KEY_VERSIONS = ("torch", "transformers", "trl")  # packages shown as provenance columns
 PROV_COLS = ["config_hash", "seed", "commit", *KEY_VERSIONS]
+PROTOCOL = "protocol"  # the AlpacaEval protocol's label (only in tables with AlpacaEval metrics)
 
 
 def _provenance(prov: dict) -> dict:
@@ -103,17 +117,17 @@ def paired_of(row: dict, key: str) -> dict | None:
 
 
 def _records(rows: Sequence[dict], metric_keys: list[str], se_for: dict, delta_keys: list[str],
-             ci_keys: set[str]) -> list[dict]:
+             ci_keys: set[str], protocols: Sequence[Any]) -> list[dict]:
     """One record per row (per seed): values, ± values, deltas against the same seed's iteration 0,
     paired intervals, provenance."""
     # (experiment, method, seed) -> metrics at iteration 0; an experiment without one gets NaN deltas
     base = {(r["experiment"], r["method"], r.get("seed")): r["metrics"] for r in rows
             if r["iteration"] == 0 and r["method"] != PUBLISHED}
     records = []
-    for r in rows:
+    for r, protocol in zip(rows, protocols):
         m = r["metrics"]
         rec: dict[str, Any] = {"experiment": r["experiment"], "method": r["method"], "model": _model(r),
-                               "iteration": r["iteration"]}
+                               "iteration": r["iteration"], PROTOCOL: protocol}
         for k in metric_keys:
             rec[k] = _value(m, k)
             if k in se_for:
@@ -187,6 +201,7 @@ def _over_seeds(group: list[dict], metric_keys: list[str], se_for: dict, delta_k
                 rec[d + SIG] = pd.NA
             else:  # every seed's interval excludes 0, all on the same side
                 rec[d + SIG] = all(lo > 0 for lo in lows) or all(hi < 0 for hi in highs)
+    rec[PROTOCOL] = _same([g[PROTOCOL] for g in group])
     for c in PROV_COLS:
         rec[c] = None if c == "seed" else _same([g.get(c) for g in group])
     return rec
@@ -203,7 +218,8 @@ def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFr
     delta_keys = ordered(metric_keys, "delta")
     ci_keys = {k for k in delta_keys if any(r["iteration"] != 0 and paired_of(r, k) for r in rows)}
 
-    records = _records(rows, metric_keys, se_for, delta_keys, ci_keys)
+    protocols = row_labels(rows)
+    records = _records(rows, metric_keys, se_for, delta_keys, ci_keys, protocols)
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         groups.setdefault((rec["experiment"], rec["method"], rec["iteration"]), []).append(rec)
@@ -220,7 +236,8 @@ def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFr
         delta_cols += [DELTA + k] + ([DELTA + k + SD] if seeded else []) \
             + ([DELTA + k + LO, DELTA + k + HI, DELTA + k + SIG] if k in ci_keys else [])
     ids = ID_COLS + ([SEEDS] if seeded else [])
-    df = pd.DataFrame.from_records(records, columns=ids + metric_cols + delta_cols + PROV_COLS)
+    about = [PROTOCOL] if any(p is not None for p in protocols) else []
+    df = pd.DataFrame.from_records(records, columns=ids + metric_cols + delta_cols + about + PROV_COLS)
     df["seed"] = df["seed"].astype("Int64")
     if seeded:
         df[SEEDS] = df[SEEDS].astype("Int64")
@@ -281,19 +298,91 @@ def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending:
     for col, pattern in filters.items():
         col = _resolve(col, list(df.columns), "filter")
         df = df[[_matches(v, pattern) for v in df[col]]]
+    whole = list(df.columns)  # before the AlpacaEval columns are split by protocol
+    tags = protocol_tags(df)
+    if tags:
+        df = _split(df, tags)
+    unsplit = [c for c in whole if c not in df.columns]  # names that still resolve, to all their protocols
     if sort_by is not None:
-        col = _resolve(sort_by, list(df.columns), "sort_by")
-        text = col in TEXT_COLS or col in PROV_COLS
-        df = df.sort_values(col, ascending=not descending, na_position="last", kind="stable",
-                            key=None if text else (lambda s: pd.to_numeric(s, errors="coerce")))
+        col = _resolve(sort_by, list(df.columns) + unsplit, "sort_by")
+        text = col in TEXT_COLS or col in PROV_COLS or col == PROTOCOL
+        if col in df.columns:  # a split column: the other protocols' rows are blank there, so last
+            df = df.sort_values(col, ascending=not descending, na_position="last", kind="stable",
+                                key=None if text else (lambda s: pd.to_numeric(s, errors="coerce")))
+        else:
+            df = _sort_within_protocols(df, col, tags, descending)
     ids = [c for c in ID_COLS + [SEEDS] if c in df.columns]
     choosable = [c for c in df.columns if not any(c.endswith(x) and c[: -len(x)] in df.columns for x in COMPANIONS)]
-    picked = [_resolve(c, choosable, "columns") for c in columns] if columns else default
+    picked = [_resolve(c, choosable + unsplit, "columns") for c in columns] if columns else default
+    if tags:
+        picked = _grouped(picked, tags)
     shown = []
     for c in picked:
         shown += [c] + [c + x for x in COMPANIONS if c + x in df.columns]
-    shown = [c for c in shown if c not in ids + PROV_COLS]
-    return df[ids + shown + PROV_COLS].reset_index(drop=True)
+    about = [PROTOCOL] if PROTOCOL in df.columns else []
+    shown = [c for c in shown if c not in ids + about + PROV_COLS]
+    return df[ids + shown + about + PROV_COLS].reset_index(drop=True)
+
+
+def protocol_tags(df: pd.DataFrame) -> dict[str, str]:
+    """{protocol label: its tag "P1", "P2", ...} (labels in alphabetical order) when the
+    table's rows have more than one AlpacaEval protocol; {} when they have one or none."""
+    if PROTOCOL not in df.columns:
+        return {}
+    labels = sorted({v for v in df[PROTOCOL] if isinstance(v, str)})
+    return {label: f"P{i}" for i, label in enumerate(labels, 1)} if len(labels) > 1 else {}
+
+
+def tagged(col: str, tag: str) -> str | None:
+    """The column ``col`` (an AlpacaEval metric, its Δ, or one of their companions) for the
+    protocol ``tag``: "alpaca_eval/win_rate ±" -> "alpaca_eval/win_rate [P1] ±"; None for a
+    column that is not about AlpacaEval."""
+    lead = DELTA if col.startswith(DELTA) else ""
+    body = col[len(lead):]
+    if not body.startswith(PREFIX):
+        return None
+    tail = next((x for x in COMPANIONS if body.endswith(x)), "")
+    return f"{lead}{body[: len(body) - len(tail)]} [{tag}]{tail}"
+
+
+def _grouped(cols: list[str], tags: dict[str, str]) -> list[str]:
+    """``cols`` with each run of consecutive AlpacaEval columns repeated per protocol,
+    the first protocol's columns first."""
+    out: list[str] = []
+    run: list[str] = []
+    for c in cols + [None]:
+        if c is not None and tagged(c, "") is not None:
+            run.append(c)
+            continue
+        out += [tagged(r, t) for t in tags.values() for r in run]
+        run = []
+        if c is not None:
+            out.append(c)
+    return out
+
+
+def _split(df: pd.DataFrame, tags: dict[str, str]) -> pd.DataFrame:
+    """Each AlpacaEval column as one column per protocol, holding only that protocol's rows."""
+    parts = {}
+    for c in df.columns:
+        if tagged(c, "") is None:
+            parts[c] = df[c]
+            continue
+        for label, tag in tags.items():
+            parts[tagged(c, tag)] = df[c].where(df[PROTOCOL] == label)
+    return pd.DataFrame(parts, index=df.index)[_grouped(list(df.columns), tags)]
+
+
+def _sort_within_protocols(df: pd.DataFrame, col: str, tags: dict[str, str], descending: bool) -> pd.DataFrame:
+    """Sorted by the split metric ``col``: the rows of one protocol after another (in tag
+    order), ranked only among themselves; rows without an AlpacaEval protocol last."""
+    group = pd.Series([list(tags).index(v) if v in tags else math.nan for v in df[PROTOCOL]], index=df.index)
+    value = pd.Series(math.nan, index=df.index)
+    for tag in tags.values():
+        value = value.fillna(pd.to_numeric(df[tagged(col, tag)], errors="coerce").astype(float))
+    order = pd.DataFrame({"g": group, "v": value}).sort_values(["g", "v"], ascending=[True, not descending],
+                                                               na_position="last", kind="stable").index
+    return df.loc[order]
 
 
 def _text(v: Any) -> str:

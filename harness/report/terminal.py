@@ -5,7 +5,11 @@ metric catalogue's ``terminal`` view (harness.metrics); the rest stays in the CS
 Markdown / HTML files. A Δ shows its paired 95% interval where the row has one
 ("+0.120 [+0.058, +0.182]*", the interval dropped first when space is short) and a
 trailing "*" when that interval excludes 0; rows over several seeds show "mean ± sd" and
-a "seeds" column; a legend under the table says so (none for a table without either). Not here: those files' renderers, or the stage lines.
+a "seeds" column; a legend under the table says so (none for a table without either). The
+AlpacaEval protocol is a note under the table: the one protocol of its rows, or which
+protocol each "[P1]", "[P2]" ... of the split win-rate columns is (harness.report.table);
+each protocol's win rate comes with its own n, coverage and Δ. Not here: those files'
+renderers, or the stage lines.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from typing import Any
 import pandas as pd
 
 from harness import fmt
-from harness.metrics import COST, LC_WIN_RATE, WIN_RATE, companions, find, header, ordered
+from harness.metrics import COST, LC_WIN_RATE, WIN_RATE, companions, find, header, ordered, qualified
 from harness.report.files import cell, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import COMPANIONS, DELTA, HI, ID_COLS, LO, PROV_COLS, SD, SE, SEEDS, SIG, marked
+from harness.report.table import COMPANIONS, DELTA, HI, ID_COLS, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, marked
 
 TERMINAL_WIDTH = 120
 
@@ -31,11 +35,11 @@ def _main_columns(df: pd.DataFrame) -> tuple[list[str], set[str]]:
     with its n and coverage, the LC win rate where a row has one); every metric column
     when none of those is there. Also the columns shown in their catalogue format (the
     main ones: a percentage as such)."""
-    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS + [SEEDS] and not c.startswith(DELTA)
+    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS + [SEEDS, PROTOCOL] and not c.startswith(DELTA)
                    and not any(c.endswith(x) and c[: -len(x)] in df.columns for x in COMPANIONS)]
     cols = []
     for c in ordered(metric_cols, "terminal"):
-        if c == LC_WIN_RATE and not any(isinstance(v, Real) and not math.isnan(v) for v in df[c]):
+        if qualified(c)[0] == LC_WIN_RATE and not any(isinstance(v, Real) and not math.isnan(v) for v in df[c]):
             continue  # offline it is null: an "unavailable" column says nothing
         cols += [c] + [k for k in companions(c) if k in df.columns]
     if not cols:  # cost columns stay in the files: the terminal gets harness.cost.cost_summary's line
@@ -130,17 +134,27 @@ def to_terminal(df: pd.DataFrame, width: int = TERMINAL_WIDTH) -> tuple[str, lis
 
     # as many evaluations as fit in the most compact style, then the richest style that fits them;
     # dropped in this order: the LC win rate, lm-eval metrics from the right (the first stays), then
-    # the win rate with its n and coverage (never one of them without the others)
+    # the win rate with its n and coverage (never one of them without the others); with several
+    # AlpacaEval protocols, each one's win rate group, the last protocol's first
     win_group = (WIN_RATE, *companions(WIN_RATE))
-    win = [c for c in main if c in win_group]
-    lm = [c for c in main if c not in win and c != LC_WIN_RATE]
-    drops = [[c] for c in main if c == LC_WIN_RATE] + [[c] for c in reversed(lm[1:])] + ([win] if win and lm else [])
+    groups: dict[str, list[str]] = {}
+    for c in main:
+        base, tag = qualified(c)
+        if base in win_group:
+            groups.setdefault(tag, []).append(c)
+    wins = list(groups.values())
+    win = [c for g in wins for c in g]
+    lm = [c for c in main if c not in win and qualified(c)[0] != LC_WIN_RATE]
+    # (several protocols: their n and coverage go before any protocol's win rate does)
+    counts = [[c for g in wins for c in g[1:]]] if len(wins) > 1 else []
+    drops = [[c] for c in main if qualified(c)[0] == LC_WIN_RATE] + [[c] for c in reversed(lm[1:])] + counts \
+        + list(reversed(wins[1:])) + ([wins[0]] if wins and lm else [])
     def fits(cols: list[str], with_ci: bool) -> bool:
         return wide(render(cols, *styles[with_ci][-1])) <= width
 
     def fit(with_ci: bool) -> list[str]:
         cols = list(main)
-        for group in [[]] + (drops[:-1] if with_ci and win and lm else drops):
+        for group in [[]] + ([d for d in drops if d not in wins] if with_ci and win and lm else drops):
             cols = [c for c in cols if c not in group]
             if fits(cols, with_ci) or not cols:
                 break

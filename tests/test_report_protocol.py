@@ -1,0 +1,311 @@
+"""The AlpacaEval protocol on every row: leaderboards never rank win rates of different
+protocols in one column (harness.report.table, harness.report.protocol)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F401  (fixtures)
+
+from harness.report import build_table, leaderboard, load_rows, read_csv, to_csv, to_html, to_markdown, to_terminal
+from harness.report.protocol import UNKNOWN, labels, record
+
+WR, SE, N, COV = ("alpaca_eval/win_rate", "alpaca_eval/standard_error", "alpaca_eval/n_total",
+                  "alpaca_eval/coverage")
+EM = "lm_eval/tiny_gen/exact_match"
+AE_DATA = SHARED_DATA / "alpaca_eval"
+SYSTEMS = ("alpaca-7b", "gemma-7b-it")  # the published systems whose annotations are in the shared data
+RUBRIC_LABEL = "harness rubric: oracle vs tiny_reference"
+AE2_LABEL = "AlpacaEval 2.0 (weighted_alpaca_eval_gpt4_turbo vs gpt4_1106_preview)"
+
+
+def _write(run_dir: Path, rows: list[dict]) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def _rubric_protocol(n: int = 4) -> dict:
+    """A tiny-world evaluation's record, as protocol_record writes it (oracle judge, rubric)."""
+    return {"annotator": "harness_rubric", "template_hash": None, "judge_model": "oracle", "endpoint_kind": "oracle",
+            "base_url": None, "position": "random",
+            "reference": {"instructions": "tiny:alpaca_eval", "reference": "instructions",
+                          "generator": ["tiny_reference"]},
+            "n": n, "n_instructions": n, "coverage": 1.0,
+            "length_controlled": {"status": "unavailable", "reason": "x"}, "alpaca_eval_version": None}
+
+
+def _published_protocol() -> dict:
+    return {"annotator": "weighted_alpaca_eval_gpt4_turbo", "judge_model": "gpt-4-1106-preview",
+            "config_model_name": ["gpt-4-1106-preview"], "template_hash": None,
+            "endpoint_kind": "published annotations",
+            "reference": {"instructions": "alpaca_eval", "reference": "instructions",
+                          "generator": ["gpt4_1106_preview"]},
+            "n": 805, "n_instructions": 805, "coverage": 1.0}
+
+
+def _tiny_run(wrs=(30.0, 45.0, 80.0), protocol: dict | None = None, exp="tiny-spin") -> list[dict]:
+    """A tiny-world run's rows: a win rate of 80 against the tiny reference is not a win rate of 80
+    on AlpacaEval 2.0."""
+    protocol = protocol or _rubric_protocol()
+    return [{"experiment": exp, "method": "spin", "iteration": it, "model": "tiny",
+             "metrics": {EM: 0.1 * it, WR: wr, SE: 2.0, N: 4, COV: 1.0},
+             "protocol": {"alpaca_eval": protocol}, "provenance": {"seed": 0}} for it, wr in enumerate(wrs)]
+
+
+def _published(name: str, wr: float) -> dict:
+    return {"experiment": name, "method": "published", "iteration": 0, "metrics": {WR: wr, SE: 1.0, N: 805, COV: 1.0},
+            "protocol": {"alpaca_eval": _published_protocol()}, "provenance": {"imported_from": {}}}
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    base = tmp_path / "results"
+    _write(base / "tiny-spin", _tiny_run())
+    _write(base / "gemma-7b-it", [_published("gemma-7b-it", 6.93)])
+    _write(base / "alpaca-7b", [_published("alpaca-7b", 2.59)])
+    return base
+
+
+def _win_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("alpaca_eval/win_rate") and not c.endswith((" ±", " sd"))]
+
+
+def test_labels():
+    assert list(labels([_rubric_protocol()]).values()) == [RUBRIC_LABEL]
+    assert list(labels([_published_protocol()]).values()) == [AE2_LABEL]
+    h2h = {**_rubric_protocol(), "reference": {"instructions": "tiny:alpaca_eval", "reference": "iteration0",
+                                                "generator": ["tiny-spin/iter_000"]}}
+    assert list(labels([h2h]).values()) == ["head-to-head vs iteration 0 (oracle)"]
+    # two runs' head-to-heads are against different starting points: told apart
+    other = {**h2h, "reference": {**h2h["reference"], "generator": ["tiny-sr/iter_000"]}}
+    assert sorted(labels([h2h, other]).values()) == ["head-to-head vs tiny-spin/iter_000 (oracle) on tiny:alpaca_eval",
+                                                       "head-to-head vs tiny-sr/iter_000 (oracle) on tiny:alpaca_eval"]
+    # the same annotator on a stand-in judge, or on part of the set, is another protocol
+    local = {**_published_protocol(), "judge_model": "llama-3-8b"}
+    part = {**_published_protocol(), "n_instructions": 100}
+    assert sorted(labels([_published_protocol(), local, part]).values()) == [
+        AE2_LABEL, "AlpacaEval 2.0 (weighted_alpaca_eval_gpt4_turbo vs gpt4_1106_preview), 100 instructions",
+        "AlpacaEval 2.0 (weighted_alpaca_eval_gpt4_turbo vs gpt4_1106_preview, judged by llama-3-8b)"]
+    # protocols that read the same even in detail: a hash tells them apart
+    a, b = {**_rubric_protocol(), "template_hash": "a" * 64}, {**_rubric_protocol(), "template_hash": "b" * 64}
+    named = sorted(labels([a, b]).values())
+    assert len(set(named)) == 2 and all(n.startswith(RUBRIC_LABEL + " on tiny:alpaca_eval #") for n in named)
+    assert labels([None]) == {UNKNOWN: UNKNOWN} and record({"protocol": {}}) is None
+
+
+def test_win_rates_of_two_protocols_are_never_in_one_column(mixed):
+    df = build_table(load_rows([mixed]))
+    assert WR not in df.columns
+    assert _win_columns(df) == [f"{WR} [P1]", f"{WR} [P2]"]  # P1 = AlpacaEval 2.0, P2 = the rubric (alphabetical)
+    for col in _win_columns(df):
+        values = df[df[col].notna()]
+        assert values["protocol"].nunique() == 1, col
+    assert df.set_index("experiment")[f"{WR} [P1]"].dropna().to_dict() == {"gemma-7b-it": 6.93, "alpaca-7b": 2.59}
+    assert df[df.experiment == "tiny-spin"][f"{WR} [P2]"].tolist() == [30.0, 45.0, 80.0]
+    # each protocol's companions and Δ are split with it; lm-eval stays one column
+    for c in (f"{WR} [P1] ±", f"{N} [P1]", f"{COV} [P2]", f"Δ {WR} [P2]"):
+        assert c in df.columns, c
+    assert f"Δ {WR} [P1]" in df.columns and df[f"Δ {WR} [P1]"].isna().all()  # published rows have no Δ
+    assert df[f"Δ {WR} [P2]"].dropna().tolist() == [0.0, 15.0, 50.0]
+    assert EM in df.columns
+    assert df.set_index("experiment")["protocol"].to_dict() == {"tiny-spin": RUBRIC_LABEL, "gemma-7b-it": AE2_LABEL,
+                                                                "alpaca-7b": AE2_LABEL}
+    # one protocol shown (a filter): nothing is split
+    alone = build_table(load_rows([mixed]), filters={"method": "published"})
+    assert _win_columns(alone) == [WR] and alone["protocol"].unique().tolist() == [AE2_LABEL]
+
+
+def test_sort_ranks_only_within_a_protocol(mixed, tmp_path):
+    rows = load_rows([mixed])
+    df = build_table(rows, sort_by="win_rate")
+    # the rubric's 80 / 45 / 30 are never ranked above or among AlpacaEval 2.0's 6.93 / 2.59
+    assert list(zip(df.experiment, df.iteration)) == [("gemma-7b-it", 0), ("alpaca-7b", 0), ("tiny-spin", 2),
+                                                      ("tiny-spin", 1), ("tiny-spin", 0)]
+    assert df.protocol.tolist() == [AE2_LABEL] * 2 + [RUBRIC_LABEL] * 3
+    asc = build_table(rows, sort_by=WR, descending=False)
+    assert list(zip(asc.experiment, asc.iteration)) == [("alpaca-7b", 0), ("gemma-7b-it", 0), ("tiny-spin", 0),
+                                                        ("tiny-spin", 1), ("tiny-spin", 2)]
+    # a Δ too; and by one protocol's column: its rows ranked, the others after them
+    assert build_table(rows, sort_by=f"Δ {WR}").protocol.tolist()[:2] == [AE2_LABEL] * 2
+    by_p2 = build_table(rows, sort_by=f"{WR} [P2]")
+    assert by_p2[f"{WR} [P2]"].tolist()[:3] == [80.0, 45.0, 30.0] and by_p2[f"{WR} [P2]"][3:].isna().all()
+    # rows without AlpacaEval come last; lm-eval metrics still rank across protocols
+    _write(mixed / "lm-only", [{"experiment": "lm-only", "method": "sft", "iteration": 0, "metrics": {EM: 0.9}}])
+    rows = load_rows([mixed])
+    assert build_table(rows, sort_by="win_rate").experiment.tolist()[-1] == "lm-only"
+    assert build_table(rows, sort_by=EM).experiment.tolist()[:2] == ["lm-only", "tiny-spin"]
+    # columns naming the unsplit metric show every protocol's
+    assert _win_columns(build_table(rows, columns=[WR])) == [f"{WR} [P1]", f"{WR} [P2]"]
+
+
+def test_renderers_show_the_protocols(mixed, tmp_path):
+    df = build_table(load_rows([mixed]), sort_by="win_rate")
+    note = f"AlpacaEval protocols (win rates of different protocols are never ranked together; each has its own " \
+           f"columns): [P1] {AE2_LABEL}; [P2] {RUBRIC_LABEL}."
+    md = to_markdown(df)
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert "protocol" in header and f"{WR} [P1]" in header and f"{WR} [P2]" in header and WR not in header
+    assert md.endswith("\n\n" + note)
+    text, left_out = to_terminal(df, 200)
+    head = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    assert left_out == [] and head == ["experiment", "method", "iter", "tiny_gen exact_match", "Δ", "win rate [P1]",
+                                       "Δ", "n [P1]", "judged [P1]", "win rate [P2]", "Δ", "n [P2]", "judged [P2]"]
+    # narrower: every protocol's n and coverage go before any protocol's win rate
+    text, left_out = to_terminal(df)
+    assert max(map(len, text.splitlines())) <= 120 and "win rate [P1]" in text and "win rate [P2]" in text
+    assert left_out == [f"{N} [P1]", f"{COV} [P1]", f"{N} [P2]", f"{COV} [P2]"]
+    assert " ".join(text.split()).endswith(" ".join(note.split()))  # the note may wrap
+    to_csv(df, tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as f:
+        got = {(r["experiment"], r["iteration"]): r["protocol"] for r in csv.DictReader(f)}
+    assert got[("tiny-spin", "2")] == RUBRIC_LABEL and got[("alpaca-7b", "0")] == AE2_LABEL
+    back = read_csv(tmp_path / "t.csv")
+    assert list(back.columns) == list(df.columns)
+    kept = [c for c in df.columns if c not in ("config_hash", "commit", "torch", "transformers", "trl")]  # all blank
+    pd.testing.assert_frame_equal(back[kept], df[kept])
+    page = to_html(df)
+    assert '<th data-name="protocol" data-type="text"' in page and f">{RUBRIC_LABEL}<" in page
+    assert f'title="{WR} [P2]: {RUBRIC_LABEL}"' in page and "[P1] AlpacaEval 2.0" in page
+
+
+def test_one_protocol_is_a_note(tmp_path):
+    run = _write(tmp_path / "tiny-spin", _tiny_run())
+    md = leaderboard([run], fmt="markdown").text
+    table, note = md.split("\n\n")
+    assert note == f"AlpacaEval protocol: {RUBRIC_LABEL}." and "protocol" not in table.splitlines()[0]
+    assert leaderboard([run]).text.endswith(f"\nAlpacaEval protocol: {RUBRIC_LABEL}.")
+    page = leaderboard([run], fmt="html").text
+    assert f"AlpacaEval protocol: {RUBRIC_LABEL}." in page and 'data-name="protocol"' not in page
+    assert leaderboard([run], fmt="csv").text.splitlines()[1].count(RUBRIC_LABEL) == 1
+    # a table without AlpacaEval has no protocol at all
+    lm = _write(tmp_path / "lm", [{"experiment": "lm", "method": "sft", "iteration": 0, "metrics": {EM: 0.5}}])
+    assert "protocol" not in leaderboard([lm], fmt="csv").text and "protocol" not in leaderboard([lm]).text
+
+
+def test_rows_without_a_protocol_are_unknown_and_not_ranked_with_known_ones(tmp_path):
+    old = _tiny_run(exp="old-run")
+    for r in old:
+        del r["protocol"]
+    _write(tmp_path / "old-run", old)
+    _write(tmp_path / "tiny-spin", _tiny_run(wrs=(10.0, 20.0, 25.0)))
+    df = build_table(load_rows([tmp_path]), sort_by="win_rate")
+    assert set(df.protocol) == {UNKNOWN, RUBRIC_LABEL}
+    assert df.experiment.tolist() == ["tiny-spin"] * 3 + ["old-run"] * 3  # rubric = P1, unknown = P2
+    with pytest.raises(Exception, match="protocol"):
+        load_rows([_write(tmp_path / "bad", [{**_tiny_run()[0], "protocol": {"alpaca_eval": "x"}}])])
+
+
+def test_seeds_keep_their_protocol(tmp_path):
+    rows = [{**r, "seed": s} for s in (0, 1) for r in _tiny_run()]
+    _write(tmp_path / "tiny-spin", rows)
+    _write(tmp_path / "gemma-7b-it", [_published("gemma-7b-it", 6.93)])
+    df = build_table(load_rows([tmp_path]))
+    assert df.protocol.tolist() == [RUBRIC_LABEL] * 3 + [AE2_LABEL] and f"{WR} [P2] sd" in df.columns
+
+
+def test_tiny_world_evaluation_and_imported_systems(tiny, tmp_path):  # noqa: F811
+    """A real tiny-world evaluation (the oracle through the rubric) beside the imported published
+    systems: the imported rows reproduce the published numbers exactly, carry AlpacaEval 2.0's
+    protocol read from their annotations files, and no column ranks them with the tiny run."""
+    require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
+    import alpaca_eval
+
+    from harness.config import AlpacaEvalSection
+    from harness.evaluate.alpaca import run_alpaca_eval
+    from harness.judges import build_judge
+    from harness.report.published import import_published
+
+    model, tok = tiny
+    section = AlpacaEvalSection(instructions="tiny:alpaca_eval", limit=4)
+    metrics = run_alpaca_eval(model, tok, section, build_judge(section.judge, seed_key=(0, 1)), tmp_path / "ae",
+                              seed_key=(0, 1), generator="tiny-spin/iter_000", max_new_tokens=6, batch_size=4)
+    protocol = json.loads((tmp_path / "ae" / "metrics.json").read_text())["protocol"]
+    _write(tmp_path / "board" / "tiny-spin", [{"experiment": "tiny-spin", "method": "spin", "iteration": 0,
+                                               "model": "tiny", "metrics": metrics,
+                                               "protocol": {"alpaca_eval": protocol}, "provenance": {}}])
+    for name in SYSTEMS:
+        import_published(tmp_path / "board", name, AE_DATA / f"{name}.model_outputs.json",
+                         AE_DATA / f"{name}.weighted_alpaca_eval_gpt4_turbo.annotations.json")
+    path = (Path(alpaca_eval.__file__).parent / "leaderboards" / "data_AlpacaEval_2"
+            / "weighted_alpaca_eval_gpt4_turbo_leaderboard.csv")
+    with path.open() as f:
+        published = {row[""]: row for row in csv.DictReader(f)}
+    rows = load_rows([tmp_path / "board"])
+    df = build_table(rows, sort_by="win_rate", columns=[WR, N, "alpaca_eval/discrete_win_rate"])
+    assert df.protocol.tolist()[:2] == [AE2_LABEL] * 2 and df.protocol.tolist()[2] == RUBRIC_LABEL
+    for name in SYSTEMS:
+        row = df[df.experiment == name].iloc[0]
+        for k, col in (("win_rate", f"{WR} [P1]"), ("standard_error", f"{WR} [P1] ±"),
+                       ("discrete_win_rate", "alpaca_eval/discrete_win_rate [P1]")):
+            assert repr(float(row[col])) == published[name][k], (name, k)  # every printed digit
+        assert int(row[f"{N} [P1]"]) == int(published[name]["n_total"])
+        assert math.isnan(row[f"{WR} [P2]"])
+    tiny_row = df[df.experiment == "tiny-spin"].iloc[0]
+    assert tiny_row[f"{WR} [P2]"] == metrics[WR] and pd.isna(tiny_row[f"{WR} [P1]"])
+    # the imported rows' protocol is read from the annotations files
+    for r in rows:
+        if r["method"] == "published":
+            p = r["protocol"]["alpaca_eval"]
+            assert p["annotator"] == "weighted_alpaca_eval_gpt4_turbo" and p["judge_model"] == "gpt-4-1106-preview"
+            assert p["reference"]["generator"] == ["gpt4_1106_preview"] and p["n_instructions"] == 805
+            assert p["from_annotations_file"] == ["annotator", "generator_1"]
+    md = to_markdown(build_table(rows))
+    assert f"[P1] {AE2_LABEL}; [P2] {RUBRIC_LABEL}" in md
+
+
+def test_published_protocol_defaults_when_the_file_does_not_say(tmp_path):
+    require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
+    from harness.evaluate.alpaca import write_published_run
+
+    ann = json.loads((AE_DATA / "alpaca-7b.weighted_alpaca_eval_gpt4_turbo.annotations.json").read_text())
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps([{k: v for k, v in a.items() if k not in ("annotator", "generator_1")} for a in ann]))
+    path = write_published_run(tmp_path / "x", "alpaca-7b", AE_DATA / "alpaca-7b.model_outputs.json", bare)
+    (row,) = [json.loads(line) for line in path.read_text().splitlines()]
+    p = row["protocol"]["alpaca_eval"]
+    assert p["annotator"] == "weighted_alpaca_eval_gpt4_turbo" and p["reference"]["generator"] == ["gpt4_1106_preview"]
+    assert p["from_annotations_file"] == []
+    assert build_table(load_rows([tmp_path / "x"])).protocol.tolist() == [AE2_LABEL]
+
+
+def test_constants_match_the_evaluation():
+    from harness.evaluate import alpaca, annotators
+    from harness.report import protocol
+
+    assert (protocol.RUBRIC, protocol.AE2, protocol.HUB_SET, protocol.AE_SET_SIZE) == (
+        annotators.RUBRIC, annotators.AE2, annotators.HUB_SET, alpaca.AE_SET_SIZE)
+
+
+def test_comparison_plot_has_a_panel_per_protocol(mixed, monkeypatch):
+    from harness.report import plots
+
+    seen = {}
+    real = plots._comparison_figure
+
+    def spy(by_exp, published):
+        fig = real(by_exp, published)
+        seen["titles"] = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        seen["suptitle"] = fig.get_suptitle()
+        return fig
+
+    monkeypatch.setattr(plots, "_comparison_figure", spy)
+    pngs = plots.render_plots(load_rows([mixed]))
+    assert "comparison" in pngs
+    wins = [t for t in seen["titles"] if t.startswith("AlpacaEval win rate")]
+    # the published systems (AlpacaEval 2.0, P1) have no run of their protocol to stand beside: no bars;
+    # the tiny run's rubric win rate (P2) has its own panel
+    assert [t.split("\n")[0].split(" (± s.e.)")[0] for t in wins] == ["AlpacaEval win rate (%) [P2]"]
+    assert f"[P2] {RUBRIC_LABEL}" in seen["suptitle"] and "[P1]" not in seen["suptitle"]
+    # a run of the published systems' protocol stands beside them, in its own panel
+    ae2 = {**_published_protocol(), "judge_model": "gpt-4-1106-preview"}
+    _write(mixed / "ae2-run", _tiny_run(protocol=ae2, exp="ae2-run"))
+    plots.render_plots(load_rows([mixed]))
+    wins = [t.split("\n")[0].split(" (± s.e.)")[0] for t in seen["titles"] if t.startswith("AlpacaEval win rate")]
+    assert wins == ["AlpacaEval win rate (%) [P1]", "AlpacaEval win rate (%) [P2]"]
