@@ -481,7 +481,7 @@ def write_published_run(dest_dir: Path, name: str, model_outputs: Path, annotati
     against gpt4_1106_preview (GPT-4 Turbo) references; the instruction set is always
     AlpacaEval's ("alpaca_eval"), and the judge model is the one the annotator's shipped
     config names (None when alpaca_eval does not ship that annotator)."""
-    from harness.evaluate.annotators import AE2, config_path, load_config
+    from harness.annotator_configs import AE2, config_path, load_config
 
     dest_dir = Path(dest_dir)
     metrics, notes = _import(model_outputs, annotations, name)

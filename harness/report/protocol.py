@@ -25,12 +25,10 @@ import hashlib
 import json
 from typing import Any, Sequence
 
-# harness.evaluate.annotators' names (the report modules do not import the evaluation code)
-RUBRIC = "harness_rubric"
-AE2 = "weighted_alpaca_eval_gpt4_turbo"
-HUB_SET = "alpaca_eval"
+from harness.annotator_configs import AE2, HUB_SET, RUBRIC
+
 AE2_REFERENCE = "gpt4_1106_preview"  # AlpacaEval 2.0's reference answers (GPT-4 Turbo)
-AE_SET_SIZE = 805
+AE_SET_SIZE = 805  # harness.evaluate.alpaca's (the report modules do not import the evaluation code)
 UNKNOWN = "unknown protocol"
 PREFIX = "alpaca_eval/"  # the metrics a protocol is about
 
