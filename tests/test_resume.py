@@ -161,7 +161,8 @@ def test_changed_config_stops_with_the_changed_field(tiny_dir, tmp_path):
     exp.write_text(text.replace("max_new_tokens = 12", "max_new_tokens = 10"))
     r = harness("run", str(exp))
     assert r.returncode == 1
-    assert "changed: config.generation.max_new_tokens" in r.stderr
+    # said before any compute, for every finished stage that read the field
+    assert "iter_001/generate: generation.max_new_tokens was 12, now 10: the run would stop there" in r.stderr
     fresh = harness("run", "--fresh", str(exp))
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert (out / "resume-2" / "results.jsonl").exists()
