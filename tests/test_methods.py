@@ -294,3 +294,25 @@ def test_num_prompts_subset_follows_the_experiment_seed(tmp_path):
     random.Random(1).shuffle(ids)
     assert subset[1] == ids[:10]                                      # sorted by id, shuffled with the seed
     assert [e.id for e in load_examples(DataSection(train=str(path)), seed=5)][:3] == ["q00", "q01", "q02"]
+
+
+def test_self_rewarding_m1_data_and_new_prompts_use_the_system_prompt(tmp_path):
+    """M1 trains, and self-instructed prompts are sampled, in the context every generation prompt
+    has (after data.system_prompt); EFT examples are judge prompts, sent without it."""
+    import json
+
+    rows = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(3)]
+    for name in ("ift", "eft"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = cfg_for("self_rewarding", {"ift": str(tmp_path / "ift.jsonl"), "eft": str(tmp_path / "eft.jsonl"),
+                                     "self_instruct": 2, "self_instruct_shots": 2},
+                  data={"train": "x.jsonl", "system_prompt": "Answer briefly."})
+    m = METHODS.get("self_rewarding")
+    data = m.init_sft_data(cfg)
+    system = {"role": "system", "content": "Answer briefly."}
+    assert [d["messages"][0] for d in data[:3]] == [system] * 3                   # IFT
+    assert all(d["messages"][0]["role"] == "user" for d in data[3:]) and len(data) == 6  # EFT
+    plan = m.self_instruct(IterationContext(cfg, 1, [ex(i) for i in range(4)]))
+    new = plan.select({r.id: {"samples": [{"text": f"Write a poem number {i} about the sea"}]}
+                       for i, r in enumerate(plan.requests)})
+    assert [e.messages[0] for e in new] == [system] * 2 and new[0].instruction.startswith("Write a poem")

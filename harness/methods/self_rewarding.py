@@ -12,10 +12,10 @@ data (IFT) plus judge-training data (EFT), with its own settings
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from harness.config import SftSection
-from harness.data import Example, load_simple
+from harness.data import Example, load_simple, with_system
 from harness.generate import Prompt, Sampling
 from harness.methods.base import (Candidate, IterationContext, Method, PromptSplit, SelfInstruct, file_problems,
                                   length_stats, pair)
@@ -86,15 +86,22 @@ class SelfRewarding(Method):
     def init_sft_data(self, cfg):
         o = cfg.options
         data = []
-        for ref, where in ((o.ift, "method.self_rewarding.ift"), (o.eft, "method.self_rewarding.eft")):
+        # IFT examples train M1 in the context it samples in (after data.system_prompt, as every
+        # generation prompt); EFT examples are judge prompts, which the judge sends without it
+        for ref, where, system in ((o.ift, "method.self_rewarding.ift", cfg.data.system_prompt),
+                                   (o.eft, "method.self_rewarding.eft", "")):
             if ref:
-                data += [{"id": e.id, "messages": list(e.messages), "response": e.response}
+                data += [{"id": e.id, "messages": list(with_system(system, e.messages)), "response": e.response}
                          for e in load_simple(ref, where)]
         return data or None
 
     def _pool(self, ctx: IterationContext) -> list[Example]:
         o = ctx.options
-        return load_simple(o.prompts, "method.self_rewarding.prompts") if o.prompts else ctx.examples
+        if not o.prompts:
+            return ctx.examples  # data.train, already after data.system_prompt
+        system = ctx.cfg.data.system_prompt
+        return [replace(e, messages=with_system(system, e.messages))
+                for e in load_simple(o.prompts, "method.self_rewarding.prompts")]
 
     def prompts(self, ctx: IterationContext) -> list[Example]:
         return ctx.options.part(self._pool(ctx), ctx.iteration)
@@ -114,6 +121,8 @@ class SelfRewarding(Method):
             text = "Write one new task like these examples.\n" + "\n".join(f"Task: {s}" for s in shots) + "\nTask:"
             requests.append(Prompt(f"si-{ctx.iteration}-{i}", ({"role": "user", "content": text},)))
 
+        system = ctx.cfg.data.system_prompt  # new prompts are sampled in the same context as the others
+
         def select(out: dict) -> list[Example]:
             known = {e.instruction.strip() for e in seeds}
             new = []
@@ -121,7 +130,7 @@ class SelfRewarding(Method):
                 text = out[req.id]["samples"][0]["text"].strip().split("\n")[0].strip()
                 if o.self_instruct_min_chars <= len(text) <= o.self_instruct_max_chars and text not in known:
                     known.add(text)
-                    new.append(Example(req.id, ({"role": "user", "content": text},)))
+                    new.append(Example(req.id, with_system(system, ({"role": "user", "content": text},))))
             return new
 
         return SelfInstruct(requests, Sampling(temperature=0.8, top_p=0.95, max_new_tokens=128), select,
