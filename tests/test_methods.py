@@ -19,8 +19,8 @@ VALIDATION = {"validation": {"prompts": "v.jsonl"}}
 
 def cfg_for(method, options=None, judge="oracle", **sections):
     doc = {"experiment": {"name": "m"}, "model": {"base": "tiny"}, "data": {"train": "x.jsonl"},
-           "method": {"name": method, **({method: options} if options else {})}, "judge": {"name": judge},
-           **sections}
+           "method": {"name": method, **({method: options} if options else {})},
+           "judge": judge if isinstance(judge, dict) else {"name": judge}, **sections}
     if method == "spin":
         doc["judge"] = {"name": "none"}
     return parse(doc)
@@ -316,3 +316,22 @@ def test_self_rewarding_m1_data_and_new_prompts_use_the_system_prompt(tmp_path):
     new = plan.select({r.id: {"samples": [{"text": f"Write a poem number {i} about the sea"}]}
                        for i, r in enumerate(plan.requests)})
     assert [e.messages[0] for e in new] == [system] * 2 and new[0].instruction.startswith("Write a poem")
+
+
+def test_eft_prompts_must_be_the_judge_template_filled_in(tmp_path):
+    import json
+
+    from harness.judges.parsing import load_judge_template
+
+    tpl = load_judge_template("").text  # the built-in additive rubric, the self-judge's default
+    good = tpl.replace("{instruction}", "Say hi.").replace("{response}", "hi")
+    for name, prompt in (("good", good), ("bad", "Rate this answer from 1 to 10: hi")):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"prompt": prompt, "response": "Score: 4"}) + "\n")
+    judge = {"name": "self", "self": {"samples": 3, "temperature": 0.7}}  # a self-judge that samples
+    m = METHODS.get("self_rewarding")
+    ok = cfg_for("self_rewarding", {"eft": str(tmp_path / "good.jsonl")}, judge=judge)
+    assert m.check_inputs(ok, [ex(i) for i in range(40)]) == []
+    bad = cfg_for("self_rewarding", {"eft": str(tmp_path / "bad.jsonl")}, judge=judge)
+    errors = m.check_inputs(bad, [ex(i) for i in range(40)])
+    assert [e.path for e in errors] == ["method.self_rewarding.eft"]
+    assert "is not a prompt of the judge's template" in errors[0].message

@@ -11,12 +11,14 @@ data (IFT) plus judge-training data (EFT), with its own settings
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 
 from harness.config import SftSection
 from harness.data import Example, load_simple, with_system
 from harness.generate import Prompt, Sampling
+from harness.judges.parsing import load_judge_template
 from harness.methods.base import (Candidate, IterationContext, Method, PromptSplit, SelfInstruct, file_problems,
                                   length_stats, pair)
 from harness.registry import METHODS
@@ -67,7 +69,10 @@ class SelfRewarding(Method):
             errors += o.budget("method.self_rewarding.prompts_per_iteration", len(pool), cfg.method.iterations)
         for ref, where in ((o.ift, "method.self_rewarding.ift"), (o.eft, "method.self_rewarding.eft")):
             if ref:
-                errors += file_problems(ref, where, ("prompt", "response"))[1]
+                rows, errs = file_problems(ref, where, ("prompt", "response"))
+                errors += errs
+                if where.endswith("eft") and rows:
+                    errors += _eft_template_problems(rows, cfg.judge)
         if o.self_instruct and o.self_instruct_model:
             try:
                 locate(o.self_instruct_model)
@@ -170,3 +175,28 @@ class SelfRewarding(Method):
 
 
 METHODS.register("self_rewarding")(SelfRewarding())
+
+
+def _eft_template_problems(rows: list[Example], judge) -> list[FieldError]:
+    """EFT examples teach M1 to judge: their prompts must be the judge's template filled in, or
+    M1 learns a prompt format the self-judge never sends. The template's fixed text (around the
+    {instruction} and {response} placeholders) must appear, in order, in every EFT prompt."""
+    template = getattr(judge.options, "template", None)
+    if judge.name == "none" or template is None:
+        return []
+    try:
+        text = load_judge_template(template, f"judge.{judge.name}.template").text
+    except ValueError:
+        return []  # the judge's own checks report an unreadable template
+    parts = [p.strip() for p in re.split(r"\{instruction\}|\{response\}", text) if p.strip()]
+    for n, e in enumerate(rows):
+        pos = 0
+        for part in parts:
+            pos = e.instruction.find(part, pos)
+            if pos < 0:
+                return [FieldError("method.self_rewarding.eft", (
+                    f"row {n} ({e.id}) is not a prompt of the judge's template (judge.{judge.name}.template = "
+                    f"{template or 'the built-in default'!r}): its text lacks {part[:60]!r}; M1 would learn to "
+                    "judge prompts the self-judge never sends. Build the EFT prompts with the same template"))]
+            pos += len(part)
+    return []
