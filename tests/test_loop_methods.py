@@ -16,6 +16,9 @@ import torch
 
 from harness import console, loop, stages, store
 from harness.config import parse
+from harness.data import Example
+from harness.methods import METHODS
+from harness.methods.base import Group, IterationContext
 from harness.loop import run_experiment
 from harness.sources import resolve_ref
 
@@ -180,22 +183,6 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
     assert [r["metrics"] for r in again] == [r["metrics"] for r in rows]
 
 
-def _dno_pairs_by_rule(groups: list[tuple[list[float | None], list[str]]], lo: float, hi: float,
-                       positive_min: float, margin: float, student_margin: float) -> list[int]:
-    """Indices of the prompts whose best candidate reaches the top band and beats the worst by
-    the margin its source needs (a tie at the top takes the candidate whose pair passes)."""
-    keep = []
-    for i, (scores, sources) in enumerate(groups):
-        scored = [(s, src) for s, src in zip(scores, sources) if s is not None]
-        if len(scored) < 2:
-            continue
-        top, worst = max(s for s, _ in scored), min(s for s, _ in scored)
-        needs = [margin if src == "teacher" else student_margin for s, src in scored if s == top]
-        if top >= lo + positive_min * (hi - lo) and top - worst >= min(needs):
-            keep.append(i)
-    return keep
-
-
 def test_dno_through_the_loop(tmp_path):
     doc = common(tmp_path, "dno")
     doc["method"] = {"name": "dno", "iterations": 2, "beta": 0.1,
@@ -210,6 +197,8 @@ def test_dno_through_the_loop(tmp_path):
     own = {}
     for t in (1, 2):
         it = run / f"iter_{t:03d}"
+        dno = METHODS.get("dno")
+        ctx = IterationContext(cfg, t, [], judge_scale=(1.0, 5.0))
         prompts = read(it / "generate" / "prompts.jsonl")
         assert len(prompts) == 16 and all(p["response"] for p in prompts)   # each with its teacher answer
         samples = {r["id"]: r for r in read(it / "generate" / "samples.jsonl")}
@@ -223,11 +212,14 @@ def test_dno_through_the_loop(tmp_path):
             # automatic negatives are not judged and score the bottom of the scale
             for raw, s in zip(r["raw"], r["scores"]):
                 assert raw or s == 1.0
-            groups.append((r["scores"], ["policy"] * 3 + ["teacher"]))
+            example = Example(p["id"], tuple(p["messages"]), p["response"])
+            texts = [x["text"] for x in samples[p["id"]]["samples"]]
+            groups.append(Group(example, dno.candidates(ctx, example, texts), r["scores"]))
         pairs = read(it / "pairs" / "pairs.jsonl")
         o = cfg.options
-        keep = _dno_pairs_by_rule(groups, 1.0, 5.0, o.positive_min, o.margin, o.student_margin)
-        assert [p["id"] for p in pairs] == [prompts[i]["id"] for i in keep]
+        # the stored pairs are the method's (hand-checked in test_methods) of the judged candidates
+        expected, _ = dno.build_pairs(ctx, groups)
+        assert pairs == json.loads(json.dumps(expected)) and pairs
         for p in pairs:
             need = o.margin if p["chosen_source"] == "teacher" else o.student_margin
             assert p["score_chosen"] >= 4.0 and p["score_chosen"] - p["score_rejected"] >= need
