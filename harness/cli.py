@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from harness import console
-from harness.fmt import duration
+from harness.fmt import short_path
 from harness.schema import ConfigError
 
 
@@ -61,7 +61,7 @@ def _existing_run(cfg) -> list[str]:
     if not conflicts:
         more = (f"; continues to iteration {cfg.method.iterations}" if cfg.method.iterations > last
                 else "; nothing left to compute" if cfg.method.iterations == last else "")
-        print(f"  {_short_path(cfg.run_dir)}: finished up to iteration {last}{more}")
+        print(f"  {short_path(cfg.run_dir)}: finished up to iteration {last}{more}")
     return conflicts
 
 
@@ -69,7 +69,7 @@ def _existing_conflicts(cfg) -> list[str]:
     """The finished stages of ``cfg``'s run directory that this config would refuse, as lines."""
     from harness.reuse import finished_conflicts
 
-    return [f"{_short_path(cfg.run_dir)}: {c}: the run would stop there (revert the change, or --fresh for a "
+    return [f"{short_path(cfg.run_dir)}: {c}: the run would stop there (revert the change, or --fresh for a "
             "new run directory)" for c in finished_conflicts(cfg)]
 
 
@@ -119,7 +119,9 @@ def _run(args) -> int:
             if refused:
                 return 1
         if args.jobs > 1 and len(cfgs) > 1:
-            return _run_parallel(args, cfgs)
+            from harness.launch import run_parallel
+
+            return run_parallel(cfgs, jobs=args.jobs, fresh=args.fresh)
         return _run_checked(args, cfgs)
 
 
@@ -131,67 +133,6 @@ def _seed_list(text: str) -> tuple[int, ...]:
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
     return seeds
-
-
-def _run_parallel(args, cfgs: list) -> int:
-    """``--jobs N``: the runs (experiments x seeds) as N processes at a time, each a plain
-    ``harness run`` of one experiment and seed (so each stays resumable on its own). On a
-    machine with several GPUs each process sees one (CUDA_VISIBLE_DEVICES); its output goes to
-    its run's harness.log, and this process prints one line per run, then the leaderboard."""
-    import queue
-    import subprocess
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from harness.report import combined_board
-
-    gpus = _gpu_count()
-    slots: queue.Queue = queue.Queue()
-    for i in range(args.jobs):
-        slots.put(i % gpus if gpus > 1 else None)
-
-    def one(cfg):
-        slot = slots.get()
-        env = dict(os.environ)
-        if slot is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        cmd = [sys.executable, "-m", "harness.cli", "run", "-q", cfg.source, *(["--fresh"] if args.fresh else []),
-               *(["--seeds", str(cfg.experiment.seed)] if cfg.experiment.seeds else [])]
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        finally:
-            slots.put(slot)
-        return cfg, proc, time.perf_counter() - t0
-
-    console.info(f"{console.plural(len(cfgs), 'run')}, {args.jobs} at a time"
-                 + (f", one GPU each of {gpus}" if gpus > 1 else ""))
-    failed = 0
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for cfg, proc, seconds in pool.map(one, cfgs):
-            name = f"{cfg.experiment.name}" + (f" seed {cfg.experiment.seed}" if cfg.experiment.seeds else "")
-            if proc.returncode == 0:
-                console.info(f"{name}: done in {duration(seconds)} ({_short_path(cfg.run_dir)})")
-            else:
-                failed += 1
-                errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")] or proc.stderr.splitlines()[-1:]
-                console.error(f"{name}: failed (exit {proc.returncode}): " + " / ".join(errors))
-    done = [cfg.run_dir for cfg in cfgs if (cfg.run_dir / "results.jsonl").exists()]
-    if done:
-        table, written, _ = combined_board(done, width=console.width())
-        console.data(table)
-        if written:
-            console.info(f"leaderboard: {', '.join(_short_path(p) for p in written)}")
-    return 1 if failed else 0
-
-
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001  (no usable CUDA: CPU runs)
-        return 0
 
 
 def _run_checked(args, cfgs: list) -> int:
@@ -218,14 +159,14 @@ def _run_checked(args, cfgs: list) -> int:
             if cfg.experiment.seeds and cfg.source in first_seed and not args.fresh:
                 shared = adopt_iteration0(first_seed[cfg.source], cfg)
                 if shared:
-                    console.info(f"iteration 0 ({', '.join(shared)}) shared with {_short_path(first_seed[cfg.source])}: "
+                    console.info(f"iteration 0 ({', '.join(shared)}) shared with {short_path(first_seed[cfg.source])}: "
                                  "none of its stages read the seed")
             run_dir, rows = run_experiment(cfg, fresh=args.fresh)
             first_seed.setdefault(cfg.source, run_dir)
             with console.stage("", "tables") as line:
                 table, written, left_out = run_board(run_dir, f"{cfg.experiment.name} ({cfg.method.name})",
                                                      width=console.width())
-                line.done(f"{len(written)} files in {_short_path(run_dir)}/")
+                line.done(f"{len(written)} files in {short_path(run_dir)}/")
         except known as e:
             # finished stages stay on disk; the failing stage is left unfinished for the next attempt
             where = console.failed_stage()
@@ -242,7 +183,7 @@ def _run_checked(args, cfgs: list) -> int:
         if not quiet:
             console.data(table)
         console.info(cost_summary(rows) or "cost: not recorded")
-        console.info(f"results: {_short_path(run_dir)}/ (results.csv, results.md, results.html, "
+        console.info(f"results: {short_path(run_dir)}/ (results.csv, results.md, results.html, "
                      f"{', '.join(p.name for p in written if p.suffix == '.png') or 'no plots'}, harness.log)")
         if left_out:
             console.info(f"  not shown to fit {console.width()} columns: {', '.join(left_out)} (see results.csv)")
@@ -255,20 +196,12 @@ def _run_checked(args, cfgs: list) -> int:
             console.data("")
         console.data(table)
         if written:
-            console.info(f"leaderboard: {', '.join(_short_path(p) for p in written)}")
+            console.info(f"leaderboard: {', '.join(short_path(p) for p in written)}")
     elif quiet and run_dirs:
         console.data(table)
     if run_dirs:
-        console.info(f"full table: harness table {' '.join(_short_path(d) for d in run_dirs)} --format html --out FILE")
+        console.info(f"full table: harness table {' '.join(short_path(d) for d in run_dirs)} --format html --out FILE")
     return 0
-
-
-def _short_path(p: Path) -> str:
-    """A path relative to the working directory when it is below it."""
-    try:
-        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
 
 
 def _crash(cfg, e: BaseException) -> int:
@@ -280,7 +213,7 @@ def _crash(cfg, e: BaseException) -> int:
     first = next((x.strip() for x in str(e).splitlines() if x.strip()), "")
     log_file = console.log_path()
     console.error(f"{name}, {where}: {type(e).__name__}{f': {first}' if first else ''}"
-                  + (f" (traceback in {_short_path(log_file)})" if log_file else ""))
+                  + (f" (traceback in {short_path(log_file)})" if log_file else ""))
     return 1
 
 

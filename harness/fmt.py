@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any
 
 
@@ -76,3 +77,11 @@ def cut(text: str, cols: int) -> str:
 def plural(n: int, word: str) -> str:
     """``plural(1, "iteration")`` -> "1 iteration"; ``plural(3, "iteration")`` -> "3 iterations"."""
     return f"{n} {word}{'s' * (n != 1)}"
+
+
+def short_path(p) -> str:
+    """A path relative to the working directory when it is below it, else as given."""
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)

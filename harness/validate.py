@@ -15,11 +15,8 @@ not read (building it is compute), only their names are checked.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import Config, JudgeSection, judge_sections
@@ -34,26 +31,13 @@ from harness.methods import METHODS
 from harness.metrics import ALPACA_EVAL, INDICATORS, produced_by
 from harness.schema import FieldError
 from harness.selection import metric_names as validation_metric_names
-from harness.sources import ModelSource, SourceError, converted, is_built, is_tiny_ref, locate, resolve_ref, tiny_problem
+from harness.sources import is_built, is_tiny_ref, resolve_ref, tiny_problem
 from harness.train import optimizer_steps
+from harness.validate_model import _device, _model
+from harness.validate_report import HUB_DATASET, HUB_MODEL, Report, hub_off, hub_ok
 
 MIN_STEPS = 4  # fewer optimizer steps per iteration than this gets a warning
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-
-
-@dataclass
-class Report:
-    errors: list[FieldError] = field(default_factory=list)
-    warnings: list[FieldError] = field(default_factory=list)
-    unmet: set[str] = field(default_factory=set)   # declared requirements this machine lacks
-
-    def environment(self, cfg: Config, need: str, error: FieldError) -> None:
-        """A problem of this machine: an error, unless the experiment declares that it
-        needs ``need`` (then it is an unmet requirement, reported as not checked)."""
-        if need in cfg.experiment.requires:
-            self.unmet.add(need)
-        else:
-            self.errors.append(error)
 
 
 def check(cfg: Config, *, check_endpoints: bool = False) -> Report:
@@ -160,7 +144,7 @@ def _data(cfg: Config, r: Report) -> list | None:
         r.errors.append(FieldError("data.train", f"file not found: {ref}"))
         return None
     elif not Path(ref).expanduser().exists():  # a hub dataset id: it loads at run time
-        _hub_off(cfg, r, "data.train", ref, *_HUB_DATASET)
+        hub_off(cfg, r, "data.train", ref, *HUB_DATASET)
         return None
     try:
         return load_examples(cfg.data, seed=cfg.experiment.seed)
@@ -182,7 +166,7 @@ def _files(cfg: Config, r: Report) -> None:
         readable(cfg.model.chat_template, "model.chat_template", r)
     ae = cfg.eval.alpaca_eval
     if ae.instructions == HUB_SET:
-        _hub_off(cfg, r, "eval.alpaca_eval.instructions", HUB_SET, "is read from the hub",
+        hub_off(cfg, r, "eval.alpaca_eval.instructions", HUB_SET, "is read from the hub",
                  "give a local AlpacaEval-format file")
     elif ae.instructions and readable(ae.instructions, "eval.alpaca_eval.instructions", r) is not None:
         _loads(r, "eval.alpaca_eval.instructions", ae.instructions, ("instruction", "output"),
@@ -234,142 +218,6 @@ def _paths(cfg: Config, r: Report) -> None:
         r.errors.append(FieldError("experiment.output_dir", f"{probe} is not writable"))
 
 
-def _device(cfg: Config, r: Report) -> None:
-    import torch
-
-    if cfg.model.device == "cuda" and not torch.cuda.is_available():
-        r.environment(cfg, "gpu", FieldError("model.device", (
-            "\"cuda\" but no CUDA device is available here (torch was built without CUDA or no GPU is visible); "
-            "use \"auto\" or \"cpu\", or declare experiment.requires = [\"gpu\"]")))
-    if cfg.model.quantization != "none":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            r.errors.append(FieldError("model.quantization", f"{cfg.model.quantization} needs bitsandbytes, "
-                                                             "which is not installed"))
-        elif not _bnb_supports(cfg.model.device):
-            r.errors.append(FieldError("model.quantization", (
-                f"bitsandbytes cannot run {cfg.model.quantization} on this platform "
-                f"({os.uname().machine}, device {cfg.model.device})")))
-
-
-def _bnb_supports(device: str) -> bool:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return True
-    # bitsandbytes' CPU backend exists for x86-64 and aarch64 Linux
-    return os.uname().sysname == "Linux" and os.uname().machine in ("x86_64", "aarch64")
-
-
-def _model(cfg: Config, r: Report) -> None:
-    try:
-        src = locate(cfg.model.base, cfg.model.gguf_file)
-    except SourceError as e:
-        r.errors.append(FieldError("model.base", str(e)))
-        return
-    if src.kind == "hub" and not _hub_ok(src.ref, cfg.model.revision):
-        _hub_off(cfg, r, "model.base", src.ref, *_HUB_MODEL)
-        return
-    config = _model_config(src, cfg.model.revision, cfg.model.trust_remote_code)
-    if config is None:
-        return
-    if not cfg.model.chat_template and not _has_chat_template(src):
-        r.errors.append(FieldError("model.chat_template", (
-            f"the tokenizer of {src.ref!r} has no chat template; set model.chat_template to a Jinja file")))
-    elif cfg.data.system_prompt:
-        _system_role(cfg, src, r)
-    names = _module_names(config)
-    for i, target in enumerate(cfg.lora.target_modules):
-        if not any(n == target or n.endswith("." + target) for n in names):
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
-            from harness.schema import closest
-
-            hint = closest(target, leaves)
-            r.errors.append(FieldError(f"lora.target_modules[{i}]", (
-                f"{target!r} matches no module of {src.ref}"
-                + (f"; did you mean {hint!r}?" if hint else "") + f" (modules: {', '.join(leaves)})")))
-
-
-# (why the reference needs the hub, what to do instead) for _hub_off
-_HUB_DATASET = ("is not a local file, so it is read as a hub dataset id", "give a local file")
-_HUB_MODEL = ("is a hub id with no cached copy",
-              "set HARNESS_ONLINE=1 on a machine with network access, use a local directory")
-
-
-def _hub_off(cfg: Config, r: Report, where: str, ref: str, why: str, instead: str) -> None:
-    """A reference that needs the hub ("'<ref>' <why>") while the hub is off (HARNESS_ONLINE is
-    not 1): an error saying what to do ``instead``, or an unmet "hub" requirement when the
-    experiment declares one. Nothing while the hub is on."""
-    if os.environ.get("HARNESS_ONLINE") != "1":
-        r.environment(cfg, "hub", FieldError(where, (
-            f"{ref!r} {why}, and the hub is off (HARNESS_ONLINE is not 1); {instead}, "
-            "or declare experiment.requires = [\"hub\"]")))
-
-
-def _hub_ok(repo: str, revision: str) -> bool:
-    if os.environ.get("HARNESS_ONLINE") == "1":
-        return True
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str)
-
-
-def _model_config(src: ModelSource, revision: str, trust_remote_code: bool):
-    """The model's transformers config, read without weights (None: not available yet)."""
-    from transformers import AutoConfig, LlamaConfig
-
-    if src.kind == "tiny":  # the tiny model is a Llama
-        return AutoConfig.from_pretrained(resolve_ref("tiny")) if is_built("tiny") else LlamaConfig()
-    if src.kind in ("builtin", "gguf"):
-        done = converted(src)  # reading the GGUF header takes seconds; the converted copy's config does not
-        return AutoConfig.from_pretrained(str(done)) if done else AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
-    return AutoConfig.from_pretrained(src.path, revision=revision, trust_remote_code=trust_remote_code)
-
-
-def _module_names(config) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return [n for n, _ in model.named_modules()]
-
-
-def _system_role(cfg: Config, src: ModelSource, r: Report) -> None:
-    """data.system_prompt puts a system message before every prompt; some chat templates
-    have no system role and raise on one (Gemma-2's), which would end the run at its first
-    generation. Render a system + user probe with the template the run will use (a local or
-    built tiny model's tokenizer; the others are not read here)."""
-    if src.kind not in ("local", "tiny") or (src.kind == "tiny" and not is_built("tiny")):
-        return
-    if cfg.model.chat_template and not Path(resolve_ref(cfg.model.chat_template)).is_file():
-        return  # reported as model.chat_template already
-    from harness.models import load_tokenizer
-
-    probe = [{"role": "system", "content": cfg.data.system_prompt}, {"role": "user", "content": "Hi"}]
-    try:
-        tok = load_tokenizer(resolve_ref("tiny") if src.kind == "tiny" else src.path, cfg.model.revision,
-                             cfg.model.chat_template, cfg.model.trust_remote_code)
-        tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # noqa: BLE001 - a template raises whatever its author wrote
-        which = f"model.chat_template ({cfg.model.chat_template})" if cfg.model.chat_template else \
-            f"the chat template of {src.ref!r}"
-        r.errors.append(FieldError("data.system_prompt", (
-            f"{which} cannot render a system message ({type(e).__name__}: {e}); clear data.system_prompt or set "
-            "model.chat_template to a template with a system role")))
-
-
-def _has_chat_template(src: ModelSource) -> bool:
-    if src.kind in ("builtin", "gguf"):
-        return True  # read from the GGUF metadata (a missing one fails at load with the same message)
-    if src.kind == "hub" or (src.kind == "tiny" and not is_built("tiny")):
-        return True
-    path = Path(resolve_ref("tiny") if src.kind == "tiny" else src.path)
-    if (path / "chat_template.jinja").is_file():
-        return True
-    tc = path / "tokenizer_config.json"
-    return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
-
-
 # ---- evaluation and judges ----------------------------------------------------------
 
 def _evaluation(cfg: Config, r: Report) -> set[str] | None:
@@ -412,7 +260,7 @@ def _validation(cfg: Config, r: Report) -> set[str] | None:
         local = is_tiny_ref(v.prompts) or Path(v.prompts).suffix in (".jsonl", ".json", ".parquet") \
             or v.prompts.startswith(("/", ".", "~")) or Path(v.prompts).expanduser().exists()
         if not local:  # a hub dataset id: it loads at run time
-            _hub_off(cfg, r, "eval.validation.prompts", v.prompts, *_HUB_DATASET)
+            hub_off(cfg, r, "eval.validation.prompts", v.prompts, *HUB_DATASET)
         elif readable(v.prompts, "eval.validation.prompts", r) is not None:
             r.errors += rows_problems(v.prompts, "eval.validation.prompts", ("prompt",)) \
                 or file_problems(v.prompts, "eval.validation.prompts", ("prompt",))[1]
@@ -436,8 +284,8 @@ def _builtin_task_metric(metric: str, produced: set[str]) -> bool:
 def _judge(cfg: Config, where: str, judge: JudgeSection, r: Report, check_endpoints: bool) -> None:
     """The judge kind's pre-flight checks (``JudgeKind.preflight``) into the report."""
     def hub_model(path: str, repo: str, revision: str) -> None:
-        if not _hub_ok(repo, revision):
-            _hub_off(cfg, r, path, repo, *_HUB_MODEL)
+        if not hub_ok(repo, revision):
+            hub_off(cfg, r, path, repo, *HUB_MODEL)
 
     checks = Checks(check_endpoints, readable=lambda ref, path: readable(ref, path, r), hub_model=hub_model)
     kind = JUDGES.get(judge.name)

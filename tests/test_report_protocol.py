@@ -262,7 +262,7 @@ def test_tiny_world_evaluation_and_imported_systems(tiny, tmp_path):  # noqa: F8
 
 def test_published_protocol_defaults_when_the_file_does_not_say(tmp_path):
     require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
-    from harness.evaluate.alpaca import write_published_run
+    from harness.evaluate.published import write_published_run
 
     ann = json.loads((AE_DATA / "alpaca-7b.weighted_alpaca_eval_gpt4_turbo.annotations.json").read_text())
     bare = tmp_path / "bare.json"

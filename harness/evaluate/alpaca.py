@@ -42,28 +42,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from harness.config import AlpacaEvalSection
 from harness.data import with_system
 from harness.evaluate.annotators import (HUB_SET, RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint,
-                                         quiet, resolve_protocol)
+                                         resolve_protocol)
 from harness.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
 from harness.judges.base import Judge, JudgeItem, compare, preference
 from harness.judges.parsing import is_error
 from harness.judging import JudgeTransportError
 from harness.sources import resolve_ref
-from harness.store import JsonlLog, atomic_write_json, write_jsonl
+from harness.store import JsonlLog, atomic_write_json
 
-AE_SET_SIZE = 805  # the AlpacaEval instruction set; the LC model's difficulty table is indexed by position
-METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate")
+from .alpaca_metrics import AE_SET_SIZE, LC_FILE, LC_REPO, METRICS, compute_metrics  # noqa: F401  (re-exported)
 
-LC_REPO, LC_FILE = "tatsu-lab/alpaca_eval", "df_gamed.csv"  # what alpaca_eval's LC model reads (baseline None)
 # HUB_SET = "alpaca_eval": AlpacaEval 2.0 from the hub, 805 instructions, GPT-4 Turbo references
 
 
@@ -289,93 +286,6 @@ def protocol_record(section: AlpacaEvalSection, annotations: Sequence[dict], met
             "alpaca_eval_version": version("alpaca-eval") if _installed("alpaca-eval") else None}
 
 
-def _plain(v: Any) -> float | int | None:
-    """numpy scalars -> Python; NaN -> None (no number is better than a made-up one)."""
-    if v is None:
-        return None
-    v = v.item() if hasattr(v, "item") else v
-    return None if isinstance(v, float) and math.isnan(v) else v
-
-
-def lc_data(n_instructions: int) -> tuple[dict | None, str | None]:
-    """(the df_gamed.csv that alpaca_eval's length-controlled model reads: its path, hub
-    revision and sha256; None) when the LC win rate can be computed here, else (None, why
-    not). The file is downloaded when the hub is allowed (HARNESS_ONLINE=1) and read from
-    the local Hugging Face cache otherwise."""
-    from huggingface_hub import hf_hub_download
-
-    if n_instructions != AE_SET_SIZE:
-        return None, f"needs the {AE_SET_SIZE} AlpacaEval instructions in their order (got {n_instructions})"
-    online = os.environ.get("HARNESS_ONLINE") == "1"
-    try:
-        with _hub_mode(online):
-            path = Path(hf_hub_download(LC_REPO, LC_FILE, repo_type="dataset", local_files_only=not online))
-    except Exception as e:  # not cached, no network, no such file
-        where = "could not be downloaded" if online else \
-            "is not in the local Hugging Face cache and the hub is off (HARNESS_ONLINE is not 1)"
-        return None, f"alpaca_eval's {LC_FILE} (hub dataset {LC_REPO}) {where}: {type(e).__name__}"
-    return {"repo": LC_REPO, "file": LC_FILE, "revision": path.parent.name, "path": str(path),
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}, None
-
-
-def lc_unavailable_reason(n_instructions: int) -> str | None:
-    """None when alpaca_eval's length-controlled model can run here."""
-    return lc_data(n_instructions)[1]
-
-
-class _hub_mode:
-    """huggingface_hub offline while the hub is off, so that alpaca_eval's own download of
-    df_gamed.csv reads the cache and never tries the network."""
-
-    def __init__(self, online: bool):
-        self.online = online
-
-    def __enter__(self):
-        import huggingface_hub.constants as c
-
-        self.saved = c.HF_HUB_OFFLINE
-        if not self.online:
-            c.HF_HUB_OFFLINE = True
-
-    def __exit__(self, *exc):
-        import huggingface_hub.constants as c
-
-        c.HF_HUB_OFFLINE = self.saved
-
-
-def compute_metrics(annotations: Sequence[dict] | Any, model_outputs: Sequence[str],
-                    n_instructions: int) -> tuple[dict[str, float | int | None], dict]:
-    """Flat ``alpaca_eval/*`` metrics from AlpacaEval-format annotations, via alpaca_eval."""
-    import pandas as pd
-    from alpaca_eval.metrics import get_length_controlled_winrate, get_winrate
-
-    df = pd.DataFrame.from_records(list(annotations)) if not isinstance(annotations, pd.DataFrame) \
-        else annotations.reset_index(drop=True)
-    df["preference"] = pd.to_numeric(df["preference"], errors="coerce")  # null -> NaN, dropped by alpaca_eval
-    info: dict[str, Any] = {}
-    n_valid = int(df["preference"].notna().sum())
-    with quiet():
-        raw = get_winrate(df) if n_valid else {}
-    out: dict[str, float | int | None] = {f"alpaca_eval/{k}": _plain(raw.get(k)) for k in METRICS}
-    out["alpaca_eval/n_total"] = n_valid if not raw else _plain(raw["n_total"])
-    # as alpaca_eval.main.evaluate: int(model_outputs["output"].str.len().mean())
-    lengths = pd.Series(list(model_outputs), dtype=object)
-    out["alpaca_eval/avg_length"] = int(lengths.str.len().mean()) if len(lengths) else None
-    data, reason = lc_data(n_instructions)
-    reason = reason or (None if n_valid else "no annotations")
-    if reason is None:
-        with _hub_mode(os.environ.get("HARNESS_ONLINE") == "1"), quiet():
-            lc = get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
-        out["alpaca_eval/length_controlled_winrate"] = _plain(lc["length_controlled_winrate"])
-        info["length_controlled_data"] = data
-    else:
-        out["alpaca_eval/length_controlled_winrate"] = None
-        info["length_controlled_winrate"] = f"unavailable: {reason}"
-    out["alpaca_eval/n_instructions"] = n_instructions
-    out["alpaca_eval/coverage"] = out["alpaca_eval/n_total"] / n_instructions if n_instructions else None
-    return out, info
-
-
 def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge | None, out_dir: Path, *,
                     seed_key: tuple, generator: str, max_new_tokens: int, batch_size: int,
                     system_prompt: str = "", reference: dict[str, str] | None = None,
@@ -436,81 +346,9 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge |
 
 # --- published systems ----------------------------------------------------------------------
 
-def import_published(model_outputs: Path, annotations: Path, name: str) -> dict[str, float | int | None]:
-    """Flat metrics of a published system from its AlpacaEval output and annotation files,
-    read with alpaca_eval's own loader as its ``evaluate`` would."""
-    return _import(model_outputs, annotations, name)[0]
-
-
-def _import(model_outputs: Path, annotations: Path, name: str) -> tuple[dict, dict]:
-    from alpaca_eval.utils import load_or_convert_to_dataframe
-
-    outs = load_or_convert_to_dataframe(Path(model_outputs))
-    ann = load_or_convert_to_dataframe(Path(annotations))
-    for col, df, where in (("output", outs, model_outputs), ("preference", ann, annotations)):
-        if col not in df.columns:
-            raise ValueError(f"{where}: no {col!r} field; is it an AlpacaEval {'outputs' if col == 'output' else 'annotations'} file?")
-    # a file holding several systems: keep the one named (generator_2 is the model side)
-    if "generator_2" in ann.columns and ann["generator_2"].nunique() > 1:
-        ann = ann[ann["generator_2"] == name]
-        outs = outs[outs["generator"] == name] if "generator" in outs.columns else outs
-        if ann.empty:
-            raise ValueError(f"{annotations}: no annotations with generator_2 == {name!r}")
-    return compute_metrics(ann, list(outs["output"]), len(ann))
-
-
 def _installed(package: str) -> bool:
     try:
         version(package)
         return True
     except Exception:  # PackageNotFoundError: e.g. the harness run from a source checkout
         return False
-
-
-def _file_record(path: Path) -> dict:
-    return {"path": str(Path(path).resolve()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-
-
-def write_published_run(dest_dir: Path, name: str, model_outputs: Path, annotations: Path) -> Path:
-    """A run-like directory whose results.jsonl holds one row for a published system,
-    so tables show it beside the iterations of our runs. Returns the results.jsonl path.
-
-    The row's ``protocol`` record (as ``protocol_record``'s) is read from the annotations
-    file: its ``annotator`` field and ``generator_1`` (whose answers are the reference).
-    Where the file lacks them, AlpacaEval 2.0's: annotator weighted_alpaca_eval_gpt4_turbo
-    against gpt4_1106_preview (GPT-4 Turbo) references; the instruction set is always
-    AlpacaEval's ("alpaca_eval"), and the judge model is the one the annotator's shipped
-    config names (None when alpaca_eval does not ship that annotator)."""
-    from harness.annotator_configs import AE2, config_path, load_config
-
-    dest_dir = Path(dest_dir)
-    metrics, notes = _import(model_outputs, annotations, name)
-    records = [r for r in json.loads(Path(annotations).read_text(encoding="utf-8")) if isinstance(r, dict)]
-    if len({r.get("generator_2") for r in records}) > 1:  # a file of several systems: this one's
-        records = [r for r in records if r.get("generator_2") == name]
-    found = {f: sorted({str(r[f]) for r in records if r.get(f) is not None}) for f in ("annotator", "generator_1")}
-    who = "+".join(found["annotator"]) or AE2
-    try:
-        models = sorted({str((c.get("completions_kwargs") or {}).get("model_name"))
-                         for c in load_config(config_path(who)).values()})
-    except (ValueError, ModuleNotFoundError, OSError):  # not an annotator alpaca_eval ships here
-        models = []
-    lc = notes.get("length_controlled_data")
-    protocol = {"annotator": who, "judge_model": models[0] if len(models) == 1 else None, "config_model_name": models,
-                "template_hash": None, "endpoint_kind": "published annotations",
-                "reference": {"instructions": HUB_SET, "reference": "instructions",
-                              "generator": found["generator_1"] or ["gpt4_1106_preview"]},
-                "n": metrics["alpaca_eval/n_total"], "n_instructions": metrics["alpaca_eval/n_instructions"],
-                "coverage": metrics["alpaca_eval/coverage"],
-                "length_controlled": {"status": "computed", "df_gamed": {k: lc[k] for k in ("repo", "revision", "sha256")}}
-                if lc else {"status": "unavailable", "reason": notes.get("length_controlled_winrate", "")},
-                "from_annotations_file": [f for f in ("annotator", "generator_1") if found[f]]}
-    row = {"experiment": name, "method": "published", "iteration": 0, "metrics": metrics,
-           "protocol": {"alpaca_eval": protocol},
-           "provenance": {"notes": notes, "imported_from": {"model_outputs": _file_record(model_outputs),
-                                            "annotations": _file_record(annotations)},
-                          "versions": {p: version(p) for p in ("alpaca-eval", "pandas", "selfimprove-harness")
-                                       if _installed(p)},
-                          "seed": None, "config_hash": None}}
-    write_jsonl(dest_dir / "results.jsonl", [row])
-    return dest_dir / "results.jsonl"

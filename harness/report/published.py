@@ -79,7 +79,7 @@ def import_published(dest: Path | str, name: str, outputs: Path | str, annotatio
                              "choose another --name or --dest")
     _check_file(Path(outputs), "output", "model outputs")
     _check_file(Path(annotations), "preference", "annotations")
-    from harness.evaluate.alpaca import write_published_run
+    from harness.evaluate.published import write_published_run
 
     try:
         return write_published_run(target, name, Path(outputs), Path(annotations))

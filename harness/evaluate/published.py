@@ -1,0 +1,87 @@
+"""Published AlpacaEval systems as leaderboard rows: their output and annotation files read
+with alpaca_eval's own loader and metric functions, with the protocol their annotations record.
+
+``harness import-alpaca-eval`` (``harness.report.published``) writes them; this module holds no
+generation or judging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+from harness.annotator_configs import AE2, HUB_SET, config_path, load_config
+from harness.evaluate.alpaca import _installed, compute_metrics
+from harness.store import write_jsonl
+
+
+def import_published(model_outputs: Path, annotations: Path, name: str) -> dict[str, float | int | None]:
+    """Flat metrics of a published system from its AlpacaEval output and annotation files,
+    read with alpaca_eval's own loader as its ``evaluate`` would."""
+    return _import(model_outputs, annotations, name)[0]
+
+
+def _import(model_outputs: Path, annotations: Path, name: str) -> tuple[dict, dict]:
+    from alpaca_eval.utils import load_or_convert_to_dataframe
+
+    outs = load_or_convert_to_dataframe(Path(model_outputs))
+    ann = load_or_convert_to_dataframe(Path(annotations))
+    for col, df, where in (("output", outs, model_outputs), ("preference", ann, annotations)):
+        if col not in df.columns:
+            raise ValueError(f"{where}: no {col!r} field; is it an AlpacaEval {'outputs' if col == 'output' else 'annotations'} file?")
+    # a file holding several systems: keep the one named (generator_2 is the model side)
+    if "generator_2" in ann.columns and ann["generator_2"].nunique() > 1:
+        ann = ann[ann["generator_2"] == name]
+        outs = outs[outs["generator"] == name] if "generator" in outs.columns else outs
+        if ann.empty:
+            raise ValueError(f"{annotations}: no annotations with generator_2 == {name!r}")
+    return compute_metrics(ann, list(outs["output"]), len(ann))
+
+
+def _file_record(path: Path) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def write_published_run(dest_dir: Path, name: str, model_outputs: Path, annotations: Path) -> Path:
+    """A run-like directory whose results.jsonl holds one row for a published system,
+    so tables show it beside the iterations of our runs. Returns the results.jsonl path.
+
+    The row's ``protocol`` record (as ``protocol_record``'s) is read from the annotations
+    file: its ``annotator`` field and ``generator_1`` (whose answers are the reference).
+    Where the file lacks them, AlpacaEval 2.0's: annotator weighted_alpaca_eval_gpt4_turbo
+    against gpt4_1106_preview (GPT-4 Turbo) references; the instruction set is always
+    AlpacaEval's ("alpaca_eval"), and the judge model is the one the annotator's shipped
+    config names (None when alpaca_eval does not ship that annotator)."""
+    dest_dir = Path(dest_dir)
+    metrics, notes = _import(model_outputs, annotations, name)
+    records = [r for r in json.loads(Path(annotations).read_text(encoding="utf-8")) if isinstance(r, dict)]
+    if len({r.get("generator_2") for r in records}) > 1:  # a file of several systems: this one's
+        records = [r for r in records if r.get("generator_2") == name]
+    found = {f: sorted({str(r[f]) for r in records if r.get(f) is not None}) for f in ("annotator", "generator_1")}
+    who = "+".join(found["annotator"]) or AE2
+    try:
+        models = sorted({str((c.get("completions_kwargs") or {}).get("model_name"))
+                         for c in load_config(config_path(who)).values()})
+    except (ValueError, ModuleNotFoundError, OSError):  # not an annotator alpaca_eval ships here
+        models = []
+    lc = notes.get("length_controlled_data")
+    protocol = {"annotator": who, "judge_model": models[0] if len(models) == 1 else None, "config_model_name": models,
+                "template_hash": None, "endpoint_kind": "published annotations",
+                "reference": {"instructions": HUB_SET, "reference": "instructions",
+                              "generator": found["generator_1"] or ["gpt4_1106_preview"]},
+                "n": metrics["alpaca_eval/n_total"], "n_instructions": metrics["alpaca_eval/n_instructions"],
+                "coverage": metrics["alpaca_eval/coverage"],
+                "length_controlled": {"status": "computed", "df_gamed": {k: lc[k] for k in ("repo", "revision", "sha256")}}
+                if lc else {"status": "unavailable", "reason": notes.get("length_controlled_winrate", "")},
+                "from_annotations_file": [f for f in ("annotator", "generator_1") if found[f]]}
+    row = {"experiment": name, "method": "published", "iteration": 0, "metrics": metrics,
+           "protocol": {"alpaca_eval": protocol},
+           "provenance": {"notes": notes, "imported_from": {"model_outputs": _file_record(model_outputs),
+                                            "annotations": _file_record(annotations)},
+                          "versions": {p: version(p) for p in ("alpaca-eval", "pandas", "selfimprove-harness")
+                                       if _installed(p)},
+                          "seed": None, "config_hash": None}}
+    write_jsonl(dest_dir / "results.jsonl", [row])
+    return dest_dir / "results.jsonl"

@@ -1,0 +1,74 @@
+"""Several runs at once: ``harness run --jobs N`` as N ``harness run`` processes at a time.
+
+Each process runs one experiment and seed, so each stays resumable on its own; on a machine with
+several GPUs each sees one (``CUDA_VISIBLE_DEVICES``). The standard library's executor over
+subprocesses is all the scheduling this needs (no scheduler of our own; for a SLURM cluster,
+submit one ``harness run FILE --seeds k`` per job).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from harness import console
+from harness.fmt import duration, short_path
+from harness.report import combined_board
+
+
+def run_parallel(cfgs: list, *, jobs: int, fresh: bool) -> int:
+    """``--jobs N``: the runs (experiments x seeds) as N processes at a time, each a plain
+    ``harness run`` of one experiment and seed (so each stays resumable on its own). On a
+    machine with several GPUs each process sees one (CUDA_VISIBLE_DEVICES); its output goes to
+    its run's harness.log, and this process prints one line per run, then the leaderboard."""
+    gpus = _gpu_count()
+    slots: queue.Queue = queue.Queue()
+    for i in range(jobs):
+        slots.put(i % gpus if gpus > 1 else None)
+
+    def one(cfg):
+        slot = slots.get()
+        env = dict(os.environ)
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot)
+        cmd = [sys.executable, "-m", "harness.cli", "run", "-q", cfg.source, *(["--fresh"] if fresh else []),
+               *(["--seeds", str(cfg.experiment.seed)] if cfg.experiment.seeds else [])]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        finally:
+            slots.put(slot)
+        return cfg, proc, time.perf_counter() - t0
+
+    console.info(f"{console.plural(len(cfgs), 'run')}, {jobs} at a time"
+                 + (f", one GPU each of {gpus}" if gpus > 1 else ""))
+    failed = 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for cfg, proc, seconds in pool.map(one, cfgs):
+            name = f"{cfg.experiment.name}" + (f" seed {cfg.experiment.seed}" if cfg.experiment.seeds else "")
+            if proc.returncode == 0:
+                console.info(f"{name}: done in {duration(seconds)} ({short_path(cfg.run_dir)})")
+            else:
+                failed += 1
+                errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")] or proc.stderr.splitlines()[-1:]
+                console.error(f"{name}: failed (exit {proc.returncode}): " + " / ".join(errors))
+    done = [cfg.run_dir for cfg in cfgs if (cfg.run_dir / "results.jsonl").exists()]
+    if done:
+        table, written, _ = combined_board(done, width=console.width())
+        console.data(table)
+        if written:
+            console.info(f"leaderboard: {', '.join(short_path(p) for p in written)}")
+    return 1 if failed else 0
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001  (no usable CUDA: CPU runs)
+        return 0
