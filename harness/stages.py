@@ -16,7 +16,9 @@ from pathlib import Path
 from harness import store
 from harness.config import Config
 from harness.data import Example
-from harness.generate import SAMPLER, Prompt, generate, generation_settings
+from harness.engines import engine
+from harness.engines import settings as engine_settings
+from harness.generate import SAMPLER, Prompt, generate
 from harness.judges.base import JudgeItem
 from harness.judges.oracle import OracleJudge
 from harness.methods.base import Group, IterationContext
@@ -112,14 +114,15 @@ def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[Rec
         model, tok = r.model(policy)
         glog = store.JsonlLog(work / "samples.jsonl")
         resumed = len(glog.records)  # records kept from an interrupted attempt
-        records = generate(model, tok, [Prompt(e.id, e.messages) for e in prompts], sampling,
-                           seed_key=(cfg.experiment.seed, t, "generate"),
-                           batch_size=cfg.generation.batch_size, log=glog, desc=f"iter {t} generate")
+        records = engine(cfg.generation.engine)(
+            model, tok, [Prompt(e.id, e.messages) for e in prompts], sampling, seed_key=(cfg.experiment.seed, t, "generate"),
+            batch_size=cfg.generation.batch_size, log=glog, desc=f"iter {t} generate")
         tokens = sum(s["n_tokens"] for rec in records.values() for s in rec["samples"])
         store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages, "response": e.response}
                                                    for e in prompts])
         return {"hash": store.file_hash(work / "samples.jsonl"), "resumed_records": resumed,
-                "metrics": {"gen/tokens": tokens}, "generation": generation_settings(model, tok, sampling)}
+                "metrics": {"gen/tokens": tokens},
+                "generation": engine_settings(cfg.generation.engine, model, tok, sampling)}
 
     st = r.run_stage(t, "generate", {"policy": policy.id, "sampler": SAMPLER,
                                         "prompts": dict_hash([[e.id, e.messages, e.response] for e in prompts])},
