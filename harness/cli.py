@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -388,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:  # the reader went away (`harness table ... | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit flush
+        return 1
+    except OSError as e:  # the environment (a full disk, an unwritable file): one line, no traceback
+        where = e.filename or ("writing the output" if e.errno in (errno.ENOSPC, errno.EIO) else "")
+        print(f"harness {args.cmd}: {f'{where}: ' if where else ''}{e.strerror or e}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit 1, not 120 from the exit flush
         return 1
 
 

@@ -291,6 +291,19 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+def test_a_full_disk_ends_in_one_line_and_exit_1():
+    """``harness validate --explain > FILE`` on a full disk (/dev/full answers every write with
+    ENOSPC): one line, exit 1 (not the interpreter's 120 from its exit-time flush), no traceback."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "harness.cli", "validate", "--explain"],
+                              stdout=full, stderr=subprocess.PIPE, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip() == "harness validate: writing the output: No space left on device"
+
+
 def test_provenance_outside_a_git_checkout(tmp_path, capfd):
     from harness.provenance import git_state
 
