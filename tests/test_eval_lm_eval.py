@@ -70,9 +70,11 @@ def _gen_task(d: Path, answers: list[str], tag: str) -> None:
     (d / "gen.yaml").write_text(GEN_YAML.format(data=data))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Adapter run and command-line run over the same tasks; returns both results."""
+@pytest.fixture(scope="module", params=[0, 2], ids=["0-shot", "2-shot"])
+def runs(tmp_path_factory, request):
+    """Adapter run and command-line run over the same tasks, with 0 and with 2 few-shot
+    examples; returns both results."""
+    shots = request.param
     import datasets
     from lm_eval import tasks as lm_tasks
 
@@ -102,7 +104,7 @@ def runs(tmp_path_factory):
             (tasks / "gsm8k_local.yaml").write_text(GSM8K_YAML.format(
                 builtin=builtin, train=GSM8K / "train.jsonl", test=GSM8K / "test.jsonl"))
 
-        section = EvalSection(lm_eval_tasks=(str(tasks),), batch_size=BATCH, limit=LIMIT, num_fewshot=0,
+        section = EvalSection(lm_eval_tasks=(str(tasks),), batch_size=BATCH, limit=LIMIT, num_fewshot=shots,
                               apply_chat_template=True)
         cli_out = root / "cli"
         # the same torch thread count as this process, so per-sample log-likelihoods agree to the bit
@@ -112,7 +114,7 @@ def runs(tmp_path_factory):
                "--model_args", f"pretrained={model_dir},dtype=float32",
                "--tasks", ",".join(resolve_task_specs(section.lm_eval_tasks)[0]),
                "--include_path", str(tasks), "--device", "cpu", "--batch_size", str(BATCH),
-               "--limit", str(LIMIT), "--num_fewshot", "0", "--apply_chat_template",
+               "--limit", str(LIMIT), "--num_fewshot", str(shots), "--apply_chat_template",
                "--output_path", str(cli_out), "--log_samples"]
         # the command line spends ~15 s indexing lm-eval's built-in tasks: run ours meanwhile
         with open(root / "cli.log", "w") as log:
@@ -126,7 +128,7 @@ def runs(tmp_path_factory):
         assert rc == 0, (root / "cli.log").read_text()[-3000:]
         (cli_json,) = cli_out.glob("*/results_*.json")
         cli = json.loads(cli_json.read_text())
-        return {"ours": ours, "cli": cli, "ours_dir": root / "ours", "cli_dir": cli_json.parent}
+        return {"ours": ours, "cli": cli, "ours_dir": root / "ours", "cli_dir": cli_json.parent, "shots": shots}
     finally:
         datasets.config.HF_DATASETS_CACHE = old_cache
 
@@ -157,6 +159,10 @@ def test_adapter_equals_command_line(runs, task, metric, key):
     a, b = _our_samples(runs["ours_dir"], task), _cli_samples(runs["cli_dir"], task)
     assert _plain(a, "filtered_resps") == _plain(b, "filtered_resps")
     assert len(a) == LIMIT
+    # the few-shot examples are in the prompt (each example's question, then the asked one), in the
+    # context of every request of the document (one per choice of a multiple-choice task)
+    question, requests = ("say ", 1) if task == "t_gen" else ("what is ", 4)
+    assert str(a[0]["arguments"]).count(question) == (1 + runs["shots"]) * requests
 
 
 def known_answer_model():
