@@ -204,6 +204,18 @@ class ConfigView:
 
 # ---------------------------------------------------------------- reuse
 
+FILE_CHANGED = object()  # config_changes' "was" for a field whose file's content changed
+
+
+def config_changes(inputs: dict, cfg_dict: dict) -> list[tuple[str, Any, Any]]:
+    """(path, recorded value, current value) of every config field a finished stage read that
+    ``cfg_dict`` changes; for a named file whose content changed, (path, FILE_CHANGED, value)."""
+    out = [(k, v, now) for k, v in inputs.get("config", {}).items() if (now := config_value(cfg_dict, k)) != v]
+    out += [(k, FILE_CHANGED, now) for k, fp in inputs.get("files", {}).items()
+            if file_fingerprint(now := config_value(cfg_dict, k)) != fp]
+    return out
+
+
 class RecordedStage(Stage):
     """A stage directory whose reuse is decided by its upstream and its recorded config reads."""
 
@@ -216,12 +228,8 @@ class RecordedStage(Stage):
 
     def changes(self, old: dict) -> list[str]:
         out = [f"upstream.{k}" for k in diff_keys(old.get("upstream", {}), self.upstream)]
-        for path, value in old.get("config", {}).items():
-            if config_value(self._cfg_dict, path) != value:
-                out.append(f"config.{path}")
-        for path, fp in old.get("files", {}).items():
-            if file_fingerprint(config_value(self._cfg_dict, path)) != fp:
-                out.append(f"the contents of config.{path}")
+        for path, was, now in config_changes(old, self._cfg_dict):
+            out.append(f"config.{path}" if was is not FILE_CHANGED else f"the contents of config.{path}")
         return sorted(set(out))
 
     def commit_view(self, outputs: dict, view: ConfigView) -> None:
@@ -246,10 +254,9 @@ def finished_conflicts(cfg: Any) -> list[str]:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             out.append(f"{st.parent.name}/{st.name}: its {MANIFEST} is unreadable")
             continue
-        changed = [f"{k} was {json.dumps(v)}, now {json.dumps(config_value(cfg_dict, k), default=str)}"
-                   for k, v in inputs.get("config", {}).items() if config_value(cfg_dict, k) != v]
-        changed += [f"the contents of {k} changed" for k, fp in inputs.get("files", {}).items()
-                    if file_fingerprint(config_value(cfg_dict, k)) != fp]
+        changed = [f"the contents of {k} changed" if was is FILE_CHANGED
+                   else f"{k} was {json.dumps(was)}, now {json.dumps(now, default=str)}"
+                   for k, was, now in config_changes(inputs, cfg_dict)]
         if changed:
             out.append(f"{st.parent.name}/{st.name}: " + "; ".join(changed))
     return out
