@@ -222,23 +222,14 @@ def test_length_controlled_win_rate_comes_from_alpaca_eval_when_its_data_is_cach
     model's number. The cached files here are synthetic stand-ins with the columns alpaca_eval
     reads, so the expectations are the properties LC has whatever the data: it removes wins
     that length explains, keeps wins that it does not, and is 50 for a system against itself."""
-    import random
-
     import huggingface_hub.constants
     import pandas as pd
 
     from harness.evaluate.alpaca import AE_SET_SIZE, compute_metrics
 
-    repo = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    snap = repo / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True)
-    rng = random.Random(0)
-    difficulty = [rng.gauss(0, 1) for _ in range(AE_SET_SIZE)]
-    pd.DataFrame([{"model": m, "index": i, "instruction_difficulty": difficulty[i], "preference": rng.random(),
-                   "std_delta_len": rng.gauss(0, 1), "not_gamed_baseline": False}
-                  for m in ("gamed_a", "gamed_b") for i in range(AE_SET_SIZE)]).to_csv(snap / "df_gamed.csv", index=False)
+    from test_eval_fixtures import write_df_gamed
+
+    snap, difficulty, rng = write_df_gamed(tmp_path / "hub", "0" * 40, AE_SET_SIZE)
     pd.Series(difficulty, name="instruction_difficulty").to_csv(snap / "instruction_difficulty.csv")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 

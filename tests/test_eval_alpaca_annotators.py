@@ -306,22 +306,12 @@ def test_config_checks_name_the_annotator_and_its_endpoint(tmp_path):
 
 
 def _df_gamed_cache(tmp_path: Path, monkeypatch) -> str:
-    import random
-
     import huggingface_hub.constants
-    import pandas as pd
+
+    from test_eval_fixtures import write_df_gamed
 
     rev = "1" * 40
-    repo = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    snap = repo / "snapshots" / rev
-    snap.mkdir(parents=True)
-    rng = random.Random(0)
-    difficulty = [rng.gauss(0, 1) for _ in range(AE_SET_SIZE)]
-    pd.DataFrame([{"model": m, "index": i, "instruction_difficulty": difficulty[i], "preference": rng.random(),
-                   "std_delta_len": rng.gauss(0, 1), "not_gamed_baseline": False}
-                  for m in ("gamed_a", "gamed_b") for i in range(AE_SET_SIZE)]).to_csv(snap / "df_gamed.csv", index=False)
+    write_df_gamed(tmp_path / "hub", rev, AE_SET_SIZE)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HARNESS_ONLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -142,3 +142,25 @@ cpu_threads = 1
 r = 4
 alpha = 8
 """
+
+
+def write_df_gamed(hub: Path, rev: str, n: int):
+    """A df_gamed.csv (alpaca_eval's length-controlled model's data, ``n`` instructions, two
+    gamed models) in a Hugging Face hub cache at ``hub``, as revision ``rev`` of
+    tatsu-lab/alpaca_eval; returns (its snapshot directory, the instruction difficulties, the
+    seeded random generator that made them, for the test's own draws)."""
+    import random
+
+    import pandas as pd
+
+    repo = hub / "datasets--tatsu-lab--alpaca_eval"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    rng = random.Random(0)
+    difficulty = [rng.gauss(0, 1) for _ in range(n)]
+    pd.DataFrame([{"model": m, "index": i, "instruction_difficulty": difficulty[i], "preference": rng.random(),
+                   "std_delta_len": rng.gauss(0, 1), "not_gamed_baseline": False}
+                  for m in ("gamed_a", "gamed_b") for i in range(n)]).to_csv(snap / "df_gamed.csv", index=False)
+    return snap, difficulty, rng
