@@ -20,7 +20,7 @@ from harness.schema import ConfigError, FieldError, opt, parse_section, to_dict,
 from harness.store import dict_hash
 
 LOSSES = ("sigmoid", "hinge", "ipo")
-REQUIREMENTS = ("gpu", "hub", "endpoint")
+REQUIREMENTS = ("gpu", "hub", "endpoint", "vllm")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ExperimentSection:
     seed: int = opt(0, "Experiment seed; every sampling request and training run derives its seed from it.", min=0)
     seeds: tuple[int, ...] = opt(factory=tuple, doc="Run the experiment once per seed (each run in <output_dir>/<name>/seed-<k>, resumable on its own; `harness run --seeds 0,1,2` overrides); tables then show the mean and spread across seeds. Empty = one run with experiment.seed.", min=0)
     output_dir: str = opt("results", "Where run directories go (relative to the current directory).")
-    requires: tuple[str, ...] = opt(factory=tuple, doc='What the experiment needs beyond this package: "gpu" (a CUDA device), "hub" (the Hugging Face Hub, HARNESS_ONLINE=1), "endpoint" (an HTTP judge and its API key). On a machine without them `harness validate` checks everything else and says what it could not check; `harness run` stops before any compute.', choices=REQUIREMENTS)
+    requires: tuple[str, ...] = opt(factory=tuple, doc='What the experiment needs beyond this package: "gpu" (a CUDA device), "hub" (the Hugging Face Hub, HARNESS_ONLINE=1), "endpoint" (an HTTP judge and its API key), "vllm" (the vLLM environment of [generation] engine = "vllm", ./install.sh --vllm). On a machine without them `harness validate` checks everything else and says what it could not check; `harness run` stops before any compute.', choices=REQUIREMENTS)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class DataSection:
 class GenerationSection:
     max_new_tokens: int = opt(256, "Tokens generated per answer.", min=1)
     batch_size: int = opt(32, "Prompts per generation batch (length-sorted, left-padded).", min=1)
-    engine: str = opt("hf", 'Generation engine of the generate stage: "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the merged policy; its own sampler with the same per-sample seeds).', choices=("hf", "vllm"))
+    engine: str = opt("hf", 'Generation engine of every stage that generates with a model on this machine (the generate and self-instruct stages, the AlpacaEval answers, the indicator samples, validation answers, and the answers of a "self" or "hf" judge): "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the merged policy, started once per stage; its own sampler with the same per-sample seeds). lm-eval runs on the HF model either way.', choices=("hf", "vllm"))
 
 
 @dataclass(frozen=True)
@@ -333,6 +333,10 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
             "float16 training needs loss scaling (a GradScaler), which the harness does not run: small gradients "
             "underflow to zero and large activations overflow, silently. Use \"bfloat16\" (same memory, float32's "
             "range) or \"float32\"")))
+    if cfg.generation.engine == "vllm" and cfg.model.quantization != "none":
+        errors.append(FieldError("generation.engine", (
+            "the vLLM engine serves the policy's merged weights, which a quantized base with an adapter does not "
+            "have here; use engine = \"hf\" with model.quantization, or an unquantized base")))
     if cfg.chain == "merge" and cfg.model.quantization != "none":
         errors.append(FieldError("lora.chain", "merge would fold adapters into quantized weights lossily; use \"continue\" (or \"auto\") with a quantized base"))
     elif cfg.chain == "merge" and cfg.model.dtype != "float32":

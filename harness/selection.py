@@ -56,15 +56,16 @@ def validation_prompts(cfg: Config) -> list[Prompt]:
     return [Prompt(e.id, system + e.messages) for e in exs]
 
 
-def judged_prompts(model, tokenizer, cfg: Config, judge, out_dir: Path, seed_key: tuple) -> dict:
+def judged_prompts(model, tokenizer, cfg: Config, judge, out_dir: Path, seed_key: tuple,
+                   generate_fn: Callable = generate) -> dict:
     """Mean judge score of the model's greedy answers to the validation prompts, judged through
     the same healing path as the judge stage (``harness.judging``): a transport failure is
     never stored as a judgment, the stage fails naming it and a rerun asks again."""
     v = cfg.eval.validation
     prompts = validation_prompts(cfg)
-    gens = generate(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=cfg.generation.max_new_tokens),
-                    seed_key=(*seed_key, "validation"), batch_size=cfg.generation.batch_size,
-                    log=JsonlLog(out_dir / "generations.jsonl"), desc="validation")
+    gens = generate_fn(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=cfg.generation.max_new_tokens),
+                       seed_key=(*seed_key, "validation"), batch_size=cfg.generation.batch_size,
+                       log=JsonlLog(out_dir / "generations.jsonl"), desc="validation")
     groups = [Group(Example(p.id, p.messages), [Candidate(gens[p.id]["samples"][0]["text"])]) for p in prompts]
     judged = judge_groups(judge, groups, JsonlLog(out_dir / "judgments.jsonl"), batch_size=v.judge.batch_size,
                           what="validation judging")
@@ -76,11 +77,12 @@ def judged_prompts(model, tokenizer, cfg: Config, judge, out_dir: Path, seed_key
 
 def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
                    judge_factory: Callable[[JudgeSection], object],
-                   reference: dict[str, str] | None = None) -> dict:
+                   reference: dict[str, str] | None = None, generate_fn: Callable = generate) -> dict:
     """Every configured validation evaluation of one iteration's model; flat "validation/" metrics.
     ``reference``: iteration 0's validation AlpacaEval answers when
     ``eval.validation.alpaca_eval.reference`` is "iteration0" (else each iterate would be
-    judged against its own answers: 50 every time)."""
+    judged against its own answers: 50 every time). ``generate_fn``: the engine's generate
+    (``harness.engines``) for the answers."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     v = cfg.eval.validation
@@ -95,9 +97,11 @@ def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
                               generator=f"{cfg.experiment.name}/iter_{iteration:03d}/validation",
                               max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
                               system_prompt=cfg.data.system_prompt, reference=reference,
-                              reference_name=f"{cfg.experiment.name}/iter_000/validation")
+                              reference_name=f"{cfg.experiment.name}/iter_000/validation",
+                              generate_fn=generate_fn)
         metrics.update({PREFIX + k: m for k, m in got.items()})
     if v.prompts:
-        metrics.update(judged_prompts(model, tokenizer, cfg, judge_factory(v.judge), out_dir / "judge", seed_key))
+        metrics.update(judged_prompts(model, tokenizer, cfg, judge_factory(v.judge), out_dir / "judge", seed_key,
+                                      generate_fn))
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

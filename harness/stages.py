@@ -16,9 +16,9 @@ from pathlib import Path
 from harness import store
 from harness.config import Config
 from harness.data import Example
-from harness.engines import engine
+from harness.engines import session
 from harness.engines import settings as engine_settings
-from harness.generate import SAMPLER, Prompt, generate
+from harness.generate import SAMPLER, Prompt
 from harness.judges.base import JudgeItem
 from harness.judges.oracle import OracleJudge
 from harness.methods.base import Group, IterationContext
@@ -89,9 +89,10 @@ def self_instruct_stage(r, t: int, policy: Policy) -> tuple[RecordedStage | None
             tok = load_tokenizer(plan.model, plan.revision)
         else:
             model, tok = r.model(policy)
-        out = generate(model, tok, plan.requests, plan.sampling, seed_key=(cfg.experiment.seed, t, "self_instruct"),
-                       batch_size=cfg.generation.batch_size, log=store.JsonlLog(work / "outputs.jsonl"),
-                       desc=f"iter {t} self_instruct")
+        with session(cfg.generation.engine) as eng:
+            out = eng.generate(model, tok, plan.requests, plan.sampling,
+                               seed_key=(cfg.experiment.seed, t, "self_instruct"), batch_size=cfg.generation.batch_size,
+                               log=store.JsonlLog(work / "outputs.jsonl"), desc=f"iter {t} self_instruct")
         del model, tok
         new = plan.select(out)
         store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages} for e in new])
@@ -114,9 +115,10 @@ def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[Rec
         model, tok = r.model(policy)
         glog = store.JsonlLog(work / "samples.jsonl")
         resumed = len(glog.records)  # records kept from an interrupted attempt
-        records = engine(cfg.generation.engine)(
-            model, tok, [Prompt(e.id, e.messages) for e in prompts], sampling, seed_key=(cfg.experiment.seed, t, "generate"),
-            batch_size=cfg.generation.batch_size, log=glog, desc=f"iter {t} generate")
+        with session(cfg.generation.engine) as eng:
+            records = eng.generate(model, tok, [Prompt(e.id, e.messages) for e in prompts], sampling,
+                                   seed_key=(cfg.experiment.seed, t, "generate"), batch_size=cfg.generation.batch_size,
+                                   log=glog, desc=f"iter {t} generate")
         tokens = sum(s["n_tokens"] for rec in records.values() for s in rec["samples"])
         store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages, "response": e.response}
                                                    for e in prompts])
@@ -138,22 +140,23 @@ def candidate_groups(r, ctx: IterationContext, gen: RecordedStage, prompts: list
 
 
 def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Example]) -> RecordedStage:
-    from harness.judges import build_judge, require_coverage
+    from harness.judges import JUDGES, build_judge, require_coverage
     from harness.judging import judge_groups, side_by_side
 
     def compute(cfg, work):
         ctx = r.context(t, cfg)
         groups, scale = candidate_groups(r, ctx, gen, prompts), ctx.scale()
         judge_policy = r.model(policy) if cfg.judge.needs_policy else None
-        judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id,
-                            seed_key=(cfg.experiment.seed, t, "judge"))
-        if tuple(judge.scale) != tuple(scale):
-            raise RuntimeError(f"judge {judge.name!r} scores on {judge.scale}, but the method was told "
-                               f"{scale} (harness.judges.judge_scale disagrees with the judge)")
-        # transport failures are not written: the stage fails naming them, a rerun retries only them
-        judged = judge_groups(judge, groups, store.JsonlLog(work / "judgments.jsonl"),
-                              batch_size=cfg.judge.batch_size, what=f"judging of iteration {t}",
-                              desc=f"iter {t} judge", side_by_side=side_by_side(cfg))
+        with session(_engine(cfg, JUDGES.get(cfg.judge.name).generates)) as eng:
+            judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id,
+                                seed_key=(cfg.experiment.seed, t, "judge"), engine=eng)
+            if tuple(judge.scale) != tuple(scale):
+                raise RuntimeError(f"judge {judge.name!r} scores on {judge.scale}, but the method was told "
+                                   f"{scale} (harness.judges.judge_scale disagrees with the judge)")
+            # transport failures are not written: the stage fails naming them, a rerun retries only them
+            judged = judge_groups(judge, groups, store.JsonlLog(work / "judgments.jsonl"),
+                                  batch_size=cfg.judge.batch_size, what=f"judging of iteration {t}",
+                                  desc=f"iter {t} judge", side_by_side=side_by_side(cfg))
         recs, n_items = judged.records, judged.n_items
         n_failed = judged.n_parse_failed  # items without a valid score: kept, counted, shown
         if judged.parse_summary():
@@ -231,9 +234,12 @@ def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
 
     def compute(cfg, work):
         model, tok = r.model(policy)
-        metrics = evaluate_iteration(model, tok, cfg, work, t,
-                                     lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval")),
-                                     reference=reference)
+        ev = cfg.eval
+        with session(_engine(cfg, bool(ev.alpaca_eval.instructions) or ev.indicators.num_prompts > 0)) as eng:
+            metrics = evaluate_iteration(
+                model, tok, cfg, work, t,
+                lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval"), engine=eng),
+                reference=reference, generate_fn=eng.generate)
         return {"metrics": metrics, "items": write_items(work)}
 
     return r.run_stage(t, "evaluate", upstream, compute, compare=True)
@@ -255,9 +261,12 @@ def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
 
     def compute(cfg, work):
         model, tok = r.model(policy)
-        metrics = run_validation(model, tok, cfg, work, t,
-                                 lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation")),
-                                 reference=reference)
+        v = cfg.eval.validation
+        with session(_engine(cfg, bool(v.alpaca_eval.instructions or v.prompts))) as eng:
+            metrics = run_validation(
+                model, tok, cfg, work, t,
+                lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation"), engine=eng),
+                reference=reference, generate_fn=eng.generate)
         return {"metrics": metrics, "items": write_items(work, "validation/")}
 
     return r.run_stage(t, "validation", upstream, compute, compare=True)
@@ -266,6 +275,12 @@ def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
 def evaluations(r, t: int, policy: Policy) -> list[RecordedStage]:
     """The evaluate stage and, when configured, the validation stage of iteration ``t``."""
     return [st for st in (evaluate_stage(r, t, policy), validation_stage(r, t, policy)) if st is not None]
+
+
+def _engine(cfg: Config, generates: bool) -> str:
+    """The engine of a stage: ``generation.engine`` when the stage generates, else "hf" (and
+    the field is not read, so changing it does not rerun a stage that never used it)."""
+    return cfg.generation.engine if generates else "hf"
 
 
 def _chain(cfg: Config, adapters: list[Path], new: Path) -> list[Path]:

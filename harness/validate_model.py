@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from harness.config import Config
+from harness.engines import unavailable
 from harness.schema import FieldError, closest
 from harness.sources import ModelSource, SourceError, converted, is_built, locate, resolve_ref
 from harness.validate_report import HUB_MODEL, Report, hub_off, hub_ok
@@ -19,6 +20,10 @@ from harness.validate_report import HUB_MODEL, Report, hub_off, hub_ok
 
 def _device(cfg: Config, r: Report) -> None:
     import torch
+
+    if cfg.generation.engine == "vllm" and unavailable():
+        r.environment(cfg, "vllm", FieldError("generation.engine", (
+            f"\"vllm\" but {unavailable()}; or declare experiment.requires = [\"vllm\"]")))
 
     if cfg.model.device == "cuda" and not torch.cuda.is_available():
         r.environment(cfg, "gpu", FieldError("model.device", (

@@ -153,6 +153,7 @@ def test_every_config_field_reruns_exactly_the_stages_that_read_it(finished):
     assert read_by["training.learning_rate"] == {"1/train"}
     assert read_by["eval.limit"] == {"0/evaluate", "1/evaluate"}
     assert read_by["method.spin.temperature"] == {"1/generate"}
+    assert read_by["generation.engine"] == {"1/generate", "0/evaluate", "1/evaluate"}  # they generate
     assert read_by["method.beta"] == {"1/train"}
     assert "1/train" in read_by["lora.r"] and "1/generate" in read_by["model.dtype"]
 

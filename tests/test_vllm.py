@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.engines.vllm_engine import Worker, export_policy, generate as vllm_generate, unavailable
+from harness.engines.vllm_engine import Session, Worker, export_policy, generate as vllm_generate, unavailable
 from harness.generate import Prompt, Sampling, completion_ids, generate as hf_generate, sequence_logprobs
 from harness.store import JsonlLog
 from test_eval_fixtures import build_tokenizer, tiny_llama_config
@@ -101,6 +101,31 @@ def test_tiny_generates_like_hf_and_resumes(tiny64, tmp_path):
     assert all(s_sub[p.id] == s_all[p.id] for p in ps[::-3])
     assert all(len(s_all[p.id]["samples"]) == 2 for p in ps)
     assert sum(s_all[p.id] != s_other[p.id] for p in ps) >= len(ps) // 2  # the seed matters
+
+
+def test_a_session_serves_a_stage_with_one_engine_start(tiny64):
+    """A stage's calls (its AlpacaEval answers, then its indicator samples) share one engine;
+    a call that needs another batch size restarts it; closing stops it."""
+    model, tok = tiny64
+    ps = prompts(8)
+    greedy = Sampling(temperature=0.0, max_new_tokens=16)
+    indicators = Sampling(temperature=1.0, max_new_tokens=16, top_k_stats=5)
+    s = Session()
+    try:
+        answers = s.generate(model, tok, ps, greedy, seed_key=(0, 1, "alpaca_eval"), batch_size=4)
+        samples = s.generate(model, tok, ps[:4], indicators, seed_key=(0, 1, "indicators"), batch_size=4)
+        assert s.starts == 1
+        worker = s.worker
+        s.generate(model, tok, ps[:2], greedy, seed_key=(0, 1, "x"), batch_size=2)
+        assert s.starts == 2 and worker.proc.poll() is not None  # the first engine was stopped
+    finally:
+        s.close()
+    assert s.worker is None
+    hf = hf_generate(model, tok, ps, greedy, seed_key=(0, 1, "alpaca_eval"), batch_size=4)
+    assert answers == hf
+    assert all("topk_entropy" in samples[p.id]["samples"][0] for p in ps[:4])
+    alone = vllm_generate(model, tok, ps[:4], indicators, seed_key=(0, 1, "indicators"), batch_size=4)
+    assert alone == samples  # a session's engine samples as a fresh one does
 
 
 def test_smollm2_greedy_matches_hf():

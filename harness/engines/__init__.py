@@ -4,14 +4,34 @@ Every engine is a function with the signature and record format of
 ``harness.generate.generate`` (``model, tokenizer, prompts, sampling, *, seed_key,
 batch_size, log, desc, min_new_tokens``): "hf" is that function itself, "vllm" serves the
 same policy (``model``, merged) with vLLM in a separate environment
-(``harness.engines.vllm_engine``).
+(``harness.engines.vllm_engine``). ``session`` gives a stage one such function whose engine
+is started once and kept for all of the stage's generation (its AlpacaEval answers,
+indicator samples, a model judge's answers), then stopped.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
 ENGINES = ("hf", "vllm")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def venv_python() -> Path:
+    """The vLLM environment's Python: ``$HARNESS_VLLM_PYTHON`` or ``.venv-vllm`` of the checkout."""
+    return Path(os.environ.get("HARNESS_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
+
+
+def unavailable() -> str | None:
+    """Why the vLLM engine cannot run here, or None."""
+    py = venv_python()
+    if not py.exists():
+        return f"no vLLM environment ({py} is missing; ./install.sh --vllm creates .venv-vllm)"
+    return None
 
 
 def engine(name: str = "hf") -> Callable:
@@ -27,9 +47,28 @@ def engine(name: str = "hf") -> Callable:
     raise ValueError(f"unknown generation engine {name!r} (one of {', '.join(ENGINES)})")
 
 
-def generate(model, tokenizer, prompts, sampling, *, engine_name: str = "hf", **kwargs) -> dict[str, dict]:
-    """``harness.generate.generate`` through engine ``engine_name``."""
-    return engine(engine_name)(model, tokenizer, prompts, sampling, **kwargs)
+@dataclass(frozen=True)
+class Engine:
+    """An engine in use by a stage: its name and its generate function."""
+    name: str
+    generate: Callable
+
+
+@contextlib.contextmanager
+def session(name: str = "hf") -> Iterator[Engine]:
+    """Engine ``name`` for one stage: for "vllm" the generate of a ``vllm_engine.Session``
+    (one engine start for the stage's calls, stopped on exit), for "hf"
+    ``harness.generate.generate`` itself."""
+    if name != "vllm":
+        yield Engine(name, engine(name))
+        return
+    from harness.engines.vllm_engine import Session
+
+    s = Session()
+    try:
+        yield Engine(name, s.generate)
+    finally:
+        s.close()
 
 
 def settings(name: str, model, tokenizer, sampling) -> dict:

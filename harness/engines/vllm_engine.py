@@ -21,7 +21,8 @@ environment cannot share.
   the HF engine's for the same seed; greedy answers agree (measured, see tests/test_vllm.py);
 - with ``log`` each prompt's record is appended as soon as its samples are finished and
   prompts already in the log are not sent, so a killed stage resumes;
-- the engine is started for the call and stopped before it returns; a CUDA ``model`` is
+- the engine is started for the call and stopped before it returns, or, in a ``Session``,
+  kept for the stage's later calls and stopped when the stage ends; a CUDA ``model`` is
   moved to the CPU meanwhile, so the GPU's memory serves vLLM and then training.
 """
 
@@ -42,28 +43,15 @@ from typing import Iterator, Sequence
 import torch
 
 from harness import console
+from harness.engines import REPO, unavailable, venv_python  # noqa: F401  (re-exported)
 from harness.generate import Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
 from harness.store import JsonlLog, build_once, cache_root
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("vllm_worker.py")
 SAMPLER = "vllm/per-request-seed/v1"
 KEEP_POLICIES = int(os.environ.get("HARNESS_VLLM_KEEP", "4"))  # merged policies kept in the cache
 CPU_KV_GIB = float(os.environ.get("HARNESS_VLLM_CPU_KV_GIB", "2"))  # KV cache on a CPU
 GPU_MEMORY_UTILIZATION = float(os.environ.get("HARNESS_VLLM_GPU_MEMORY", "0.85"))  # vLLM's share of the GPU
-
-
-def venv_python() -> Path:
-    """The vLLM environment's Python: ``$HARNESS_VLLM_PYTHON`` or ``.venv-vllm`` of the checkout."""
-    return Path(os.environ.get("HARNESS_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
-
-
-def unavailable() -> str | None:
-    """Why the vLLM engine cannot run here, or None."""
-    py = venv_python()
-    if not py.exists():
-        return f"no vLLM environment ({py} is missing; ./install.sh --vllm creates .venv-vllm)"
-    return None
 
 
 # ----- the policy's weights -------------------------------------------------------------------
@@ -258,14 +246,67 @@ def _max_model_len(model, longest_prompt: int, max_new_tokens: int) -> int:
     return min(need, limit) if limit else need
 
 
+class Session:
+    """vLLM calls that share one started engine: ``generate`` is the module's ``generate``,
+    its worker started on the first call and kept for the next ones while they fit it (the
+    same policy, batch size, and prompts within its ``max_model_len``), restarted when one
+    does not (another model: a judge model after the policy). ``close`` stops it; until then
+    a CUDA model it served stays on the CPU, so vLLM keeps the GPU's memory. A stage opens
+    one (``harness.engines.session``) so that its AlpacaEval answers, indicator samples and
+    a self-judge's answers pay for one engine start, not one each."""
+
+    def __init__(self):
+        self.worker: Worker | None = None
+        self.starts = 0
+        self._key: tuple | None = None
+        self._exports: dict[int, tuple[object, Path, str]] = {}  # id(model) -> (model, directory, dtype)
+        self._gpu = contextlib.ExitStack()
+
+    def worker_for(self, model, batch_size: int, need: int) -> Worker:
+        """A worker serving ``model`` with ``max_num_seqs = batch_size`` and room for ``need``
+        tokens per sequence: the running one when it fits, else a new one."""
+        held = self._exports.get(id(model))
+        if held is None or held[0] is not model:  # weights hashed once per model and session
+            self._gpu.enter_context(off_gpu(model))
+            held = (model, *export_policy(model))
+            self._exports[id(model)] = held
+        _, model_dir, dtype = held
+        if self.worker is not None and self._key[:3] == (model_dir, dtype, batch_size) and need <= self._key[3]:
+            return self.worker
+        self.close_worker()
+        length = max(need, _max_model_len(model, 0, SESSION_MODEL_LEN - 1))  # room for the session's next calls
+        self.worker = Worker(model_dir, dtype=dtype, max_num_seqs=batch_size, max_model_len=length)
+        self._key = (model_dir, dtype, batch_size, length)
+        self.starts += 1
+        return self.worker
+
+    def generate(self, model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, **kwargs) -> dict[str, dict]:
+        return generate(model, tokenizer, prompts, sampling, session=self, **kwargs)
+
+    def close_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        self.worker, self._key = None, None
+
+    def close(self) -> None:
+        self.close_worker()
+        self._exports.clear()
+        self._gpu.close()
+
+
+SESSION_MODEL_LEN = 2048  # a session's engine takes sequences up to this long (or the model's limit) at once
+
+
 def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
              seed_key: tuple, batch_size: int = 32, log: JsonlLog | None = None,
-             desc: str = "generate", min_new_tokens: int = 0, worker: Worker | None = None) -> dict[str, dict]:
+             desc: str = "generate", min_new_tokens: int = 0, worker: Worker | None = None,
+             session: Session | None = None) -> dict[str, dict]:
     """``harness.generate.generate`` served by vLLM (see the module's docstring).
 
     ``batch_size`` is vLLM's ``max_num_seqs`` (sequences decoded at once). ``worker``: an
-    already started ``Worker`` serving ``model`` (benchmarks); by default one is started for
-    the call and stopped before it returns."""
+    already started ``Worker`` serving ``model`` (benchmarks); ``session``: a ``Session``
+    whose worker is used (started or restarted as needed) and kept; with neither, one is
+    started for the call and stopped before it returns."""
     texts = {p.id: render(tokenizer, p.messages) for p in prompts}
     ids = {pid: tokenizer(t, add_special_tokens=False).input_ids for pid, t in texts.items()}
     results = {pid: log.records[pid] for pid in texts if log is not None and pid in log}
@@ -278,13 +319,15 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
         vs = vllm_sampling(model, tokenizer, sampling, min_new_tokens=min_new_tokens)
         bar = console.progress(total=len(texts) * sampling.n, initial=len(results) * sampling.n, desc=desc,
                                unit="samples")
+        need = _max_model_len(model, max(len(ids[p]) for p in order), sampling.max_new_tokens)
         with contextlib.ExitStack() as stack:
-            if worker is None:
+            if worker is None and session is not None:
+                worker = session.worker_for(model, batch_size, need)
+            elif worker is None:
                 stack.enter_context(off_gpu(model))
                 model_dir, dtype = export_policy(model)
-                worker = stack.enter_context(Worker(
-                    model_dir, dtype=dtype, max_num_seqs=batch_size,
-                    max_model_len=_max_model_len(model, max(len(ids[p]) for p in order), sampling.max_new_tokens)))
+                worker = stack.enter_context(Worker(model_dir, dtype=dtype, max_num_seqs=batch_size,
+                                                    max_model_len=need))
             stack.callback(bar.close)
             pending: dict[str, dict[int, dict]] = {}
             n_tokens, t0 = 0, time.perf_counter()  # after the engine started

@@ -22,7 +22,7 @@ from typing import Callable
 from harness import console
 from harness.config import Config, JudgeSection
 from harness.data import with_system
-from harness.generate import Prompt
+from harness.generate import Prompt, generate
 from harness.sources import resolve_ref
 from harness.store import atomic_write_json
 
@@ -80,10 +80,13 @@ def _indicator_prompts(cfg: Config) -> list[Prompt] | None:
 
 def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
                        judge_factory: Callable[[JudgeSection], object],
-                       reference: dict[str, str] | None = None) -> dict[str, float | int | None]:
+                       reference: dict[str, str] | None = None,
+                       generate_fn: Callable = generate) -> dict[str, float | int | None]:
     """Run every configured evaluation of one iteration's model; returns flat metrics.
     ``reference``: the iteration-0 AlpacaEval answers when ``eval.alpaca_eval.reference``
-    is "iteration0" (see ``iteration0_answers``).
+    is "iteration0" (see ``iteration0_answers``). ``generate_fn``: the engine's generate
+    (``harness.engines``) for the AlpacaEval answers and the indicator samples; lm-eval
+    runs on the HF model.
 
     ``judge_factory`` builds the AlpacaEval judge from ``cfg.eval.alpaca_eval.judge``;
     it is called only when AlpacaEval is configured. Indicator threshold warnings
@@ -105,7 +108,7 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
             generator=f"{cfg.experiment.name}/iter_{iteration:03d}",
             max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
             system_prompt=cfg.data.system_prompt, reference=reference,
-            reference_name=f"{cfg.experiment.name}/iter_000"))
+            reference_name=f"{cfg.experiment.name}/iter_000", generate_fn=generate_fn))
     if ev.indicators.num_prompts > 0:
         prompts = _indicator_prompts(cfg)
         if prompts is None:
@@ -116,6 +119,6 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
             metrics.update(run_indicators(
                 model, tokenizer, prompts, ev.indicators, seed_key=seed_key,
                 max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
-                out_dir=out_dir / "indicators"))
+                out_dir=out_dir / "indicators", generate_fn=generate_fn))
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -45,7 +45,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from harness.config import AlpacaEvalSection
 from harness.data import with_system
@@ -289,22 +289,23 @@ def protocol_record(section: AlpacaEvalSection, annotations: Sequence[dict], met
 def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge | None, out_dir: Path, *,
                     seed_key: tuple, generator: str, max_new_tokens: int, batch_size: int,
                     system_prompt: str = "", reference: dict[str, str] | None = None,
-                    reference_name: str = "", annotator: AlpacaEvalAnnotator | None = None
-                    ) -> dict[str, float | int | None]:
+                    reference_name: str = "", annotator: AlpacaEvalAnnotator | None = None,
+                    generate_fn: Callable = generate) -> dict[str, float | int | None]:
     """Greedy answers to the instructions, judged against the reference; see the module doc.
     ``reference`` ({instruction id: answer}) replaces the file's reference outputs; with
     ``section.reference == "iteration0"`` and no ``reference`` given, this model's own
     answers are the reference (iteration 0 of a head-to-head). ``judge`` annotates under
     the harness_rubric protocol and is unused otherwise (None is fine); ``annotator``
-    overrides the one built from the section (``build_annotator``)."""
+    overrides the one built from the section (``build_annotator``); ``generate_fn``: the
+    engine's generate (``harness.engines``) that writes the answers."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_instructions(section.instructions, section.limit)
     system = with_system(system_prompt)
     prompts = [Prompt(r["id"], system + ({"role": "user", "content": r["instruction"]},)) for r in rows]
-    gens = generate(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=max_new_tokens),
-                    seed_key=(*seed_key, "alpaca_eval"), batch_size=batch_size,
-                    log=JsonlLog(out_dir / "generations.jsonl"), desc="alpaca_eval")
+    gens = generate_fn(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=max_new_tokens),
+                       seed_key=(*seed_key, "alpaca_eval"), batch_size=batch_size,
+                       log=JsonlLog(out_dir / "generations.jsonl"), desc="alpaca_eval")
     outputs = {pid: rec["samples"][0]["text"] for pid, rec in gens.items()}
     if section.reference == "iteration0":
         own = reference is None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from harness.config import IndicatorSection
 from harness.generate import Prompt, Sampling, generate
@@ -64,7 +64,8 @@ def check_thresholds(metrics: dict, section: IndicatorSection) -> list[str]:
 
 
 def run_indicators(model, tokenizer, prompts: Sequence[Prompt], section: IndicatorSection, seed_key: tuple,
-                   max_new_tokens: int, batch_size: int, out_dir: Path) -> dict[str, float | None]:
+                   max_new_tokens: int, batch_size: int, out_dir: Path,
+                   generate_fn: Callable = generate) -> dict[str, float | None]:
     """Sample one answer for each of the first ``section.num_prompts`` prompts and measure.
 
     Samples are appended to ``out_dir/samples.jsonl`` per batch (a rerun resumes);
@@ -75,8 +76,8 @@ def run_indicators(model, tokenizer, prompts: Sequence[Prompt], section: Indicat
     chosen = list(prompts)[:section.num_prompts]
     sampling = Sampling(temperature=section.temperature, top_p=1.0, max_new_tokens=max_new_tokens, n=1,
                         top_k_stats=section.top_k)
-    records = generate(model, tokenizer, chosen, sampling, seed_key=(*seed_key, "indicators"),
-                       batch_size=batch_size, log=JsonlLog(out_dir / "samples.jsonl"), desc="indicators")
+    records = generate_fn(model, tokenizer, chosen, sampling, seed_key=(*seed_key, "indicators"),
+                          batch_size=batch_size, log=JsonlLog(out_dir / "samples.jsonl"), desc="indicators")
     metrics = indicator_metrics([rec["samples"][0] for rec in records.values()])
     warnings = check_thresholds(metrics, section)
     for w in warnings:

@@ -48,14 +48,16 @@ def judge_scale(section: JudgeSection, where: str = "judge") -> tuple[float, flo
 
 
 def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
-                cache_path: Path | None = None, seed_key: tuple = ()) -> Judge:
+                cache_path: Path | None = None, seed_key: tuple = (), engine=None) -> Judge:
     """The configured judge; wrapped in a ``CachedJudge`` when ``cache_path`` is given.
 
     ``policy``: (model, tokenizer) for a kind that ``needs_policy`` ("self").
     ``identity_extra``: what identifies the weights that the section does not (for
     the policy: the adapter hash / iteration -- required when caching, else one
     iteration's scores could be served for another). ``seed_key``: prefix of every
-    judge sampling seed, e.g. (experiment seed, iteration, "judge").
+    judge sampling seed, e.g. (experiment seed, iteration, "judge"). ``engine``: the stage's
+    ``harness.engines.Engine``; a judge that generates with a model on this machine ("self",
+    "hf") writes its answers with it (and a judge cache then tells the engines apart).
     """
     kind = _kind(section, "judge")
     if kind.needs_policy and policy is None:
@@ -64,6 +66,10 @@ def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
     if cache_path is not None and kind.needs_policy and not identity_extra:
         raise ValueError(f"caching the {kind.name!r} judge needs identity_extra (the policy's adapter hash / iteration)")
     judge, ident = kind.build(section, policy, tuple(seed_key))
+    if engine is not None and hasattr(judge, "generate_fn"):
+        judge.generate_fn = engine.generate
+        if engine.name != "hf":
+            ident = {**ident, "engine": engine.name}
     judge = cost.count_judge(judge)  # answers obtained -> the stage's cost/judge_calls (cache hits excluded)
     _count_groups(judge)
     if cache_path is None:

@@ -18,6 +18,7 @@ class HfOptions(LLMOptions, LocalModelOptions):
 class HfJudge(LLMKind):
     name = "hf"
     Options = HfOptions
+    generates = True
 
     def check(self, options, where):
         return model_problems(self.name, options, where) + super().check(options, where)

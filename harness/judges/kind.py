@@ -53,6 +53,7 @@ class JudgeKind:
     # cache needs identity_extra (the policy's adapters), and it may not judge the policy's
     # own evaluation outputs.
     needs_policy: bool = False
+    generates: bool = False  # writes its answers with a model on this machine, through the stage's engine
 
     def scale(self, options: Any, where: str) -> tuple[float, float]:
         """(lowest, highest) score it can give, known without loading a model."""

@@ -48,6 +48,7 @@ class LLMJudge:
         self.scale = (float(lo), float(hi))
         self.system_prompt = system_prompt
         self.group_template = group_template  # {instruction}/{responses}, same scale; None = no group mode
+        self.generate_fn = generate  # the engine's generate (harness.engines); build_judge may set another
 
     def _messages(self, text: str) -> tuple[dict, ...]:
         user = {"role": "user", "content": text}
@@ -57,8 +58,8 @@ class LLMJudge:
         """{content id: (raw answers, cut at the token limit)} of each distinct filled prompt."""
         unique = dict(zip((content_id(t) for t in texts), texts))  # duplicates judged once
         prompts = [Prompt(id=pid, messages=self._messages(t)) for pid, t in unique.items()]
-        out = generate(self.model, self.tokenizer, prompts, self.sampling, seed_key=self.seed_key,
-                       batch_size=self.batch_size, desc=f"judge ({self.name})")
+        out = self.generate_fn(self.model, self.tokenizer, prompts, self.sampling, seed_key=self.seed_key,
+                               batch_size=self.batch_size, desc=f"judge ({self.name})")
         return {pid: ([s["text"] for s in rec["samples"]], [s.get("finish") == "length" for s in rec["samples"]])
                 for pid, rec in out.items()}
 

@@ -11,6 +11,7 @@ from harness.registry import JUDGES
 class SelfJudge(LLMKind):
     name = "self"
     needs_policy = True
+    generates = True
 
     def build(self, section, policy, seed_key):
         model, tokenizer = policy
