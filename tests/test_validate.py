@@ -193,6 +193,17 @@ def test_every_error_at_once(world, tiny_dir, capsys):
     assert {"lora.target_modules[0]", "lora.target_modules[1]", "experiment.name", "data.train"} <= set(found), err
 
 
+@pytest.mark.parametrize("quantized, words", [(False, "no vLLM environment"), (True, "quantized base")])
+def test_the_vllm_engine_is_checked_before_compute(world, tiny_dir, capsys, monkeypatch, quantized, words):
+    monkeypatch.setenv("HARNESS_VLLM_PYTHON", str(world / "no-venv" / "python"))
+    text = spin(world, tiny_dir).replace("[training]", '[generation]\nengine = "vllm"\n[training]')
+    if quantized:
+        text = text.replace('device = "cpu"', 'device = "cpu"\nquantization = "4bit"')
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 1
+    assert words in errors_of(err, path).get("generation.engine", ""), err
+
+
 def test_few_steps_is_a_warning(world, tiny_dir, capsys):
     code, path, err = run_validate(world, spin(world, tiny_dir).replace("batch_size = 2", "batch_size = 16"), capsys)
     assert code == 0
