@@ -21,6 +21,7 @@ from harness.config import AlpacaEvalSection
 from harness.evaluate.alpaca import (AE_SET_SIZE, annotate_alpaca_eval, compute_metrics, load_instructions,
                                      run_alpaca_eval)
 from harness.evaluate.annotators import AE2, RUBRIC, AlpacaEvalAnnotator, Endpoint, config_problems
+from harness.evaluate.crosscheck import alpaca_eval_itself
 from harness.judging import JudgeTransportError
 
 KEY_ENV = "HARNESS_TEST_ANNOTATOR_KEY"
@@ -123,28 +124,6 @@ def _shared_rows(n: int = N) -> tuple[list[dict], dict[str, str]]:
     return rows, {r["id"]: gemma[r["instruction"]] for r in rows}
 
 
-def _alpaca_eval_itself(name: str, rows: list[dict], outputs: dict[str, str], generator: str, url: str,
-                        tmp_path: Path):
-    """alpaca_eval.main.evaluate on the same outputs with its own openai decoder, pointed at
-    the endpoint by a client config (the file OPENAI_CLIENT_CONFIG_PATH would name)."""
-    import yaml
-
-    from alpaca_eval.main import evaluate
-
-    client_config = tmp_path / "openai_clients.yaml"
-    client_config.write_text(yaml.safe_dump({"default": [{"api_key": "sekrit", "base_url": url}]}))
-    reference = [{"dataset": r["dataset"], "instruction": r["instruction"], "output": r["output"],
-                  "generator": r["generator"]} for r in rows]
-    model = [{"dataset": r["dataset"], "instruction": r["instruction"], "output": outputs[r["id"]],
-              "generator": generator} for r in rows]
-    leaderboard, annotations = evaluate(
-        model_outputs=model, reference_outputs=reference, annotators_config=name, fn_metric="get_winrate",
-        sort_by="win_rate", precomputed_leaderboard=None, caching_path=None, output_path=None,
-        is_return_instead_of_print=True, is_cache_leaderboard=False,
-        annotation_kwargs={"client_config_path": str(client_config)})
-    return leaderboard.loc[generator], annotations
-
-
 @pytest.mark.parametrize("name", [AE2, "alpaca_eval_gpt4", "weighted_alpaca_eval_vllm_llama3_70b"])
 def test_preferences_and_statistics_equal_alpaca_eval_itself(name, endpoint, tmp_path):
     from harness.evaluate.annotators import config_path, load_config
@@ -160,7 +139,7 @@ def test_preferences_and_statistics_equal_alpaca_eval_itself(name, endpoint, tmp
     ours, _ = compute_metrics(ours_ann, list(outputs.values()), len(rows))
     ours_requests = [r["body"] for r in server.requests]
     server.requests.clear()
-    theirs, their_ann = _alpaca_eval_itself(name, rows, outputs, generator, server.url, tmp_path)
+    theirs, their_ann = alpaca_eval_itself(name, rows, outputs, generator, server.url, "sekrit")
 
     # the same prompts went out, in the same form (messages, max_tokens, temperature, logprobs, ...)
     canon = lambda reqs: sorted(json.dumps(r, sort_keys=True) for r in reqs)  # noqa: E731

@@ -225,3 +225,45 @@ def test_smollm2_smoke_experiment_with_the_vllm_engine(tmp_path):
     assert manifest["inputs"]["config"]["generation.engine"] == "vllm"
     samples = [json.loads(x) for x in (gen / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(s["samples"][0]["n_tokens"] > 0 for s in samples)
+
+
+def test_alpaca_eval_2_through_a_real_server_equals_alpaca_eval_itself(monkeypatch):
+    """AlpacaEval 2.0's annotator against vLLM's OpenAI-compatible server (SmolLM2 served as
+    gpt-4-1106-preview, behind the seeding proxy so that a request always gets one answer):
+    the harness's preferences and statistics equal alpaca_eval.main.evaluate's, every digit.
+    One request in flight on each side: with several, vLLM batches them differently and the
+    log-probs move by float rounding (preferences within about 1e-6; bench/bench_alpaca_judge.py)."""
+    import math
+
+    from harness.engines.vllm_server import serve
+    from harness.evaluate.alpaca import annotate_alpaca_eval, compute_metrics, load_instructions
+    from harness.evaluate.annotators import AE2, AlpacaEvalAnnotator, Endpoint
+    from harness.evaluate.crosscheck import alpaca_eval_itself
+    from harness.sources import SourceError, locate, materialize
+    from test_eval_fixtures import SHARED_DATA, require
+
+    data = SHARED_DATA / "alpaca_eval"
+    require(data.is_dir(), f"published AlpacaEval files not found at {data} (shared data folder absent)")
+    try:
+        model_dir = materialize(locate("smollm2-135m-instruct"))
+    except SourceError as e:
+        require(False, f"SmolLM2 wheel not installed ({e})")
+    rows = load_instructions(str(data / "gpt4_1106_preview.model_outputs.json"), 12)
+    gemma = {r["instruction"]: r["output"] for r in json.loads((data / "gemma-7b-it.model_outputs.json").read_text())}
+    outputs = {r["id"]: gemma[r["instruction"]] for r in rows}
+    monkeypatch.setenv("HARNESS_LOCAL_JUDGE_KEY", "unused")  # the local server checks no key
+    with serve(model_dir, "gpt-4-1106-preview", seeded=True) as url:
+        ours_ann = annotate_alpaca_eval(
+            AlpacaEvalAnnotator(AE2, Endpoint(url, "gpt-4-1106-preview", api_key_env="HARNESS_LOCAL_JUDGE_KEY",
+                                              concurrency=1)),
+            rows, outputs, "gemma-7b-it")
+        theirs, their_ann = alpaca_eval_itself(AE2, rows, outputs, "gemma-7b-it", url, num_procs=1)
+    ours, _ = compute_metrics(ours_ann, list(outputs.values()), len(rows))
+    by_instr = {a["instruction"]: a["preference"] for a in their_ann}
+    theirs_p = [by_instr[r["instruction"]] for r in rows]
+    theirs_p = [None if p is None or (isinstance(p, float) and math.isnan(p)) else p for p in theirs_p]
+    mine = [a["preference"] for a in ours_ann]
+    assert mine == theirs_p
+    assert len({p for p in mine if p is not None}) > 3  # continuous preferences from a real model's log-probs
+    for k in ("win_rate", "standard_error", "n_wins", "n_draws", "n_total"):
+        assert ours[f"alpaca_eval/{k}"] == theirs[k], k
