@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from harness.tiny import tasks
 from harness.tiny.build import ensure_tiny
@@ -118,7 +119,25 @@ def test_lm_eval_runs_on_exported_tasks(world, model_and_tok):
         tasks=["tiny_gen", "tiny_mc"], apply_chat_template=True, limit=limit,
         task_manager=TaskManager(include_path=str(world / "lm_eval"), include_defaults=False))
     gen, mc = res["results"]["tiny_gen"], res["results"]["tiny_mc"]
-    assert 0.0 <= mc["acc,none"] <= 1.0
+    # lm-eval's multiple-choice accuracy equals an independent argmax over the choices'
+    # log-likelihoods (context = the chat-templated prompt, continuation = the choice, split as
+    # lm-eval splits a context + continuation pair)
+    mc_rows = read_jsonl(world / "eval.jsonl")[:limit]
+    right = 0
+    with torch.inference_mode():
+        for r in mc_rows:
+            context = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                              add_generation_prompt=True)
+            scores = []
+            for choice in r["choices"]:
+                whole = tok(context + choice, add_special_tokens=False).input_ids
+                n_ctx = len(tok(context, add_special_tokens=False).input_ids)
+                logits = model(torch.tensor([whole])).logits[0, :-1].float()
+                logp = torch.log_softmax(logits, -1)[torch.arange(len(whole) - 1), torch.tensor(whole[1:])]
+                scores.append(float(logp[n_ctx - 1:].sum()))
+            right += max(range(len(scores)), key=scores.__getitem__) == r["label"]
+    assert mc["acc,none"] == pytest.approx(right / limit)
+    assert 0.25 < right / limit  # above chance: the warmed-up model knows some answers
     # lm-eval's exact match agrees with ours on the same examples and the same chat template
     rows = read_jsonl(world / "eval.jsonl")[:limit]
     ours = sum(tasks.check(r["prompt"], o) for r, o in zip(rows, generate(model, tok, [r["prompt"] for r in rows])))
