@@ -43,7 +43,7 @@ from typing import Iterator, Sequence
 import torch
 
 from harness import console
-from harness.engines import REPO, unavailable, venv_python  # noqa: F401  (re-exported)
+from harness.engines import stop_group, unavailable, venv_python  # noqa: F401  (unavailable: re-exported)
 from harness.generate import Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
 from harness.store import JsonlLog, build_once, cache_root
 
@@ -209,15 +209,7 @@ class Worker:
                 p.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired, ValueError):
                 pass
-        if p.poll() is None:  # the worker and the processes vLLM spawned (its own session)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, 15)
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, 9)
-                p.wait()
+        stop_group(p, grace_s=20)  # the worker and the processes vLLM spawned (its own session)
         with contextlib.suppress(OSError):
             self._stderr.close()
             os.unlink(self._stderr.name)

@@ -35,7 +35,7 @@ from typing import Iterator
 
 import torch
 
-from harness.engines import unavailable, venv_python
+from harness.engines import stop_group, unavailable, venv_python
 from harness.engines.vllm_engine import CPU_KV_GIB
 
 
@@ -146,14 +146,6 @@ def serve(model_dir: Path | str, served_name: str, *, dtype: str = "float32", ma
         else:
             yield url
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                proc.wait()
+        stop_group(proc, grace_s=30)
         log.close()
         os.unlink(log.name)
