@@ -15,7 +15,6 @@ judge's AlpacaEval numbers look like. Needs ``.venv-vllm`` (``./install.sh --vll
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -66,7 +65,7 @@ def compare(n: int, systems: list[str], url: str, concurrency: int) -> list[dict
 
 
 def main() -> None:
-    from harness.engines.vllm_server import seeding_proxy, serve
+    from harness.engines.vllm_server import serve
     from harness.models import offline_env
     from harness.sources import locate, materialize
 
@@ -79,13 +78,12 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = materialize(locate("smollm2-135m-instruct"))
     t0 = time.perf_counter()
-    runs = []
-    with serve(model_dir, SERVED) as url:
-        start = time.perf_counter() - t0
-        for seeded in (False, True):
-            with (seeding_proxy(url) if seeded else contextlib.nullcontext(url)) as u:
-                runs += [(c, seeded, compare(args.n, args.systems.split(","), u, c))
-                         for c in map(int, args.concurrency.split(","))]
+    runs, start = [], None
+    for seeded in (False, True):
+        with serve(model_dir, SERVED, seeded=seeded) as url:
+            start = start or time.perf_counter() - t0
+            runs += [(c, seeded, compare(args.n, args.systems.split(","), url, c))
+                     for c in map(int, args.concurrency.split(","))]
     print(f"vLLM server start {start:.0f}s; judge SmolLM2-135M-Instruct served as {SERVED}; annotator "
           "weighted_alpaca_eval_gpt4_turbo; reference gpt4_1106_preview")
     for c, seeded, rows in runs:
@@ -94,7 +92,7 @@ def main() -> None:
 
 def table(concurrency: int, seeded: bool, rows: list[dict]) -> None:
     print(f"-- {concurrency} request(s) in flight on each side; "
-          + ("every request seeded from its content (seeding proxy)" if seeded else "requests unseeded, as sent"))
+          + ("every request seeded from its content, prefix cache off (serve(seeded=True))" if seeded else "requests unseeded, as sent"))
     print(f"{'system':<14}{'n':>4}  {'harness':>13}  {'alpaca_eval':>13}  {'same pref':>9}  {'max |diff|':>10}  "
           f"{'GPT-4 Turbo judge':>17}")
     for r in rows:
