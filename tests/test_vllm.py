@@ -1,7 +1,8 @@
 """The vLLM generation engine (``[generation] engine = "vllm"``, ``harness.engines.vllm_engine``)
-against the harness's own HF path. Needs ``.venv-vllm`` (``./install.sh --vllm``); skipped
-without it. About 5 minutes on 2 CPU cores (four engine starts of 20-40 s each), plus about
-5 minutes for the SmolLM2 smoke experiment with ``[generation] engine = "vllm"``.
+against the harness's own HF path, and vLLM's OpenAI-compatible server as an AlpacaEval 2.0
+judge against alpaca_eval itself. Needs ``.venv-vllm`` (``./install.sh --vllm``); skipped
+without it. About 10 minutes on 2 CPU cores (engine starts of 20-40 s each, a server start of
+about 50 s, and the SmolLM2 smoke experiment with ``[generation] engine = "vllm"``).
 
 Measured here (CPU, float32, enforce_eager):
 - greedy answers: token-identical to the HF engine on the tiny model and on SmolLM2-135M;
