@@ -28,9 +28,11 @@ KEY_ENV = "HARNESS_LOCAL_JUDGE_KEY"  # the local server checks no key; the clien
 
 def published_win_rate(system: str, instructions: set[str]) -> tuple[float, int]:
     """GPT-4 Turbo's own weighted win rate of ``system`` on ``instructions`` (published annotations)."""
+    from alpaca_eval.metrics import get_winrate
+
     ann = json.loads((SHARED / f"{system}.weighted_alpaca_eval_gpt4_turbo.annotations.json").read_text())
     prefs = [a["preference"] for a in ann if a["instruction"] in instructions and a.get("preference") is not None]
-    return 100 * sum(p - 1 for p in prefs) / len(prefs), len(prefs)
+    return float(get_winrate([{"preference": p} for p in prefs])["win_rate"]), len(prefs)
 
 
 def compare(n: int, systems: list[str], url: str, concurrency: int) -> list[dict]:

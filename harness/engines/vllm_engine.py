@@ -247,7 +247,8 @@ class Session:
     one (``harness.engines.session``) so that its AlpacaEval answers, indicator samples and
     a self-judge's answers pay for one engine start, not one each."""
 
-    def __init__(self):
+    def __init__(self, headroom: int = 2048):
+        self.headroom = headroom  # a started engine takes sequences up to this long (or the model's limit)
         self.worker: Worker | None = None
         self.starts = 0
         self._key: tuple | None = None
@@ -266,7 +267,7 @@ class Session:
         if self.worker is not None and self._key[:3] == (model_dir, dtype, batch_size) and need <= self._key[3]:
             return self.worker
         self.close_worker()
-        length = max(need, _max_model_len(model, 0, SESSION_MODEL_LEN - 1))  # room for the session's next calls
+        length = max(need, _max_model_len(model, 0, self.headroom - 1))  # room for the session's next calls
         self.worker = Worker(model_dir, dtype=dtype, max_num_seqs=batch_size, max_model_len=length)
         self._key = (model_dir, dtype, batch_size, length)
         self.starts += 1
@@ -286,9 +287,6 @@ class Session:
         self._gpu.close()
 
 
-SESSION_MODEL_LEN = 2048  # a session's engine takes sequences up to this long (or the model's limit) at once
-
-
 def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
              seed_key: tuple, batch_size: int = 32, log: JsonlLog | None = None,
              desc: str = "generate", min_new_tokens: int = 0, worker: Worker | None = None,
@@ -298,7 +296,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
     ``batch_size`` is vLLM's ``max_num_seqs`` (sequences decoded at once). ``worker``: an
     already started ``Worker`` serving ``model`` (benchmarks); ``session``: a ``Session``
     whose worker is used (started or restarted as needed) and kept; with neither, one is
-    started for the call and stopped before it returns."""
+    started for the call (a ``Session`` sized for it) and stopped before it returns."""
     texts = {p.id: render(tokenizer, p.messages) for p in prompts}
     ids = {pid: tokenizer(t, add_special_tokens=False).input_ids for pid, t in texts.items()}
     results = {pid: log.records[pid] for pid in texts if log is not None and pid in log}
@@ -313,14 +311,10 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
                                unit="samples")
         need = _max_model_len(model, max(len(ids[p]) for p in order), sampling.max_new_tokens)
         with contextlib.ExitStack() as stack:
-            if worker is None and session is not None:
-                worker = session.worker_for(model, batch_size, need)
-            elif worker is None:
-                stack.enter_context(off_gpu(model))
-                model_dir, dtype = export_policy(model)
-                worker = stack.enter_context(Worker(model_dir, dtype=dtype, max_num_seqs=batch_size,
-                                                    max_model_len=need))
             stack.callback(bar.close)
+            if worker is None:
+                session = session or stack.enter_context(contextlib.closing(Session(headroom=0)))
+                worker = session.worker_for(model, batch_size, need)
             pending: dict[str, dict[int, dict]] = {}
             n_tokens, t0 = 0, time.perf_counter()  # after the engine started
             for raw in worker.generate(requests, vs):

@@ -62,37 +62,36 @@ def seeding_proxy(upstream: str) -> Iterator[str]:
     """An HTTP proxy on 127.0.0.1 in front of ``upstream`` (a base URL) that adds a content-derived
     ``seed`` to every JSON POST that has none; yields its base URL."""
 
+    root = upstream.rstrip("/").removesuffix("/v1")
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
+
+        def _forward(self, data: bytes | None, timeout: float) -> None:
+            """Send this request's path (and ``data``, a POST body) upstream; answer with its reply."""
+            req = urllib.request.Request(root + self.path, data=data, method="POST" if data is not None else "GET",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    status, reply = r.status, r.read()
+            except urllib.error.HTTPError as e:
+                status, reply = e.code, e.read()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if isinstance(body, dict) and "seed" not in body:
                 blob = json.dumps(body, sort_keys=True).encode()
                 body["seed"] = int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") >> 1
-            req = urllib.request.Request(upstream.rstrip("/").removesuffix("/v1") + self.path,
-                                         data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=600) as r:
-                    status, data = r.status, r.read()
-            except urllib.error.HTTPError as e:
-                status, data = e.code, e.read()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._forward(json.dumps(body).encode(), timeout=600)
 
         def do_GET(self):
-            with urllib.request.urlopen(upstream.rstrip("/").removesuffix("/v1") + self.path, timeout=60) as r:
-                data = r.read()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._forward(None, timeout=60)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
