@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
@@ -14,5 +16,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from test_eval_fixtures import tiny_dir  # noqa: E402,F401  (the random tiny model fixture)
+from harness import console  # noqa: E402
 import harness.judges  # noqa: E402,F401  (registers the judge kinds, as the CLI does)
 import harness.methods  # noqa: E402,F401  (registers the methods, as the CLI does)
+
+
+@pytest.fixture
+def library_console():
+    """Library output (no terminal lines): a CLI test before may have left the console
+    configured with its own, since closed, captured stream. Tests that run the loop as a
+    library use it (``pytest.mark.usefixtures("library_console")``)."""
+    console.reset()
+    yield
+    console.reset()

@@ -11,20 +11,12 @@ import copy
 
 import pytest
 
-from harness import console
 from harness.config import parse
 from harness.engines import Engine
 from harness.generate import generate as hf_generate
 from harness.loop import run_experiment
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def library_console():
-    console.reset()
-    yield
-    console.reset()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("library_console")]
 
 
 def sr_doc(out) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import console, loop, stages, store
+from harness import loop, stages, store
 from harness.config import parse
 from harness.data import Example
 from harness.methods import METHODS
@@ -22,16 +22,7 @@ from harness.methods.base import Group, IterationContext
 from harness.loop import run_experiment
 from harness.sources import resolve_ref
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def library_console():
-    """Library output (no terminal lines): a CLI test before may have left the console
-    configured with its own, since closed, captured stream."""
-    console.reset()
-    yield
-    console.reset()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("library_console")]
 
 
 def read(path: Path) -> list[dict]:

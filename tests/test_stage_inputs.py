@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import console, store
+from harness import store
 from harness.config import parse
 from harness.loop import run_experiment
 from harness.rundir import RunDir
@@ -23,14 +23,7 @@ from harness.sources import resolve_ref
 from harness.reuse import ConfigView, RecordedStage, status
 from harness.store import StageChanged, StageCorrupt
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def library_console():
-    console.reset()
-    yield
-    console.reset()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("library_console")]
 
 
 def spin_doc(root: Path, name: str, iterations: int = 1) -> dict:
