@@ -11,7 +11,8 @@ seed, so they take the same number of optimizer steps (checked).
   dataset preparation, training, saving the adapter, and the reporting probe. The probe is
   counted honestly as harness cost: its "before" values are the precomputed reference
   log-probs (plus the policy's own on ``GAP_CHECK_PAIRS`` pairs, a check), and its "after"
-  values take one forward over up to 256 pairs in length-sorted batches.
+  values take one prompt-shared forward over its sample of the pairs (``training.probe_share``
+  of the stage's forward work, default 0.05; ``--probe-share 1`` probes every pair).
 - harness per-step: the same with ``precompute=False`` (trl's reference forward in every
   step, "before" probe on all probe pairs): the gain of precomputing, from the same run.
 - trl: ``DPOTrainer(model, args=DPOConfig(...), peft_config=LoraConfig(...))``, ``train()``,
@@ -25,6 +26,7 @@ The last line is ``train harness/trl: R``, R = harness pairs/s / trl pairs/s.
 
     .venv/bin/python bench/bench_train.py [--model smollm2-135m-instruct|tiny] [--pairs 32]
         [--batch-size 8] [--epochs 1] [--max-length 128] [--repeats 1] [--dtypes float32] [--threads 1]
+        [--probe-share 0.05]
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def make_cfg(args, out: Path, dtype: str = "float32"):
         "method": {"name": "spin", "iterations": 1, "beta": 0.1, "loss": "sigmoid"},
         "data": {"train": "tiny:sft_train"},
         "training": {"learning_rate": 2e-4, "epochs": args.epochs, "batch_size": args.batch_size,
-                     "max_length": args.max_length, "warmup_ratio": 0.0}})
+                     "max_length": args.max_length, "warmup_ratio": 0.0, "probe_share": args.probe_share}})
 
 
 def make_pairs(cfg, n: int, max_new_tokens: int) -> list[dict]:
@@ -136,6 +138,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=24, help="length of the rejected (generated) answers")
     ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--probe-share", type=float, default=0.05, help="training.probe_share of the harness side")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per side; the fastest counts")
     ap.add_argument("--dtypes", default="float32",
                     help="float32 (default) or float32,bfloat16: also compare the harness side in bfloat16")
@@ -158,7 +161,8 @@ def main() -> None:
               f"max_length={args.max_length} lora_r={args.lora_r} threads={torch.get_num_threads()} "
               f"torch={torch.__version__} cuda={torch.cuda.is_available()} cpu_bf16_flags={sorted(set(flags.split())) or 'none'} "
               f"repeats={args.repeats} (probe: 'before' = precomputed reference + {GAP_CHECK_PAIRS}-pair check, "
-              f"'after' = one forward, counted as harness cost)", flush=True)
+              f"'after' = one forward over a sample within probe_share={args.probe_share}, counted as harness cost)",
+              flush=True)
         run_harness(cfg, pairs[:max(2, args.batch_size)], tmp / "warmup")  # imports, first-call costs
         sides = {"harness": lambda out: run_harness(cfg, pairs, out),
                  "harness per-step ref": lambda out: run_harness(cfg, pairs, out, precompute=False),
@@ -178,10 +182,13 @@ def main() -> None:
             extra = ""
             if "train/seconds" in m:
                 extra = (f"  (trainer.train {m['train/seconds']:.1f}s, reference pass {m['train/ref_seconds']:.1f}s, "
-                         f"probe {m['train/probe_seconds']:.1f}s, {m['train/tokens']} tokens trained)")
+                         f"probe {m['train/probe_seconds']:.1f}s on {m['train/probe_pairs']} pairs, "
+                         f"{m['train/tokens']} tokens trained)")
             print(f"{name:22s} {dt:7.1f}s  {rate[name]:6.2f} pairs/s  {steps[name]} steps{extra}", flush=True)
         print(f"precomputed/per-step reference: {rate['harness'] / rate['harness per-step ref']:.3f}")
         dt, m = best["harness"]
+        print(f"probe share of the harness side: {m['train/probe_seconds'] / dt:.3f} "
+              f"({m['train/probe_pairs']} of {len(pairs)} pairs, the gap checks included)")
         print(f"harness without its reporting probe ({m['train/probe_seconds']:.1f}s)/trl: "
               f"{best['trl'][0] / (dt - m['train/probe_seconds']):.3f}")
         dtypes = [d for d in args.dtypes.split(",") if d]

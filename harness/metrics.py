@@ -136,6 +136,7 @@ CATALOGUE: tuple[Metric, ...] = (
       views=ALL_PANELS, lines=_train("margin {}")),
     M("train/reward_accuracy", "reward accuracy", digits=2, higher_is_better=True, producer=TRAIN,
       lines=_train("reward acc {}")),
+    M("train/probe_pairs", "pairs in the after-training probe", format="count", producer=TRAIN),
     M("train/prefers_chosen_before", "already preferred chosen", producer=TRAIN, views=("plot",)),
     M("train/logp_chosen", "log p(chosen)", producer=TRAIN, views=("plot",)),
     M("train/logp_rejected", "log p(rejected)", producer=TRAIN, views=("plot",)),

@@ -45,7 +45,7 @@ def common(tmp_path: Path, name: str) -> dict:
             "data": {"train": "tiny:prompts_train"},
             "generation": {"max_new_tokens": 16, "batch_size": 64},
             "training": {"learning_rate": 5e-4, "epochs": 1, "batch_size": 8, "max_length": 160,
-                         "warmup_ratio": 0.0},
+                         "warmup_ratio": 0.0, "probe_share": 1.0},  # the probe measures every pair
             "eval": {"lm_eval_tasks": ["tiny:tiny_gen"], "limit": 8, "batch_size": 32,
                      "alpaca_eval": {"instructions": "tiny:alpaca_eval", "limit": 8},
                      "indicators": {"num_prompts": 0}}}
@@ -54,7 +54,8 @@ def common(tmp_path: Path, name: str) -> dict:
 def assert_trained_against_previous_iterate(run: Path, iterations: int, start_policy: str | None = None,
                                             cfg=None):
     """Each iteration starts from the model the previous one trained, and trl's reference
-    log-probs equal that model's (the loop records both on up to 256 of its pairs). With ``cfg``,
+    log-probs equal that model's (the loop records both on its probe's pairs: all of them, up to
+    256, with probe_share = 1). With ``cfg``,
     the previous iterate is also loaded afresh from its saved adapters and its log-probs on the
     iteration's pairs are computed independently of the training code's own "before" values."""
     previous = start_policy
@@ -69,7 +70,7 @@ def assert_trained_against_previous_iterate(run: Path, iterations: int, start_po
         # training moved the policy far beyond that tolerance, so a stale reference would show
         assert abs(m["train/logp_chosen"] - m["train/logp_chosen_before"]) > 0.02
         pairs = read(run / f"iter_{t:03d}" / "pairs" / "pairs.jsonl")
-        if cfg is not None and m["train/n_replayed"] == 0 and m["train/n_pairs"] == len(pairs) <= 256:
+        if cfg is not None and m["train/n_replayed"] == 0 and m["train/n_pairs"] == len(pairs) == m["train/probe_pairs"]:
             from harness.models import load_policy
             from harness.sources import locate, materialize
             from harness.train import pair_logps

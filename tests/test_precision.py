@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from harness.generate import sequence_logprobs
+from full_forward import sequence_logprobs
 from harness.models import load_policy
 from harness.train import train_dpo
 from test_train import PAIRS, make_cfg

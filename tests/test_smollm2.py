@@ -72,7 +72,7 @@ def test_smoke_adapter_changed_the_log_probabilities(smoke_run):
     """Base vs base + the trained adapter on the iteration's own pairs, computed here
     independently of the harness's training metrics."""
     from harness import config
-    from harness.generate import sequence_logprobs
+    from full_forward import sequence_logprobs
     from harness.models import load_policy
 
     run_dir, exp = smoke_run

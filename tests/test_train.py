@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.config import SftSection, parse
-from harness.generate import sequence_logprobs
+from full_forward import sequence_logprobs
 from harness.models import load_policy
 from harness.train import (dpo_trainer, lora_config, only_adapter_dropout, precompute_reference, reference_logps,
                            train_dpo, trainer_args)

@@ -151,17 +151,17 @@ def test_probe_matches_trls_rows_to_our_pairs_when_trl_drops_one(tiny_dir, tmp_p
     from harness.train.truncate import Fitted
 
     monkeypatch.setattr(dpo, "fit", lambda tok, pairs, *a: Fitted(items=list(pairs), index=list(range(len(pairs)))))
-    cfg = make_cfg(tiny_dir, tmp_path, training={"max_length": 96})
+    cfg = make_cfg(tiny_dir, tmp_path, training={"max_length": 96, "probe_share": 1.0})  # probe every pair
     model, tok = load_policy(cfg, [])
     short = [{"messages": [{"role": "user", "content": f"what is {i} plus {i + 1}"}], "chosen": f"{2 * i + 1}",
               "rejected": "no no" * (i + 1)} for i in range(7)]
     pairs = long_pairs(n=1) + short
-    metrics, _ = train_dpo(model, tok, pairs, cfg, 1, tmp_path / "it1", probe_size=4, precompute=precompute)
-    assert metrics["train/n_pairs"] == 7
+    metrics, _ = train_dpo(model, tok, pairs, cfg, 1, tmp_path / "it1", precompute=precompute)
+    assert metrics["train/n_pairs"] == metrics["train/probe_pairs"] == 7
     assert metrics["train/ref_gap_to_start"] < 1e-3
     model, tok = load_policy(cfg, [])
-    from harness.train.reference import pair_logps
+    from harness.train import pair_logps
 
-    c, r = pair_logps(model, tok, short[:4], 96)
-    assert metrics["train/logp_chosen_before"] == pytest.approx(sum(c) / 4, abs=1e-3)
-    assert metrics["train/ref_logp_rejected"] == pytest.approx(sum(r) / 4, abs=1e-3)
+    c, r = pair_logps(model, tok, short, 96)
+    assert metrics["train/logp_chosen_before"] == pytest.approx(sum(c) / 7, abs=1e-3)
+    assert metrics["train/ref_logp_rejected"] == pytest.approx(sum(r) / 7, abs=1e-3)

@@ -7,7 +7,7 @@ about 50 s, and the SmolLM2 smoke experiment with ``[generation] engine = "vllm"
 Measured here (CPU, float32, enforce_eager):
 - greedy answers: token-identical to the HF engine on the tiny model and on SmolLM2-135M;
 - policy log-probs: vLLM's prompt log-probs of fixed prompt + answer sequences against
-  ``harness.generate.sequence_logprobs`` on the same policy differ by at most 3.3e-5 nats
+  ``sequence_logprobs`` (tests/full_forward.py: a full forward) on the same policy differ by at most 3.3e-5 nats
   per sequence (SmolLM2 with random LoRA adapters on q/v/o; merge chain 1.2e-5..3.2e-5,
   continue chain 5e-6..2.4e-5); ``LOGP_TOL`` leaves a 15x margin. The adapters move the
   same sums by 0.1..0.5 nats, so the check sees whether the served weights are the policy's.
@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from harness.engines.vllm_engine import Session, Worker, export_policy, generate as vllm_generate, unavailable
-from harness.generate import Prompt, Sampling, completion_ids, generate as hf_generate, sequence_logprobs
+from harness.generate import Prompt, Sampling, completion_ids, generate as hf_generate
+from full_forward import sequence_logprobs
 from harness.store import JsonlLog
 from test_eval_fixtures import build_tokenizer, tiny_llama_config
 
@@ -158,8 +159,9 @@ def _random_adapter(model, path: Path, seed: int):
 
 @pytest.mark.parametrize("chain", ["merge", "continue"])
 def test_policy_logprobs_match_the_harness(chain, tmp_path):
-    """vLLM's prompt log-probs of prompt + answer under the served policy = the harness's own
-    ``sequence_logprobs`` of the in-memory policy (merged chain, or a PeftModel continuing)."""
+    """vLLM's prompt log-probs of prompt + answer under the served policy = a full forward
+    (``sequence_logprobs``) and the training probe's ``pair_logps`` of the in-memory policy
+    (merged chain, or a PeftModel continuing)."""
     from peft import PeftModel
 
     from harness.models import load_model
@@ -195,6 +197,12 @@ def test_policy_logprobs_match_the_harness(chain, tmp_path):
           f"policy - base: {[f'{x - b:.2f}' for x, b in zip(want, base_lp)]}")
     assert max(diffs) < LOGP_TOL, diffs
     assert max(abs(x - b) for x, b in zip(want, base_lp)) > 50 * LOGP_TOL  # the adapters matter
+    # the training probe's prompt-shared forward (harness.train.pair_logps) on the same policy
+    from harness.train import pair_logps
+
+    chosen, _ = pair_logps(policy, tok, [{"messages": m, "chosen": a, "rejected": answers[i - 1]}
+                                         for i, (m, a) in enumerate(zip(chats, answers))], 256)
+    assert max(abs(g - x) for g, x in zip(got, chosen)) < LOGP_TOL
 
 
 def test_smollm2_smoke_experiment_with_the_vllm_engine(tmp_path):

@@ -13,9 +13,9 @@ separately loaded, frozen copy handed to trl as ``ref_model``; continue -- the
 adapter-disabled (quantized) base is the reference.
 
 Its reference log-probs are computed once before training
-(``harness.train.reference.precompute_reference``), and a probe of the pairs reports
-how the policy's preferences moved. Not here: running the trainer and its guards
-(``harness.train.trainer``), SFT (``harness.train.sft``).
+(``harness.train.reference.precompute_reference``), and a probe of a sample of the pairs
+(``harness.train.probe``) reports how the policy's preferences moved. Not here: running
+the trainer and its guards (``harness.train.trainer``), SFT (``harness.train.sft``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from harness.train.reference import pair_logps, precompute_reference, reference_logps, use_reference_adapter
+from harness.train.probe import pair_logps, probe_sample, probe_tokens, stage_work
+from harness.train.reference import precompute_reference, reference_logps, use_reference_adapter
 from harness.train.schedule import dpo_steps
 from harness.train.trainer import TrainingError, make_trainer, prepare_policy, run_trainer, trainer_args
 from harness.train.truncate import check_share, cut_answers, fit
@@ -58,11 +59,11 @@ def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, ou
     return trainer
 
 
-GAP_CHECK_PAIRS = 4  # pairs on which train_dpo compares the reference with the policy before training
+GAP_CHECK_PAIRS = 2  # pairs on which train_dpo compares the reference with the policy before training
 
 
 def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_dir: Path,
-              probe_size: int = 256, reference: Sequence[Path] | None = None,
+              reference: Sequence[Path] | None = None,
               base: str | None = None, precompute: bool = True) -> tuple[dict, object]:
     """Train one iteration on pairs {messages, chosen, rejected}; save ``out_dir/adapter``.
     Returns (metrics, the trained in-memory model).
@@ -71,20 +72,21 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     a chain of saved adapters = the reference is that chain's model (``method.reference
     = "base"``: the iteration-0 chain), loaded from ``base`` (the resolved base path).
 
-    Reports, on up to ``probe_size`` pairs, the log-likelihoods before and after,
-    the fraction of pairs the model already preferred (logp chosen > logp
-    rejected) before training, the implicit reward margin after training
-    (beta * change of the chosen-minus-rejected log-ratio; reference = before),
-    and trl's own reference log-probs of those pairs: ``train/ref_gap_to_start`` is
-    their largest distance to the policy's before training (0 up to float rounding
-    when the reference is the previous iterate).
+    The probe reports, on a sample of the pairs (``probe_sample``: seeded by the experiment's
+    seed and the iteration, ``PROBE_MIN`` to ``PROBE_MAX`` pairs, its forward work at most
+    ``training.probe_share`` of the stage's; ``train/probe_pairs`` says how many), the
+    log-likelihoods before and after, the fraction of pairs the model already preferred
+    (logp chosen > logp rejected) before training, the implicit reward margin after training
+    (beta * change of the chosen-minus-rejected log-ratio; reference = before), and trl's own
+    reference log-probs of those pairs. ``train/ref_gap_to_start`` is the largest distance,
+    on the first ``GAP_CHECK_PAIRS`` pairs, between trl's reference log-probs and the policy's
+    before training (0 up to float rounding when the reference is the previous iterate).
 
     ``precompute``: the reference log-probs of all pairs are computed once, before
     training (``precompute_reference``), instead of by a reference forward in every
     step. When the reference is the model passed in, those log-probs are also the
-    "before" values of the probe, and the policy's own are computed on its first
-    ``GAP_CHECK_PAIRS`` pairs only, for ``train/ref_gap_to_start``. The "after" values
-    take one forward over the probe (counted in the stage's time).
+    "before" values of the probe. The "after" values take one forward over the sample;
+    it and the checks are counted in ``train/probe_seconds``.
     """
     if not pairs:
         raise TrainingError("no training pairs for this iteration")
@@ -93,34 +95,41 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     fitted = fit(tokenizer, pairs, ("chosen", "rejected"), max_length, settings.prompt_limit)
     check_share(fitted, len(pairs), settings, "training")
     kept = fitted.items
-    reuse = precompute and reference is None  # the reference's log-probs double as the "before" values
-    first = list(range(min(probe_size, len(kept))))
-    check = first[:GAP_CHECK_PAIRS] if reuse else first
+    check = list(range(min(GAP_CHECK_PAIRS, len(kept))))
     t0 = time.perf_counter()
-    before = dict(zip(check, zip(*pair_logps(model, tokenizer, [kept[i] for i in check], max_length))))
+    start = dict(zip(check, zip(*pair_logps(model, tokenizer, [kept[i] for i in check], max_length))))
     probe_seconds = time.perf_counter() - t0
     trainer = dpo_trainer(model, tokenizer, kept, cfg, iteration, out_dir, reference, base)
     # trl's rows -> our pairs, by the "row" column: nothing is dropped after fitting, but if trl
     # ever drops a row, the probe and its reference values must still be those of one pair
-    pos = {row: i for i, row in enumerate(trainer.train_dataset["row"])}
+    data = trainer.train_dataset
+    pos = {row: i for i, row in enumerate(data["row"])}
     if not pos:
         raise TrainingError(f"trl kept none of the {len(kept)} pairs")
-    probe = [i for i in range(len(kept)) if i in pos][:probe_size]
+    rows = sorted(pos)
+    lengths = [(len(p), len(c), len(r)) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+    work = stage_work(lengths, settings.epochs, precompute, cfg.training.gradient_checkpointing)
+    checks = sum(probe_tokens(lengths[pos[i]]) for i in check if i in pos) * (2 if cfg.chain == "merge" else 1)
+    picked = probe_sample([lengths[pos[i]] for i in rows], work, cfg.training.probe_share,
+                          key=f"probe/{cfg.experiment.seed}/{iteration}", spent=checks)
+    probe = [rows[k] for k in picked]
     t0 = time.perf_counter()
     if precompute:
         ref_all = precompute_reference(trainer)
-        ref_c, ref_r = [ref_all[0][pos[i]] for i in probe], [ref_all[1][pos[i]] for i in probe]
+        ref = {i: (ref_all[0][pos[i]], ref_all[1][pos[i]]) for i in set(probe) | set(check) if i in pos}
     t1 = time.perf_counter()
     if not precompute:
-        ref_c, ref_r = reference_logps(trainer, [pos[i] for i in probe])
+        wanted = sorted({i for i in set(probe) | set(check) if i in pos})
+        ref = dict(zip(wanted, zip(*reference_logps(trainer, [pos[i] for i in wanted]))))
     ref_seconds, probe_seconds = t1 - t0, probe_seconds + time.perf_counter() - t1
-    ref = dict(zip(probe, zip(ref_c, ref_r)))
-    gap = max((abs(a - b) for i in check if i in pos for a, b in zip(ref[i], before[i])), default=None)
-    if reuse:
-        before = ref
-    missing = [i for i in probe if i not in before]
-    if missing:
-        before.update(zip(missing, zip(*pair_logps(trainer.model, tokenizer, [kept[i] for i in missing], max_length))))
+    gap = max((abs(a - b) for i in check if i in ref for a, b in zip(ref[i], start[i])), default=None)
+    t0 = time.perf_counter()
+    if precompute and reference is None:  # the reference is the model passed in: its values are the "before"
+        before = {i: ref[i] for i in probe}
+    else:
+        before = dict(zip(probe, zip(*pair_logps(trainer.model, tokenizer, [kept[i] for i in probe], max_length))))
+    probe_seconds += time.perf_counter() - t0
+    ref_c, ref_r = [ref[i][0] for i in probe], [ref[i][1] for i in probe]
     c0, r0 = [before[i][0] for i in probe], [before[i][1] for i in probe]
     metrics = run_trainer(trainer, out_dir)
     t0 = time.perf_counter()
@@ -136,7 +145,7 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     beta = cfg.method.beta
     margins = [beta * ((c1[i] - c0[i]) - (r1[i] - r0[i])) for i in range(n)]
     metrics.update({
-        "train/n_pairs": len(pos), **fitted.metrics(),
+        "train/n_pairs": len(pos), **fitted.metrics(), "train/probe_pairs": n,
         "train/prefers_chosen_before": sum(c0[i] > r0[i] for i in range(n)) / n,
         "train/prefers_chosen_after": sum(c1[i] > r1[i] for i in range(n)) / n,
         "train/logp_chosen_before": sum(c0) / n, "train/logp_rejected_before": sum(r0) / n,

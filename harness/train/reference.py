@@ -1,14 +1,14 @@
-"""Log-probs of training pairs: the reference's (trl's numbers) and the policy's (the probe).
+"""The reference's log-probs of training pairs (trl's numbers).
 
 The reference is frozen for a whole iteration, so its log-probs of the training
 pairs are computed once before training (``precompute_reference``) and trl reads
 them from the dataset: no step runs a reference forward. ``reference_logps`` is
-the same computation on the first pairs in trl's per-step batches, and
-``pair_logps`` the policy's log-likelihoods of pairs (before and after training).
+the same computation on given pairs in trl's per-step batches.
 ``use_reference_adapter`` makes the frozen "ref" adapter of a continue chain the
 model of a given adapter chain.
 
-Not here: building the trainer or choosing the reference (``harness.train.dpo``).
+Not here: building the trainer or choosing the reference (``harness.train.dpo``), the
+policy's own log-probs (``harness.train.probe``).
 """
 
 from __future__ import annotations
@@ -17,23 +17,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from harness.generate import sequence_logprobs
 from harness.train.trainer import TrainingError
-
-
-def pair_logps(model, tokenizer, pairs: Sequence[dict], max_length: int) -> tuple[list[float], list[float]]:
-    """(chosen, rejected) log-likelihoods of ``pairs`` under ``model``, in their order. Computed
-    in batches of similar length (longest first), so little of the work is padding."""
-    def logps(key: str) -> list[float]:
-        order = sorted(range(len(pairs)), key=lambda i: -(len(str(pairs[i]["messages"])) + len(pairs[i][key])))
-        got = sequence_logprobs(model, tokenizer, [pairs[i]["messages"] for i in order],
-                                [pairs[i][key] for i in order], max_length=max_length)
-        out = [0.0] * len(pairs)
-        for i, v in zip(order, got):
-            out[i] = v
-        return out
-
-    return logps("chosen"), logps("rejected")
 
 
 def use_reference_adapter(model, reference: Sequence[Path]) -> None:

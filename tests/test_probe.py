@@ -1,0 +1,111 @@
+"""The post-training probe: its prompt-shared forward equals a full forward of each
+sequence, and its sample is seeded, bounded by its share of the stage's work, and what
+``train_dpo`` reports on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from full_forward import sequence_logprobs
+from harness.models import load_policy
+from harness.train import pair_logps, probe_sample, train_dpo
+from harness.train.probe import PROBE_MAX, PROBE_MIN, probe_tokens, stage_work
+from test_train import PAIRS, make_cfg
+
+WORDS = "the quick brown fox jumps over the lazy dog what is plus minus say".split()
+
+
+def mixed_pairs() -> list[dict]:
+    """Short and long, single- and multi-turn prompts, a system message, answers of very
+    different lengths, and pairs whose answers max_length = 96 cuts or removes entirely."""
+    out = []
+    for i in range(11):
+        turns = [{"role": "system", "content": "say yes"}] if i % 3 == 0 else []
+        for t in range(i % 4 + 1):
+            turns.append({"role": "user", "content": " ".join(WORDS[(i + t + k) % len(WORDS)] for k in range(2 + i))})
+            turns.append({"role": "assistant", "content": " ".join(WORDS[:t + 2])})
+        out.append({"messages": turns[:-1], "chosen": f"{2 * i + 1}",
+                    "rejected": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(1 + 4 * i))})
+    return out
+
+
+def full_forward(model, tok, pairs, max_length):
+    msgs = [p["messages"] for p in pairs]
+    return (sequence_logprobs(model, tok, msgs, [p["chosen"] for p in pairs], max_length=max_length),
+            sequence_logprobs(model, tok, msgs, [p["rejected"] for p in pairs], max_length=max_length))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prompt_shared_forward_equals_full_forward(tiny_dir, tmp_path, dtype):
+    """One prompt forward per pair + its KV cache for both answers gives each sequence's
+    full-forward log-likelihood (float rounding apart), on left-padded batches of mixed
+    lengths, long multi-turn prompts and answers cut at max_length."""
+    cfg = make_cfg(tiny_dir, tmp_path, model={"dtype": dtype})
+    model, tok = load_policy(cfg, [])
+    pairs = mixed_pairs()
+    from harness.generate import completion_ids
+
+    lengths = [len(sum(completion_ids(tok, p["messages"], p["rejected"]), [])) for p in pairs]
+    assert min(lengths) < 96 < max(lengths)  # some pairs are cut, some not
+    got_c, got_r = pair_logps(model, tok, pairs, 96, batch_size=4)
+    want_c, want_r = full_forward(model, tok, pairs, 96)
+    tol = 5e-4 if dtype == "float32" else 0.05  # measured: 6e-5 and 0.011 nats on answers of up to 530
+    assert got_c == pytest.approx(want_c, abs=tol) and got_r == pytest.approx(want_r, abs=tol)
+    assert len(set(round(v, 3) for v in got_r)) > 6 and sum(v < 0 for v in got_c) > 6
+    assert 0.0 in got_c  # a prompt that fills max_length leaves no answer token to score
+    # one pair alone (no padding) gives the same numbers as inside a batch
+    alone = pair_logps(model, tok, pairs[5:6], 96)
+    assert alone[0][0] == pytest.approx(got_c[5], abs=tol) and alone[1][0] == pytest.approx(got_r[5], abs=tol)
+
+
+def test_probe_sample_is_seeded_and_bounded():
+    lengths = [(30 + i % 7, 5 + i % 3, 20 + i % 11) for i in range(400)]
+    work = stage_work(lengths, epochs=1.0, precomputed=True, checkpointing=False)
+    assert work == 3 * sum(2 * p + c + r for p, c, r in lengths)
+    a = probe_sample(lengths, work, 0.05, key="probe/0/1")
+    assert a == probe_sample(lengths, work, 0.05, key="probe/0/1") == sorted(a)
+    assert a != probe_sample(lengths, work, 0.05, key="probe/0/2")
+    used = sum(probe_tokens(lengths[i]) for i in a)
+    assert used <= 0.05 / 0.95 * work and used + max(map(probe_tokens, lengths)) > 0.05 / 0.95 * work
+    assert PROBE_MIN < len(a) < PROBE_MAX
+    assert sorted(a) != list(range(len(a)))  # a random sample, not the first pairs
+    # checks already spent shrink it; the cap, the floor and share = 1
+    assert len(probe_sample(lengths, work, 0.05, key="probe/0/1", spent=0.02 * work)) < len(a)
+    assert len(probe_sample(lengths, work, 1.0, key="k")) == PROBE_MAX == 256
+    assert len(probe_sample(lengths, work, 1.0, key="k", cap=1000)) == 400
+    assert len(probe_sample(lengths, work, 0.0, key="k")) == PROBE_MIN
+    assert probe_sample(lengths[:3], work, 0.0, key="k") == [0, 1, 2]
+    # more epochs, more work, a larger sample
+    assert len(probe_sample(lengths, stage_work(lengths, 3.0, True, False), 0.05, key="probe/0/1")) > len(a)
+
+
+@pytest.mark.parametrize("share", [0.05, 1.0])
+def test_train_dpo_reports_on_its_sample(tiny_dir, tmp_path, share):
+    """The probe's numbers are those of the sampled pairs: its "before" values (the
+    precomputed reference) and its "after" values equal independent forwards of exactly
+    those pairs, before and after training; share = 1 probes every pair."""
+    cfg = make_cfg(tiny_dir, tmp_path, training={"probe_share": share})
+    pairs = PAIRS + [{**p, "chosen": p["chosen"] + " plus"} for p in PAIRS]  # 16 pairs
+    model, tok = load_policy(cfg, [])
+    start_c, start_r = pair_logps(model, tok, pairs, 64)
+    metrics, trained = train_dpo(model, tok, pairs, cfg, 1, tmp_path / "it1")
+    n = metrics["train/probe_pairs"]
+    assert n == (16 if share == 1 else PROBE_MIN)
+    lengths = []
+    from harness.generate import completion_ids
+
+    for p in pairs:
+        prompt, c = completion_ids(tok, p["messages"], p["chosen"])
+        lengths.append((len(prompt), len(c), len(completion_ids(tok, p["messages"], p["rejected"])[1])))
+    work = stage_work(lengths, 1.0, True, False)
+    spent = sum(probe_tokens(x) for x in lengths[:2]) * 2  # the gap checks (merge chain: before and merged)
+    picked = probe_sample(lengths, work, share, key="probe/0/1", spent=spent)
+    assert len(picked) == n
+    assert metrics["train/logp_chosen_before"] == pytest.approx(sum(start_c[i] for i in picked) / n, abs=1e-4)
+    assert metrics["train/logp_rejected_before"] == pytest.approx(sum(start_r[i] for i in picked) / n, abs=1e-4)
+    end_c, end_r = pair_logps(trained, tok, [pairs[i] for i in picked], 64)
+    assert metrics["train/logp_chosen"] == pytest.approx(sum(end_c) / n, abs=1e-4)
+    assert metrics["train/logp_rejected"] == pytest.approx(sum(end_r) / n, abs=1e-4)
+    assert abs(metrics["train/logp_chosen"] - metrics["train/logp_chosen_before"]) > 0.02  # training moved it
+    assert metrics["train/ref_gap_to_start"] < 1e-3 and metrics["train/merge_gap"] < 1e-3
