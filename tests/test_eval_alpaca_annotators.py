@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import threading
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -73,23 +72,18 @@ class Endpoint_:
         self.lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def on_post(handler, body):
+            with outer.lock:
+                n = sum(1 for r in outer.requests if _digest(r["body"]) == _digest(body))
+                outer.requests.append({"path": handler.path, "body": body,
+                                       "auth": handler.headers.get("Authorization")})
+            status = fail(body, n) if fail else None
+            if status:
+                send_json(handler, status, json.dumps({"error": {"message": "busy"}}))
+            else:
+                send_json(handler, 200, json.dumps(answer(body)))
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    n = sum(1 for r in outer.requests if _digest(r["body"]) == _digest(body))
-                    outer.requests.append({"path": self.path, "body": body,
-                                           "auth": self.headers.get("Authorization")})
-                status = fail(body, n) if fail else None
-                if status:
-                    send_json(self, status, json.dumps({"error": {"message": "busy"}}))
-                else:
-                    send_json(self, 200, json.dumps(answer(body)))
-
-        self.httpd, thread = local_server(Handler)
+        self.httpd, thread = local_server(on_post)
         thread.start()
 
     @property

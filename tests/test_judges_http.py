@@ -50,9 +50,17 @@ def send_json(handler: BaseHTTPRequestHandler, status: int, text: str, headers: 
         pass
 
 
-def local_server(handler_cls, port: int = 0) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    """A threading HTTP server on 127.0.0.1 and the (not yet started) thread that serves it."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), handler_cls)
+def local_server(on_post, port: int = 0) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """A threading HTTP server on 127.0.0.1 whose POSTs call ``on_post(handler, json_body)``
+    (no access log), and the (not yet started) thread that serves it."""
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            on_post(self, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     httpd.daemon_threads = True
     httpd.block_on_close = False
     return httpd, threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -71,30 +79,25 @@ class FakeServer:
         self.lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def on_post(handler, body):
+            content = body["messages"][-1]["content"]
+            instr = content if by == "content" else content.split("\n")[0][3:]
+            with outer.lock:
+                n = sum(1 for r in outer.requests if r["instr"] == instr)
+                outer.requests.append({"path": handler.path, "headers": dict(handler.headers), "body": body,
+                                       "instr": instr})
+            status, text, *rest = outer.behave(body, instr, n)
+            sleep = rest[0] if rest else 0
+            headers = rest[1] if len(rest) > 1 else {}
+            trickle = rest[2] if len(rest) > 2 else 0
+            time.sleep(sleep)
+            if status is DROP:
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+                return
+            send_json(handler, status, text, headers, trickle)
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = body["messages"][-1]["content"]
-                instr = content if by == "content" else content.split("\n")[0][3:]
-                with outer.lock:
-                    n = sum(1 for r in outer.requests if r["instr"] == instr)
-                    outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                           "instr": instr})
-                status, text, *rest = outer.behave(body, instr, n)
-                sleep = rest[0] if rest else 0
-                headers = rest[1] if len(rest) > 1 else {}
-                trickle = rest[2] if len(rest) > 2 else 0
-                time.sleep(sleep)
-                if status is DROP:
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                send_json(self, status, text, headers, trickle)
-
-        self.httpd, self.thread = local_server(Handler, port)
+        self.httpd, self.thread = local_server(on_post, port)
 
     @property
     def url(self):

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -206,34 +205,26 @@ class JudgeServer:
         self.gate = threading.Event()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def on_post(handler, body):
+            prompt = body["messages"][-1]["content"]
+            path = handler.path.split("/")[1]
+            if path in outer.down:
+                return send_json(handler, 503, "judge endpoint down")
+            with outer.lock:
+                wait = outer.quota.get(path) == 0
+                outer.blocked += wait
+                if path in outer.quota and not wait:
+                    outer.quota[path] -= 1
+            if wait:
+                outer.gate.wait(120)
+                return send_json(handler, 503, "released")  # the client that asked has been killed
+            with outer.lock:
+                outer.answered[path, prompt] += 1
+            score = 1 + int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5
+            send_json(handler, 200, json.dumps({"choices": [{"message": {"role": "assistant",
+                                                                         "content": f"Judged.\nScore: {score}"}}]}))
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                path = self.path.split("/")[1]
-                if path in outer.down:
-                    return self._send(503, "judge endpoint down")
-                with outer.lock:
-                    wait = outer.quota.get(path) == 0
-                    outer.blocked += wait
-                    if path in outer.quota and not wait:
-                        outer.quota[path] -= 1
-                if wait:
-                    outer.gate.wait(120)
-                    return self._send(503, "released")  # the client that asked has been killed
-                with outer.lock:
-                    outer.answered[path, prompt] += 1
-                score = 1 + int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5
-                self._send(200, json.dumps({"choices": [{"message": {"role": "assistant",
-                                                                     "content": f"Judged.\nScore: {score}"}}]}))
-
-            def _send(self, status, text):
-                send_json(self, status, text)
-
-        self.httpd, self.thread = local_server(Handler)
+        self.httpd, self.thread = local_server(on_post)
         self.thread.start()
 
     def url(self, path):

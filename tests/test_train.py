@@ -45,31 +45,39 @@ def _batch(trainer, n):
     return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "hinge"])
-def test_trl_loss_equals_spin_formula(tiny_dir, tmp_path, loss):
-    """L = mean l(lam*log(p(y)/p_t(y)) - lam*log(p(y')/p_t(y'))), logistic or hinge,
-    on hand-chosen reference log-probs and policy log-probs computed independently."""
-    cfg = make_cfg(tiny_dir, tmp_path, method={"loss": loss})
+REF_C = torch.tensor([-20.0, -31.5, -12.25, -40.0])  # hand-chosen reference log-probs of four pairs
+REF_R = torch.tensor([-25.0, -18.0, -30.5, -41.0])
+
+
+def _loss_on_fixed_reference(cfg, pairs):
+    """(trl's loss on the four ``pairs`` with reference log-probs REF_C / REF_R, the policy's
+    chosen and rejected log-probs by a full forward): the policy is the base with a fresh
+    adapter made non-zero, so policy != base."""
     model, tok = load_policy(cfg, [])
-    trainer = _trainer(model, tok, cfg, PAIRS[:4], lora_config(cfg.lora))
-    # make the fresh adapter non-zero so policy != base
+    trainer = _trainer(model, tok, cfg, pairs, lora_config(cfg.lora))
     torch.manual_seed(0)
     for name, p in trainer.model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.2)
     batch = _batch(trainer, 4)
-    ref_c = torch.tensor([-20.0, -31.5, -12.25, -40.0])
-    ref_r = torch.tensor([-25.0, -18.0, -30.5, -41.0])
-    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_c, ref_r
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = REF_C, REF_R
     trainer.precompute_ref_logps = True
     trainer.model.eval()
     with torch.no_grad():
         got = trainer.compute_loss(trainer.model, batch).item()
-    msgs = [p["messages"] for p in PAIRS[:4]]
-    pc = sequence_logprobs(trainer.model, tok, msgs, [p["chosen"] for p in PAIRS[:4]])
-    pr = sequence_logprobs(trainer.model, tok, msgs, [p["rejected"] for p in PAIRS[:4]])
+    msgs = [p["messages"] for p in pairs]
+    return (got, sequence_logprobs(trainer.model, tok, msgs, [p["chosen"] for p in pairs]),
+            sequence_logprobs(trainer.model, tok, msgs, [p["rejected"] for p in pairs]))
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "hinge"])
+def test_trl_loss_equals_spin_formula(tiny_dir, tmp_path, loss):
+    """L = mean l(lam*log(p(y)/p_t(y)) - lam*log(p(y')/p_t(y'))), logistic or hinge,
+    on hand-chosen reference log-probs and policy log-probs computed independently."""
+    cfg = make_cfg(tiny_dir, tmp_path, method={"loss": loss})
+    got, pc, pr = _loss_on_fixed_reference(cfg, PAIRS[:4])
     lam = cfg.method.beta
-    ts = [lam * ((pc[i] - ref_c[i].item()) - (pr[i] - ref_r[i].item())) for i in range(4)]
+    ts = [lam * ((pc[i] - REF_C[i].item()) - (pr[i] - REF_R[i].item())) for i in range(4)]
     ell = (lambda t: math.log1p(math.exp(-t))) if loss == "sigmoid" else (lambda t: max(0.0, 1.0 - t))
     want = sum(ell(t) for t in ts) / 4
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
@@ -83,28 +91,13 @@ def test_trl_ipo_loss_equals_its_formula(tiny_dir, tmp_path):
     from harness.generate import completion_ids
 
     cfg = make_cfg(tiny_dir, tmp_path, method={"loss": "ipo"})
-    model, tok = load_policy(cfg, [])
     pairs = [{**p, "rejected": "no " * (i + 1)} for i, p in enumerate(PAIRS[:4])]  # answers of other lengths
-    trainer = _trainer(model, tok, cfg, pairs, lora_config(cfg.lora))
-    torch.manual_seed(0)
-    for name, p in trainer.model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.2)
-    batch = _batch(trainer, 4)
-    ref_c = torch.tensor([-20.0, -31.5, -12.25, -40.0])
-    ref_r = torch.tensor([-25.0, -18.0, -30.5, -41.0])
-    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_c, ref_r
-    trainer.precompute_ref_logps = True
-    trainer.model.eval()
-    with torch.no_grad():
-        got = trainer.compute_loss(trainer.model, batch).item()
-    msgs = [p["messages"] for p in pairs]
-    pc = sequence_logprobs(trainer.model, tok, msgs, [p["chosen"] for p in pairs])
-    pr = sequence_logprobs(trainer.model, tok, msgs, [p["rejected"] for p in pairs])
+    got, pc, pr = _loss_on_fixed_reference(cfg, pairs)
+    tok = load_policy(cfg, [])[1]
     nc = [len(completion_ids(tok, p["messages"], p["chosen"])[1]) for p in pairs]
     nr = [len(completion_ids(tok, p["messages"], p["rejected"])[1]) for p in pairs]
     tau = cfg.method.beta
-    terms = [((pc[i] - ref_c[i].item()) / nc[i] - (pr[i] - ref_r[i].item()) / nr[i] - 1 / (2 * tau)) ** 2
+    terms = [((pc[i] - REF_C[i].item()) / nc[i] - (pr[i] - REF_R[i].item()) / nr[i] - 1 / (2 * tau)) ** 2
              for i in range(4)]
     assert got == pytest.approx(sum(terms) / 4, rel=1e-4, abs=1e-5)
     assert len(set(nr)) > 1 and len({round(t, 3) for t in terms}) > 1  # the case is not degenerate
