@@ -4,6 +4,8 @@ sequence, and its sample is seeded, bounded by its share of the stage's work, an
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -109,3 +111,7 @@ def test_train_dpo_reports_on_its_sample(tiny_dir, tmp_path, share):
     assert metrics["train/logp_rejected"] == pytest.approx(sum(end_r) / n, abs=1e-4)
     assert abs(metrics["train/logp_chosen"] - metrics["train/logp_chosen_before"]) > 0.02  # training moved it
     assert metrics["train/ref_gap_to_start"] < 1e-3 and metrics["train/merge_gap"] < 1e-3
+    beta = cfg.method.beta
+    margins = [beta * ((end_c[k] - start_c[i]) - (end_r[k] - start_r[i])) for k, i in enumerate(picked)]
+    assert metrics["train/reward_margin"] == pytest.approx(statistics.mean(margins), abs=1e-4)
+    assert metrics["train/reward_margin_stderr"] == pytest.approx(statistics.stdev(margins) / n ** 0.5, abs=1e-4)

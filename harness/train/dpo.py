@@ -20,6 +20,8 @@ the trainer and its guards (``harness.train.trainer``), SFT (``harness.train.sft
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from pathlib import Path
 from typing import Sequence
@@ -77,8 +79,9 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     ``training.probe_share`` of the stage's; ``train/probe_pairs`` says how many), the
     log-likelihoods before and after, the fraction of pairs the model already preferred
     (logp chosen > logp rejected) before training, the implicit reward margin after training
-    (beta * change of the chosen-minus-rejected log-ratio; reference = before), and trl's own
-    reference log-probs of those pairs. ``train/ref_gap_to_start`` is the largest distance,
+    (beta * change of the chosen-minus-rejected log-ratio; reference = before) with its standard
+    error over the sample, and trl's own reference log-probs of those pairs.
+    ``train/ref_gap_to_start`` is the largest distance,
     on the first ``GAP_CHECK_PAIRS`` pairs, between trl's reference log-probs and the policy's
     before training (0 up to float rounding when the reference is the previous iterate).
 
@@ -151,6 +154,7 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
         "train/logp_chosen_before": sum(c0) / n, "train/logp_rejected_before": sum(r0) / n,
         "train/logp_chosen": sum(c1) / n, "train/logp_rejected": sum(r1) / n,
         "train/reward_margin": sum(margins) / n,
+        "train/reward_margin_stderr": statistics.stdev(margins) / math.sqrt(n) if n > 1 else None,
         "train/reward_accuracy": sum(m > 0 for m in margins) / n,
         "train/ref_logp_chosen": sum(ref_c) / n, "train/ref_logp_rejected": sum(ref_r) / n,
         "train/ref_gap_to_start": gap, "train/merge_gap": merge_gap,
