@@ -12,7 +12,7 @@ import torch
 from full_forward import sequence_logprobs
 from harness.models import load_policy
 from harness.train import pair_logps, probe_sample, train_dpo
-from harness.train.probe import PROBE_MAX, PROBE_MIN, probe_tokens, stage_work
+from harness.train.probe import LOGIT_BUDGET, PROBE_MAX, PROBE_MIN, _batches, probe_tokens, stage_work
 from test_train import PAIRS, make_cfg
 
 WORDS = "the quick brown fox jumps over the lazy dog what is plus minus say".split()
@@ -59,6 +59,15 @@ def test_prompt_shared_forward_equals_full_forward(tiny_dir, tmp_path, dtype):
     # one pair alone (no padding) gives the same numbers as inside a batch
     alone = pair_logps(model, tok, pairs[5:6], 96)
     assert alone[0][0] == pytest.approx(got_c[5], abs=tol) and alone[1][0] == pytest.approx(got_r[5], abs=tol)
+
+
+def test_batches_bound_the_answer_logits():
+    """Up to ``most`` pairs a batch, fewer where two rows per pair of the batch's widest answer
+    pass the logit budget; a pair wider than the budget still gets a batch of its own."""
+    assert _batches(range(10), [5] * 10, 4, 1000) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert _batches(range(5), [256] * 5, 8, LOGIT_BUDGET // 152064) == [[0, 1, 2], [3, 4]]
+    assert _batches([0, 1, 2], [900, 10, 10], 8, 1000) == [[0], [1, 2]]
+    assert _batches([0, 1, 2], [10, 300, 10], 8, 1000) == [[0], [1], [2]]  # 2 * 2 * 300 > 1000
 
 
 def test_probe_sample_is_seeded_and_bounded():

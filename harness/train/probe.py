@@ -26,6 +26,7 @@ from harness.generate import completion_ids
 
 PROBE_MIN = 4        # pairs the probe measures at least (all of them when there are fewer)
 PROBE_MAX = 256      # and at most
+LOGIT_BUDGET = 2 ** 28  # most logits one pair_logps batch holds (1 GiB in float32)
 TRAIN_FORWARDS = 2   # forward-pass equivalents of one LoRA training pass (forward + backward)
 
 
@@ -51,8 +52,9 @@ def pair_logps(model, tokenizer, pairs: Sequence[dict], max_length: int,
                batch_size: int = 8) -> tuple[list[float], list[float]]:
     """(chosen, rejected) log-likelihoods of ``pairs`` {messages, chosen, rejected} under
     ``model``, in their order: the sums of log p(answer token | prompt, earlier tokens),
-    tokenized as trl tokenizes them. ``batch_size`` pairs per forward, similar lengths
-    together (longest first)."""
+    tokenized as trl tokenizes them. Up to ``batch_size`` pairs per forward, similar lengths
+    together (longest first), fewer where their answers' logits would pass ``LOGIT_BUDGET``
+    (with a 152k-token vocabulary and 256-token answers: 3 pairs)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sides = [_sides(tokenizer, p, max_length) for p in pairs]
@@ -61,8 +63,8 @@ def pair_logps(model, tokenizer, pairs: Sequence[dict], max_length: int,
     was_training = model.training
     model.eval()
     try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        for idx in _batches(order, [max(1, *(len(r) for r, _ in sides[i][1])) for i in range(len(pairs))],
+                            batch_size, LOGIT_BUDGET // _vocab_size(model)):
             prompts = [sides[i][0] for i in idx]
             rests = [side for i in idx for side in sides[i][1]]  # chosen, rejected, chosen, ...
             wp, wr = max(map(len, prompts)), max(1, max(len(r) for r, _ in rests))
@@ -88,6 +90,22 @@ def pair_logps(model, tokenizer, pairs: Sequence[dict], max_length: int,
     finally:
         model.train(was_training)
     return chosen, rejected
+
+
+def _vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _batches(order: Sequence[int], widths: Sequence[int], most: int, positions: int) -> list[list[int]]:
+    """``order`` cut into consecutive batches of at most ``most`` pairs whose two answer rows of
+    the batch's widest answer (``widths``) fit in ``positions`` logit positions; one pair at least."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < most and 2 * (len(out[-1]) + 1) * max(widths[j] for j in out[-1] + [i]) <= positions:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def probe_tokens(lengths: tuple[int, int, int]) -> int:
