@@ -11,7 +11,7 @@ import torch
 
 from full_forward import sequence_logprobs
 from harness.models import load_policy
-from harness.train import pair_logps, probe_sample, train_dpo
+from harness.train import GAP_CHECK_PAIRS, pair_logps, probe_sample, train_dpo
 from harness.train.probe import LOGIT_BUDGET, PROBE_MAX, PROBE_MIN, _batches, probe_tokens, stage_work
 from test_train import PAIRS, make_cfg
 
@@ -110,7 +110,7 @@ def test_train_dpo_reports_on_its_sample(tiny_dir, tmp_path, share):
         prompt, c = completion_ids(tok, p["messages"], p["chosen"])
         lengths.append((len(prompt), len(c), len(completion_ids(tok, p["messages"], p["rejected"])[1])))
     work = stage_work(lengths, 1.0, True, False)
-    spent = sum(probe_tokens(x) for x in lengths[:2]) * 2  # the gap checks (merge chain: before and merged)
+    spent = sum(probe_tokens(x) for x in lengths[:GAP_CHECK_PAIRS]) * 2  # the gap checks (merge chain: before, merged)
     picked = probe_sample(lengths, work, share, key="probe/0/1", spent=spent)
     assert len(picked) == n
     assert metrics["train/logp_chosen_before"] == pytest.approx(sum(start_c[i] for i in picked) / n, abs=1e-4)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.train.probe import pair_logps, probe_sample, probe_tokens, stage_work
-from harness.train.reference import precompute_reference, reference_logps, use_reference_adapter
+from harness.train.reference import precompute_reference, reference_logps, row_lengths, use_reference_adapter
 from harness.train.schedule import dpo_steps
 from harness.train.trainer import TrainingError, make_trainer, prepare_policy, run_trainer, trainer_args
 from harness.train.truncate import check_share, cut_answers, fit
@@ -81,9 +81,9 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     (logp chosen > logp rejected) before training, the implicit reward margin after training
     (beta * change of the chosen-minus-rejected log-ratio; reference = before) with its standard
     error over the sample, and trl's own reference log-probs of those pairs.
-    ``train/ref_gap_to_start`` is the largest distance,
-    on the first ``GAP_CHECK_PAIRS`` pairs, between trl's reference log-probs and the policy's
-    before training (0 up to float rounding when the reference is the previous iterate).
+    ``train/ref_gap_to_start`` is the largest distance, on the first ``GAP_CHECK_PAIRS``
+    pairs, between trl's reference log-probs and the policy's before training (0 up to
+    float rounding when the reference is the previous iterate).
 
     ``precompute``: the reference log-probs of all pairs are computed once, before
     training (``precompute_reference``), instead of by a reference forward in every
@@ -110,19 +110,19 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     if not pos:
         raise TrainingError(f"trl kept none of the {len(kept)} pairs")
     rows = sorted(pos)
-    lengths = [(len(p), len(c), len(r)) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+    lengths = row_lengths(data)
     work = stage_work(lengths, settings.epochs, precompute, cfg.training.gradient_checkpointing)
     checks = sum(probe_tokens(lengths[pos[i]]) for i in check if i in pos) * (2 if cfg.chain == "merge" else 1)
     picked = probe_sample([lengths[pos[i]] for i in rows], work, cfg.training.probe_share,
                           key=f"probe/{cfg.experiment.seed}/{iteration}", spent=checks)
     probe = [rows[k] for k in picked]
+    wanted = sorted({i for i in set(probe) | set(check) if i in pos})  # pairs whose reference values are reported
     t0 = time.perf_counter()
     if precompute:
-        ref_all = precompute_reference(trainer)
-        ref = {i: (ref_all[0][pos[i]], ref_all[1][pos[i]]) for i in set(probe) | set(check) if i in pos}
+        ref_all = precompute_reference(trainer, lengths=lengths)
+        ref = {i: (ref_all[0][pos[i]], ref_all[1][pos[i]]) for i in wanted}
     t1 = time.perf_counter()
     if not precompute:
-        wanted = sorted({i for i in set(probe) | set(check) if i in pos})
         ref = dict(zip(wanted, zip(*reference_logps(trainer, [pos[i] for i in wanted]))))
     ref_seconds, probe_seconds = t1 - t0, probe_seconds + time.perf_counter() - t1
     gap = max((abs(a - b) for i in check if i in ref for a, b in zip(ref[i], start[i])), default=None)

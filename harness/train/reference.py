@@ -72,7 +72,13 @@ def reference_logps(trainer, rows: int | Sequence[int]) -> tuple[list[float], li
     return [chosen[i] for i in rows], [rejected[i] for i in rows]
 
 
-def precompute_reference(trainer, batch_size: int | None = None) -> tuple[list[float], list[float]]:
+def row_lengths(data) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of each row of trl's tokenized DPO dataset."""
+    return [(len(p), len(c), len(r)) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+
+
+def precompute_reference(trainer, batch_size: int | None = None,
+                         lengths: Sequence[tuple[int, int, int]] | None = None) -> tuple[list[float], list[float]]:
     """The reference log-probs of every training pair, computed once per iteration (the
     reference is frozen while an iteration trains) and handed to trl as its precomputed
     columns, so no training step runs a reference forward. Returns (chosen, rejected) in
@@ -84,16 +90,16 @@ def precompute_reference(trainer, batch_size: int | None = None) -> tuple[list[f
     so train and eval mode agree. Call it once the reference is final (after
     ``dpo_trainer``). Only the batching differs: pairs of similar length go together
     (longest first, ``batch_size`` pairs, default twice the training batch), which changes
-    the values by float rounding only. trl's own ``precompute_ref_log_probs`` runs inside
+    the values by float rounding only. ``lengths``: ``row_lengths`` of the dataset, when the
+    caller has them already. trl's own ``precompute_ref_log_probs`` runs inside
     ``DPOTrainer.__init__``, before the harness can swap in a "base" reference adapter, and
     hashes the model and writes a dataset cache file, so it is not used."""
     data = trainer.train_dataset
     n = len(data)
     size = batch_size or 2 * trainer.args.per_device_train_batch_size
     cap = trainer.args.max_length or math.inf
-    lengths = [min(cap, len(p) + max(len(c), len(r)))
-               for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
-    order = sorted(range(n), key=lambda i: -lengths[i])
+    longest = [min(cap, p + max(c, r)) for p, c, r in (lengths or row_lengths(data))]
+    order = sorted(range(n), key=lambda i: -longest[i])
     chosen, rejected = _reference_forward(trainer, [order[s:s + size] for s in range(0, n, size)], n)
     data = data.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in data.column_names])
     trainer.train_dataset = data.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
