@@ -200,6 +200,26 @@ def plan_batches(lengths: dict[str, int], order: Sequence[str], rows_per_prompt:
     return [ids[i:i + per] for i in range(0, len(ids), per)]
 
 
+CUT = "length"  # a sample's "finish" when it hit max_new_tokens ("eos": it stopped by itself)
+
+
+def is_cut(sample: dict) -> bool | None:
+    """Whether a generated sample hit ``max_new_tokens`` before it ended; None (unknown) for
+    a sample written without a "finish" field."""
+    finish = sample.get("finish")
+    return None if finish is None else finish == CUT
+
+
+def cut_metrics(records, prefix: str) -> dict:
+    """``<prefix>/n_cut`` (samples of ``records``, generate()'s {id: record} or a list of
+    records, that hit max_new_tokens) and ``<prefix>/cut_share`` (of the samples whose
+    finish is known); both None when no sample's finish is known."""
+    recs = records.values() if isinstance(records, dict) else records
+    known = [c for rec in recs for c in map(is_cut, rec["samples"]) if c is not None]
+    return {f"{prefix}/n_cut": sum(known) if known else None,
+            f"{prefix}/cut_share": sum(known) / len(known) if known else None}
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
@@ -294,7 +314,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
                 stop = next((i for i, t in enumerate(toks) if t in eos_ids), None)
                 length = len(toks) if stop is None else stop + 1
                 sample = {"text": tokenizer.decode(toks[:length], skip_special_tokens=True),
-                          "n_tokens": length, "finish": "length" if stop is None else "eos"}
+                          "n_tokens": length, "finish": CUT if stop is None else "eos"}
                 if stats is not None:
                     sample["topk_entropy"] = float(stats[0][r, :length].mean())
                     sample["topk_mass"] = float(stats[1][r, :length].mean())
@@ -313,18 +333,26 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
     return {pid: results[pid] for pid in texts}
 
 
-def chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
-    """Token ids of ``messages`` rendered with the chat template, as trl tokenizes them."""
+def chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool,
+             continue_final_message: bool = False) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template, as trl tokenizes them;
+    ``continue_final_message``: the last (assistant) message left open, its text the end of
+    the rendering (no end-of-turn after it)."""
     return list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
-                                              add_generation_prompt=add_generation_prompt)["input_ids"])
+                                              add_generation_prompt=add_generation_prompt,
+                                              continue_final_message=continue_final_message)["input_ids"])
 
 
-def completion_ids(tokenizer, messages: Sequence[dict], response: str) -> tuple[list[int], list[int]]:
+def completion_ids(tokenizer, messages: Sequence[dict], response: str,
+                   end_turn: bool = True) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) exactly as trl's DPOTrainer tokenizes a
     conversational pair: the completion starts where the rendered prompt and the
-    rendered prompt+answer diverge, and includes the template's end-of-turn."""
+    rendered prompt+answer diverge, and includes the template's end-of-turn, or, with
+    ``end_turn`` false (an answer cut at ``max_new_tokens``: it never ended), ends with
+    the answer's own text."""
     prompt = chat_ids(tokenizer, messages, True)
-    full = chat_ids(tokenizer, list(messages) + [{"role": "assistant", "content": response}], False)
+    full = chat_ids(tokenizer, list(messages) + [{"role": "assistant", "content": response}], False,
+                    continue_final_message=not end_turn)
     n = 0
     while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
         n += 1

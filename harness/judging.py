@@ -1,8 +1,12 @@
 """Judging that heals: a stage's candidates judged into a per-prompt JSONL log that
 holds only real judgments.
 
-A judge answer that does not parse is a judgment (the judge answered): it is kept,
-counted and shown. A *transport failure* -- no answer obtained at all (timeouts,
+A judge answer that does not parse, or whose score cannot be (NaN, outside the judge's
+scale: ``harness.judges.base.checked``), is a *failed judgment*: it is kept in the log,
+counted and shown, and it is never reused -- a rerun over the same log asks the judge
+again for exactly the failed items (pointwise: the failed candidates; side by side: the
+failed prompt's whole group, one answer judges it), keeping every valid judgment. So a
+stage that failed on coverage heals once the judge is fixed. A *transport failure* -- no answer obtained at all (timeouts,
 refused connections, 5xx after the judge's own retries, malformed replies; marked
 by ``harness.judges.parsing.is_error`` in a verdict's raw outputs) -- is never
 written as a judgment: the prompt stays missing from the log, the stage fails with
@@ -20,7 +24,7 @@ from typing import Sequence
 
 from harness import console, store
 from harness.judges import CoverageError
-from harness.judges.base import JudgeItem, Verdict, score_groups
+from harness.judges.base import JudgeItem, Verdict, checked, possible, score_groups
 from harness.judges.parsing import is_error
 
 _SHOW = 3          # examples quoted in messages
@@ -77,7 +81,7 @@ class Judged:
         cut = (f"; {self.n_answers_truncated} of {self.n_answers} answers were cut at the token limit "
                "(raise max_new_tokens in the judge's [judge.<kind>] table)") if self.n_answers_truncated else ""
         return (f"{self.what}: {self.n_parse_failed} of {self.n_items} judge items had no valid score "
-                f"(kept as failed judgments, counted in coverage){cut}; e.g. {shown}")
+                f"(failed judgments: counted in coverage, asked again if the stage is rerun){cut}; e.g. {shown}")
 
     def metrics(self) -> dict:
         """The judge stage's counts (see the class doc)."""
@@ -87,21 +91,39 @@ class Judged:
                 "judge/n_parse_failed": self.n_answers_parse_failed}
 
 
-def _record(group, where: list[tuple[int, int]], verdicts: Sequence[Verdict], gi: int) -> dict:
+def _record(group, where: list[tuple[int, int]], verdicts: Sequence[Verdict], gi: int,
+            base: dict | None = None) -> dict:
     """One prompt's judgments: per candidate its score, the judge's raw answers, their
-    parsed scores and whether each was cut at the token limit (fixed scores: empty)."""
+    parsed scores and whether each was cut at the token limit (fixed scores: empty).
+    ``base``: the prompt's earlier record, whose candidates not judged now are kept."""
     n = len(group.candidates)
-    rec = {"id": group.example.id, "scores": [c.fixed_score for c in group.candidates],
-           "raw": [[] for _ in range(n)], "answer_scores": [[] for _ in range(n)],
-           "truncated": [[] for _ in range(n)], "failed": 0}
+    if base is None:
+        rec = {"id": group.example.id, "scores": [c.fixed_score for c in group.candidates],
+               "raw": [[] for _ in range(n)], "answer_scores": [[] for _ in range(n)],
+               "truncated": [[] for _ in range(n)]}
+    else:
+        rec = {"id": group.example.id, **{k: [list(x) if isinstance(x, list) else x for x in base[k]]
+                                          for k in ("scores", "raw", "answer_scores", "truncated")}}
     for (g, ci), v in zip(where, verdicts):
         if g == gi:
             rec["scores"][ci] = v.score
             rec["raw"][ci] = list(v.raw)
             rec["answer_scores"][ci] = list(v.scores)
             rec["truncated"][ci] = list(v.truncated) or [False] * len(v.raw)
-            rec["failed"] += v.score is None
+    rec["failed"] = sum(c.fixed_score is None and s is None for c, s in zip(group.candidates, rec["scores"]))
     return rec
+
+
+def _to_ask(group, rec: dict | None, scale, side_by_side: bool) -> list[int]:
+    """Which of ``group``'s candidates go to the judge: every judged one when the prompt
+    has no record; else those whose recorded judgment failed (no score, or one that
+    cannot be on ``scale``) -- side by side, the whole group when any failed -- so a
+    failed judgment is never reused and a valid one is never asked again."""
+    judged = [ci for ci, c in enumerate(group.candidates) if c.fixed_score is None]
+    if rec is None:
+        return judged
+    failed = [ci for ci in judged if not possible(rec["scores"][ci], scale)]
+    return judged if failed and side_by_side else failed
 
 
 def side_by_side(cfg) -> bool:
@@ -118,13 +140,16 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
     (``base.score_groups``: one prompt of its group template per group, one score per
     candidate, the whole group failed when the answer does not score each exactly once);
     else each candidate alone (``judge.score``). Either way the healing below is the same.
+    Verdicts are ``checked`` against ``judge.scale``: an impossible score is a failure.
 
     ``what`` names the work in messages ("judging of iteration 3"); ``desc``, when
     given, labels a progress bar. Groups go to the judge in chunks of about
     ``batch_size`` items; after each chunk its finished groups are appended to
     ``log`` (one record per prompt id: scores, raw answers, number of failed
     candidates), so a killed process loses at most a chunk. A group is written only
-    when none of its candidates had a transport failure. When the judge raises with
+    when none of its candidates had a transport failure. A prompt already in ``log``
+    is judged again only for its failed judgments (``_to_ask``), its valid ones kept.
+    When the judge raises with
     ``partial`` verdicts (a non-retryable HTTP error), the groups it had finished
     are written before re-raising.
 
@@ -132,7 +157,8 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
     missing. On success the log file is rewritten in ``groups`` order, so its bytes
     (and hash) do not depend on which run judged which prompt.
     """
-    todo = {g.example.id for g in groups if g.example.id not in log}
+    asks = {g.example.id: _to_ask(g, log.records.get(g.example.id), judge.scale, side_by_side) for g in groups}
+    todo = {g.example.id for g in groups if g.example.id not in log or asks[g.example.id]}
     # chunk boundaries are fixed positions in ``groups`` (a pure function of the prompt list),
     # so a resumed run sends the judge the same batches as an uninterrupted one
     step = max(1, batch_size // max(1, len(groups[0].candidates))) if groups else 1
@@ -148,10 +174,11 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
                 continue
             items, where = [], []
             for gi, g in enumerate(chunk):
-                for ci, c in enumerate(g.candidates):
-                    if c.fixed_score is None:
-                        items.append(JudgeItem(g.example.id, g.example.instruction, c.text, g.example.meta))
-                        where.append((gi, ci))
+                for ci in asks[g.example.id]:
+                    # the conversation so far, not only its last turn (single-turn: the turn's text as is)
+                    items.append(JudgeItem(g.example.id, g.example.request, g.candidates[ci].text,
+                                           g.example.meta))
+                    where.append((gi, ci))
             try:
                 if not items:
                     verdicts = []
@@ -161,14 +188,17 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
                 else:
                     verdicts = list(judge.score(items))
             except Exception as e:
-                partial = list(getattr(e, "partial", None) or [])
+                partial = [None if v is None else checked(v, judge.scale)
+                           for v in getattr(e, "partial", None) or []]
                 if len(partial) == len(items):
-                    log.append(_record(g, where, partial, gi) for gi, g in enumerate(chunk)
+                    log.append(_record(g, where, partial, gi, log.records.get(g.example.id))
+                               for gi, g in enumerate(chunk)
                                if all(v is not None and not transport_failed(v)
                                       for (k, _), v in zip(where, partial) if k == gi))
                 raise
             if len(verdicts) != len(items):
                 raise RuntimeError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(items)} items")
+            verdicts = [checked(v, judge.scale) for v in verdicts]
             keep = []
             for gi, g in enumerate(chunk):
                 errors = [r for (k, _), v in zip(where, verdicts) if k == gi for r in v.raw if is_error(r)]
@@ -176,7 +206,7 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
                     missing.append((g.example.id, errors[0]))
                     n_missing_items += sum(k == gi and transport_failed(v) for (k, _), v in zip(where, verdicts))
                 else:
-                    keep.append(_record(g, where, verdicts, gi))
+                    keep.append(_record(g, where, verdicts, gi, log.records.get(g.example.id)))
             log.append(keep)
             if bar is not None:
                 bar.update(len(chunk))

@@ -18,10 +18,10 @@ from harness.config import Config
 from harness.data import Example
 from harness.engines import session
 from harness.engines import settings as engine_settings
-from harness.generate import SAMPLER, Prompt
+from harness.generate import SAMPLER, Prompt, cut_metrics, is_cut
 from harness.judges.base import JudgeItem
 from harness.judges.oracle import OracleJudge
-from harness.methods.base import Group, IterationContext
+from harness.methods.base import Group, IterationContext, mark_cut
 from harness.models import load_model, load_tokenizer
 from harness.outcomes import write_items
 from harness.reuse import RecordedStage
@@ -97,7 +97,8 @@ def self_instruct_stage(r, t: int, policy: Policy) -> tuple[RecordedStage | None
         new = plan.select(out)
         store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages} for e in new])
         return {"hash": store.file_hash(work / "prompts.jsonl"), "writer": writer,
-                "metrics": {"self_instruct/n_requests": len(plan.requests), "self_instruct/n_prompts": len(new)}}
+                "metrics": {"self_instruct/n_requests": len(plan.requests), "self_instruct/n_prompts": len(new),
+                            **cut_metrics(out, "self_instruct")}}
 
     st = r.run_stage(t, "self_instruct", {"writer": writer, "sampling": to_dict(plan.sampling),
                                              "requests": dict_hash([[q.id, q.messages] for q in plan.requests])},
@@ -123,7 +124,7 @@ def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[Rec
         store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages, "response": e.response}
                                                    for e in prompts])
         return {"hash": store.file_hash(work / "samples.jsonl"), "resumed_records": resumed,
-                "metrics": {"gen/tokens": tokens},
+                "metrics": {"gen/tokens": tokens, **cut_metrics(records, "gen")},
                 "generation": engine_settings(cfg.generation.engine, model, tok, sampling)}
 
     st = r.run_stage(t, "generate", {"policy": policy.id, "sampler": SAMPLER,
@@ -133,10 +134,15 @@ def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[Rec
 
 
 def candidate_groups(r, ctx: IterationContext, gen: RecordedStage, prompts: list[Example]) -> list[Group]:
-    """Each prompt's candidates for the judge and the pairs (the method's ``candidates``)."""
+    """Each prompt's candidates for the judge and the pairs (the method's ``candidates``),
+    each policy candidate marked by whether its sample was cut at max_new_tokens."""
     records = {rec["id"]: rec for rec in store.read_jsonl(gen.final / "samples.jsonl")}
-    return [Group(e, r.method.candidates(ctx, e, [s["text"] for s in records[e.id]["samples"]]))
-            for e in prompts]
+    groups = []
+    for e in prompts:
+        samples = records[e.id]["samples"]
+        cands = r.method.candidates(ctx, e, [s["text"] for s in samples])
+        groups.append(Group(e, mark_cut(cands, [is_cut(s) for s in samples])))
+    return groups
 
 
 def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Example]) -> RecordedStage:
@@ -163,13 +169,8 @@ def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Exa
             log.warning(judged.parse_summary())
         if n_items:  # the judgments stay in the .tmp log for the next attempt when this raises
             require_coverage(n_items - n_failed, n_items, cfg.judge.min_coverage, f"judging of iteration {t}")
-        # judged candidates only: automatic negatives carry a fixed score, not a judgment
-        scores = [s for g, r in zip(groups, recs) for c, s in zip(g.candidates, r["scores"])
-                  if c.fixed_score is None and s is not None]
         lo, hi = (v if math.isfinite(v) else None for v in scale)
-        metrics = {**judged.metrics(), "judge/score_mean": sum(scores) / len(scores) if scores else None,
-                   "judge/score_min": min(scores, default=None), "judge/score_max": max(scores, default=None),
-                   "judge/scale_lo": lo, "judge/scale_hi": hi,
+        metrics = {**judged.metrics(), **score_metrics(groups, recs), "judge/scale_lo": lo, "judge/scale_hi": hi,
                    **oracle_agreement(cfg.judge.name, groups, recs)}
         return {"hash": store.file_hash(work / "judgments.jsonl"), "metrics": metrics, "scale": [lo, hi]}
 
@@ -290,6 +291,20 @@ def _chain(cfg: Config, adapters: list[Path], new: Path) -> list[Path]:
 
 def _numeric(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, type(None))) and not isinstance(v, bool)}
+
+
+def score_metrics(groups: list[Group], recs: list[dict]) -> dict:
+    """The judge's scores of the policy's samples (``judge/score_mean``, ``_min``, ``_max``)
+    and, apart, of the teacher's answers (``judge/teacher_score_mean``, DNO): judged
+    candidates only (automatic negatives carry a fixed score, not a judgment); None where
+    there are none."""
+    judged = [(c.source, s) for g, r in zip(groups, recs) for c, s in zip(g.candidates, r["scores"])
+              if c.fixed_score is None and s is not None]
+    policy = [s for source, s in judged if source == "policy"]
+    teacher = [s for source, s in judged if source == "teacher"]
+    return {"judge/score_mean": sum(policy) / len(policy) if policy else None,
+            "judge/score_min": min(policy, default=None), "judge/score_max": max(policy, default=None),
+            "judge/teacher_score_mean": sum(teacher) / len(teacher) if teacher else None}
 
 
 def oracle_agreement(judge_name: str, groups: list[Group], recs: list[dict]) -> dict:

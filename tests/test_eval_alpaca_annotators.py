@@ -197,9 +197,11 @@ def test_run_with_an_annotator_writes_protocol_and_resumes(tiny, endpoint, tmp_p
     ann = json.loads((out / "annotations.json").read_text())
     assert [a["id"] for a in ann] == [r["id"] for r in load_instructions(ins)]
     assert all(a["annotator"] == AE2 and a["output_1"].startswith("ref") for a in ann)
-    # the same inputs: nothing asked again
-    run_alpaca_eval(model, tok, section, None, out, **kw)
-    assert len(server.requests) == 8
+    # the same inputs: no valid annotation is asked again, each failed one is (and fails the same way)
+    n_failed = 8 - m["alpaca_eval/n_total"]
+    assert n_failed >= 1
+    assert run_alpaca_eval(model, tok, section, None, out, **kw) == m
+    assert len(server.requests) == 8 + n_failed
     # the tiny oracle through the rubric protocol names itself
     rubric = AlpacaEvalSection(instructions="tiny:alpaca_eval", limit=4)
     assert rubric.protocol == RUBRIC
@@ -242,8 +244,75 @@ def test_transport_faults_are_retried_and_never_stored(tiny, endpoint, tmp_path)
         m = run_alpaca_eval(model, tok, section, None, tmp_path / "out", **kw)
     finally:
         annotators.EndpointCompletions.__init__ = orig
-    assert len(server.requests) == n_before + 1     # only the missing instruction is asked again
+    # only the missing instruction and the failed (unparsable) annotations are asked again
+    assert len(server.requests) == n_before + 1 + sum(r["preference"] is None for r in log)
     assert m["alpaca_eval/n_instructions"] == 6
+
+
+def _logprob_reply(lp_m: float | None, lp_M: float | None) -> dict:
+    """A chat completion whose top log-probabilities give m / M (None: the token is absent)."""
+    top = [{"token": t, "logprob": lp} for t, lp in (("m", lp_m), ("M", lp_M), ("Both", -9.5)) if lp is not None]
+    top.sort(key=lambda t: -t["logprob"])
+    content = top[0]["token"]
+    return {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content},
+                         "logprobs": {"content": [{"token": content, "logprob": top[0]["logprob"],
+                                                   "top_logprobs": top}]}}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101}}
+
+
+def test_failed_annotations_are_asked_again_until_the_fixed_endpoint_heals_the_evaluation(tiny, tmp_path,
+                                                                                          monkeypatch):
+    """The endpoint answers two instructions with log-probabilities above 0 (impossible) and one
+    without the m / M tokens (unparsable): three failed annotations, never scored, and the
+    evaluation fails on coverage with a line saying a rerun asks again; once the endpoint is
+    fixed, the rerun asks for exactly those three and passes."""
+    from harness.judges import CoverageError
+
+    model, tok = tiny
+    monkeypatch.setenv(KEY_ENV, "sekrit")
+    ins = _write_instructions(tmp_path / "ae.json", 6)
+    broken, asked = {"on": True}, []
+
+    def on_post(handler, body):
+        i = next(i for i in range(6) if f"the number {i}." in json.dumps(body["messages"]))
+        asked.append(i)
+        lp = {1: (2.3, -0.1), 4: (-0.1, 1e-3), 2: (None, None)}.get(i) if broken["on"] else None
+        send_json(handler, 200, json.dumps(_logprob_reply(*(lp or (-0.2, -1.9)))))
+
+    httpd, thread = local_server(on_post)
+    thread.start()
+    try:
+        section = _section(ins, f"http://127.0.0.1:{httpd.server_address[1]}/v1", annotator=AE2, min_coverage=0.9)
+        kw = dict(seed_key=(0, 1), generator="g", max_new_tokens=6, batch_size=4)
+        with pytest.raises(CoverageError) as info:
+            run_alpaca_eval(model, tok, section, None, tmp_path / "out", **kw)
+        msg = str(info.value)
+        assert "3/6 instructions got a valid judgment" in msg
+        assert "rerun the same command: it asks again for exactly the 3 failed instructions" in msg
+        ann = json.loads((tmp_path / "out" / "annotations.json").read_text())
+        assert [a["preference"] is None for a in ann] == [False, True, True, False, True, False]
+        assert sorted(asked) == list(range(6))
+        broken["on"] = False
+        m = run_alpaca_eval(model, tok, section, None, tmp_path / "out", **kw)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert sorted(asked[6:]) == [1, 2, 4]
+    assert m["alpaca_eval/n_total"] == 6 and m["alpaca_eval/coverage"] == 1.0
+
+
+def test_impossible_logprobs_are_found_in_both_reply_formats():
+    from harness.evaluate.annotators import impossible_logprob
+
+    chat = _logprob_reply(-0.2, -1.9)["choices"][0]["logprobs"]
+    assert impossible_logprob(chat) is None and impossible_logprob(None) is None
+    assert impossible_logprob(_logprob_reply(-0.2, 1e-9)["choices"][0]["logprobs"]) is None   # float noise at 0
+    assert "above 0" in impossible_logprob(_logprob_reply(-0.2, 0.5)["choices"][0]["logprobs"])
+    assert "not a number" in impossible_logprob(_logprob_reply(float("nan"), -1.0)["choices"][0]["logprobs"])
+    legacy = {"tokens": ["m"], "token_logprobs": [-0.1], "top_logprobs": [{"m": -0.1, "M": -2.0}]}
+    assert impossible_logprob(legacy) is None
+    assert "above 0" in impossible_logprob({**legacy, "top_logprobs": [{"m": -0.1, "M": 3.0}]})
+    assert "not a number" in impossible_logprob({**legacy, "token_logprobs": ["-0.1"]})
 
 
 def test_config_checks_name_the_annotator_and_its_endpoint(tmp_path):

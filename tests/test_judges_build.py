@@ -36,7 +36,8 @@ def test_oracle_judge_cached(tmp_path):
     v = cached.score(items)
     assert v == judge.score(items) and cached.misses == 3
     assert v[0].score == 5.0 and v[1].score == 1.0 and v[2].score is None
-    assert cached.score(items) == v and cached.hits == 3
+    # the two valid judgments are served from the cache; the failed one is asked again
+    assert cached.score(items) == v and (cached.hits, cached.misses) == (2, 4)
 
 
 def V(score):
@@ -58,3 +59,50 @@ def test_check_coverage_raises_below_threshold_with_a_clear_message():
     assert "iteration 1 judge" in msg and "8 of 10" in msg and "0.800" in msg and "0.9" in msg and "2 failed" in msg
     with pytest.raises(CoverageError, match="no items"):
         check_coverage([], 0.0, "empty stage")
+
+
+class Impossible:
+    """A 1-5 judge that gives 3 to every response except those in ``bad``, which get a
+    score that cannot be (NaN, infinite, off the scale); records what it was asked."""
+
+    name = "impossible"
+    scale = (1.0, 5.0)
+
+    def __init__(self, bad):
+        self.bad, self.asked = dict(bad), []
+
+    def score(self, items):
+        self.asked += [it.response for it in items]
+        return [Verdict(s, ("r",), (s,)) for s in (self.bad.get(it.response, 3.0) for it in items)]
+
+
+def test_impossible_scores_are_failed_judgments_and_asked_again(tmp_path):
+    """NaN, infinite or off-scale scores are never scored: each is a failed judgment
+    (counted, stored as None) that a rerun asks again for, alone."""
+    from harness.data import Example
+    from harness.judging import judge_groups
+    from harness.methods.base import Candidate, Group
+    from harness.store import JsonlLog
+
+    groups = [Group(Example(f"p{i}", ({"role": "user", "content": f"task {i}"},)),
+                    [Candidate(f"a{i}"), Candidate(f"b{i}")]) for i in range(3)]
+    judge = Impossible({"a0": math.nan, "b1": 7.0, "a2": -math.inf})
+    path = tmp_path / "judgments.jsonl"
+    judged = judge_groups(judge, groups, JsonlLog(path), batch_size=8, what="judging of iteration 1")
+    assert [r["scores"] for r in judged.records] == [[None, 3.0], [3.0, None], [None, 3.0]]
+    assert judged.n_parse_failed == 3 and [r["failed"] for r in judged.records] == [1, 1, 1]
+    assert "nan" not in path.read_text().lower() and "inf" not in path.read_text().lower()
+    judge.bad.clear()
+    judge.asked.clear()
+    judged = judge_groups(judge, groups, JsonlLog(path), batch_size=8, what="judging of iteration 1")
+    assert sorted(judge.asked) == ["a0", "a2", "b1"] and judged.n_parse_failed == 0
+
+
+def test_impossible_scores_are_failed_alpaca_annotations():
+    """Under the rubric protocol a NaN score is a failed annotation, not a win."""
+    from harness.evaluate.alpaca import annotate
+
+    rows = [{"id": f"r{i}", "instruction": f"task {i}", "output": f"reference {i}"} for i in range(2)]
+    judge = Impossible({"model 0": math.nan})
+    ann = annotate(judge, rows, {"r0": "model 0", "r1": "model 1"}, "random", (0, 1), "m")
+    assert [a["preference"] for a in ann] == [None, 1.5]

@@ -77,7 +77,7 @@ def test_http_group_judging_one_request_per_prompt_failures_counted_transport_he
     down.clear()
     judged = judge_groups(judge, groups, JsonlLog(tmp_path / "judgments.jsonl"), batch_size=8,
                           what="judging of iteration 1", side_by_side=True)
-    assert len(server.requests) == 5  # the rerun asked only for p3
+    assert len(server.requests) == 6  # the rerun asked for p3, and again for p2's failed group (one request)
     by_id = {r["id"]: r for r in judged.records}
     assert by_id["p0"]["scores"] == [1, 6, 1.0, 4] and by_id["p1"]["scores"] == [2, 6, 1.0, 3]
     assert by_id["p3"]["scores"] == [4, 6, 1.0, 1]

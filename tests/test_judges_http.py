@@ -382,8 +382,9 @@ def test_judging_with_the_endpoint_down_persists_nothing_and_a_rerun_completes(s
 
 def test_transport_errors_are_retried_parse_failures_are_kept(serve, tmp_path):
     """One item's endpoint keeps failing, another answers without a score: the first
-    prompt is retried by the rerun, the second is a kept (failed) judgment; the final
-    log equals an uninterrupted run's, byte for byte."""
+    prompt is retried by the rerun, the second is a kept (failed) judgment that the
+    rerun asks again (alone: its prompt's valid judgment is kept); the final log equals
+    an uninterrupted run's, byte for byte."""
     from harness.judging import JudgeTransportError, judge_groups
     from harness.store import JsonlLog
 
@@ -412,7 +413,8 @@ def test_transport_errors_are_retried_parse_failures_are_kept(serve, tmp_path):
     asked = dict(answered.counts)
     judged = judge_groups(judge, groups, JsonlLog(path), batch_size=6, what="judging of iteration 2")
     again = {k for k, v in answered.counts.items() if v > asked.get(k, 0)}
-    assert again == {"Q: task 1\nA: answer 1 a", doomed}  # only p1 (a prompt is recorded whole) was asked again
+    # p1 (a prompt is recorded whole) and the failed judgment of p2, not p2's valid one
+    assert again == {"Q: task 1\nA: answer 1 a", doomed, unparsable}
     assert set(answered.counts.values()) == {1, 2} and server.count(doomed) == 2 + 1
     assert judged.n_parse_failed == 1 and "p2: 'I cannot decide.'" in judged.parse_summary()
     assert "judging of iteration 2: 1 of 8 judge items had no valid score" in judged.parse_summary()
@@ -420,6 +422,47 @@ def test_transport_errors_are_retried_parse_failures_are_kept(serve, tmp_path):
 
     straight = tmp_path / "straight.jsonl"
     judge_groups(judge, groups, JsonlLog(straight), batch_size=6, what="x")
+    assert path.read_bytes() == straight.read_bytes()
+
+
+def test_failed_judgments_are_asked_again_until_the_fixed_endpoint_heals_the_stage(serve, tmp_path):
+    """An endpoint answers three items unparsably, over-long or off the scale: the judging
+    fails on coverage with a line saying a rerun asks again; every rerun asks the judge
+    again for exactly those three (never a valid one), and once the endpoint is fixed the
+    rerun passes with a log equal to an uninterrupted run's."""
+    from harness.judges import CoverageError, require_coverage
+    from harness.judging import judge_groups
+    from harness.store import JsonlLog
+
+    groups = _groups(6)   # 12 judged items
+    bad = {"Q: task 1\nA: answer 1 a": reply("I would rather not grade this."),
+           "Q: task 2\nA: answer 2 b": (200, "x" * 10_000),        # over max_reply_bytes
+           "Q: task 4\nA: answer 4 a": reply("Score: 9")}          # off the 1-5 scale
+    broken = {"on": True}
+    answered = Answered()
+    server = serve(lambda body, key, n: bad[key] if broken["on"] and key in bad else answered(key), by="content")
+    judge = judge_for(server.url, max_reply_bytes=4096, concurrency=4)
+    path = tmp_path / "judgments.jsonl"
+
+    def stage():  # what the judge stage does with its .tmp log
+        judged = judge_groups(judge, groups, JsonlLog(path), batch_size=4, what="judging of iteration 1")
+        require_coverage(judged.n_items - judged.n_parse_failed, judged.n_items, 0.9, "judging of iteration 1")
+        return judged
+
+    with pytest.raises(CoverageError) as info:
+        stage()
+    assert "judging of iteration 1: only 9 of 12 items got a valid judgment" in str(info.value)
+    assert "rerun the same command: it asks the judge again for exactly these 3 items" in str(info.value)
+    assert len(server.requests) == 12
+    with pytest.raises(CoverageError):   # still broken: asked again, failing the same way
+        stage()
+    assert sorted(r["instr"] for r in server.requests[12:]) == sorted(bad)
+    broken["on"] = False
+    judged = stage()
+    assert sorted(r["instr"] for r in server.requests[15:]) == sorted(bad)
+    assert judged.n_parse_failed == 0 and set(answered.counts.values()) == {1}  # valid ones were never re-asked
+    straight = tmp_path / "straight.jsonl"
+    judge_groups(judge, groups, JsonlLog(straight), batch_size=4, what="x")
     assert path.read_bytes() == straight.read_bytes()
 
 

@@ -44,7 +44,7 @@ import torch
 
 from harness import console
 from harness.engines import stop_group, unavailable, venv_python  # noqa: F401  (unavailable: re-exported)
-from harness.generate import Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
+from harness.generate import CUT, Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
 from harness.store import JsonlLog, build_once, cache_root
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -338,12 +338,15 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
 
 
 def _sample(tokenizer, raw: dict, eos_ids: set[int]) -> dict:
-    """A sample record exactly as ``harness.generate.generate`` writes it."""
+    """A sample record exactly as ``harness.generate.generate`` writes it. Its ``finish`` is
+    vLLM's own finish reason ("length": it hit max_tokens, written CUT; anything else:
+    "eos"), or, from a worker that sends none, whether an eos id ended the tokens."""
     toks = raw["token_ids"]
     stop = next((i for i, t in enumerate(toks) if t in eos_ids), None)
     length = len(toks) if stop is None else stop + 1
+    cut = raw["finish"] == CUT if raw.get("finish") else stop is None
     sample = {"text": tokenizer.decode(toks[:length], skip_special_tokens=True),
-              "n_tokens": length, "finish": "length" if stop is None else "eos"}
+              "n_tokens": length, "finish": CUT if cut else "eos"}
     if "topk" in raw:
         steps = raw["topk"][:length]
         sample["topk_entropy"] = sum(s[0] for s in steps) / max(len(steps), 1)

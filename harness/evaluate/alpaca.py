@@ -27,11 +27,14 @@ interface (local models, endpoints, the tiny world's oracle), with coverage
 counted and position bias controlled here. The metric functions it applies
 to annotations are the ones called below.
 
-Coverage: an instruction whose judgment failed keeps ``preference: null`` in
+Coverage: an instruction whose judgment failed (an unparsable or over-long answer, or
+a preference or log-probability that cannot be) keeps ``preference: null`` in
 annotations.json; alpaca_eval drops it from its statistics (its ``n_total``
 counts annotated rows). ``alpaca_eval/coverage`` = n_total / n_instructions,
 and ``CoverageError`` is raised below ``min_coverage`` after the files are
-written, so the failed run can be inspected. A judge call that got no answer at
+written, so the failed run can be inspected. A failed annotation is never
+reused: a rerun over the same annotations log asks again for exactly those
+instructions (``_reusable``) and keeps every valid one. A judge call that got no answer at
 all (transport errors) is not a failed judgment: that instruction is left out of
 the annotations log and ``JudgeTransportError`` (a ``CoverageError``) stops the
 evaluation before annotations.json is written; a rerun judges only those.
@@ -49,11 +52,12 @@ from typing import Callable, Sequence
 
 from harness.config import AlpacaEvalSection
 from harness.data import with_system
+from harness.annotator_configs import official_endpoint
 from harness.evaluate.annotators import (HUB_SET, RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint,
                                          resolve_protocol)
 from harness.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
-from harness.judges.base import Judge, JudgeItem, compare, preference
+from harness.judges.base import Judge, JudgeItem, checked, compare, preference
 from harness.judges.parsing import is_error
 from harness.judging import JudgeTransportError
 from harness.sources import resolve_ref
@@ -62,6 +66,7 @@ from harness.store import JsonlLog, atomic_write_json
 from .alpaca_metrics import AE_SET_SIZE, LC_FILE, LC_REPO, METRICS, compute_metrics  # noqa: F401  (re-exported)
 
 # HUB_SET = "alpaca_eval": AlpacaEval 2.0 from the hub, 805 instructions, GPT-4 Turbo references
+N_CUT = "alpaca_eval/n_cut"  # the model's answers that reached the cap (eval.alpaca_eval.max_new_tokens)
 
 
 def load_instructions(ref: str, limit: int = 0) -> list[dict]:
@@ -103,6 +108,20 @@ def _meta(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("instruction", "output", "generator")}
 
 
+def _preference(p) -> float | None:
+    """A preference as alpaca_eval defines it (a finite number in [1, 2], or 0: its other
+    encoding of a draw), or None: a value that cannot be is a failed judgment, never clipped."""
+    ok = isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and (1.0 <= p <= 2.0 or p == 0)
+    return float(p) if ok else None
+
+
+def _reusable(log: JsonlLog | None, by_id: dict[str, dict], key: Callable[[dict], str]) -> dict[str, dict]:
+    """The records of ``log`` to reuse: same inputs (``key``) and a valid preference. A failed
+    annotation (preference None) is left out, so a rerun asks again for it."""
+    return {pid: rec for pid, rec in (log.records.items() if log is not None else ())
+            if pid in by_id and rec.get("key") == key(by_id[pid]) and _preference(rec.get("preference")) is not None}
+
+
 def _checked(judge: Judge, prefs: list, n: int) -> list:
     if len(prefs) != n:
         raise ValueError(f"judge {judge.name!r} returned {len(prefs)} preferences for {n} pairs")
@@ -121,6 +140,7 @@ def _compare(judge: Judge, firsts: Sequence[JudgeItem], seconds: Sequence[JudgeI
     verdicts = judge.score(list(firsts) + list(seconds))
     if len(verdicts) != 2 * n:
         raise ValueError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {2 * n} items")
+    verdicts = [checked(v, judge.scale) for v in verdicts]  # a score that cannot be is a failure
     pairs = [(verdicts[i], verdicts[n + i]) for i in range(n)]
     errors = [next((r for v in pair for r in v.raw if is_error(r)), None) for pair in pairs]
     return [preference(a, b) for a, b in pairs], errors
@@ -135,7 +155,8 @@ def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], positi
     sees first; a preference given with the model first is mapped back (p -> 3 - p).
     position "both": the judge sees both orders; preference = their mean, None
     unless both orders got a valid judgment. Records are appended to ``log`` per
-    chunk and reused on a rerun only when their inputs (texts, judge) are identical.
+    chunk and reused on a rerun only when their inputs (texts, judge) are identical and
+    the preference is valid: a failed judgment is asked again.
 
     An instruction whose judge call got no answer (transport errors: timeouts, refused
     connections, 5xx after retries) is not annotated at all -- never written as a
@@ -149,8 +170,7 @@ def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], positi
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     by_id = {r["id"]: r for r in rows}
-    done = {pid: rec for pid, rec in (log.records.items() if log is not None else ())
-            if pid in by_id and rec.get("key") == key(by_id[pid])}
+    done = _reusable(log, by_id, key)
     todo = [r for r in rows if r["id"] not in done]
     missing: list[tuple[str, str]] = []  # (instruction id, transport error): not annotated
     for start in range(0, len(todo), chunk):
@@ -177,8 +197,7 @@ def annotate(judge: Judge, rows: Sequence[dict], outputs: dict[str, str], positi
             if error is not None:
                 missing.append((r["id"], error))
                 continue
-            if p is not None and not (1.0 <= p <= 2.0 and math.isfinite(p)):
-                p = None  # out-of-range judge output is a failure, never clipped
+            p = _preference(p)  # out-of-range judge output is a failure, never clipped
             records.append({
                 "id": r["id"], "key": key(r), "instruction": r["instruction"], "dataset": r.get("dataset"),
                 "output_1": r["output"], "generator_1": r.get("generator", "reference"),
@@ -209,8 +228,9 @@ def annotate_alpaca_eval(annotator: AlpacaEvalAnnotator, rows: Sequence[dict], o
     are alpaca_eval's rows (instruction, output_1 = reference, output_2 = model, generator_1/2,
     annotator, preference, preference_raw_completion, ...) plus ``id`` and ``key``; they are
     appended to ``log`` per chunk and reused when their inputs and the annotator's identity
-    are unchanged. A completion that does not parse is alpaca_eval's missing annotation:
-    ``preference`` None, kept and counted. An instruction whose endpoint call got no answer
+    are unchanged and the preference is valid. A completion that does not parse (or whose
+    preference or log-probabilities cannot be) is alpaca_eval's missing annotation:
+    ``preference`` None, kept and counted, and asked again on a rerun. An instruction whose endpoint call got no answer
     is not annotated, and ``JudgeTransportError`` is raised once the others are done."""
     ident = annotator.identity()
 
@@ -220,8 +240,7 @@ def annotate_alpaca_eval(annotator: AlpacaEvalAnnotator, rows: Sequence[dict], o
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     by_id = {r["id"]: r for r in rows}
-    done = {pid: rec for pid, rec in (log.records.items() if log is not None else ())
-            if pid in by_id and rec.get("key") == key(by_id[pid])}
+    done = _reusable(log, by_id, key)
     todo = [r for r in rows if r["id"] not in done]
     missing: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, annotator.endpoint.concurrency)) as pool:
@@ -235,7 +254,7 @@ def annotate_alpaca_eval(annotator: AlpacaEvalAnnotator, rows: Sequence[dict], o
                 except AnnotatorTransportError as e:
                     missing.append((r["id"], str(e)))
                     continue
-                records.append({"id": r["id"], "key": key(r), **ann, "preference": ann.get("preference")})
+                records.append({"id": r["id"], "key": key(r), **ann, "preference": _preference(ann.get("preference"))})
             if log is not None:
                 log.append(records)
             done.update((rec["id"], rec) for rec in records)
@@ -260,23 +279,33 @@ def build_annotator(section: AlpacaEvalSection) -> AlpacaEvalAnnotator:
 
 
 def protocol_record(section: AlpacaEvalSection, annotations: Sequence[dict], metrics: dict, notes: dict,
-                    judge: Judge | None = None, annotator: AlpacaEvalAnnotator | None = None) -> dict:
-    """How this evaluation's numbers were made (``metrics.json`` "protocol")."""
+                    judge: Judge | None = None, annotator: AlpacaEvalAnnotator | None = None,
+                    max_new_tokens: int | None = None) -> dict:
+    """How this evaluation's numbers were made (``metrics.json`` "protocol"). ``endpoint``: the
+    judge's HTTP endpoint ({"base_url", "model"}; None for a judge that is not one, e.g. the
+    oracle); ``max_new_tokens``: the cap on the model's answers (default: the section's).
+    ``cost.price_usd`` is alpaca_eval's price of the judge's tokens at OpenAI's own API only;
+    at any other endpoint (a local server, whatever model name it serves) it is None."""
     if annotator is not None:
         usage = annotator.fn.usage
+        endpoint = {"base_url": annotator.endpoint.base_url, "model": annotator.endpoint.model}
         prices = [a.get("preference_price_per_example") for a in annotations]
+        price = sum(p for p in prices if isinstance(p, (int, float)) and math.isfinite(p)) \
+            if official_endpoint(endpoint["base_url"]) else None
         how = {**annotator.protocol(), "position": "alpaca_eval (is_randomize_output_order, seeded by instruction)",
                "cost": {"calls": usage["calls"], "prompt_tokens": usage["prompt_tokens"],
-                        "completion_tokens": usage["completion_tokens"],
-                        "price_usd": sum(p for p in prices if isinstance(p, (int, float)) and math.isfinite(p))}}
+                        "completion_tokens": usage["completion_tokens"], "price_usd": price}}
     else:
         tpl = getattr(judge, "template", None)
         name = getattr(judge, "name", "")
+        base_url = getattr(judge, "base_url", None)
+        endpoint = {"base_url": base_url, "model": getattr(judge, "model", None)} if isinstance(base_url, str) else None
         how = {"annotator": RUBRIC, "template_hash": hashlib.sha256(tpl.encode()).hexdigest() if isinstance(tpl, str)
                else None, "judge_model": name, "endpoint_kind": section.judge.name,
                "base_url": getattr(judge, "url", None), "position": section.position}
     lc = notes.get("length_controlled_data")
-    return {**how,
+    return {**how, "endpoint": endpoint,
+            "max_new_tokens": section.max_new_tokens if max_new_tokens is None else max_new_tokens,
             "reference": {"instructions": section.instructions, "reference": section.reference,
                           "generator": sorted({str(a.get("generator_1")) for a in annotations})},
             "n": metrics["alpaca_eval/n_total"], "n_instructions": metrics["alpaca_eval/n_instructions"],
@@ -287,7 +316,7 @@ def protocol_record(section: AlpacaEvalSection, annotations: Sequence[dict], met
 
 
 def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge | None, out_dir: Path, *,
-                    seed_key: tuple, generator: str, max_new_tokens: int, batch_size: int,
+                    seed_key: tuple, generator: str, batch_size: int, max_new_tokens: int | None = None,
                     system_prompt: str = "", reference: dict[str, str] | None = None,
                     reference_name: str = "", annotator: AlpacaEvalAnnotator | None = None,
                     generate_fn: Callable = generate) -> dict[str, float | int | None]:
@@ -297,13 +326,16 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge |
     answers are the reference (iteration 0 of a head-to-head). ``judge`` annotates under
     the harness_rubric protocol and is unused otherwise (None is fine); ``annotator``
     overrides the one built from the section (``build_annotator``); ``generate_fn``: the
-    engine's generate (``harness.engines``) that writes the answers."""
+    engine's generate (``harness.engines``) that writes the answers. ``max_new_tokens``
+    caps the answers (default: ``section.max_new_tokens``); answers that reach it are
+    counted in ``alpaca_eval/n_cut``, and the cap is in the protocol record."""
     out_dir = Path(out_dir)
+    cap = section.max_new_tokens if max_new_tokens is None else max_new_tokens
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_instructions(section.instructions, section.limit)
     system = with_system(system_prompt)
     prompts = [Prompt(r["id"], system + ({"role": "user", "content": r["instruction"]},)) for r in rows]
-    gens = generate_fn(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=max_new_tokens),
+    gens = generate_fn(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=cap),
                        seed_key=(*seed_key, "alpaca_eval"), batch_size=batch_size,
                        log=JsonlLog(out_dir / "generations.jsonl"), desc="alpaca_eval")
     outputs = {pid: rec["samples"][0]["text"] for pid, rec in gens.items()}
@@ -333,7 +365,9 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge |
         who, position = annotator.name, "alpaca_eval"
     atomic_write_json(out_dir / "annotations.json", annotations)
     metrics, info = compute_metrics(annotations, [m["output"] for m in model_outputs], len(rows))
-    protocol = protocol_record(section, annotations, metrics, info, judge=judge, annotator=annotator)
+    metrics[N_CUT] = sum(1 for r in rows if gens[r["id"]]["samples"][0].get("finish") == "length")
+    protocol = protocol_record(section, annotations, metrics, info, judge=judge, annotator=annotator,
+                               max_new_tokens=cap)
     atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "notes": info, "judge": who,
                                                  "position": position, "generator": generator,
                                                  "protocol": protocol})
@@ -341,7 +375,9 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge |
         raise CoverageError(
             f"AlpacaEval: {metrics['alpaca_eval/n_total']}/{len(rows)} instructions got a valid judgment from "
             f"{'judge' if annotator is None else 'annotator'} {who!r} (coverage {metrics['alpaca_eval/coverage']:.3f} < "
-            f"eval.alpaca_eval.min_coverage {section.min_coverage}); see {out_dir / 'annotations.json'}")
+            f"eval.alpaca_eval.min_coverage {section.min_coverage}); see {out_dir / 'annotations.json'}. Fix the "
+            f"{'judge' if annotator is None else 'annotator endpoint'}, then rerun the same command: it asks again "
+            f"for exactly the {len(rows) - metrics['alpaca_eval/n_total']} failed instructions and keeps the others")
     return metrics
 
 

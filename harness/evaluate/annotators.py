@@ -14,12 +14,16 @@ strip it, turn ChatML into messages when the config's model needs chat
 (``requires_chatml`` or alpaca_eval's own rule on the config's ``model_name``), send
 max_tokens / temperature / top_p (alpaca_eval's defaults 1.0 and 0.7) and every other
 decoding option unchanged, read the text as alpaca_eval does ("" -> " ", a function or
-tool call's arguments) and return the choice dict its log-prob parser reads -- but over
+tool call's arguments) and return the choice dict its log-prob parser reads, priced as
+alpaca_eval prices it only at OpenAI's own API (elsewhere the price is unknown: NaN) -- but over
 the harness's HTTP client (``harness.judges.http.OpenAIJudge.request``: timeouts, retries
 with backoff, key from an environment variable) to our ``base_url`` and ``model``. Where
 alpaca_eval's decoder would give up and store an empty completion (a failed annotation),
 a transport fault here raises ``AnnotatorTransportError``: the instruction is not
-annotated, and the caller leaves it out of its log so that a rerun asks again.
+annotated, and the caller leaves it out of its log so that a rerun asks again. A reply
+that is over ``max_reply_bytes`` or whose log-probabilities cannot be (``impossible_logprob``:
+above 0 beyond float tolerance, NaN, not a number) is handed to the parser as an empty
+completion: a failed annotation, counted, and asked again on a rerun.
 
 Limits, checked by ``config_problems``: only configs whose annotators use
 ``openai_completions`` with ``batch_size: 1`` (every AlpacaEval 1.0/2.0 config; several
@@ -38,9 +42,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from harness.annotator_configs import (AE2, HUB_SET, OPENAI, RUBRIC, config_path, config_problems,  # noqa: F401
-                                       configs_dir, load_config, resolve_protocol, shipped_names)
+                                       configs_dir, load_config, official_endpoint, resolve_protocol, shipped_names)
 
 _SUPPORTED_PARSE = "fn_completion_parser"
+LOGPROB_TOLERANCE = 1e-6  # a log-probability above this is not one (float noise around 0 is)
 
 
 class AnnotatorTransportError(RuntimeError):
@@ -60,6 +65,32 @@ class Endpoint:
     max_retries: int = 3
     concurrency: int = 8
     max_reply_bytes: int = 1 << 20
+
+
+def impossible_logprob(logprobs: Any) -> str | None:
+    """What is wrong with a completion's ``logprobs`` (chat: ``content[i].logprob`` and its
+    ``top_logprobs[j].logprob``; legacy completions: ``token_logprobs`` and the ``top_logprobs``
+    mappings), or None when every value can be a log-probability: a number, not NaN, at most
+    ``LOGPROB_TOLERANCE`` (``-inf`` is probability 0; a missing value, None, is not checked)."""
+    if not isinstance(logprobs, dict):
+        return None
+    values: list = []
+    for entry in logprobs.get("content") or ():
+        if isinstance(entry, dict):
+            values.append(entry.get("logprob"))
+            values += [t.get("logprob") for t in entry.get("top_logprobs") or () if isinstance(t, dict)]
+    values += list(logprobs.get("token_logprobs") or ())
+    for top in logprobs.get("top_logprobs") or ():
+        if isinstance(top, dict):
+            values += list(top.values())
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return f"log-probability {v!r} is not a number"
+        if v > LOGPROB_TOLERANCE:
+            return f"log-probability {v!r} is above 0"
+    return None
 
 
 # arguments of alpaca_eval's _openai_completion_helper that configure the client, not the request
@@ -115,7 +146,11 @@ class EndpointCompletions:
                 reply, why = self.client.request(body, "/completions")
             choices.append(self._choice(reply, why, chat))
         duration = time.perf_counter() - t0
-        price = [c["total_tokens"] * _get_price_per_token(model_name, price_per_token) for c in choices]
+        # alpaca_eval prices tokens by the config's model name; that price is OpenAI's, so only
+        # OpenAI's own API gets it (a local server serving a GPT-4 name is not charged: NaN -> None)
+        per_token = _get_price_per_token(model_name, price_per_token) if official_endpoint(self.endpoint.base_url) \
+            else math.nan
+        price = [c["total_tokens"] * per_token for c in choices]
         cost.add(judge_calls=sum(1 for c in choices if c.get("text")))
         return {"completions": [c["text"] for c in choices], "price_per_example": price,
                 "time_per_example": [duration / max(1, len(prompts))] * len(prompts), "completions_all": choices}
@@ -159,6 +194,9 @@ class EndpointCompletions:
                 except (TypeError, ValueError):
                     pass
             self.kinds.add("chat/completions" if chat else "completions")
+        bad = impossible_logprob(choice.get("logprobs"))
+        if bad is not None:  # an answer that cannot be: an empty completion, i.e. a failed annotation
+            return {"text": "", "total_tokens": choice["total_tokens"], "error": f"[impossible reply] {bad}"}
         return choice
 
 

@@ -120,11 +120,16 @@ def check_coverage(verdicts: Sequence[Verdict], min_coverage: float, what: str) 
 
 
 def require_coverage(n_scored: int, n_total: int, min_coverage: float, what: str) -> None:
-    """CoverageError when nothing was judged or the valid share is below ``min_coverage``."""
+    """CoverageError when nothing was judged or the valid share is below ``min_coverage``.
+    Every caller judges through ``harness.judging.judge_groups``, which never reuses a failed
+    judgment: the message says that a rerun asks the judge again for exactly the failed items."""
     if n_total == 0:
         raise CoverageError(f"{what}: no items were judged (0 verdicts); nothing to compute coverage from")
     if n_scored / n_total < min_coverage:
+        n_failed = n_total - n_scored
         raise CoverageError(
             f"{what}: only {n_scored} of {n_total} items got a valid judgment "
-            f"(coverage {n_scored / n_total:.3f} < min_coverage {min_coverage}); {n_total - n_scored} failed "
-            "(unparsable answers or judge errors; see the raw outputs in the judge cache/log)")
+            f"(coverage {n_scored / n_total:.3f} < min_coverage {min_coverage}); {n_failed} failed "
+            "(unparsable, over-long or impossible answers; their raw answers are in the judgments log). "
+            f"Fix the judge, then rerun the same command: it asks the judge again for exactly these {n_failed} "
+            "items and keeps every valid judgment")

@@ -11,6 +11,7 @@ retries): it is counted, never guessed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -44,6 +45,26 @@ class Judge(Protocol):
     def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         """One verdict per item, in order."""
         ...
+
+
+def possible(score: float | None, scale: Sequence[float]) -> bool:
+    """Whether ``score`` is a judgment a judge on ``scale`` (lowest, highest) can give: a real,
+    finite number inside the scale. NaN, infinities, non-numbers and values outside the scale
+    cannot be; None (a failure already) is not possible either."""
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return False
+    lo, hi = scale
+    return lo <= score <= hi
+
+
+def checked(v: Verdict, scale: Sequence[float]) -> Verdict:
+    """``v``, or, when its score or one of its per-sample scores cannot be (``possible``), a
+    failure: score None (counted as a failed judgment, asked again on a rerun, never scored)
+    and each impossible per-sample score None. The raw answers are kept for audit."""
+    if all(s is None or possible(s, scale) for s in (v.score, *v.scores)):
+        return v
+    return Verdict(score=None, raw=v.raw, scores=tuple(s if s is None or possible(s, scale) else None
+                                                       for s in v.scores), truncated=v.truncated)
 
 
 def score_group(judge: Judge, items: Sequence[JudgeItem]) -> list[Verdict]:

@@ -11,8 +11,9 @@ Storage is ``harness.store.JsonlLog``: one fsynced line per judgment, a torn
 last line dropped on open. The inner judge is called in chunks and each chunk
 is written before the next starts, so a killed process loses at most a chunk.
 Verdicts holding a transport error (``parsing.is_error``) are returned but not
-stored, so the next run asks again; parse failures of real answers are stored
-(they are judgments). When the inner judge raises with ``partial`` verdicts
+stored, so the next run asks again; so are failed judgments (no score, or a score
+that cannot be on the judge's scale: ``base.checked``), which are returned as
+failures and never served from the cache. When the inner judge raises with ``partial`` verdicts
 (``http.JudgeRequestError``), the finished ones are stored before re-raising.
 """
 
@@ -23,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness.judges.base import JudgeItem, Verdict
+from harness.judges.base import JudgeItem, Verdict, checked, possible
 from harness.judges.parsing import is_error
 from harness.store import JsonlLog
 
@@ -33,8 +34,9 @@ def judge_identity(**fields: Any) -> str:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _cacheable(v: Verdict) -> bool:
-    return not any(is_error(r) for r in v.raw)
+def _cacheable(v: Verdict, scale) -> bool:
+    """A valid judgment: an answer was obtained and its score can be."""
+    return not any(is_error(r) for r in v.raw) and possible(v.score, scale)
 
 
 class CachedJudge:
@@ -70,7 +72,7 @@ class CachedJudge:
     def _store(self, pairs: Sequence[tuple[str, JudgeItem, Verdict]]) -> None:
         self.log.append({"id": k, "prompt_id": it.prompt_id, "score": v.score, "raw": list(v.raw),
                          "scores": list(v.scores), "truncated": list(v.truncated)}
-                        for k, it, v in pairs if _cacheable(v))
+                        for k, it, v in pairs if _cacheable(v, self.scale))
 
     def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         keys = [self.key(it) for it in items]
@@ -78,7 +80,7 @@ class CachedJudge:
         todo: dict[str, JudgeItem] = {}
         for k, it in zip(keys, items):
             rec = self.log.records.get(k)
-            if rec is not None:
+            if rec is not None and possible(rec["score"], self.scale):  # a stored failure is asked again
                 found[k] = Verdict(score=rec["score"], raw=tuple(rec["raw"]), scores=tuple(rec["scores"]),
                                    truncated=tuple(rec.get("truncated", ())))
             elif k not in todo:
@@ -96,6 +98,7 @@ class CachedJudge:
                 raise
             if len(verdicts) != len(chunk):
                 raise RuntimeError(f"judge {self.name!r} returned {len(verdicts)} verdicts for {len(chunk)} items")
+            verdicts = [checked(v, self.scale) for v in verdicts]
             self._store([(k, it, v) for (k, it), v in zip(chunk, verdicts)])
             found.update((k, v) for (k, _), v in zip(chunk, verdicts))
         return [found[k] for k in keys]

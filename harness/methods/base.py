@@ -8,7 +8,7 @@ evaluation; ``harness/loop.py`` does those for every method alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from harness.data import DataError, Example, load_simple, read_records
@@ -23,6 +23,8 @@ class Candidate:
     source: str = "policy"            # "policy" (a sample of the current model) or "teacher"
     fixed_score: float | None = None  # set for automatic negatives: not sent to the judge;
                                       # -inf on an unbounded scale (below every real score)
+    cut: bool | None = None           # a sample that hit max_new_tokens (it never ended); None:
+                                      # unknown (samples of an older run), treated as ended
 
 
 @dataclass
@@ -123,7 +125,8 @@ class Method:
         raise NotImplementedError
 
     def candidates(self, ctx: IterationContext, example: Example, samples: Sequence[str]) -> list[Candidate]:
-        """The answers a judge (if any) scores for one prompt: samples, plus any fixed ones."""
+        """The answers a judge (if any) scores for one prompt: samples, plus any fixed ones.
+        Its "policy" candidates are the samples, in their order (``mark_cut`` relies on it)."""
         raise NotImplementedError
 
     def build_pairs(self, ctx: IterationContext, groups: Sequence[Group]) -> tuple[list[dict], dict]:
@@ -150,15 +153,45 @@ def iteration_slice(items: Sequence, per_iteration: int, iteration: int, reuse: 
     return part + list(items[:per_iteration - len(part)])
 
 
-def pair(example: Example, chosen: str, rejected: str, **extra: Any) -> dict:
-    return {"id": example.id, "messages": list(example.messages), "chosen": chosen, "rejected": rejected, **extra}
+def mark_cut(candidates: Sequence[Candidate], cut: Sequence[bool | None]) -> list[Candidate]:
+    """``candidates`` with each policy candidate marked by whether its sample was cut at
+    max_new_tokens (``cut``: one flag per sample, in the samples' order, as
+    ``Method.candidates`` builds them). Raises ValueError when the policy candidates are
+    not one per sample."""
+    policy = [i for i, c in enumerate(candidates) if c.source == "policy"]
+    if len(policy) != len(cut):
+        raise ValueError(f"{len(policy)} policy candidates for {len(cut)} samples: a method's candidates must be "
+                         "its samples in order (plus teacher answers)")
+    out = list(candidates)
+    for i, flag in zip(policy, cut):
+        out[i] = replace(out[i], cut=flag)
+    return out
+
+
+def pair(example: Example, chosen: str | Candidate, rejected: str | Candidate, **extra: Any) -> dict:
+    """A training pair. A ``Candidate`` side records whether it was cut at max_new_tokens
+    (``chosen_cut`` / ``rejected_cut``: True, False or None = unknown); training gives a cut
+    answer no end-of-turn (``harness.train.cut``). A plain text side (a human answer)
+    records nothing and trains as an ended answer."""
+    sides: dict[str, Any] = {}
+    for key, side in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(side, Candidate):
+            sides.update({key: side.text, f"{key}_cut": side.cut})
+        else:
+            sides[key] = side
+    return {"id": example.id, "messages": list(example.messages), **sides, **extra}
 
 
 def length_stats(pairs: Sequence[dict]) -> dict:
+    """Mean answer lengths and how many pairs train on a cut answer (``pairs/chosen_cut``,
+    ``pairs/rejected_cut``; pairs that do not say count as whole)."""
     if not pairs:
-        return {"pairs/chosen_mean_chars": None, "pairs/rejected_mean_chars": None}
+        return {"pairs/chosen_mean_chars": None, "pairs/rejected_mean_chars": None,
+                "pairs/chosen_cut": 0, "pairs/rejected_cut": 0}
     return {"pairs/chosen_mean_chars": sum(len(p["chosen"]) for p in pairs) / len(pairs),
-            "pairs/rejected_mean_chars": sum(len(p["rejected"]) for p in pairs) / len(pairs)}
+            "pairs/rejected_mean_chars": sum(len(p["rejected"]) for p in pairs) / len(pairs),
+            "pairs/chosen_cut": sum(p.get("chosen_cut") is True for p in pairs),
+            "pairs/rejected_cut": sum(p.get("rejected_cut") is True for p in pairs)}
 
 
 def best_iterate(rows: Sequence[dict], metric: str, higher_is_better: bool = True) -> dict | None:
@@ -180,6 +213,29 @@ def prompt_budget(where: str, n_available: int, per_iteration: int, iterations: 
                                   f"{n_available} are available; lower it, add prompts, or set reuse_prompts = true "
                                   "(later iterations then reuse earlier prompts)")]
     return []
+
+
+@dataclass(frozen=True)
+class CutAnswers:
+    """Options (a base of a method's ``Options``) of a method whose chosen answer can be a
+    policy sample cut at ``generation.max_new_tokens``. A kept cut answer trains without an
+    end-of-turn (``harness.train.cut``), so it never teaches the model to stop there."""
+    cut_chosen: str = opt("drop", 'A pair whose chosen answer is a sample cut at generation.max_new_tokens: "drop" it (counted as pairs/cut_chosen_dropped), or "keep" it (trained without an end-of-turn, so the model learns the text, not to stop mid-answer).', choices=("drop", "keep"))
+    cut_rejected: str = opt("keep", 'A pair whose rejected answer is a cut sample: "keep" it (the default: the judge scored exactly that text, so it is still the worse answer, and it trains without an end-of-turn, lowering the likelihood of the text rather than of stopping there; dropping such pairs would keep mostly short rejected answers, a length bias), or "drop" it (pairs/cut_rejected_dropped).', choices=("keep", "drop"))
+
+    def keep_pairs(self, pairs: Sequence[dict]) -> tuple[list[dict], dict]:
+        """The pairs these options keep, and the counts of those dropped (a count per side set
+        to "drop"; a pair with both sides cut counts for its chosen). A side whose cut is
+        unknown (None) counts as whole."""
+        drop = [k for k, how in (("chosen", self.cut_chosen), ("rejected", self.cut_rejected)) if how == "drop"]
+        kept, dropped = [], {f"pairs/cut_{k}_dropped": 0 for k in drop}
+        for p in pairs:
+            hit = next((k for k in drop if p.get(f"{k}_cut") is True), None)
+            if hit is None:
+                kept.append(p)
+            else:
+                dropped[f"pairs/cut_{hit}_dropped"] += 1
+        return kept, dropped
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,15 @@ from dataclasses import dataclass, replace
 
 from harness.data import load_simple
 from harness.generate import Sampling
-from harness.methods.base import (Candidate, IterationContext, Method, PromptSplit, best_iterate, file_problems,
-                                  length_stats, pair)
+from harness.methods.base import (Candidate, CutAnswers, IterationContext, Method, PromptSplit, best_iterate,
+                                  file_problems, length_stats, pair)
 from harness.metrics import VALIDATION
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 
 
 @dataclass(frozen=True)
-class DnoOptions(PromptSplit):
+class DnoOptions(CutAnswers, PromptSplit):
     num_samples: int = opt(5, "Samples per prompt (K).", min=1)
     temperature: float = opt(0.7, "Sampling temperature.", min=0.0)
     top_p: float = opt(0.95, "Nucleus sampling.", min=0.0, max=1.0)
@@ -171,10 +171,11 @@ class Dno(Method):
                 reasons["margin_too_small"] += 1
             else:
                 auto = worst[1].fixed_score is not None
-                pairs.append(pair(g.example, best[1].text, worst[1].text, score_chosen=best[0],
+                pairs.append(pair(g.example, best[1], worst[1], score_chosen=best[0],
                                   score_rejected=worst[0] if math.isfinite(worst[0]) else None,
                                   chosen_source=best[1].source, rejected_auto_negative=auto,
                                   iteration=ctx.iteration))
+        pairs, dropped = o.keep_pairs(pairs)
         auto_neg = sum(c.fixed_score is not None for g in groups for c in g.candidates)
         stats = {"pairs/n_prompts": len(groups), "pairs/n_candidates": sum(len(g.candidates) for g in groups),
                  "pairs/auto_negatives": auto_neg, "pairs/n_pairs": len(pairs),
@@ -182,7 +183,7 @@ class Dno(Method):
                  "pairs/auto_negative_rejected": sum(p["rejected_auto_negative"] for p in pairs),
                  "pairs/positive_threshold": threshold if math.isfinite(threshold) else None,
                  "pairs/margin_unit": unit, "pairs/score_center": center,
-                 **{f"pairs/dropped_{k}": v for k, v in sorted(reasons.items())}}
+                 **dropped, **{f"pairs/dropped_{k}": v for k, v in sorted(reasons.items())}}
         return pairs, {**stats, **length_stats(pairs)}
 
     def training_set(self, ctx):

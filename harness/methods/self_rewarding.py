@@ -19,15 +19,15 @@ from harness.config import SftSection
 from harness.data import Example, load_simple, with_system
 from harness.generate import Prompt, Sampling
 from harness.judges.parsing import load_judge_template
-from harness.methods.base import (Candidate, IterationContext, Method, PromptSplit, SelfInstruct, file_problems,
-                                  length_stats, pair)
+from harness.methods.base import (Candidate, CutAnswers, IterationContext, Method, PromptSplit, SelfInstruct,
+                                  file_problems, length_stats, pair)
 from harness.registry import METHODS
 from harness.schema import FieldError, opt
 from harness.sources import SourceError, locate
 
 
 @dataclass(frozen=True)
-class SelfRewardingOptions(PromptSplit):
+class SelfRewardingOptions(CutAnswers, PromptSplit):
     num_samples: int = opt(4, "Candidates sampled per prompt.", min=2)
     temperature: float = opt(0.7, "Candidate sampling temperature.", min=0.0)
     top_p: float = opt(0.9, "Candidate nucleus sampling.", min=0.0, max=1.0)
@@ -163,11 +163,12 @@ class SelfRewarding(Method):
             if hi[0] == lo[0]:
                 ties += 1
                 continue
-            pairs.append(pair(g.example, hi[1].text, lo[1].text, score_chosen=hi[0], score_rejected=lo[0],
+            pairs.append(pair(g.example, hi[1], lo[1], score_chosen=hi[0], score_rejected=lo[0],
                               iteration=ctx.iteration))
+        pairs, dropped = ctx.options.keep_pairs(pairs)
         stats = {"pairs/n_prompts": len(groups), "pairs/n_candidates": sum(len(g.candidates) for g in groups),
                  "pairs/ties_dropped": ties, "pairs/too_few_scores": unscored, "pairs/n_pairs": len(pairs),
-                 **{f"pairs/score_hist_{k}": hist[k] for k in sorted(hist)}}  # flat: one number per score
+                 **dropped, **{f"pairs/score_hist_{k}": hist[k] for k in sorted(hist)}}  # flat: one number per score
         return pairs, {**stats, **length_stats(pairs)}
 
     def training_set(self, ctx):

@@ -65,7 +65,9 @@ class Spin(Method):
             if ctx.options.drop_identical and synthetic.strip() == g.example.response.strip():
                 identical += 1
                 continue
-            pairs.append(pair(g.example, g.example.response, synthetic, iteration=ctx.iteration))
+            # the opponent's answer may be cut at max_new_tokens: kept, as SPIN's code keeps it,
+            # and trained without an end-of-turn (its Candidate records the cut)
+            pairs.append(pair(g.example, g.example.response, g.candidates[0], iteration=ctx.iteration))
         stats = {"pairs/n_prompts": len(groups), "pairs/n_pairs": len(pairs), "pairs/identical_dropped": identical}
         return pairs, {**stats, **length_stats(pairs)}
 

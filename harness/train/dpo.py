@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from harness.train.ended import open_rows
 from harness.train.probe import pair_logps, probe_sample, probe_tokens, stage_work
 from harness.train.reference import precompute_reference, reference_logps, row_lengths, use_reference_adapter
 from harness.train.schedule import dpo_steps
@@ -57,7 +58,8 @@ def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, ou
                        train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
     if reference is not None and cfg.chain == "continue":
         use_reference_adapter(trainer.model, reference)
-    trainer.train_dataset = cut_answers(trainer.train_dataset, settings.max_length)
+    # cut samples without an end-of-turn, then every answer within max_length
+    trainer.train_dataset = cut_answers(open_rows(trainer.train_dataset, tokenizer, pairs), settings.max_length)
     return trainer
 
 

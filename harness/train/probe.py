@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from harness.generate import completion_ids
+from harness.train.ended import answer_ids
 
 PROBE_MIN = 4        # pairs the probe measures at least (all of them when there are fewer)
 PROBE_MAX = 256      # and at most
@@ -37,7 +37,7 @@ def _sides(tokenizer, pair: dict, max_length: int) -> tuple[list[int], list[tupl
     cut to ``max_length`` as in training; the shared part holds no scored token."""
     full = []
     for key in ("chosen", "rejected"):
-        prompt, answer = completion_ids(tokenizer, pair["messages"], pair[key])
+        prompt, answer = answer_ids(tokenizer, pair["messages"], pair, key)  # a cut answer: no end-of-turn
         ids = (prompt + answer)[:max_length]
         full.append((ids, ([0] * len(prompt) + [1] * len(answer))[:len(ids)], len(prompt)))
     (a, _, pa), (b, _, pb) = full

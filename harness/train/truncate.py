@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from harness.generate import chat_ids, completion_ids
+from harness.generate import chat_ids
+from harness.train.ended import answer_ids
 from harness.train.trainer import TrainingError
 
 
@@ -97,7 +98,7 @@ def fit(tokenizer, items: Sequence[dict], answers: Sequence[str], max_length: in
             out.n_dropped += 1
             continue
         messages, prompt_cut = got
-        answer_cut = any(sum(map(len, completion_ids(tokenizer, messages, item[k]))) > max_length for k in answers)
+        answer_cut = any(sum(map(len, answer_ids(tokenizer, messages, item, k))) > max_length for k in answers)
         out.n_prompts_cut += prompt_cut
         out.n_answers_cut += answer_cut
         out.n_truncated += prompt_cut or answer_cut
