@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.annotator_configs import RUBRIC, config_problems, resolve_protocol
+from harness.annotator_configs import ANSWER_TOKENS, RUBRIC, config_problems, resolve_protocol
 from harness.judge_section import JudgeSection
 from harness.registry import JUDGES, METHODS
 from harness.schema import ConfigError, FieldError, opt, parse_section, to_dict, unknown_key_error
@@ -115,6 +115,7 @@ class DataSection:
     prompt_field: str = opt("prompt", "Column with the instruction text.")
     response_field: str = opt("response", "Column with the human / SFT answer (SPIN).")
     messages_field: str = opt("", "Column with chat messages [{role, content}, ...]; when set, the last assistant turn is the answer and the rest the prompt.")
+    turns: str = opt("auto", 'Which turns of a multi-turn conversation (messages_field) make a training prompt: "all" = the whole conversation is the prompt and its last assistant turn the answer; "first" = the first user turn (after any system message) is the prompt and the assistant turn after it the answer, as SPIN\'s code builds its UltraChat data; "auto" = the method\'s choice: "first" for SPIN, "all" for Self-Rewarding and DNO (their papers\' prompts are single-turn, where both agree). Single-turn data (prompt_field) is the same either way.', choices=("auto", "first", "all"))
     id_field: str = opt("", "Column with a stable prompt id; empty = a hash of the prompt text.")
     num_prompts: int = opt(0, "Use the first N prompts after a shuffle seeded with experiment.seed (another seed, another subset); 0 = all, in file order.", min=0)
     system_prompt: str = opt("", "Optional system message put before every prompt.")
@@ -144,6 +145,7 @@ class AlpacaEvalSection:
     instructions: str = opt("", 'AlpacaEval-format file (instruction, output, generator) whose outputs are the reference, "tiny:alpaca_eval", or "alpaca_eval" (AlpacaEval 2.0 from the hub); "" = skip AlpacaEval.')
     reference: str = opt("instructions", 'Whose answers the model is judged against: "instructions" (the outputs in the instructions file) or "iteration0" (the starting model\'s answers from this run\'s iteration-0 evaluation: a head-to-head against the starting model, like the Self-Rewarding paper\'s pairwise comparisons with its SFT baseline; iteration 0 then scores 50 by construction).', choices=("instructions", "iteration0"))
     limit: int = opt(0, "Evaluate only the first N instructions; 0 = all.", min=0)
+    max_new_tokens: int = opt(ANSWER_TOKENS, "Tokens the model may write per AlpacaEval answer (alpaca_eval's model configs allow 2048 or more; generation.max_new_tokens is not used here). Answers that hit it are counted (alpaca_eval/n_cut); a cap below 2048 is part of the protocol, so such win rates get their own columns, apart from the published systems'.", min=1)
     annotator: str = opt("", 'Who annotates model vs reference. The name of an annotator config that alpaca_eval ships (its evaluators_configs: "weighted_alpaca_eval_gpt4_turbo" = AlpacaEval 2.0, "alpaca_eval_gpt4" = 1.0, "weighted_alpaca_eval_vllm_llama3_70b", "alpaca_eval_llama3_70b_fn", ...) or the path of a configs.yaml in that format: both answers in one prompt, with alpaca_eval\'s prompt, output-order randomisation, completion parser and preference semantics (its own code), sent to the OpenAI-compatible endpoint of this section\'s judge, which must be "openai" (base_url, model = the judge model, api_key_env, timeout_s, max_retries; judge.batch_size = concurrent requests; its template and sampling options are not used). "harness_rubric" = the harness\'s pointwise comparison: the judge scores each answer alone with its rubric and the two scores are compared, with position control (the tiny world\'s oracle). "" = "weighted_alpaca_eval_gpt4_turbo" when instructions = "alpaca_eval", else "harness_rubric".')
     position: str = opt("random", 'Position-bias control of the harness_rubric protocol: "random" (seeded order per item) or "both" (judge both orders, average). alpaca_eval\'s annotators randomise the order themselves.', choices=("random", "both"))
     min_coverage: float = opt(0.95, "Fail the evaluation when fewer than this fraction of instructions get an annotation.", min=0.0, max=1.0)
@@ -192,7 +194,7 @@ class ValidationSection:
     under "validation/": validation/lm_eval/<task>/<metric>, validation/alpaca_eval/<metric>,
     validation/judge/score_mean."""
     lm_eval_tasks: tuple[str, ...] = opt(factory=tuple, doc='lm-eval tasks on validation data (names, task YAML files or directories, as eval.lm_eval_tasks); they must not be the reported test tasks.')
-    num_fewshot: int = opt(0, "lm-eval few-shot examples.", min=0)
+    num_fewshot: int | dict[str, int] | None = opt(None, "lm-eval few-shot examples, as eval.num_fewshot (unset = each task's own).", min=0)
     limit: int = opt(0, "lm-eval: examples per task; 0 = all.", min=0)
     alpaca_eval: AlpacaEvalSection = opt(factory=AlpacaEvalSection, doc="AlpacaEval-style win rate on validation instructions (their own file).")
     prompts: str = opt("", 'Held-out prompts (a .jsonl/.json/.parquet file with a "prompt" column, "tiny:<name>" such as "tiny:ift", or a hub dataset id) whose greedy answers the validation judge scores; metric validation/judge/score_mean. "" = none.')
@@ -209,7 +211,7 @@ class ValidationSection:
 @dataclass(frozen=True)
 class EvalSection:
     lm_eval_tasks: tuple[str, ...] = opt(factory=tuple, doc='lm-eval tasks: built-in names (need the hub), task YAML files or directories, or "tiny:<name>".')
-    num_fewshot: int = opt(0, "lm-eval few-shot examples.", min=0)
+    num_fewshot: int | dict[str, int] | None = opt(None, 'lm-eval few-shot examples. Unset = each task\'s own (its YAML\'s num_fewshot, 0 when it sets none), as the lm_eval command line without --num_fewshot; a number = every task (as --num_fewshot N; lm-eval keeps tasks whose YAML sets 0 at 0); a table = per task or group, the others at their own, e.g. {gsm8k = 5}. The shots used are recorded per task in each row\'s protocol.', min=0)
     limit: int = opt(0, "lm-eval: examples per task; 0 = all.", min=0)
     batch_size: int = opt(16, "lm-eval batch size.", min=1)
     apply_chat_template: bool = opt(True, "lm-eval: wrap prompts in the model's chat template.")
@@ -317,6 +319,8 @@ def parse(doc: dict, source: str = "<config>") -> Config:
     if errors or any(v is None for v in sections.values()):
         raise ConfigError(source, errors)
     cfg = Config(**sections, options=options, source=source)
+    if cfg.data.turns == "auto":  # resolved once here: every reader of data.turns sees the method's choice
+        cfg = replace(cfg, data=replace(cfg.data, turns=method.turns))
     _cross_checks(cfg, method, errors)
     if errors:
         raise ConfigError(source, errors)

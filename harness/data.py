@@ -4,6 +4,11 @@ An ``Example`` is a chat prompt (messages ending with the user turn), an
 optional answer (SPIN's human answer, a teacher answer) and any extra columns
 as ``meta``. Ids are stable: the id column when configured (or an ``id``
 column), else a hash of the prompt text, so resumable logs key on them.
+
+Of a multi-turn conversation (``data.messages_field``) ``turns = "all"`` keeps the
+whole conversation as the prompt and its last assistant turn as the answer;
+``"first"`` keeps the first user turn (after any system message) and the assistant
+turn that follows it, as SPIN's code builds its data (``select_turns``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,22 @@ class Example:
     @property
     def instruction(self) -> str:
         return self.messages[-1]["content"]
+
+    @property
+    def request(self) -> str:
+        """What a judge reads as the user's request (``conversation_text``)."""
+        return conversation_text(self.messages)
+
+
+def conversation_text(messages: Sequence[dict]) -> str:
+    """A chat prompt as one plain text for a judge's ``{instruction}``: the last turn's text
+    alone when the prompt has a single user turn (system messages are not shown), else every
+    user / assistant turn as "User: ..." / "Assistant: ..." paragraphs, ending with the last
+    user turn, so a judge sees the conversation its answer continues."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) <= 1:
+        return messages[-1]["content"]
+    return "\n\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns)
 
 
 class Row(dict):
@@ -160,8 +181,27 @@ def _stable_id(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _messages(row: dict, column: str, where: str, n: int) -> tuple[list[dict], str | None]:
-    """(the prompt's messages, the final assistant turn's text or None) of a messages column."""
+TURNS = ("first", "all")
+
+
+def select_turns(msgs: list[dict], turns: str) -> tuple[list[dict], str | None]:
+    """(prompt messages, answer or None) of a conversation. "all": the conversation up to its
+    final assistant turn, which is the answer. "first": the messages up to the first user
+    turn (system messages before it stay), and the assistant turn right after it as the
+    answer (None when none follows); a conversation without a user turn is a ValueError."""
+    if turns == "all":
+        return (msgs[:-1], msgs[-1]["content"]) if msgs[-1]["role"] == "assistant" else (msgs, None)
+    if turns != "first":
+        raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
+    user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+    if user is None:
+        raise ValueError("no user turn")
+    after = msgs[user + 1] if user + 1 < len(msgs) else None
+    return msgs[:user + 1], after["content"] if after is not None and after["role"] == "assistant" else None
+
+
+def _messages(row: dict, column: str, where: str, n: int, turns: str = "all") -> tuple[list[dict], str | None]:
+    """(the prompt's messages, the answer's text or None) of a messages column (``select_turns``)."""
     at = getattr(row, "where", f"row {n}")
     msgs = row.get(column)
     if msgs is not None and not isinstance(msgs, (str, dict)) and hasattr(msgs, "__len__"):
@@ -172,9 +212,10 @@ def _messages(row: dict, column: str, where: str, n: int) -> tuple[list[dict], s
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: {at}: column {column!r}, message {i}: not {{role, content}} with text values")
-    response = None
-    if msgs[-1]["role"] == "assistant":
-        response, msgs = msgs[-1]["content"], msgs[:-1]
+    try:
+        msgs, response = select_turns(msgs, turns)
+    except ValueError as e:
+        raise DataError(f"{where}: {at}: column {column!r}: {e} (data.turns = {turns!r})") from None
     if not msgs:
         raise DataError(f"{where}: {at}: column {column!r} holds only the answer, no prompt")
     return [{"role": m["role"], "content": m["content"]} for m in msgs], response
@@ -182,21 +223,25 @@ def _messages(row: dict, column: str, where: str, n: int) -> tuple[list[dict], s
 
 def to_examples(rows: list[dict], *, prompt_field: str = "prompt", response_field: str = "response",
                 messages_field: str = "", id_field: str = "", system_prompt: str = "",
-                where: str = "data", file_where: str | None = None, require_response: bool = False) -> list[Example]:
-    """Examples of ``rows``. The prompt (column ``prompt_field``, or the messages) is required
-    text; the response is optional unless ``require_response``, and text when given (see
-    ``text_column``). A missing column is reported at ``{where}.prompt_field`` /
-    ``{where}.response_field``, a bad value in one row at ``file_where`` (default ``where``)."""
+                where: str = "data", file_where: str | None = None, require_response: bool = False,
+                turns: str = "all") -> list[Example]:
+    """Examples of ``rows``. The prompt (column ``prompt_field``, or the messages, of which
+    ``turns`` are kept: ``select_turns``) is required text; the response is optional unless
+    ``require_response``, and text when given (see ``text_column``). A missing column is
+    reported at ``{where}.prompt_field`` / ``{where}.response_field``, a bad value in one row
+    at ``file_where`` (default ``where``)."""
     file_where = file_where or where
     out: list[Example] = []
     seen: set[str] = set()
     for n, row in enumerate(rows):
         if messages_field:
-            msgs, response = _messages(row, messages_field, f"{where}.messages_field", n)
+            msgs, response = _messages(row, messages_field, f"{where}.messages_field", n, turns)
             messages = tuple(msgs)
             if require_response and response is None:
                 raise DataError(f"{file_where}: {getattr(row, 'where', f'row {n}')}: column {messages_field!r} "
-                                "does not end with an assistant turn (the answer)")
+                                + ("does not end with an assistant turn (the answer)" if turns == "all" else
+                                   "has no assistant turn right after its first user turn (the answer; data.turns = "
+                                   '"first")'))
         else:
             if prompt_field not in row:
                 text_column(row, prompt_field, f"{where}.prompt_field", n=n)
@@ -220,12 +265,15 @@ def load_examples(section, ref: str | None = None, where: str = "data.train", *,
     """Examples from ``ref`` (default: ``section.train``), with the section's column mapping.
     With ``num_prompts`` set they are sorted by id, shuffled with ``seed`` (the experiment
     seed: another seed draws another subset) and cut to the first ``num_prompts``.
-    ``require_response``: every row must have its answer (SPIN)."""
+    ``require_response``: every row must have its answer (SPIN). ``section.turns`` is the
+    method's choice once ``config.parse`` resolved "auto"; a section built by hand with
+    "auto" reads every turn ("all")."""
     rows = read_records(ref or section.train, revision=section.revision, split=section.split, where=where)
     exs = to_examples(rows, prompt_field=section.prompt_field, response_field=section.response_field,
                       messages_field=section.messages_field, id_field=section.id_field,
                       system_prompt=section.system_prompt, where="data", file_where=where,
-                      require_response=require_response)
+                      require_response=require_response,
+                      turns="all" if section.turns == "auto" else section.turns)
     if section.num_prompts and ref is None:
         exs = sorted(exs, key=lambda e: e.id)
         random.Random(seed).shuffle(exs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness import store
@@ -114,23 +114,47 @@ def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[Rec
     def compute(cfg, work):
         sampling = r.method.sampling(cfg)
         model, tok = r.model(policy)
+        prompts_as_trained, fitted = as_trained(tok, prompts, cfg.training)
         glog = store.JsonlLog(work / "samples.jsonl")
         resumed = len(glog.records)  # records kept from an interrupted attempt
         with session(cfg.generation.engine) as eng:
-            records = eng.generate(model, tok, [Prompt(e.id, e.messages) for e in prompts], sampling,
+            records = eng.generate(model, tok, [Prompt(e.id, e.messages) for e in prompts_as_trained], sampling,
                                    seed_key=(cfg.experiment.seed, t, "generate"), batch_size=cfg.generation.batch_size,
                                    log=glog, desc=f"iter {t} generate")
         tokens = sum(s["n_tokens"] for rec in records.values() for s in rec["samples"])
         store.write_jsonl(work / "prompts.jsonl", [{"id": e.id, "messages": e.messages, "response": e.response}
-                                                   for e in prompts])
+                                                   for e in prompts_as_trained])
         return {"hash": store.file_hash(work / "samples.jsonl"), "resumed_records": resumed,
-                "metrics": {"gen/tokens": tokens, **cut_metrics(records, "gen")},
+                "metrics": {"gen/tokens": tokens, **cut_metrics(records, "gen"),
+                            "gen/n_prompts_cut": fitted.n_prompts_cut, "gen/n_prompts_too_long": fitted.n_dropped},
                 "generation": engine_settings(cfg.generation.engine, model, tok, sampling)}
 
     st = r.run_stage(t, "generate", {"policy": policy.id, "sampler": SAMPLER,
                                         "prompts": dict_hash([[e.id, e.messages, e.response] for e in prompts])},
                         compute)
-    return st, prompts
+    # later stages (judge, pairs) take the prompts as generated: cut as training will cut them
+    generated = {rec["id"]: tuple(rec["messages"]) for rec in store.read_jsonl(st.final / "prompts.jsonl")}
+    return st, [replace(e, messages=generated[e.id]) for e in prompts]
+
+
+def as_trained(tokenizer, prompts: list[Example], settings) -> tuple[list[Example], object]:
+    """(``prompts`` with their messages cut, the ``harness.train.truncate.Fitted`` counts).
+    Each prompt is cut to ``settings.prompt_limit`` rendered tokens (training.max_prompt_length)
+    by the cut training applies (``harness.train.truncate.fit``), so an answer is generated in
+    exactly the context its pair is trained in, and training cuts no prompt again (the cut is
+    idempotent). A prompt that cannot fit at all stays whole: training drops its pair. More
+    cut or unfit prompts than ``settings.max_truncated_share`` fail here, before anything is
+    generated (``check_share``), as the training stage would fail on their pairs."""
+    from harness.train.truncate import check_share, fit  # harness.train imports trl: only when computing
+
+    fitted = fit(tokenizer, [{"messages": list(e.messages)} for e in prompts], (), settings.max_length,
+                 settings.prompt_limit)
+    if prompts:
+        check_share(fitted, len(prompts), settings, "training", "prompts")
+    out = list(prompts)
+    for i, item in zip(fitted.index, fitted.items):
+        out[i] = replace(prompts[i], messages=tuple(item["messages"]))
+    return out, fitted
 
 
 def candidate_groups(r, ctx: IterationContext, gen: RecordedStage, prompts: list[Example]) -> list[Group]:

@@ -77,6 +77,7 @@ class Method:
     name: str
     Options: type              # dataclass schema of [method.<name>]
     needs_judge: bool
+    turns: str = "all"         # data.turns = "auto" means this ("first" or "all", harness.data.select_turns)
 
     def check(self, cfg) -> list[FieldError]:
         """Rules across config fields (parse time)."""

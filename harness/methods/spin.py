@@ -26,6 +26,7 @@ class Spin(Method):
     name = "spin"
     Options = SpinOptions
     needs_judge = False
+    turns = "first"  # SPIN's code: a conversation's first user turn and its answer
 
     def check(self, cfg) -> list[FieldError]:
         if cfg.judge.name != "none":
