@@ -12,7 +12,8 @@ import torch
 from full_forward import sequence_logprobs
 from harness.models import load_policy
 from harness.train import GAP_CHECK_PAIRS, pair_logps, probe_sample, train_dpo
-from harness.train.probe import LOGIT_BUDGET, PROBE_MAX, PROBE_MIN, _batches, probe_tokens, stage_work
+from harness.train.probe import (LOGIT_BUDGET, PROBE_FORWARDS, PROBE_MAX, PROBE_MIN, _batches, probe_tokens,
+                                 stage_work)
 from test_train import PAIRS, make_cfg
 
 WORDS = "the quick brown fox jumps over the lazy dog what is plus minus say".split()
@@ -77,8 +78,8 @@ def test_probe_sample_is_seeded_and_bounded():
     a = probe_sample(lengths, work, 0.05, key="probe/0/1")
     assert a == probe_sample(lengths, work, 0.05, key="probe/0/1") == sorted(a)
     assert a != probe_sample(lengths, work, 0.05, key="probe/0/2")
-    used = sum(probe_tokens(lengths[i]) for i in a)
-    assert used <= 0.05 / 0.95 * work and used + max(map(probe_tokens, lengths)) > 0.05 / 0.95 * work
+    used = sum(PROBE_FORWARDS * probe_tokens(lengths[i]) for i in a)  # before and after training
+    assert used <= 0.05 / 0.95 * work and used + 2 * max(map(probe_tokens, lengths)) > 0.05 / 0.95 * work
     assert PROBE_MIN < len(a) < PROBE_MAX
     assert sorted(a) != list(range(len(a)))  # a random sample, not the first pairs
     # checks already spent shrink it; the cap, the floor and share = 1
@@ -93,9 +94,9 @@ def test_probe_sample_is_seeded_and_bounded():
 
 @pytest.mark.parametrize("share", [0.05, 1.0])
 def test_train_dpo_reports_on_its_sample(tiny_dir, tmp_path, share):
-    """The probe's numbers are those of the sampled pairs: its "before" values (the
-    precomputed reference) and its "after" values equal independent forwards of exactly
-    those pairs, before and after training; share = 1 probes every pair."""
+    """The probe's numbers are those of the sampled pairs: its "before" and "after" values
+    equal independent forwards of exactly those pairs, before and after training, and trl's
+    reference values those of the model before training; share = 1 probes every pair."""
     cfg = make_cfg(tiny_dir, tmp_path, training={"probe_share": share})
     pairs = PAIRS + [{**p, "chosen": p["chosen"] + " plus"} for p in PAIRS]  # 16 pairs
     model, tok = load_policy(cfg, [])
@@ -110,11 +111,12 @@ def test_train_dpo_reports_on_its_sample(tiny_dir, tmp_path, share):
         prompt, c = completion_ids(tok, p["messages"], p["chosen"])
         lengths.append((len(prompt), len(c), len(completion_ids(tok, p["messages"], p["rejected"])[1])))
     work = stage_work(lengths, 1.0, True, False)
-    spent = sum(probe_tokens(x) for x in lengths[:GAP_CHECK_PAIRS]) * 2  # the gap checks (merge chain: before, merged)
+    spent = sum(probe_tokens(x) for x in lengths[:GAP_CHECK_PAIRS]) * 3  # the checks: start, reference, merged
     picked = probe_sample(lengths, work, share, key="probe/0/1", spent=spent)
     assert len(picked) == n
     assert metrics["train/logp_chosen_before"] == pytest.approx(sum(start_c[i] for i in picked) / n, abs=1e-4)
     assert metrics["train/logp_rejected_before"] == pytest.approx(sum(start_r[i] for i in picked) / n, abs=1e-4)
+    assert metrics["train/ref_logp_chosen"] == pytest.approx(sum(start_c[i] for i in picked) / n, abs=1e-4)
     end_c, end_r = pair_logps(trained, tok, [pairs[i] for i in picked], 64)
     assert metrics["train/logp_chosen"] == pytest.approx(sum(end_c) / n, abs=1e-4)
     assert metrics["train/logp_rejected"] == pytest.approx(sum(end_r) / n, abs=1e-4)
@@ -124,3 +126,62 @@ def test_train_dpo_reports_on_its_sample(tiny_dir, tmp_path, share):
     margins = [beta * ((end_c[k] - start_c[i]) - (end_r[k] - start_r[i])) for k, i in enumerate(picked)]
     assert metrics["train/reward_margin"] == pytest.approx(statistics.mean(margins), abs=1e-4)
     assert metrics["train/reward_margin_stderr"] == pytest.approx(statistics.stdev(margins) / n ** 0.5, abs=1e-4)
+
+
+def test_probe_of_a_model_that_did_not_move_reports_exactly_zero_in_bfloat16(tiny_dir, tmp_path):
+    """bfloat16 at learning rate 1e-30: the only weights the optimizer moves are the fresh
+    adapter's zero-initialised lora_B, by about 1e-30 (the trainer's guard refuses an adapter
+    left bit for bit unchanged), which leaves every log-prob of the model bit for bit as it was.
+    "Before" and "after" come from one forward function on the same batches, so the margin and
+    the likelihood changes are exactly 0, and so is the gap from the reference to the start
+    (both measured by that function). With trl's reference pass as "before" they were not."""
+    from harness.train.trainer import prepare_policy
+
+    cfg = make_cfg(tiny_dir, tmp_path, model={"dtype": "bfloat16"}, lora={"chain": "continue"},
+                   training={"learning_rate": 1e-30, "probe_share": 1.0}, method={"beta": 0.1})
+    pairs = PAIRS + [{**p, "chosen": p["chosen"] + " plus", "rejected": "no " * (i + 1)} for i, p in enumerate(PAIRS)]
+    model, tok = load_policy(cfg, [])
+    start = full_forward(model, tok, pairs, 64)
+    metrics, trained = train_dpo(model, tok, pairs, cfg, 1, tmp_path / "it1")
+    # the model did not move: its adapter is the fresh one up to 1e-30, its log-probs are unchanged
+    fresh = {n: p.detach() for n, p in prepare_policy(load_policy(cfg, [])[0], cfg, 1)[0].named_parameters()
+             if "lora_" in n}
+    moved = {n: (p.detach() - fresh[n]).abs().max().item() for n, p in trained.named_parameters()
+             if "lora_" in n and ".ref." not in n}
+    assert moved.keys() == fresh.keys() and 0 < max(moved.values()) < 1e-25
+    assert all(moved[n] == 0 for n in moved if "lora_A" in n)
+    assert full_forward(trained, tok, pairs, 64) == start
+    assert metrics["train/probe_pairs"] == metrics["train/n_pairs"] > 4
+    assert metrics["train/reward_margin"] == 0.0 and metrics["train/reward_accuracy"] == 0.0
+    assert metrics["train/logp_chosen"] - metrics["train/logp_chosen_before"] == 0.0
+    assert metrics["train/logp_rejected"] - metrics["train/logp_rejected_before"] == 0.0
+    assert metrics["train/prefers_chosen_after"] == metrics["train/prefers_chosen_before"]
+    assert metrics["train/ref_gap_to_start"] == 0.0
+
+
+@pytest.mark.parametrize("chain", ["merge", "continue"])
+def test_reference_model_is_the_reference_trl_holds(tiny_dir, tmp_path, chain):
+    """reference = "base" from a start that is not the base: inside ``reference_model`` the
+    probe's forward measures the base (trl's ref_model, or the policy with its adapters
+    disabled), not the policy, and on leaving the policy is the start again."""
+    from harness.train import dpo_trainer, lora_config
+    from harness.train.reference import reference_model
+
+    cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": chain}, method={"reference": "base"})
+    from peft import get_peft_model
+
+    peft = get_peft_model(load_policy(cfg, [])[0], lora_config(cfg.lora))
+    torch.manual_seed(0)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    peft.save_pretrained(str(tmp_path / "a1"))
+    model, tok = load_policy(cfg, [tmp_path / "a1"])
+    start = pair_logps(model, tok, PAIRS, 64)
+    base = pair_logps(load_policy(cfg, [])[0], tok, PAIRS, 64)
+    assert max(abs(a - b) for a, b in zip(start[0] + start[1], base[0] + base[1])) > 0.1
+    trainer = dpo_trainer(model, tok, PAIRS, cfg, 2, tmp_path / "it2", reference=[])
+    with reference_model(trainer) as ref:
+        got = pair_logps(ref, tok, PAIRS, 64)
+    assert got[0] == pytest.approx(base[0], abs=1e-4) and got[1] == pytest.approx(base[1], abs=1e-4)
+    assert pair_logps(trainer.model, tok, PAIRS, 64) == start

@@ -14,7 +14,8 @@ adapter-disabled (quantized) base is the reference.
 
 Its reference log-probs are computed once before training
 (``harness.train.reference.precompute_reference``), and a probe of a sample of the pairs
-(``harness.train.probe``) reports how the policy's preferences moved. Not here: running
+(``harness.train.probe``, one forward function before and after) reports how the policy's
+preferences moved. Not here: running
 the trainer and its guards (``harness.train.trainer``), SFT (``harness.train.sft``).
 """
 
@@ -28,7 +29,8 @@ from typing import Sequence
 
 from harness.train.ended import open_rows
 from harness.train.probe import pair_logps, probe_sample, probe_tokens, stage_work
-from harness.train.reference import precompute_reference, reference_logps, row_lengths, use_reference_adapter
+from harness.train.reference import (precompute_reference, reference_logps, reference_model, row_lengths,
+                                     use_reference_adapter)
 from harness.train.schedule import dpo_steps
 from harness.train.trainer import TrainingError, make_trainer, prepare_policy, run_trainer, trainer_args
 from harness.train.truncate import check_share, cut_answers, fit
@@ -81,17 +83,21 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     ``training.probe_share`` of the stage's; ``train/probe_pairs`` says how many), the
     log-likelihoods before and after, the fraction of pairs the model already preferred
     (logp chosen > logp rejected) before training, the implicit reward margin after training
-    (beta * change of the chosen-minus-rejected log-ratio; reference = before) with its standard
-    error over the sample, and trl's own reference log-probs of those pairs.
-    ``train/ref_gap_to_start`` is the largest distance, on the first ``GAP_CHECK_PAIRS``
-    pairs, between trl's reference log-probs and the policy's before training (0 up to
-    float rounding when the reference is the previous iterate).
+    (beta * change of the chosen-minus-rejected log-ratio, "before" standing for the reference:
+    they are one model unless ``reference`` is given) with its standard error over the sample,
+    and trl's own reference log-probs of those pairs (``train/ref_logp_*``, what its loss used).
+    "Before" and "after" are one instrument: ``pair_logps`` of the policy on the same pairs in
+    the same batches, before and after training, so a model that did not move reports exactly
+    0 in any dtype (trl's reference pass, another forward, differs from it by bfloat16
+    rounding). ``train/ref_gap_to_start`` is the largest distance, on the first
+    ``GAP_CHECK_PAIRS`` pairs, between the reference trl holds and the model passed in, both by
+    ``pair_logps`` (exactly 0 when the reference is the previous iterate; with ``reference``
+    given, how far the start is from it).
 
     ``precompute``: the reference log-probs of all pairs are computed once, before
     training (``precompute_reference``), instead of by a reference forward in every
-    step. When the reference is the model passed in, those log-probs are also the
-    "before" values of the probe. The "after" values take one forward over the sample;
-    it and the checks are counted in ``train/probe_seconds``.
+    step. The probe's two forwards over the sample and the checks are counted in
+    ``train/probe_seconds``.
     """
     if not pairs:
         raise TrainingError("no training pairs for this iteration")
@@ -102,7 +108,7 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     kept = fitted.items
     check = list(range(min(GAP_CHECK_PAIRS, len(kept))))
     t0 = time.perf_counter()
-    start = dict(zip(check, zip(*pair_logps(model, tokenizer, [kept[i] for i in check], max_length))))
+    start = pair_logps(model, tokenizer, [kept[i] for i in check], max_length)  # before trl wraps the model
     probe_seconds = time.perf_counter() - t0
     trainer = dpo_trainer(model, tokenizer, kept, cfg, iteration, out_dir, reference, base)
     # trl's rows -> our pairs, by the "row" column: nothing is dropped after fitting, but if trl
@@ -114,38 +120,39 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     rows = sorted(pos)
     lengths = row_lengths(data)
     work = stage_work(lengths, settings.epochs, precompute, cfg.training.gradient_checkpointing)
-    checks = sum(probe_tokens(lengths[pos[i]]) for i in check if i in pos) * (2 if cfg.chain == "merge" else 1)
+    # the checks' forwards: the start and the reference (merge chain: and the merged model)
+    checks = sum(probe_tokens(lengths[pos[i]]) for i in check if i in pos) * (3 if cfg.chain == "merge" else 2)
     picked = probe_sample([lengths[pos[i]] for i in rows], work, cfg.training.probe_share,
                           key=f"probe/{cfg.experiment.seed}/{iteration}", spent=checks)
     probe = [rows[k] for k in picked]
-    wanted = sorted({i for i in set(probe) | set(check) if i in pos})  # pairs whose reference values are reported
+    probed = [kept[i] for i in probe]
     t0 = time.perf_counter()
     if precompute:
         ref_all = precompute_reference(trainer, lengths=lengths)
-        ref = {i: (ref_all[0][pos[i]], ref_all[1][pos[i]]) for i in wanted}
+        ref_c, ref_r = [ref_all[0][pos[i]] for i in probe], [ref_all[1][pos[i]] for i in probe]
     t1 = time.perf_counter()
     if not precompute:
-        ref = dict(zip(wanted, zip(*reference_logps(trainer, [pos[i] for i in wanted]))))
+        ref_c, ref_r = reference_logps(trainer, [pos[i] for i in probe])
     ref_seconds, probe_seconds = t1 - t0, probe_seconds + time.perf_counter() - t1
-    gap = max((abs(a - b) for i in check if i in ref for a, b in zip(ref[i], start[i])), default=None)
+    # every number compared below comes from pair_logps on the same pairs in the same batches:
+    # trl's own forward differs from it by bfloat16 rounding (tenths of a nat per answer),
+    # which would show as a gap, a margin and likelihood changes of a model that did not move
     t0 = time.perf_counter()
-    if precompute and reference is None:  # the reference is the model passed in: its values are the "before"
-        before = {i: ref[i] for i in probe}
-    else:
-        before = dict(zip(probe, zip(*pair_logps(trainer.model, tokenizer, [kept[i] for i in probe], max_length))))
+    with reference_model(trainer) as held:
+        at_ref = pair_logps(held, tokenizer, [kept[i] for i in check], max_length)
+    gap = max((abs(a - b) for a, b in zip(at_ref[0] + at_ref[1], start[0] + start[1])), default=None)
+    c0, r0 = pair_logps(trainer.model, tokenizer, probed, max_length)  # the policy before training
     probe_seconds += time.perf_counter() - t0
-    ref_c, ref_r = [ref[i][0] for i in probe], [ref[i][1] for i in probe]
-    c0, r0 = [before[i][0] for i in probe], [before[i][1] for i in probe]
     metrics = run_trainer(trainer, out_dir)
     t0 = time.perf_counter()
-    c1, r1 = pair_logps(trainer.model, tokenizer, [kept[i] for i in probe], max_length)
+    c1, r1 = pair_logps(trainer.model, tokenizer, probed, max_length)
     probe_seconds += time.perf_counter() - t0
     n = len(probe)
     merge_gap = None
     if cfg.chain == "merge":  # the next iteration starts from this adapter merged in: check it keeps the model
         t0 = time.perf_counter()
         k = min(n, GAP_CHECK_PAIRS)
-        merge_gap = _merge_gap(trainer.model, tokenizer, [kept[i] for i in probe[:k]], c1[:k] + r1[:k], max_length)
+        merge_gap = _merge_gap(trainer.model, tokenizer, probed[:k], c1[:k] + r1[:k], max_length)
         probe_seconds += time.perf_counter() - t0
     beta = cfg.method.beta
     margins = [beta * ((c1[i] - c0[i]) - (r1[i] - r0[i])) for i in range(n)]

@@ -11,7 +11,8 @@ bfloat16 they differ by 0.16-0.18 nats on average, as much as bfloat16 itself di
 from float32 (other kernel shapes, other roundings).
 
 ``probe_sample`` keeps the probe's cost a bounded share of its stage: a seeded random
-sample of the pairs, sized by tokens against the stage's own forward work. Not here:
+sample of the pairs, sized by tokens (``PROBE_FORWARDS`` forwards of each: before and after
+training) against the stage's own forward work. Not here:
 the reference's log-probs (``harness.train.reference``) or what the probe reports
 (``harness.train.dpo``).
 """
@@ -30,6 +31,7 @@ PROBE_MIN = 4        # pairs the probe measures at least (all of them when there
 PROBE_MAX = 256      # and at most
 LOGIT_BUDGET = 2 ** 28  # most logits one pair_logps batch holds (1 GiB in float32)
 TRAIN_FORWARDS = 2   # forward-pass equivalents of one LoRA training pass (forward + backward)
+PROBE_FORWARDS = 2   # pair_logps runs over each probed pair: before and after training
 
 
 def _sides(tokenizer, pair: dict, max_length: int) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
@@ -128,17 +130,18 @@ def stage_work(lengths: Sequence[tuple[int, int, int]], epochs: float, precomput
 def probe_sample(lengths: Sequence[tuple[int, int, int]], work: float, share: float, key: str,
                  spent: float = 0.0, cap: int = PROBE_MAX) -> list[int]:
     """Positions (into ``lengths``) of the pairs the probe measures, in order: a random
-    sample seeded by ``key``, drawn until its tokens (``probe_tokens``, plus ``spent`` on
-    checks) would pass ``share`` of the stage's total (``work`` + the probe), at most ``cap``
-    pairs and at least ``PROBE_MIN``. Drawing stops at the first pair that does not fit, so
-    the sample is not biased towards short pairs. ``share`` >= 1: no limit but ``cap``."""
+    sample seeded by ``key``, drawn until its tokens (``PROBE_FORWARDS`` x ``probe_tokens``,
+    plus ``spent`` on checks) would pass ``share`` of the stage's total (``work`` + the
+    probe), at most ``cap`` pairs and at least ``PROBE_MIN``. Drawing stops at the first pair
+    that does not fit, so the sample is not biased towards short pairs. ``share`` >= 1: no
+    limit but ``cap``."""
     budget = math.inf if share >= 1 else share / (1 - share) * work - spent
     order = list(range(len(lengths)))
     random.Random(key).shuffle(order)
     taken: list[int] = []
     used = 0
     for i in order[:cap]:
-        cost = probe_tokens(lengths[i])
+        cost = PROBE_FORWARDS * probe_tokens(lengths[i])
         if used + cost > budget and len(taken) >= PROBE_MIN:
             break
         taken.append(i)

@@ -5,7 +5,8 @@ pairs are computed once before training (``precompute_reference``) and trl reads
 them from the dataset: no step runs a reference forward. ``reference_logps`` is
 the same computation on given pairs in trl's per-step batches.
 ``use_reference_adapter`` makes the frozen "ref" adapter of a continue chain the
-model of a given adapter chain.
+model of a given adapter chain; ``reference_model`` hands out the reference trl
+holds, for other forwards to measure it (the probe's checks).
 
 Not here: building the trainer or choosing the reference (``harness.train.dpo``), the
 policy's own log-probs (``harness.train.probe``).
@@ -13,6 +14,7 @@ policy's own log-probs (``harness.train.probe``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +39,25 @@ def use_reference_adapter(model, reference: Sequence[Path]) -> None:
     for name, param in model.named_parameters():
         if ".ref." in name:
             param.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def reference_model(trainer):
+    """Inside the context, the model trl's loss takes its reference log-probs from, selected
+    as ``compute_ref_log_probs`` selects it: trl's ``ref_model``; or the trainer's PEFT model
+    with its frozen "ref" adapter active or, without one, every adapter disabled; or the
+    trainer's model itself. The policy's adapter is active again on leaving, also on error."""
+    from peft import PeftModel
+    from trl.trainer.utils import use_adapter
+
+    model = trainer.model
+    if trainer.ref_model is not None:
+        yield trainer.ref_model
+    elif isinstance(model, PeftModel):
+        with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+            yield model
+    else:
+        yield model
 
 
 def _reference_forward(trainer, batches: Sequence[Sequence[int]], n: int) -> tuple[list[float], list[float]]:
