@@ -4,6 +4,10 @@ Each process runs one experiment and seed, so each stays resumable on its own; o
 several GPUs each sees one (``CUDA_VISIBLE_DEVICES``). The standard library's executor over
 subprocesses is all the scheduling this needs (no scheduler of our own; for a SLURM cluster,
 submit one ``harness run FILE --seeds k`` per job).
+
+Each child runs in its own process group tied to this process (``harness.lifeline.spawn``):
+however this process ends (kill -9 included) its children and everything they started end
+too, and their run locks with them; an interrupt (Ctrl-C) stops the running children first.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from harness import console
 from harness.fmt import duration, short_path
+from harness.lifeline import spawn, stop_group
 from harness.report import combined_board
 
 
@@ -30,6 +36,10 @@ def run_parallel(cfgs: list, *, jobs: int, fresh: bool) -> int:
     for i in range(jobs):
         slots.put(i % gpus if gpus > 1 else None)
 
+    live: set[subprocess.Popen] = set()  # the children running now
+    lock = threading.Lock()              # guards live and stopping
+    stopping = False                     # set on an interrupt: no child starts after it
+
     def one(cfg):
         slot = slots.get()
         env = dict(os.environ)
@@ -39,23 +49,44 @@ def run_parallel(cfgs: list, *, jobs: int, fresh: bool) -> int:
                *(["--seeds", str(cfg.experiment.seed)] if cfg.experiment.seeds else [])]
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            with lock:
+                if stopping:
+                    raise KeyboardInterrupt
+                child = spawn(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                live.add(child)
+            try:
+                out, err = child.communicate()
+            finally:
+                with lock:
+                    live.discard(child)
         finally:
             slots.put(slot)
-        return cfg, proc, time.perf_counter() - t0
+        return cfg, subprocess.CompletedProcess(cmd, child.returncode, out, err), time.perf_counter() - t0
 
     console.info(f"{console.plural(len(cfgs), 'run')}, {jobs} at a time"
                  + (f", one GPU each of {gpus}" if gpus > 1 else ""))
     failed = 0
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for cfg, proc, seconds in pool.map(one, cfgs):
-            name = f"{cfg.experiment.name}" + (f" seed {cfg.experiment.seed}" if cfg.experiment.seeds else "")
-            if proc.returncode == 0:
-                console.info(f"{name}: done in {duration(seconds)} ({short_path(cfg.run_dir)})")
-            else:
-                failed += 1
-                errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")] or proc.stderr.splitlines()[-1:]
-                console.error(f"{name}: failed (exit {proc.returncode}): " + " / ".join(errors))
+        try:
+            for cfg, proc, seconds in pool.map(one, cfgs):
+                name = f"{cfg.experiment.name}" + (f" seed {cfg.experiment.seed}" if cfg.experiment.seeds else "")
+                if proc.returncode == 0:
+                    console.info(f"{name}: done in {duration(seconds)} ({short_path(cfg.run_dir)})")
+                else:
+                    failed += 1
+                    errors = ([x for x in proc.stderr.splitlines() if x.startswith("error:")]
+                              or proc.stderr.splitlines()[-1:])
+                    console.error(f"{name}: failed (exit {proc.returncode}): " + " / ".join(errors))
+        except BaseException as e:  # an interrupt: stop the children (SIGTERM, then SIGKILL) before the pool's wait
+            with lock:
+                stopping = True
+                running = list(live)
+            for child in running:
+                stop_group(child, grace_s=10)
+            if not isinstance(e, KeyboardInterrupt):
+                raise
+            console.error("interrupted; finished stages are kept: rerun the same command to resume")
+            return 130
     done = [cfg.run_dir for cfg in cfgs if (cfg.run_dir / "results.jsonl").exists()]
     if done:
         table, written, _ = combined_board(done, width=console.width())

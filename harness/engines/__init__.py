@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,21 +32,6 @@ def unavailable() -> str | None:
     if not py.exists():
         return f"no vLLM environment ({py} is missing; ./install.sh --vllm creates .venv-vllm)"
     return None
-
-
-def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything it spawned (vLLM
-    starts engine and worker processes): SIGTERM to its group, SIGKILL after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def engine(name: str = "hf") -> Callable:

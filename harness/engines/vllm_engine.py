@@ -43,8 +43,9 @@ from typing import Iterator, Sequence
 import torch
 
 from harness import console
-from harness.engines import stop_group, unavailable, venv_python  # noqa: F401  (unavailable: re-exported)
+from harness.engines import unavailable, venv_python  # noqa: F401  (unavailable: re-exported)
 from harness.generate import CUT, Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
+from harness.lifeline import spawn, stop_group
 from harness.store import JsonlLog, build_once, cache_root
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -153,9 +154,9 @@ class Worker:
             env.setdefault(k, "1")
         self._stderr = tempfile.NamedTemporaryFile("w+b", prefix="vllm-worker-", suffix=".log", delete=False)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([str(py), str(WORKER), json.dumps(settings)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True,
-                                     bufsize=1, start_new_session=True)
+        # its own process group, ended with vLLM's engine processes when the worker or this process dies
+        self.proc = spawn([str(py), str(WORKER), json.dumps(settings)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True, bufsize=1)
         try:
             ready = self._read()
         except BaseException:
@@ -209,7 +210,7 @@ class Worker:
                 p.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired, ValueError):
                 pass
-        stop_group(p, grace_s=20)  # the worker and the processes vLLM spawned (its own session)
+        stop_group(p, grace_s=20)  # the worker and the processes vLLM spawned (its own group)
         with contextlib.suppress(OSError):
             self._stderr.close()
             os.unlink(self._stderr.name)

@@ -35,8 +35,9 @@ from typing import Iterator
 
 import torch
 
-from harness.engines import stop_group, unavailable, venv_python
+from harness.engines import unavailable, venv_python
 from harness.engines.vllm_engine import CPU_KV_GIB
+from harness.lifeline import spawn, stop_group
 
 
 class ServerError(RuntimeError):
@@ -130,7 +131,7 @@ def serve(model_dir: Path | str, served_name: str, *, dtype: str = "float32", ma
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)
     log = tempfile.NamedTemporaryFile("w+b", prefix="vllm-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # ends with this process, however it ends
     try:
         t0 = time.monotonic()
         while not _ready(url):
