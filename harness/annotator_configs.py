@@ -1,8 +1,9 @@
 """Which AlpacaEval annotator an evaluation uses, and whether the harness can run its config:
 names and config checks only, known before any model loads (``harness validate``).
 
-Read by the config (``AlpacaEvalSection.protocol`` / ``problems``) and by
-``harness.evaluate.annotators``, which runs the annotators; this module imports neither
+Read by the config (``AlpacaEvalSection.protocol`` / ``problems``), by
+``harness.evaluate.annotators``, which runs the annotators, and by the report's protocol
+labels (which endpoint is OpenAI's own); this module imports neither
 alpaca_eval (its directory is found with ``find_spec``) nor any model code.
 """
 
@@ -19,6 +20,13 @@ RUBRIC = "harness_rubric"   # the harness's pointwise rubric comparison (judge s
 AE2 = "weighted_alpaca_eval_gpt4_turbo"   # AlpacaEval 2.0's annotator
 HUB_SET = "alpaca_eval"
 OPENAI = "openai_completions"
+ANSWER_TOKENS = 2048   # alpaca_eval's model configs' max_new_tokens: AlpacaEval answers at this cap or above are uncut
+OPENAI_API = "https://api.openai.com/v1"   # the official endpoint: the one published annotations were made at
+
+
+def official_endpoint(base_url: str | None) -> bool:
+    """``base_url`` is OpenAI's own API (any other, or none, is a local or unknown endpoint)."""
+    return isinstance(base_url, str) and base_url.rstrip("/") == OPENAI_API
 
 
 def configs_dir() -> Path:

@@ -90,12 +90,15 @@ def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
     metrics: dict = {}
     if v.lm_eval_tasks:
         section = replace(cfg.eval, lm_eval_tasks=v.lm_eval_tasks, num_fewshot=v.num_fewshot, limit=v.limit)
-        metrics.update({PREFIX + k: m for k, m in run_lm_eval(model, tokenizer, section, out_dir / "lm_eval").items()})
+        # the experiment's system message, as in the reported lm-eval evaluation
+        got = run_lm_eval(model, tokenizer, section, out_dir / "lm_eval", system_prompt=cfg.data.system_prompt,
+                          where="eval.validation.num_fewshot")
+        metrics.update({PREFIX + k: m for k, m in got.items()})
     if v.alpaca_eval.instructions:
         got = run_alpaca_eval(model, tokenizer, v.alpaca_eval, judge_factory(v.alpaca_eval.judge),
                               out_dir / "alpaca_eval", seed_key=(*seed_key, "validation"),
                               generator=f"{cfg.experiment.name}/iter_{iteration:03d}/validation",
-                              max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
+                              batch_size=cfg.generation.batch_size,
                               system_prompt=cfg.data.system_prompt, reference=reference,
                               reference_name=f"{cfg.experiment.name}/iter_000/validation",
                               generate_fn=generate_fn)

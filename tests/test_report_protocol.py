@@ -14,7 +14,7 @@ import pytest
 from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F401  (fixtures)
 
 from harness.report import build_table, leaderboard, load_rows, read_csv, to_csv, to_html, to_markdown, to_terminal
-from harness.report.protocol import UNKNOWN, labels, record
+from harness.report.protocol import UNKNOWN, difference, identity, labels, record
 
 WR, SE, N, COV = ("alpaca_eval/win_rate", "alpaca_eval/standard_error", "alpaca_eval/n_total",
                   "alpaca_eval/coverage")
@@ -87,12 +87,13 @@ def test_labels():
     other = {**h2h, "reference": {**h2h["reference"], "generator": ["tiny-sr/iter_000"]}}
     assert sorted(labels([h2h, other]).values()) == ["head-to-head vs tiny-spin/iter_000 (oracle) on tiny:alpaca_eval",
                                                        "head-to-head vs tiny-sr/iter_000 (oracle) on tiny:alpaca_eval"]
-    # the same annotator on a stand-in judge, or on part of the set, is another protocol
+    # the same annotator on a stand-in judge is another protocol; on part of the set it is the same one
+    # (the number of items is the row's n and coverage)
     local = {**_published_protocol(), "judge_model": "llama-3-8b"}
-    part = {**_published_protocol(), "n_instructions": 100}
+    part = {**_published_protocol(), "n": 803, "n_instructions": 803}
     assert sorted(labels([_published_protocol(), local, part]).values()) == [
-        AE2_LABEL, "AlpacaEval 2.0 (weighted_alpaca_eval_gpt4_turbo vs gpt4_1106_preview), 100 instructions",
-        "AlpacaEval 2.0 (weighted_alpaca_eval_gpt4_turbo vs gpt4_1106_preview, judged by llama-3-8b)"]
+        AE2_LABEL, "AlpacaEval 2.0 (weighted_alpaca_eval_gpt4_turbo vs gpt4_1106_preview, judged by llama-3-8b)"]
+    assert identity(part) == identity(_published_protocol())
     # protocols that read the same even in detail: a hash tells them apart
     a, b = {**_rubric_protocol(), "template_hash": "a" * 64}, {**_rubric_protocol(), "template_hash": "b" * 64}
     named = sorted(labels([a, b]).values())
@@ -223,9 +224,10 @@ def test_tiny_world_evaluation_and_imported_systems(tiny, tmp_path):  # noqa: F8
     from harness.report.published import import_published
 
     model, tok = tiny
-    section = AlpacaEvalSection(instructions="tiny:alpaca_eval", limit=4)
+    section = AlpacaEvalSection(instructions="tiny:alpaca_eval", limit=4, max_new_tokens=6)
     metrics = run_alpaca_eval(model, tok, section, build_judge(section.judge, seed_key=(0, 1)), tmp_path / "ae",
-                              seed_key=(0, 1), generator="tiny-spin/iter_000", max_new_tokens=6, batch_size=4)
+                              seed_key=(0, 1), generator="tiny-spin/iter_000", batch_size=4)
+    capped = RUBRIC_LABEL + ", answers capped at 6 tokens"  # below alpaca_eval's 2048: part of the protocol
     protocol = json.loads((tmp_path / "ae" / "metrics.json").read_text())["protocol"]
     _write(tmp_path / "board" / "tiny-spin", [{"experiment": "tiny-spin", "method": "spin", "iteration": 0,
                                                "model": "tiny", "metrics": metrics,
@@ -239,7 +241,7 @@ def test_tiny_world_evaluation_and_imported_systems(tiny, tmp_path):  # noqa: F8
         published = {row[""]: row for row in csv.DictReader(f)}
     rows = load_rows([tmp_path / "board"])
     df = build_table(rows, sort_by="win_rate", columns=[WR, N, "alpaca_eval/discrete_win_rate"])
-    assert df.protocol.tolist()[:2] == [AE2_LABEL] * 2 and df.protocol.tolist()[2] == RUBRIC_LABEL
+    assert df.protocol.tolist()[:2] == [AE2_LABEL] * 2 and df.protocol.tolist()[2] == capped
     for name in SYSTEMS:
         row = df[df.experiment == name].iloc[0]
         for k, col in (("win_rate", f"{WR} [P1]"), ("standard_error", f"{WR} [P1] ±"),
@@ -257,7 +259,7 @@ def test_tiny_world_evaluation_and_imported_systems(tiny, tmp_path):  # noqa: F8
             assert p["reference"]["generator"] == ["gpt4_1106_preview"] and p["n_instructions"] == 805
             assert p["from_annotations_file"] == ["annotator", "generator_1"]
     md = to_markdown(build_table(rows))
-    assert f"[P1] {AE2_LABEL}; [P2] {RUBRIC_LABEL}" in md
+    assert f"[P1] {AE2_LABEL}; [P2] {capped}" in md
 
 
 def test_published_protocol_defaults_when_the_file_does_not_say(tmp_path):

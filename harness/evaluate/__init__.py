@@ -105,8 +105,7 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
         judge = judge_factory(ev.alpaca_eval.judge)
         metrics.update(run_alpaca_eval(
             model, tokenizer, ev.alpaca_eval, judge, out_dir / "alpaca_eval", seed_key=seed_key,
-            generator=f"{cfg.experiment.name}/iter_{iteration:03d}",
-            max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
+            generator=f"{cfg.experiment.name}/iter_{iteration:03d}", batch_size=cfg.generation.batch_size,
             system_prompt=cfg.data.system_prompt, reference=reference,
             reference_name=f"{cfg.experiment.name}/iter_000", generate_fn=generate_fn))
     if ev.indicators.num_prompts > 0:

@@ -12,7 +12,7 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
-from harness.annotator_configs import AE2, HUB_SET, config_path, load_config
+from harness.annotator_configs import AE2, HUB_SET, OPENAI_API, config_path, load_config
 from harness.evaluate.alpaca import _installed, compute_metrics
 from harness.store import write_jsonl
 
@@ -53,7 +53,9 @@ def write_published_run(dest_dir: Path, name: str, model_outputs: Path, annotati
     Where the file lacks them, AlpacaEval 2.0's: annotator weighted_alpaca_eval_gpt4_turbo
     against gpt4_1106_preview (GPT-4 Turbo) references; the instruction set is always
     AlpacaEval's ("alpaca_eval"), and the judge model is the one the annotator's shipped
-    config names (None when alpaca_eval does not ship that annotator)."""
+    config names (None when alpaca_eval does not ship that annotator), at OpenAI's own API (the
+    published annotations were made there); ``max_new_tokens`` None: the answers are the
+    system's as published, made with its own generation config, not cut by the harness."""
     dest_dir = Path(dest_dir)
     metrics, notes = _import(model_outputs, annotations, name)
     records = [r for r in json.loads(Path(annotations).read_text(encoding="utf-8")) if isinstance(r, dict)]
@@ -67,8 +69,10 @@ def write_published_run(dest_dir: Path, name: str, model_outputs: Path, annotati
     except (ValueError, ModuleNotFoundError, OSError):  # not an annotator alpaca_eval ships here
         models = []
     lc = notes.get("length_controlled_data")
-    protocol = {"annotator": who, "judge_model": models[0] if len(models) == 1 else None, "config_model_name": models,
+    judge_model = models[0] if len(models) == 1 else None
+    protocol = {"annotator": who, "judge_model": judge_model, "config_model_name": models,
                 "template_hash": None, "endpoint_kind": "published annotations",
+                "endpoint": {"base_url": OPENAI_API, "model": judge_model}, "max_new_tokens": None,
                 "reference": {"instructions": HUB_SET, "reference": "instructions",
                               "generator": found["generator_1"] or ["gpt4_1106_preview"]},
                 "n": metrics["alpaca_eval/n_total"], "n_instructions": metrics["alpaca_eval/n_instructions"],

@@ -4,10 +4,11 @@ Markdown and CSV carry every column of the table: Markdown as formatted cells ("
 "mean ± sd" over seeds, signed deltas with a "*" where the paired interval excludes 0, the
 intervals' "Δ <metric> lo" / "hi" columns, blanks for missing) and the legend of what it
 shows under it, CSV as raw values with the ±, sd, lo, hi and sig columns as their own.
-The AlpacaEval protocol (harness.report.table): CSV has its ``protocol`` column always;
-Markdown (and the terminal table and HTML page) name a table's one protocol in a note line
-under it, and where the rows have several, show the protocol column and a note saying
-which protocol each "[P1]", "[P2]" ... of the split AlpacaEval columns is.
+Protocols (harness.report.table): CSV has its protocol columns always; Markdown (and the
+terminal table and HTML page) name a table's one AlpacaEval protocol and each lm-eval
+task's one protocol in note lines under it, and where a scope's rows have several, show
+that scope's protocol column and a note saying which protocol each "[P1]", "[P2]" ... of
+its split columns is.
 Not here: the terminal's fitted table (harness.report.terminal) or the HTML page.
 """
 
@@ -20,9 +21,9 @@ from typing import Any
 import pandas as pd
 
 from harness import fmt
-from harness.report.protocol import UNKNOWN
-from harness.report.table import (DELTA, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE, marked,
-                                  protocol_tags)
+from harness.report.protocol import AE_SCOPE, LM_PREFIX, UNKNOWN
+from harness.report.table import (DELTA, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE,
+                                  column_scope, is_protocol_column, marked, protocol_tags)
 
 
 def cell(v: Any, signed: bool = False) -> str:
@@ -53,30 +54,45 @@ def formatted(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def displayed(df: pd.DataFrame) -> pd.DataFrame:
-    """The table as Markdown, the terminal and HTML show it: without its protocol column when
-    every row has one protocol (the note under it names that one)."""
-    return df.drop(columns=[PROTOCOL]) if PROTOCOL in df.columns and not protocol_tags(df) else df
+    """The table as Markdown, the terminal and HTML show it: without the protocol column of a
+    scope whose rows have one protocol (the note under it names that one)."""
+    tags = protocol_tags(df)
+    return df.drop(columns=[c for c in df.columns if is_protocol_column(c) and column_scope(c) not in tags])
 
 
 def protocol_note(df: pd.DataFrame) -> list[str]:
-    """The line naming the table's AlpacaEval protocol, or saying which protocol each tag of the
-    split columns is ([] for a table without AlpacaEval rows)."""
-    if PROTOCOL not in df.columns:
-        return []
+    """The lines naming the table's AlpacaEval protocol and each lm-eval task's, or saying which
+    protocol each tag of the split columns is ([] for a table without protocol columns)."""
     tags = protocol_tags(df)
-    if tags:
-        return ["AlpacaEval protocols (win rates of different protocols are never ranked together; each has its "
-                "own columns): " + "; ".join(f"[{t}] {label}" for label, t in tags.items()) + "."]
-    labels = [v for v in df[PROTOCOL] if isinstance(v, str)]
-    if not labels:
-        return []
-    return [f"AlpacaEval protocol: {labels[0]}." if labels[0] != UNKNOWN else
-            "AlpacaEval protocol: unknown (rows written before results rows recorded their protocol)."]
+    lines = []
+    if PROTOCOL in df.columns:
+        labels = [v for v in df[PROTOCOL] if isinstance(v, str)]
+        if AE_SCOPE in tags:
+            lines.append("AlpacaEval protocols (win rates of different protocols are never ranked together; each has "
+                         "its own columns): " + "; ".join(f"[{t}] {label}" for label, t in tags[AE_SCOPE].items())
+                         + ".")
+        elif labels:
+            lines.append(f"AlpacaEval protocol: {labels[0]}." if labels[0] != UNKNOWN else
+                         "AlpacaEval protocol: unknown (rows written before results rows recorded their protocol).")
+    split, single = [], []
+    for col in [c for c in df.columns if is_protocol_column(c) and c != PROTOCOL]:
+        scope = column_scope(col)
+        task = scope[len(LM_PREFIX):]
+        if scope in tags:
+            split += [f"[{t}] {task}: {label}" for label, t in tags[scope].items()]
+        elif any(isinstance(v, str) for v in df[col]):
+            single.append(f"{task}: {next(v for v in df[col] if isinstance(v, str))}")
+    if split:
+        lines.append("lm-eval protocols (scores of different protocols are never ranked together; each has its own "
+                     "columns): " + "; ".join(split) + ".")
+    if single:
+        lines.append(f"lm-eval protocol{'s' if len(single) > 1 else ''}: " + "; ".join(single) + ".")
+    return lines
 
 
 def legend(df: pd.DataFrame, bracketed: bool = False, intervals: bool | None = None, spread: bool = True) -> list[str]:
     """What the marks of a table with paired intervals or seeds mean (none for a plain one),
-    then its AlpacaEval protocol note (``protocol_note``).
+    then its protocol notes (``protocol_note``).
     ``bracketed``: the interval is shown as [lo, hi] after the Δ (the terminal's); ``intervals``:
     whether any is shown (default: whether any row has one); ``spread``: whether the sd between
     seeds is."""
@@ -108,9 +124,9 @@ def to_markdown(df: pd.DataFrame) -> str:
     """
     if df.empty:
         return "(no results match)"
-    text_cols = set(TEXT_COLS + PROV_COLS + [PROTOCOL])
+    text_cols = set(TEXT_COLS + PROV_COLS)
     cells = formatted(displayed(df))
-    align = ["left" if c in text_cols else "right" for c in cells.columns]
+    align = ["left" if c in text_cols or is_protocol_column(c) else "right" for c in cells.columns]
     table = cells.to_markdown(index=False, disable_numparse=True, colalign=align)
     notes = legend(df)
     return table + "".join("\n\n" + n for n in notes)
@@ -135,7 +151,7 @@ def read_csv(path: Path) -> pd.DataFrame:
     text_cols = [c for c in [*TEXT_COLS, PROTOCOL, *PROV_COLS] if c != "seed"]
     df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     for c in df.columns:
-        if c in text_cols:
+        if c in text_cols or is_protocol_column(c):
             df[c] = df[c].where(df[c] != "")
         elif c.endswith(SIG):
             df[c] = pd.array([None if not v else v == "True" for v in df[c]], dtype="boolean")

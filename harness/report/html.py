@@ -23,7 +23,9 @@ import pandas as pd
 
 from harness.report.files import displayed, formatted, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import PROTOCOL, PROV_COLS, TEXT_COLS, protocol_tags
+from harness.report.table import PROV_COLS, TEXT_COLS, is_protocol_column, protocol_tags
+
+GENERATOR = '<meta name="generator" content="harness table">'  # marks the page as ours: `--out` may replace it
 
 
 @lru_cache(maxsize=None)
@@ -46,17 +48,17 @@ def to_html(df: pd.DataFrame, path: Path | None = None, *, images: Sequence[Path
             title: str = "Leaderboard") -> str:
     """One self-contained HTML page: click a column header to sort (again to reverse),
     select an experiment / method / model to filter; imported published AlpacaEval
-    systems are marked. The AlpacaEval protocol is named in the note above the table; with
-several, the page has a protocol column and each protocol its own AlpacaEval columns
-(harness.report.table), their headers' tooltips naming it. The sort and filters are also read from, and written to, the
+    systems are marked. The protocols are named in the note above the table; where a scope
+(AlpacaEval, an lm-eval task) has several, the page has its protocol column and each
+protocol its own columns (harness.report.table), their headers' tooltips naming it. The sort and filters are also read from, and written to, the
     URL hash (``#sort=COLUMN&order=desc&method=spin``). Written to ``path`` when given."""
     cells = formatted(displayed(df))
     cols = list(cells.columns)
-    numeric = {c: c not in TEXT_COLS + PROV_COLS + [PROTOCOL] for c in cols}
+    numeric = {c: c not in TEXT_COLS + PROV_COLS and not is_protocol_column(c) for c in cols}
     esc = html.escape
-    tags = {f"[{t}]": label for label, t in protocol_tags(df).items()}
+    tags = {f"[{t}]": label for scope_tags in protocol_tags(df).values() for label, t in scope_tags.items()}
 
-    def tip(c: str) -> str:  # a split AlpacaEval column's protocol, in full
+    def tip(c: str) -> str:  # a split column's protocol, in full
         return c + next((f": {label}" for t, label in tags.items() if t in c.split()), "")
 
     head = "".join(f'<th data-name="{esc(c)}" data-type="{"num" if numeric[c] else "text"}" title="{esc(tip(c))}">'
@@ -97,7 +99,7 @@ several, the page has a protocol column and each protocol its own AlpacaEval col
     for item in images:
         name, data = (item if isinstance(item, tuple) else (Path(item).stem, Path(item).read_bytes()))
         imgs.append(f'<img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">')
-    text = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>'
+    text = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{GENERATOR}<title>{esc(title)}</title>'
             f"<style>{asset('leaderboard.css')}</style></head>\n<body><h1>{esc(title)}</h1>\n"
             f'<p class="note">{esc(note)}</p>\n'
             f'<div id="controls">{controls}<span id="count">{len(df)} of {len(df)} rows</span></div>\n'

@@ -26,19 +26,24 @@ Conventions:
   "seed" column tells them apart): ``harness table --per-seed``, and the
   ``<stem>.per-seed.csv`` a saved board writes beside its CSV. Rows of one seed (or none)
   show exactly as without this: no "seeds" or "sd" columns.
-- AlpacaEval protocols: a "protocol" column (before the provenance columns, in tables with
-  AlpacaEval metrics) holds each row's protocol label (harness.report.protocol: "unknown
-  protocol" for a row written before rows recorded one). When the rows shown (after the
-  filters) have more than one protocol, the AlpacaEval columns are split per protocol, not
-  the rows grouped: each ``alpaca_eval/*`` column, its Δ and their companions become one
-  column per protocol, tagged "[P1]", "[P2]", ... (labels in alphabetical order), holding
-  only that protocol's rows ("alpaca_eval/win_rate [P1]", "alpaca_eval/win_rate [P1] ±",
-  "Δ alpaca_eval/win_rate [P1]"), so no column ranks win rates of two protocols together
-  while the other metrics (lm-eval's) stay one column. Sorting by a split column ranks its
-  protocol's rows (the others are blank there, so last); sorting by the unsplit name
-  ("win_rate") puts the rows of one protocol after another, in tag order, each ranked only
-  among themselves, and rows without AlpacaEval last; ``columns`` naming an unsplit metric
-  shows all its protocols' columns. With one protocol nothing is split.
+- protocols (harness.report.protocol), per scope: AlpacaEval ("alpaca_eval/*") and each
+  lm-eval task ("lm_eval/<task>/*"). A protocol column per scope (before the provenance
+  columns) holds each row's protocol label there: "protocol" for AlpacaEval (in tables with
+  AlpacaEval metrics; "unknown protocol" for a row written before rows recorded one),
+  "protocol lm_eval/<task>" for a task that some row recorded a protocol for (a row of
+  that task without one: "unknown protocol"). When the rows shown (after the filters) have
+  more than one protocol in a scope, that scope's columns are split per protocol, not the
+  rows grouped: each of its metric columns, its Δ and their companions become one column
+  per protocol, tagged "[P1]", "[P2]", ... (numbered over the table: AlpacaEval's first,
+  then the tasks' in alphabetical order, each scope's labels in alphabetical order),
+  holding only that protocol's rows ("alpaca_eval/win_rate [P1]", "alpaca_eval/win_rate
+  [P1] ±", "Δ alpaca_eval/win_rate [P1]", "lm_eval/gsm8k/exact_match [P3]"), so no column
+  ranks numbers of two protocols together while the other scopes' columns stay one column.
+  Sorting by a split column ranks its protocol's rows (the others are blank there, so
+  last); sorting by the unsplit name ("win_rate") puts the rows of one protocol after
+  another, in tag order, each ranked only among themselves, and rows without that scope
+  last; ``columns`` naming an unsplit metric shows all its protocols' columns. A scope with
+  one protocol is not split.
 Not here: reading the rows (harness.report.rows) or rendering (files, terminal, html).
 """
 
@@ -55,7 +60,7 @@ import pandas as pd
 
 from harness.metrics import WIN_RATE, WIN_SE, ordered, stderr_of
 from harness.outcomes import across_seeds
-from harness.report.protocol import PREFIX, row_labels
+from harness.report.protocol import AE_SCOPE, row_labels, scope_of, scopes
 from harness.report.rows import PUBLISHED, ResultsError
 
 UNAVAILABLE = "unavailable"
@@ -70,6 +75,24 @@ TEXT_COLS = ["experiment", "method", "model"]
 KEY_VERSIONS = ("torch", "transformers", "trl")  # packages shown as provenance columns
 PROV_COLS = ["config_hash", "seed", "commit", *KEY_VERSIONS]
 PROTOCOL = "protocol"  # the AlpacaEval protocol's label (only in tables with AlpacaEval metrics)
+
+
+def protocol_column(scope: str) -> str:
+    """The column of a scope's protocol labels: "protocol" (AlpacaEval), "protocol lm_eval/<task>"."""
+    return PROTOCOL if scope == AE_SCOPE else f"{PROTOCOL} {scope}"
+
+
+def is_protocol_column(col: str) -> bool:
+    return col == PROTOCOL or col.startswith(PROTOCOL + " ")
+
+
+def column_scope(col: str) -> str | None:
+    """The scope of a metric column, its Δ or a companion ("Δ lm_eval/t/acc ±" -> "lm_eval/t"),
+    or of a protocol column; None for any other column."""
+    if is_protocol_column(col):
+        return AE_SCOPE if col == PROTOCOL else col[len(PROTOCOL) + 1:]
+    body = col[len(DELTA):] if col.startswith(DELTA) else col
+    return scope_of(body)
 
 
 def _provenance(prov: dict) -> dict:
@@ -117,7 +140,7 @@ def paired_of(row: dict, key: str) -> dict | None:
 
 
 def _records(rows: Sequence[dict], metric_keys: list[str], se_for: dict, delta_keys: list[str],
-             ci_keys: set[str], protocols: Sequence[Any]) -> list[dict]:
+             ci_keys: set[str], protocols: Sequence[dict]) -> list[dict]:
     """One record per row (per seed): values, ± values, deltas against the same seed's iteration 0,
     paired intervals, provenance."""
     # (experiment, method, seed) -> metrics at iteration 0; an experiment without one gets NaN deltas
@@ -127,7 +150,7 @@ def _records(rows: Sequence[dict], metric_keys: list[str], se_for: dict, delta_k
     for r, protocol in zip(rows, protocols):
         m = r["metrics"]
         rec: dict[str, Any] = {"experiment": r["experiment"], "method": r["method"], "model": _model(r),
-                               "iteration": r["iteration"], PROTOCOL: protocol}
+                               "iteration": r["iteration"], **protocol}
         for k in metric_keys:
             rec[k] = _value(m, k)
             if k in se_for:
@@ -181,7 +204,7 @@ def _same(values: list[Any]) -> Any:
 
 
 def _over_seeds(group: list[dict], metric_keys: list[str], se_for: dict, delta_keys: list[str],
-                ci_keys: set[str]) -> dict:
+                ci_keys: set[str], about: list[str]) -> dict:
     """One record for the seeds of one (experiment, method, iteration)."""
     first = group[0]
     rec: dict[str, Any] = {c: first[c] for c in ("experiment", "method", "iteration")}
@@ -201,7 +224,8 @@ def _over_seeds(group: list[dict], metric_keys: list[str], se_for: dict, delta_k
                 rec[d + SIG] = pd.NA
             else:  # every seed's interval excludes 0, all on the same side
                 rec[d + SIG] = all(lo > 0 for lo in lows) or all(hi < 0 for hi in highs)
-    rec[PROTOCOL] = _same([g[PROTOCOL] for g in group])
+    for c in about:
+        rec[c] = _same([g[c] for g in group])
     for c in PROV_COLS:
         rec[c] = None if c == "seed" else _same([g.get(c) for g in group])
     return rec
@@ -218,14 +242,17 @@ def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFr
     delta_keys = ordered(metric_keys, "delta")
     ci_keys = {k for k in delta_keys if any(r["iteration"] != 0 and paired_of(r, k) for r in rows)}
 
-    protocols = row_labels(rows)
+    by_column = {protocol_column(s): row_labels(rows, s) for s in scopes(rows)}
+    about = list(by_column)
+    protocols = [{c: labels[i] for c, labels in by_column.items()} for i in range(len(rows))]
     records = _records(rows, metric_keys, se_for, delta_keys, ci_keys, protocols)
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         groups.setdefault((rec["experiment"], rec["method"], rec["iteration"]), []).append(rec)
     seeded = not per_seed and any(len(g) > 1 for g in groups.values())
     if seeded:
-        records = [_over_seeds(g, metric_keys, se_for, delta_keys, ci_keys) if len(g) > 1 else {**g[0], SEEDS: 1}
+        records = [_over_seeds(g, metric_keys, se_for, delta_keys, ci_keys, about) if len(g) > 1
+                   else {**g[0], SEEDS: 1}
                    for g in groups.values()]
 
     metric_cols = []
@@ -236,7 +263,6 @@ def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFr
         delta_cols += [DELTA + k] + ([DELTA + k + SD] if seeded else []) \
             + ([DELTA + k + LO, DELTA + k + HI, DELTA + k + SIG] if k in ci_keys else [])
     ids = ID_COLS + ([SEEDS] if seeded else [])
-    about = [PROTOCOL] if any(p is not None for p in protocols) else []
     df = pd.DataFrame.from_records(records, columns=ids + metric_cols + delta_cols + about + PROV_COLS)
     df["seed"] = df["seed"].astype("Int64")
     if seeded:
@@ -298,14 +324,14 @@ def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending:
     for col, pattern in filters.items():
         col = _resolve(col, list(df.columns), "filter")
         df = df[[_matches(v, pattern) for v in df[col]]]
-    whole = list(df.columns)  # before the AlpacaEval columns are split by protocol
+    whole = list(df.columns)  # before the columns are split by protocol
     tags = protocol_tags(df)
     if tags:
         df = _split(df, tags)
     unsplit = [c for c in whole if c not in df.columns]  # names that still resolve, to all their protocols
     if sort_by is not None:
         col = _resolve(sort_by, list(df.columns) + unsplit, "sort_by")
-        text = col in TEXT_COLS or col in PROV_COLS or col == PROTOCOL
+        text = col in TEXT_COLS or col in PROV_COLS or is_protocol_column(col)
         if col in df.columns:  # a split column: the other protocols' rows are blank there, so last
             df = df.sort_values(col, ascending=not descending, na_position="last", kind="stable",
                                 key=None if text else (lambda s: pd.to_numeric(s, errors="coerce")))
@@ -319,66 +345,77 @@ def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending:
     shown = []
     for c in picked:
         shown += [c] + [c + x for x in COMPANIONS if c + x in df.columns]
-    about = [PROTOCOL] if PROTOCOL in df.columns else []
+    about = [c for c in df.columns if is_protocol_column(c)]
     shown = [c for c in shown if c not in ids + about + PROV_COLS]
     return df[ids + shown + about + PROV_COLS].reset_index(drop=True)
 
 
-def protocol_tags(df: pd.DataFrame) -> dict[str, str]:
-    """{protocol label: its tag "P1", "P2", ...} (labels in alphabetical order) when the
-    table's rows have more than one AlpacaEval protocol; {} when they have one or none."""
-    if PROTOCOL not in df.columns:
-        return {}
-    labels = sorted({v for v in df[PROTOCOL] if isinstance(v, str)})
-    return {label: f"P{i}" for i, label in enumerate(labels, 1)} if len(labels) > 1 else {}
+def protocol_tags(df: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """{scope: {protocol label: its tag "P1", "P2", ...}} for the scopes whose rows in the table
+    have more than one protocol (tags numbered over the table in the order of its protocol
+    columns, each scope's labels alphabetically); {} when no scope has several."""
+    out: dict[str, dict[str, str]] = {}
+    n = 0
+    for col in [c for c in df.columns if is_protocol_column(c)]:
+        labels = sorted({v for v in df[col] if isinstance(v, str)})
+        if len(labels) > 1:
+            out[column_scope(col)] = {label: f"P{n + i}" for i, label in enumerate(labels, 1)}
+            n += len(labels)
+    return out
 
 
 def tagged(col: str, tag: str) -> str | None:
-    """The column ``col`` (an AlpacaEval metric, its Δ, or one of their companions) for the
+    """The column ``col`` (a metric of a scope, its Δ, or one of their companions) for the
     protocol ``tag``: "alpaca_eval/win_rate ±" -> "alpaca_eval/win_rate [P1] ±"; None for a
-    column that is not about AlpacaEval."""
+    column of no scope."""
     lead = DELTA if col.startswith(DELTA) else ""
     body = col[len(lead):]
-    if not body.startswith(PREFIX):
+    if is_protocol_column(col) or scope_of(body) is None:
         return None
     tail = next((x for x in COMPANIONS if body.endswith(x)), "")
     return f"{lead}{body[: len(body) - len(tail)]} [{tag}]{tail}"
 
 
-def _grouped(cols: list[str], tags: dict[str, str]) -> list[str]:
-    """``cols`` with each run of consecutive AlpacaEval columns repeated per protocol,
-    the first protocol's columns first."""
+def _grouped(cols: list[str], tags: dict[str, dict[str, str]]) -> list[str]:
+    """``cols`` with each run of consecutive columns of one split scope repeated per
+    protocol, the first protocol's columns first."""
     out: list[str] = []
     run: list[str] = []
     for c in cols + [None]:
-        if c is not None and tagged(c, "") is not None:
+        scope = None if c is None or is_protocol_column(c) else column_scope(c)
+        if run and scope != column_scope(run[0]):
+            out += [tagged(r, t) for t in tags[column_scope(run[0])].values() for r in run]
+            run = []
+        if scope in tags:
             run.append(c)
-            continue
-        out += [tagged(r, t) for t in tags.values() for r in run]
-        run = []
-        if c is not None:
+        elif c is not None:
             out.append(c)
     return out
 
 
-def _split(df: pd.DataFrame, tags: dict[str, str]) -> pd.DataFrame:
-    """Each AlpacaEval column as one column per protocol, holding only that protocol's rows."""
+def _split(df: pd.DataFrame, tags: dict[str, dict[str, str]]) -> pd.DataFrame:
+    """Each column of a split scope as one column per protocol, holding only that protocol's rows."""
     parts = {}
     for c in df.columns:
-        if tagged(c, "") is None:
+        scope = None if is_protocol_column(c) else column_scope(c)
+        if scope not in tags:
             parts[c] = df[c]
             continue
-        for label, tag in tags.items():
-            parts[tagged(c, tag)] = df[c].where(df[PROTOCOL] == label)
+        for label, tag in tags[scope].items():
+            parts[tagged(c, tag)] = df[c].where(df[protocol_column(scope)] == label)
     return pd.DataFrame(parts, index=df.index)[_grouped(list(df.columns), tags)]
 
 
-def _sort_within_protocols(df: pd.DataFrame, col: str, tags: dict[str, str], descending: bool) -> pd.DataFrame:
+def _sort_within_protocols(df: pd.DataFrame, col: str, tags: dict[str, dict[str, str]],
+                           descending: bool) -> pd.DataFrame:
     """Sorted by the split metric ``col``: the rows of one protocol after another (in tag
-    order), ranked only among themselves; rows without an AlpacaEval protocol last."""
-    group = pd.Series([list(tags).index(v) if v in tags else math.nan for v in df[PROTOCOL]], index=df.index)
+    order), ranked only among themselves; rows without a protocol of its scope last."""
+    scope = column_scope(col)
+    mine = tags[scope]
+    group = pd.Series([list(mine).index(v) if v in mine else math.nan for v in df[protocol_column(scope)]],
+                      index=df.index)
     value = pd.Series(math.nan, index=df.index)
-    for tag in tags.values():
+    for tag in mine.values():
         value = value.fillna(pd.to_numeric(df[tagged(col, tag)], errors="coerce").astype(float))
     order = pd.DataFrame({"g": group, "v": value}).sort_values(["g", "v"], ascending=[True, not descending],
                                                                na_position="last", kind="stable").index

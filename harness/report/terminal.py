@@ -25,7 +25,8 @@ from harness import fmt
 from harness.metrics import COST, LC_WIN_RATE, WIN_RATE, companions, find, header, ordered, qualified
 from harness.report.files import cell, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import COMPANIONS, DELTA, HI, ID_COLS, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, marked
+from harness.report.table import (COMPANIONS, DELTA, HI, ID_COLS, LO, PROV_COLS, SD, SE, SEEDS, SIG, is_protocol_column,
+                                  marked)
 
 TERMINAL_WIDTH = 120
 
@@ -35,7 +36,8 @@ def _main_columns(df: pd.DataFrame) -> tuple[list[str], set[str]]:
     with its n and coverage, the LC win rate where a row has one); every metric column
     when none of those is there. Also the columns shown in their catalogue format (the
     main ones: a percentage as such)."""
-    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS + [SEEDS, PROTOCOL] and not c.startswith(DELTA)
+    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS + [SEEDS] and not is_protocol_column(c)
+                   and not c.startswith(DELTA)
                    and not any(c.endswith(x) and c[: -len(x)] in df.columns for x in COMPANIONS)]
     cols = []
     for c in ordered(metric_cols, "terminal"):
