@@ -182,11 +182,16 @@ class Runner:
 
     def _protocols(self, t: int) -> dict:
         """How iteration t's numbers were made, per evaluation that records it (AlpacaEval: the
-        annotator or rubric, judge, reference set, n and coverage), so that tables rank together
-        only numbers of one protocol."""
-        ae = self.layout.stage(t, "evaluate") / "alpaca_eval" / "metrics.json"
-        protocol = store.read_json(ae).get("protocol") if ae.exists() else None
-        return {"alpaca_eval": protocol} if protocol else {}
+        annotator or rubric, judge, reference set, n and coverage; lm-eval: per reported task,
+        the shots used, chat template, multi-turn few-shot, system instruction, lm-eval's and
+        the task's versions), so that tables rank together only numbers of one protocol."""
+        out = {}
+        for name in ("alpaca_eval", "lm_eval"):
+            path = self.layout.stage(t, "evaluate") / name / "metrics.json"
+            protocol = store.read_json(path).get("protocol") if path.exists() else None
+            if protocol:
+                out[name] = protocol
+        return out
 
     def _write_results(self, rows: list[dict]) -> None:
         store.write_jsonl(self.layout.results, rows)

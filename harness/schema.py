@@ -45,9 +45,11 @@ def opt(default: Any = MISSING, doc: str = "", *, choices: tuple | None = None,
 
 def _type_name(tp: Any) -> str:
     if get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))  # None = unset
     if get_origin(tp) in (list, tuple):
         return f"list of {_type_name(get_args(tp)[0])}"
+    if get_origin(tp) is dict:
+        return f"table of {_type_name(get_args(tp)[1])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -78,6 +80,12 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[FieldError]) -> Any:
             return None
         (item_tp, *_) = get_args(tp)
         return tuple(_coerce(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value))
+    if origin is dict:  # a table of typed values under free string keys, e.g. {gsm8k = 5}
+        if not isinstance(value, dict):
+            errors.append(FieldError(path, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}"))
+            return None
+        _, value_tp = get_args(tp)
+        return {k: _coerce(v, value_tp, f"{path}.{k}", errors) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(FieldError(path, f"expected a number, got {type(value).__name__} {value!r}"))
@@ -110,6 +118,10 @@ def _check_rules(value: Any, meta: dict, path: str, errors: list[FieldError]) ->
     if isinstance(value, tuple):  # every element, each under its own index
         for i, v in enumerate(value):
             _check_rules(v, meta, f"{path}[{i}]", errors)
+        return
+    if isinstance(value, dict):  # every value of a typed table, under its key
+        for k, v in value.items():
+            _check_rules(v, meta, f"{path}.{k}", errors)
         return
     v = value
     if meta.get("choices") and v not in meta["choices"]:

@@ -84,3 +84,29 @@ def test_eval_prompt_file_errors(tmp_path):
     (tmp_path / "q.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": "b", "id": 7}]))
     pairs = load_eval_prompts(str(tmp_path / "q.json"))
     assert pairs[1] == ("7", "b") and len(pairs[0][0]) == 16
+
+
+def test_validation_lm_eval_runs_with_the_system_prompt_as_the_reported_one(tiny, tmp_path, datasets_cache):
+    """data.system_prompt is lm-eval's system instruction in both the reported [eval] tasks and
+    the [eval.validation] ones (the protocol records it, and it is in the prompts)."""
+    from dataclasses import replace
+
+    from harness.config import ValidationSection
+    from harness.selection import run_validation
+
+    model, tok = tiny
+    _files(tmp_path)
+    (tmp_path / "val.yaml").write_text(MC_YAML.format(name="val_mc", extra="", data=tmp_path / "mc.jsonl"))
+    system = "Answer in one word."
+    cfg = replace(_config(tmp_path, lm_eval_tasks=(str(tmp_path / "mc.yaml"),), batch_size=2,
+                          indicators=IndicatorSection(num_prompts=0),
+                          validation=ValidationSection(lm_eval_tasks=(str(tmp_path / "val.yaml"),))),
+                  data=DataSection(train="unused", system_prompt=system))
+    no_judge = lambda section: pytest.fail("no judge needed")  # noqa: E731
+    evaluate_iteration(model, tok, cfg, tmp_path / "eval", 0, no_judge)
+    run_validation(model, tok, cfg, tmp_path / "validation", 0, no_judge)
+    for out, task in ((tmp_path / "eval", "it_mc"), (tmp_path / "validation", "val_mc")):
+        lm = out / "lm_eval"
+        assert json.loads((lm / "metrics.json").read_text())["protocol"][task]["system_instruction"] == system
+        first = json.loads((lm / f"samples_{task}.jsonl").open().readline())
+        assert system in str(first["arguments"]), task

@@ -1,5 +1,7 @@
 """The lm-eval adapter reports exactly what the ``lm_eval`` command line reports
-for the same saved model, tasks and settings (offline, local task files)."""
+for the same saved model, tasks and settings (offline, local task files): each task at
+its own YAML's few-shot count when none is set, as the command line without
+``--num_fewshot``, and at the given count when one is."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_eval_fixtures import MC_YAML, OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache, require  # noqa: F401
+from test_eval_fixtures import MC_YAML, OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache, require, tiny, tiny_dir  # noqa: F401
 
 from harness.config import EvalSection
 from harness.evaluate import lm_eval_adapter
@@ -63,17 +65,23 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _gen_task(d: Path, answers: list[str], tag: str) -> None:
+def _gen_task(d: Path, answers: list[str], tag: str, extra: str = "") -> None:
     data = d / f"gen_{tag}.jsonl"  # a new file name per version: the datasets cache never serves an old one
     _write_jsonl(data, [{"question": f"say {i} {w}", "answer": a}
                         for i, (w, a) in enumerate(zip(["fox", "dog", "yes", "no"] * 2, answers))])
-    (d / "gen.yaml").write_text(GEN_YAML.format(data=data))
+    (d / "gen.yaml").write_text(GEN_YAML.format(data=data) + extra)
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["0-shot", "2-shot"])
+# t_gen's YAML sets its own few-shot count; t_mc's sets none (0); lm-eval's gsm8k YAML sets 5
+OWN_SHOTS = {"t_gen": 3, "t_mc": 0, "gsm8k_local": 5}
+
+
+@pytest.fixture(scope="module", params=[None, 0], ids=["own-shots", "0-shot"])
 def runs(tmp_path_factory, request):
-    """Adapter run and command-line run over the same tasks, with 0 and with 2 few-shot
-    examples; returns both results."""
+    """Adapter run and command-line run over the same tasks: with no few-shot setting (each
+    task at its own YAML's count; the command line without --num_fewshot), and with 0 for
+    every task (--num_fewshot 0, which overrides t_gen's 3 and gsm8k's 5); returns both
+    results and the shots each task should have used."""
     shots = request.param
     import datasets
     from lm_eval import tasks as lm_tasks
@@ -94,7 +102,8 @@ def runs(tmp_path_factory, request):
         first = EvalSection(lm_eval_tasks=(str(tasks / "gen.yaml"),), batch_size=BATCH, limit=LIMIT)
         run_lm_eval(model, tok, first, root / "pass1")
         resps = [json.loads(line)["filtered_resps"][0] for line in (root / "pass1/samples_t_gen.jsonl").open()]
-        _gen_task(tasks, [r if i % 2 == 0 else "no match" for i, r in enumerate(resps)] + ["x", "x"], "v2")
+        _gen_task(tasks, [r if i % 2 == 0 else "no match" for i, r in enumerate(resps)] + ["x", "x"], "v2",
+                  extra=f"num_fewshot: {OWN_SHOTS['t_gen']}\n")
         _write_jsonl(tasks.parent / "mc.jsonl", [
             {"question": f"what is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "fox", "yes"],
              "label": (i * 7) % 4} for i in range(12)])
@@ -114,8 +123,8 @@ def runs(tmp_path_factory, request):
                "--model_args", f"pretrained={model_dir},dtype=float32",
                "--tasks", ",".join(resolve_task_specs(section.lm_eval_tasks)[0]),
                "--include_path", str(tasks), "--device", "cpu", "--batch_size", str(BATCH),
-               "--limit", str(LIMIT), "--num_fewshot", str(shots), "--apply_chat_template",
-               "--output_path", str(cli_out), "--log_samples"]
+               "--limit", str(LIMIT), *(["--num_fewshot", str(shots)] if shots is not None else []),
+               "--apply_chat_template", "--output_path", str(cli_out), "--log_samples"]
         # the command line spends ~15 s indexing lm-eval's built-in tasks: run ours meanwhile
         with open(root / "cli.log", "w") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -128,7 +137,8 @@ def runs(tmp_path_factory, request):
         assert rc == 0, (root / "cli.log").read_text()[-3000:]
         (cli_json,) = cli_out.glob("*/results_*.json")
         cli = json.loads(cli_json.read_text())
-        return {"ours": ours, "cli": cli, "ours_dir": root / "ours", "cli_dir": cli_json.parent, "shots": shots}
+        return {"ours": ours, "cli": cli, "ours_dir": root / "ours", "cli_dir": cli_json.parent,
+                "shots": OWN_SHOTS if shots is None else dict.fromkeys(OWN_SHOTS, shots)}
     finally:
         datasets.config.HF_DATASETS_CACHE = old_cache
 
@@ -162,7 +172,19 @@ def test_adapter_equals_command_line(runs, task, metric, key):
     # the few-shot examples are in the prompt (each example's question, then the asked one), in the
     # context of every request of the document (one per choice of a multiple-choice task)
     question, requests = ("say ", 1) if task == "t_gen" else ("what is ", 4)
-    assert str(a[0]["arguments"]).count(question) == (1 + runs["shots"]) * requests
+    assert str(a[0]["arguments"]).count(question) == (1 + runs["shots"][task]) * requests
+
+
+def test_the_protocol_of_each_task_is_recorded(runs):
+    """metrics.json records, per task, lm-eval's own n-shot and versions and the chat settings."""
+    protocol = json.loads((runs["ours_dir"] / "metrics.json").read_text())["protocol"]
+    cli = runs["cli"]
+    assert set(protocol) == set(cli["configs"])
+    for task, p in protocol.items():
+        assert p == {"num_fewshot": runs["shots"][task], "apply_chat_template": True, "fewshot_as_multiturn": True,
+                     "system_instruction": "", "lm_eval_version": cli["lm_eval_version"],
+                     "task_version": cli["versions"][task]}, task
+        assert p["num_fewshot"] == cli["n-shot"][task]
 
 
 def known_answer_model():
@@ -200,6 +222,35 @@ def test_generation_metric_is_not_trivial(tmp_path, datasets_cache):
     got = run_lm_eval(model, tok, section, tmp_path / "out")
     assert [s["filtered_resps"][0] for s in _our_samples(tmp_path / "out", "t_gen")] == [answer] * LIMIT
     assert got["lm_eval/t_gen/exact_match"] == 0.5   # docs 0, 2, 4 of the first 6
+
+
+def test_a_table_sets_the_shots_of_the_tasks_and_groups_it_names(tiny, tmp_path, datasets_cache):
+    """num_fewshot = {t_b = 2}: t_b runs 2-shot, t_a at its YAML's own 3; a group's name sets
+    each of its tasks (a task's own entry wins); a name that is not evaluated is an error
+    naming the field."""
+    from lm_eval.tasks import TaskManager
+
+    model, tok = tiny
+    _write_jsonl(tmp_path / "mc.jsonl", [{"question": f"what is {i} plus {i}?", "choices": [str(2 * i), "fox"],
+                                          "label": 0} for i in range(6)])
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, extra in (("t_a", "num_fewshot: 3\n"), ("t_b", "")):
+        (tasks / f"{name}.yaml").write_text(MC_YAML.format(name=name, extra="", data=tmp_path / "mc.jsonl") + extra)
+    section = EvalSection(lm_eval_tasks=(str(tasks),), batch_size=BATCH, limit=2, num_fewshot={"t_b": 2})
+    run_lm_eval(model, tok, section, tmp_path / "out")
+    protocol = json.loads((tmp_path / "out" / "metrics.json").read_text())["protocol"]
+    assert {t: p["num_fewshot"] for t, p in protocol.items()} == {"t_a": 3, "t_b": 2}
+    for task, shots in (("t_a", 3), ("t_b", 2)):  # the examples are in the prompts, not only in the record
+        assert str(_our_samples(tmp_path / "out", task)[0]["arguments"]).count("what is ") == (1 + shots) * 2
+
+    (tasks / "both.yaml").write_text("group: both\ntask: [t_a, t_b]\n")
+    loaded = TaskManager(include_path=[str(tasks)], include_defaults=False).load(["both"])
+    lm_eval_adapter.set_shots(loaded, {"both": 1, "t_b": 2})
+    assert {n: t.get_config("num_fewshot") for n, t in loaded["tasks"].items()} == {"t_a": 1, "t_b": 2}
+    with pytest.raises(KeyError, match=r"eval.validation.num_fewshot: 't_c' is not one of the tasks"):
+        run_lm_eval(model, tok, EvalSection(lm_eval_tasks=(str(tasks),), num_fewshot={"t_c": 1}), tmp_path / "bad",
+                    where="eval.validation.num_fewshot")
 
 
 def test_lm_eval_files_are_kept(runs):

@@ -15,16 +15,31 @@ and ``lm_eval/<task>/<metric>_stderr``; ``metrics.json`` in ``out_dir`` records
 which lm-eval key (``metric,filter``) each flat name came from. Groups are
 not aggregated here; their leaf tasks are reported.
 
+Few-shot examples (``num_fewshot``): unset, every task runs at its own YAML's
+``num_fewshot`` (0 when it sets none), as the ``lm_eval`` command line without
+``--num_fewshot``; a number is passed on as that flag (lm-eval then overrides every
+task but those whose YAML sets 0); a table sets the named tasks (a group's name: each
+of its tasks) and leaves the others at their own.
+
 Files written to ``out_dir``: ``results.json`` (lm-eval's own results dict,
 numpy values made plain by ``lm_eval.utils.handle_non_serializable``, as its
 command line does), ``samples_<task>.jsonl`` (per-sample logs) and
-``metrics.json``.
+``metrics.json``: the flat metrics, their lm-eval keys and, per task, the protocol
+its number was made under (``protocol``): shots actually used (lm-eval's
+``n-shot``), chat template, multi-turn few-shot, system instruction, lm-eval's
+version and the task's own version (lm-eval's ``versions``).
+
+``task_problems`` builds every task's configuration as lm-eval's task factory does
+(YAML with its includes, the task's ``!function`` code imported, fields checked by
+lm-eval's ``TaskConfig``) without loading any data, so ``harness validate`` reports a
+bad YAML or a task whose code needs a package that is not installed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 
 from harness.config import EvalSection
@@ -32,6 +47,8 @@ from harness.sources import resolve_ref
 from harness.store import atomic_write_json, atomic_write_text
 
 _LEAF_KINDS = ("TASK", "PY_TASK")
+
+Shots = int | dict[str, int] | None  # eval.num_fewshot: unset, every task, or per task / group
 
 
 def resolve_task_specs(specs: tuple[str, ...] | list[str]) -> tuple[list[str], list[str], bool]:
@@ -72,13 +89,12 @@ def task_metrics(specs: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
     alone (no dataset loads), as ``flat_metrics`` will report them. A task whose YAML
     cannot be read gives metric "*". Unknown names raise KeyError, missing files
     FileNotFoundError."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._index import load_yaml
 
     if not specs:
         return []
     load, include, builtin = resolve_task_specs(specs)
-    manager = TaskManager(include_path=include or None, include_defaults=builtin)
+    manager = _index_manager(tuple(include), builtin)
     _check_names(load, manager.all_tasks)
     index = manager.task_index
     out = []
@@ -92,6 +108,123 @@ def task_metrics(specs: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
         metric_list = cfg.get("metric_list") or []
         out.append((cfg.get("task", spec), str(metric_list[0]["metric"]) if metric_list else "*"))
     return out
+
+
+@lru_cache(maxsize=4)
+def _index_manager(include: tuple[str, ...], builtin: bool):
+    """A TaskManager that is only read (names and YAML paths), shared by the checks of one
+    process: indexing lm-eval's built-in tasks takes ~15 s."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None, include_defaults=builtin)
+
+
+def task_problems(specs: tuple[str, ...] | list[str]) -> tuple[list[tuple[int, str]], set[str]]:
+    """Build the configuration of every task each spec names, without loading data.
+
+    -> ([(index of the spec, one-line problem)], names of the tasks and groups built). A
+    spec's problems: a missing file or unknown name, a YAML that does not parse, a
+    ``!function`` whose module or function cannot be imported (a task extra not
+    installed, e.g. ifeval's ``langdetect``), fields lm-eval's ``TaskConfig`` rejects, an
+    unknown output type or filter. A task's own code can fail in any way when imported,
+    so every exception of a spec is its problem; the other specs are still checked."""
+    from lm_eval.tasks._index import TaskIndex
+
+    problems: list[tuple[int, str]] = []
+    names: set[str] = set()
+    resolved: list[tuple[int, list[str]]] = []
+    include: set[str] = set()
+    builtin = False
+    for i, spec in enumerate(specs):
+        try:
+            load, inc, needs = resolve_task_specs([spec])
+        except (FileNotFoundError, ValueError, OSError) as e:
+            problems.append((i, _one_line(e)))
+            continue
+        resolved.append((i, load))
+        include |= set(inc)
+        builtin |= needs
+    if not resolved:
+        return problems, names
+    manager = _index_manager(tuple(sorted(include)), builtin)
+    index = manager.task_index
+    for i, load in resolved:
+        try:
+            _check_names(load, manager.all_tasks)
+            for name in load:
+                entry = TaskIndex.entry_from_path(Path(name)) if name.startswith("/") else index[name]
+                if entry is None:
+                    raise _TaskProblem(f"{name}: neither a task nor a group (no 'task' or 'group' key)")
+                _build_config(entry, index, names, set())
+        except Exception as e:  # noqa: BLE001 -- see the docstring: a task's code may raise anything
+            problems.append((i, _one_line(e)))
+    return sorted(problems), names
+
+
+class _TaskProblem(ValueError):
+    """A problem already phrased as one line naming its task."""
+
+
+def _build_config(entry, index: dict, names: set[str], seen: set[str]) -> None:
+    """Build ``entry``'s configuration as lm-eval's TaskFactory would, recursing into a
+    group's or tag's tasks; raises ``_TaskProblem`` naming the innermost task or group at
+    the first problem. ``seen`` stops cycles."""
+    if entry.name in seen:
+        return
+    seen.add(entry.name)
+    names.add(entry.name)
+    try:
+        _build_entry(entry, index, names, seen)
+    except _TaskProblem:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a task's code may raise anything when imported
+        raise _TaskProblem(f"{entry.name}: {_one_line(e)}") from e
+
+
+def _build_entry(entry, index: dict, names: set[str], seen: set[str]) -> None:
+    from lm_eval.api.task import ALL_OUTPUT_TYPES
+    from lm_eval.config.task import TaskConfig
+    from lm_eval.filters import build_filter_ensemble
+    from lm_eval.tasks._index import Kind, load_yaml
+
+    if entry.kind == Kind.TAG:
+        for name in sorted(entry.tags):
+            if name in index:
+                _build_config(index[name], index, names, seen)
+        return
+    cfg = dict(load_yaml(entry.yaml_path, resolve_func=True)) if entry.yaml_path else dict(entry.cfg or {})
+    if entry.kind == Kind.GROUP:
+        for member in cfg.get("task") or []:
+            ref = member if isinstance(member, str) else member.get("group") or member.get("task")
+            if ref in index:
+                _build_config(index[ref], index, names, seen)
+            elif isinstance(member, dict) and "task" in member:  # an inline task
+                TaskConfig(**{k: v for k, v in member.items() if k not in ("tag", "group", "task_list")})
+            # an inline group, or a name lm-eval builds from the group's own fields: checked when it runs
+        return
+    if "class" in cfg:  # a Python task: its class imported is all that can be checked without data
+        names.add(cfg.get("task", entry.name))
+        return
+    for key in ("tag", "group", "task_list"):
+        cfg.pop(key, None)
+    config = TaskConfig(**cfg)
+    names.add(config.task)
+    if config.output_type is not None and config.output_type not in ALL_OUTPUT_TYPES:
+        raise _TaskProblem(f"task {config.task!r}: output_type {config.output_type!r} is not one of "
+                         f"{', '.join(ALL_OUTPUT_TYPES)}")
+    for f in config.filter_list or []:
+        build_filter_ensemble(f["name"], [[fn["function"], {k: v for k, v in fn.items() if k != "function"}]
+                                          for fn in f["filter"]])
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line for a validate error (the spec's field is said by the caller)."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        return (f"its code imports {e.name!r}, which is not installed (lm-eval's extra for the task installs "
+                f"its packages, e.g. lm_eval[ifeval])")
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    text = " ".join(str(text).split()).removeprefix("eval.lm_eval_tasks: ")
+    return text if isinstance(e, (_TaskProblem, KeyError, FileNotFoundError)) else f"{type(e).__name__}: {text}"
 
 
 def _check_names(specs: list[str], known: list[str]) -> None:
@@ -139,11 +272,66 @@ def flat_metrics(results: dict) -> tuple[dict[str, float | None], dict[str, str]
     return out, source
 
 
+def set_shots(loaded: dict, shots: dict[str, int], where: str = "eval.num_fewshot") -> None:
+    """Set the few-shot count of the tasks ``shots`` names in lm-eval's loaded tasks
+    (``TaskManager.load``'s dict): a task's own name, or a group's name for each of its
+    tasks (a task's own entry wins). A name that is neither a loaded task nor a group is
+    an error (KeyError naming ``where``): it would silently change nothing."""
+    tasks, groups = loaded["tasks"], loaded.get("groups", {})
+    unknown = sorted(set(shots) - set(tasks) - set(groups))
+    if unknown:
+        raise KeyError(f"{where}: {', '.join(map(repr, unknown))} is not one of the tasks or groups evaluated "
+                       f"({', '.join(sorted(set(tasks) | set(groups)))})")
+    for name, n in shots.items():
+        if name in groups:
+            for task in groups[name].get_all_tasks():
+                if task.task_name not in shots:
+                    task.set_config(key="num_fewshot", value=n)
+    for name, n in shots.items():
+        if name in tasks:
+            tasks[name].set_config(key="num_fewshot", value=n)
+
+
+def _task_manager(include: list[str], builtin: bool, shots: Shots, where: str):
+    """lm-eval's TaskManager over ``include`` (and the built-in tasks when ``builtin``); with
+    per-task shots (a table), one whose ``load`` sets them on the tasks it loads, so that
+    ``simple_evaluate`` (given num_fewshot=None) runs everything else exactly as the
+    command line does."""
+    from lm_eval.tasks import TaskManager
+
+    if not isinstance(shots, dict):
+        return TaskManager(include_path=include or None, include_defaults=builtin)
+
+    class ShotsTaskManager(TaskManager):
+        def load(self, task_list):
+            loaded = super().load(task_list)
+            set_shots(loaded, shots, where)
+            return loaded
+
+    return ShotsTaskManager(include_path=include or None, include_defaults=builtin)
+
+
+def protocol(results: dict, *, apply_chat_template: bool, fewshot_as_multiturn: bool,
+             system_instruction: str) -> dict[str, dict]:
+    """{task: how its number was made}, for each task ``flat_metrics`` reports: the shots
+    lm-eval used (its ``n-shot``), the chat-template settings and system instruction it was
+    given ("" when none), lm-eval's version and the task's version (its ``versions``)."""
+    return {task: {"num_fewshot": int(results["n-shot"][task]),
+                   "apply_chat_template": bool(apply_chat_template),
+                   "fewshot_as_multiturn": bool(fewshot_as_multiturn),
+                   "system_instruction": system_instruction or "",
+                   "lm_eval_version": str(results.get("lm_eval_version", "")),
+                   "task_version": results.get("versions", {}).get(task)}
+            for task in results["results"] if task in results.get("configs", {})}
+
+
 def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
                 device: str | None = None, seed: int | None = None,
-                system_prompt: str = "") -> dict[str, float | None]:
+                system_prompt: str = "", where: str = "eval.num_fewshot") -> dict[str, float | None]:
     """Evaluate ``model`` on ``section.lm_eval_tasks``; returns flat primary metrics.
 
+    ``section.num_fewshot``: see the module docstring; ``where`` names that field in errors
+    (the validation evaluation passes its own).
     ``system_prompt``: data.system_prompt, sent as lm-eval's system instruction.
     ``seed`` (optional) replaces lm-eval's default seeds (0, 1234, 1234, 1234);
     leave it None to get numbers comparable with an ``lm_eval`` command line run.
@@ -151,7 +339,6 @@ def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
     if not section.lm_eval_tasks:
@@ -159,8 +346,11 @@ def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     specs, include, builtin = resolve_task_specs(section.lm_eval_tasks)
-    manager = TaskManager(include_path=include or None, include_defaults=builtin)
+    shots = section.num_fewshot
+    manager = _task_manager(include, builtin, shots, where)
     _check_names(specs, manager.all_tasks)
+    # the lm_eval command line turns multi-turn few-shot on with a chat template
+    multiturn = section.apply_chat_template
     was_training = model.training
     device = device or str(next(model.parameters()).device)
     try:
@@ -169,14 +359,14 @@ def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
                                              torch_random_seed=seed, fewshot_random_seed=seed)
         results = simple_evaluate(
             model=lm, tasks=specs, task_manager=manager,
-            num_fewshot=section.num_fewshot,
+            # None: each task at its own YAML's count (a table was set as the tasks loaded)
+            num_fewshot=None if isinstance(shots, dict) else shots,
             limit=section.limit or None,
             batch_size=section.batch_size,
             device=device,
             log_samples=True,
             apply_chat_template=section.apply_chat_template,
-            # the lm_eval command line turns multi-turn few-shot on with a chat template
-            fewshot_as_multiturn=section.apply_chat_template,
+            fewshot_as_multiturn=multiturn,
             # the experiment's system message (data.system_prompt), as in generation and training
             system_instruction=system_prompt or None,
             **seeds)
@@ -189,5 +379,8 @@ def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
         atomic_write_text(out_dir / f"samples_{task}.jsonl", "".join(
             json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
     metrics, source = flat_metrics(results)
-    atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "lm_eval_keys": source})
+    atomic_write_json(out_dir / "metrics.json", {
+        "metrics": metrics, "lm_eval_keys": source,
+        "protocol": protocol(results, apply_chat_template=section.apply_chat_template,
+                             fewshot_as_multiturn=multiturn, system_instruction=system_prompt)})
     return metrics
