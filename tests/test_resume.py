@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 from test_eval_fixtures import experiment_head
 from test_judges_http import local_server, send_json
+from test_lifeline import survivors, with_arg
+
+from harness.store import run_lock
 
 pytestmark = pytest.mark.slow
 
@@ -178,6 +181,41 @@ def test_replaced_base_weights_are_not_reused(tmp_path):
     build_tiny_model(model_dir, seed=1)  # same path, other weights
     r = harness("run", str(exp))
     assert r.returncode == 1 and "changed: upstream.policy" in r.stderr, r.stderr[-2000:]
+
+
+def held(lock: Path) -> bool:
+    """Whether some process holds a flock on ``lock`` (/proc/locks lists each by inode)."""
+    ino = str(lock.stat().st_ino) if lock.exists() else None
+    return ino is not None and any(line.split()[5].rsplit(":", 1)[-1] == ino
+                                   for line in Path("/proc/locks").read_text().splitlines()
+                                   if len(line.split()) > 5 and "FLOCK" in line)
+
+
+def test_killed_jobs_parent_takes_its_runs_and_their_locks_down(tiny_dir, tmp_path):
+    """``harness run --jobs 2`` killed with SIGKILL while both seeds run: no run goes on
+    unsupervised and both run locks are free for the rerun."""
+    out = tmp_path / "jobs"
+    exp = write_experiment(tmp_path, tiny_dir, out)
+    runs = [out / "resume" / f"seed-{k}" for k in (0, 1)]
+    parent = harness("run", str(exp), "--seeds", "0,1", "--jobs", "2", wait=False)
+    try:
+        t0 = time.time()
+        while not all(held(r / "run.lock") for r in runs):
+            assert parent.poll() is None, "the run finished before both seeds held their locks"
+            assert time.time() - t0 < 300, "the seeds never held their run locks"
+            time.sleep(0.05)
+        children = with_arg(str(exp)) - {parent.pid}  # the two seeds' runs (and their sentinels)
+        assert len(children) >= 2
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert survivors(children) == set()
+    finally:
+        parent.kill()
+        parent.wait()
+    assert not any(held(r / "run.lock") for r in runs)
+    for r in runs:  # what a rerun takes first (RunLocked while a killed run's child still held it)
+        with run_lock(r):
+            pass
 
 
 # --- kill during judging and during AlpacaEval annotation ------------------------------------
