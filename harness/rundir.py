@@ -60,6 +60,12 @@ class RunDir:
     def log(self) -> Path:
         return self.root / LOG_FILE
 
+    def is_run(self) -> bool:
+        """Whether ``root`` holds a run (its config.json and provenance.json, written at its
+        start) or results the leaderboard reads (results.jsonl: a run, or an imported
+        published system): a directory whose files are its own."""
+        return (self.config.is_file() and self.provenance.is_file()) or self.results.is_file()
+
     # stages
     def iteration(self, t: int) -> Path:
         return self.root / f"iter_{t:03d}"

@@ -248,6 +248,42 @@ def test_table_errors_are_one_line(seeds, tmp_path, capfd):
     assert capfd.readouterr().err.splitlines() == [f"wrote {out}"] and sorted(os.listdir(out.parent)) == ["board.html"]
 
 
+def test_table_out_never_replaces_an_input_a_run_file_or_a_file_that_is_not_a_table(seeds, tmp_path, capfd):
+    """--out is refused, with one line and nothing written, when it names a file the table
+    reads, anything inside a run directory (results.jsonl, config, a stage's manifest, a new
+    file) or an existing file that is not a table of ours; a table of ours (any format,
+    the empty one included) is replaced, through a temporary file."""
+    from harness.report.board import is_table
+
+    run = seeds / "tiny-sr"
+    (run / "config.json").write_text("{}")
+    (run / "provenance.json").write_text("{}")
+    stage = run / "iter_001" / "judge"
+    stage.mkdir(parents=True)
+    (stage / "manifest.json").write_text("{}")
+    loose = tmp_path / "rows.jsonl"
+    loose.write_bytes((run / "results.jsonl").read_bytes())
+    notes = tmp_path / "notes.md"
+    notes.write_text("| experiment notes |\nnot a table of ours\n")
+    before = _snapshot(tmp_path)
+    for out, fmt in ((run / "results.jsonl", "csv"), (stage / "manifest.json", "markdown"),
+                     (run / "config.json", "html"), (run / "new.md", "text")):
+        assert main(["table", str(run), "--out", str(out), "--format", fmt]) == 1
+        _one_error(capfd, str(out), f"inside the run directory {run}")
+    assert main(["table", str(loose), "--out", str(loose), "--format", "csv"]) == 1
+    _one_error(capfd, str(loose), "is a file this table reads")
+    assert main(["table", str(seeds), "--out", str(notes), "--format", "markdown"]) == 1
+    _one_error(capfd, str(notes), "exists and is not a table written by harness table")
+    assert _snapshot(tmp_path) == before
+    board = tmp_path / "board.out"
+    for fmt, filters in (("csv", []), ("markdown", []), ("text", []), ("html", []),
+                         ("markdown", ["--filter", "method=nope"]), ("csv", ["--filter", "method=nope"]), ("csv", [])):
+        assert main(["table", str(seeds), "--out", str(board), "--format", fmt, *filters]) == 0
+        assert capfd.readouterr().err.splitlines() == [f"wrote {board}"] and is_table(board)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["board.out", "notes.md", "results", "rows.jsonl"]
+    assert board.read_text(encoding="utf-8") == to_csv(build_table(load_rows([seeds])))
+
+
 def test_import_published_errors_are_one_line(tmp_path, capfd):
     from harness.report.published import SAFE_NAME
     from harness.validate import _SAFE_NAME

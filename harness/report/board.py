@@ -8,17 +8,20 @@ command line's parsing and printing (harness.cli).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import pandas as pd
 
 from harness.report.files import to_csv, to_markdown
-from harness.report.html import to_html
+from harness.report.html import GENERATOR, to_html
 from harness.report.plots import render_plots, save_plots
 from harness.report.rows import ResultsError, load_rows
 from harness.report.table import SEEDS, build_table, selected
 from harness.report.terminal import TERMINAL_WIDTH, to_terminal
+from harness.rundir import RunDir
+from harness.store import atomic_write_text
 
 FORMATS = ("text", "markdown", "csv", "html")
 RUN_STEM, BOARD_STEM = "results", "leaderboard"  # file names of a run's tables and of the board across runs
@@ -62,14 +65,14 @@ def leaderboard(paths: Sequence[Path], *, fmt: str = "text", out: Path | None = 
     rows = load_rows(paths)
     df = build_table(rows, sort_by=sort_by, filters=filters, columns=columns, per_seed=per_seed)
     if out is not None:
+        _check_out(Path(out), paths)
         _check_writable(Path(out))
     pngs = render_plots(selected(rows, df)) if plot_dir is not None or save_as is not None or fmt == "html" else {}
     text, left_out = _render(df, fmt, pngs, width, title)
     written: list[Path] = []
     if out is not None:
-        try:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        try:  # through a temporary file: a failed write leaves the old table whole
+            atomic_write_text(Path(out), text if text.endswith("\n") else text + "\n")
         except OSError as e:
             raise ResultsError(f"{out}: cannot write the table ({e.strerror or e})") from None
         written.append(Path(out))
@@ -90,6 +93,40 @@ def leaderboard(paths: Sequence[Path], *, fmt: str = "text", out: Path | None = 
         written += save_plots(pngs if plots is True else {k: v for k, v in pngs.items() if plots and k in plots},
                               Path(plot_dir))
     return Board(text, written, left_out)
+
+
+# how an existing file is recognised as a table `harness table` wrote (its first line; HTML: its generator tag)
+_TABLE_HEAD = re.compile(r"experiment,method(,|$)|\|\s*experiment\s*\|\s*method\s*\||\(no results match\)$")
+
+
+def is_table(path: Path) -> bool:
+    """Whether the file at ``path`` is a table ``harness table`` wrote, by how each format
+    starts: CSV with its header ``experiment,method,...`` (CSV has no comments to mark it),
+    Markdown and the text table with their header row ``| experiment | method |`` (or the
+    empty table's "(no results match)"), HTML with its ``GENERATOR`` tag in the head."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return _TABLE_HEAD.match(head.split("\n", 1)[0]) is not None or GENERATOR in head
+
+
+def _check_out(out: Path, paths: Sequence[Path]) -> None:
+    """``out`` may take the table: it is none of the files read (``paths`` given as files),
+    nothing inside a run directory (``RunDir.is_run``: its results.jsonl, config, manifests,
+    stage folders are the run's own), and, when it exists, a table written by ``harness
+    table`` (``is_table``). Else a ResultsError naming it; nothing is written."""
+    target = out.resolve()
+    if any(Path(p).is_file() and Path(p).resolve() == target for p in paths):
+        raise ResultsError(f"{out}: is a file this table reads; --out names another file")
+    run = next((d for d in target.parents if RunDir(d).is_run()), None)
+    if run is not None:
+        raise ResultsError(f"{out}: is inside the run directory {run}, whose files are the run's own; "
+                           "write the table outside it")
+    if target.is_file() and not is_table(target):
+        raise ResultsError(f"{out}: exists and is not a table written by harness table; not replaced "
+                           "(remove it or name another file)")
 
 
 def _check_writable(out: Path) -> None:
