@@ -9,12 +9,15 @@ seed, so they take the same number of optimizer steps (checked).
 - harness: ``harness.train.train_dpo`` as the loop calls it (reference = the model passed in),
   timed as a whole: the reference log-probs computed once (``precompute_reference``), trl's
   dataset preparation, training, saving the adapter, and the reporting probe. The probe is
-  counted honestly as harness cost: its "before" values are the precomputed reference
-  log-probs (plus the policy's own on ``GAP_CHECK_PAIRS`` pairs, a check), and its "after"
-  values take one prompt-shared forward over its sample of the pairs (``training.probe_share``
-  of the stage's forward work, default 0.05; ``--probe-share 1`` probes every pair).
+  counted honestly as harness cost: its "before" and "after" values take one prompt-shared
+  forward each over its sample of the pairs (both within ``training.probe_share`` of the
+  stage's forward work, default 0.05; ``--probe-share 1`` probes every pair), plus its checks
+  on ``GAP_CHECK_PAIRS`` pairs (the start and the reference; merge chain: the merged model).
+  The README's figures predate the "before" forward (the probe then took the precomputed
+  reference log-probs as "before").
 - harness per-step: the same with ``precompute=False`` (trl's reference forward in every
-  step, "before" probe on all probe pairs): the gain of precomputing, from the same run.
+  step, and over the probe's pairs for the reference values it reports): the gain of
+  precomputing, from the same run.
 - trl: ``DPOTrainer(model, args=DPOConfig(...), peft_config=LoraConfig(...))``, ``train()``,
   ``save_model()``: what a user would write with trl alone (reference forward per step).
 
@@ -160,8 +163,8 @@ def main() -> None:
         print(f"model={args.model} pairs={len(pairs)} batch_size={args.batch_size} epochs={args.epochs} "
               f"max_length={args.max_length} lora_r={args.lora_r} threads={torch.get_num_threads()} "
               f"torch={torch.__version__} cuda={torch.cuda.is_available()} cpu_bf16_flags={sorted(set(flags.split())) or 'none'} "
-              f"repeats={args.repeats} (probe: 'before' = precomputed reference + {GAP_CHECK_PAIRS}-pair check, "
-              f"'after' = one forward over a sample within probe_share={args.probe_share}, counted as harness cost)",
+              f"repeats={args.repeats} (probe: 'before' and 'after' = one forward each over a sample "
+              f"within probe_share={args.probe_share}, + {GAP_CHECK_PAIRS}-pair checks, counted as harness cost)",
               flush=True)
         run_harness(cfg, pairs[:max(2, args.batch_size)], tmp / "warmup")  # imports, first-call costs
         sides = {"harness": lambda out: run_harness(cfg, pairs, out),

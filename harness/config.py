@@ -137,7 +137,7 @@ class TrainingSection(StepSettings):
     weight_decay: float = opt(0.0, "Weight decay.", min=0.0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.", min=0.0)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory on large models.")
-    probe_share: float = opt(0.05, "Most share of a DPO iteration's forward work (counted in tokens: two forward passes per training epoch, one more with gradient checkpointing, plus the reference pass) that its after-training probe may take. The probe measures the log-likelihoods of chosen and rejected answers before and after training, preferences and reward margins on a random sample of the iteration's pairs (seeded by experiment.seed and the iteration), drawn while it fits this share: at least 4 pairs, at most 256; train/probe_pairs says how many. 1 = every pair up to 256.", min=0.0, max=1.0)
+    probe_share: float = opt(0.05, "Most share of a DPO iteration's forward work (counted in tokens: two forward passes per training epoch, one more with gradient checkpointing, plus the reference pass) that its probe may take (two forward passes over each probed pair, before and after training, plus its checks). The probe measures the log-likelihoods of chosen and rejected answers before and after training by one forward function, preferences and reward margins on a random sample of the iteration's pairs (seeded by experiment.seed and the iteration), drawn while it fits this share: at least 4 pairs, at most 256; train/probe_pairs says how many. 1 = every pair up to 256.", min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
