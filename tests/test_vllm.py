@@ -16,6 +16,8 @@ Measured here (CPU, float32, enforce_eager):
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from harness.generate import Prompt, Sampling, completion_ids, generate as hf_ge
 from full_forward import sequence_logprobs
 from harness.store import JsonlLog
 from test_eval_fixtures import build_tokenizer, tiny_llama_config
+from test_lifeline import python, session, survivors
 
 WHY = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY is not None, reason=f"vLLM engine: {WHY}")]
@@ -128,6 +131,36 @@ def test_a_session_serves_a_stage_with_one_engine_start(tiny64):
     assert all("topk_entropy" in samples[p.id]["samples"][0] for p in ps[:4])
     alone = vllm_generate(model, tok, ps[:4], indicators, seed_key=(0, 1, "indicators"), batch_size=4)
     assert alone == samples  # a session's engine samples as a fresh one does
+
+
+REAL_WORKER_PARENT = """
+import sys, time
+from harness.engines.vllm_engine import Worker
+worker = Worker(sys.argv[1], dtype=sys.argv[2], max_num_seqs=2, max_model_len=256)
+print(worker.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("victim", ["parent", "worker"])
+def test_a_killed_worker_or_parent_takes_the_engine_down(tiny64, victim):
+    """As tests/test_lifeline.py's fake worker: SIGKILL to the process holding a started
+    Worker, or to the worker itself, leaves none of vLLM's engine processes running."""
+    model, _ = tiny64
+    model_dir, dtype = export_policy(model)
+    parent = python(REAL_WORKER_PARENT, str(model_dir), dtype)
+    try:
+        line = parent.stdout.readline()  # once the engine is up
+        assert line, "the worker did not start"
+        worker = int(line)
+        group = session(worker)
+        assert len(group - {worker}) >= 2  # vLLM's engine-core process(es) and the worker's sentinel
+        os.kill(parent.pid if victim == "parent" else worker, signal.SIGKILL)
+        assert survivors(group, timeout=30) == set()
+        assert (parent.poll() is None) == (victim == "worker")
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def test_smollm2_greedy_matches_hf():
