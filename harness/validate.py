@@ -15,6 +15,7 @@ not read (building it is compute), only their names are checked.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ from harness.config import Config, JudgeSection, judge_sections
 from harness.data import DataError, load_examples, read_records, text_column
 from harness.evaluate import load_eval_prompts
 from harness.evaluate.alpaca import HUB_SET, load_instructions
-from harness.evaluate.lm_eval_adapter import task_metrics
+from harness.evaluate.lm_eval_adapter import task_metrics, task_problems
 from harness.judges import JUDGES
 from harness.judges.kind import Checks
 from harness.judging import side_by_side
@@ -227,6 +228,8 @@ def _evaluation(cfg: Config, r: Report) -> set[str] | None:
     for i, spec in enumerate(specs):
         if is_tiny_ref(spec) and tiny_available(spec, f"eval.lm_eval_tasks[{i}]", r) is None:
             return None  # an unknown name (reported) or a world not built yet: metrics unknown
+    if not _lm_eval_tasks(specs, cfg.eval.num_fewshot, "eval", r):
+        return None
     try:
         for task, metric in task_metrics(specs):
             produced |= {f"lm_eval/{task}/{metric}", f"lm_eval/{task}/{metric}_stderr"}
@@ -254,6 +257,8 @@ def _validation(cfg: Config, r: Report) -> set[str] | None:
     for i, spec in enumerate(v.lm_eval_tasks):
         if is_tiny_ref(spec) and tiny_available(spec, f"eval.validation.lm_eval_tasks[{i}]", r) is None:
             return None
+    if not _lm_eval_tasks(v.lm_eval_tasks, v.num_fewshot, "eval.validation", r):
+        return None
     if v.prompts:
         from harness.methods.base import file_problems
 
@@ -274,6 +279,23 @@ def _validation(cfg: Config, r: Report) -> set[str] | None:
     except (FileNotFoundError, KeyError) as e:
         r.errors.append(FieldError(*_split_where(str(e).strip("'\""), "eval.validation.lm_eval_tasks")))
         return None
+
+
+def _lm_eval_tasks(specs: tuple[str, ...], shots, section: str, r: Report) -> bool:
+    """Build the configuration of every lm-eval task ``specs`` names, as lm-eval does but
+    without its data: each problem (a bad YAML, a task whose code needs a package that is not
+    installed, ...) is an error of its spec, ``<section>.lm_eval_tasks[i]``. A per-task
+    ``<section>.num_fewshot`` table must name tasks or groups that run. False when a spec failed."""
+    problems, names = task_problems(specs)
+    for i, problem in problems:
+        r.errors.append(FieldError(f"{section}.lm_eval_tasks[{i}]", problem))
+    if isinstance(shots, dict) and not problems:
+        for name in sorted(set(shots) - names):
+            hint = difflib.get_close_matches(name, sorted(names), n=1)
+            r.errors.append(FieldError(f"{section}.num_fewshot.{name}", (
+                f"not a task or group of {section}.lm_eval_tasks"
+                + (f"; did you mean {hint[0]!r}?" if hint else f" ({', '.join(sorted(names)) or 'none'})"))))
+    return not problems
 
 
 def _builtin_task_metric(metric: str, produced: set[str]) -> bool:

@@ -131,7 +131,11 @@ def test_a_correct_file_passes(world, tiny_dir, capsys):
      "gguf_file 'm.gguf' not found"),
     # evaluation
     (dno, lambda t, w: t.replace(f'"{w}/my_mc.yaml"', '"{w}/missing.yaml"'.replace("{w}", str(w))),
-     "eval.lm_eval_tasks", "not found"),
+     "eval.lm_eval_tasks[0]", "not found"),
+    (dno, lambda t, w: t.replace("lm_eval_tasks = [", "num_fewshot = {my_mcc = 2}\nlm_eval_tasks = ["),
+     "eval.num_fewshot.my_mcc", "not a task or group of eval.lm_eval_tasks; did you mean 'my_mc'?"),
+    (dno, lambda t, w: t + f'[eval.validation]\nlm_eval_tasks = ["{w}/val/my_val.yaml"]\nnum_fewshot = {{my_mc = 1}}\n',
+     "eval.validation.num_fewshot.my_mc", "not a task or group of eval.validation.lm_eval_tasks"),
     (dno, lambda t, w: t.replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\nselect_metric = "lm_eval/my_mc/acc"'),
      "method.dno.select_metric", "would peek at the test numbers"),
     (dno, lambda t, w: t.replace("prompts_per_iteration = 8", 'prompts_per_iteration = 8\n'
@@ -176,6 +180,29 @@ def test_mistake_is_reported_with_its_field(world, tiny_dir, capsys, make, edit,
     found = errors_of(err, path)
     assert field in found, err
     assert words in found[field], err
+
+
+def test_lm_eval_tasks_are_built_and_each_problem_is_one_line_of_its_spec(world, tiny_dir, capsys):
+    """A task whose code imports a module that is not installed (a task extra missing), a task
+    YAML with a key lm-eval does not know and one that does not parse: each one line naming
+    its spec, without loading any data; the good task beside them passes."""
+    (world / "needs.py").write_text("import harness_test_absent_module\n\n\ndef process_results(doc, results):\n"
+                                    "    return {'acc': 1.0}\n")
+    (world / "needs.yaml").write_text(MC.format(data=world / "mc.jsonl").replace("my_mc", "my_needs")
+                                      + "process_results: !function needs.process_results\n")
+    (world / "typo.yaml").write_text(MC.format(data=world / "mc.jsonl").replace("my_mc", "my_typo")
+                                     .replace("output_type:", "output_typ:"))
+    (world / "broken.yaml").write_text("task: my_broken\ndataset_path: [json\n")
+    specs = ", ".join(f'"{world}/{n}.yaml"' for n in ("my_mc", "needs", "typo", "broken"))
+    code, path, err = run_validate(world, dno(world, tiny_dir).replace(f'"{world}/my_mc.yaml"', specs), capsys)
+    assert code == 1
+    found = errors_of(err, path)
+    assert "eval.lm_eval_tasks[0]" not in found, err
+    assert found["eval.lm_eval_tasks[1]"].startswith("my_needs: its code imports 'harness_test_absent_module', "
+                                                      "which is not installed"), err
+    assert "unexpected keyword argument 'output_typ'" in found["eval.lm_eval_tasks[2]"], err
+    assert "did not find expected ',' or ']'" in found["eval.lm_eval_tasks[3]"], err
+    assert len([line for line in err.splitlines() if "harness_test_absent_module" in line]) == 1, err
 
 
 def test_every_error_at_once(world, tiny_dir, capsys):
