@@ -13,9 +13,8 @@ group (SIGTERM, then SIGKILL after ``grace_s``; the sentinel itself last) as soo
   ``prctl(PR_SET_PDEATHSIG)`` right after the fork, with the race closed by checking
   ``getppid()`` after setting it, and a poll of ``getppid()`` as a fallback).
 
-So whatever spawned the command spawns with it (vLLM's engine-core processes, a ``harness
-run``'s own workers) goes down with it, and a chain of spawned processes unwinds level by
-level. The sentinel ignores SIGTERM, SIGINT and SIGHUP: ``stop_group`` (SIGTERM to the
+So whatever the command starts (vLLM's engine-core processes, a ``harness run``'s own
+workers) goes down with it, and a chain of spawned processes unwinds level by level. The sentinel ignores SIGTERM, SIGINT and SIGHUP: ``stop_group`` (SIGTERM to the
 group, SIGKILL after a grace) stops the command gracefully and the sentinel then reaps what
 is left. The parent-death signal is tied to the thread that forked, which is the launcher's
 main thread that becomes the command's main thread, so it never fires while the command
