@@ -260,3 +260,38 @@ def test_length_controlled_win_rate_comes_from_alpaca_eval_when_its_data_is_cach
     # a subset (limit) is not the AlpacaEval set: unavailable, never an extrapolated number
     m, info = compute_metrics(ann[:100], [a["output_2"] for a in ann[:100]], 100)
     assert m["alpaca_eval/length_controlled_winrate"] is None and "805" in info["length_controlled_winrate"]
+
+
+def test_import_refuses_one_systems_outputs_with_another_systems_annotations(tmp_path, capfd):
+    """gemma-7b-it's outputs with alpaca-7b's annotations (or the same system on other
+    instructions, or with its answers changed) is refused with one line, nothing written."""
+    require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
+    from harness.cli import main
+
+    dest = tmp_path / "results"
+
+    def imp(outs, ann, name="sys"):
+        code = main(["import-alpaca-eval", "--name", name, "--outputs", str(outs), "--annotations", str(ann),
+                     "--dest", str(dest)])
+        err = capfd.readouterr().err.splitlines()
+        return code, err
+
+    gemma, alpaca = _published("gemma-7b-it"), _published("alpaca-7b")
+    code, err = imp(gemma[0], alpaca[1])
+    assert code == 1 and len(err) == 1 and "holds the outputs of gemma-7b-it" in err[0]
+    assert "annotates alpaca-7b (generator_2)" in err[0]
+    # no generator names to go by: the annotated answers tell
+    outs = json.loads(gemma[0].read_text())
+    nameless = tmp_path / "nameless.model_outputs.json"
+    nameless.write_text(json.dumps([{k: v for k, v in r.items() if k != "generator"} for r in outs]))
+    code, err = imp(nameless, alpaca[1])
+    assert code == 1 and len(err) == 1 and "805 of 805 annotated answers (output_2) differ" in err[0]
+    # the same system on fewer instructions
+    fewer = tmp_path / "fewer.model_outputs.json"
+    fewer.write_text(json.dumps(outs[:800]))
+    code, err = imp(fewer, gemma[1])
+    assert code == 1 and len(err) == 1 and "not on the same instructions: 5 annotated instruction(s) have no output" \
+        in err[0]
+    assert not dest.exists()
+    code, err = imp(*gemma, name="gemma-7b-it")   # its own annotations: imported
+    assert code == 0 and (dest / "gemma-7b-it" / "results.jsonl").is_file()

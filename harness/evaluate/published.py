@@ -37,7 +37,42 @@ def _import(model_outputs: Path, annotations: Path, name: str) -> tuple[dict, di
         outs = outs[outs["generator"] == name] if "generator" in outs.columns else outs
         if ann.empty:
             raise ValueError(f"{annotations}: no annotations with generator_2 == {name!r}")
+    _check_same_system(outs, ann, model_outputs, annotations)
     return compute_metrics(ann, list(outs["output"]), len(ann))
+
+
+def _check_same_system(outs, ann, model_outputs: Path, annotations: Path) -> None:
+    """ValueError (one line) unless the annotations judge these outputs: one system (the
+    outputs' ``generator`` names = the annotations' ``generator_2`` names, where the files
+    have them) on one instruction set (the same ``instruction`` values), and, where the
+    annotations hold the judged answers (``output_2``), the same answer to each instruction
+    (compared without surrounding whitespace). Else the row's win rate would be neither's."""
+    def names(df, col: str) -> list[str]:
+        return sorted({str(v) for v in df[col].dropna()}) if col in df.columns else []
+
+    made, judged = names(outs, "generator"), names(ann, "generator_2")
+    if made and judged and made != judged:
+        raise ValueError(f"{model_outputs} holds the outputs of {', '.join(made)} but {annotations} annotates "
+                         f"{', '.join(judged)} (generator_2): outputs and annotations must be one system's")
+    for df, where in ((outs, model_outputs), (ann, annotations)):
+        if "instruction" not in df.columns:
+            raise ValueError(f"{where}: no 'instruction' field; is it an AlpacaEval file?")
+    asked, annotated = set(outs["instruction"]), set(ann["instruction"])
+    if asked != annotated:
+        extra = sorted(annotated - asked) or sorted(asked - annotated)
+        raise ValueError(f"{annotations} and {model_outputs} are not on the same instructions: "
+                         f"{len(annotated - asked)} annotated instruction(s) have no output and {len(asked - annotated)} "
+                         f"output(s) no annotation (e.g. {str(extra[0])[:60]!r})")
+    if "output_2" in ann.columns:
+        def text(v) -> str:  # None / NaN: no answer
+            return "" if v is None or (isinstance(v, float) and v != v) else str(v).strip()
+
+        answer = dict(zip(outs["instruction"], outs["output"]))
+        differ = [i for i, o in zip(ann["instruction"], ann["output_2"]) if text(o) != text(answer[i])]
+        if differ:
+            raise ValueError(f"{annotations}: {len(differ)} of {len(ann)} annotated answers (output_2) differ from "
+                             f"{model_outputs}'s answers to the same instructions (e.g. to {str(differ[0])[:60]!r}): "
+                             "the annotations judged another system's outputs")
 
 
 def _file_record(path: Path) -> dict:
