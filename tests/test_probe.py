@@ -92,6 +92,17 @@ def test_probe_sample_is_seeded_and_bounded():
     assert len(probe_sample(lengths, stage_work(lengths, 3.0, True, False), 0.05, key="probe/0/1")) > len(a)
 
 
+def pair_lengths(tok, pairs) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of each pair, as trl's rows count them."""
+    from harness.generate import completion_ids
+
+    out = []
+    for p in pairs:
+        prompt, c = completion_ids(tok, p["messages"], p["chosen"])
+        out.append((len(prompt), len(c), len(completion_ids(tok, p["messages"], p["rejected"])[1])))
+    return out
+
+
 @pytest.mark.parametrize("share", [0.05, 1.0])
 def test_train_dpo_reports_on_its_sample(tiny_dir, tmp_path, share):
     """The probe's numbers are those of the sampled pairs: its "before" and "after" values
@@ -104,12 +115,7 @@ def test_train_dpo_reports_on_its_sample(tiny_dir, tmp_path, share):
     metrics, trained = train_dpo(model, tok, pairs, cfg, 1, tmp_path / "it1")
     n = metrics["train/probe_pairs"]
     assert n == (16 if share == 1 else PROBE_MIN)
-    lengths = []
-    from harness.generate import completion_ids
-
-    for p in pairs:
-        prompt, c = completion_ids(tok, p["messages"], p["chosen"])
-        lengths.append((len(prompt), len(c), len(completion_ids(tok, p["messages"], p["rejected"])[1])))
+    lengths = pair_lengths(tok, pairs)
     work = stage_work(lengths, 1.0, True, False)
     spent = sum(probe_tokens(x) for x in lengths[:GAP_CHECK_PAIRS]) * 3  # the checks: start, reference, merged
     picked = probe_sample(lengths, work, share, key="probe/0/1", spent=spent)
@@ -185,3 +191,31 @@ def test_reference_model_is_the_reference_trl_holds(tiny_dir, tmp_path, chain):
         got = pair_logps(ref, tok, PAIRS, 64)
     assert got[0] == pytest.approx(base[0], abs=1e-4) and got[1] == pytest.approx(base[1], abs=1e-4)
     assert pair_logps(trainer.model, tok, PAIRS, 64) == start
+
+
+def test_probe_forwards_stay_within_their_share(tiny_dir, tmp_path, monkeypatch):
+    """Every pair_logps forward train_dpo runs (continue chain: the start and the reference on
+    the check pairs, the policy before and after training on the sample) fits in
+    training.probe_share of the stage's forward work, and the sample is as large as that allows:
+    the accounting counts the forwards that run."""
+    from harness.train import dpo
+
+    calls = []
+
+    def spy(model, tok, pairs, max_length, **kw):
+        calls.append([id(p) for p in pairs])
+        return pair_logps(model, tok, pairs, max_length, **kw)
+
+    monkeypatch.setattr(dpo, "pair_logps", spy)
+    share = 0.25
+    cfg = make_cfg(tiny_dir, tmp_path, lora={"chain": "continue"}, training={"probe_share": share})
+    pairs = PAIRS + [{**p, "chosen": p["chosen"] + " plus"} for p in PAIRS]
+    model, tok = load_policy(cfg, [])
+    metrics, _ = train_dpo(model, tok, pairs, cfg, 1, tmp_path / "it1")
+    lengths = {id(p): x for p, x in zip(pairs, pair_lengths(tok, pairs))}
+    budget = share / (1 - share) * stage_work(list(lengths.values()), 1.0, True, False)
+    used = sum(probe_tokens(lengths[i]) for call in calls for i in call)
+    n = metrics["train/probe_pairs"]
+    assert PROBE_MIN < n < len(pairs)
+    assert len(calls) == 4 and calls[2] == calls[3] and len(calls[2]) == n  # before and after: the same pairs
+    assert used <= budget < used + PROBE_FORWARDS * max(map(probe_tokens, lengths.values()))
