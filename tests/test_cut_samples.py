@@ -142,3 +142,45 @@ def test_dno_judge_score_mean_is_the_policys_and_the_teachers_is_apart():
     assert got["judge/teacher_score_mean"] == 5.0 and (got["judge/score_min"], got["judge/score_max"]) == (2.0, 4.0)
     no_teacher = stages.score_metrics([_group([2.0, 4.0], [None, None])], [{"scores": [2.0, 4.0]}])
     assert no_teacher["judge/teacher_score_mean"] is None and no_teacher["judge/score_mean"] == 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("library_console")
+def test_short_samples_through_the_loop_are_counted_and_cut_chosen_answers_dropped(tmp_path):
+    """Self-Rewarding with an oracle judge and answers capped at 4 tokens: the generate stage
+    counts the cut samples, the pairs stage drops exactly the pairs whose best sample is cut
+    and marks kept cut rejected answers, and training runs on them."""
+    from harness.config import parse
+    from harness.loop import run_experiment
+
+    doc = {"experiment": {"name": "cut", "seed": 0, "output_dir": str(tmp_path / "out")},
+           "model": {"base": "tiny", "device": "cpu", "cpu_threads": 1}, "lora": {"r": 4, "alpha": 8},
+           "data": {"train": "tiny:prompts_train"}, "generation": {"max_new_tokens": 4, "batch_size": 64},
+           "method": {"name": "self_rewarding", "iterations": 1,
+                      "self_rewarding": {"num_samples": 4, "prompts_per_iteration": 16, "temperature": 1.5, "top_p": 1.0}},
+           "judge": {"name": "oracle"},
+           "training": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 8, "max_length": 96, "warmup_ratio": 0.0},
+           "eval": {"indicators": {"num_prompts": 0}}}
+    run, _ = run_experiment(parse(doc))
+    it = run / "iter_001"
+    metrics = {st: store.read_json(it / st / "manifest.json")["outputs"]["metrics"]
+               for st in ("generate", "pairs", "train")}
+    samples = {r["id"]: r["samples"] for r in store.read_jsonl(it / "generate" / "samples.jsonl")}
+    n_cut = sum(s["finish"] == CUT for ss in samples.values() for s in ss)
+    assert metrics["generate"]["gen/n_cut"] == n_cut and 0 < n_cut < 64
+    judged = {r["id"]: r["scores"] for r in store.read_jsonl(it / "judge" / "judgments.jsonl")}
+    dropped, expect = 0, []
+    for pid in (q["id"] for q in store.read_jsonl(it / "generate" / "prompts.jsonl")):  # the pairs' order
+        ss = samples[pid]
+        scored = [(s, x) for s, x in zip(judged[pid], ss) if s is not None]
+        if len(scored) < 2 or max(s for s, _ in scored) == min(s for s, _ in scored):
+            continue
+        best = max(scored, key=lambda sx: sx[0])[1]
+        dropped += best["finish"] == CUT
+        if best["finish"] != CUT:
+            expect.append(pid)
+    pairs = store.read_jsonl(it / "pairs" / "pairs.jsonl")
+    assert [p["id"] for p in pairs] == expect and dropped > 0
+    assert metrics["pairs"]["pairs/cut_chosen_dropped"] == dropped
+    assert not any(p["chosen_cut"] for p in pairs) and metrics["pairs"]["pairs/rejected_cut"] > 0
+    assert metrics["train"]["train/n_pairs"] == len(pairs)

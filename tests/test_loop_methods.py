@@ -18,7 +18,8 @@ from harness import loop, stages, store
 from harness.config import parse
 from harness.data import Example
 from harness.methods import METHODS
-from harness.methods.base import Group, IterationContext
+from harness.generate import is_cut
+from harness.methods.base import Group, IterationContext, mark_cut
 from harness.loop import run_experiment
 from harness.sources import resolve_ref
 
@@ -107,7 +108,7 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
            if "learning_rate" in h}
     assert lrs == {1e-3}   # the constant SFT rate, not training.learning_rate = 5e-4
 
-    base_ids = []
+    base_ids, n_cut = [], 0
     for t in (1, 2):
         it = run / f"iter_{t:03d}"
         # self-instruction: its own finished stage, read by generation
@@ -120,6 +121,10 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
         base_ids.append({p["id"] for p in prompts[:12]})
         samples = {r["id"]: r for r in read(it / "generate" / "samples.jsonl")}
         assert all(len(samples[p["id"]]["samples"]) == 4 for p in prompts)
+        cut = {(p["id"], x["text"]): x["finish"] == "length" for p in prompts for x in samples[p["id"]]["samples"]}
+        gen = manifest(run, t, "generate")["metrics"]
+        assert gen["gen/n_cut"] == sum(x["finish"] == "length" for r in samples.values() for x in r["samples"])
+        assert gen["gen/cut_share"] == gen["gen/n_cut"] / (4 * len(prompts))
 
         # judging on the template's own scale (the tiny template: undeclared, so 1-5)
         judge = manifest(run, t, "judge")
@@ -134,20 +139,27 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
         assert all(1 <= s <= 5 for s, _ in answers if s is not None)
         assert all(1 <= s <= 5 for r in recs for s in r["scores"] if s is not None)
 
-        # pairs: (highest, lowest) average score, ties and prompts with < 2 scores dropped
+        # pairs: (highest, lowest) average score, ties and prompts with < 2 scores dropped, and
+        # (cut_chosen = "drop") those whose chosen sample hit max_new_tokens
         pairs = read(it / "pairs" / "pairs.jsonl")
         by_id = {r["id"]: r for r in recs}
-        expect = []
+        expect, chosen_cut = [], 0
         for p in prompts:
-            scored = [(s, x["text"]) for s, x in zip(by_id[p["id"]]["scores"], samples[p["id"]]["samples"])
-                      if s is not None]
-            if len(scored) >= 2 and max(scored)[0] > min(scored)[0]:
-                expect.append(p["id"])
+            scored = [(s, x) for s, x in zip(by_id[p["id"]]["scores"], samples[p["id"]]["samples"]) if s is not None]
+            if len(scored) >= 2 and max(s for s, _ in scored) > min(s for s, _ in scored):
+                best = max(scored, key=lambda sx: sx[0])[1]   # the first of equals, as build_pairs
+                chosen_cut += best["finish"] == "length"
+                if best["finish"] != "length":
+                    expect.append(p["id"])
         assert [p["id"] for p in pairs] == expect
-        assert manifest(run, t, "pairs")["metrics"]["pairs/n_pairs"] == len(pairs)
+        pm = manifest(run, t, "pairs")["metrics"]
+        assert pm["pairs/n_pairs"] == len(pairs) and pm["pairs/cut_chosen_dropped"] == chosen_cut
         for p in pairs:
             cands = dict(zip([x["text"] for x in samples[p["id"]]["samples"]], by_id[p["id"]]["scores"]))
             assert p["score_chosen"] > p["score_rejected"] and cands[p["chosen"]] == p["score_chosen"]
+            assert p["chosen_cut"] is False and p["rejected_cut"] is cut[p["id"], p["rejected"]]
+        assert pm["pairs/rejected_cut"] == sum(p["rejected_cut"] for p in pairs)
+        n_cut += gen["gen/n_cut"]
         train = manifest(run, t, "train")["metrics"]
         assert train["train/n_pairs"] == len(pairs) and train["train/n_replayed"] == 0
 
@@ -156,6 +168,7 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
         assert len(per_doc) == 8 and ev["alpaca_eval/n_instructions"] == 8  # eval.limit, alpaca_eval.limit
         assert ev["lm_eval/tiny_gen/exact_match"] == pytest.approx(sum(d["exact_match"] for d in per_doc) / 8)
     assert not base_ids[0] & base_ids[1]   # non-overlapping prompt parts
+    assert n_cut > 0   # generation.max_new_tokens = 16 cuts some of the tiny model's samples
     assert_trained_against_previous_iterate(run, 2, cfg=cfg)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["metrics"]["selected"] for r in rows] == [0, 0, 1]
@@ -206,12 +219,21 @@ def test_dno_through_the_loop(tmp_path):
                 assert raw or s == 1.0
             example = Example(p["id"], tuple(p["messages"]), p["response"])
             texts = [x["text"] for x in samples[p["id"]]["samples"]]
-            groups.append(Group(example, dno.candidates(ctx, example, texts), r["scores"]))
+            cands = mark_cut(dno.candidates(ctx, example, texts), [is_cut(x) for x in samples[p["id"]]["samples"]])
+            groups.append(Group(example, cands, r["scores"]))
         pairs = read(it / "pairs" / "pairs.jsonl")
         o = cfg.options
         # the stored pairs are the method's (hand-checked in test_methods) of the judged candidates
         expected, _ = dno.build_pairs(ctx, groups)
         assert pairs == json.loads(json.dumps(expected)) and pairs
+        assert not any(p["chosen_cut"] for p in pairs)   # cut_chosen = "drop"
+        # the judge's mean score is the policy samples'; the teacher's answers are reported apart
+        judged = [(c.source, s) for g in groups for c, s in zip(g.candidates, g.scores)
+                  if c.fixed_score is None and s is not None]
+        jm = manifest(run, t, "judge")["metrics"]
+        policy, teacher = ([s for src, s in judged if src == want] for want in ("policy", "teacher"))
+        assert jm["judge/score_mean"] == pytest.approx(sum(policy) / len(policy))
+        assert jm["judge/teacher_score_mean"] == pytest.approx(sum(teacher) / len(teacher))
         for p in pairs:
             need = o.margin if p["chosen_source"] == "teacher" else o.student_margin
             assert p["score_chosen"] >= 4.0 and p["score_chosen"] - p["score_rejected"] >= need
