@@ -224,6 +224,59 @@ def test_generation_metric_is_not_trivial(tmp_path, datasets_cache):
     assert got["lm_eval/t_gen/exact_match"] == 0.5   # docs 0, 2, 4 of the first 6
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("library_console")
+def test_a_harness_run_at_a_tasks_own_shots_equals_the_command_line(tmp_path, datasets_cache):
+    """Through a run (SPIN on the tiny world, one iteration): a tiny-world task whose YAML sets
+    ``num_fewshot: 2``, with no few-shot setting in the experiment, gives at iteration 0 (the
+    tiny model) exactly the number of the ``lm_eval`` command line with the same chat-template
+    flag and no --num_fewshot, the same answers, and the row's protocol says 2 shots."""
+    from harness.config import parse
+    from harness.loop import run_experiment
+    from harness.sources import resolve_ref
+    from harness.tiny.data import lm_eval_yamls
+
+    model_dir = resolve_ref("tiny")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    text = lm_eval_yamls(Path(resolve_ref("tiny:eval")))["tiny_gen"].replace("task: tiny_gen\n", "task: own_gen\n")
+    (tasks / "own_gen.yaml").write_text(text + "num_fewshot: 2\n")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(line + "\n" for line in Path(resolve_ref("tiny:sft_train")).read_text().splitlines()[:16]))
+    doc = {"experiment": {"name": "own", "seed": 0, "output_dir": str(tmp_path / "out")},
+           "model": {"base": "tiny", "device": "cpu", "cpu_threads": 1}, "lora": {"r": 4, "alpha": 8},
+           "method": {"name": "spin", "iterations": 1, "spin": {"temperature": 0.0}}, "data": {"train": str(sft)},
+           "generation": {"max_new_tokens": 8, "batch_size": 16},
+           "training": {"learning_rate": 5e-4, "batch_size": 8, "max_length": 96, "warmup_ratio": 0.0},
+           "eval": {"lm_eval_tasks": [str(tasks)], "limit": LIMIT, "batch_size": BATCH, "indicators": {"num_prompts": 0}}}
+    cli_out = tmp_path / "cli"
+    env = {**os.environ, **OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home"),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cli"), "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
+           "--model_args", f"pretrained={model_dir},dtype=float32", "--tasks", "own_gen", "--include_path", str(tasks),
+           "--device", "cpu", "--batch_size", str(BATCH), "--limit", str(LIMIT), "--apply_chat_template",
+           "--output_path", str(cli_out), "--log_samples"]
+    with open(tmp_path / "cli.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            run_dir, rows = run_experiment(parse(doc, "own.toml"))
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rc == 0, (tmp_path / "cli.log").read_text()[-3000:]
+    (cli_json,) = cli_out.glob("*/results_*.json")
+    cli = json.loads(cli_json.read_text())
+    row = rows[0]
+    assert row["iteration"] == 0
+    assert row["protocol"]["lm_eval"]["own_gen"]["num_fewshot"] == cli["n-shot"]["own_gen"] == 2
+    assert row["metrics"]["lm_eval/own_gen/exact_match"] == cli["results"]["own_gen"]["exact_match,none"]
+    ours = _our_samples(run_dir / "iter_000" / "evaluate" / "lm_eval", "own_gen")
+    assert _plain(ours, "filtered_resps") == _plain(_cli_samples(cli_json.parent, "own_gen"), "filtered_resps")
+    # two examples, then the question, each a user turn (few-shot as multi-turn, as the command line)
+    assert [s["arguments"][0][0].count("<|user|>") for s in ours] == [3] * LIMIT
+
+
 def test_a_table_sets_the_shots_of_the_tasks_and_groups_it_names(tiny, tmp_path, datasets_cache):
     """num_fewshot = {t_b = 2}: t_b runs 2-shot, t_a at its YAML's own 3; a group's name sets
     each of its tasks (a task's own entry wins); a name that is not evaluated is an error

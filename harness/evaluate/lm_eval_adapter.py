@@ -110,10 +110,17 @@ def task_metrics(specs: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
     return out
 
 
-@lru_cache(maxsize=4)
 def _index_manager(include: tuple[str, ...], builtin: bool):
     """A TaskManager that is only read (names and YAML paths), shared by the checks of one
-    process: indexing lm-eval's built-in tasks takes ~15 s."""
+    process while the included directories are unchanged (a file added or removed anywhere
+    in them indexes again): indexing lm-eval's built-in tasks takes ~15 s."""
+    stamp = tuple((str(d), d.stat().st_mtime_ns) for p in include
+                  for d in (Path(p), *Path(p).rglob("*")) if d.is_dir())
+    return _cached_manager(include, builtin, stamp)
+
+
+@lru_cache(maxsize=4)
+def _cached_manager(include: tuple[str, ...], builtin: bool, stamp: tuple):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(include) or None, include_defaults=builtin)
