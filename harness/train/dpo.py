@@ -120,7 +120,8 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
     rows = sorted(pos)
     lengths = row_lengths(data)
     work = stage_work(lengths, settings.epochs, precompute, cfg.training.gradient_checkpointing)
-    # the checks' forwards: the start and the reference (merge chain: and the merged model)
+    # the checks' forwards: the start and the reference on the check pairs (merge chain: and the
+    # merged model, which runs on the sample's first pairs but is counted at the check pairs' size)
     checks = sum(probe_tokens(lengths[pos[i]]) for i in check if i in pos) * (3 if cfg.chain == "merge" else 2)
     picked = probe_sample([lengths[pos[i]] for i in rows], work, cfg.training.probe_share,
                           key=f"probe/{cfg.experiment.seed}/{iteration}", spent=checks)
