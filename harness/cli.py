@@ -249,8 +249,9 @@ def _table(args) -> int:
 
     if args.compare:
         return _compare(args)
-    if args.iteration is not None:
-        console.error("harness table: --iteration goes with --compare A B")
+    if args.iteration is not None or args.allow_protocol_mismatch:
+        console.error(f"harness table: {'--iteration' if args.iteration is not None else '--allow-protocol-mismatch'} "
+                      "goes with --compare A B")
         return 2
     bad = [f for f in args.filter if "=" not in f]
     if bad:
@@ -282,10 +283,11 @@ def _compare(args) -> int:
 
     if args.dirs != ["results"] or args.out or args.filter or args.sort or args.plots or args.per_seed \
             or args.format != "text":
-        console.error("harness table: --compare A B takes only --iteration N")
+        console.error("harness table: --compare A B takes only --iteration N and --allow-protocol-mismatch")
         return 2
     try:
-        text = compare_text(Path(args.compare[0]), Path(args.compare[1]), args.iteration)
+        text = compare_text(Path(args.compare[0]), Path(args.compare[1]), args.iteration,
+                            allow_protocol_mismatch=args.allow_protocol_mismatch)
     except CompareError as e:
         console.error(f"harness table --compare: {e}")
         return 1
@@ -365,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                         "B - A, its standard error, 95%% interval and n")
     t.add_argument("--iteration", type=int, metavar="N",
                    help="with --compare: compare at iteration N (default: the last both evaluated)")
+    t.add_argument("--allow-protocol-mismatch", action="store_true",
+                   help="with --compare: pair the items even where the runs' protocols differ (another judge, "
+                        "reference set, answer cap or lm-eval settings); the output says which differ")
     t.set_defaults(fn=_table)
 
     i = add("import-alpaca-eval", help="add a published AlpacaEval system to the leaderboard")

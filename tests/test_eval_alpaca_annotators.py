@@ -193,6 +193,10 @@ def test_run_with_an_annotator_writes_protocol_and_resumes(tiny, endpoint, tmp_p
     assert (proto["n"], proto["n_instructions"], proto["coverage"]) == (m["alpaca_eval/n_total"], 8,
                                                                       m["alpaca_eval/coverage"])
     assert proto["cost"]["calls"] == len(server.requests) == 8 and proto["cost"]["prompt_tokens"] > 800
+    # a local server serving the name gpt-4-1106-preview: its endpoint is recorded, and it is not charged
+    # at GPT-4 Turbo's price (no price at all)
+    assert proto["endpoint"] == {"base_url": server.url, "model": "gpt-4-1106-preview"}
+    assert proto["cost"]["price_usd"] is None and proto["max_new_tokens"] == 6
     assert proto["length_controlled"]["status"] == "unavailable" and "805" in proto["length_controlled"]["reason"]
     ann = json.loads((out / "annotations.json").read_text())
     assert [a["id"] for a in ann] == [r["id"] for r in load_instructions(ins)]
@@ -393,3 +397,22 @@ def test_length_controlled_win_rate_from_a_cached_df_gamed_only(tmp_path, monkey
     data = notes["length_controlled_data"]
     snap = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / rev / "df_gamed.csv"
     assert data["revision"] == rev and data["sha256"] == hashlib.sha256(snap.read_bytes()).hexdigest()
+
+
+def test_only_openais_own_api_is_priced(monkeypatch):
+    """alpaca_eval prices a completion by the config's model name; the harness passes that price
+    on only for OpenAI's API: a local or unknown endpoint under the same name gets none (NaN)."""
+    from harness.annotator_configs import OPENAI_API, official_endpoint
+    from harness.evaluate.annotators import EndpointCompletions
+
+    monkeypatch.setenv(KEY_ENV, "sekrit")
+    assert official_endpoint(OPENAI_API + "/") and not official_endpoint("http://127.0.0.1:8000/v1")
+    assert not official_endpoint("https://api.openai.com.example/v1") and not official_endpoint(None)
+    prices = {}
+    for url in (OPENAI_API, "http://127.0.0.1:8000/v1", "https://judge.example.org/v1"):
+        fn = EndpointCompletions(Endpoint(url, "gpt-4-1106-preview", api_key_env=KEY_ENV))
+        fn.client.request = lambda body, path: (json.dumps(answer(body)), "")
+        got = fn(["<|im_start|>user\nWhich is better?\n<|im_end|>"], model_name="gpt-4-1106-preview")
+        prices[url] = got["price_per_example"][0]
+    assert prices[OPENAI_API] > 0
+    assert math.isnan(prices["http://127.0.0.1:8000/v1"]) and math.isnan(prices["https://judge.example.org/v1"])

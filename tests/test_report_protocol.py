@@ -311,3 +311,172 @@ def test_comparison_plot_has_a_panel_per_protocol(mixed, monkeypatch):
     plots.render_plots(load_rows([mixed]))
     wins = [t.split("\n")[0].split(" (± s.e.)")[0] for t in seen["titles"] if t.startswith("AlpacaEval win rate")]
     assert wins == ["AlpacaEval win rate (%) [P1]", "AlpacaEval win rate (%) [P2]"]
+
+
+# ---------------------------------------------------------------- the endpoint, the items, the answer cap
+
+LOCAL_URL = "http://127.0.0.1:8000/v1"
+
+
+def _ae2_run_protocol(base_url: str, cap: int = 2048) -> dict:
+    """An AlpacaEval 2.0 evaluation's record as protocol_record writes it for an annotator
+    endpoint serving the model name gpt-4-1106-preview at ``base_url``."""
+    return {**_published_protocol(), "endpoint_kind": "openai:chat/completions", "base_url": base_url,
+            "endpoint": {"base_url": base_url, "model": "gpt-4-1106-preview"}, "max_new_tokens": cap}
+
+
+def test_a_local_server_under_a_gpt4_name_is_not_gpt4(tmp_path):
+    local = _ae2_run_protocol(LOCAL_URL)
+    assert identity(local) != identity(_published_protocol())
+    (name,) = labels([local]).values()
+    assert name == f"weighted_alpaca_eval_gpt4_turbo judged by gpt-4-1106-preview at {LOCAL_URL} (vs gpt4_1106_preview)"
+    assert "AlpacaEval 2.0" not in name
+    assert difference(_published_protocol(), local) == (
+        f"judge endpoint differs: gpt-4-1106-preview at https://api.openai.com/v1 vs gpt-4-1106-preview at {LOCAL_URL}")
+    # at OpenAI's own API, uncut: the published systems' protocol
+    official = _ae2_run_protocol("https://api.openai.com/v1/")
+    assert identity(official) == identity(_published_protocol()) and labels([official]) == labels(
+        [_published_protocol()])
+    # the same judge on answers cut at 256 tokens is another protocol, and says so
+    cut = _ae2_run_protocol("https://api.openai.com/v1", cap=256)
+    assert list(labels([cut]).values()) == [AE2_LABEL + ", answers capped at 256 tokens"]
+    assert difference(official, cut) == "answer cap (max_new_tokens) differs: none vs 256"
+    # on the board: the local run gets its own column, the published systems keep theirs
+    _write(tmp_path / "gemma-7b-it", [_published("gemma-7b-it", 6.93)])
+    _write(tmp_path / "local", _tiny_run(protocol=local, exp="local"))
+    df = build_table(load_rows([tmp_path]))
+    assert _win_columns(df) == [f"{WR} [P1]", f"{WR} [P2]"]
+    assert df.set_index("experiment")["protocol"].to_dict() == {"local": name, "gemma-7b-it": AE2_LABEL}
+
+
+def test_a_subset_of_the_instructions_ranks_with_the_whole_set(tmp_path):
+    """A published system with 803 of the 805 instructions annotated (as phi-2 on the published
+    leaderboard) ranks in the same column as the 805-instruction systems; n says how many."""
+    require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
+    from harness.report.published import import_published
+
+    ann = json.loads((AE_DATA / "alpaca-7b.weighted_alpaca_eval_gpt4_turbo.annotations.json").read_text())
+    outs = json.loads((AE_DATA / "alpaca-7b.model_outputs.json").read_text())
+    part_ann, part_outs = tmp_path / "part.annotations.json", tmp_path / "part.model_outputs.json"
+    part_ann.write_text(json.dumps(ann[:401] + ann[403:]))
+    part_outs.write_text(json.dumps(outs[:401] + outs[403:]))
+    board = tmp_path / "board"
+    import_published(board, "alpaca-7b-803", part_outs, part_ann)
+    import_published(board, "gemma-7b-it", AE_DATA / "gemma-7b-it.model_outputs.json",
+                     AE_DATA / "gemma-7b-it.weighted_alpaca_eval_gpt4_turbo.annotations.json")
+    df = build_table(load_rows([board]), sort_by="win_rate")
+    assert _win_columns(df) == [WR] and df.protocol.tolist() == [AE2_LABEL] * 2
+    assert df.set_index("experiment")[N].to_dict() == {"gemma-7b-it": 805, "alpaca-7b-803": 803}
+
+
+# ---------------------------------------------------------------- lm-eval protocols
+
+ACC = "lm_eval/tiny_mc/acc"
+
+
+def _lm(shots: int, chat: bool = True) -> dict:
+    return {"num_fewshot": shots, "apply_chat_template": chat, "fewshot_as_multiturn": chat,
+            "system_instruction": "", "lm_eval_version": "0.4.9", "task_version": 1.0}
+
+
+def _lm_row(exp: str, acc: float, lm: dict | None, it: int = 0, ae: dict | None = None) -> dict:
+    metrics = {ACC: acc, EM: 0.5}
+    protocol = {"lm_eval": {"tiny_mc": lm, "tiny_gen": _lm(0)}} if lm is not None else {}
+    if ae is not None:
+        metrics.update({WR: 40.0 + it, N: 4, COV: 1.0})
+        protocol["alpaca_eval"] = ae
+    return {"experiment": exp, "method": "spin", "iteration": it, "model": "m", "metrics": metrics,
+            "protocol": protocol, "provenance": {"seed": 0}}
+
+
+FIVE = "5-shot, chat template, few-shot as multi-turn, no system prompt, lm-eval 0.4.9, task version 1.0"
+ZERO = "0-shot, no chat template, no system prompt, lm-eval 0.4.9, task version 1.0"
+ZERO_CHAT = "0-shot, chat template, few-shot as multi-turn, no system prompt, lm-eval 0.4.9, task version 1.0"
+
+
+def test_lm_eval_columns_split_by_task_protocol(tmp_path):
+    _write(tmp_path / "five", [_lm_row("five", 0.9, _lm(5))])
+    _write(tmp_path / "zero", [_lm_row("zero", 0.4, _lm(0, chat=False))])
+    _write(tmp_path / "old", [_lm_row("old", 0.7, None)])
+    rows = load_rows([tmp_path])
+    df = build_table(rows)
+    col = "protocol lm_eval/tiny_mc"
+    assert df.set_index("experiment")[col].to_dict() == {"five": FIVE, "zero": ZERO, "old": UNKNOWN}
+    # tags over the tasks alphabetically: tiny_gen (its recorded protocol, and "unknown" for the row
+    # without a record) P1-P2, then tiny_mc's three P3-P5 (labels alphabetical: 0-shot, 5-shot, unknown)
+    assert EM not in df.columns and f"{EM} [P1]" in df.columns and f"{EM} [P2]" in df.columns
+    accs = [c for c in df.columns if c.startswith(ACC) and not c.endswith(" ±")]
+    assert accs == [f"{ACC} [P3]", f"{ACC} [P4]", f"{ACC} [P5]"]
+    got = {c: df.set_index("experiment")[c].dropna().to_dict() for c in accs}
+    assert got == {f"{ACC} [P3]": {"zero": 0.4}, f"{ACC} [P4]": {"five": 0.9}, f"{ACC} [P5]": {"old": 0.7}}
+    # sorting by the unsplit name puts one protocol after another, never ranking them together
+    assert build_table(rows, sort_by="acc").experiment.tolist() == ["zero", "five", "old"]
+    md = to_markdown(df)
+    assert (f"lm-eval protocols (scores of different protocols are never ranked together; each has its own "
+            f"columns): [P1] tiny_gen: {ZERO_CHAT}; [P2] tiny_gen: {UNKNOWN}; [P3] tiny_mc: {ZERO}; "
+            f"[P4] tiny_mc: {FIVE}; [P5] tiny_mc: {UNKNOWN}.") in md
+    to_csv(df, tmp_path / "t.csv")
+    assert read_csv(tmp_path / "t.csv")[col].tolist() == df[col].tolist()
+    # one protocol per task: nothing split, a note names each task's
+    one = build_table(rows, filters={"experiment": "five"})
+    assert ACC in one.columns and EM in one.columns
+    md = to_markdown(one)
+    assert md.endswith(f"\n\nlm-eval protocols: tiny_gen: {ZERO_CHAT}; tiny_mc: {FIVE}.")
+    assert "protocol" not in md.splitlines()[0]
+
+
+def test_lm_eval_and_alpaca_eval_protocols_are_split_by_one_mechanism(tmp_path):
+    _write(tmp_path / "a", [_lm_row("a", 0.9, _lm(5), ae=_rubric_protocol())])
+    _write(tmp_path / "b", [_lm_row("b", 0.4, _lm(0), ae=_published_protocol())])
+    df = build_table(load_rows([tmp_path]))
+    # AlpacaEval's tags first (P1, P2), then tiny_mc's (P3 = 0-shot, P4 = 5-shot)
+    assert f"{WR} [P1]" in df.columns and f"{WR} [P2]" in df.columns and f"{ACC} [P3]" in df.columns
+    assert EM in df.columns  # tiny_gen: one protocol in both rows
+    text, _ = to_terminal(df, 200)
+    assert "[P3] tiny_mc: 0-shot" in " ".join(text.split()) and "[P1] " + AE2_LABEL in " ".join(text.split())
+
+
+# ---------------------------------------------------------------- harness table --compare across protocols
+
+def _evaluated_run(run: Path, ae: dict | None, lm: dict | None = None, in_results: bool = True) -> Path:
+    d = run / "iter_000" / "evaluate"
+    d.mkdir(parents=True)
+    (d / "items.jsonl").write_text("".join(json.dumps({"metric": m, "item": f"i{k}", "value": float(k % 2)}) + "\n"
+                                           for m in (WR, "lm_eval/tiny_mc/acc,none") for k in range(4)))
+    protocol = {k: v for k, v in (("alpaca_eval", ae), ("lm_eval", lm)) if v is not None}
+    if in_results:
+        _write(run, [{"experiment": run.name, "method": "spin", "iteration": 0, "metrics": {WR: 50.0},
+                      "protocol": protocol, "provenance": {}}])
+    else:  # a run whose results row is not written yet: the evaluate stage's files say it
+        for name, rec in protocol.items():
+            (d / name).mkdir()
+            (d / name / "metrics.json").write_text(json.dumps({"metrics": {}, "protocol": rec}))
+    return run
+
+
+def test_compare_refuses_to_pair_two_protocols(tmp_path, capfd):
+    from harness.cli import main
+
+    a = _evaluated_run(tmp_path / "a", _published_protocol())
+    b = _evaluated_run(tmp_path / "b", {**_rubric_protocol(), "reference": _published_protocol()["reference"]})
+    same = _evaluated_run(tmp_path / "same", _published_protocol())
+    assert main(["table", "--compare", str(a), str(same)]) == 0
+    assert "Protocols differ" not in capfd.readouterr().out
+    assert main(["table", "--compare", str(a), str(b)]) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "alpaca_eval: annotator differs: weighted_alpaca_eval_gpt4_turbo vs " \
+                                     "harness_rubric" in err and "--allow-protocol-mismatch" in err
+    assert main(["table", "--compare", str(a), str(b), "--allow-protocol-mismatch"]) == 0
+    out = capfd.readouterr().out
+    assert "B - A at iteration 0" in out and "Protocols differ (paired anyway, --allow-protocol-mismatch): " \
+                                             "alpaca_eval: annotator differs" in out
+    # the judge model, read from the evaluate stage's files; lm-eval's settings per task
+    c = _evaluated_run(tmp_path / "c", {**_rubric_protocol(), "judge_model": "gpt-4-1106-preview"}, in_results=False)
+    d = _evaluated_run(tmp_path / "d", _rubric_protocol(), in_results=False)
+    assert main(["table", "--compare", str(c), str(d)]) == 1
+    assert "alpaca_eval: judge model differs: gpt-4-1106-preview vs oracle" in capfd.readouterr().err
+    e = _evaluated_run(tmp_path / "e", _published_protocol(), {"tiny_mc": _lm(5)})
+    f = _evaluated_run(tmp_path / "f", _published_protocol(), {"tiny_mc": _lm(0)})
+    assert main(["table", "--compare", str(e), str(f)]) == 1
+    assert "lm_eval/tiny_mc: num_fewshot differs: 5 vs 0" in capfd.readouterr().err
+    assert main(["table", "--allow-protocol-mismatch"]) == 2  # only with --compare

@@ -196,7 +196,8 @@ def label(rec: dict | None, detail: int = 0, scope: str = AE_SCOPE) -> str:
     ep = endpoint(rec)
     official = ep is None or official_endpoint(ep["base_url"])
     if ref.get("reference") == "iteration0":
-        text = f"head-to-head vs {gens if detail else 'iteration 0'} ({_judge(rec, judge) if ann == RUBRIC or not official else ann})"
+        who = _judge(rec, judge) if ann == RUBRIC or not official else ann
+        text = f"head-to-head vs {gens if detail else 'iteration 0'} ({who})"
     elif ann == RUBRIC:
         text = f"harness rubric: {_judge(rec, judge)} vs {gens}"
     elif not official:  # never "AlpacaEval 2.0": a local server under a GPT-4 name is not GPT-4
