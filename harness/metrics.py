@@ -109,6 +109,9 @@ CATALOGUE: tuple[Metric, ...] = (
     M("indicators/mean_length", "mean length (tokens)", producer=INDICATORS, views=ALL_PANELS),
     M("indicators/topk_entropy", "top-k entropy", producer=INDICATORS, views=ALL_PANELS),
     M("indicators/topk_mass", "top-k mass", producer=INDICATORS, views=ALL_PANELS),
+    M("indicators/n_cut", "indicator answers cut at max_new_tokens", format="count", producer=INDICATORS),
+    M("indicators/cut_share", "share of indicator answers cut at max_new_tokens", format="percent",
+      producer=INDICATORS),
     M("indicators/**", "{words}", producer=INDICATORS, views=ALL_PANELS),
     # pairs: the method's preference pairs
     M("pairs/n_pairs", "pairs", format="count", producer=PAIRS, views=TABLE, lines={"pairs": "{} pairs"}),
@@ -182,6 +185,10 @@ CATALOGUE: tuple[Metric, ...] = (
     M("validation/judge/n_prompts", "validation prompts", format="count", producer=VALIDATION_JUDGE),
     M("validation/judge/n_scored", "validation prompts scored", format="count", producer=VALIDATION_JUDGE),
     M("validation/judge/coverage", "validation prompts scored", format="percent", producer=VALIDATION_JUDGE),
+    M("validation/judge/n_cut", "validation answers cut at generation.max_new_tokens", format="count",
+      producer=VALIDATION_JUDGE),
+    M("validation/judge/cut_share", "share of validation answers cut at generation.max_new_tokens",
+      format="percent", producer=VALIDATION_JUDGE),
     # the row: wall time, which iterate was selected, what it cost (harness.cost)
     M("wall_time_s", "wall time (s)", higher_is_better=False, producer=LOOP, views=TABLE),
     M("selected", "selected iterate", format="count", producer=LOOP),

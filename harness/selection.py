@@ -22,7 +22,7 @@ from harness.config import Config, JudgeSection, ValidationSection
 from harness.data import Example, read_records, to_examples, with_system
 from harness.evaluate import run_alpaca_eval, run_lm_eval
 from harness.evaluate.lm_eval_adapter import task_metrics
-from harness.generate import Prompt, Sampling, generate
+from harness.generate import Prompt, Sampling, cut_metrics, generate
 from harness.judges import require_coverage
 from harness.judging import judge_groups
 from harness.methods.base import Candidate, Group
@@ -72,7 +72,8 @@ def judged_prompts(model, tokenizer, cfg: Config, judge, out_dir: Path, seed_key
     scores = [s for rec in judged.records for s in rec["scores"] if s is not None and math.isfinite(s)]
     require_coverage(len(scores), len(prompts), v.min_coverage, "validation judging")
     return {f"{PREFIX}judge/score_mean": math.fsum(scores) / len(scores), f"{PREFIX}judge/n_prompts": len(prompts),
-            f"{PREFIX}judge/n_scored": len(scores), f"{PREFIX}judge/coverage": len(scores) / len(prompts)}
+            f"{PREFIX}judge/n_scored": len(scores), f"{PREFIX}judge/coverage": len(scores) / len(prompts),
+            **cut_metrics(gens, f"{PREFIX}judge")}
 
 
 def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,

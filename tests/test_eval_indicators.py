@@ -49,11 +49,12 @@ def test_thresholds_warn_only_when_enabled_and_crossed():
 
 
 def test_metrics_average_per_answer():
-    samples = [{"text": "x y", "n_tokens": 4, "topk_entropy": 1.0, "topk_mass": 0.5},
-               {"text": "x", "n_tokens": 2, "topk_entropy": 2.0, "topk_mass": 0.7}]
+    samples = [{"text": "x y", "n_tokens": 4, "topk_entropy": 1.0, "topk_mass": 0.5, "finish": "length"},
+               {"text": "x", "n_tokens": 2, "topk_entropy": 2.0, "topk_mass": 0.7, "finish": "eos"}]
     m = indicator_metrics(samples)
     assert m["indicators/topk_entropy"] == 1.5 and m["indicators/topk_mass"] == pytest.approx(0.6)
     assert m["indicators/mean_length"] == 3 and m["indicators/distinct_1"] == 2 / 3
+    assert (m["indicators/n_cut"], m["indicators/cut_share"]) == (1, 0.5)  # the first hit max_new_tokens
 
 
 def test_run_indicators_on_the_tiny_model(tiny, tmp_path):
@@ -72,6 +73,7 @@ def test_run_indicators_on_the_tiny_model(tiny, tmp_path):
     assert m["indicators/topk_mass"] == pytest.approx(sum(r["topk_mass"] for r in recs) / 4)
     assert m["indicators/mean_length"] == sum(r["n_tokens"] for r in recs) / 4
     assert m["indicators/distinct_1"] == distinct_n([r["text"] for r in recs], 1)
+    assert m["indicators/n_cut"] == sum(r["n_tokens"] == 6 and r["finish"] == "length" for r in recs)
     assert saved["metrics"] == m and len(saved["warnings"]) == 1  # entropy_min=100 always warns
     # seeded per prompt: another batch size gives the same samples; the logits (and so the
     # top-k statistics) differ only by float rounding of different batch shapes

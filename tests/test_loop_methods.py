@@ -250,6 +250,9 @@ def test_dno_through_the_loop(tmp_path):
     # the final model is the best one on it, and final.json reports its test numbers
     vals = [r["metrics"]["validation/judge/score_mean"] for r in rows]
     assert all(1 <= v <= 5 for v in vals) and all(r["metrics"]["validation/judge/n_prompts"] == 32 for r in rows)
+    for t, r in enumerate(rows):  # validation answers that hit generation.max_new_tokens are counted
+        gens = read(run / f"iter_{t:03d}" / "validation" / "judge" / "generations.jsonl")
+        assert r["metrics"]["validation/judge/n_cut"] == sum(x["finish"] == "length" for g in gens for x in g["samples"])
     assert len(set(vals)) > 1, vals   # the choice is not trivial
     best = max(range(len(rows)), key=lambda i: (vals[i], -i))
     final = json.loads((run / "final.json").read_text())

@@ -11,7 +11,9 @@ Measured on one sampled answer per held-out prompt:
   pooled across all answers, on *whitespace* tokens (model-independent, so
   iterations and models compare); n-grams do not cross answer boundaries;
 - ``indicators/mean_length``: mean answer length in model tokens (the eos
-  token counts when generated).
+  token counts when generated);
+- ``indicators/n_cut`` / ``cut_share``: answers that hit ``max_new_tokens`` (their
+  length is the cap's, not the answer's).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from harness.config import IndicatorSection
-from harness.generate import Prompt, Sampling, generate
+from harness.generate import Prompt, Sampling, cut_metrics, generate
 from harness.store import JsonlLog, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ def indicator_metrics(samples: Sequence[dict]) -> dict[str, float | None]:
         "indicators/distinct_1": distinct_n(texts, 1),
         "indicators/distinct_2": distinct_n(texts, 2),
         "indicators/mean_length": _mean([s["n_tokens"] for s in samples]),
+        **cut_metrics([{"samples": samples}], "indicators"),
     }
 
 
