@@ -109,7 +109,21 @@ def load_base(cfg, base: str | None = None):
     tok = load_tokenizer(base, m.revision, m.chat_template, m.trust_remote_code)
     model = load_model(base, revision=m.revision, dtype=m.dtype, quantization=m.quantization,
                        device=m.device, trust_remote_code=m.trust_remote_code)
+    if m.quantization != "none":
+        prepare_quantized(model, cfg.training.gradient_checkpointing)
     return model, tok
+
+
+def prepare_quantized(model, gradient_checkpointing: bool):
+    """peft's k-bit preparation of a quantized base (its other floating weights -- embeddings,
+    norms, head -- in float32, every base weight frozen, gradient checkpointing as configured),
+    applied at every quantized load: iteration 0 is evaluated with the numerics that later
+    iterations' bases and training have, not with the checkpoint's dtype."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model.eval()
+    return model
 
 
 def offline_env() -> None:
@@ -133,12 +147,7 @@ def load_policy(cfg, adapters: list[Path], tokenizer=None, base: str | None = No
     if cfg.chain == "merge":
         for path in adapters:
             model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    elif adapters:
-        if cfg.model.quantization != "none":
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+    elif adapters:  # a quantized base comes prepared (load_base)
         model = PeftModel.from_pretrained(model, str(adapters[-1]), is_trainable=True)
     model.eval()
     return model, tokenizer or tok

@@ -89,10 +89,39 @@ def trainer_args(cls, cfg, out_dir: Path, iteration: int, settings: StepSettings
 def make_trainer(cls, settings: StepSettings, lora_dropout: float, **kwargs):
     """A trl trainer of class ``cls`` that uses the harness's learning-rate schedule and
     drops out only on the trained adapter."""
+    kept = _float32_trainables(kwargs.get("model"))
     trainer = type(cls.__name__, (_Schedule, cls), {})(**kwargs)
     trainer.schedule = (settings.lr_scheduler, settings.warmup_ratio)
+    float32_adapter(trainer.model, kept)
     only_adapter_dropout(trainer.model, lora_dropout)
     return trainer
+
+
+def _float32_trainables(model) -> dict[str, torch.Tensor]:
+    """Copies of the float32 trainable parameters of a quantized ``model`` (its adapter: small;
+    its base weights are frozen), by name; {} for any other model (trl casts nothing there)."""
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return {}
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.dtype == torch.float32}
+
+
+def float32_adapter(model, kept: dict[str, torch.Tensor]) -> None:
+    """Every trainable parameter of ``model`` in float32 again after trl built its trainer.
+
+    trl (1.16) casts a quantized model's trainable parameters to bfloat16 in its trainers'
+    ``__init__``. At DPO learning rates an Adam step (~lr) is below half of bfloat16's spacing
+    at typical lora_A values (6.1e-5 near 0.013), so lora_A would never move, and a continued
+    adapter would lose what earlier iterations taught it below that spacing. The cast is
+    undone after construction, not prevented: trl keys it on the model's
+    ``is_loaded_in_4bit`` / ``8bit``, which transformers' Trainer reads too, and the optimizer
+    is built only in ``train()``, so it sees float32 parameters. A parameter that was float32
+    before (``kept``) gets back its exact values, not the bfloat16 rounding; others are cast.
+    On a model whose trainable parameters are float32 already this changes nothing."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            before = kept.get(name)
+            param.data = before.to(param.device) if before is not None else param.data.float()
 
 
 def only_adapter_dropout(model, p: float, adapter: str = "default") -> None:
@@ -110,15 +139,13 @@ def prepare_policy(model, cfg, iteration: int):
     """Arguments for trl: (model, peft_config) for the chain in use. A first adapter created
     here (continue chain) is initialised under the seed trl uses for the stage
     (experiment.seed + iteration), as trl's own adapter of the merge chain is."""
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
     if isinstance(model, PeftModel):      # continue chain with an existing adapter
         return model, None
-    if cfg.chain == "continue":           # continue chain, first adapter
-        if cfg.model.quantization != "none":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
-        set_seed(cfg.experiment.seed + iteration)
+    if cfg.chain == "continue":           # continue chain, first adapter (on a quantized base
+        set_seed(cfg.experiment.seed + iteration)  # prepared at load: harness.models.load_base)
         return get_peft_model(model, lora_config(cfg.lora)), None
     return model, lora_config(cfg.lora)   # merge chain: trl adds a fresh adapter
 
