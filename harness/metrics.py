@@ -97,7 +97,7 @@ CATALOGUE: tuple[Metric, ...] = (
     M(COVERAGE, "instructions with a valid judgment", header="judged", short="judged", format="percent",
       higher_is_better=True, producer=ALPACA_EVAL, views=TABLE),
     M("alpaca_eval/n_cut", "answers cut at eval.alpaca_eval.max_new_tokens", header="cut", short="cut",
-      format="count", producer=ALPACA_EVAL, views=TABLE),
+      format="count", higher_is_better=False, producer=ALPACA_EVAL, views=TABLE),
     M("alpaca_eval/n_wins", "wins", format="count", producer=ALPACA_EVAL),
     M("alpaca_eval/n_draws", "draws", format="count", producer=ALPACA_EVAL),
     M("alpaca_eval/discrete_win_rate", "discrete win rate (%)", digits=1, higher_is_better=True, producer=ALPACA_EVAL),

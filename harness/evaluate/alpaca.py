@@ -12,6 +12,10 @@ Two annotation protocols (``eval.alpaca_eval.annotator``):
   (``annotate``; the tiny world's oracle, the default for other instruction files).
 Each evaluation's ``metrics.json`` holds a ``protocol`` record (``protocol_record``).
 
+Answers are greedy, capped at ``eval.alpaca_eval.max_new_tokens`` (default 2048, as
+alpaca_eval's model configs; never ``generation.max_new_tokens``); ``alpaca_eval/n_cut``
+counts the answers that reached the cap, and the cap is in the protocol record.
+
 Conventions are AlpacaEval's: output_1 is the reference, output_2 the model,
 ``preference`` is in [1, 2] with 2 = the model wins and 1.5 = a draw. Every
 statistic (win rate, standard error, wins, draws, discrete win rate, and the
