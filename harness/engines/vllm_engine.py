@@ -11,8 +11,9 @@ environment cannot share.
   hash>``, and vLLM serves that directory. Serving merged weights instead of a LoRA adapter
   is several times faster on CPU;
 - prompts are rendered and tokenized by the harness (``render``) and sent as token ids; the
-  harness decodes the answers, so text, ``n_tokens``, ``finish`` and the top-k indicators
-  are computed as in ``harness.generate``;
+  harness decodes the answers, so text, ``n_tokens`` and the top-k indicators are computed
+  as in ``harness.generate``, and ``finish`` ("length": cut at the cap) is vLLM's own
+  finish reason;
 - the experiment's sampling settings alone decide decoding (vLLM's ``generation_config``
   is set to "vllm", every other logits option off), eos = the ids ``harness.generate``
   stops at;
