@@ -193,11 +193,21 @@ class SeededSampler(LogitsProcessor):
 
 
 def plan_batches(lengths: dict[str, int], order: Sequence[str], rows_per_prompt: int,
-                 batch_size: int) -> list[list[str]]:
-    """Length-sorted batches of prompt ids (longest first), a pure function of the inputs."""
+                 batch_size: int, max_tokens: int = 0) -> list[list[str]]:
+    """Length-sorted batches of prompt ids (longest first), a pure function of the inputs: at
+    most ``batch_size`` rows (``rows_per_prompt`` per prompt) and, with ``max_tokens`` > 0, at
+    most that many padded prompt tokens (rows x the batch's longest prompt, what the prefill
+    holds at once). A prompt whose rows alone exceed the budget is a batch of its own."""
     ids = sorted(order, key=lambda pid: (-lengths[pid], pid))
     per = max(1, batch_size // rows_per_prompt)
-    return [ids[i:i + per] for i in range(0, len(ids), per)]
+    batches, i = [], 0
+    while i < len(ids):
+        n = per  # ids[i] is the batch's longest prompt
+        if max_tokens > 0:
+            n = max(1, min(per, max_tokens // (rows_per_prompt * max(1, lengths[ids[i]]))))
+        batches.append(ids[i:i + n])
+        i += n
+    return batches
 
 
 CUT = "length"  # a sample's "finish" when it hit max_new_tokens ("eos": it stopped by itself)
@@ -274,8 +284,12 @@ def _decoding_config(model, config: GenerationConfig) -> Iterator[None]:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
              seed_key: tuple, batch_size: int = 32, log: JsonlLog | None = None,
-             desc: str = "generate", min_new_tokens: int = 0) -> dict[str, dict]:
-    """Generate ``sampling.n`` answers per prompt. Returns {prompt id: record}.
+             desc: str = "generate", min_new_tokens: int = 0, max_batch_tokens: int = 0) -> dict[str, dict]:
+    """Generate ``sampling.n`` answers per prompt. Returns {prompt id: record}; a record's
+    samples hold ``text``, ``n_tokens`` (an eos counts) and ``finish``: "eos" when an eos id
+    ended the answer, ``CUT`` when it hit ``max_new_tokens`` first (``is_cut``).
+    A batch holds at most ``batch_size`` rows and, with ``max_batch_tokens`` > 0
+    (``generation.max_batch_tokens``), at most that many padded prompt tokens (``plan_batches``).
 
     With ``log``, records already there are reused and each finished batch is
     appended before the next starts, so a killed process resumes where it was.
@@ -283,7 +297,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
     """
     texts = {p.id: render(tokenizer, p.messages) for p in prompts}
     lengths = {pid: len(tokenizer(t, add_special_tokens=False).input_ids) for pid, t in texts.items()}
-    batches = plan_batches(lengths, list(texts), sampling.n, batch_size)
+    batches = plan_batches(lengths, list(texts), sampling.n, batch_size, max_batch_tokens)
     results = {pid: log.records[pid] for pid in texts if log is not None and pid in log}
     eos_ids = _eos_ids(model, tokenizer)
     config = generation_config(model, tokenizer, sampling, min_new_tokens=min_new_tokens)
