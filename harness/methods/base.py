@@ -172,7 +172,7 @@ def mark_cut(candidates: Sequence[Candidate], cut: Sequence[bool | None]) -> lis
 def pair(example: Example, chosen: str | Candidate, rejected: str | Candidate, **extra: Any) -> dict:
     """A training pair. A ``Candidate`` side records whether it was cut at max_new_tokens
     (``chosen_cut`` / ``rejected_cut``: True, False or None = unknown); training gives a cut
-    answer no end-of-turn (``harness.train.cut``). A plain text side (a human answer)
+    answer no end-of-turn (``harness.train.ended``). A plain text side (a human answer)
     records nothing and trains as an ended answer."""
     sides: dict[str, Any] = {}
     for key, side in (("chosen", chosen), ("rejected", rejected)):
@@ -220,7 +220,7 @@ def prompt_budget(where: str, n_available: int, per_iteration: int, iterations: 
 class CutAnswers:
     """Options (a base of a method's ``Options``) of a method whose chosen answer can be a
     policy sample cut at ``generation.max_new_tokens``. A kept cut answer trains without an
-    end-of-turn (``harness.train.cut``), so it never teaches the model to stop there."""
+    end-of-turn (``harness.train.ended``), so it never teaches the model to stop there."""
     cut_chosen: str = opt("drop", 'A pair whose chosen answer is a sample cut at generation.max_new_tokens: "drop" it (counted as pairs/cut_chosen_dropped), or "keep" it (trained without an end-of-turn, so the model learns the text, not to stop mid-answer).', choices=("drop", "keep"))
     cut_rejected: str = opt("keep", 'A pair whose rejected answer is a cut sample: "keep" it (the default: the judge scored exactly that text, so it is still the worse answer, and it trains without an end-of-turn, lowering the likelihood of the text rather than of stopping there; dropping such pairs would keep mostly short rejected answers, a length bias), or "drop" it (pairs/cut_rejected_dropped).', choices=("keep", "drop"))
 
