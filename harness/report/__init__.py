@@ -2,8 +2,10 @@
 (the data frame), ``files`` (Markdown, CSV), ``terminal`` (the fitted terminal table),
 ``html`` (the self-contained page, with its ``leaderboard.css`` / ``.js``), ``plots``
 (PNG figures) and ``board`` (all of it in one call, and the boards a run writes);
-``protocol``: each row's AlpacaEval protocol and its label (win rates of different
-protocols get separate columns and panels, never one ranking).
+``protocol``: each row's AlpacaEval and lm-eval protocols and their labels (numbers of
+different protocols get separate columns, and AlpacaEval's separate panels, never one
+ranking); ``compare`` (``harness table --compare``: two runs paired on their shared items,
+only under one protocol).
 
 What each metric means and where it is shown is the catalogue's (harness.metrics);
 the cost line is harness.cost's. The names below are the package's public ones.

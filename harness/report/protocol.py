@@ -74,10 +74,6 @@ def has_scope(row: dict, scope: str = AE_SCOPE) -> bool:
     return any(scope_of(k) == scope for k in row["metrics"])
 
 
-def has_alpaca_eval(row: dict) -> bool:
-    return has_scope(row, AE_SCOPE)
-
-
 def record(row: dict, scope: str = AE_SCOPE) -> dict | None:
     """The row's protocol record of ``scope`` (None: none recorded, or not an object)."""
     p = row.get("protocol") if isinstance(row.get("protocol"), dict) else {}
