@@ -6,12 +6,12 @@ scale: ``harness.judges.base.checked``), is a *failed judgment*: it is kept in t
 counted and shown, and it is never reused -- a rerun over the same log asks the judge
 again for exactly the failed items (pointwise: the failed candidates; side by side: the
 failed prompt's whole group, one answer judges it), keeping every valid judgment. So a
-stage that failed on coverage heals once the judge is fixed. A *transport failure* -- no answer obtained at all (timeouts,
-refused connections, 5xx after the judge's own retries, malformed replies; marked
-by ``harness.judges.parsing.is_error`` in a verdict's raw outputs) -- is never
-written as a judgment: the prompt stays missing from the log, the stage fails with
-``JudgeTransportError`` once everything else is judged, and the next run asks the
-judge again for exactly those prompts.
+stage that failed on coverage heals once the judge is fixed. A *transport failure* -- no
+answer obtained at all (timeouts, refused connections, 5xx after the judge's own
+retries, malformed replies; marked by ``harness.judges.parsing.is_error`` in a verdict's
+raw outputs) -- is never written as a judgment: the prompt stays missing from the log,
+the stage fails with ``JudgeTransportError`` once everything else is judged, and the
+next run asks the judge again for exactly those prompts.
 
 Used by the loop's judge stage (``judge_groups``) and by AlpacaEval annotation
 (``transport_failed`` / ``JudgeTransportError``).
@@ -149,9 +149,8 @@ def judge_groups(judge, groups: Sequence, log: store.JsonlLog, *, batch_size: in
     candidates), so a killed process loses at most a chunk. A group is written only
     when none of its candidates had a transport failure. A prompt already in ``log``
     is judged again only for its failed judgments (``_to_ask``), its valid ones kept.
-    When the judge raises with
-    ``partial`` verdicts (a non-retryable HTTP error), the groups it had finished
-    are written before re-raising.
+    When the judge raises with ``partial`` verdicts (a non-retryable HTTP error), the
+    groups it had finished are written before re-raising.
 
     Raises ``JudgeTransportError`` after the last chunk when any group is still
     missing. On success the log file is rewritten in ``groups`` order, so its bytes
