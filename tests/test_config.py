@@ -65,6 +65,13 @@ def test_minimal_file_gets_defaults_and_stable_hash(tmp_path):
     ('[method]\nname = "spin"\nbeta = "high"', "method.beta", "expected a number"),
     ('[method]\nname = "spin"\n[lora]\ntarget_modules = "q_proj"', "lora.target_modules", "expected list"),
     ('[method]\nname = "spin"\n[evaluation]\nx = 1', "evaluation", "did you mean 'eval'"),
+    # eval.num_fewshot: a number or a table of numbers (per task), each at least 0
+    ('[method]\nname = "spin"\n[eval]\nnum_fewshot = {gsm8k = 5, arc_easy = -1}', "eval.num_fewshot.arc_easy",
+     "-1 is below the minimum 0"),
+    ('[method]\nname = "spin"\n[eval]\nnum_fewshot = {gsm8k = "five"}', "eval.num_fewshot",
+     "expected int or table of int"),
+    ('[method]\nname = "spin"\n[eval.validation]\nnum_fewshot = -2', "eval.validation.num_fewshot",
+     "-2 is below the minimum 0"),
 ])
 def test_errors_name_the_dotted_path(tmp_path, snippet, path, words):
     text = MINIMAL.replace('[method]\nname = "spin"', snippet)
@@ -72,6 +79,13 @@ def test_errors_name_the_dotted_path(tmp_path, snippet, path, words):
         config.load(write(tmp_path, text))
     assert any(err.path == path and words in err.message for err in e.value.errors), str(e.value)
     assert str(e.value).startswith(str(tmp_path / "exp.toml") + ": ")
+
+
+def test_num_fewshot_is_unset_a_number_or_a_table(tmp_path):
+    assert config.load(write(tmp_path, MINIMAL)).eval.num_fewshot is None  # each task's own count
+    text = MINIMAL + "\n[eval]\nnum_fewshot = {gsm8k = 5}\n[eval.validation]\nnum_fewshot = 2\n"
+    cfg = config.load(write(tmp_path, text, "t.toml"))
+    assert cfg.eval.num_fewshot == {"gsm8k": 5} and cfg.eval.validation.num_fewshot == 2
 
 
 def test_malformed_toml_and_missing_file(tmp_path):
