@@ -102,7 +102,8 @@ def test_a_pair_whose_chosen_answer_is_cut_is_dropped_by_default_and_counted(met
 
 def test_spin_keeps_a_cut_opponent_answer_and_marks_it():
     ctx = IterationContext(cfg_for("spin"), 1, [])
-    pairs, stats = METHODS.get("spin").build_pairs(ctx, [Group(ex(0, "42 is the answer"), [Candidate("41 is", cut=True)])])
+    groups = [Group(ex(0, "42 is the answer"), [Candidate("41 is", cut=True)])]
+    pairs, stats = METHODS.get("spin").build_pairs(ctx, groups)
     assert [(p["chosen"], p["rejected"], p["rejected_cut"]) for p in pairs] == [("42 is the answer", "41 is", True)]
     assert "chosen_cut" not in pairs[0] and stats["pairs/rejected_cut"] == 1
 
@@ -157,7 +158,8 @@ def test_short_samples_through_the_loop_are_counted_and_cut_chosen_answers_dropp
            "model": {"base": "tiny", "device": "cpu", "cpu_threads": 1}, "lora": {"r": 4, "alpha": 8},
            "data": {"train": "tiny:prompts_train"}, "generation": {"max_new_tokens": 4, "batch_size": 64},
            "method": {"name": "self_rewarding", "iterations": 1,
-                      "self_rewarding": {"num_samples": 4, "prompts_per_iteration": 16, "temperature": 1.5, "top_p": 1.0}},
+                      "self_rewarding": {"num_samples": 4, "prompts_per_iteration": 16, "temperature": 1.5,
+                                         "top_p": 1.0}},
            "judge": {"name": "oracle"},
            "training": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 8, "max_length": 96, "warmup_ratio": 0.0},
            "eval": {"indicators": {"num_prompts": 0}}}
@@ -175,7 +177,7 @@ def test_short_samples_through_the_loop_are_counted_and_cut_chosen_answers_dropp
         scored = [(s, x) for s, x in zip(judged[pid], ss) if s is not None]
         if len(scored) < 2 or max(s for s, _ in scored) == min(s for s, _ in scored):
             continue
-        best = max(scored, key=lambda sx: sx[0])[1]
+        best = max(scored, key=lambda sx: (sx[0], sx[1]["finish"] != CUT))[1]  # a whole one first
         dropped += best["finish"] == CUT
         if best["finish"] != CUT:
             expect.append(pid)
@@ -184,3 +186,19 @@ def test_short_samples_through_the_loop_are_counted_and_cut_chosen_answers_dropp
     assert metrics["pairs"]["pairs/cut_chosen_dropped"] == dropped
     assert not any(p["chosen_cut"] for p in pairs) and metrics["pairs"]["pairs/rejected_cut"] > 0
     assert metrics["train"]["train/n_pairs"] == len(pairs)
+
+
+@pytest.mark.parametrize("method", ["self_rewarding", "dno"])
+def test_among_equal_scores_a_whole_answer_is_chosen_before_a_cut_one(method):
+    """A cut and a whole sample tie at the top: the whole one is the chosen answer, so the pair
+    is kept (it used to be the first of equals, then dropped for its cut chosen answer); the
+    same for the rejected side under cut_rejected = "drop"."""
+    groups = [Group(ex(0), [Candidate("cut best", cut=True), Candidate("whole best", cut=False),
+                            Candidate("bad", cut=False)], [5.0, 5.0, 1.0]),
+              Group(ex(1), [Candidate("good", cut=False), Candidate("cut bad", cut=True),
+                            Candidate("whole bad", cut=False)], [5.0, 1.0, 1.0])]
+    m = METHODS.get(method)
+    cfg = cfg_for(method, {"cut_rejected": "drop"})
+    pairs, stats = m.build_pairs(IterationContext(cfg, 1, [], judge_scale=(1.0, 5.0)), groups)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("whole best", "bad"), ("good", "whole bad")]
+    assert stats["pairs/cut_chosen_dropped"] == stats["pairs/cut_rejected_dropped"] == 0

@@ -147,7 +147,7 @@ def test_self_rewarding_through_the_loop(tmp_path, monkeypatch):
         for p in prompts:
             scored = [(s, x) for s, x in zip(by_id[p["id"]]["scores"], samples[p["id"]]["samples"]) if s is not None]
             if len(scored) >= 2 and max(s for s, _ in scored) > min(s for s, _ in scored):
-                best = max(scored, key=lambda sx: sx[0])[1]   # the first of equals, as build_pairs
+                best = max(scored, key=lambda sx: (sx[0], sx[1]["finish"] != "length"))[1]  # as build_pairs
                 chosen_cut += best["finish"] == "length"
                 if best["finish"] != "length":
                     expect.append(p["id"])
@@ -252,7 +252,8 @@ def test_dno_through_the_loop(tmp_path):
     assert all(1 <= v <= 5 for v in vals) and all(r["metrics"]["validation/judge/n_prompts"] == 32 for r in rows)
     for t, r in enumerate(rows):  # validation answers that hit generation.max_new_tokens are counted
         gens = read(run / f"iter_{t:03d}" / "validation" / "judge" / "generations.jsonl")
-        assert r["metrics"]["validation/judge/n_cut"] == sum(x["finish"] == "length" for g in gens for x in g["samples"])
+        n_cut = sum(x["finish"] == "length" for g in gens for x in g["samples"])
+        assert r["metrics"]["validation/judge/n_cut"] == n_cut
     assert len(set(vals)) > 1, vals   # the choice is not trivial
     best = max(range(len(rows)), key=lambda i: (vals[i], -i))
     final = json.loads((run / "final.json").read_text())

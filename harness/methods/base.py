@@ -224,6 +224,13 @@ class CutAnswers:
     cut_chosen: str = opt("drop", 'A pair whose chosen answer is a sample cut at generation.max_new_tokens: "drop" it (counted as pairs/cut_chosen_dropped), or "keep" it (trained without an end-of-turn, so the model learns the text, not to stop mid-answer).', choices=("drop", "keep"))
     cut_rejected: str = opt("keep", 'A pair whose rejected answer is a cut sample: "keep" it (the default: the judge scored exactly that text, so it is still the worse answer, and it trains without an end-of-turn, lowering the likelihood of the text rather than of stopping there; dropping such pairs would keep mostly short rejected answers, a length bias), or "drop" it (pairs/cut_rejected_dropped).', choices=("keep", "drop"))
 
+    def usable(self, candidate: Candidate, side: str) -> bool:
+        """Whether ``candidate`` as the ``side`` ("chosen" / "rejected") of a pair leaves the
+        pair kept; methods prefer usable candidates among equally scored ones, so a pair is
+        not dropped for a cut answer when an equal whole one was there."""
+        how = self.cut_chosen if side == "chosen" else self.cut_rejected
+        return not (how == "drop" and candidate.cut is True)
+
     def keep_pairs(self, pairs: Sequence[dict]) -> tuple[list[dict], dict]:
         """The pairs these options keep, and the counts of those dropped (a count per side set
         to "drop"; a pair with both sides cut counts for its chosen). A side whose cut is

@@ -139,9 +139,10 @@ class Dno(Method):
         """(best, worst) per prompt when the best is near the top and the gap is large.
 
         On a tie at the top, the positive is the tied candidate whose pair passes the margin
-        (a policy sample needs only ``student_margin``), the teacher when both pass: a pair
-        that passes with one of the tied candidates is never dropped because the other was
-        picked."""
+        (a policy sample needs only ``student_margin``), then one the cut options keep (a whole
+        answer before a cut one under ``cut_chosen = "drop"``), the teacher when both pass: a
+        pair that passes with one of the tied candidates is never dropped because the other
+        was picked. The negative, likewise, is a kept one among equally low candidates."""
         o = ctx.options
         lo, hi = ctx.scale()
         bounded = math.isfinite(lo) and math.isfinite(hi)
@@ -158,13 +159,14 @@ class Dno(Method):
                 reasons["too_few_scores"] += 1
                 continue
             top = max(s for s, _ in scored)
-            worst = min(scored, key=lambda sc: sc[0])
+            worst = min(scored, key=lambda sc: (sc[0], not o.usable(sc[1], "rejected")))
 
             def need(c: Candidate) -> float:
                 return (o.margin if c.source == "teacher" else o.student_margin) * unit
 
             tied = [sc for sc in scored if sc[0] == top]
-            best = max(tied, key=lambda sc: (top - worst[0] >= need(sc[1]), sc[1].source == "teacher"))
+            best = max(tied, key=lambda sc: (top - worst[0] >= need(sc[1]), o.usable(sc[1], "chosen"),
+                                             sc[1].source == "teacher"))
             if top < threshold:
                 reasons["positive_below_top"] += 1
             elif top - worst[0] < need(best[1]):

@@ -158,8 +158,10 @@ class SelfRewarding(Method):
             if len(scored) < 2:
                 unscored += 1
                 continue
-            hi = max(scored, key=lambda sc: sc[0])   # first of equals: deterministic
-            lo = min(scored, key=lambda sc: sc[0])
+            # first of equals (deterministic), a candidate the cut options keep before one they drop
+            o = ctx.options
+            hi = max(scored, key=lambda sc: (sc[0], o.usable(sc[1], "chosen")))
+            lo = min(scored, key=lambda sc: (sc[0], not o.usable(sc[1], "rejected")))
             if hi[0] == lo[0]:
                 ties += 1
                 continue
