@@ -37,7 +37,7 @@ def _validate(args) -> int:
     if not args.files:
         print("harness validate: give at least one experiment file (or --explain)", file=sys.stderr)
         return 2
-    checked, ok = load_checked(args.files, check_endpoints=args.check_endpoints)
+    checked, ok = load_checked(args.files, check_endpoints=args.check_endpoints, overrides=args.overrides)
     for cfg, report in checked:
         unmet = (f"; needs {', '.join(sorted(report.unmet))}, which this machine lacks: what depends on it "
                  "was not checked") if report.unmet else ""
@@ -74,21 +74,25 @@ def _existing_conflicts(cfg) -> list[str]:
             "new run directory)" for c in finished_conflicts(cfg)]
 
 
-def load_checked(files: list[str], check_endpoints: bool = False) -> tuple[list, bool]:
-    """Parse and check every file before any compute; print every problem to stderr as
-    ``FILE: dotted.path: problem`` (warnings as ``FILE: dotted.path: warning: ...``).
+def load_checked(files: list[str], check_endpoints: bool = False, overrides: list[str] = ()) -> tuple[list, bool]:
+    """Parse and check every file, each with the ``--set KEY=VALUE`` ``overrides`` written into it,
+    before any compute; print every problem to stderr as ``FILE: dotted.path: problem`` (warnings
+    as ``FILE: dotted.path: warning: ...``; a field an override wrote as ``FILE: --set path: ...``).
     Returns ([(config, validate.Report)] of the files that passed, whether all did)."""
     from harness import config
     from harness.validate import check
 
     good = []
+    keys = config.override_keys(overrides)
     for f in files:
         try:
-            cfg = config.load(f)
+            cfg = config.load(f, overrides)
         except ConfigError as e:
             print(str(e), file=sys.stderr)
             continue
         report = check(cfg, check_endpoints=check_endpoints)
+        report.errors = config.blame_overrides(report.errors, keys)
+        report.warnings = config.blame_overrides(report.warnings, keys)
         for w in report.warnings:
             print(f"{f}: {w.path}: warning: {w.message}", file=sys.stderr)
         if report.errors:
@@ -104,7 +108,7 @@ def _run(args) -> int:
 
     with console.capture():
         with contextlib.redirect_stderr(console.terminal()):  # config problems are for the reader
-            checked, ok = load_checked(args.files)  # every file is checked before any runs
+            checked, ok = load_checked(args.files, overrides=args.overrides)  # every file before any runs
             for cfg, report in checked:
                 if report.unmet:
                     ok = False
@@ -122,7 +126,7 @@ def _run(args) -> int:
         if args.jobs > 1 and len(cfgs) > 1:
             from harness.launch import run_parallel
 
-            return run_parallel(cfgs, jobs=args.jobs, fresh=args.fresh)
+            return run_parallel(cfgs, jobs=args.jobs, fresh=args.fresh, overrides=args.overrides)
         return _run_checked(args, cfgs)
 
 
@@ -321,6 +325,13 @@ def _verbosity_flags(parser: argparse.ArgumentParser, default) -> None:
                         help="show only the final table (and errors)")
 
 
+def _set_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="override a field of every FILE before it is validated (repeatable): a dotted key and a "
+                             "TOML value, bare words as strings, e.g. --set model.base=smollm2-135m-instruct "
+                             "--set training.learning_rate=1e-5; the run records the resulting config")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="harness", description="Iterative self-improvement alignment benchmark harness.")
     _verbosity_flags(p, 0)
@@ -335,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("files", nargs="*")
     v.add_argument("--explain", action="store_true", help="print every config field with its default and meaning")
     v.add_argument("--check-endpoints", action="store_true", help="also check that HTTP judge endpoints answer")
+    _set_flag(v)
     v.set_defaults(fn=_validate)
 
     r = add("run", help="run (or resume) experiments; finished stages are skipped")
@@ -344,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run each experiment once per seed (run directories <name>/seed-<k>); overrides experiment.seeds")
     r.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N experiments/seeds at once, each in its own process (one GPU each on a multi-GPU machine)")
+    _set_flag(r)
     r.set_defaults(fn=_run)
 
     s = add("status", help="which stages of a run are done, partial or missing")

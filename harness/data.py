@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness.sources import resolve_ref
+from harness.sources import HubFileMissing, HubFiles, hub_file, hub_files, resolve_ref
 
 
 class DataError(ValueError):
@@ -140,18 +140,94 @@ def read_records(ref: str, *, revision: str = "main", split: str = "train", wher
             return _jsonl_rows(path, where)
         if path.suffix == ".json":
             return _json_rows(path, where)
-        import pandas as pd
-
-        return [Row(r, f"{path}: row {i}") for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
+        return _parquet_rows(path)
     if path.exists():
         raise DataError(f"{where}: {path}: unsupported file type (use .jsonl, .json or .parquet)")
-    from datasets import load_dataset  # a hub dataset id; needs network (HARNESS_ONLINE=1)
+    try:  # a hub dataset id: its split's files, read as local files
+        files = hub_split_files(ref, split, revision, where)
+    except HubFileMissing as e:
+        raise DataError(f"{where}: {e}") from None
+    rows: list[Row] = []
+    for f in files.paths():
+        rows += read_records(str(f), where=where)
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[Row]:
+    import pandas as pd
+
+    return [Row(r, f"{path}: row {i}") for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
+
+
+# ---- hub datasets --------------------------------------------------------------------------
+# ``datasets`` 5.2 cannot read a hub dataset from the Hugging Face cache: offline, load_dataset
+# skips the hub cache and looks only for a dataset it prepared before (any revision). So the
+# harness finds a split's files itself, as ``datasets`` does online, and reads them as local
+# files: the patterns of the dataset card's default config, else the file names ``datasets``
+# gives a split by default.
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+SPLIT_PATTERNS = ("data/{split}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*", "data/{split}/*",
+                  "data/{split}.*", "{split}/*", "{split}.*", "{split}-*")
+
+
+def hub_split_files(ref: str, split: str, revision: str = "main", where: str = "data.train") -> HubFiles:
+    """The data files of ``split`` of hub dataset ``ref`` at ``revision`` (``sources.hub_files``:
+    from the local cache while the hub is off). The dataset card (README.md), when there is one,
+    names them and fixes the commit; a card without configs, or none, leaves the default file
+    names. ``HubFileMissing`` names the card or the patterns that matched nothing; a ``DataError`` a split
+    the card does not have or files of a type the harness does not read."""
+    try:
+        card, no_card = hub_file(ref, "README.md", revision), None
+    except HubFileMissing as e:
+        card, no_card = None, e  # no card (or none cached): the default names
+    files_of = _card_splits(card.paths()[0].read_text(encoding="utf-8", errors="replace"), ref, where) \
+        if card else None
+    if files_of is not None and split not in files_of:
+        raise DataError(f"{where}: split {split!r} is not a split of hub dataset {ref} (revision {revision}); "
+                        f"its card names: {', '.join(files_of)}")
+    patterns = files_of[split] if files_of is not None else [p.format(split=split) for p in SPLIT_PATTERNS]
+    try:
+        files = hub_files(ref, patterns, card.commit if card else revision)
+    except HubFileMissing:
+        if card is not None:
+            raise
+        raise HubFileMissing(f"{no_card}; nor is any file of split {split!r} by the default names "
+                             f"({', '.join(patterns)})") from None
+    data = tuple(f for f in files.files if f.endswith(DATA_SUFFIXES))
+    if not data:
+        raise DataError(f"{where}: hub dataset {ref} (revision {revision}), split {split}: its files "
+                        f"({', '.join(files.files)}) are of a type the harness does not read "
+                        f"({', '.join(DATA_SUFFIXES)})")
+    return HubFiles(files.repo, revision, files.commit, files.folder, data)
+
+
+def _card_splits(card: str, ref: str, where: str) -> dict[str, list[str]] | None:
+    """{split: file patterns} of the default config of a dataset card's YAML header, or None
+    when the card declares no configs."""
+    import yaml
 
     try:
-        rows = list(load_dataset(ref, revision=revision, split=split))
-    except Exception as e:  # noqa: BLE001 - the hub raises many kinds; report them uniformly
-        raise DataError(f"{where}: cannot load dataset {ref!r} (revision {revision}, split {split}): {e}") from None
-    return [Row(r, f"{ref}: row {i}") for i, r in enumerate(rows)]
+        meta = yaml.safe_load(head) if head else None
+    except yaml.YAMLError:
+        return None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs) or not configs:
+        return None
+    chosen = [c for c in configs if c.get("default")] or [c for c in configs if c.get("config_name") == "default"] \
+        or (configs if len(configs) == 1 else [])
+    if not chosen:
+        raise DataError(f"{where}: hub dataset {ref} has several configs "
+                        f"({', '.join(str(c.get('config_name')) for c in configs)}) and none is its default")
+    files, base = chosen[0].get("data_files"), str(chosen[0].get("data_dir") or "").strip("/")
+    if isinstance(files, (str, list)) and (isinstance(files, str) or all(isinstance(f, str) for f in files)):
+        files = {"train": files}
+    elif isinstance(files, list):
+        files = {str(f.get("split", "train")): f.get("path") for f in files if isinstance(f, dict)}
+    if not isinstance(files, dict):
+        return None
+    return {name: [f"{base}/{p}" if base else p for p in ([paths] if isinstance(paths, str) else list(paths or ()))]
+            for name, paths in files.items()}
 
 
 def text_column(row: dict, column: str, where: str, *, required: bool = True, n: int = 0) -> str | None:
@@ -172,6 +248,7 @@ def text_column(row: dict, column: str, where: str, *, required: bool = True, n:
 
 
 def with_system(system_prompt: str, messages: Sequence[dict] = ()) -> tuple[dict, ...]:
+    head = card.split("\n---", 1)[0][4:] if card.startswith("---\n") else ""
     """``messages`` after a system message of ``system_prompt`` (data.system_prompt); none
     when it is empty."""
     return (({"role": "system", "content": system_prompt},) if system_prompt else ()) + tuple(messages)

@@ -26,9 +26,10 @@ from harness.lifeline import spawn, stop_group
 from harness.report import combined_board
 
 
-def run_parallel(cfgs: list, *, jobs: int, fresh: bool) -> int:
+def run_parallel(cfgs: list, *, jobs: int, fresh: bool, overrides: list[str] = ()) -> int:
     """``--jobs N``: the runs (experiments x seeds) as N processes at a time, each a plain
-    ``harness run`` of one experiment and seed (so each stays resumable on its own). On a
+    ``harness run`` of one experiment and seed (so each stays resumable on its own), with the
+    command line's ``--set`` ``overrides`` (the child validates and runs the same config). On a
     machine with several GPUs each process sees one (CUDA_VISIBLE_DEVICES); its output goes to
     its run's harness.log, and this process prints one line per run, then the leaderboard."""
     gpus = _gpu_count()
@@ -46,7 +47,8 @@ def run_parallel(cfgs: list, *, jobs: int, fresh: bool) -> int:
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
         cmd = [sys.executable, "-m", "harness.cli", "run", "-q", cfg.source, *(["--fresh"] if fresh else []),
-               *(["--seeds", str(cfg.experiment.seed)] if cfg.experiment.seeds else [])]
+               *(["--seeds", str(cfg.experiment.seed)] if cfg.experiment.seeds else []),
+               *(arg for text in overrides for arg in ("--set", text))]
         t0 = time.perf_counter()
         try:
             with lock:

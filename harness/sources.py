@@ -17,7 +17,10 @@ dequantized once and saved as float32 safetensors under
 SmolLM2 file takes about 20 s on 2 cores, the converted copy about 2 s, and a run
 loads the base model once per stage that needs it.
 
-Data references ``"tiny:<name>"`` resolve through ``resolve_ref``.
+Data references ``"tiny:<name>"`` resolve through ``resolve_ref``. Files of hub dataset
+repositories (AlpacaEval 2.0's instructions, a hub training set's parquet files) come through
+``hub_file`` / ``hub_files``: downloaded when the hub is on (HARNESS_ONLINE=1), read from the
+local Hugging Face cache otherwise, and never through a dataset loading script.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 from harness.store import build_once, cache_root, path_fingerprint
 from harness.tiny.build import FILES as TINY_FILES
@@ -212,3 +216,81 @@ def is_built(ref: str) -> bool:
     """False only for a tiny-world reference whose world is not built yet (its content
     is then known to be ours, and reading it would mean building it)."""
     return not is_tiny_ref(ref) or built_path(ref) is not None
+
+
+# ---- files of hub repositories ------------------------------------------------------
+
+class HubFileMissing(FileNotFoundError):
+    """A file of a hub repository that cannot be had: not in the local Hugging Face cache
+    while the hub is off, or not downloadable. The message names repo, file and revision."""
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """Files of one hub repository at one commit, as read (from the local cache or the hub)."""
+    repo: str
+    revision: str           # as asked for ("main", a tag, a commit)
+    commit: str             # the commit they were read at (the cache's snapshot name)
+    folder: Path            # the snapshot directory
+    files: tuple[str, ...]  # paths inside the repository, sorted
+
+    def paths(self) -> list[Path]:
+        return [self.folder / f for f in self.files]
+
+
+def hub_online() -> bool:
+    """The hub may be reached (HARNESS_ONLINE=1); otherwise only the local cache is read."""
+    return os.environ.get("HARNESS_ONLINE") == "1"
+
+
+def _hub_problem(repo: str, what: str, revision: str, e: Exception | None) -> str:
+    from huggingface_hub import constants
+
+    if hub_online():
+        return f"hub dataset {repo}: {what} (revision {revision}) could not be downloaded: {type(e).__name__}: {e}"
+    return (f"hub dataset {repo}: {what} (revision {revision}) is not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and the hub is off (HARNESS_ONLINE is not 1)")
+
+
+def hub_files(repo: str, patterns: Sequence[str], revision: str = "main") -> HubFiles:
+    """The files of hub dataset ``repo`` at ``revision`` whose paths match ``patterns``
+    (huggingface_hub's globs: ``*`` crosses "/"). With the hub on they are downloaded (or
+    found up to date in the cache); with it off only the local cache is read, never the
+    network: a branch name resolves through the cache's ``refs/``, a commit directly.
+    ``HubFileMissing`` when no file matches, naming the patterns and the revision."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
+
+    what = " or ".join(repr(p) for p in patterns)
+    try:
+        folder = Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=list(patterns),
+                                        local_files_only=not hub_online()))
+    except Exception as e:  # noqa: BLE001 - not cached, no network, no such repo or revision: one message
+        raise HubFileMissing(_hub_problem(repo, f"file {what}", revision, e)) from None
+    found = sorted(filter_repo_objects((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+                                       allow_patterns=list(patterns)))
+    if not found:
+        raise HubFileMissing(f"hub dataset {repo} (revision {revision}) has no file matching {what}" if hub_online()
+                             else _hub_problem(repo, f"file {what}", revision, None))
+    return HubFiles(repo, revision, folder.name, folder, tuple(found))
+
+
+def hub_file(repo: str, filename: str, revision: str = "main") -> HubFiles:
+    """One file of hub dataset ``repo`` (``hub_files`` with its exact name): from the local
+    cache when the hub is off, else downloaded. ``HubFileMissing`` names repo, file and revision."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo, filename, repo_type="dataset", revision=revision,
+                                    local_files_only=not hub_online()))
+    except Exception as e:  # noqa: BLE001 - not cached, no network, no such file or revision: one message
+        raise HubFileMissing(_hub_problem(repo, f"file {filename!r}", revision, e)) from None
+    folder = path.parents[len(Path(filename).parts) - 1]
+    return HubFiles(repo, revision, folder.name, folder, (filename,))
+
+
+def hub_identity(files: HubFiles) -> dict:
+    """What identifies hub files as read: repo, revision asked, commit and each file's sha256
+    (a changed file under the same branch name is told apart)."""
+    return {"repo": files.repo, "revision": files.revision, "commit": files.commit,
+            "files": {f: file_sha256(str(files.folder / f)) for f in files.files}}

@@ -256,11 +256,14 @@ def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
     upstream, reference = {"policy": policy.id, "sampler": SAMPLER}, None
     if t > 0 and r.cfg.eval.alpaca_eval.instructions and r.cfg.eval.alpaca_eval.reference == "iteration0":
         reference, upstream["reference"] = iteration0_answers(r.layout.alpaca_generations(0))
+    from harness.evaluate.alpaca import instructions_identity
 
     def compute(cfg, work):
         model, tok = r.model(policy)
         ev = cfg.eval
         with session(_engine(cfg, bool(ev.alpaca_eval.instructions) or ev.indicators.num_prompts > 0)) as eng:
+    if (hub := instructions_identity(r.cfg.eval.alpaca_eval)) is not None:  # a hub file: its content, as a local file's
+        upstream["alpaca_eval_instructions"] = hub
             metrics = evaluate_iteration(
                 model, tok, cfg, work, t,
                 lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval"), engine=eng),
@@ -280,6 +283,7 @@ def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
     if not v.enabled:
         r.skip_stage(t, "validation")
         return None
+    from harness.evaluate.alpaca import instructions_identity
     upstream, reference = {"policy": policy.id}, None
     if t > 0 and v.alpaca_eval.instructions and v.alpaca_eval.reference == "iteration0":
         reference, upstream["reference"] = iteration0_answers(r.layout.alpaca_generations(0, "validation"))
@@ -290,6 +294,8 @@ def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
         with session(_engine(cfg, bool(v.alpaca_eval.instructions or v.prompts))) as eng:
             metrics = run_validation(
                 model, tok, cfg, work, t,
+    if (hub := instructions_identity(v.alpaca_eval)) is not None:
+        upstream["alpaca_eval_instructions"] = hub
                 lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation"), engine=eng),
                 reference=reference, generate_fn=eng.generate)
         return {"metrics": metrics, "items": write_items(work, "validation/")}

@@ -21,9 +21,9 @@ import re
 from pathlib import Path
 
 from harness.config import Config, JudgeSection, judge_sections
-from harness.data import DataError, load_examples, read_records, text_column
+from harness.data import DataError, hub_split_files, load_examples, read_records, text_column
 from harness.evaluate import load_eval_prompts
-from harness.evaluate.alpaca import HUB_SET, load_instructions
+from harness.evaluate.alpaca import HUB_SET, hub_instructions, load_instructions, section_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics, task_problems
 from harness.judges import JUDGES
 from harness.judges.kind import Checks
@@ -32,10 +32,10 @@ from harness.methods import METHODS
 from harness.metrics import ALPACA_EVAL, INDICATORS, produced_by
 from harness.schema import FieldError
 from harness.selection import metric_names as validation_metric_names
-from harness.sources import is_built, is_tiny_ref, resolve_ref, tiny_problem
+from harness.sources import HubFileMissing, hub_online, is_built, is_tiny_ref, resolve_ref, tiny_problem
 from harness.train import optimizer_steps
 from harness.validate_model import _device, _model
-from harness.validate_report import HUB_DATASET, HUB_MODEL, Report, hub_off, hub_ok
+from harness.validate_report import HUB_MODEL, Report, hub_file_missing, hub_off, hub_ok
 
 MIN_STEPS = 4  # fewer optimizer steps per iteration than this gets a warning
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -100,14 +100,15 @@ def _inputs(cfg: Config, method, examples: list, r: Report) -> None:
             r.errors.append(FieldError(*_split_where(str(e), "data.train")))
 
 
-def rows_problems(ref: str, where: str, columns: tuple[str, ...]) -> list[FieldError]:
+def rows_problems(ref: str, where: str, columns: tuple[str, ...], split: str | None = None) -> list[FieldError]:
     """A local data file read as the harness reads rows (``data.read_records``): each problem
     as FILE:LINE (invalid UTF-8, a line that is not a JSON object, a required text column that
-    is missing, null or not a string). Files of other types are left to their loader."""
-    if Path(resolve_ref(ref)).suffix not in (".jsonl", ".json", ".parquet"):
+    is missing, null or not a string). Files of other types are left to their loader. With
+    ``split``, ``ref`` is a hub dataset whose split's files are read (from the local cache)."""
+    if split is None and Path(resolve_ref(ref)).suffix not in (".jsonl", ".json", ".parquet"):
         return []
     try:
-        for n, row in enumerate(read_records(ref, where=where)):
+        for n, row in enumerate(read_records(ref, where=where, split=split or "train")):
             for column in columns:
                 text_column(row, column, where, n=n)
     except DataError as e:
@@ -144,9 +145,9 @@ def _data(cfg: Config, r: Report) -> list | None:
                                                    or ref.startswith(("/", ".", "~"))):
         r.errors.append(FieldError("data.train", f"file not found: {ref}"))
         return None
-    elif not Path(ref).expanduser().exists():  # a hub dataset id: it loads at run time
-        hub_off(cfg, r, "data.train", ref, *HUB_DATASET)
-        return None
+    elif not Path(ref).expanduser().exists():  # a hub dataset id: checked here only from the local cache
+        if not _hub_cached(cfg, r, "data.train", lambda: hub_split_files(ref, cfg.data.split, cfg.data.revision)):
+            return None
     try:
         return load_examples(cfg.data, seed=cfg.experiment.seed)
     except DataError as e:
@@ -167,8 +168,9 @@ def _files(cfg: Config, r: Report) -> None:
         readable(cfg.model.chat_template, "model.chat_template", r)
     ae = cfg.eval.alpaca_eval
     if ae.instructions == HUB_SET:
-        hub_off(cfg, r, "eval.alpaca_eval.instructions", HUB_SET, "is read from the hub",
-                 "give a local AlpacaEval-format file")
+        if _hub_cached(cfg, r, "eval.alpaca_eval.instructions", lambda: hub_instructions(ae.revision)):
+            _loads(r, "eval.alpaca_eval.instructions", HUB_SET, ("instruction", "output"),
+                   lambda: section_instructions(ae))
     elif ae.instructions and readable(ae.instructions, "eval.alpaca_eval.instructions", r) is not None:
         _loads(r, "eval.alpaca_eval.instructions", ae.instructions, ("instruction", "output"),
                lambda: load_instructions(ae.instructions, ae.limit))
@@ -189,6 +191,21 @@ def _loads(r: Report, where: str, ref: str, columns: tuple[str, ...], load) -> N
 
 
 def _steps(cfg: Config, method, n_examples: int, r: Report) -> None:
+def _hub_cached(cfg: Config, r: Report, where: str, fetch) -> bool:
+    """Whether hub files are here to be checked: with the hub off, ``fetch()`` finds them in the
+    local Hugging Face cache (``sources.hub_files``), or the missing file is named
+    (``hub_file_missing``); with the hub on they are downloaded at run time, not by validate
+    (False: their contents are not checked)."""
+    if hub_online():
+        return False
+    try:
+        fetch()
+    except HubFileMissing as e:
+        hub_file_missing(cfg, r, where, str(e))
+        return False
+    return True
+
+
     """Warn when an iteration trains only a handful of optimizer steps."""
     n_pairs = method.max_pairs(cfg, n_examples)
     if n_pairs is None:
@@ -264,14 +281,19 @@ def _validation(cfg: Config, r: Report) -> set[str] | None:
 
         local = is_tiny_ref(v.prompts) or Path(v.prompts).suffix in (".jsonl", ".json", ".parquet") \
             or v.prompts.startswith(("/", ".", "~")) or Path(v.prompts).expanduser().exists()
-        if not local:  # a hub dataset id: it loads at run time
-            hub_off(cfg, r, "eval.validation.prompts", v.prompts, *HUB_DATASET)
+        if not local:  # a hub dataset id: checked here only from the local cache
+            if _hub_cached(cfg, r, "eval.validation.prompts",
+                           lambda: hub_split_files(v.prompts, v.split, where="eval.validation.prompts")):
+                r.errors += rows_problems(v.prompts, "eval.validation.prompts", ("prompt",), split=v.split)
         elif readable(v.prompts, "eval.validation.prompts", r) is not None:
             r.errors += rows_problems(v.prompts, "eval.validation.prompts", ("prompt",)) \
                 or file_problems(v.prompts, "eval.validation.prompts", ("prompt",))[1]
     ae = v.alpaca_eval
-    if ae.instructions and ae.instructions != HUB_SET \
-            and readable(ae.instructions, "eval.validation.alpaca_eval.instructions", r) is not None:
+    if ae.instructions == HUB_SET:
+        if _hub_cached(cfg, r, "eval.validation.alpaca_eval.instructions", lambda: hub_instructions(ae.revision)):
+            _loads(r, "eval.validation.alpaca_eval.instructions", HUB_SET, ("instruction", "output"),
+                   lambda: section_instructions(ae))
+    elif ae.instructions and readable(ae.instructions, "eval.validation.alpaca_eval.instructions", r) is not None:
         _loads(r, "eval.validation.alpaca_eval.instructions", ae.instructions, ("instruction", "output"),
                lambda: load_instructions(ae.instructions, ae.limit))
     try:

@@ -1,5 +1,6 @@
 """The report ``harness validate`` collects (errors, warnings, requirements this machine
-lacks) and the one way a check says that a reference needs the hub while it is off.
+lacks) and how a check says that a reference needs the hub while it is off (``hub_off``) or
+that a hub file is missing from the local cache (``hub_file_missing``).
 Shared by ``harness.validate`` and ``harness.validate_model``; checks nothing itself.
 """
 
@@ -27,9 +28,6 @@ class Report:
 
 
 # (why the reference needs the hub, what to do instead) for hub_off
-HUB_DATASET = ("is not a local file, so it is read as a hub dataset id", "give a local file")
-
-
 HUB_MODEL = ("is a hub id with no cached copy",
               "set HARNESS_ONLINE=1 on a machine with network access, use a local directory")
 
@@ -41,6 +39,19 @@ def hub_off(cfg, r: Report, where: str, ref: str, why: str, instead: str) -> Non
     if os.environ.get("HARNESS_ONLINE") != "1":
         r.environment(cfg, "hub", FieldError(where, (
             f"{ref!r} {why}, and the hub is off (HARNESS_ONLINE is not 1); {instead}, "
+            "or declare experiment.requires = [\"hub\"]")))
+
+
+def hub_file_missing(cfg, r: Report, where: str, problem: str) -> None:
+    """A hub file that is not in the local cache while the hub is off (``problem`` names repo,
+    file and revision): an error, or, when the experiment declares "hub", an unmet requirement
+    and a warning that names the file all the same."""
+    if "hub" in cfg.experiment.requires:
+        r.unmet.add("hub")
+        r.warnings.append(FieldError(where, f"not checked: {problem}"))
+    else:
+        r.errors.append(FieldError(where, (
+            f"{problem}; put it in that cache (a download with the hub on: HARNESS_ONLINE=1), "
             "or declare experiment.requires = [\"hub\"]")))
 
 

@@ -164,3 +164,45 @@ def write_df_gamed(hub: Path, rev: str, n: int):
                    "std_delta_len": rng.gauss(0, 1), "not_gamed_baseline": False}
                   for m in ("gamed_a", "gamed_b") for i in range(n)]).to_csv(snap / "df_gamed.csv", index=False)
     return snap, difficulty, rng
+
+
+def write_hub_files(hub: Path, repo: str, rev: str, files: dict, main: bool = True) -> Path:
+    """Files of hub dataset ``repo`` at commit ``rev`` in a Hugging Face hub cache at ``hub``, in
+    the hub's layout (``datasets--OWNER--NAME/snapshots/<rev>/<path>``; ``refs/main`` holds
+    ``rev`` when ``main``). ``files``: {path in the repo: text, bytes, or a list of row dicts,
+    written as parquet}. Returns the snapshot directory."""
+    import pandas as pd
+
+    root = hub / f"datasets--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / rev
+    for name, content in files.items():
+        path = snap / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, list):
+            pd.DataFrame(content).to_parquet(path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    if main:
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text(rev)
+    return snap
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face hub cache read with the hub off (HF_HUB_OFFLINE=1, HARNESS_ONLINE
+    unset): HF_HOME / HF_HUB_CACHE point at it, and huggingface_hub's constants too (read once
+    at its import)."""
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hf_home" / "hub"
+    hub.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(hub.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HARNESS_ONLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hub

@@ -26,7 +26,7 @@ from harness.generate import Prompt, generate
 from harness.sources import resolve_ref
 from harness.store import atomic_write_json
 
-from .alpaca import CoverageError, load_instructions, run_alpaca_eval  # noqa: F401  (re-exported)
+from .alpaca import CoverageError, load_instructions, run_alpaca_eval, section_instructions  # noqa: F401  (re-exported)
 from .indicators import check_thresholds, run_indicators  # noqa: F401
 from .lm_eval_adapter import run_lm_eval
 
@@ -72,7 +72,7 @@ def _indicator_prompts(cfg: Config) -> list[Prompt] | None:
     if cfg.eval.eval_prompts:
         pairs = load_eval_prompts(cfg.eval.eval_prompts)
     elif cfg.eval.alpaca_eval.instructions:
-        pairs = [(r["id"], r["instruction"]) for r in load_instructions(cfg.eval.alpaca_eval.instructions)]
+        pairs = [(r["id"], r["instruction"]) for r in section_instructions(cfg.eval.alpaca_eval, limit=0)]
     else:
         return None
     return [Prompt(pid, system + ({"role": "user", "content": text},)) for pid, text in pairs]

@@ -64,47 +64,69 @@ from harness.judges import CoverageError  # one error type for every coverage ch
 from harness.judges.base import Judge, JudgeItem, checked, compare, preference
 from harness.judges.parsing import is_error
 from harness.judging import JudgeTransportError
-from harness.sources import resolve_ref
+from harness.sources import HubFiles, hub_file, hub_identity, resolve_ref
 from harness.store import JsonlLog, atomic_write_json
 
 from .alpaca_metrics import AE_SET_SIZE, LC_FILE, LC_REPO, METRICS, compute_metrics  # noqa: F401  (re-exported)
 
-# HUB_SET = "alpaca_eval": AlpacaEval 2.0 from the hub, 805 instructions, GPT-4 Turbo references
+# HUB_SET = "alpaca_eval": AlpacaEval 2.0 from the hub, 805 instructions, GPT-4 Turbo references: the
+# plain file that alpaca_eval's loading script reads
+HUB_REPO, HUB_FILE = LC_REPO, "alpaca_eval_gpt4_baseline.json"
 N_CUT = "alpaca_eval/n_cut"  # the model's answers that reached the cap (eval.alpaca_eval.max_new_tokens)
 
 
-def load_instructions(ref: str, limit: int = 0) -> list[dict]:
-    """AlpacaEval-format rows [{instruction, output, generator, dataset, ...}] with a stable ``id``,
-    from a local JSON file, "tiny:alpaca_eval", or "alpaca_eval" (the AlpacaEval 2.0 set, read
-    from the hub by alpaca_eval's own loader)."""
-    if ref == HUB_SET:
-        from alpaca_eval.constants import get_alpaca_eval_data
+def hub_instructions(revision: str = "main") -> HubFiles:
+    """AlpacaEval 2.0's instruction file (``HUB_FILE`` of the hub dataset ``HUB_REPO``) at
+    ``revision``: downloaded with the hub on, from the local Hugging Face cache with it off.
+    ``HubFileMissing`` (a FileNotFoundError) names repo, file and revision. alpaca_eval's own
+    loader builds the set with a dataset loading script, which ``datasets`` no longer runs."""
+    return hub_file(HUB_REPO, HUB_FILE, revision)
 
-        rows = [dict(r) for r in get_alpaca_eval_data()]
-        path = Path(HUB_SET)
+
+def instructions_identity(section: AlpacaEvalSection) -> dict | None:
+    """The hub file's identity (repo, revision, commit, sha256) when the section reads the hub
+    set, else None (a local file is fingerprinted with the stage's other input files)."""
+    return hub_identity(hub_instructions(section.revision)) if section.instructions == HUB_SET else None
+
+
+def load_instructions(ref: str, limit: int = 0, revision: str = "main") -> list[dict]:
+    """AlpacaEval-format rows [{instruction, output, generator, dataset, ...}] with a stable ``id``,
+    from a local JSON file, "tiny:alpaca_eval", or "alpaca_eval" (the AlpacaEval 2.0 set: the hub
+    file ``hub_instructions(revision)``)."""
+    if ref == HUB_SET:
+        path = hub_instructions(revision).paths()[0]
+        label = f"{HUB_FILE} of hub dataset {HUB_REPO} (revision {revision})"
     else:
         path = Path(resolve_ref(ref) if ref.startswith("tiny:") else ref)
-        try:
-            rows = json.loads(path.read_text())
-        except OSError as e:
-            raise FileNotFoundError(f"eval.alpaca_eval.instructions: cannot read {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"eval.alpaca_eval.instructions: {path} is not valid JSON: {e}") from None
+        label = str(path)
+    try:
+        rows = json.loads(path.read_text())
+    except OSError as e:
+        raise FileNotFoundError(f"eval.alpaca_eval.instructions: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"eval.alpaca_eval.instructions: {label} is not valid JSON: {e}") from None
     if not isinstance(rows, list):
-        raise ValueError(f"eval.alpaca_eval.instructions: {path} must hold a JSON list of objects")
+        raise ValueError(f"eval.alpaca_eval.instructions: {label} must hold a JSON list of objects")
     seen: dict[str, int] = {}
     out = []
     for i, row in enumerate(rows[:limit or None]):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
                 or not isinstance(row.get("output"), str):
-            raise ValueError(f"eval.alpaca_eval.instructions: {path} row {i} needs string fields "
+            raise ValueError(f"eval.alpaca_eval.instructions: {label} row {i} needs string fields "
                              "'instruction' and 'output' (the reference)")
         pid = str(row.get("id") or hashlib.sha256(row["instruction"].encode()).hexdigest()[:16])
         seen[pid] = seen.get(pid, 0) + 1
         out.append({**row, "id": pid if seen[pid] == 1 else f"{pid}-{seen[pid]}"})
     if not out:
-        raise ValueError(f"eval.alpaca_eval.instructions: {path} holds no instructions")
+        raise ValueError(f"eval.alpaca_eval.instructions: {label} holds no instructions")
     return out
+
+
+def section_instructions(section: AlpacaEvalSection, limit: int | None = None) -> list[dict]:
+    """``load_instructions`` of a section (its ``limit`` unless given); ``section.revision`` is
+    read only for the hub set, so a stage reading a local file does not depend on it."""
+    revision = section.revision if section.instructions == HUB_SET else "main"
+    return load_instructions(section.instructions, section.limit if limit is None else limit, revision)
 
 
 def _meta(row: dict) -> dict:
@@ -288,6 +310,7 @@ def protocol_record(section: AlpacaEvalSection, annotations: Sequence[dict], met
     """How this evaluation's numbers were made (``metrics.json`` "protocol"). ``endpoint``: the
     judge's HTTP endpoint ({"base_url", "model"}; None for a judge that is not one, e.g. the
     oracle); ``max_new_tokens``: the cap on the model's answers (default: the section's).
+    ``reference.hub``: the hub file's repo, revision, commit and sha256 (instructions = "alpaca_eval").
     ``cost.price_usd`` is alpaca_eval's price of the judge's tokens at OpenAI's own API only;
     at any other endpoint (a local server, whatever model name it serves) it is None."""
     if annotator is not None:
@@ -311,7 +334,8 @@ def protocol_record(section: AlpacaEvalSection, annotations: Sequence[dict], met
     return {**how, "endpoint": endpoint,
             "max_new_tokens": section.max_new_tokens if max_new_tokens is None else max_new_tokens,
             "reference": {"instructions": section.instructions, "reference": section.reference,
-                          "generator": sorted({str(a.get("generator_1")) for a in annotations})},
+                          "generator": sorted({str(a.get("generator_1")) for a in annotations}),
+                          **({"hub": hub} if (hub := instructions_identity(section)) else {})},
             "n": metrics["alpaca_eval/n_total"], "n_instructions": metrics["alpaca_eval/n_instructions"],
             "coverage": metrics["alpaca_eval/coverage"],
             "length_controlled": {"status": "computed", "df_gamed": {k: lc[k] for k in ("repo", "revision", "sha256")}}
@@ -336,7 +360,7 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge |
     out_dir = Path(out_dir)
     cap = section.max_new_tokens if max_new_tokens is None else max_new_tokens
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_instructions(section.instructions, section.limit)
+    rows = section_instructions(section)
     system = with_system(system_prompt)
     prompts = [Prompt(r["id"], system + ({"role": "user", "content": r["instruction"]},)) for r in rows]
     gens = generate_fn(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=cap),
