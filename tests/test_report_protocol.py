@@ -480,3 +480,32 @@ def test_compare_refuses_to_pair_two_protocols(tmp_path, capfd):
     assert main(["table", "--compare", str(e), str(f)]) == 1
     assert "lm_eval/tiny_mc: num_fewshot differs: 5 vs 0" in capfd.readouterr().err
     assert main(["table", "--allow-protocol-mismatch"]) == 2  # only with --compare
+
+
+def test_comparison_plot_splits_lm_eval_panels_by_protocol(tmp_path, monkeypatch):
+    from harness.report import plots
+    from harness.report.table import paired_of
+
+    gain = {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "significant": True}
+    rows = []
+    for exp, shots in (("five", 5), ("zero", 0)):
+        rows += [_lm_row(exp, 0.5, _lm(shots)), {**_lm_row(exp, 0.6, _lm(shots), it=1),
+                                                   "paired": {f"{ACC},none": gain}}]
+    seen = {}
+    real = plots._comparison_figure
+
+    def spy(by_exp, published):
+        fig = real(by_exp, published)
+        seen["titles"] = [ax.get_title().split("\n")[0] for ax in fig.axes if ax.get_title()]
+        seen["suptitle"] = fig.get_suptitle()
+        return fig
+
+    monkeypatch.setattr(plots, "_comparison_figure", spy)
+    plots.render_plots(rows)
+    # tiny_mc's two protocols get a panel each (P1 = 0-shot, P2 = 5-shot); tiny_gen has one: one panel
+    assert [t for t in seen["titles"] if "tiny_mc" in t] == ["tiny_mc acc [P1]", "tiny_mc acc [P2]"]
+    assert [t for t in seen["titles"] if "tiny_gen" in t] == ["tiny_gen exact_match"]
+    assert f"[P1] tiny_mc: {ZERO_CHAT}" in seen["suptitle"] and "[P2] tiny_mc: 5-shot" in seen["suptitle"]
+    # a split key still finds its paired gain (the item key carries lm-eval's filter)
+    split, _ = plots._by_protocol(rows)
+    assert paired_of(split[1], f"{ACC} [P2]") == gain and paired_of(split[1], f"{ACC} [P1]") is None

@@ -10,10 +10,11 @@
   paired gain (``row["paired"]``) the gain's paired 95% interval, drawn around the
   bar's top (the bar is iteration 0's value plus the gain, so the bar covers
   iteration 0's value plus that interval), else its standard error; published
-  AlpacaEval systems as hatched grey bars. Rows of several AlpacaEval protocols
-  (harness.report.protocol) get one panel per protocol for each AlpacaEval metric,
-  tagged "[P1]", "[P2]", ... as the tables' split columns are (harness.report.table), the
-  tags named under the figure's title: no panel puts two protocols' win rates side by side.
+  AlpacaEval systems as hatched grey bars. Rows of several protocols of one evaluation
+  (AlpacaEval, an lm-eval task; harness.report.protocol) get one panel per protocol for
+  each of its metrics, tagged "[P1]", "[P2]", ... as the tables' split columns are (one
+  numbering, harness.report.protocol.tag_protocols), the tags named under the figure's
+  title: no panel puts two protocols' numbers side by side.
 
 Several seeds of an experiment are one point / bar per iteration: the mean over the
 seeds, its error bar the standard deviation between them (harness.outcomes.across_seeds).
@@ -42,7 +43,7 @@ from matplotlib.figure import Figure
 from harness import fmt
 from harness.metrics import ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_EVAL, N_TOTAL, WIN_RATE, find, ordered, \
     qualified, stderr_of, title
-from harness.report.protocol import PREFIX, row_labels
+from harness.report.protocol import AE_SCOPE, LM_PREFIX, row_labels, scope_of, scopes, tag_protocols
 from harness.report.rows import PUBLISHED
 from harness.report.table import paired_of, seeds_spread
 
@@ -148,20 +149,26 @@ def _experiment_figure(name: str, rows: list[dict]) -> Figure | None:
 
 
 def _by_protocol(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
-    """The rows with their AlpacaEval metrics renamed per protocol ("alpaca_eval/win_rate [P1]")
-    when they have several protocols, and {label: tag}; as they are and {} otherwise."""
-    names = row_labels(rows)
-    found = sorted({n for n in names if n is not None})
-    if len(found) < 2:
+    """The rows with the metrics of each evaluation that has several protocols renamed per
+    protocol ("alpaca_eval/win_rate [P1]", "lm_eval/gsm8k/exact_match [P3]"), and {tag: the
+    protocol's legend text}; as they are and {} when no evaluation has several."""
+    names = {s: row_labels(rows, s) for s in scopes(rows)}
+    tagged = tag_protocols(names)
+    if not tagged:
         return rows, {}
-    tags = {label: f"P{i}" for i, label in enumerate(found, 1)}
 
-    def renamed(values: dict | None, name: str | None) -> dict:
-        return {(f"{k} [{tags[name]}]" if name is not None and k.startswith(PREFIX) else k): v
-                for k, v in (values or {}).items()}
+    def renamed(values: dict | None, i: int) -> dict:
+        out = {}
+        for k, v in (values or {}).items():
+            scope = scope_of(k)
+            name = names[scope][i] if scope in tagged else None
+            out[f"{k} [{tagged[scope][name]}]" if name is not None else k] = v
+        return out
 
-    return [{**r, **{f: renamed(r.get(f), n) for f in ("metrics", "spread", "paired") if f in r}}
-            for r, n in zip(rows, names)], tags
+    legend = {t: (label if scope == AE_SCOPE else f"{scope[len(LM_PREFIX):]}: {label}")
+              for scope, labels in tagged.items() for label, t in labels.items()}
+    return [{**r, **{f: renamed(r.get(f), i) for f in ("metrics", "spread", "paired") if f in r}}
+            for i, r in enumerate(rows)], legend
 
 
 def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> Figure | None:
@@ -181,7 +188,7 @@ def _comparison_figure(by_exp: dict[str, list[dict]], published: list[dict]) -> 
     width_in = max(COMPARE_PANEL[0], 0.9 + 1.1 * len(groups))
     fig = Figure(figsize=(width_in * ncols, COMPARE_PANEL[1] * nrows + 0.6), layout="constrained")
     fig.suptitle("methods side by side: one bar per iteration"
-                 + "".join(f"\n[{t}] {label}" for label, t in tags.items()
+                 + "".join(f"\n[{t}] {label}" for t, label in tags.items()
                            if any(qualified(q)[1] == f" [{t}]" for q in quantities)), fontsize=11)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     max_it = max(r["iteration"] for r in rows)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from harness.annotator_configs import AE2, ANSWER_TOKENS, HUB_SET, OPENAI_API, RUBRIC, official_endpoint
 
@@ -232,6 +232,20 @@ def row_labels(rows: Sequence[dict], scope: str = AE_SCOPE) -> list[Any]:
     recs = [record(r, scope) if h else None for r, h in zip(rows, has)]
     named = labels([rec for rec, h in zip(recs, has) if h], scope)
     return [named[identity(rec, scope)] if h else None for rec, h in zip(recs, has)]
+
+
+def tag_protocols(labels_by_scope: Mapping[str, Iterable[Any]]) -> dict[str, dict[str, str]]:
+    """{scope: {label: its tag "P1", "P2", ...}} for the scopes with more than one label
+    (non-strings ignored), numbered over all of them in the given scope order, each scope's
+    labels alphabetically: the tables' and the plots' one numbering."""
+    out: dict[str, dict[str, str]] = {}
+    n = 0
+    for scope, values in labels_by_scope.items():
+        found = sorted({v for v in values if isinstance(v, str)})
+        if len(found) > 1:
+            out[scope] = {label: f"P{n + i}" for i, label in enumerate(found, 1)}
+            n += len(found)
+    return out
 
 
 def scopes(rows: Sequence[dict]) -> list[str]:

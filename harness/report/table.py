@@ -58,9 +58,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from harness.metrics import WIN_RATE, WIN_SE, ordered, stderr_of
+from harness.metrics import WIN_RATE, WIN_SE, ordered, qualified, stderr_of
 from harness.outcomes import across_seeds
-from harness.report.protocol import AE_SCOPE, row_labels, scope_of, scopes
+from harness.report.protocol import AE_SCOPE, row_labels, scope_of, scopes, tag_protocols
 from harness.report.rows import PUBLISHED, ResultsError
 
 UNAVAILABLE = "unavailable"
@@ -135,7 +135,8 @@ def paired_of(row: dict, key: str) -> dict | None:
     p = row.get("paired") or {}
     if key in p:
         return p[key]
-    hits = [v for k, v in p.items() if "," in k and k.split(",", 1)[0] == key]
+    base, tag = qualified(key)  # a key split by protocol (" [P3]") matches a paired key of the same tag
+    hits = [v for k, v in p.items() if "," in k and qualified(k)[1] == tag and qualified(k)[0].split(",", 1)[0] == base]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -352,16 +353,9 @@ def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending:
 
 def protocol_tags(df: pd.DataFrame) -> dict[str, dict[str, str]]:
     """{scope: {protocol label: its tag "P1", "P2", ...}} for the scopes whose rows in the table
-    have more than one protocol (tags numbered over the table in the order of its protocol
-    columns, each scope's labels alphabetically); {} when no scope has several."""
-    out: dict[str, dict[str, str]] = {}
-    n = 0
-    for col in [c for c in df.columns if is_protocol_column(c)]:
-        labels = sorted({v for v in df[col] if isinstance(v, str)})
-        if len(labels) > 1:
-            out[column_scope(col)] = {label: f"P{n + i}" for i, label in enumerate(labels, 1)}
-            n += len(labels)
-    return out
+    have more than one protocol (harness.report.protocol.tag_protocols, in the order of the protocol
+    columns); {} when no scope has several."""
+    return tag_protocols({column_scope(c): df[c] for c in df.columns if is_protocol_column(c)})
 
 
 def tagged(col: str, tag: str) -> str | None:
