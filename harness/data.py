@@ -207,6 +207,7 @@ def _card_splits(card: str, ref: str, where: str) -> dict[str, list[str]] | None
     when the card declares no configs."""
     import yaml
 
+    head = card.split("\n---", 1)[0][4:] if card.startswith("---\n") else ""
     try:
         meta = yaml.safe_load(head) if head else None
     except yaml.YAMLError:
@@ -248,7 +249,6 @@ def text_column(row: dict, column: str, where: str, *, required: bool = True, n:
 
 
 def with_system(system_prompt: str, messages: Sequence[dict] = ()) -> tuple[dict, ...]:
-    head = card.split("\n---", 1)[0][4:] if card.startswith("---\n") else ""
     """``messages`` after a system message of ``system_prompt`` (data.system_prompt); none
     when it is empty."""
     return (({"role": "system", "content": system_prompt},) if system_prompt else ()) + tuple(messages)

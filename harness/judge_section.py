@@ -55,6 +55,11 @@ class JudgeSection:
         """The judge is the policy being trained (build_judge needs policy=(model, tokenizer))."""
         return self.kind is not None and self.kind.needs_policy
 
+    @property
+    def loads_model(self) -> bool:
+        """The judge loads a model of its own on this machine (the policy is unloaded first)."""
+        return self.kind is not None and self.kind.loads_model
+
     @classmethod
     def of(cls, name: str, **values: Any) -> JudgeSection:
         """A section from keyword values, shared and kind-specific mixed (for code and tests):

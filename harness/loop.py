@@ -23,7 +23,7 @@ from harness.data import load_examples
 from harness.judges import judge_scale
 from harness.methods import METHODS
 from harness.methods.base import IterationContext
-from harness.models import load_policy, offline_env
+from harness.models import load_policy, offline_env, release_memory
 from harness.outcomes import gains_at
 from harness.reuse import ConfigView, RecordedStage
 from harness.rundir import RunDir
@@ -58,13 +58,21 @@ class Runner:
         it count as read by every stage that uses it, not only by the one that loaded it."""
         key = tuple(map(str, policy.adapters))
         if self._loaded is None or self._loaded[0] != key:
-            self._loaded = None  # free the previous model first
+            self.unload()  # free the previous model first
             view = ConfigView(self._plain)
             model, tok = load_policy(view.cfg, policy.adapters, base=self.base_path)
             self._loaded = (key, model, tok, view.reads)
         if self._view is not None:
             self._view.merge(self._loaded[3])
         return self._loaded[1], self._loaded[2]
+
+    def unload(self) -> None:
+        """Drop the cached policy and give its memory back (``release_memory``): before another
+        model loads (a judge, a fixed self-instruct model), and after training, whose trainer
+        wrapped or changed the object (the next user reloads it from disk). A stage's own
+        references to the model must be gone first."""
+        self._loaded = None
+        release_memory()
 
     @property
     def examples(self):

@@ -39,6 +39,15 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def use_tf32(device: str) -> None:
+    """On CUDA, float32 matmuls and convolutions run in TF32 (torch's "high" float32 precision:
+    tensor cores, a 10-bit mantissa for the products, float32 sums), for every model loaded
+    there; set for the whole process. Nothing on a CPU, whose float32 stays IEEE."""
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def _quant_config(quantization: str, dtype: torch.dtype):
     if quantization == "none":
         return None
@@ -73,6 +82,7 @@ def load_model(name: str, *, revision: str = "main", dtype: str = "float32", qua
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     torch_dtype = DTYPES[dtype]
     device = pick_device(device)
+    use_tf32(device)
     qc = _quant_config(quantization, torch_dtype)
     model = cls.from_pretrained(model_path(name), revision=revision, dtype=torch_dtype,
                                 quantization_config=qc, trust_remote_code=trust_remote_code,
@@ -124,6 +134,18 @@ def prepare_quantized(model, gradient_checkpointing: bool):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     model.eval()
     return model
+
+
+def release_memory() -> None:
+    """Give back the memory of models nothing refers to any more, before another model or
+    engine starts: a trained model lives in reference cycles (trl and accelerate rebind its
+    ``forward``), which only the garbage collector frees, and on CUDA the freed blocks stay in
+    torch's cache, out of reach of a vLLM engine or another process, until emptied."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def offline_env() -> None:

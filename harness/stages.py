@@ -57,7 +57,8 @@ def init_stage(r) -> Policy:
         settings = r.method.init_sft_settings(cfg)
         model, tok = r.model(Policy([], base_id))
         metrics = train_sft(model, tok, data, cfg, 0, work, settings=settings)
-        r._loaded = None  # the object was wrapped by training; reload from disk
+        del model
+        r.unload()  # the trained model is freed before any other model or engine starts
         store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
         tr = cfg.training  # what the SFT stage shares with the DPO iterations
         return {"adapter_hash": store.adapter_hash(work / "adapter"),
@@ -85,11 +86,12 @@ def self_instruct_stage(r, t: int, policy: Policy) -> tuple[RecordedStage | None
     def compute(cfg, work):
         plan = r.method.self_instruct(r.context(t, cfg))
         if plan.model:
+            r.unload()  # the policy is not needed: its memory is the fixed model's
             model = load_model(plan.model, revision=plan.revision, dtype=cfg.model.dtype, device=cfg.model.device)
             tok = load_tokenizer(plan.model, plan.revision)
         else:
             model, tok = r.model(policy)
-        with session(cfg.generation.engine) as eng:
+        with session(cfg.generation.engine, cfg.generation) as eng:
             out = eng.generate(model, tok, plan.requests, plan.sampling,
                                seed_key=(cfg.experiment.seed, t, "self_instruct"), batch_size=cfg.generation.batch_size,
                                log=store.JsonlLog(work / "outputs.jsonl"), desc=f"iter {t} self_instruct")
@@ -117,7 +119,7 @@ def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[Rec
         prompts_as_trained, fitted = as_trained(tok, prompts, cfg.training)
         glog = store.JsonlLog(work / "samples.jsonl")
         resumed = len(glog.records)  # records kept from an interrupted attempt
-        with session(cfg.generation.engine) as eng:
+        with session(cfg.generation.engine, cfg.generation) as eng:
             records = eng.generate(model, tok, [Prompt(e.id, e.messages) for e in prompts_as_trained], sampling,
                                    seed_key=(cfg.experiment.seed, t, "generate"), batch_size=cfg.generation.batch_size,
                                    log=glog, desc=f"iter {t} generate")
@@ -177,8 +179,10 @@ def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Exa
         ctx = r.context(t, cfg)
         groups, scale = candidate_groups(r, ctx, gen, prompts), ctx.scale()
         judge_policy = r.model(policy) if cfg.judge.needs_policy else None
-        with session(_engine(cfg, JUDGES.get(cfg.judge.name).generates)) as eng:
-            judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id,
+        if cfg.judge.loads_model:
+            r.unload()  # the judge's model takes the policy's memory (the next stage to need it reloads it)
+        with session(_engine(cfg, JUDGES.get(cfg.judge.name).generates), cfg.generation) as eng:
+            judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id, dtype=cfg.model.dtype,
                                 seed_key=(cfg.experiment.seed, t, "judge"), engine=eng)
             if tuple(judge.scale) != tuple(scale):
                 raise RuntimeError(f"judge {judge.name!r} scores on {judge.scale}, but the method was told "
@@ -233,8 +237,9 @@ def train_stage(r, t: int, policy: Policy, start: Policy) -> tuple[RecordedStage
         model, tok = r.model(policy)
         # model_t is trl's default reference; another one is passed as its chain of adapters
         reference = None if ref.adapters == policy.adapters else ref.adapters
-        metrics, _ = train_dpo(model, tok, pairs, cfg, t, work, reference=reference, base=r.base_path)
-        r._loaded = None  # trl wrapped or changed the object; the next user reloads from disk
+        metrics = train_dpo(model, tok, pairs, cfg, t, work, reference=reference, base=r.base_path)[0]
+        del model
+        r.unload()  # the trained model is freed before any other model or engine starts
         store.write_jsonl(work / "log_history.jsonl", metrics.pop("log_history"))
         metrics["train/n_replayed"] = sum(p.get("iteration", t) != t for p in pairs)
         adapter_hash = store.adapter_hash(work / "adapter")
@@ -251,22 +256,24 @@ def train_stage(r, t: int, policy: Policy, start: Policy) -> tuple[RecordedStage
 
 def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
     from harness.evaluate import evaluate_iteration, iteration0_answers
+    from harness.evaluate.alpaca import instructions_identity
     from harness.judges import build_judge
 
     upstream, reference = {"policy": policy.id, "sampler": SAMPLER}, None
     if t > 0 and r.cfg.eval.alpaca_eval.instructions and r.cfg.eval.alpaca_eval.reference == "iteration0":
         reference, upstream["reference"] = iteration0_answers(r.layout.alpaca_generations(0))
-    from harness.evaluate.alpaca import instructions_identity
+    if (hub := instructions_identity(r.cfg.eval.alpaca_eval)) is not None:  # a hub file: its content, as a local file's
+        upstream["alpaca_eval_instructions"] = hub
 
     def compute(cfg, work):
         model, tok = r.model(policy)
         ev = cfg.eval
-        with session(_engine(cfg, bool(ev.alpaca_eval.instructions) or ev.indicators.num_prompts > 0)) as eng:
-    if (hub := instructions_identity(r.cfg.eval.alpaca_eval)) is not None:  # a hub file: its content, as a local file's
-        upstream["alpaca_eval_instructions"] = hub
+        with session(_engine(cfg, bool(ev.alpaca_eval.instructions) or ev.indicators.num_prompts > 0),
+                     cfg.generation) as eng:
             metrics = evaluate_iteration(
                 model, tok, cfg, work, t,
-                lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval"), engine=eng),
+                lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "alpaca_eval"), engine=eng,
+                                            dtype=cfg.model.dtype),
                 reference=reference, generate_fn=eng.generate)
         return {"metrics": metrics, "items": write_items(work)}
 
@@ -276,6 +283,7 @@ def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
 def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
     """[eval.validation] (for choosing an iterate): its metrics are "validation/..."."""
     from harness.evaluate import iteration0_answers
+    from harness.evaluate.alpaca import instructions_identity
     from harness.judges import build_judge
     from harness.selection import run_validation
 
@@ -283,20 +291,20 @@ def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
     if not v.enabled:
         r.skip_stage(t, "validation")
         return None
-    from harness.evaluate.alpaca import instructions_identity
     upstream, reference = {"policy": policy.id}, None
     if t > 0 and v.alpaca_eval.instructions and v.alpaca_eval.reference == "iteration0":
         reference, upstream["reference"] = iteration0_answers(r.layout.alpaca_generations(0, "validation"))
+    if (hub := instructions_identity(v.alpaca_eval)) is not None:
+        upstream["alpaca_eval_instructions"] = hub
 
     def compute(cfg, work):
         model, tok = r.model(policy)
         v = cfg.eval.validation
-        with session(_engine(cfg, bool(v.alpaca_eval.instructions or v.prompts))) as eng:
+        with session(_engine(cfg, bool(v.alpaca_eval.instructions or v.prompts)), cfg.generation) as eng:
             metrics = run_validation(
                 model, tok, cfg, work, t,
-    if (hub := instructions_identity(v.alpaca_eval)) is not None:
-        upstream["alpaca_eval_instructions"] = hub
-                lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation"), engine=eng),
+                lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation"), engine=eng,
+                                            dtype=cfg.model.dtype),
                 reference=reference, generate_fn=eng.generate)
         return {"metrics": metrics, "items": write_items(work, "validation/")}
 

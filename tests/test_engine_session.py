@@ -46,7 +46,7 @@ def test_every_generating_stage_uses_the_stage_engine(tmp_path, monkeypatch):
     calls: list[tuple[int, str]] = []  # (session number, desc) of every generate call
 
     @contextlib.contextmanager
-    def recording_session(name: str = "hf"):
+    def recording_session(name: str = "hf", generation=None):
         opened.append(name)
         k = len(opened)
 

@@ -55,12 +55,14 @@ class Engine:
 
 
 @contextlib.contextmanager
-def session(name: str = "hf") -> Iterator[Engine]:
+def session(name: str = "hf", generation=None) -> Iterator[Engine]:
     """Engine ``name`` for one stage: for "vllm" the generate of a ``vllm_engine.Session``
     (one engine start for the stage's calls, stopped on exit), for "hf"
-    ``harness.generate.generate`` itself."""
+    ``harness.generate.generate`` itself, its batches bounded by ``max_batch_tokens`` of
+    ``generation`` (the run's [generation] section; read when it first generates, so a stage
+    that generates nothing does not depend on it)."""
     if name != "vllm":
-        yield Engine(name, engine(name))
+        yield Engine(name, engine(name) if generation is None else _token_budget(engine(name), generation))
         return
     from harness.engines.vllm_engine import Session
 
@@ -69,6 +71,14 @@ def session(name: str = "hf") -> Iterator[Engine]:
         yield Engine(name, s.generate)
     finally:
         s.close()
+
+
+def _token_budget(generate: Callable, generation) -> Callable:
+    """``generate`` with ``max_batch_tokens = generation.max_batch_tokens``."""
+    def budgeted(*args, **kwargs):
+        return generate(*args, max_batch_tokens=generation.max_batch_tokens, **kwargs)
+
+    return budgeted
 
 
 def settings(name: str, model, tokenizer, sampling) -> dict:

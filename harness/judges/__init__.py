@@ -48,7 +48,7 @@ def judge_scale(section: JudgeSection, where: str = "judge") -> tuple[float, flo
 
 
 def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
-                cache_path: Path | None = None, seed_key: tuple = (), engine=None) -> Judge:
+                cache_path: Path | None = None, seed_key: tuple = (), engine=None, dtype: str = "float32") -> Judge:
     """The configured judge; wrapped in a ``CachedJudge`` when ``cache_path`` is given.
 
     ``policy``: (model, tokenizer) for a kind that ``needs_policy`` ("self").
@@ -58,6 +58,8 @@ def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
     judge sampling seed, e.g. (experiment seed, iteration, "judge"). ``engine``: the stage's
     ``harness.engines.Engine``; a judge that generates with a model on this machine ("self",
     "hf") writes its answers with it (and a judge cache then tells the engines apart).
+    ``dtype``: the run's model.dtype, which a kind that ``loads_model`` loads its model in unless
+    its own section sets ``dtype``.
     """
     kind = _kind(section, "judge")
     if kind.needs_policy and policy is None:
@@ -65,7 +67,8 @@ def build_judge(section: JudgeSection, *, policy=None, identity_extra: str = "",
                          "to build_judge")
     if cache_path is not None and kind.needs_policy and not identity_extra:
         raise ValueError(f"caching the {kind.name!r} judge needs identity_extra (the policy's adapter hash / iteration)")
-    judge, ident = kind.build(section, policy, tuple(seed_key))
+    judge, ident = (kind.build(section, policy, tuple(seed_key), dtype=dtype) if kind.loads_model
+                    else kind.build(section, policy, tuple(seed_key)))
     if engine is not None and hasattr(judge, "generate_fn"):
         judge.generate_fn = engine.generate
         if engine.name != "hf":

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.judges.kind import LLMKind, LLMOptions, LocalModelOptions, model_ident, model_preflight, model_problems
+from harness.judges.kind import (LLMKind, LLMOptions, LocalModelOptions, load_dtype, model_ident, model_preflight,
+                                 model_problems)
 from harness.registry import JUDGES
 
 
@@ -19,6 +20,7 @@ class HfJudge(LLMKind):
     name = "hf"
     Options = HfOptions
     generates = True
+    loads_model = True
 
     def check(self, options, where):
         return model_problems(self.name, options, where) + super().check(options, where)
@@ -27,15 +29,15 @@ class HfJudge(LLMKind):
         model_preflight(options, where, checks)
         super().preflight(options, where, checks)
 
-    def build(self, section, policy, seed_key):
+    def build(self, section, policy, seed_key, dtype="float32"):
         from harness.models import load_model, load_tokenizer  # torch
 
         o = section.options
         self.template(o)  # a bad template fails before a model loads
         tokenizer = load_tokenizer(o.model, o.revision)
-        model = load_model(o.model, revision=o.revision)
+        model = load_model(o.model, revision=o.revision, dtype=load_dtype(o, dtype))
         judge, ident = self.local_judge(model, tokenizer, section, seed_key, name=f"{self.name}:{o.model}")
-        return judge, {**ident, **model_ident(o)}
+        return judge, {**ident, **model_ident(o, load_dtype(o, dtype))}
 
 
 JUDGES.register(HfJudge.name)(HfJudge())

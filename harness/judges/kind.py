@@ -54,6 +54,7 @@ class JudgeKind:
     # own evaluation outputs.
     needs_policy: bool = False
     generates: bool = False  # writes its answers with a model on this machine, through the stage's engine
+    loads_model: bool = False  # loads a model of its own (``build`` then takes ``dtype``, the run's model.dtype)
 
     def scale(self, options: Any, where: str) -> tuple[float, float]:
         """(lowest, highest) score it can give, known without loading a model."""
@@ -69,7 +70,8 @@ class JudgeKind:
     def build(self, section: Any, policy: Any, seed_key: tuple) -> tuple[Any, dict]:
         """(the judge, its identity fields): everything that determines a judgment beyond the
         kind and the item, hashed into cache keys (``cache.judge_identity``). ``section`` is
-        the whole ``harness.config.JudgeSection`` (batch_size is shared by every kind)."""
+        the whole ``harness.config.JudgeSection`` (batch_size is shared by every kind). A kind
+        that ``loads_model`` also takes ``dtype``, the run's model.dtype (``load_dtype``)."""
         raise NotImplementedError
 
 
@@ -164,6 +166,7 @@ class LLMKind(JudgeKind):
 class LocalModelOptions:
     model: str = opt("", "Hub id or local path of the judge model.")
     revision: str = opt("main", "Hub revision of the judge model.")
+    dtype: str = opt("", 'dtype the judge model loads in: "float32", "bfloat16" or "float16"; "" = the run\'s model.dtype.', choices=("", "float32", "bfloat16", "float16"))
 
 
 def model_problems(kind: str, options: LocalModelOptions, where: str) -> list[FieldError]:
@@ -183,6 +186,12 @@ def model_preflight(options: LocalModelOptions, where: str, checks: Checks) -> N
         checks.hub_model(f"{where}.model", src.ref, options.revision)
 
 
-def model_ident(options: LocalModelOptions) -> dict:
+def model_ident(options: LocalModelOptions, dtype: str) -> dict:
+    """The judge model's identity fields; ``dtype``: the one it loads in (``load_dtype``)."""
     return {"model": options.model, "revision": options.revision,
-            "weights": identity(locate(options.model), options.revision)}
+            "weights": identity(locate(options.model), options.revision), "dtype": dtype}
+
+
+def load_dtype(options: LocalModelOptions, run_dtype: str) -> str:
+    """The dtype a judge model loads in: its section's ``dtype``, else the run's model.dtype."""
+    return options.dtype or run_dtype

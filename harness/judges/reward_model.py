@@ -26,7 +26,8 @@ import math
 from typing import Sequence
 
 from harness.judges.base import JudgeItem, Verdict
-from harness.judges.kind import JudgeKind, LocalModelOptions, model_ident, model_preflight, model_problems
+from harness.judges.kind import (JudgeKind, LocalModelOptions, load_dtype, model_ident, model_preflight,
+                                 model_problems)
 from harness.registry import JUDGES
 
 UNBOUNDED = (-math.inf, math.inf)
@@ -106,6 +107,7 @@ class RewardModelJudge:
 class RewardModel(JudgeKind):
     name = "reward_model"
     Options = LocalModelOptions
+    loads_model = True
 
     def scale(self, options, where):
         return UNBOUNDED
@@ -116,16 +118,17 @@ class RewardModel(JudgeKind):
     def preflight(self, options, where, checks):
         model_preflight(options, where, checks)
 
-    def build(self, section, policy, seed_key):
+    def build(self, section, policy, seed_key, dtype="float32"):
         from harness.models import load_model, load_tokenizer  # torch
 
         o = section.options
         tokenizer = load_tokenizer(o.model, o.revision)
-        model = load_model(o.model, revision=o.revision, kind="sequence_classification")
+        model = load_model(o.model, revision=o.revision, dtype=load_dtype(o, dtype), kind="sequence_classification")
         judge = RewardModelJudge(model, tokenizer, batch_size=section.batch_size, name=f"{self.name}:{o.model}")
         # "pooling": rewards are read at each text's last real token (its own padding); earlier
         # caches of a model whose pad was its eos read another token
-        return judge, {**model_ident(o), "max_length": judge.max_length, "pooling": "last_real_token"}
+        return judge, {**model_ident(o, load_dtype(o, dtype)), "max_length": judge.max_length,
+                       "pooling": "last_real_token"}
 
 
 JUDGES.register(RewardModel.name)(RewardModel())
