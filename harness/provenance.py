@@ -9,6 +9,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from harness.models import pick_device
+
 PACKAGES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
             "lm_eval", "alpaca_eval", "pandas", "numpy")
 
@@ -65,4 +67,5 @@ def hardware() -> dict:
 def collect(cfg, model_ids: dict) -> dict:
     return {"config_hash": cfg.hash(), "config_file": cfg.source, "seed": cfg.experiment.seed,
             "versions": versions(), **git_state(), "hardware": hardware(), "models": model_ids,
-            "argv": sys.argv, "eval_batch_size": cfg.eval.batch_size}
+            "argv": sys.argv, "eval_batch_size": cfg.eval.batch_size,
+            "tf32": pick_device(cfg.model.device) == "cuda"}  # harness.models.use_tf32 on every CUDA load

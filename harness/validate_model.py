@@ -1,7 +1,9 @@
 """Checks of the model an experiment names, known before its weights load: the source resolves
 (or needs the hub), the device and bitsandbytes exist, the tokenizer has a chat template that
-renders a system turn when data.system_prompt is set, and every LoRA target module matches a
-module of the model (built from its config on the meta device). Part of ``harness validate``.
+renders a system turn when data.system_prompt is set (and that turn leaves room for a prompt),
+the lengths fit the model's positions, vLLM can serve its attention heads, and the LoRA target
+modules are a non-empty list whose every name matches a module of the model (built from its
+config on the meta device). Part of ``harness validate``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from pathlib import Path
 
 from harness.config import Config
 from harness.engines import unavailable
+from harness.models import pick_device
 from harness.schema import FieldError, closest
 from harness.sources import ModelSource, SourceError, converted, is_built, locate, resolve_ref
+from harness.tiny.build import TinyParams
 from harness.validate_report import HUB_MODEL, Report, hub_off, hub_ok
 
 
@@ -29,6 +33,10 @@ def _device(cfg: Config, r: Report) -> None:
         r.environment(cfg, "gpu", FieldError("model.device", (
             "\"cuda\" but no CUDA device is available here (torch was built without CUDA or no GPU is visible); "
             "use \"auto\" or \"cpu\", or declare experiment.requires = [\"gpu\"]")))
+    if cfg.model.dtype == "float32" and pick_device(cfg.model.device) == "cuda":  # set: "auto" is bfloat16 there
+        r.warnings.append(FieldError("model.dtype", (
+            "float32 on CUDA takes twice the memory of bfloat16 (the default there) and its matmuls run in TF32 "
+            "anyway (on for every CUDA load); remove model.dtype for bfloat16")))
     if cfg.model.quantization != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
             r.errors.append(FieldError("model.quantization", f"{cfg.model.quantization} needs bitsandbytes, "
@@ -49,6 +57,13 @@ def _bnb_supports(device: str) -> bool:
 
 
 def _model(cfg: Config, r: Report) -> None:
+    targets = cfg.lora.target_modules
+    if not targets:  # peft refuses a LoRA config with no target
+        r.errors.append(FieldError("lora.target_modules", "empty: no module would get an adapter; name the "
+                                                          'modules to adapt, e.g. ["q_proj", "v_proj"]'))
+    for i, target in enumerate(targets):
+        if not target.strip():  # "" would match the model itself (its module name is "")
+            r.errors.append(FieldError(f"lora.target_modules[{i}]", "an empty name; give a module name such as 'q_proj'"))
     try:
         src = locate(cfg.model.base, cfg.model.gguf_file)
     except SourceError as e:
@@ -65,8 +80,13 @@ def _model(cfg: Config, r: Report) -> None:
             f"the tokenizer of {src.ref!r} has no chat template; set model.chat_template to a Jinja file")))
     elif cfg.data.system_prompt:
         _system_role(cfg, src, r)
+    _positions(cfg, config, r)
+    if cfg.generation.engine == "vllm":
+        _vllm_model(config, r)
     names = _module_names(config)
     for i, target in enumerate(cfg.lora.target_modules):
+        if not target.strip():
+            continue
         if not any(n == target or n.endswith("." + target) for n in names):
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
             hint = closest(target, leaves)
@@ -75,12 +95,70 @@ def _model(cfg: Config, r: Report) -> None:
                 + (f"; did you mean {hint!r}?" if hint else "") + f" (modules: {', '.join(leaves)})")))
 
 
+def _positions(cfg: Config, config, r: Report) -> None:
+    """Lengths that must fit the model's positions (``max_position_embeddings``): a training
+    sequence (max_length) and a generated answer (generation.max_new_tokens, which the vLLM engine
+    caps at the positions and the HF engine would run past what the model was trained on)."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    lengths = [("training.max_length", cfg.training.max_length)]
+    sft = getattr(cfg.options, "sft", None)
+    if sft is not None:
+        lengths.append((f"method.{cfg.method.name}.sft.max_length", sft.max_length))
+    for where, n in lengths:
+        if n > limit:
+            r.errors.append(FieldError(where, f"{n} is more than the {limit} positions of {cfg.model.base!r} "
+                                              f"(max_position_embeddings); use at most {limit}"))
+    if cfg.generation.max_new_tokens >= limit:
+        r.errors.append(FieldError("generation.max_new_tokens", (
+            f"{cfg.generation.max_new_tokens} leaves no room for a prompt in the {limit} positions of "
+            f"{cfg.model.base!r} (max_position_embeddings); use less than {limit}")))
+
+
+# vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py,
+# CPUAttentionBackend.get_supported_head_sizes) computes these head sizes only; a model with another
+# one fails while its engine starts. On CUDA, vLLM falls back from FLASH_ATTN (head size a multiple of 8,
+# at most 256) to TRITON_ATTN (at least 32) and FLEX_ATTENTION (any size), so every size has a backend.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def head_size(config) -> int | None:
+    """The attention head size vLLM computes with: ``head_dim`` when the config sets one, else
+    hidden_size / num_attention_heads (None when neither is known)."""
+    text = config.get_text_config()
+    size = getattr(text, "head_dim", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+
+
+def _vllm_model(config, r: Report) -> None:
+    """What vLLM would refuse about the policy's architecture, known from its config: on a CPU,
+    a head size its attention backend does not compute (the engine runs where torch sees a GPU,
+    as ``harness.engines.vllm_engine.Worker`` starts it)."""
+    import torch
+
+    size = head_size(config)
+    if size is None or torch.cuda.is_available() or size in VLLM_CPU_HEAD_SIZES:
+        return
+    r.errors.append(FieldError("generation.engine", (
+        f"\"vllm\" cannot serve this model on a CPU: its attention head size is {size}, and vLLM's CPU attention "
+        f"computes head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} only; use engine = \"hf\"")))
+
+
 def _model_config(src: ModelSource, revision: str, trust_remote_code: bool):
     """The model's transformers config, read without weights (None: not available yet)."""
     from transformers import AutoConfig, LlamaConfig
 
-    if src.kind == "tiny":  # the tiny model is a Llama
-        return AutoConfig.from_pretrained(resolve_ref("tiny")) if is_built("tiny") else LlamaConfig()
+    if src.kind == "tiny":  # the tiny model is a Llama of TinyParams' shape (built or not)
+        if is_built("tiny"):
+            return AutoConfig.from_pretrained(resolve_ref("tiny"))
+        p = TinyParams()
+        return LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+                           num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads,
+                           num_key_value_heads=p.num_heads, max_position_embeddings=p.max_positions)
     if src.kind in ("builtin", "gguf"):
         done = converted(src)  # reading the GGUF header takes seconds; the converted copy's config does not
         return AutoConfig.from_pretrained(str(done)) if done else AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
@@ -111,13 +189,22 @@ def _system_role(cfg: Config, src: ModelSource, r: Report) -> None:
     try:
         tok = load_tokenizer(resolve_ref("tiny") if src.kind == "tiny" else src.path, cfg.model.revision,
                              cfg.model.chat_template, cfg.model.trust_remote_code)
-        tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # noqa: BLE001 - a template raises whatever its author wrote
         which = f"model.chat_template ({cfg.model.chat_template})" if cfg.model.chat_template else \
             f"the chat template of {src.ref!r}"
         r.errors.append(FieldError("data.system_prompt", (
             f"{which} cannot render a system message ({type(e).__name__}: {e}); clear data.system_prompt or set "
             "model.chat_template to a template with a system role")))
+        return
+    # a prompt longer than the limit is cut from the left, but the system message stays whole; one that
+    # does not fit even with a one-word question drops every pair, and the stage fails on truncation
+    n, limit = len(tok(text, add_special_tokens=False, verbose=False).input_ids), cfg.training.prompt_limit
+    if n > limit:
+        r.errors.append(FieldError("data.system_prompt", (
+            f"with a one-word question it renders to {n} tokens, more than the {limit} a training prompt may have "
+            "(training.max_prompt_length, or half of max_length): every pair would be dropped; shorten it or "
+            "raise training.max_length")))
 
 
 def _has_chat_template(src: ModelSource) -> bool:
