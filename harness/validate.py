@@ -178,19 +178,6 @@ def _files(cfg: Config, r: Report) -> None:
         _loads(r, "eval.eval_prompts", cfg.eval.eval_prompts, ("prompt",), lambda: load_eval_prompts(cfg.eval.eval_prompts))
 
 
-def _loads(r: Report, where: str, ref: str, columns: tuple[str, ...], load) -> None:
-    """The file's rows (``rows_problems``: FILE:LINE), then its own loader's checks."""
-    problems = rows_problems(ref, where, columns)
-    if problems:
-        r.errors += problems
-        return
-    try:
-        load()
-    except (OSError, ValueError) as e:
-        r.errors.append(FieldError(*_split_where(str(e), where)))
-
-
-def _steps(cfg: Config, method, n_examples: int, r: Report) -> None:
 def _hub_cached(cfg: Config, r: Report, where: str, fetch) -> bool:
     """Whether hub files are here to be checked: with the hub off, ``fetch()`` finds them in the
     local Hugging Face cache (``sources.hub_files``), or the missing file is named
@@ -206,6 +193,19 @@ def _hub_cached(cfg: Config, r: Report, where: str, fetch) -> bool:
     return True
 
 
+def _loads(r: Report, where: str, ref: str, columns: tuple[str, ...], load) -> None:
+    """The file's rows (``rows_problems``: FILE:LINE), then its own loader's checks."""
+    problems = rows_problems(ref, where, columns)
+    if problems:
+        r.errors += problems
+        return
+    try:
+        load()
+    except (OSError, ValueError) as e:
+        r.errors.append(FieldError(*_split_where(str(e), where)))
+
+
+def _steps(cfg: Config, method, n_examples: int, r: Report) -> None:
     """Warn when an iteration trains only a handful of optimizer steps."""
     n_pairs = method.max_pairs(cfg, n_examples)
     if n_pairs is None:
