@@ -54,9 +54,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Sequence
 
+from harness.annotator_configs import official_endpoint
 from harness.config import AlpacaEvalSection
 from harness.data import with_system
-from harness.annotator_configs import official_endpoint
 from harness.evaluate.annotators import (HUB_SET, RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint,
                                          resolve_protocol)
 from harness.generate import Prompt, Sampling, generate, request_seed
