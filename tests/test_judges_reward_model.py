@@ -75,7 +75,7 @@ def test_rejects_multi_label_models(rm_dir):
     cfg = AutoConfig.from_pretrained(rm_dir)
     cfg.num_labels = 3
     model = AutoModelForSequenceClassification.from_config(cfg)
-    with pytest.raises(ValueError, match="num_labels=1"):
+    with pytest.raises(ValueError, match="num_labels=3: .*set score_field"):
         RewardModelJudge(model, AutoTokenizer.from_pretrained(rm_dir))
 
 
@@ -126,3 +126,126 @@ def test_pad_equal_to_eos_pools_each_texts_last_token(rm_dir, side, pad):
         assert b.score == pytest.approx(e, rel=1e-5, abs=1e-5)
         assert a.score == pytest.approx(e, rel=1e-5, abs=1e-5)
     assert model.config.pad_token_id == tok.pad_token_id  # the model's own setting is restored
+
+
+# ---- a reward model with its own head: a custom module whose output holds a "score" field
+
+HEAD_CODE = '''"""A tiny reward model with its own head, as ArmoRM has: per-objective rewards and their mean,
+read at each sequence's last real token (right padding, by the attention mask)."""
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
+from transformers.utils import ModelOutput
+
+
+class HeadRMConfig(LlamaConfig):
+    model_type = "head_rm"
+
+
+@dataclass
+class HeadRMOutput(ModelOutput):
+    score: torch.FloatTensor = None
+    rewards: torch.FloatTensor = None
+
+
+class HeadRM(LlamaPreTrainedModel):
+    config_class = HeadRMConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.regression = torch.nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(-1) - 1
+        rewards = self.regression(hidden[torch.arange(len(input_ids)), last])
+        return HeadRMOutput(score=rewards.mean(-1), rewards=rewards)
+'''
+
+
+@pytest.fixture(scope="module")
+def head_rm_dir(tmp_path_factory):
+    """A local model directory whose code (modeling_head_rm.py, named in config.json's auto_map)
+    has 3 objectives (num_labels = 3) and a "score" output: loaded with trust_remote_code."""
+    import importlib.util
+    import sys
+
+    code_dir = tmp_path_factory.mktemp("head_rm_code")
+    (code_dir / "modeling_head_rm.py").write_text(HEAD_CODE)
+    spec = importlib.util.spec_from_file_location("modeling_head_rm", code_dir / "modeling_head_rm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["modeling_head_rm"] = module
+    try:
+        spec.loader.exec_module(module)
+        tok = tiny_tokenizer()
+        torch.manual_seed(0)
+        cfg = module.HeadRMConfig(**tiny_llama_config(tok, max_position_embeddings=256, num_labels=3).to_dict())
+        module.HeadRMConfig.register_for_auto_class()
+        module.HeadRM.register_for_auto_class("AutoModelForSequenceClassification")
+        path = tmp_path_factory.mktemp("head_rm")
+        module.HeadRM(cfg).save_pretrained(path)
+        tok.save_pretrained(path)
+    finally:
+        del sys.modules["modeling_head_rm"]
+    assert (path / "modeling_head_rm.py").exists()
+    return path
+
+
+def _head_judge(path, **options):
+    return build_judge(JudgeSection.of("reward_model", model=str(path), trust_remote_code=True, batch_size=3,
+                                       **options))
+
+
+def test_a_reward_head_is_read_from_its_score_field(head_rm_dir):
+    """score_field = "score": each reward is the model's own score of the text alone, unpadded."""
+    judge = _head_judge(head_rm_dir, score_field="score")
+    assert judge.model.config.num_labels == 3 and type(judge.model).__name__ == "HeadRM"
+    batched = judge.score(ITEMS)
+    assert all(v.ok and math.isfinite(v.score) for v in batched)
+    assert len({v.score for v in batched}) == 3
+    tok = judge.tokenizer
+    for item, v in zip(ITEMS, batched):
+        ids = torch.tensor([tok(judge._text(item), add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = judge.model(input_ids=ids)
+        assert v.score == pytest.approx(out.score[0].item(), rel=1e-5, abs=1e-5)
+        assert out.score[0].item() == pytest.approx(out.rewards[0].mean().item(), rel=1e-6)
+
+
+def test_an_unscorable_reward_model_names_its_num_labels(head_rm_dir):
+    """Without score_field a 3-label model is refused at validate time (its config.json) and when
+    built; a score_field its output lacks, or one with several numbers per sequence, when it scores."""
+    from harness.judges import JUDGES
+    from harness.judges.kind import Checks
+    from harness.judges.reward_model import RewardModelError
+
+    kind = JUDGES.get("reward_model")
+    checks = Checks()
+    kind.preflight(kind.Options(model=str(head_rm_dir)), "judge.reward_model", checks)
+    assert [(e.path, e.message.split(":")[0]) for e in checks.errors] == [
+        ("judge.reward_model.score_field", "reward model with num_labels=3")]
+    assert "\n" not in checks.errors[0].message and "score_field" in checks.errors[0].message
+    ok = Checks()
+    kind.preflight(kind.Options(model=str(head_rm_dir), score_field="score"), "judge.reward_model", ok)
+    assert ok.errors == []
+    with pytest.raises(RewardModelError, match=r"^reward model with num_labels=3: its logits are not one"):
+        _head_judge(head_rm_dir)
+    with pytest.raises(RewardModelError, match=r"num_labels=3: its output has no field 'reward' \(fields: score, rewards\)"):
+        _head_judge(head_rm_dir, score_field="reward").score(ITEMS[:1])
+    with pytest.raises(RewardModelError, match=r"num_labels=3: its output field 'rewards' has shape \(1, 3\)"):
+        _head_judge(head_rm_dir, score_field="rewards").score(ITEMS[:1])
+
+
+def test_a_one_label_model_passes_the_validate_check(rm_dir):
+    from harness.judges import JUDGES
+    from harness.judges.kind import Checks
+
+    kind = JUDGES.get("reward_model")
+    checks = Checks()
+    kind.preflight(kind.Options(model=str(rm_dir)), "judge.reward_model", checks)
+    assert checks.errors == []
