@@ -6,13 +6,12 @@ estimated). No generation, no judging.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 from harness.evaluate.annotators import quiet
+from harness.sources import HubFileMissing, file_sha256, hub_file
 
 AE_SET_SIZE = 805  # the AlpacaEval instruction set; the LC model's difficulty table is indexed by position
 METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate")
@@ -32,21 +31,16 @@ def lc_data(n_instructions: int) -> tuple[dict | None, str | None]:
     """(the df_gamed.csv that alpaca_eval's length-controlled model reads: its path, hub
     revision and sha256; None) when the LC win rate can be computed here, else (None, why
     not). The file is downloaded when the hub is allowed (HARNESS_ONLINE=1) and read from
-    the local Hugging Face cache otherwise."""
-    from huggingface_hub import hf_hub_download
-
+    the local Hugging Face cache otherwise (``sources.hub_file``)."""
     if n_instructions != AE_SET_SIZE:
         return None, f"needs the {AE_SET_SIZE} AlpacaEval instructions in their order (got {n_instructions})"
-    online = os.environ.get("HARNESS_ONLINE") == "1"
     try:
-        with _hub_mode(online):
-            path = Path(hf_hub_download(LC_REPO, LC_FILE, repo_type="dataset", local_files_only=not online))
-    except Exception as e:  # not cached, no network, no such file
-        where = "could not be downloaded" if online else \
-            "is not in the local Hugging Face cache and the hub is off (HARNESS_ONLINE is not 1)"
-        return None, f"alpaca_eval's {LC_FILE} (hub dataset {LC_REPO}) {where}: {type(e).__name__}"
-    return {"repo": LC_REPO, "file": LC_FILE, "revision": path.parent.name, "path": str(path),
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}, None
+        files = hub_file(LC_REPO, LC_FILE)
+    except HubFileMissing as e:  # not cached, no network, no such file
+        return None, f"alpaca_eval's {LC_FILE}: {e}"
+    path = files.paths()[0]
+    return {"repo": LC_REPO, "file": LC_FILE, "revision": files.commit, "path": str(path),
+            "sha256": file_sha256(str(path))}, None
 
 
 def lc_unavailable_reason(n_instructions: int) -> str | None:
