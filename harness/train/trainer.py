@@ -11,6 +11,9 @@ Dropout: only the adapter being trained drops out (``lora.dropout``); the base
 model's own dropout and a frozen "ref" adapter stay off, so reference log-probs
 are deterministic (trl's ``disable_dropout`` would also zero ``lora.dropout``).
 
+Precision: the trained adapter is float32, also on a quantized (QLoRA) base, where trl casts it
+to bfloat16 while building its trainer (``float32_adapter`` undoes that).
+
 Not here: what a stage trains on and what its reference is (``harness.train.dpo``,
 ``harness.train.sft``), reference log-probs (``harness.train.reference``), the
 schedule's arithmetic (``harness.train.schedule``).
