@@ -140,6 +140,10 @@ annotator = "harness_rubric"
 {revision}
 [eval.alpaca_eval.judge]
 name = "oracle"
+
+[eval.validation]
+prompts = "{prompts}"
+split = "test_prefs"
 """
 
 
@@ -148,13 +152,18 @@ def test_validate_accepts_cached_hub_files_and_names_a_missing_one(hub_cache, tm
 
     def validate(requires: str = "", revision: str = "") -> tuple[int, str]:
         path = tmp_path / "exp.toml"
-        path.write_text(EXPERIMENT.format(out=tmp_path / "out", train=ULTRACHAT, requires=requires, revision=revision))
+        path.write_text(EXPERIMENT.format(out=tmp_path / "out", train=ULTRACHAT, prompts=ULTRAFEEDBACK,
+                                          requires=requires, revision=revision))
         capsys.readouterr()
         code = main(["validate", str(path)])
         return code, capsys.readouterr().err
 
     ultrachat(hub_cache)
     write_alpaca(hub_cache, REV_A, alpaca_rows())
+    write_hub_files(hub_cache, ULTRAFEEDBACK, REV_C, {"data/test_prefs-00000-of-00001-z.parquet": [{"x": "no prompt"}]})
+    code, err = validate()  # the validation prompts are read from the cache: their missing column is named
+    assert code == 1 and "eval.validation.prompts: " in err and "no column 'prompt' (columns: x)" in err, err
+    write_hub_files(hub_cache, ULTRAFEEDBACK, REV_C, {"data/test_prefs-00000-of-00001-z.parquet": [{"prompt": "p"}]})
     code, err = validate()
     assert code == 0, err
     # a pinned AlpacaEval revision that the cache lacks: the file, its repo and the revision
@@ -170,6 +179,7 @@ def test_validate_accepts_cached_hub_files_and_names_a_missing_one(hub_cache, tm
     assert code == 1
     assert f"eval.alpaca_eval.instructions: hub dataset {HUB_REPO}: file '{HUB_FILE}' (revision main)" in err
     assert f"data.train: hub dataset {ULTRACHAT}: file 'README.md' (revision main) is not in the local" in err
+    assert f"eval.validation.prompts: hub dataset {ULTRAFEEDBACK}: file 'README.md' (revision main)" in err
     # declared: an unmet requirement, and the missing files are still named
     code, err = validate(requires='requires = ["hub"]')
     assert code == 0
