@@ -129,7 +129,8 @@ def _json_rows(path: Path, where: str) -> list[Row]:
 
 
 def read_records(ref: str, *, revision: str = "main", split: str = "train", where: str = "data.train") -> list[Row]:
-    """Rows of a .jsonl / .json / .parquet file, "tiny:<name>", or a hub dataset id; each a
+    """Rows of a .jsonl / .json / .parquet file, "tiny:<name>", or a hub dataset id (the files of
+    its ``split`` at ``revision``, ``hub_split_files``, read as local files, in path order); each a
     ``Row`` (a dict of its columns) knowing where it came from. A line or record that is not
     a JSON object, invalid JSON or invalid UTF-8 is a ``DataError`` naming FILE:LINE."""
     path = Path(resolve_ref(ref))
