@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -128,6 +129,28 @@ def _json_rows(path: Path, where: str) -> list[Row]:
     return [Row(value, f"{path}: record {i}") for i, value in enumerate(values)]
 
 
+def special_file(path: Path | str) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a directory ("a FIFO",
+    "a character device", ...), else None. A file is read whole, and only a regular file is
+    sure to end: a FIFO waits for a writer forever, /dev/zero never ends."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")
+
+
+def _regular(path: Path, where: str) -> None:
+    """A ``DataError`` unless ``path`` is a regular file (checked before it is opened)."""
+    kind = special_file(path) or ("a directory" if path.is_dir() else None)
+    if kind:
+        raise DataError(f"{where}: {path} is {kind}, not a regular file; give a data file")
+
+
 def read_records(ref: str, *, revision: str = "main", split: str = "train", where: str = "data.train") -> list[Row]:
     """Rows of a .jsonl / .json / .parquet file, "tiny:<name>", or a hub dataset id (the files of
     its ``split`` at ``revision``, ``hub_split_files``, read as local files, in path order); each a
@@ -137,12 +160,14 @@ def read_records(ref: str, *, revision: str = "main", split: str = "train", wher
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.exists():
             raise DataError(f"{where}: file not found: {path}")
+        _regular(path, where)
         if path.suffix == ".jsonl":
             return _jsonl_rows(path, where)
         if path.suffix == ".json":
             return _json_rows(path, where)
         return _parquet_rows(path)
     if path.exists():
+        _regular(path, where)
         raise DataError(f"{where}: {path}: unsupported file type (use .jsonl, .json or .parquet)")
     try:  # a hub dataset id: its split's files, read as local files
         files = hub_split_files(ref, split, revision, where)

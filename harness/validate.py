@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from harness.config import Config, JudgeSection, judge_sections
-from harness.data import DataError, hub_split_files, load_examples, read_records, text_column
+from harness.data import DataError, hub_split_files, load_examples, read_records, special_file, text_column
 from harness.evaluate import load_eval_prompts
 from harness.evaluate.alpaca import HUB_SET, hub_instructions, load_instructions, section_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics, task_problems
@@ -35,6 +35,7 @@ from harness.selection import metric_names as validation_metric_names
 from harness.sources import HubFileMissing, hub_online, is_built, is_tiny_ref, resolve_ref, tiny_problem
 from harness.train import optimizer_steps
 from harness.validate_model import _device, _model
+from harness.validate_values import check_values
 from harness.validate_report import HUB_MODEL, Report, hub_file_missing, hub_off, hub_ok
 
 MIN_STEPS = 4  # fewer optimizer steps per iteration than this gets a warning
@@ -45,6 +46,7 @@ def check(cfg: Config, *, check_endpoints: bool = False) -> Report:
     r = Report()
     method = METHODS.get(cfg.method.name)
     _paths(cfg, r)
+    _guarded(r, "experiment", check_values, cfg, method, r.errors)
     _device(cfg, r)
     _model(cfg, r)
     examples = _guarded(r, "data.train", _data, cfg, r)
@@ -133,6 +135,10 @@ def readable(ref: str, where: str, r: Report) -> Path | None:
     if not path.exists():
         r.errors.append(FieldError(where, f"file not found: {path}"))
         return None
+    kind = special_file(path)
+    if kind:  # never opened: reading a FIFO or a device would hang validate, and the run after it
+        r.errors.append(FieldError(where, f"{path} is {kind}, not a regular file"))
+        return None
     return path
 
 
@@ -149,10 +155,17 @@ def _data(cfg: Config, r: Report) -> list | None:
         if not _hub_cached(cfg, r, "data.train", lambda: hub_split_files(ref, cfg.data.split, cfg.data.revision)):
             return None
     try:
-        return load_examples(cfg.data, seed=cfg.experiment.seed)
+        examples = load_examples(cfg.data, seed=cfg.experiment.seed)
     except DataError as e:
         r.errors.append(FieldError(*_split_where(str(e), "data.train")))
         return None
+    if not examples:  # the run would fail at iteration 1's first stage, with nothing to sample from
+        r.errors.append(FieldError("data.train", f"{resolve_ref(ref)} has no rows; a run needs prompts to train on"))
+        return None
+    if cfg.data.num_prompts > len(examples):
+        r.warnings.append(FieldError("data.num_prompts", (
+            f"{cfg.data.num_prompts} but {ref} has {len(examples)} prompts: all {len(examples)} are used")))
+    return examples
 
 
 def _split_where(message: str, default: str) -> tuple[str, str]:
@@ -200,9 +213,12 @@ def _loads(r: Report, where: str, ref: str, columns: tuple[str, ...], load) -> N
         r.errors += problems
         return
     try:
-        load()
+        rows = load()
     except (OSError, ValueError) as e:
         r.errors.append(FieldError(*_split_where(str(e), where)))
+        return
+    if not rows:  # an evaluation of nothing: its stage would fail on coverage or divide by zero
+        r.errors.append(FieldError(where, f"{resolve_ref(ref)} has no rows"))
 
 
 def _steps(cfg: Config, method, n_examples: int, r: Report) -> None:
@@ -228,7 +244,7 @@ def _paths(cfg: Config, r: Report) -> None:
             "it names the run directory inside output_dir")))
     out = Path(cfg.experiment.output_dir).expanduser()
     probe = out
-    while not probe.exists() and probe != probe.parent:
+    while not os.path.exists(probe) and probe != probe.parent:  # False, not OSError, for a name too long
         probe = probe.parent
     if not probe.is_dir():
         r.errors.append(FieldError("experiment.output_dir", f"{probe} exists and is not a directory"))

@@ -5,6 +5,7 @@ model weights loaded."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -228,7 +229,7 @@ def test_the_vllm_engine_is_checked_before_compute(world, tiny_dir, capsys, monk
         text = text.replace('device = "cpu"', 'device = "cpu"\nquantization = "4bit"')
     code, path, err = run_validate(world, text, capsys)
     assert code == 1
-    assert words in errors_of(err, path).get("generation.engine", ""), err
+    assert any(line.startswith(f"{path}: generation.engine: ") and words in line for line in err.splitlines()), err
 
 
 def test_few_steps_is_a_warning(world, tiny_dir, capsys):
@@ -333,3 +334,90 @@ def test_at_run_time_a_malformed_file_is_a_data_error(tmp_path, line4, words):
     with pytest.raises(DataError, match="no column 'response'"):
         load_examples(DataSection(train=str(bad_jsonl(tmp_path / "u.jsonl", rows, b'{"prompt": "q"}'))), seed=0,
                       require_response=True)
+
+
+# ---- values and files that a later stage would refuse (each fails at validate, one line) ----------
+
+def _write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _fifo(path) -> str:
+    import os
+
+    os.mkfifo(path)
+    return str(path)
+
+
+def _dev_zero(path) -> str:
+    path.symlink_to("/dev/zero")
+    return str(path)
+
+
+def _train(t, w, ref):
+    return t.replace(f"{w}/sft.jsonl", ref)
+
+
+VLLM = '[generation]\nengine = "vllm"\n[training]'  # with requires = ["vllm"]: the engine itself is not needed
+
+
+@pytest.mark.parametrize("make, edit, field, words", [
+    # files: empty, or not a regular file (never opened: a FIFO or a device would hang validate)
+    (spin, lambda t, w: _train(t, w, _write(w / "empty.jsonl", "")), "data.train", "empty.jsonl has no rows"),
+    (spin, lambda t, w: _train(t, w, _write(w / "blank.jsonl", "\n  \n\n")), "data.train", "has no rows"),
+    (spin, lambda t, w: _train(t, w, _fifo(w / "fifo.jsonl")), "data.train", "fifo.jsonl is a FIFO, not a regular"),
+    (spin, lambda t, w: _train(t, w, _dev_zero(w / "zero.jsonl")), "data.train", "is a character device"),
+    (spin, lambda t, w: t.replace('device = "cpu"', f'device = "cpu"\nchat_template = "{_fifo(w / "t.jinja")}"'),
+     "model.chat_template", "t.jinja is a FIFO, not a regular file"),
+    (spin, lambda t, w: t + f'[eval]\neval_prompts = "{_write(w / "none.jsonl", "")}"\n', "eval.eval_prompts",
+     "none.jsonl has no rows"),
+    (spin, lambda t, w: _train(t, w, "x").replace('train = "x"', 'train = {path = "x"}'), "data.train",
+     "expected str, got dict"),  # a table where a string goes: the schema's types (passes before this change too)
+    # LoRA targets
+    (spin, lambda t, w: t.replace('target_modules = ["q_proj", "v_proj"]', "target_modules = []"),
+     "lora.target_modules", "no module would get an adapter"),
+    (spin, lambda t, w: t.replace('target_modules = ["q_proj", "v_proj"]', 'target_modules = ["q_proj", " "]'),
+     "lora.target_modules[1]", "an empty name"),
+    # vLLM: the test model's head size (32 / 4 = 8) has no CPU attention backend; top-k above max_logprobs
+    (spin, lambda t, w: t.replace("output_dir", 'requires = ["vllm"]\noutput_dir').replace("[training]", VLLM),
+     "generation.engine", "its attention head size is 8"),
+    (spin, lambda t, w: t.replace("output_dir", 'requires = ["vllm"]\noutput_dir').replace("[training]", VLLM)
+     + "[eval.indicators]\ntop_k = 21\n", "eval.indicators.top_k", "at most 20 log-probs per token"),
+    # numbers their consumers reject
+    (spin, lambda t, w: t.replace('name = "x"', 'name = "x"\nseed = 4294967294'), "experiment.seed",
+     "numpy's seeds are below 2**32; use at most 4294967293"),
+    (spin, lambda t, w: t.replace('name = "x"', 'name = "x"\nseeds = [0, 4294967295]'), "experiment.seeds[1]",
+     "numpy's seeds are below 2**32"),
+    (spin, lambda t, w: t.replace("batch_size = 2", "batch_size = 2\nmax_length = 2048"), "training.max_length",
+     "2048 is more than the 1024 positions"),
+    (spin, lambda t, w: t.replace("[method]", "[generation]\nmax_new_tokens = 1024\n[method]"),
+     "generation.max_new_tokens", "leaves no room for a prompt in the 1024 positions"),
+    (spin, lambda t, w: t.replace("[training]", "[method.spin]\ntemperature = 0.7\ntop_p = 0.0\n[training]"),
+     "method.spin.top_p", "needs top_p in (0, 1]"),
+    (spin, lambda t, w: t.replace('device = "cpu"', f'device = "cpu"\ncpu_threads = {(os.cpu_count() or 1) + 1}'),
+     "model.cpu_threads", "CPUs"),
+    (spin, lambda t, w: t.replace('[data]', '[data]\nsystem_prompt = "' + "be brief. " * 400 + '"'),
+     "data.system_prompt", "a training prompt may have"),
+    # paths the file system cannot hold
+    (spin, lambda t, w: t.replace('name = "x"', f'name = "{"n" * 256}"'), "experiment.name", "at most 255 bytes"),
+    (spin, lambda t, w: t.replace(f'output_dir = "{w}/out"', f'output_dir = "{w}/{"/".join(["d" * 200] * 20)}"'),
+     "experiment.output_dir", "path limit"),
+])
+def test_a_value_that_would_fail_later_fails_validate(world, tiny_dir, capsys, make, edit, field, words):
+    import torch
+
+    if field == "generation.engine" and torch.cuda.is_available():
+        pytest.skip("on CUDA vLLM has an attention backend for every head size")
+    code, path, err = run_validate(world, edit(make(world, tiny_dir), world), capsys)
+    assert code == 1, err
+    found = errors_of(err, path)
+    assert field in found, err
+    assert words in found[field], err
+
+
+def test_more_prompts_asked_than_there_are_is_a_warning(world, tiny_dir, capsys):
+    text = spin(world, tiny_dir).replace('[data]', '[data]\nnum_prompts = 50')
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 0, err
+    assert f"{path}: data.num_prompts: warning: 50 but {world}/sft.jsonl has 20 prompts: all 20 are used" in err

@@ -34,6 +34,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -130,6 +131,27 @@ class WorkerError(RuntimeError):
     pass
 
 
+# an exception line of a traceback, also behind a log prefix: "(EngineCore pid=7) ValueError: ..."
+_EXCEPTION = re.compile(r"(?:^|[\s)\]])((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s.*)?)$")
+
+
+def worker_failure(log: str, most: int = 3) -> str:
+    """What a dead worker's log says went wrong, for the first line of its ``WorkerError`` (the
+    line the terminal shows): its last ``most`` distinct exception lines in the order they came,
+    joined by " -> " (vLLM's engine process prints the root cause, its parent then "Engine core
+    initialization failed. See root cause above"); without any, its last non-empty line; "no
+    output" for an empty log."""
+    lines = [x.strip() for x in log.splitlines() if x.strip()]
+    found: list[str] = []
+    for x in lines:
+        m = _EXCEPTION.search(x)
+        if m and m.group(1) not in found:
+            found.append(m.group(1))
+    if found:
+        return " -> ".join(found[-most:])[:2000]
+    return lines[-1][:2000] if lines else "no output"
+
+
 class Worker:
     """vLLM serving ``model_dir`` in a subprocess of the vLLM environment (a context manager)."""
 
@@ -181,7 +203,8 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             rc = self.proc.wait()
-            raise WorkerError(f"the vLLM worker exited (rc={rc}); its log ends:\n{self.log_tail()}")
+            tail = self.log_tail()
+            raise WorkerError(f"the vLLM worker exited (rc={rc}): {worker_failure(tail)}; its log ends:\n{tail}")
         return json.loads(line)
 
     def _job(self, job: dict) -> Iterator[dict]:
