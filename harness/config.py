@@ -45,7 +45,7 @@ class ModelSection:
     # On CUDA it is bfloat16: half the memory of float32 and the tensor cores' native type. "auto" is resolved
     # once, in ``parse`` (as data.turns): the hash and config.json hold the resolved dtype, so a CPU run's hash
     # is the one it had when float32 was the default.
-    dtype: str = opt("auto", 'Weights dtype for the base model. "auto" (default) = bfloat16 where the model runs on CUDA (device "cuda", or "auto" with a GPU visible), float32 on a CPU; the resolved dtype is what the run records (config.json, the config hash). float32 keeps log-probs and merged adapters exact to float32 rounding (on CUDA the harness turns TF32 matmuls on, and float32 there is a validate warning: twice bfloat16\'s memory); bfloat16 is the usual choice on a GPU (training then runs in bf16 mixed precision) and is faster on CPUs with AVX-512 BF16 or AMX, at about 0.2 nats of log-prob noise per answer; a bfloat16 base chains iterations by continuing one float32 adapter (lora.chain), never by merging into bfloat16 weights. float16 is rejected: the harness trains without loss scaling, so float16 gradients underflow.', choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", 'Weights dtype for the base model. "auto" (default) = bfloat16 where the model runs on CUDA (device "cuda", or "auto" with a GPU visible), float32 on a CPU; the resolved dtype is what the run records (config.json, the config hash). float32 keeps log-probs and merged adapters exact to float32 rounding on a CPU (on CUDA its matmuls run in TF32, which the harness turns on for every model there, and float32 is a validate warning: twice bfloat16\'s memory); bfloat16 is the usual choice on a GPU (training then runs in bf16 mixed precision) and is faster on CPUs with AVX-512 BF16 or AMX, at about 0.2 nats of log-prob noise per answer; a bfloat16 base chains iterations by continuing one float32 adapter (lora.chain), never by merging into bfloat16 weights. float16 is rejected: the harness trains without loss scaling, so float16 gradients underflow.', choices=("auto", "float32", "bfloat16", "float16"))
     quantization: str = opt("none", "Load the base quantized (QLoRA). Quantized bases chain iterations by continuing one adapter.", choices=("none", "4bit", "8bit"))
     chat_template: str = opt("", "Path to a Jinja chat template that overrides the tokenizer's; one template serves generation, training and evaluation.")
     device: str = opt("auto", 'Device: "auto" (cuda if available, else cpu), "cpu" or "cuda".', choices=("auto", "cpu", "cuda"))
@@ -128,7 +128,7 @@ class DataSection:
 class GenerationSection:
     max_new_tokens: int = opt(256, "Tokens generated per answer.", min=1)
     batch_size: int = opt(32, "Prompts per generation batch (length-sorted, left-padded).", min=1)
-    max_batch_tokens: int = opt(32768, "Most padded prompt tokens in one batch of the hf engine (its rows, samples included, x the batch's longest prompt: what the prefill holds at once); a batch of long prompts then has fewer rows than batch_size, and a prompt whose rows alone exceed it is a batch of its own. Lower it for a large model on a small GPU (the prefill of a 7B model takes several MB per token). 0 = batch_size alone decides. The vllm engine schedules its own batches.", min=0)
+    max_batch_tokens: int = opt(32768, "Most padded prompt tokens in one batch of the hf engine (its rows, samples included, x the batch's longest prompt: what the prefill holds at once); a batch of long prompts then has fewer rows than batch_size, and a prompt whose rows alone exceed it is a batch of its own. Lower it for a large model on a small GPU. 0 = batch_size alone decides. The vllm engine schedules its own batches.", min=0)
     engine: str = opt("hf", 'Generation engine of every stage that generates with a model on this machine (the generate and self-instruct stages, the AlpacaEval answers, the indicator samples, validation answers, and the answers of a "self" or "hf" judge): "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the merged policy, started once per stage; its own sampler with the same per-sample seeds). lm-eval runs on the HF model either way.', choices=("hf", "vllm"))
 
 
@@ -182,6 +182,39 @@ class AlpacaEvalSection:
         return errors
 
 
+MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}  # FastChat's llm_judge temperature_config
+
+
+@dataclass(frozen=True)
+class MtBenchSection:
+    enabled: bool = opt(False, "Run MT-Bench (FastChat's 80 two-turn questions, shipped with the harness) on each iteration's model: answers turn by turn with the model's chat template, each turn graded 1-10 by this section's judge with FastChat's single-answer prompts (reference-guided for math, reasoning and coding) and rating parser.")
+    judge: JudgeSection = opt(factory=JudgeSection, doc='The judge whose OpenAI-compatible endpoint grades the answers: name = "openai" with base_url, model, api_key_env, timeout_s, max_retries in [eval.mt_bench.judge.openai] (judge.batch_size = concurrent requests). FastChat\'s prompts, temperature 0 and max_tokens 2048 are used; the judge\'s template and sampling options are not. MT-Bench as published is judged by gpt-4 at OpenAI\'s API; another model or endpoint is another protocol.')
+    max_new_tokens: int = opt(1024, "Tokens the model may write per turn (FastChat's gen_model_answer default: 1024). Answers that hit it are counted (mt_bench/n_cut); another cap is another protocol.", min=1)
+    temperatures: dict[str, float] = opt(factory=lambda: dict(MT_BENCH_TEMPERATURES), doc="Sampling temperature per question category (FastChat's temperature_config: writing and roleplay 0.7, stem and humanities 0.1, the rest greedy); a category left out keeps FastChat's.", min=0.0)
+    question_ids: tuple[int, ...] = opt(factory=tuple, doc="Only these question ids (81-160), for quick runs; empty = all 80. A subset is another protocol.")
+    limit: int = opt(0, "Only the first N questions (after question_ids); 0 = all.", min=0)
+    min_coverage: float = opt(0.0, "Fail the evaluation when fewer than this fraction of the turns get a valid rating (FastChat drops invalid ones, rating -1, from its means).", min=0.0, max=1.0)
+
+    def problems(self, where: str) -> list[FieldError]:
+        """Rules of an enabled MT-Bench section."""
+        if not self.enabled:
+            return []
+        errors = []
+        if self.judge.name != "openai":
+            errors.append(FieldError(f"{where}.judge.name", 'MT-Bench sends FastChat\'s judge prompts to an '
+                                     f'OpenAI-compatible endpoint: set [{where}.judge] name = "openai" (got '
+                                     f'{self.judge.name!r})'))
+        ids = [i for i in self.question_ids if not 81 <= i <= 160]
+        if ids:
+            errors.append(FieldError(f"{where}.question_ids", f"no MT-Bench question {ids[0]} (ids are 81-160)"))
+        unknown = sorted(set(self.temperatures) - set(MT_BENCH_TEMPERATURES))
+        if unknown:
+            errors.append(FieldError(f"{where}.temperatures", f"unknown categor{'ies' if len(unknown) > 1 else 'y'} "
+                                     f"{', '.join(unknown)}; MT-Bench's are {', '.join(MT_BENCH_TEMPERATURES)}"))
+        return errors
+
+
 @dataclass(frozen=True)
 class IndicatorSection:
     num_prompts: int = opt(32, "Held-out prompts sampled for the over-optimisation indicators; 0 = skip.", min=0)
@@ -223,7 +256,15 @@ class EvalSection:
     eval_prompts: str = opt("", 'Held-out prompts for indicators (same format as data.train); "" = use the AlpacaEval instructions.')
     alpaca_eval: AlpacaEvalSection = opt(factory=AlpacaEvalSection, doc="AlpacaEval-style win rate.")
     indicators: IndicatorSection = opt(factory=IndicatorSection, doc="Over-optimisation indicators.")
+    mt_bench: MtBenchSection = opt(factory=MtBenchSection, doc="MT-Bench by FastChat's protocol (harness.evaluate.mt_bench).")
     validation: ValidationSection = opt(factory=ValidationSection, doc="Validation evaluations for choosing an iterate (method.dno.select_metric); not reported as results.")
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """Where training curves and each iteration's metrics are also sent (``harness.tracking``);
+    results.jsonl stays the source of truth. Not part of the config hash: it changes no number."""
+    report_to: tuple[str, ...] = opt(factory=tuple, doc='Trackers (trl\'s names): "tensorboard" (event files in RUN_DIR/tracking: `tensorboard --logdir RUN_DIR/tracking`), "wandb" (offline while the hub is off and WANDB_MODE is unset), "mlflow", "trackio". Each training stage reports its per-step curves; TensorBoard and W&B also get one entry per iteration with the results row\'s metrics (step = iteration), when the row is first written. Run name <experiment>/seed-<k> (the experiment\'s name without seeds), grouped by experiment. tensorboard and wandb come with ./install.sh (the "tracking" extra); mlflow and trackio are installed by hand. Empty = none.', choices=("tensorboard", "wandb", "mlflow", "trackio"))
 
 
 @dataclass(frozen=True)
@@ -237,6 +278,7 @@ class Config:
     generation: GenerationSection = opt(factory=GenerationSection)
     training: TrainingSection = opt(factory=TrainingSection)
     eval: EvalSection = opt(factory=EvalSection)
+    tracking: TrackingSection = opt(factory=TrackingSection)
     options: Any = None  # the method's own dataclass, from [method.<name>]
     source: str = ""     # the file it came from (not part of the hash)
 
@@ -248,7 +290,9 @@ class Config:
         return d
 
     def hash(self) -> str:
-        return dict_hash(self.to_dict())
+        d = self.to_dict()
+        d.pop("tracking")  # where numbers are also sent, never a number: a run's hash is the same without it
+        return dict_hash(d)
 
     def learning_rate_for(self, iteration: int) -> float:
         """The DPO learning rate of training iteration ``iteration`` (1-based). An SFT stage
@@ -282,7 +326,7 @@ class Config:
         return "merge" if self.model.quantization == "none" and self.model.dtype == "float32" else "continue"
 
 
-_TOP = ("experiment", "model", "method", "data", "lora", "judge", "generation", "training", "eval")
+_TOP = ("experiment", "model", "method", "data", "lora", "judge", "generation", "training", "eval", "tracking")
 
 
 def parse(doc: dict, source: str = "<config>") -> Config:
@@ -297,7 +341,8 @@ def parse(doc: dict, source: str = "<config>") -> Config:
             errors.append(unknown_key_error(key, list(_TOP), key))
     section_types = {"experiment": ExperimentSection, "model": ModelSection, "method": MethodSection,
                      "data": DataSection, "lora": LoraSection, "judge": JudgeSection,
-                     "generation": GenerationSection, "training": TrainingSection, "eval": EvalSection}
+                     "generation": GenerationSection, "training": TrainingSection, "eval": EvalSection,
+                     "tracking": TrackingSection}
     method_doc = doc.get("method", {}) if isinstance(doc.get("method"), dict) else {}
     method_name = method_doc.get("name")
     method = None
@@ -370,6 +415,7 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
                                                       "evaluation outputs fairly; choose another judge"))
     errors.extend(cfg.eval.alpaca_eval.problems("eval.alpaca_eval"))
     errors.extend(cfg.eval.validation.alpaca_eval.problems("eval.validation.alpaca_eval"))
+    errors.extend(cfg.eval.mt_bench.problems("eval.mt_bench"))
     for err in method.check(cfg):
         errors.append(err)
 
@@ -378,7 +424,8 @@ def judge_sections(cfg: Config) -> list[tuple[str, JudgeSection]]:
     """Every judge of an experiment with its dotted path."""
     v = cfg.eval.validation
     return [("judge", cfg.judge), ("eval.alpaca_eval.judge", cfg.eval.alpaca_eval.judge),
-            ("eval.validation.alpaca_eval.judge", v.alpaca_eval.judge), ("eval.validation.judge", v.judge)]
+            ("eval.validation.alpaca_eval.judge", v.alpaca_eval.judge), ("eval.validation.judge", v.judge),
+            ("eval.mt_bench.judge", cfg.eval.mt_bench.judge)]
 
 
 def auto_dtype(device: str) -> str:

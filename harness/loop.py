@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from harness import console, cost, store
+from harness import console, cost, store, tracking
 from harness.config import Config
 from harness.data import load_examples
 from harness.judges import judge_scale
@@ -47,6 +47,8 @@ class Runner:
         self._loaded: tuple[tuple, object, object, dict] | None = None
         self._examples = None
         self._view: ConfigView | None = None  # the config view of the stage being computed
+        self._ran: set[int] = set()  # iterations one of whose stages was computed by this process
+        self.tracker: tracking.Tracker | None = None  # open while ``run`` runs
         # resolved once: every stage loads the same build / conversion
         source = locate(cfg.model.base, cfg.model.gguf_file)
         self.base_path = materialize(source)
@@ -100,6 +102,7 @@ class Runner:
                 finally:
                     self._view = self._outer.sink = None
                 st.commit_view(outputs, view)
+                self._ran.add(t)
             line.report(st.final, baseline=self.layout.stage(0, name) if compare and t else None)
         return st
 
@@ -111,6 +114,11 @@ class Runner:
 
     # ----- the loop ------------------------------------------------------
     def run(self) -> list[dict]:
+        """The whole loop, with the experiment's trackers ([tracking]) open while it runs."""
+        with tracking.session(self._plain, self.run_dir) as self.tracker:
+            return self._run()
+
+    def _run(self) -> list[dict]:
         offline_env()
         if self.cfg.model.cpu_threads:
             import torch
@@ -129,6 +137,7 @@ class Runner:
         start = policy  # the iteration-0 model: method.reference = "base" trains against it
         rows.append(self._row(0, evaluations(self, 0, policy), prov))
         self._write_results(rows)
+        self._track(rows[-1])
         for t in range(1, self.cfg.method.iterations + 1):
             si, extra = self_instruct_stage(self, t, policy)
             gen, prompts = generate_stage(self, t, policy, extra)
@@ -138,6 +147,7 @@ class Runner:
             stages = [s for s in (si, gen, judge, pairs, train) if s is not None]
             rows.append(self._row(t, stages + evaluations(self, t, policy), prov))
             self._write_results(rows)
+            self._track(rows[-1])
             warnings = check_thresholds(rows[-1]["metrics"], self.cfg.eval.indicators)
             if warnings and self.cfg.eval.indicators.action == "stop":
                 log.warning("stopping after iteration %d: %s", t, "; ".join(warnings))
@@ -194,7 +204,7 @@ class Runner:
         the shots used, chat template, multi-turn few-shot, system instruction, lm-eval's and
         the task's versions), so that tables rank together only numbers of one protocol."""
         out = {}
-        for name in ("alpaca_eval", "lm_eval"):
+        for name in ("alpaca_eval", "mt_bench", "lm_eval"):
             path = self.layout.stage(t, "evaluate") / name / "metrics.json"
             protocol = store.read_json(path).get("protocol") if path.exists() else None
             if protocol:
@@ -203,6 +213,13 @@ class Runner:
 
     def _write_results(self, rows: list[dict]) -> None:
         store.write_jsonl(self.layout.results, rows)
+
+    def _track(self, row: dict) -> None:
+        """The row's entry in the trackers, only when this process computed one of its
+        iteration's stages: a finished iteration reused by a resumed run was logged when its
+        row was first written (results.jsonl, not a tracker, is what a resume reads)."""
+        if self.tracker is not None and row["iteration"] in self._ran:
+            self.tracker.log_row(row)
 
 
 # ---- small helpers

@@ -37,6 +37,7 @@ from typing import Iterable, Mapping
 
 # producers: the evaluation or stage that writes a metric
 LM_EVAL, ALPACA_EVAL, INDICATORS = "evaluate/lm_eval", "evaluate/alpaca_eval", "indicators"
+MT_BENCH = "evaluate/mt_bench"
 TRAIN, JUDGE, PAIRS, GENERATE, SELF_INSTRUCT = "train", "judge", "pairs", "generate", "self_instruct"
 VALIDATION_JUDGE, COST, LOOP = "validation", "cost", "loop"
 STAGE = "stage"  # not a metric a stage writes: what the stage's line itself counted (progress bars, wall time)
@@ -103,6 +104,25 @@ CATALOGUE: tuple[Metric, ...] = (
     M("alpaca_eval/discrete_win_rate", "discrete win rate (%)", digits=1, higher_is_better=True, producer=ALPACA_EVAL),
     M("alpaca_eval/avg_length", "mean answer length (characters)", format="count", producer=ALPACA_EVAL),
     M("alpaca_eval/n_instructions", "instructions", format="count", producer=ALPACA_EVAL),
+    # evaluate: MT-Bench by FastChat's protocol (harness.evaluate.mt_bench), ratings 1-10
+    M("mt_bench/score", "MT-Bench score (1-10)", header="MT-Bench", short="MT-Bench", digits=2, higher_is_better=True,
+      producer=MT_BENCH, views=("table", "delta", "terminal", "plot", "compare"),
+      companions=("mt_bench/turn_1", "mt_bench/turn_2"),
+      lines={"evaluate": "MT-Bench {}[ ({Δ})][, turn 1 {mt_bench/turn_1}][, turn 2 {mt_bench/turn_2}]"
+                         "[, {mt_bench/n_invalid} invalid]"}),
+    M("mt_bench/turn_1", "MT-Bench turn 1", header="turn 1", short="turn 1", digits=2, higher_is_better=True,
+      producer=MT_BENCH, views=TABLE),
+    M("mt_bench/turn_2", "MT-Bench turn 2", header="turn 2", short="turn 2", digits=2, higher_is_better=True,
+      producer=MT_BENCH, views=TABLE),
+    M("mt_bench/n_invalid", "MT-Bench turns without a valid rating", format="count", higher_is_better=False,
+      producer=MT_BENCH, views=TABLE),
+    M("mt_bench/n_turns", "MT-Bench turns judged", format="count", producer=MT_BENCH),
+    M("mt_bench/n_questions", "MT-Bench questions", format="count", producer=MT_BENCH),
+    M("mt_bench/coverage", "MT-Bench turns with a valid rating", format="percent", higher_is_better=True,
+      producer=MT_BENCH),
+    M("mt_bench/n_cut", "MT-Bench answers cut at eval.mt_bench.max_new_tokens", format="count",
+      higher_is_better=False, producer=MT_BENCH),
+    M("mt_bench/*", "MT-Bench {words}", digits=2, higher_is_better=True, producer=MT_BENCH),
     # evaluate: over-optimisation indicators (harness.evaluate.indicators)
     M("indicators/distinct_1", "distinct 1", higher_is_better=True, producer=INDICATORS, views=ALL_PANELS),
     M("indicators/distinct_2", "distinct 2", higher_is_better=True, producer=INDICATORS, views=ALL_PANELS),

@@ -9,6 +9,8 @@ Every evaluate / validation stage writes ``items.jsonl``: one line per (metric, 
   item being lm-eval's ``doc_hash`` (the same document has the same id in every iteration and run);
 - AlpacaEval: ``alpaca_eval/win_rate`` per instruction id, the value being
   ``100 * (preference - 1)`` (so the mean over items is the win rate; a tie is 50);
+- MT-Bench: ``mt_bench/score`` per turn ("<question id>/turn_<n>"), and ``mt_bench/turn_1`` /
+  ``mt_bench/turn_2`` per question id, the judge's valid rating (FastChat's -1 left out);
 - validation prompts: ``validation/judge/score_mean`` per prompt id, the judge's score.
 
 Items join across iterations, seeds and runs by (metric, item). ``paired`` compares two runs on
@@ -63,6 +65,15 @@ def write_items(stage_dir: Path, prefix: str = "") -> int:
             p = a.get("preference")
             if isinstance(p, (int, float)) and math.isfinite(p):
                 rows.append({"metric": f"{prefix}alpaca_eval/win_rate", "item": a["id"], "value": 100 * (p - 1)})
+    mt = stage_dir / "mt_bench" / "judgments.json"
+    if mt.exists():
+        for j in read_json(mt):
+            score = j.get("score")
+            if isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score) and score != -1:
+                rows.append({"metric": f"{prefix}mt_bench/score", "item": f"{j['question_id']}/turn_{j['turn']}",
+                             "value": float(score)})
+                rows.append({"metric": f"{prefix}mt_bench/turn_{j['turn']}", "item": str(j["question_id"]),
+                             "value": float(score)})
     judged = stage_dir / "judge" / "judgments.jsonl"
     if judged.exists():
         for r in read_jsonl(judged):

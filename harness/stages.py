@@ -268,7 +268,8 @@ def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
     def compute(cfg, work):
         model, tok = r.model(policy)
         ev = cfg.eval
-        with session(_engine(cfg, bool(ev.alpaca_eval.instructions) or ev.indicators.num_prompts > 0),
+        with session(_engine(cfg, bool(ev.alpaca_eval.instructions) or ev.indicators.num_prompts > 0
+                             or ev.mt_bench.enabled),
                      cfg.generation) as eng:
             metrics = evaluate_iteration(
                 model, tok, cfg, work, t,

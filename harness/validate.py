@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from harness import tracking
 from harness.config import Config, JudgeSection, judge_sections
 from harness.data import DataError, hub_split_files, load_examples, read_records, special_file, text_column
 from harness.evaluate import load_eval_prompts
@@ -29,7 +30,7 @@ from harness.judges import JUDGES
 from harness.judges.kind import Checks
 from harness.judging import side_by_side
 from harness.methods import METHODS
-from harness.metrics import ALPACA_EVAL, INDICATORS, produced_by
+from harness.metrics import ALPACA_EVAL, INDICATORS, MT_BENCH, produced_by
 from harness.schema import FieldError
 from harness.selection import metric_names as validation_metric_names
 from harness.sources import HubFileMissing, hub_online, is_built, is_tiny_ref, resolve_ref, tiny_problem
@@ -65,6 +66,7 @@ def check(cfg: Config, *, check_endpoints: bool = False) -> Report:
                 f"{', '.join(near) or 'none (configure eval.validation)'}")))
     for where, judge in _judges_in_use(cfg):
         _judge(cfg, where, judge, r, check_endpoints)
+    r.errors.extend(tracking.problems(cfg.tracking.report_to))  # a tracker's package is installed
     return r
 
 
@@ -72,7 +74,7 @@ def _judges_in_use(cfg: Config) -> list[tuple[str, JudgeSection]]:
     v = cfg.eval.validation
     used = {"judge": cfg.judge.name != "none", "eval.alpaca_eval.judge": bool(cfg.eval.alpaca_eval.instructions),
             "eval.validation.alpaca_eval.judge": bool(v.alpaca_eval.instructions),
-            "eval.validation.judge": bool(v.prompts)}
+            "eval.validation.judge": bool(v.prompts), "eval.mt_bench.judge": cfg.eval.mt_bench.enabled}
     return [(where, judge) for where, judge in judge_sections(cfg) if used[where]]
 
 
@@ -273,6 +275,8 @@ def _evaluation(cfg: Config, r: Report) -> set[str] | None:
         produced |= set(produced_by(ALPACA_EVAL))  # the metrics the evaluation writes (harness.metrics)
     if cfg.eval.indicators.num_prompts:
         produced |= set(produced_by(INDICATORS))
+    if cfg.eval.mt_bench.enabled:
+        produced |= set(produced_by(MT_BENCH))
     return produced
 
 

@@ -1,7 +1,8 @@
-"""Per-iteration evaluation: lm-eval tasks, AlpacaEval-style win rate, over-optimisation indicators.
+"""Per-iteration evaluation: lm-eval tasks, AlpacaEval-style win rate, MT-Bench, over-optimisation
+indicators.
 
 ``evaluate_iteration`` runs the parts the config enables, each in its own
-subdirectory of ``out_dir`` (lm_eval/, alpaca_eval/, indicators/), and returns one
+subdirectory of ``out_dir`` (lm_eval/, alpaca_eval/, mt_bench/, indicators/), and returns one
 flat metrics dict (names in the project's flat scheme). Failures propagate: a
 coverage failure raises ``CoverageError``; nothing is reported half-done.
 
@@ -29,11 +30,12 @@ from harness.store import atomic_write_json
 from .alpaca import CoverageError, load_instructions, run_alpaca_eval, section_instructions  # noqa: F401  (re-exported)
 from .indicators import check_thresholds, run_indicators  # noqa: F401
 from .lm_eval_adapter import run_lm_eval
+from .mt_bench import run_mt_bench
 
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_iteration", "load_eval_prompts", "CoverageError", "check_thresholds",
-           "run_lm_eval", "run_alpaca_eval", "run_indicators"]
+           "run_lm_eval", "run_alpaca_eval", "run_indicators", "run_mt_bench"]
 
 
 def load_eval_prompts(ref: str) -> list[tuple[str, str]]:
@@ -108,6 +110,12 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
             generator=f"{cfg.experiment.name}/iter_{iteration:03d}", batch_size=cfg.generation.batch_size,
             system_prompt=cfg.data.system_prompt, reference=reference,
             reference_name=f"{cfg.experiment.name}/iter_000", generate_fn=generate_fn))
+    if ev.mt_bench.enabled:
+        console.phase("mt_bench")
+        metrics.update(run_mt_bench(
+            model, tokenizer, ev.mt_bench, out_dir / "mt_bench", seed_key=seed_key,
+            model_id=f"{cfg.experiment.name}/iter_{iteration:03d}", batch_size=cfg.generation.batch_size,
+            system_prompt=cfg.data.system_prompt, generate_fn=generate_fn))
     if ev.indicators.num_prompts > 0:
         prompts = _indicator_prompts(cfg)
         if prompts is None:

@@ -57,7 +57,7 @@ def protocols_at(run: Path, iteration: int) -> dict:
             if isinstance(row, dict) and row.get("iteration") == iteration and isinstance(row.get("protocol"), dict):
                 return row["protocol"]
     out = {}
-    for name in ("alpaca_eval", "lm_eval"):
+    for name in ("alpaca_eval", "mt_bench", "lm_eval"):
         saved = _json(rd.stage(iteration, "evaluate") / name / "metrics.json")
         if isinstance(saved, dict) and isinstance(saved.get("protocol"), dict):
             out[name] = saved["protocol"]

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from harness import fmt
-from harness.report.protocol import AE_SCOPE, LM_PREFIX, UNKNOWN
+from harness.report.protocol import AE_SCOPE, LM_PREFIX, MT_SCOPE, UNKNOWN
 from harness.report.table import (DELTA, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE,
                                   column_scope, is_protocol_column, marked, protocol_tags)
 
@@ -77,6 +77,15 @@ def protocol_note(df: pd.DataFrame) -> list[str]:
     split, single = [], []
     for col in [c for c in df.columns if is_protocol_column(c) and c != PROTOCOL]:
         scope = column_scope(col)
+        if scope == MT_SCOPE:
+            found = [v for v in df[col] if isinstance(v, str)]
+            if scope in tags:
+                lines.append("MT-Bench protocols (scores of different protocols are never ranked together; each has "
+                             "its own columns): " + "; ".join(f"[{t}] {label}" for label, t in tags[scope].items())
+                             + ".")
+            elif found:
+                lines.append(f"MT-Bench protocol: {found[0]}.")
+            continue
         task = scope[len(LM_PREFIX):]
         if scope in tags:
             split += [f"[{t}] {task}: {label}" for label, t in tags[scope].items()]

@@ -43,7 +43,7 @@ from matplotlib.figure import Figure
 from harness import fmt
 from harness.metrics import ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_EVAL, N_TOTAL, WIN_RATE, find, ordered, \
     qualified, stderr_of, title
-from harness.report.protocol import AE_SCOPE, LM_PREFIX, row_labels, scope_of, scopes, tag_protocols
+from harness.report.protocol import AE_SCOPE, LM_PREFIX, MT_SCOPE, row_labels, scope_of, scopes, tag_protocols
 from harness.report.rows import PUBLISHED
 from harness.report.table import paired_of, seeds_spread
 
@@ -165,7 +165,7 @@ def _by_protocol(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
             out[f"{k} [{tagged[scope][name]}]" if name is not None else k] = v
         return out
 
-    legend = {t: (label if scope == AE_SCOPE else f"{scope[len(LM_PREFIX):]}: {label}")
+    legend = {t: (label if scope in (AE_SCOPE, MT_SCOPE) else f"{scope[len(LM_PREFIX):]}: {label}")
               for scope, labels in tagged.items() for label, t in labels.items()}
     return [{**r, **{f: renamed(r.get(f), i) for f in ("metrics", "spread", "paired") if f in r}}
             for i, r in enumerate(rows)], legend

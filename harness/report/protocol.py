@@ -1,8 +1,8 @@
 """How a row's numbers were made, per evaluation, as the leaderboard tells them apart.
 
-A protocol belongs to a scope: "alpaca_eval" (every ``alpaca_eval/*`` metric) or
-"lm_eval/<task>" (the ``lm_eval/<task>/*`` metrics of one lm-eval task). A results row
-carries its records in ``row["protocol"]``:
+A protocol belongs to a scope: "alpaca_eval" (every ``alpaca_eval/*`` metric), "mt_bench"
+(every ``mt_bench/*`` metric) or "lm_eval/<task>" (the ``lm_eval/<task>/*`` metrics of one
+lm-eval task). A results row carries its records in ``row["protocol"]``:
 
 - ``["alpaca_eval"]``: the ``protocol`` record of its evaluation's ``alpaca_eval/metrics.json``
   (harness.evaluate.alpaca.protocol_record; for an imported published system, the one
@@ -15,6 +15,12 @@ carries its records in ``row["protocol"]``:
   2048 (a cap at or above it, or none recorded, is "uncut"). The number of items judged
   is not part of it: it is the row's n and coverage (a published system with 803 of 805
   instructions annotated ranks with the others).
+- ``["mt_bench"]``: the ``protocol`` record of ``mt_bench/metrics.json``
+  (harness.evaluate.mt_bench.protocol_record; for imported FastChat judgments, the one
+  ``import_judgments`` derives). Its identity: the judge model and endpoint, the judge prompts'
+  and (when read) the reference answers' sha256, the questions asked ("all" or their ids), the
+  answer cap when below FastChat's 1024, and the per-category temperatures; the label reads
+  "MT-Bench (gpt-4 judge)" at OpenAI's API, "MT-Bench judged by <model> at <url>" elsewhere.
 - ``["lm_eval"]["<task>"]``: the task's shots, chat template, few-shot as multi-turn,
   system instruction, lm-eval version and task version; all of them are the identity.
 
@@ -46,6 +52,8 @@ UNKNOWN = "unknown protocol"
 PREFIX = "alpaca_eval/"  # the metrics an AlpacaEval protocol is about
 AE_SCOPE = "alpaca_eval"
 LM_PREFIX = "lm_eval/"  # "lm_eval/<task>/<metric>": the metrics of the scope "lm_eval/<task>"
+MT_SCOPE, MT_PREFIX = "mt_bench", "mt_bench/"  # every "mt_bench/*" metric: the scope "mt_bench"
+MT_ANSWER_TOKENS = 1024  # FastChat's cap on an MT-Bench answer (harness.evaluate.mt_bench.ANSWER_TOKENS)
 PUBLISHED_KIND = "published annotations"  # endpoint_kind of an imported published system's record
 
 # what an lm-eval task's protocol is (the record's fields, in the order labels name them)
@@ -57,13 +65,16 @@ _WORDS = {"annotator": "annotator", "judge_model": "judge model", "endpoint": "j
           "max_new_tokens": "answer cap (max_new_tokens)", "template_hash": "rubric template",
           "num_fewshot": "num_fewshot", "apply_chat_template": "apply_chat_template",
           "fewshot_as_multiturn": "fewshot_as_multiturn", "system_instruction": "system instruction",
-          "lm_eval_version": "lm-eval version", "task_version": "task version"}
+          "lm_eval_version": "lm-eval version", "task_version": "task version", "prompts_sha256": "judge prompts",
+          "reference_sha256": "reference answers", "questions": "questions", "temperatures": "temperatures"}
 
 
 def scope_of(key: str) -> str | None:
     """The scope of a metric key ("alpaca_eval", "lm_eval/<task>"), None for any other."""
     if key.startswith(PREFIX):
         return AE_SCOPE
+    if key.startswith(MT_PREFIX):
+        return MT_SCOPE
     parts = key.split("/")
     if key.startswith(LM_PREFIX) and len(parts) >= 3 and parts[1]:
         return LM_PREFIX + parts[1]
@@ -77,8 +88,8 @@ def has_scope(row: dict, scope: str = AE_SCOPE) -> bool:
 def record(row: dict, scope: str = AE_SCOPE) -> dict | None:
     """The row's protocol record of ``scope`` (None: none recorded, or not an object)."""
     p = row.get("protocol") if isinstance(row.get("protocol"), dict) else {}
-    if scope == AE_SCOPE:
-        rec = p.get("alpaca_eval")
+    if scope in (AE_SCOPE, MT_SCOPE):
+        rec = p.get(scope)
     else:
         tasks = p.get("lm_eval")
         rec = tasks.get(scope[len(LM_PREFIX):]) if isinstance(tasks, dict) else None
@@ -116,6 +127,8 @@ def answer_cap(rec: dict) -> int | None:
 
 def _key(rec: dict, scope: str) -> dict:
     """The fields that make two records of ``scope`` the same protocol."""
+    if scope == MT_SCOPE:
+        return _mt_key(rec)
     if scope != AE_SCOPE:
         return {f: rec.get(f) for f in LM_FIELDS}
     ref = rec.get("reference") or {}
@@ -125,6 +138,41 @@ def _key(rec: dict, scope: str) -> dict:
     if rec.get("annotator") == RUBRIC:  # the rubric's prompt is the judge's template
         key["template_hash"] = rec.get("template_hash")
     return key
+
+
+def mt_answer_cap(rec: dict) -> int | None:
+    """The cap on an MT-Bench answer when it cuts below FastChat's 1024 (None: FastChat's or above,
+    or not recorded, as for published judgments)."""
+    cap = rec.get("max_new_tokens")
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap < MT_ANSWER_TOKENS else None
+
+
+def _mt_key(rec: dict) -> dict:
+    """An MT-Bench protocol: the judge model and its endpoint, the judge prompts, the reference
+    answers (when read), the questions asked, the answer cap below FastChat's and the temperatures."""
+    return {"judge_model": rec.get("judge_model"), "endpoint": endpoint(rec),
+            "prompts_sha256": rec.get("prompts_sha256"),
+            "reference_sha256": rec.get("reference_sha256") if rec.get("reference_answers") else None,
+            "questions": rec.get("questions"), "max_new_tokens": mt_answer_cap(rec),
+            "temperatures": rec.get("temperatures")}
+
+
+def _mt_label(rec: dict, detail: int) -> str:
+    """"MT-Bench (gpt-4 judge)" at OpenAI's API, "MT-Bench judged by <model> at <url>" elsewhere;
+    a question subset, a cap below FastChat's and (``detail``) the FastChat commit added."""
+    judge = str(rec.get("judge_model") or "?")
+    ep = endpoint(rec)
+    text = f"MT-Bench ({judge} judge)" if ep is None or official_endpoint(ep["base_url"]) else \
+        f"MT-Bench judged by {_judge(rec, judge)}"
+    qs = rec.get("questions")
+    if isinstance(qs, list):
+        text += f", {len(qs)} of 80 questions"
+    cap = mt_answer_cap(rec)
+    if cap is not None:
+        text += f", answers capped at {cap} tokens"
+    if detail and rec.get("fastchat_commit"):
+        text += f" (FastChat {rec['fastchat_commit']} prompts)"
+    return text
 
 
 def identity(rec: dict | None, scope: str = AE_SCOPE) -> str:
@@ -182,6 +230,8 @@ def label(rec: dict | None, detail: int = 0, scope: str = AE_SCOPE) -> str:
     set where the short name leaves them out (AlpacaEval)."""
     if rec is None:
         return UNKNOWN
+    if scope == MT_SCOPE:
+        return _mt_label(rec, detail)
     if scope != AE_SCOPE:
         return _lm_label(rec)
     ann = str(rec.get("annotator") or "?")
@@ -252,6 +302,6 @@ def scopes(rows: Sequence[dict]) -> list[str]:
     """The scopes a table of these rows tells protocols apart in: "alpaca_eval" when a row has
     AlpacaEval metrics, then each lm-eval task (alphabetically) that some row recorded a
     protocol for (a task no row recorded has one, unknown, protocol: nothing to tell apart)."""
-    out = [AE_SCOPE] if any(has_scope(r, AE_SCOPE) for r in rows) else []
-    tasks = sorted({s for r in rows for s in map(scope_of, r["metrics"]) if s and s != AE_SCOPE})
+    out = [s for s in (AE_SCOPE, MT_SCOPE) if any(has_scope(r, s) for r in rows)]
+    tasks = sorted({s for r in rows for s in map(scope_of, r["metrics"]) if s and s.startswith(LM_PREFIX)})
     return out + [s for s in tasks if any(record(r, s) is not None for r in rows if has_scope(r, s))]
