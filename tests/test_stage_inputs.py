@@ -146,6 +146,7 @@ def test_every_config_field_reruns_exactly_the_stages_that_read_it(finished):
         read_by[path] = rerun
     # what the stages read, as a researcher expects
     assert read_by["method.iterations"] == set()
+    assert read_by["tracking.report_to"] == set()  # where numbers are also sent: no stage's input
     assert read_by["experiment.output_dir"] == set()
     assert read_by["generation.max_new_tokens"] == {"1/generate", "0/evaluate", "1/evaluate"}
     assert read_by["training.learning_rate"] == {"1/train"}

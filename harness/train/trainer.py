@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from harness import cost
+from harness import cost, tracking
 from harness.config import StepSettings
 from harness.train.schedule import dpo_steps, lr_factor, warmup_steps
 
@@ -85,8 +85,15 @@ def trainer_args(cls, cfg, out_dir: Path, iteration: int, settings: StepSettings
         optim=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=s.max_length,
         gradient_checkpointing=t.gradient_checkpointing, seed=cfg.experiment.seed + iteration,
         data_seed=cfg.experiment.seed + iteration, use_cpu=not on_cuda,
-        bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=False, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=False, dataset_num_proc=None, **extra)
+        bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=False, save_strategy="no",
+        logging_steps=1, disable_tqdm=False, dataset_num_proc=None, **_reporting(), **extra)
+
+
+def _reporting() -> dict:
+    """trl's reporting arguments: the running loop's trackers (``harness.tracking``), else none.
+    Read from the tracker, not from ``cfg``: no stage records [tracking] as one of its inputs."""
+    tracker = tracking.active()
+    return tracker.trainer_settings() if tracker is not None else {"report_to": "none"}
 
 
 def make_trainer(cls, settings: StepSettings, lora_dropout: float, **kwargs):
@@ -217,6 +224,9 @@ def run_trainer(trainer, out_dir: Path) -> dict:
     trainer.remove_callback(ProgressCallback)  # reporting: harness.console's line, not tqdm / prints
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_Progress())
+    tracker = tracking.active()
+    for callback in tracker.callbacks(out_dir) if tracker is not None else []:
+        trainer.add_callback(callback)  # TensorBoard's per-step curves, in the run's tracking directory
     before = _adapter_state(trainer.model)
     t0 = time.perf_counter()
     counter = trainer.data_collator = _TokenCount(trainer.data_collator)
