@@ -1,4 +1,4 @@
-"""``harness``: validate | run | status | table | import-alpaca-eval | tiny. Thin: parse, call, print."""
+"""``harness``: validate | run | status | table | import-alpaca-eval | export | tiny. Thin: parse, call, print."""
 
 from __future__ import annotations
 
@@ -37,11 +37,15 @@ def _validate(args) -> int:
     if not args.files:
         print("harness validate: give at least one experiment file (or --explain)", file=sys.stderr)
         return 2
-    checked, ok = load_checked(args.files, check_endpoints=args.check_endpoints, overrides=args.overrides)
+    points = _sweep_points(args)
+    if points is None:
+        return 2
+    checked, ok = load_checked(args.files, check_endpoints=args.check_endpoints, overrides=args.overrides,
+                               points=points)
     for cfg, report in checked:
         unmet = (f"; needs {', '.join(sorted(report.unmet))}, which this machine lacks: what depends on it "
                  "was not checked") if report.unmet else ""
-        print(f"{cfg.source}: ok ({cfg.method.name}, {console.plural(cfg.method.iterations, 'iteration')}, "
+        print(f"{_named(cfg)}: ok ({cfg.method.name}, {console.plural(cfg.method.iterations, 'iteration')}, "
               f"config {cfg.hash()}{unmet})")
         for run in cfg.for_seeds():
             conflicts = _existing_run(run)
@@ -74,60 +78,123 @@ def _existing_conflicts(cfg) -> list[str]:
             "new run directory)" for c in finished_conflicts(cfg)]
 
 
-def load_checked(files: list[str], check_endpoints: bool = False, overrides: list[str] = ()) -> tuple[list, bool]:
+def _sweep_points(args) -> list[tuple[str, ...]] | None:
+    """The grid of the command's ``--sweep`` options (``config.sweep_grid``); None, after one
+    ``error:`` line, when one is malformed."""
+    from harness import config
+
+    try:
+        return config.sweep_grid(args.sweeps)
+    except ValueError as e:
+        console.error(f"harness {args.cmd}: {e}")
+        return None
+
+
+def load_checked(files: list[str], check_endpoints: bool = False, overrides: list[str] = (),
+                 points: list[tuple[str, ...]] = ((),)) -> tuple[list, bool]:
     """Parse and check every file, each with the ``--set KEY=VALUE`` ``overrides`` written into it,
-    before any compute; print every problem to stderr as ``FILE: dotted.path: problem`` (warnings
-    as ``FILE: dotted.path: warning: ...``; a field an override wrote as ``FILE: --set path: ...``).
-    Returns ([(config, validate.Report)] of the files that passed, whether all did)."""
+    once per sweep point of ``points`` (``config.sweep_grid``), before any compute; print every
+    problem to stderr as ``FILE: dotted.path: problem`` (warnings as ``FILE: dotted.path: warning:
+    ...``; a field an override wrote as ``FILE: --set path: ...``, one a sweep point wrote as
+    ``FILE: --sweep KEY=VALUE: ...``), each line once however many points share it.
+    Returns ([(config, validate.Report)] of the (file, point)s that passed, whether all did)."""
     from harness import config
     from harness.validate import check
 
-    good = []
+    good, said = [], set()
+
+    def say(text: str) -> None:
+        for line in text.splitlines():
+            if line not in said:
+                said.add(line)
+                print(line, file=sys.stderr)
+
     keys = config.override_keys(overrides)
     for f in files:
-        try:
-            cfg = config.load(f, overrides)
-        except ConfigError as e:
-            print(str(e), file=sys.stderr)
-            continue
-        report = check(cfg, check_endpoints=check_endpoints)
-        report.errors = config.blame_overrides(report.errors, keys)
-        report.warnings = config.blame_overrides(report.warnings, keys)
-        for w in report.warnings:
-            print(f"{f}: {w.path}: warning: {w.message}", file=sys.stderr)
-        if report.errors:
-            print(str(ConfigError(f, report.errors)), file=sys.stderr)
-        else:
-            good.append((cfg, report))
-    return good, len(good) == len(files)
+        for point in points:
+            try:
+                cfg = config.load(f, overrides, point)
+            except ConfigError as e:
+                say(str(e))
+                continue
+            report = check(cfg, check_endpoints=check_endpoints)
+            report.errors = config.blame_overrides(config.blame_point(report.errors, point), keys)
+            report.warnings = config.blame_overrides(config.blame_point(report.warnings, point), keys)
+            for w in report.warnings:
+                say(f"{f}: {w.path}: warning: {w.message}")
+            if report.errors:
+                say(str(ConfigError(f, report.errors)))
+            else:
+                good.append((cfg, report))
+    return good, len(good) == len(files) * len(points)
 
 
 def _run(args) -> int:
     """Run each experiment with one line per stage on the terminal; everything other
     libraries print goes to RUN_DIR/harness.log (see harness.console)."""
 
+    if args.address and args.launcher != "ray":
+        console.error("harness run: --address goes with --launcher ray")
+        return 2
+    if args.jobs is not None and args.jobs < 1:
+        console.error(f"harness run: --jobs needs a number >= 1, got {args.jobs}")
+        return 2
+    points = _sweep_points(args)
+    if points is None:
+        return 2
     with console.capture():
         with contextlib.redirect_stderr(console.terminal()):  # config problems are for the reader
-            checked, ok = load_checked(args.files, overrides=args.overrides)  # every file before any runs
+            # every file and sweep point before any runs
+            checked, ok = load_checked(args.files, overrides=args.overrides, points=points)
             for cfg, report in checked:
-                if report.unmet:
+                if report.unmet and args.launcher == "ray":  # the workers' own runs check again
+                    print(f"{cfg.source}: experiment.requires: needs {', '.join(sorted(report.unmet))}, which this "
+                          "machine lacks: left to the Ray workers", file=sys.stderr)
+                elif report.unmet:
                     ok = False
                     print(f"{cfg.source}: experiment.requires: needs {', '.join(sorted(report.unmet))}, "
                           "which this machine lacks", file=sys.stderr)
             if not ok:
                 return 1
         cfgs = [c for cfg, _ in checked for c in cfg.for_seeds(args.seeds)]
+        shared = _shared_run_dirs(cfgs)
+        for line in shared:
+            console.error(line)
+        if shared:
+            return 1
         if not args.fresh:  # finished stages this config would refuse: said before any compute
             refused = [(c, line) for c in cfgs for line in _existing_conflicts(c)]
             for c, line in refused:
                 console.error(f"{c.source}: {line}")
             if refused:
                 return 1
-        if args.jobs > 1 and len(cfgs) > 1:
+        if args.launcher == "ray":
+            from harness.launch_ray import run_ray
+
+            return run_ray(cfgs, address=args.address, jobs=args.jobs, fresh=args.fresh, overrides=args.overrides)
+        if (args.jobs or 1) > 1 and len(cfgs) > 1:
             from harness.launch import run_parallel
 
             return run_parallel(cfgs, jobs=args.jobs, fresh=args.fresh, overrides=args.overrides)
         return _run_checked(args, cfgs)
+
+
+def _shared_run_dirs(cfgs: list) -> list[str]:
+    """One line per run directory that two of the runs would share (two sweep values that parse
+    to one value, two files with one experiment name), naming both."""
+    seen: dict[Path, object] = {}
+    out = []
+    for c in cfgs:
+        other = seen.setdefault(c.run_dir, c)
+        if other is not c:
+            out.append(f"{_named(c)}: the run directory {short_path(c.run_dir)} is also {_named(other)}'s: "
+                       "the two would be one run")
+    return out
+
+
+def _named(cfg) -> str:
+    """An experiment file with its sweep point: ``FILE --sweep KEY=VALUE ...``."""
+    return cfg.source + "".join(f" --sweep {p}" for p in cfg.point)
 
 
 def _seed_list(text: str) -> tuple[int, ...]:
@@ -154,18 +221,19 @@ def _run_checked(args, cfgs: list) -> int:
     quiet = console.level() <= console.QUIET
     run_dirs: list[Path] = []
     table = ""
-    first_seed: dict[str, Path] = {}  # experiment -> the run directory of its first seed
+    first_seed: dict[str, Path] = {}  # experiment -> the run directory of its first seed (or sweep point)
     for cfg in cfgs:
         iterations = console.plural(cfg.method.iterations, "iteration")
         seed = f", seed {cfg.experiment.seed}" if cfg.experiment.seeds else ""
-        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {iterations}, model {cfg.model.base}{seed}")
+        point = "".join(f", {p}" for p in cfg.point)
+        console.heading(f"{cfg.experiment.name}: {cfg.method.name}, {iterations}, model {cfg.model.base}{point}{seed}")
         console.reset_failure()
         try:
-            if cfg.experiment.seeds and cfg.source in first_seed and not args.fresh:
+            if (cfg.experiment.seeds or cfg.point) and cfg.source in first_seed and not args.fresh:
                 shared = adopt_iteration0(first_seed[cfg.source], cfg)
                 if shared:
                     console.info(f"iteration 0 ({', '.join(shared)}) shared with {short_path(first_seed[cfg.source])}: "
-                                 "none of its stages read the seed")
+                                 "none of its stages read the seed" + (" or the swept fields" if cfg.point else ""))
             run_dir, rows = run_experiment(cfg, fresh=args.fresh)
             first_seed.setdefault(cfg.source, run_dir)
             with console.stage("", "tables") as line:
@@ -311,6 +379,38 @@ def _import(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """One iterate of a run as a Hugging Face model directory (harness.export); every failure is
+    one ``error:`` line (an unexpected one with its traceback in the log)."""
+    from harness.export import ExportError, export
+
+    with console.capture():  # other libraries' loading output goes to the log
+        try:
+            it = export(Path(args.run_dir), args.iteration, Path(args.out), adapter_only=args.adapter_only)
+        except ExportError as e:
+            console.error(f"harness export: {e}")
+            return 1
+        except Exception as e:  # noqa: BLE001  (anything else: one line here, the traceback in the log)
+            logging.getLogger("harness.cli").error("harness export failed", exc_info=e, extra={"terminal": False})
+            first = next((x.strip() for x in str(e).splitlines() if x.strip()), "")
+            log_file = console.log_path()
+            console.error(f"harness export: {type(e).__name__}{f': {first}' if first else ''}"
+                          + (f" (traceback in {log_file})" if log_file else ""))
+            return 1
+    console.info(f"iteration {it.iteration}: {it.chosen_by}")
+    console.info(f"wrote {short_path(args.out)}/ ({'one adapter' if args.adapter_only else 'float32 model'}, "
+                 "model card README.md)")
+    return 0
+
+
+def _iteration_arg(text: str) -> str | int:
+    if text == "final":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an iteration number or 'final', got {text!r}")
+    return int(text)
+
+
 def _tiny(args) -> int:
     from harness.tiny.build import ensure_tiny
 
@@ -332,6 +432,14 @@ def _set_flag(parser: argparse.ArgumentParser) -> None:
                              "--set training.learning_rate=1e-5; the run records the resulting config")
 
 
+def _sweep_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sweep", action="append", default=[], dest="sweeps", metavar="KEY=V1,V2,...",
+                        help="run every FILE once per value (repeatable: the grid of all of them), each point validated "
+                             "before any runs, in its own run directory <name>/<key>-<value>/... and recorded in its "
+                             "config (experiment.sweep); KEY and values as --set's, values split at commas outside "
+                             "[...] and quotes, e.g. --sweep training.learning_rate=1e-5,5e-5")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="harness", description="Iterative self-improvement alignment benchmark harness.")
     _verbosity_flags(p, 0)
@@ -347,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--explain", action="store_true", help="print every config field with its default and meaning")
     v.add_argument("--check-endpoints", action="store_true", help="also check that HTTP judge endpoints answer")
     _set_flag(v)
+    _sweep_flag(v)
     v.set_defaults(fn=_validate)
 
     r = add("run", help="run (or resume) experiments; finished stages are skipped")
@@ -354,9 +463,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--fresh", action="store_true", help="use a new run directory instead of resuming")
     r.add_argument("--seeds", type=_seed_list, default=(), metavar="0,1,2",
                    help="run each experiment once per seed (run directories <name>/seed-<k>); overrides experiment.seeds")
-    r.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="run N experiments/seeds at once, each in its own process (one GPU each on a multi-GPU machine)")
+    r.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="run N runs (experiments x sweep points x seeds) at once, each a `harness run` process of its "
+                        "own; a run on CUDA gets a GPU to itself (never two on one card), so at most one per GPU runs. "
+                        "With --launcher ray: at most N in flight (default: as many as the cluster's resources hold)")
+    r.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="local (default): this machine, --jobs at a time; ray: each run a Ray task (one GPU each "
+                        "when its device is CUDA), on a local Ray instance or the cluster at --address "
+                        "(./install.sh --ray)")
+    r.add_argument("--address", metavar="ADDR",
+                   help="with --launcher ray: the Ray cluster to join (e.g. auto, or HEAD_IP:6379); none = start a "
+                        "local Ray instance")
     _set_flag(r)
+    _sweep_flag(r)
     r.set_defaults(fn=_run)
 
     s = add("status", help="which stages of a run are done, partial or missing")
@@ -393,6 +512,16 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--annotations", required=True, help="<system>.<annotator>.annotations.json")
     i.add_argument("--dest", default="results/published")
     i.set_defaults(fn=_import)
+
+    e = add("export", help="one iterate of a run as a Hugging Face model directory with its model card")
+    e.add_argument("run_dir")
+    e.add_argument("--iteration", type=_iteration_arg, default="final", metavar="N|final",
+                   help="which iterate: an iteration number, or final (default): the one final.json names; a run "
+                        "without final.json (not finished) gives its last finished iteration")
+    e.add_argument("--out", required=True, metavar="DIR", help="the directory to write (absent or empty)")
+    e.add_argument("--adapter-only", action="store_true",
+                   help="write the adapter chain as one peft adapter instead of merged float32 weights")
+    e.set_defaults(fn=_export)
 
     b = add("tiny", help="build (or find) the embedded offline tiny world and print its path")
     b.add_argument("--seed", type=int, default=0)
