@@ -8,12 +8,17 @@ in ``[judge.<kind>]`` (``harness.judge_section``, schemas from ``harness/judges`
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import re
 import tomllib
 from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from harness.annotator_configs import ANSWER_TOKENS, RUBRIC, config_problems, resolve_protocol
+from harness.fmt import setting, short_keys
 from harness.judge_section import JudgeSection
 from harness.registry import JUDGES, METHODS
 from harness.schema import ConfigError, FieldError, opt, parse_section, to_dict, unknown_key_error
@@ -29,6 +34,7 @@ class ExperimentSection:
     seed: int = opt(0, "Experiment seed; every sampling request and training run derives its seed from it.", min=0)
     seeds: tuple[int, ...] = opt(factory=tuple, doc="Run the experiment once per seed (each run in <output_dir>/<name>/seed-<k>, resumable on its own; `harness run --seeds 0,1,2` overrides); tables then show the mean and spread across seeds. Empty = one run with experiment.seed.", min=0)
     output_dir: str = opt("results", "Where run directories go (relative to the current directory).")
+    sweep: tuple[str, ...] = opt(factory=tuple, doc="The dotted keys (training.learning_rate) this run is one point of a sweep over; `harness run --sweep KEY=V1,V2,...` sets it. Each key is a level of the run directory, <output_dir>/<name>/<key>-<value>/[seed-<k>] (<key> is its last part, or the whole key when two swept keys share it; a value that is not a safe path component is cut and ends in a hash of it), and every result row carries the point's values (tables: one row per point). The values are the fields' own (set them, or let --sweep do it). Fields of [experiment] cannot be swept (seeds: --seeds).")
     requires: tuple[str, ...] = opt(factory=tuple, doc='What the experiment needs beyond this package: "gpu" (a CUDA device), "hub" (the Hugging Face Hub, HARNESS_ONLINE=1), "endpoint" (an HTTP judge and its API key), "vllm" (the vLLM environment of [generation] engine = "vllm", ./install.sh --vllm). On a machine without them `harness validate` checks everything else and says what it could not check; `harness run` stops before any compute.', choices=REQUIREMENTS)
 
 
@@ -281,10 +287,12 @@ class Config:
     tracking: TrackingSection = opt(factory=TrackingSection)
     options: Any = None  # the method's own dataclass, from [method.<name>]
     source: str = ""     # the file it came from (not part of the hash)
+    point: tuple[str, ...] = ()  # the --sweep KEY=VALUE texts of its sweep point (not part of the hash)
 
     def to_dict(self) -> dict:
         d = to_dict(self)
         d.pop("source")
+        d.pop("point")
         options = d.pop("options")
         d["method"][self.method.name] = options or {}
         return d
@@ -306,8 +314,17 @@ class Config:
         return lrs[min(iteration, len(lrs)) - 1]
 
     @property
+    def sweep_point(self) -> dict[str, Any]:
+        """{swept dotted key: its value here}, in experiment.sweep's order ({} outside a sweep)."""
+        if not self.experiment.sweep:
+            return {}
+        d = self.to_dict()
+        return {k: field_value(d, k) for k in self.experiment.sweep}
+
+    @property
     def run_dir(self) -> Path:
         base = Path(self.experiment.output_dir) / self.experiment.name
+        base = base.joinpath(*point_dirs(self.sweep_point))
         return base / f"seed-{self.experiment.seed}" if self.experiment.seeds else base
 
     def for_seeds(self, seeds: tuple[int, ...] = ()) -> list["Config"]:
@@ -383,6 +400,15 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
     """Rules that span fields."""
     if len(set(cfg.experiment.seeds)) != len(cfg.experiment.seeds):
         errors.append(FieldError("experiment.seeds", f"repeats a seed: {list(cfg.experiment.seeds)}"))
+    d = cfg.to_dict()
+    for i, key in enumerate(cfg.experiment.sweep):
+        if key.split(".")[0] == "experiment":
+            errors.append(FieldError(f"experiment.sweep[{i}]", f"{key!r}: the experiment's own fields name its run "
+                                                                "directories and cannot be swept (seeds: --seeds)"))
+        elif field_value(d, key, _ABSENT) is _ABSENT:
+            errors.append(FieldError(f"experiment.sweep[{i}]", f"{key!r} is not a field of the config"))
+        elif key in cfg.experiment.sweep[:i]:
+            errors.append(FieldError(f"experiment.sweep[{i}]", f"{key!r} is swept twice"))
     if method.needs_judge and cfg.judge.name == "none":
         errors.append(FieldError("judge.name", f"method {cfg.method.name!r} needs a judge; set one of {JUDGES.names()}"))
     if cfg.model.dtype == "float16":
@@ -520,9 +546,119 @@ def blame_overrides(errors: list[FieldError], owned: Sequence[str]) -> list[Fiel
     return [FieldError(f"{SET} {e.path}", e.message) if ours(e.path) else e for e in errors]
 
 
-def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+SWEEP = "--sweep"  # the prefix of an error whose field a sweep point of the command line wrote
+_ABSENT = object()
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")  # outside experiment.name's safe path characters
+
+
+def field_value(d: dict, key: str, default: Any = _ABSENT) -> Any:
+    """The value at dotted ``key`` of a config's ``to_dict()``; ``default`` when there is none
+    (KeyError without one)."""
+    node: Any = d
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _ABSENT:
+                raise KeyError(key)
+            return default
+        node = node[part]
+    return node
+
+
+def point_dirs(point: dict[str, Any]) -> list[str]:
+    """The run-directory levels of a sweep point {dotted key: value}: "<name>-<value>" per key,
+    <name> the key's last part (the whole key when two keys share it), <value> as
+    ``fmt.setting`` writes it; a value with characters outside a safe path component, or longer
+    than 48 characters, keeps its first 32 safe characters and ends in "-" and 8 hex digits of
+    its hash (so distinct values never share a directory)."""
+    out = []
+    for key, name in zip(point, short_keys(list(point))):
+        text = setting(point[key])
+        safe = _UNSAFE.sub("_", text)
+        if safe != text or len(text) > 48:
+            safe = f"{safe[:32]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+        out.append(f"{name}-{safe}")
+    return out
+
+
+def _split_values(text: str) -> list[str]:
+    """``V1,V2,...`` split at the commas outside brackets, braces and quotes."""
+    out, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote and text[i - 1] != "\\" else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(text[start:i].strip())
+            start = i + 1
+    return out + [text[start:].strip()]
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    """One ``--sweep KEY=V1,V2,...``: (KEY, the values' texts). KEY and each value are a
+    ``--set`` pair's (``parse_override``); values are split at commas outside [...], {...} and
+    quotes (a string with a comma is quoted: '"a, b"'). ValueError with a one-line reason when
+    it is malformed, a value is empty or two values are equal."""
+    key, sep, values = (x.strip() for x in text.partition("="))
+    if not sep or not key or not values:
+        raise ValueError("expected KEY=V1,V2,..., e.g. training.learning_rate=1e-5,5e-5")
+    texts, seen = _split_values(values), {}
+    for t in texts:
+        if not t:
+            raise ValueError(f"an empty value in {values!r}")
+        parts, value = parse_override(f"{key}={t}")
+        same = seen.setdefault(json.dumps(value, sort_keys=True), t)
+        if same != t:
+            raise ValueError(f"{t!r} repeats {same!r}")
+    return ".".join(parts), texts
+
+
+def sweep_grid(sweeps: Sequence[str]) -> list[tuple[str, ...]]:
+    """The points of the ``--sweep`` options: every combination of their values, the first
+    option's slowest, each point as ``KEY=VALUE`` texts (``load``'s ``point``); [()] without
+    sweeps. ValueError naming the option when one is malformed or a key is swept twice."""
+    axes, keys = [], []
+    for text in sweeps:
+        try:
+            key, values = parse_sweep(text)
+        except ValueError as e:
+            raise ValueError(f"{SWEEP} {text}: {e}") from None
+        if key in keys:
+            raise ValueError(f"{SWEEP} {text}: {key} is swept twice; give all its values in one {SWEEP}")
+        keys.append(key)
+        axes.append([f"{key}={v}" for v in values])
+    return list(itertools.product(*axes))
+
+
+def blame_point(errors: list[FieldError], point: Sequence[str]) -> list[FieldError]:
+    """``errors`` with every one about a field the sweep ``point`` wrote (the key or anything
+    inside it) named as ``--sweep KEY=VALUE`` (``--sweep KEY=VALUE: <inner path>``), so the
+    line says which value of which option it is about."""
+    out = []
+    for e in errors:
+        if e.path.startswith(f"{SET} "):  # written by the point, reported by apply_overrides
+            e = FieldError(f"{SWEEP} {e.path[len(SET) + 1:]}", e.message)
+        elif point and (m := re.fullmatch(r"experiment\.sweep\[(\d+)\]", e.path)) and int(m[1]) < len(point):
+            e = FieldError(f"{SWEEP} {point[int(m[1])]}", e.message)
+        for pair in point:
+            key = pair.partition("=")[0]
+            if e.path == key or e.path.startswith((f"{key}.", f"{key}[")):
+                inner = e.path[len(key):].lstrip(".")
+                e = FieldError(f"{SWEEP} {pair}" + (f": {inner}" if inner else ""), e.message)
+                break
+        out.append(e)
+    return out
+
+
+def load(path: str | Path, overrides: Sequence[str] = (), point: Sequence[str] = ()) -> Config:
     """Read and validate one experiment file, with the command line's ``--set KEY=VALUE``
-    ``overrides`` written into it first (validated as the file is; their errors name ``--set``)."""
+    ``overrides`` written into it first (validated as the file is; their errors name ``--set``),
+    then the ``KEY=VALUE`` texts of a sweep ``point`` (``sweep_grid``; their errors name
+    ``--sweep``), with experiment.sweep set to the point's keys."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -533,9 +669,15 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [FieldError("<toml>", f"not valid TOML: {e}")]) from None
     owned, errors = apply_overrides(doc, overrides)
+    keys = [pair.partition("=")[0] for pair in point]
+    errors += [FieldError(f"{SWEEP} {k}", "also given by --set; give it once") for k in keys
+               if k in override_keys(overrides)]
+    if point and not errors:
+        errors += blame_point(apply_overrides(doc, [*point, f"experiment.sweep={json.dumps(keys)}"])[1], point)
     if errors:
         raise ConfigError(str(path), errors)
     try:
-        return parse(doc, str(path))
+        cfg = parse(doc, str(path))
     except ConfigError as e:
-        raise ConfigError(e.source, blame_overrides(e.errors, owned)) from None
+        raise ConfigError(e.source, blame_overrides(blame_point(e.errors, point), owned)) from None
+    return replace(cfg, point=tuple(point))

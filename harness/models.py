@@ -59,11 +59,14 @@ def _quant_config(quantization: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_tokenizer(name: str, revision: str = "main", chat_template: str = "", trust_remote_code: bool = False):
-    """The tokenizer of a model reference (see ``harness.sources``), padding on the left."""
+def load_tokenizer(name: str, revision: str = "main", chat_template: str = "", trust_remote_code: bool = False,
+                   local_files_only: bool = False):
+    """The tokenizer of a model reference (see ``harness.sources``), padding on the left.
+    ``local_files_only``: a hub id's files from the local cache only (OSError when absent)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path(name), revision=revision, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(model_path(name), revision=revision, trust_remote_code=trust_remote_code,
+                                        local_files_only=local_files_only)
     if chat_template:
         tok.chat_template = Path(resolve_ref(chat_template)).read_text()
     if tok.chat_template is None:

@@ -13,11 +13,11 @@ import json
 import os
 from pathlib import Path
 
-from harness.config import Config
+from harness.config import Config, judge_sections
 from harness.engines import unavailable
 from harness.models import pick_device
 from harness.schema import FieldError, closest
-from harness.sources import ModelSource, SourceError, converted, is_built, locate, resolve_ref
+from harness.sources import ModelSource, SourceError, converted, hub_online, is_built, locate, resolve_ref
 from harness.tiny.build import TinyParams
 from harness.validate_report import HUB_MODEL, Report, hub_off, hub_ok
 
@@ -72,13 +72,21 @@ def _model(cfg: Config, r: Report) -> None:
     if src.kind == "hub" and not hub_ok(src.ref, cfg.model.revision):
         hub_off(cfg, r, "model.base", src.ref, *HUB_MODEL)
         return
-    config = _model_config(src, cfg.model.revision, cfg.model.trust_remote_code)
+    if src.kind == "local" and not any(any(Path(src.path).glob(p)) for p in WEIGHTS):
+        r.errors.append(FieldError("model.base", (
+            f"{src.path} has a config.json but no weights ({', '.join(WEIGHTS)}); the run would fail loading it")))
+        return
+    try:
+        config = _model_config(src, cfg.model.revision, cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:  # a config.json that is not JSON, or names no known architecture
+        r.errors.append(FieldError("model.base", f"cannot read the model's config: {' '.join(str(e).split())}"))
+        return
     if config is None:
         return
     if not cfg.model.chat_template and not _has_chat_template(src):
         r.errors.append(FieldError("model.chat_template", (
             f"the tokenizer of {src.ref!r} has no chat template; set model.chat_template to a Jinja file")))
-    elif cfg.data.system_prompt:
+    else:
         _system_role(cfg, src, r)
     _positions(cfg, config, r)
     if cfg.generation.engine == "vllm":
@@ -110,10 +118,15 @@ def _positions(cfg: Config, config, r: Report) -> None:
         if n > limit:
             r.errors.append(FieldError(where, f"{n} is more than the {limit} positions of {cfg.model.base!r} "
                                               f"(max_position_embeddings); use at most {limit}"))
-    if cfg.generation.max_new_tokens >= limit:
-        r.errors.append(FieldError("generation.max_new_tokens", (
-            f"{cfg.generation.max_new_tokens} leaves no room for a prompt in the {limit} positions of "
-            f"{cfg.model.base!r} (max_position_embeddings); use less than {limit}")))
+    new_tokens = [("generation.max_new_tokens", cfg.generation.max_new_tokens)]
+    for where, judge in judge_sections(cfg):  # a judge that is the policy writes with the policy's positions
+        if judge.needs_policy and isinstance(getattr(judge.options, "max_new_tokens", None), int):
+            new_tokens.append((f"{where}.{judge.name}.max_new_tokens", judge.options.max_new_tokens))
+    for where, n in new_tokens:
+        if n >= limit:
+            r.errors.append(FieldError(where, (
+                f"{n} leaves no room for a prompt in the {limit} positions of {cfg.model.base!r} "
+                f"(max_position_embeddings); use less than {limit}")))
 
 
 # vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py,
@@ -148,6 +161,10 @@ def _vllm_model(config, r: Report) -> None:
         f"computes head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} only; use engine = \"hf\"")))
 
 
+# the weight files transformers' from_pretrained loads from a local directory (single or sharded)
+WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
 def _model_config(src: ModelSource, revision: str, trust_remote_code: bool):
     """The model's transformers config, read without weights (None: not available yet)."""
     from transformers import AutoConfig, LlamaConfig
@@ -177,25 +194,45 @@ def _module_names(config) -> list[str]:
 def _system_role(cfg: Config, src: ModelSource, r: Report) -> None:
     """data.system_prompt puts a system message before every prompt; some chat templates
     have no system role and raise on one (Gemma-2's), which would end the run at its first
-    generation. Render a system + user probe with the template the run will use (a local or
-    built tiny model's tokenizer; the others are not read here)."""
-    if src.kind not in ("local", "tiny") or (src.kind == "tiny" and not is_built("tiny")):
+    generation (Mistral-7B-Instruct-v0.2's after its weights load). Render a system + user probe
+    with the template the run will use: a local or built tiny model's tokenizer, or a hub
+    model's when the hub is on or its tokenizer is in the local cache (read with
+    local_files_only while the hub is off); the others are not read here. A user-only probe is
+    rendered first, with or without a system prompt: a template that cannot render one (a Jinja
+    syntax error) is a model.chat_template error, not one at the run's first generation."""
+    if src.kind not in ("local", "tiny", "hub") or (src.kind == "tiny" and not is_built("tiny")):
         return
+    if src.kind == "hub" and not hub_ok(src.ref, cfg.model.revision, "tokenizer_config.json"):
+        return  # the hub is off and its tokenizer is not in the local cache: not checked
     if cfg.model.chat_template and not Path(resolve_ref(cfg.model.chat_template)).is_file():
         return  # reported as model.chat_template already
     from harness.models import load_tokenizer
 
     probe = [{"role": "system", "content": cfg.data.system_prompt}, {"role": "user", "content": "Hi"}]
+    tok, text, step = None, None, "user"
     try:
         tok = load_tokenizer(resolve_ref("tiny") if src.kind == "tiny" else src.path, cfg.model.revision,
-                             cfg.model.chat_template, cfg.model.trust_remote_code)
-        text = tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+                             cfg.model.chat_template, cfg.model.trust_remote_code,
+                             local_files_only=src.kind == "hub" and not hub_online())
+        tok.apply_chat_template(probe[1:], add_generation_prompt=True, tokenize=False)
+        step = "system"
+        if cfg.data.system_prompt:
+            text = tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # noqa: BLE001 - a template raises whatever its author wrote
+        if tok is None and src.kind == "hub" and isinstance(e, OSError):
+            return  # the hub is on but did not answer: not checked
         which = f"model.chat_template ({cfg.model.chat_template})" if cfg.model.chat_template else \
             f"the chat template of {src.ref!r}"
+        if step == "user":
+            r.errors.append(FieldError("model.chat_template", (
+                f"{which} cannot render a chat ({type(e).__name__}: {e}); fix the template or set "
+                "model.chat_template to one that renders")))
+            return
         r.errors.append(FieldError("data.system_prompt", (
             f"{which} cannot render a system message ({type(e).__name__}: {e}); clear data.system_prompt or set "
             "model.chat_template to a template with a system role")))
+        return
+    if text is None:
         return
     # a prompt longer than the limit is cut from the left, but the system message stays whole; one that
     # does not fit even with a one-word question drops every pair, and the stage fails on truncation

@@ -55,9 +55,10 @@ def hub_file_missing(cfg, r: Report, where: str, problem: str) -> None:
             "or declare experiment.requires = [\"hub\"]")))
 
 
-def hub_ok(repo: str, revision: str) -> bool:
+def hub_ok(repo: str, revision: str, filename: str = "config.json") -> bool:
+    """Whether hub model ``repo``'s ``filename`` can be read: the hub is on, or it is in the local cache."""
     if os.environ.get("HARNESS_ONLINE") == "1":
         return True
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str)
+    return isinstance(try_to_load_from_cache(repo, filename, revision=revision), str)
