@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import tracking
+from harness import console, tracking
 from harness.config import parse
 from harness.schema import ConfigError
 from harness.store import read_json
@@ -72,6 +72,7 @@ def tracked(tmp_path_factory):
     for var in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "HARNESS_ONLINE"):
         mp.delenv(var, raising=False)
     mp.setenv("WANDB_SILENT", "true")
+    console.reset()  # module-scoped: set up before library_console, after CLI tests that closed their stream
     root = tmp_path_factory.mktemp("tracking")
     doc = spin_doc(root, "tracked")
     doc["experiment"]["seeds"] = [0]
