@@ -238,6 +238,47 @@ def test_policy_logprobs_match_the_harness(chain, tmp_path):
     assert max(abs(g - x) for g, x in zip(got, chosen)) < LOGP_TOL
 
 
+def test_an_exported_iterate_is_served_as_hf_runs_it(tiny64, tmp_path):
+    """``harness export``'s directory (the final iterate of a tiny SPIN run, 2 iterations, merge
+    chain) served by the vLLM worker as it is: greedy answers equal HF's on the same directory
+    and the harness's own policy's, and vLLM's prompt log-probs equal the policy's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.cli import main
+    from harness.export import find_iterate
+    from harness.models import load_policy
+    from test_resume import write_experiment
+
+    model, tok = tiny64
+    base = tmp_path / "tiny64"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    assert main(["run", str(write_experiment(tmp_path, base, tmp_path / "runs"))]) == 0
+    run, out = tmp_path / "runs" / "resume", tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    exported, etok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    it = find_iterate(run)
+    policy, ptok = load_policy(it.cfg, it.adapters, base=it.base)
+    ps = prompts(12)
+    greedy = Sampling(temperature=0.0, max_new_tokens=24)
+    hf = hf_generate(exported, etok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=4)
+    harness_hf = hf_generate(policy, ptok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=4)
+    chats = [list(p.messages) for p in ps[:4]]
+    answers = [hf[p.id]["samples"][0]["text"] or "yes" for p in ps[:4]]
+    seqs, n_completion = {}, {}
+    for i, (m, a) in enumerate(zip(chats, answers)):
+        p, c = completion_ids(etok, m, a)
+        seqs[str(i)], n_completion[str(i)] = p + c, len(c)
+    with Worker(out, dtype="float32", max_num_seqs=4, max_model_len=256) as w:
+        served = vllm_generate(exported, etok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=4, worker=w)
+        scored = w.score(seqs)
+    same = sum(served[p.id] == hf[p.id] == harness_hf[p.id] for p in ps)
+    assert same == len(ps), f"greedy agreement {same}/{len(ps)}"
+    got = [sum(scored[str(i)][-n_completion[str(i)]:]) for i in range(len(answers))]
+    want = sequence_logprobs(policy, ptok, chats, answers)
+    assert max(abs(g - x) for g, x in zip(got, want)) < LOGP_TOL
+
+
 def test_smollm2_smoke_experiment_with_the_vllm_engine(tmp_path):
     """experiments/smollm2/smoke.toml end to end with ``[generation] engine = "vllm"``: the
     generate stage reads the engine (so it is part of the stage's recorded inputs) and its
