@@ -7,7 +7,8 @@ config hash nor read by any stage (changing it reruns nothing).
 
 - **Per-step training curves**: every trainer the loop runs reports to the named trackers
   (``trainer_settings``: trl's ``report_to``, run name ``<experiment>/seed-<k>``, or the
-  experiment's name without seeds, project = the experiment). TensorBoard's events of a training
+  experiment's name without seeds: the run directory below output_dir, ``run_name``;
+  project = the experiment). TensorBoard's events of a training
   stage go to ``RUN_DIR/tracking/<iteration>-<stage>`` (``iter_001-train``, ``iter_000-init_sft``):
   one TensorBoard run per stage, since each stage's steps count from 0. That directory is
   emptied when the stage starts training, so an interrupted attempt's points are not kept beside
@@ -62,10 +63,16 @@ def problems(report_to, where: str = "tracking.report_to") -> list[FieldError]:
     return out
 
 
-def run_name(cfg) -> str:
-    """``<experiment>/seed-<k>`` for a run of a seed list, else the experiment's name."""
-    e = cfg.experiment
-    return f"{e.name}/seed-{e.seed}" if e.seeds else e.name
+def run_name(cfg, root: Path) -> str:
+    """The run directory ``root`` below experiment.output_dir: ``<experiment>/seed-<k>`` for a run
+    of a seed list, the experiment's name without seeds (a sweep point's levels and a --fresh
+    directory's suffix included, so no two run directories share a name); for a directory
+    elsewhere, that formula from the config alone."""
+    try:
+        return Path(root).resolve().relative_to(Path(cfg.experiment.output_dir).resolve()).as_posix()
+    except ValueError:
+        e = cfg.experiment
+        return f"{e.name}/seed-{e.seed}" if e.seeds else e.name
 
 
 def stage_label(work_dir: Path) -> str:
@@ -86,7 +93,7 @@ class Tracker:
     def __init__(self, cfg, root: Path):
         self.report_to = tuple(cfg.tracking.report_to)
         self.dir = Path(root) / SUBDIR
-        self.name = run_name(cfg)
+        self.name = run_name(cfg, root)
         self.project = cfg.experiment.name
         self._cfg = cfg
         self._writer = None   # TensorBoard's writer of the per-iteration entries, opened at the first

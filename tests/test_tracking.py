@@ -137,6 +137,17 @@ def test_a_rerun_logs_no_iteration_twice_and_an_extended_run_only_its_new_one(tr
     assert sorted(logged) == [0, 1, 2]  # three W&B runs (one per process), each iteration once
 
 
+def test_run_names(tmp_path):
+    doc = spin_doc(tmp_path, "exp")
+    cfg = parse(copy.deepcopy(doc), "t.toml")
+    assert tracking.run_name(cfg, cfg.run_dir) == "exp"
+    doc["experiment"]["seeds"] = [3, 4]
+    (seed3, _) = parse(doc, "t.toml").for_seeds()
+    assert tracking.run_name(seed3, seed3.run_dir) == "exp/seed-3"
+    assert tracking.run_name(seed3, seed3.run_dir.with_name("seed-3-2")) == "exp/seed-3-2"  # harness run --fresh
+    assert tracking.run_name(seed3, tmp_path / "elsewhere") == "exp/seed-3"
+
+
 def test_tracking_is_not_in_the_hash_and_names_are_checked(tmp_path):
     doc = spin_doc(tmp_path, "t")
     plain = parse(copy.deepcopy(doc), "t.toml")
