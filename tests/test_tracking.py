@@ -173,3 +173,18 @@ def test_a_missing_trackers_package_is_a_one_line_validate_error(tmp_path, monke
     assert [(e.path, e.message) for e in errors] == [(
         "tracking.report_to[1]", "'wandb' needs the package 'wandb', which is not installed; install the "
                                  "\"tracking\" extra: pip install -e \".[tracking]\" (./install.sh installs it)")]
+
+
+def test_a_stage_restarted_after_an_interruption_keeps_only_its_own_curve(tmp_path):
+    """The stage's TensorBoard directory is emptied when its training starts again: the killed
+    attempt's steps would otherwise sit beside the finishing attempt's at the same step numbers."""
+    doc = spin_doc(tmp_path, "t")
+    doc["tracking"] = {"report_to": ["tensorboard", "wandb", "wandb"]}
+    tracker = tracking.Tracker(parse(doc, "t.toml"), tmp_path / "run")
+    stale = tmp_path / "run" / "tracking" / "iter_002-train" / "events.out.tfevents.killed"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")
+    (callback,) = tracker.callbacks(tmp_path / "run" / "iter_002" / "train.tmp")
+    assert not stale.exists() and stale.parent.is_dir()
+    callback.tb_writer.close()
+    assert tracker.trainer_settings() == {"report_to": ["wandb"], "run_name": "t", "project": "t"}
