@@ -142,6 +142,8 @@ def find_iterate(run_dir: Path, which: str | int = "final") -> Iterate:
             raise ExportError(f"{run_dir}: no iteration is finished yet (no results row)")
     else:
         t, chosen_by = int(which), f"--iteration {which}"
+    if t > cfg.method.iterations:
+        raise ExportError(f"{run_dir}: the run has iterations 0-{cfg.method.iterations}, not {t}")
     if t not in rows:
         raise ExportError(f"{run_dir}: iteration {t} is not finished (finished iterations: {_span(rows)})")
     adapters = adapter_chain(layout, cfg.chain, t)

@@ -133,33 +133,36 @@ def test_the_model_card_has_the_runs_numbers_with_their_protocols(run, tmp_path)
     assert [a["path"] for a in saved["adapters"]] == ["iter_001/train/adapter"]
 
 
-def test_the_export_validates_as_the_base_of_a_new_experiment(run, tmp_path):
+def test_the_export_is_the_base_of_a_new_experiment(run, tmp_path):
+    """It validates as model.base, and a run from it measures at its iteration 0 what the
+    exporting run measured at the exported iteration (the same evaluations of the same model)."""
     out = tmp_path / "model"
     assert export(run, "--out", out) == 0
-    doc = tmp_path / "next.toml"
-    doc.write_text(f"""
-[experiment]
-name = "next"
-output_dir = "{tmp_path / 'runs'}"
-
-[model]
-base = "{out}"
-device = "cpu"
-
-[method]
-name = "spin"
-iterations = 1
-
-[data]
-train = "tiny:sft_train"
-num_prompts = 16
-
-[training]
-batch_size = 4
-max_length = 128
-""")
-    assert main(["validate", str(doc)]) == 0
+    doc = spin_doc(tmp_path / "runs")
+    doc["experiment"]["name"] = "next"
+    doc["model"]["base"] = str(out)
+    doc["method"]["iterations"] = 1
+    (tmp_path / "next.toml").write_text(toml(doc))
+    assert main(["validate", str(tmp_path / "next.toml")]) == 0
     console.reset()
+    assert main(["run", str(tmp_path / "next.toml"), "-q"]) == 0
+    console.reset()
+    then = next(r for r in store.read_jsonl(RunDir(run).results) if r["iteration"] == 2)["metrics"]
+    now = store.read_jsonl(RunDir(tmp_path / "runs" / "next").results)[0]["metrics"]
+    evaluated = [k for k in then if k.startswith(("lm_eval/", "alpaca_eval/"))]
+    assert "alpaca_eval/win_rate" in evaluated and "lm_eval/tiny_gen/exact_match" in evaluated
+    assert {k: now[k] for k in evaluated} == {k: then[k] for k in evaluated}
+
+
+def toml(doc: dict, prefix: str = "") -> str:
+    """A TOML document of nested dicts of strings, numbers and lists of strings."""
+    scalars = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+    text = f"[{prefix}]\n" if prefix and scalars else ""
+    text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in scalars.items())
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            text += toml(v, f"{prefix}.{k}" if prefix else k)
+    return text
 
 
 def test_adapter_only_is_the_chain_as_one_peft_adapter(run, tmp_path):
@@ -194,7 +197,7 @@ def test_refusals_are_one_line_and_write_nothing(run, tmp_path, capfd):
     assert export(tmp_path, "--out", out) == 1
     assert "is not a run directory" in _one_error(capfd)
     assert export(run, "--out", out, "--iteration", 3) == 1
-    assert "iteration 3 is not finished (finished iterations: 0-2)" in _one_error(capfd)
+    assert "the run has iterations 0-2, not 3" in _one_error(capfd)
     assert export(run, "--out", out, "--iteration", 0, "--adapter-only") == 1
     assert "iteration 0 is the base model itself: it has no adapter" in _one_error(capfd)
     full = tmp_path / "full"
