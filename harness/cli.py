@@ -157,6 +157,13 @@ def _run(args) -> int:
             if not ok:
                 return 1
         cfgs = [c for cfg, _ in checked for c in cfg.for_seeds(args.seeds)]
+        from harness.validate_values import seed_problem
+
+        bad_seeds = [(c, p) for c in cfgs if args.seeds and (p := seed_problem(c.experiment.seed, c.method.iterations))]
+        for c, problem in bad_seeds:  # experiment.seeds were checked with the file; --seeds only here
+            console.error(f"{c.source}: --seeds: {problem}")
+        if bad_seeds:
+            return 1
         shared = _shared_run_dirs(cfgs)
         for line in shared:
             console.error(line)

@@ -26,6 +26,7 @@ def check_values(cfg, method, errors: list[FieldError]) -> None:
             errors.append(FieldError("experiment.seed" if i is None else f"experiment.seeds[{i}]", problem))
     _sampling(cfg, method, errors)
     _threads(cfg, errors)
+    _epochs(cfg, errors)
     name = cfg.experiment.name.encode()
     if len(name) > NAME_MAX:
         errors.append(FieldError("experiment.name", (
@@ -63,6 +64,20 @@ def _sampling(cfg, method, errors: list[FieldError]) -> None:
             f"{top_k} with engine = \"vllm\": vLLM returns at most {VLLM_MAX_LOGPROBS} log-probs per token "
             f"(its max_logprobs), so the indicator samples would fail; use at most {VLLM_MAX_LOGPROBS}, or "
             "engine = \"hf\"")))
+
+
+def _epochs(cfg, errors: list[FieldError]) -> None:
+    """epochs = 0 trains nothing: the trainer takes no step, and the iteration's model would be
+    the one it started from (a self-improvement run that never improves). An SFT stage is
+    checked only when it runs (it has IFT or EFT data)."""
+    stages = [("training.epochs", cfg.training)]
+    sft = getattr(cfg.options, "sft", None)
+    if sft is not None and (getattr(cfg.options, "ift", "") or getattr(cfg.options, "eft", "")):
+        stages.append((f"method.{cfg.method.name}.sft.epochs", sft))
+    for where, steps in stages:
+        if steps.epochs <= 0:
+            errors.append(FieldError(where, "0 trains nothing: the stage would take no optimizer step; give the "
+                                            "epochs to train (a fraction such as 0.5 trains on part of the data)"))
 
 
 def _threads(cfg, errors: list[FieldError]) -> None:

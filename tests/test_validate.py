@@ -359,6 +359,23 @@ def _train(t, w, ref):
     return t.replace(f"{w}/sft.jsonl", ref)
 
 
+def _model_copy(w, name: str, drop: str = "", config: str = "") -> str:
+    """A copy of the test model's directory (``tiny_dir``, linked file by file) without ``drop``
+    and with ``config`` as its config.json when given."""
+    src = _TINY[0]
+    out = w / name
+    out.mkdir()
+    for f in src.iterdir():
+        if f.name != drop and not (config and f.name == "config.json"):
+            (out / f.name).symlink_to(f)
+    if config:
+        (out / "config.json").write_text(config)
+    return str(out)
+
+
+_TINY: list = []  # the test model's directory, set by the test below (edits get the world only)
+
+
 VLLM = '[generation]\nengine = "vllm"\n[training]'  # with requires = ["vllm"]: the engine itself is not needed
 
 
@@ -399,6 +416,17 @@ VLLM = '[generation]\nengine = "vllm"\n[training]'  # with requires = ["vllm"]: 
      "model.cpu_threads", "CPUs"),
     (spin, lambda t, w: t.replace('[data]', '[data]\nsystem_prompt = "' + "be brief. " * 400 + '"'),
      "data.system_prompt", "a training prompt may have"),
+    (spin, lambda t, w: t.replace("batch_size = 2", "batch_size = 2\nepochs = 0"), "training.epochs", "0 trains nothing"),
+    (dno, lambda t, w: t.replace('[judge]\nname = "oracle"', '[judge]\nname = "self"\n[judge.self]\nmax_new_tokens = 4096'),
+     "judge.self.max_new_tokens", "leaves no room for a prompt in the 1024 positions"),
+    # the model: weights, a readable config, a chat template that renders
+    (spin, lambda t, w: re.sub(r'base = ".*"', f'base = "{_model_copy(w, "noweights", drop="model.safetensors")}"', t),
+     "model.base", "has a config.json but no weights"),
+    (spin, lambda t, w: re.sub(r'base = ".*"', f'base = "{_model_copy(w, "badconfig", config="{oops")}"', t),
+     "model.base", "cannot read the model's config"),
+    (spin, lambda t, w: t.replace('device = "cpu"', 'device = "cpu"\nchat_template = "'
+                                  + _write(w / "bad.jinja", "{% for m in messages %}{{ m.content }") + '"'),
+     "model.chat_template", "cannot render a chat (TemplateSyntaxError"),
     # paths the file system cannot hold
     (spin, lambda t, w: t.replace('name = "x"', f'name = "{"n" * 256}"'), "experiment.name", "at most 255 bytes"),
     (spin, lambda t, w: t.replace(f'output_dir = "{w}/out"', f'output_dir = "{w}/{"/".join(["d" * 200] * 20)}"'),
@@ -406,6 +434,8 @@ VLLM = '[generation]\nengine = "vllm"\n[training]'  # with requires = ["vllm"]: 
 ])
 def test_a_value_that_would_fail_later_fails_validate(world, tiny_dir, capsys, make, edit, field, words):
     import torch
+
+    _TINY[:] = [tiny_dir]
 
     if field == "generation.engine" and torch.cuda.is_available():
         pytest.skip("on CUDA vLLM has an attention backend for every head size")
@@ -421,3 +451,27 @@ def test_more_prompts_asked_than_there_are_is_a_warning(world, tiny_dir, capsys)
     code, path, err = run_validate(world, text, capsys)
     assert code == 0, err
     assert f"{path}: data.num_prompts: warning: 50 but {world}/sft.jsonl has 20 prompts: all 20 are used" in err
+
+
+def test_a_seed_numpy_refuses_given_with_run_seeds_stops_before_compute(world, tiny_dir, capfd):
+    path = world / "exp.toml"
+    path.write_text(spin(world, tiny_dir))
+    assert main(["run", str(path), "--seeds", "0,4294967294"]) == 1
+    err = capfd.readouterr().err
+    assert f"{path}: --seeds: 4294967294 is too large" in err and "use at most 4294967293" in err, err
+    assert not (world / "out").exists()  # nothing ran
+
+
+def test_self_instruct_bounds_that_drop_every_prompt_are_an_error():
+    from harness.config import parse
+    from harness.schema import ConfigError
+
+    doc = {"experiment": {"name": "x"}, "model": {"base": "tiny"}, "data": {"train": "tiny:prompts_train"},
+           "method": {"name": "self_rewarding", "self_rewarding": {"self_instruct": 8, "self_instruct_min_chars": 500,
+                                                                    "self_instruct_max_chars": 10}},
+           "judge": {"name": "self", "self": {"samples": 3, "temperature": 0.7}}}
+    with pytest.raises(ConfigError) as e:
+        parse(doc)
+    assert [str(x) for x in e.value.errors] == [
+        "method.self_rewarding.self_instruct_min_chars: 500 is above self_instruct_max_chars 10: every generated "
+        "prompt would be dropped"]

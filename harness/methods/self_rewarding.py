@@ -56,6 +56,11 @@ class SelfRewarding(Method):
         if sft.prompt_limit >= sft.max_length:
             errors.append(FieldError("method.self_rewarding.sft.max_prompt_length", f"{sft.prompt_limit} leaves no room "
                                      f"for an answer within max_length {sft.max_length}; set it below"))
+        o = cfg.options
+        if o.self_instruct and o.self_instruct_min_chars > o.self_instruct_max_chars:  # every new prompt dropped
+            errors.append(FieldError("method.self_rewarding.self_instruct_min_chars", (
+                f"{o.self_instruct_min_chars} is above self_instruct_max_chars {o.self_instruct_max_chars}: every "
+                "generated prompt would be dropped")))
         return errors
 
     def check_inputs(self, cfg, examples):
