@@ -43,10 +43,9 @@ from harness.rundir import TMP_SUFFIX
 from harness.schema import FieldError
 
 # trl's name -> (the module it imports, how to install it)
-TRACKERS = {"tensorboard": ("tensorboard", 'the "tracking" extra: pip install -e ".[tracking]" (./install.sh installs it)'),
-            "wandb": ("wandb", 'the "tracking" extra: pip install -e ".[tracking]" (./install.sh installs it)'),
-            "mlflow": ("mlflow", "pip install mlflow"),
-            "trackio": ("trackio", "pip install trackio")}
+EXTRA = 'install the "tracking" extra (pip install -e ".[tracking]"; ./install.sh installs it)'
+TRACKERS = {"tensorboard": ("tensorboard", EXTRA), "wandb": ("wandb", EXTRA),
+            "mlflow": ("mlflow", "pip install mlflow"), "trackio": ("trackio", "pip install trackio")}
 SUBDIR = "tracking"          # RUN_DIR/tracking holds every tracker's local files
 ITERATIONS = "iterations"    # the TensorBoard run of the per-iteration entries
 ITERATION_PREFIX = "iteration/"
@@ -59,7 +58,7 @@ def problems(report_to, where: str = "tracking.report_to") -> list[FieldError]:
         module, install = TRACKERS[name]
         if importlib.util.find_spec(module) is None:
             out.append(FieldError(f"{where}[{i}]", f"{name!r} needs the package {module!r}, which is not "
-                                                   f"installed; install {install}"))
+                                                   f"installed: {install}"))
     return out
 
 

@@ -171,8 +171,8 @@ def test_a_missing_trackers_package_is_a_one_line_validate_error(tmp_path, monke
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     errors = [e for e in validate.check(cfg).errors if e.path.startswith("tracking")]
     assert [(e.path, e.message) for e in errors] == [(
-        "tracking.report_to[1]", "'wandb' needs the package 'wandb', which is not installed; install the "
-                                 "\"tracking\" extra: pip install -e \".[tracking]\" (./install.sh installs it)")]
+        "tracking.report_to[1]", "'wandb' needs the package 'wandb', which is not installed: install the "
+                                 "\"tracking\" extra (pip install -e \".[tracking]\"; ./install.sh installs it)")]
 
 
 def test_a_stage_restarted_after_an_interruption_keeps_only_its_own_curve(tmp_path):
