@@ -128,7 +128,9 @@ def find_iterate(run_dir: Path, which: str | int = "final") -> Iterate:
     """The iterate ``which`` (``"final"`` or an iteration number) of the run in ``run_dir``."""
     layout = RunDir(run_dir)
     if not (layout.config.is_file() and layout.provenance.is_file()):
-        raise ExportError(f"{run_dir} is not a run directory (no config.json and provenance.json)")
+        seeds = sorted(p.name for p in Path(run_dir).glob("seed-*") if RunDir(p).config.is_file())
+        raise ExportError(f"{run_dir} is not a run directory (no config.json and provenance.json)"
+                          + (f"; its seeds' runs are {', '.join(seeds)}: export one of them" if seeds else ""))
     cfg, config_hash = _read_config(layout)
     rows = _finished(layout)
     if which == "final":
@@ -340,6 +342,9 @@ def _check_out(out: Path) -> None:
 def export(run_dir: Path, which: str | int, out: Path, adapter_only: bool = False) -> Iterate:
     """Export the iterate ``which`` of the run in ``run_dir`` into ``out`` (see the module doc);
     returns the iterate. ``out`` must be absent or an empty directory; it appears only complete."""
+    from harness.models import offline_env
+
+    offline_env()  # a hub base comes from the local cache unless HARNESS_ONLINE=1, as in a run
     out = Path(out)
     _check_out(out)
     it = find_iterate(Path(run_dir), which)

@@ -24,7 +24,7 @@ import torch
 from harness import console, fmt, store
 from harness.cli import main
 from harness.config import parse
-from harness.export import EXPORT_FILE, find_iterate, full_precision_policy, write_adapter
+from harness.export import EXPORT_FILE, adapter_chain, find_iterate, full_precision_policy, write_adapter
 from harness.models import load_model, load_policy
 from harness.report.protocol import label, record, scope_of
 from harness.rundir import RunDir
@@ -84,6 +84,9 @@ def test_the_exported_model_is_the_final_iterate(run, tmp_path):
     assert export(run, "--out", out) == 0
     it = find_iterate(run)
     assert it.iteration == 2 and it.cfg.chain == "merge" and len(it.adapters) == 2
+    # the chain as the loop recorded it: iteration 2 trained against model_1's adapters
+    recorded = store.read_json(RunDir(run).manifest(2, "train"))["outputs"]["reference"]["adapters"]
+    assert [str(p) for p in adapter_chain(RunDir(run), "merge", 1)] == recorded
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert model.dtype == torch.float32
@@ -196,6 +199,12 @@ def test_refusals_are_one_line_and_write_nothing(run, tmp_path, capfd):
     out = tmp_path / "out"
     assert export(tmp_path, "--out", out) == 1
     assert "is not a run directory" in _one_error(capfd)
+    seeds = tmp_path / "seeds"  # an experiment run with several seeds: a run directory per seed
+    (seeds / "seed-0").mkdir(parents=True)
+    (seeds / "seed-0" / "config.json").write_text("{}")
+    assert export(seeds, "--out", out) == 1
+    assert "is not a run directory (no config.json and provenance.json); its seeds' runs are seed-0" \
+        in _one_error(capfd)
     assert export(run, "--out", out, "--iteration", 3) == 1
     assert "the run has iterations 0-2, not 3" in _one_error(capfd)
     assert export(run, "--out", out, "--iteration", 0, "--adapter-only") == 1
@@ -204,7 +213,7 @@ def test_refusals_are_one_line_and_write_nothing(run, tmp_path, capfd):
     (full / "x").mkdir(parents=True)
     assert export(run, "--out", full) == 1
     assert "exists and is not an empty directory" in _one_error(capfd)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no out, no temporary directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "seeds"]  # no out, no temporary directory left
     # an adapter changed after its stage finished is not exported with the others
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
