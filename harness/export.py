@@ -124,6 +124,14 @@ def _span(its) -> str:
         if its == list(range(its[0], its[-1] + 1)) else ", ".join(map(str, its))
 
 
+def _current_final(layout: RunDir) -> bool:
+    """Whether final.json is the choice of the run as it now stands: written at the end of a
+    run, after config.json, which every start rewrites; one older than config.json is the
+    choice of an earlier, shorter run that has since been resumed (more iterations) and has
+    not finished again."""
+    return layout.final.is_file() and layout.final.stat().st_mtime_ns >= layout.config.stat().st_mtime_ns
+
+
 def find_iterate(run_dir: Path, which: str | int = "final") -> Iterate:
     """The iterate ``which`` (``"final"`` or an iteration number) of the run in ``run_dir``."""
     layout = RunDir(run_dir)
@@ -134,12 +142,14 @@ def find_iterate(run_dir: Path, which: str | int = "final") -> Iterate:
     cfg, config_hash = _read_config(layout)
     rows = _finished(layout)
     if which == "final":
-        if layout.final.is_file():
+        if _current_final(layout):
             final = store.read_json(layout.final)
             t, chosen_by = int(final["iteration"]), f"the final iterate (final.json: {final.get('selected_by')})"
         elif rows:
             t = max(rows)
-            chosen_by = "no final.json (the run has not finished): the last finished iteration"
+            chosen_by = ("final.json is older than the run's last start (config.json): the run has not finished "
+                         "since; the last finished iteration" if layout.final.is_file() else
+                         "no final.json (the run has not finished): the last finished iteration")
         else:
             raise ExportError(f"{run_dir}: no iteration is finished yet (no results row)")
     else:

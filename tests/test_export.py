@@ -15,6 +15,7 @@ their rounding). Keeping the original weights instead moves the 4-bit case by 2.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -240,6 +241,12 @@ def test_an_unfinished_run_exports_its_last_finished_iteration(run, tmp_path, ca
     assert "# exp-spin: spin, iteration 1" in card and said in card
     assert export(copy, "--out", tmp_path / "other", "--iteration", 2) == 1
     assert "iteration 2 is not finished (finished iterations: 0-1)" in _one_error(capfd)
+    # a final.json from before the run's last start (resumed for more iterations) is not its choice
+    shutil.copy2(run / "final.json", layout.final)  # iteration 2, chosen by the finished 2-iteration run
+    os.utime(layout.final, ns=(layout.config.stat().st_mtime_ns - 10**9,) * 2)
+    assert export(copy, "--out", tmp_path / "third") == 0
+    assert "final.json is older than the run's last start" in capfd.readouterr().err
+    assert json.loads((tmp_path / "third" / EXPORT_FILE).read_text())["iteration"] == 1
 
 
 def test_a_4bit_continue_chain_is_dequantized_then_merged_in_float32(qlora_dir, tmp_path):
