@@ -287,3 +287,34 @@ def test_a_4bit_continue_chain_is_dequantized_then_merged_in_float32(qlora_dir, 
     out.mkdir()
     assert write_adapter(cfg, [adapter], str(qlora_dir), out) == cfg.lora.r
     assert (out / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_bfloat16_base_is_upcast_and_the_update_kept_in_float32(tiny_dir, tmp_path):
+    """A bfloat16 run (continue chain): the exported weights are the run's bfloat16 base values
+    plus the adapter's whole update in float32, which bfloat16 could not hold."""
+    from peft import get_peft_model
+    from test_train import make_cfg
+
+    from harness.train import lora_config
+
+    cfg = make_cfg(tiny_dir, tmp_path, model={"dtype": "bfloat16"})
+    assert cfg.chain == "continue"
+    torch.manual_seed(0)
+    peft = get_peft_model(load_model(str(tiny_dir), device="cpu"), lora_config(cfg.lora))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.01)  # an update of ~1e-4 per weight, far below bfloat16's spacing there
+    adapter = tmp_path / "a1"
+    peft.save_pretrained(str(adapter))
+    layer = peft.base_model.model.model.layers[0].self_attn.q_proj
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+    exported, _ = full_precision_policy(cfg, [adapter], str(tiny_dir))
+    base = load_model(str(tiny_dir), dtype="bfloat16", device="cpu")
+    held = base.model.layers[0].self_attn.q_proj.weight.float()
+    got = exported.model.layers[0].self_attn.q_proj.weight
+    assert got.dtype == torch.float32 and exported.config.dtype == torch.float32
+    assert torch.allclose(got, held + delta, atol=1e-7, rtol=0)
+    assert torch.equal(exported.model.embed_tokens.weight, base.model.embed_tokens.weight.float())
+    off_grid = (got != got.bfloat16().float()).float().mean()
+    assert off_grid > 0.9  # saved in bfloat16, the update would be rounded away
