@@ -1,4 +1,4 @@
-"""``harness``: validate | run | status | table | import-alpaca-eval | export | tiny. Thin: parse, call, print."""
+"""``harness``: validate | run | status | table | import-alpaca-eval | import-mt-bench | export | tiny. Thin: parse, call, print."""
 
 from __future__ import annotations
 
@@ -386,6 +386,18 @@ def _import(args) -> int:
     return 0
 
 
+def _import_mt_bench(args) -> int:
+    from harness.report.published import PublishedError, import_mt_bench
+
+    try:
+        path = import_mt_bench(args.dest, args.name, args.judgments, args.model)
+    except PublishedError as e:
+        console.error(f"harness import-mt-bench: {e}")
+        return 1
+    console.info(f"imported {args.name} -> {path}")
+    return 0
+
+
 def _export(args) -> int:
     """One iterate of a run as a Hugging Face model directory (harness.export); every failure is
     one ``error:`` line (an unexpected one with its traceback in the log)."""
@@ -519,6 +531,15 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--annotations", required=True, help="<system>.<annotator>.annotations.json")
     i.add_argument("--dest", default="results/published")
     i.set_defaults(fn=_import)
+
+    m = add("import-mt-bench", help="add a model's published MT-Bench judgments (FastChat's) to the leaderboard")
+    m.add_argument("--name", required=True,
+                   help="the row's name: one path component (letters, digits, '.', '_', '-', '+'), the directory "
+                        "DEST/NAME")
+    m.add_argument("--judgments", required=True, help="FastChat's model_judgment/<judge>_single.jsonl")
+    m.add_argument("--model", help="the model's name in that file (default: --name)")
+    m.add_argument("--dest", default="results/published")
+    m.set_defaults(fn=_import_mt_bench)
 
     e = add("export", help="one iterate of a run as a Hugging Face model directory with its model card")
     e.add_argument("run_dir")

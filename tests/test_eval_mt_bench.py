@@ -291,3 +291,74 @@ def test_config_rules():
     assert errors(**ok) == ""
     assert "eval.mt_bench.question_ids: no MT-Bench question 7" in errors(question_ids=[81, 7], **ok)
     assert "eval.mt_bench.temperatures: unknown category poetry" in errors(temperatures={"poetry": 1.0}, **ok)
+
+
+def test_tiny_run_with_mt_bench_rows_table_and_published_import(tiny_dir, judge, tmp_path, capfd, monkeypatch):
+    from test_eval_fixtures import experiment_head
+
+    from harness.cli import main
+
+    server = judge()
+    monkeypatch.chdir(tmp_path)
+    words = ["fox", "dog", "yes", "no", "lazy", "quick", "brown", "the"]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"say {words[i % 8]} {words[(i * 3 + 1) % 8]}",
+                                        "response": f"{words[i % 8]} {words[(i * 3 + 1) % 8]}"}) + "\n"
+                            for i in range(16)))
+    exp = tmp_path / "mt.toml"
+    exp.write_text(experiment_head("mt", 1, tmp_path / "runs" / "mt", tiny_dir) + f"""
+[method]
+name = "spin"
+iterations = 1
+
+[data]
+train = "{data}"
+
+[generation]
+max_new_tokens = 6
+batch_size = 8
+
+[training]
+learning_rate = 0.005
+batch_size = 2
+max_length = 48
+
+[eval.indicators]
+num_prompts = 0
+
+[eval.mt_bench]
+enabled = true
+question_ids = {IDS}
+max_new_tokens = 4
+
+[eval.mt_bench.judge]
+name = "openai"
+
+[eval.mt_bench.judge.openai]
+base_url = "{server.url}"
+model = "gpt-4"
+api_key_env = "{KEY_ENV}"
+""")
+    assert main(["run", str(exp)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "mt" / "mt" / "results.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1] and len(server.requests) == 16
+    assert all(r["metrics"]["cost/judge_calls"] == 8 for r in rows)
+    assert all(r["protocol"]["mt_bench"]["questions"] == IDS and "mt_bench/score" in r["metrics"] for r in rows)
+    gain = rows[1]["paired"]["mt_bench/score"]  # iteration 1 - iteration 0 on the turns both rated
+    assert gain["n"] >= 2 and set(gain) >= {"mean", "se", "ci_low", "ci_high"}
+    # a published model's FastChat judgments beside the run: another MT-Bench protocol, its own columns
+    fastchat = tmp_path / "gpt-4_single.jsonl"
+    fastchat.write_text("".join(json.dumps({"question_id": q, "model": "vicuna-7b", "judge": ["gpt-4", "single-v1"],
+                                            "score": s, "turn": t}) + "\n"
+                                for q in IDS for t, s in ((1, 7), (2, 5))))
+    assert main(["import-mt-bench", "--name", "vicuna-7b", "--judgments", str(fastchat),
+                 "--dest", str(tmp_path / "runs" / "published")]) == 0
+    capfd.readouterr()
+    assert main(["table", str(tmp_path / "runs")]) == 0
+    table = capfd.readouterr().out
+    out = " ".join(table.split())  # the notes under the table are wrapped
+    assert "MT-Bench [P1]" in out and "MT-Bench [P2]" in out and "vicuna-7b" in out
+    assert f"MT-Bench judged by gpt-4 at {server.url}, 4 of 80 questions, answers capped at 4 tokens" in out
+    assert "MT-Bench (gpt-4 judge), 4 of 80 questions" in out
+    assert main(["import-mt-bench", "--name", "x", "--judgments", str(fastchat), "--model", "nobody"]) == 1
+    assert "no judgments of model 'nobody'" in capfd.readouterr().err

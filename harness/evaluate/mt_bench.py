@@ -55,6 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
+from harness import cost
 from harness.annotator_configs import OPENAI_API
 from harness.config import MT_BENCH_TEMPERATURES, MtBenchSection
 from harness.data import with_system
@@ -239,6 +240,8 @@ class Grader:
         malformed reply). A reply over max_reply_bytes is an answer without a rating (its text
         says so). A non-retryable HTTP error raises ``JudgeRequestError``."""
         reply, why = self.client.request(judge_body(self.model, messages))
+        if reply is not None:
+            cost.add(judge_calls=1)  # an answered call (its tokens were counted by the client)
         if reply is None:
             return (None, why) if why.startswith(ERROR_PREFIX) else (why, "")
         try:

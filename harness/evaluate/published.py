@@ -124,3 +124,20 @@ def write_published_run(dest_dir: Path, name: str, model_outputs: Path, annotati
                           "seed": None, "config_hash": None}}
     write_jsonl(dest_dir / "results.jsonl", [row])
     return dest_dir / "results.jsonl"
+
+
+def write_published_mt_bench(dest_dir: Path, name: str, judgments: Path, model: str) -> Path:
+    """A run-like directory whose results.jsonl holds one row of MT-Bench metrics for ``model``
+    of a FastChat single-grading judgment file (``model_judgment/gpt-4_single.jsonl``), with the
+    protocol ``harness.evaluate.mt_bench.import_judgments`` derives (the file's judge at OpenAI's
+    API). Returns the results.jsonl path."""
+    from harness.evaluate.mt_bench import import_judgments
+
+    metrics, protocol = import_judgments(Path(judgments), model)
+    row = {"experiment": name, "method": "published", "iteration": 0, "metrics": metrics,
+           "protocol": {"mt_bench": protocol},
+           "provenance": {"imported_from": {"mt_bench_judgments": _file_record(judgments), "model": model},
+                          "versions": {p: version(p) for p in ("selfimprove-harness",) if _installed(p)},
+                          "seed": None, "config_hash": None}}
+    write_jsonl(Path(dest_dir) / "results.jsonl", [row])
+    return Path(dest_dir) / "results.jsonl"

@@ -1,6 +1,7 @@
 """A published AlpacaEval system put on the leaderboard (``harness import-alpaca-eval``):
 its outputs and annotations scored by harness.evaluate.alpaca, written as a run-like
-directory ``DEST/NAME`` with one results row.
+directory ``DEST/NAME`` with one results row; likewise a model's MT-Bench judgments from a
+FastChat judgment file (``harness import-mt-bench``, harness.evaluate.mt_bench).
 
 ``NAME`` follows ``experiment.name``'s rule (one safe path component: no "/", no "..", not
 absolute), so the row lands in ``DEST/NAME`` and nowhere else; a ``DEST/NAME`` that holds
@@ -85,3 +86,29 @@ def import_published(dest: Path | str, name: str, outputs: Path | str, annotatio
         return write_published_run(target, name, Path(outputs), Path(annotations))
     except (ValueError, KeyError) as e:  # a file alpaca_eval's loader or our scoring cannot use
         raise PublishedError(str(e).splitlines()[0] if str(e) else f"{type(e).__name__} scoring {name}") from None
+
+
+def import_mt_bench(dest: Path | str, name: str, judgments: Path | str, model: str | None = None) -> Path:
+    """The results.jsonl written for ``model``'s judgments (default: ``name``) of a FastChat
+    single-grading file (``model_judgment/gpt-4_single.jsonl``) in ``dest/name``."""
+    _check_name(name)
+    target = Path(dest) / name
+    if target.exists() and not target.is_dir():
+        raise PublishedError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not _imported_before(target):
+        raise PublishedError(f"{target}: holds something other than an imported published system (a run?); "
+                             "choose another --name or --dest")
+    path = Path(judgments)
+    if not path.is_file():
+        raise PublishedError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'} "
+                             "(expected a FastChat judgment file, model_judgment/<judge>_single.jsonl)")
+    from harness.evaluate.published import write_published_mt_bench
+
+    try:
+        return write_published_mt_bench(target, name, path, model or name)
+    except (OSError, UnicodeDecodeError) as e:
+        raise PublishedError(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise PublishedError(f"{path}: not JSON lines ({e.msg} at line {e.lineno})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise PublishedError(str(e).splitlines()[0] if str(e) else f"{type(e).__name__} reading {path}") from None
