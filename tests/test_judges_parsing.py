@@ -173,3 +173,11 @@ def test_tiny_template_ref_resolves():
     text = load_template("tiny:judge_template")
     assert text == tiny_resolve("tiny:judge_template").read_text()
     assert "{instruction}" in text and "{response}" in text
+
+
+def test_a_judge_template_that_is_a_fifo_is_refused_unread(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "t.txt")  # opening it would wait for a writer forever
+    with pytest.raises(ValueError, match=r"judge.template: judge template '.*t.txt' is a FIFO, not a regular file"):
+        load_judge_template(str(tmp_path / "t.txt"))

@@ -221,15 +221,33 @@ def test_every_error_at_once(world, tiny_dir, capsys):
     assert {"lora.target_modules[0]", "lora.target_modules[1]", "experiment.name", "data.train"} <= set(found), err
 
 
-@pytest.mark.parametrize("quantized, words", [(False, "no vLLM environment"), (True, "quantized base")])
-def test_the_vllm_engine_is_checked_before_compute(world, tiny_dir, capsys, monkeypatch, quantized, words):
+@pytest.mark.parametrize("quantized, weights, field, words", [
+    (False, "auto", "generation.engine", "no vLLM environment"),
+    (True, "merged", "generation.vllm_weights", "cannot serve a quantized base")])
+def test_the_vllm_engine_is_checked_before_compute(world, tiny_dir, capsys, monkeypatch, quantized, weights, field,
+                                                    words):
     monkeypatch.setenv("HARNESS_VLLM_PYTHON", str(world / "no-venv" / "python"))
-    text = spin(world, tiny_dir).replace("[training]", '[generation]\nengine = "vllm"\n[training]')
+    text = spin(world, tiny_dir).replace("[training]", f'[generation]\nengine = "vllm"\nvllm_weights = "{weights}"\n'
+                                                       '[training]')
     if quantized:
         text = text.replace('device = "cpu"', 'device = "cpu"\nquantization = "4bit"')
     code, path, err = run_validate(world, text, capsys)
     assert code == 1
-    assert any(line.startswith(f"{path}: generation.engine: ") and words in line for line in err.splitlines()), err
+    assert any(line.startswith(f"{path}: {field}: ") and words in line for line in err.splitlines()), err
+
+
+def test_a_quantized_base_is_served_by_vllm_as_an_adapter(world, tiny_dir, capsys, monkeypatch):
+    """engine = "vllm" with a 4-bit base: "auto" and "adapter" are valid (the base is served
+    dequantized plus the adapter); only the missing environment is reported."""
+    monkeypatch.setenv("HARNESS_VLLM_PYTHON", str(world / "no-venv" / "python"))
+    for weights in ("auto", "adapter"):
+        text = spin(world, tiny_dir).replace("[training]", f'[generation]\nengine = "vllm"\nvllm_weights = '
+                                                           f'"{weights}"\n[training]')
+        text = text.replace('device = "cpu"', 'device = "cpu"\nquantization = "4bit"')
+        code, path, err = run_validate(world, text, capsys)
+        assert "quantized base" not in err and "vllm_weights" not in err, err
+        assert any(line.startswith(f"{path}: generation.engine: ") and "no vLLM environment" in line
+                   for line in err.splitlines()), err
 
 
 def test_few_steps_is_a_warning(world, tiny_dir, capsys):
@@ -387,6 +405,8 @@ VLLM = '[generation]\nengine = "vllm"\n[training]'  # with requires = ["vllm"]: 
     (spin, lambda t, w: _train(t, w, _dev_zero(w / "zero.jsonl")), "data.train", "is a character device"),
     (spin, lambda t, w: t.replace('device = "cpu"', f'device = "cpu"\nchat_template = "{_fifo(w / "t.jinja")}"'),
      "model.chat_template", "t.jinja is a FIFO, not a regular file"),
+    (dno, lambda t, w: t.replace('[judge]\nname = "oracle"', '[judge]\nname = "self"\n[judge.self]\ntemplate = "'
+                                 + _fifo(w / "judge.txt") + '"'), "judge.self.template", "judge.txt is a FIFO"),
     (spin, lambda t, w: t + f'[eval]\neval_prompts = "{_write(w / "none.jsonl", "")}"\n', "eval.eval_prompts",
      "none.jsonl has no rows"),
     (spin, lambda t, w: _train(t, w, "x").replace('train = "x"', 'train = {path = "x"}'), "data.train",

@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from harness.data import special_file
 from harness.judges.base import Verdict
 
 ERROR_PREFIX = "[judge error] "
@@ -194,6 +195,9 @@ def load_judge_template(ref: str = "", where: str = "judge.template", *, group: 
     Raises ValueError naming ``where`` for a missing file, a missing placeholder or a
     bad declaration. ``group``: a group template ({instruction} and {responses})."""
     path = template_path(ref, where)
+    kind = special_file(path)
+    if kind:  # never opened: a FIFO or a device would hang the read
+        raise ValueError(f"{where}: judge template {str(path)!r} is {kind}, not a regular file")
     try:
         raw = path.read_text()
     except OSError as e:
