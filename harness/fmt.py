@@ -8,6 +8,7 @@ catalogue's (harness.metrics).
 
 from __future__ import annotations
 
+import json
 import math
 from numbers import Integral, Real
 from pathlib import Path
@@ -85,3 +86,24 @@ def short_path(p) -> str:
         return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(p)
+
+
+def setting(v: Any) -> str:
+    """A config value as short text, the same wherever a sweep point is named (its run
+    directory, its table row): a string as itself, a bool as TOML's true/false, a number as
+    Python writes it (1e-05, 0.0005, 3), anything else (a list, a table) as compact JSON."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Real):
+        return repr(v)
+    return json.dumps(v, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def short_keys(keys: list[str]) -> list[str]:
+    """Dotted keys by their last part (training.learning_rate -> learning_rate), a key whose last
+    part another key shares by itself whole: how a sweep point's run directories and table
+    rows name its keys."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return [s if last.count(s) == 1 else k for k, s in zip(keys, last)]

@@ -194,6 +194,7 @@ class Runner:
         metrics.update(cost_metrics)
         return {"experiment": self.cfg.experiment.name, "method": self.cfg.method.name, "iteration": t,
                 "seed": self.cfg.experiment.seed, "model": self.cfg.model.base, "device": device, "metrics": metrics,
+                **({"sweep": self.cfg.sweep_point} if self.cfg.experiment.sweep else {}),
                 "paired": gains_at(self.layout.root, t), "protocol": self._protocols(t),
                 "provenance": {**{k: prov[k] for k in ("config_hash", "seed", "versions", "git_commit", "git_dirty")},
                                "model": self.base_identity}}

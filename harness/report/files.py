@@ -22,7 +22,7 @@ import pandas as pd
 
 from harness import fmt
 from harness.report.protocol import AE_SCOPE, LM_PREFIX, MT_SCOPE, UNKNOWN
-from harness.report.table import (DELTA, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, TEXT_COLS, UNAVAILABLE,
+from harness.report.table import (DELTA, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, SWEEP, TEXT_COLS, UNAVAILABLE,
                                   column_scope, is_protocol_column, marked, protocol_tags)
 
 
@@ -133,7 +133,7 @@ def to_markdown(df: pd.DataFrame) -> str:
     """
     if df.empty:
         return "(no results match)"
-    text_cols = set(TEXT_COLS + PROV_COLS)
+    text_cols = set(TEXT_COLS + PROV_COLS + [SWEEP])
     cells = formatted(displayed(df))
     align = ["left" if c in text_cols or is_protocol_column(c) else "right" for c in cells.columns]
     table = cells.to_markdown(index=False, disable_numparse=True, colalign=align)
@@ -157,7 +157,7 @@ def read_csv(path: Path) -> pd.DataFrame:
     an experiment named "NA" is not missing); metric cells are floats, blank
     (NaN) or the literal "unavailable"; a "Δ ... sig" column is boolean.
     """
-    text_cols = [c for c in [*TEXT_COLS, PROTOCOL, *PROV_COLS] if c != "seed"]
+    text_cols = [c for c in [*TEXT_COLS, SWEEP, PROTOCOL, *PROV_COLS] if c != "seed"]
     df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     for c in df.columns:
         if c in text_cols or is_protocol_column(c):

@@ -23,7 +23,7 @@ import pandas as pd
 
 from harness.report.files import displayed, formatted, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import PROV_COLS, TEXT_COLS, is_protocol_column, protocol_tags
+from harness.report.table import PROV_COLS, SWEEP, TEXT_COLS, is_protocol_column, protocol_tags
 
 GENERATOR = '<meta name="generator" content="harness table">'  # marks the page as ours: `--out` may replace it
 
@@ -54,7 +54,7 @@ protocol its own columns (harness.report.table), their headers' tooltips naming 
     URL hash (``#sort=COLUMN&order=desc&method=spin``). Written to ``path`` when given."""
     cells = formatted(displayed(df))
     cols = list(cells.columns)
-    numeric = {c: c not in TEXT_COLS + PROV_COLS and not is_protocol_column(c) for c in cols}
+    numeric = {c: c not in TEXT_COLS + PROV_COLS + [SWEEP] and not is_protocol_column(c) for c in cols}
     esc = html.escape
     tags = {f"[{t}]": label for scope_tags in protocol_tags(df).values() for label, t in scope_tags.items()}
 

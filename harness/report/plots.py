@@ -45,7 +45,7 @@ from harness.metrics import ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_E
     qualified, stderr_of, title
 from harness.report.protocol import AE_SCOPE, LM_PREFIX, MT_SCOPE, row_labels, scope_of, scopes, tag_protocols
 from harness.report.rows import PUBLISHED
-from harness.report.table import paired_of, seeds_spread
+from harness.report.table import paired_of, point_label, seeds_spread
 
 DPI = 100
 PANEL = (3.3, 2.5)        # inches per small-multiple panel
@@ -295,10 +295,11 @@ def render_plots(rows: Sequence[dict]) -> dict[str, bytes]:
 
     An experiment without plottable metrics gets no figure; published systems
     appear only in the comparison."""
-    by_exp: dict[str, list[dict]] = {}
+    by_exp: dict[str, list[dict]] = {}  # a sweep point is an experiment of its own: "<name> (<point>)"
     for r in sorted(rows, key=lambda r: (r["experiment"], r["iteration"])):
         if r["method"] != PUBLISHED:
-            by_exp.setdefault(r["experiment"], []).append(r)
+            point = point_label(r)
+            by_exp.setdefault(r["experiment"] + (f" ({point})" if point else ""), []).append(r)
     by_exp = {name: _over_seeds(rs) for name, rs in by_exp.items()}
     out: dict[str, bytes] = {}
     used = {"comparison"}

@@ -4,13 +4,14 @@ A row there is::
 
     {"experiment": str, "method": str, "iteration": int (0 = starting model),
      "model": str (optional), "seed": int (optional; the run's seed), "metrics": {flat metric name: number or null},
+     "sweep": {dotted config key: value} (optional; the run's sweep point, ``harness run --sweep``),
      "paired": {metric: {"n", "mean", "se", "ci_low", "ci_high", "significant"}} (optional; the gain over
      iteration 0 of the same run on their shared items), "protocol": {"alpaca_eval": {...}} (optional;
      how its AlpacaEval numbers were made, harness.report.protocol), "provenance": {...}}
 
 An imported published AlpacaEval system has method ``PUBLISHED`` and iteration 0. Rows of
 several seeds of one experiment (``harness run --seeds``) differ only in ``seed``; the table
-shows them as one row (harness.report.table).
+shows them as one row (harness.report.table); rows of two sweep points differ in ``sweep``.
 Not here: what the metrics mean (harness.metrics) or how rows become a table
 (harness.report.table). The loop writes the rows.
 """
@@ -56,6 +57,8 @@ def _check_row(row: Any, where: str) -> dict:
     seed = row.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ResultsError(f"{where}: field 'seed' must be an integer, got {seed!r}")
+    if row.get("sweep") is not None and not isinstance(row["sweep"], dict):
+        raise ResultsError(f"{where}: field 'sweep' must map config keys to values, got {row['sweep']!r}")
     paired = row.get("paired")
     if paired is not None and not (isinstance(paired, dict) and all(isinstance(v, dict) for v in paired.values())):
         raise ResultsError(f"{where}: field 'paired' must map metrics to objects")
@@ -71,12 +74,17 @@ def _check_row(row: Any, where: str) -> dict:
     return {**row, "provenance": prov, "source": where.rsplit(":", 1)[0]}
 
 
+def point_key(row: dict) -> str:
+    """A row's sweep point as text that tells points apart ("" outside a sweep)."""
+    return json.dumps(row["sweep"], sort_keys=True, default=str) if row.get("sweep") else ""
+
+
 def load_rows(paths: Sequence[Path]) -> list[dict]:
     """Rows of every results.jsonl under ``paths`` (run dirs, parent dirs or the files).
 
     A missing path, a directory without results, a malformed line or a bad field
     raises ResultsError naming the file and line (also a file that is not UTF-8 text).
-    Within one file a later row for the same (experiment, method, iteration, seed)
+    Within one file a later row for the same (experiment, sweep point, method, iteration, seed)
     replaces an earlier one (a re-evaluation); the same key in two different files is
     an error, since picking one would silently hide the other. Rows that differ only
     in their seed are all kept.
@@ -105,9 +113,9 @@ def load_rows(paths: Sequence[Path]) -> list[dict]:
                 row = _check_row(json.loads(line), where)
             except json.JSONDecodeError as e:
                 raise ResultsError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            key = (row["experiment"], row["method"], row["iteration"], row.get("seed"))
+            key = (row["experiment"], row["method"], row["iteration"], row.get("seed"), point_key(row))
             if key in rows and rows[key]["source"] != row["source"]:
-                shown = key[:3] if key[3] is None else key[:3] + (f"seed {key[3]}",)
+                shown = key[:3] + ((f"seed {key[3]}",) if key[3] is not None else ()) + ((key[4],) if key[4] else ())
                 raise ResultsError(f"{where}: {shown} is also in {rows[key]['source']}; "
                                    "pass only one of the two run directories")
             rows[key] = row

@@ -26,6 +26,12 @@ Conventions:
   "seed" column tells them apart): ``harness table --per-seed``, and the
   ``<stem>.per-seed.csv`` a saved board writes beside its CSV. Rows of one seed (or none)
   show exactly as without this: no "seeds" or "sd" columns.
+- sweeps: a row of a sweep point (``harness run --sweep``, the row's ``sweep``) is told apart by
+  its "sweep" column, e.g. "learning_rate=1e-05" (keys by their last part, harness.fmt.short_keys;
+  values as harness.fmt.setting writes them; blank outside a sweep): one row per (experiment,
+  sweep point, method, iteration), the seeds of a point averaged as above, each Δ against the
+  same point's (and seed's) iteration 0. Rows sort by the point's values (numbers as numbers).
+  Tables without sweep rows have no "sweep" column.
 - protocols (harness.report.protocol), per scope: AlpacaEval ("alpaca_eval/*") and each
   lm-eval task ("lm_eval/<task>/*"). A protocol column per scope (before the provenance
   columns) holds each row's protocol label there: "protocol" for AlpacaEval (in tables with
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import warnings
 from fnmatch import fnmatchcase
 from numbers import Real
@@ -58,10 +65,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from harness.fmt import setting, short_keys
 from harness.metrics import WIN_RATE, WIN_SE, ordered, qualified, stderr_of
 from harness.outcomes import across_seeds
 from harness.report.protocol import AE_SCOPE, row_labels, scope_of, scopes, tag_protocols
-from harness.report.rows import PUBLISHED, ResultsError
+from harness.report.rows import PUBLISHED, ResultsError, point_key
 
 UNAVAILABLE = "unavailable"
 SE = " ±"  # suffix of a standard-error column
@@ -70,6 +78,7 @@ SD = " sd"  # suffix of a between-seeds standard deviation column
 LO, HI, SIG = " lo", " hi", " sig"  # suffixes of a Δ's paired 95% interval and whether it excludes 0
 COMPANIONS = (SE, SD, LO, HI, SIG)  # columns that belong to the one they suffix
 SEEDS = "seeds"  # number of seeds in a row (only in tables that aggregate seeds)
+SWEEP = "sweep"  # a row's sweep point, "key=value, ..." (only in tables with sweep rows)
 ID_COLS = ["experiment", "method", "model", "iteration"]
 TEXT_COLS = ["experiment", "method", "model"]
 KEY_VERSIONS = ("torch", "transformers", "trl")  # packages shown as provenance columns
@@ -117,6 +126,31 @@ def _model(row: dict) -> str | None:
     return row["experiment"] if row["method"] == PUBLISHED else None
 
 
+def point_label(row: dict) -> str | None:
+    """A row's sweep point as its "sweep" cell: "learning_rate=1e-05, beta=0.1"; None outside a sweep."""
+    point = row.get("sweep") or {}
+    return ", ".join(f"{name}={setting(v)}" for name, v in zip(short_keys(list(point)), point.values())) or None
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _point_order(labels: pd.Series) -> pd.Series:
+    """Sort keys of "sweep" cells: their ranks by the labels' text, numbers in them compared as
+    numbers (1e-05 before 5e-05 before 0.0001); no point first."""
+    def natural(label: Any) -> tuple:
+        if not isinstance(label, str):
+            return ()
+        parts, at = [], 0
+        for m in _NUMBER.finditer(label):
+            parts += [(1, label[at:m.start()]), (0, float(m.group()))]
+            at = m.end()
+        return tuple(parts + [(1, label[at:])])
+
+    ranks = {v: i for i, v in enumerate(sorted(set(labels), key=natural))}
+    return labels.map(ranks)
+
+
 def _value(metrics: dict, key: str) -> Any:
     if key not in metrics:
         return math.nan
@@ -144,19 +178,19 @@ def _records(rows: Sequence[dict], metric_keys: list[str], se_for: dict, delta_k
              ci_keys: set[str], protocols: Sequence[dict]) -> list[dict]:
     """One record per row (per seed): values, ± values, deltas against the same seed's iteration 0,
     paired intervals, provenance."""
-    # (experiment, method, seed) -> metrics at iteration 0; an experiment without one gets NaN deltas
-    base = {(r["experiment"], r["method"], r.get("seed")): r["metrics"] for r in rows
+    # (experiment, method, seed, point) -> metrics at iteration 0; an experiment without one gets NaN deltas
+    base = {(r["experiment"], r["method"], r.get("seed"), point_key(r)): r["metrics"] for r in rows
             if r["iteration"] == 0 and r["method"] != PUBLISHED}
     records = []
     for r, protocol in zip(rows, protocols):
         m = r["metrics"]
         rec: dict[str, Any] = {"experiment": r["experiment"], "method": r["method"], "model": _model(r),
-                               "iteration": r["iteration"], **protocol}
+                               SWEEP: point_label(r), "iteration": r["iteration"], **protocol}
         for k in metric_keys:
             rec[k] = _value(m, k)
             if k in se_for:
                 rec[k + SE] = _number(m.get(se_for[k]))
-        ref = base.get((r["experiment"], r["method"], r.get("seed")))
+        ref = base.get((r["experiment"], r["method"], r.get("seed"), point_key(r)))
         for k in delta_keys:
             rec[DELTA + k] = _number(m.get(k)) - _number(ref.get(k)) if ref is not None else math.nan
             if k in ci_keys:
@@ -206,9 +240,9 @@ def _same(values: list[Any]) -> Any:
 
 def _over_seeds(group: list[dict], metric_keys: list[str], se_for: dict, delta_keys: list[str],
                 ci_keys: set[str], about: list[str]) -> dict:
-    """One record for the seeds of one (experiment, method, iteration)."""
+    """One record for the seeds of one (experiment, sweep point, method, iteration)."""
     first = group[0]
-    rec: dict[str, Any] = {c: first[c] for c in ("experiment", "method", "iteration")}
+    rec: dict[str, Any] = {c: first[c] for c in ("experiment", "method", SWEEP, "iteration")}
     rec["model"] = _same([g["model"] for g in group])
     rec[SEEDS] = len(group)
     for k in metric_keys:
@@ -249,7 +283,7 @@ def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFr
     records = _records(rows, metric_keys, se_for, delta_keys, ci_keys, protocols)
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
-        groups.setdefault((rec["experiment"], rec["method"], rec["iteration"]), []).append(rec)
+        groups.setdefault((rec["experiment"], rec["method"], rec[SWEEP], rec["iteration"]), []).append(rec)
     seeded = not per_seed and any(len(g) > 1 for g in groups.values())
     if seeded:
         records = [_over_seeds(g, metric_keys, se_for, delta_keys, ci_keys, about) if len(g) > 1
@@ -263,7 +297,8 @@ def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFr
     for k in delta_keys:
         delta_cols += [DELTA + k] + ([DELTA + k + SD] if seeded else []) \
             + ([DELTA + k + LO, DELTA + k + HI, DELTA + k + SIG] if k in ci_keys else [])
-    ids = ID_COLS + ([SEEDS] if seeded else [])
+    swept = any(rec[SWEEP] is not None for rec in records)
+    ids = ID_COLS[:3] + ([SWEEP] if swept else []) + ID_COLS[3:] + ([SEEDS] if seeded else [])
     df = pd.DataFrame.from_records(records, columns=ids + metric_cols + delta_cols + about + PROV_COLS)
     df["seed"] = df["seed"].astype("Int64")
     if seeded:
@@ -318,10 +353,13 @@ def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending:
         rows = [r for r in rows if _matches("" if r.get("seed") is None else r["seed"], pattern)
                 or (r.get("seed") is None and _matches(_text(r["provenance"].get("seed")), pattern))]
     df, default = _full_table(rows, per_seed=per_seed)
-    # Default order: experiments alphabetically, published systems after runs.
-    order = ["method", "experiment", "iteration"] + (["seed"] if per_seed else [])
+    # Default order: experiments alphabetically (each one's sweep points by their values), published systems
+    # after runs.
+    order = ["method", "experiment"] + ([SWEEP] if SWEEP in df.columns else []) + ["iteration"] \
+        + (["seed"] if per_seed else [])
     df = df.sort_values(order, kind="stable", na_position="first",
-                        key=lambda s: s.eq(PUBLISHED) if s.name == "method" else s).reset_index(drop=True)
+                        key=lambda s: s.eq(PUBLISHED) if s.name == "method" else _point_order(s) if s.name == SWEEP
+                        else s).reset_index(drop=True)
     for col, pattern in filters.items():
         col = _resolve(col, list(df.columns), "filter")
         df = df[[_matches(v, pattern) for v in df[col]]]
@@ -332,13 +370,13 @@ def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending:
     unsplit = [c for c in whole if c not in df.columns]  # names that still resolve, to all their protocols
     if sort_by is not None:
         col = _resolve(sort_by, list(df.columns) + unsplit, "sort_by")
-        text = col in TEXT_COLS or col in PROV_COLS or is_protocol_column(col)
+        text = col in TEXT_COLS or col in PROV_COLS or col == SWEEP or is_protocol_column(col)
         if col in df.columns:  # a split column: the other protocols' rows are blank there, so last
             df = df.sort_values(col, ascending=not descending, na_position="last", kind="stable",
                                 key=None if text else (lambda s: pd.to_numeric(s, errors="coerce")))
         else:
             df = _sort_within_protocols(df, col, tags, descending)
-    ids = [c for c in ID_COLS + [SEEDS] if c in df.columns]
+    ids = [c for c in ID_COLS[:3] + [SWEEP] + ID_COLS[3:] + [SEEDS] if c in df.columns]
     choosable = [c for c in df.columns if not any(c.endswith(x) and c[: -len(x)] in df.columns for x in COMPANIONS)]
     picked = [_resolve(c, choosable + unsplit, "columns") for c in columns] if columns else default
     if tags:
@@ -422,5 +460,6 @@ def _text(v: Any) -> str:
 
 def selected(rows: Sequence[dict], df: pd.DataFrame) -> list[dict]:
     """The rows a table (after its filters) still shows, in their order."""
-    kept = set(zip(df["experiment"], df["method"], df["iteration"]))
-    return [r for r in rows if (r["experiment"], r["method"], r["iteration"]) in kept]
+    points = [v if isinstance(v, str) else None for v in df[SWEEP]] if SWEEP in df.columns else [None] * len(df)
+    kept = set(zip(df["experiment"], df["method"], points, df["iteration"]))
+    return [r for r in rows if (r["experiment"], r["method"], point_label(r), r["iteration"]) in kept]

@@ -25,8 +25,8 @@ from harness import fmt
 from harness.metrics import COST, LC_WIN_RATE, WIN_RATE, companions, find, header, ordered, qualified
 from harness.report.files import cell, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import (COMPANIONS, DELTA, HI, ID_COLS, LO, PROV_COLS, SD, SE, SEEDS, SIG, is_protocol_column,
-                                  marked)
+from harness.report.table import (COMPANIONS, DELTA, HI, ID_COLS, LO, PROV_COLS, SD, SE, SEEDS, SIG, SWEEP,
+                                  is_protocol_column, marked)
 
 TERMINAL_WIDTH = 120
 
@@ -36,7 +36,7 @@ def _main_columns(df: pd.DataFrame) -> tuple[list[str], set[str]]:
     with its n and coverage, the LC win rate where a row has one); every metric column
     when none of those is there. Also the columns shown in their catalogue format (the
     main ones: a percentage as such)."""
-    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS + [SEEDS] and not is_protocol_column(c)
+    metric_cols = [c for c in df.columns if c not in ID_COLS + PROV_COLS + [SEEDS, SWEEP] and not is_protocol_column(c)
                    and not c.startswith(DELTA)
                    and not any(c.endswith(x) and c[: -len(x)] in df.columns for x in COMPANIONS)]
     cols = []
@@ -97,8 +97,8 @@ def to_terminal(df: pd.DataFrame, width: int = TERMINAL_WIDTH) -> tuple[str, lis
     main, styled = _main_columns(df)
     runs = df[df["method"] != PUBLISHED] if "model" in df.columns else df.iloc[:0]
     show_model = runs["model"].nunique(dropna=True) > 1  # a published system's model is its name
-    ids = ["experiment", "method"] + (["model"] if show_model else []) + ["iteration"] \
-        + ([SEEDS] if SEEDS in df.columns else [])
+    ids = ["experiment", "method"] + (["model"] if show_model else []) + ([SWEEP] if SWEEP in df.columns else []) \
+        + ["iteration"] + ([SEEDS] if SEEDS in df.columns else [])
 
     def render(cols: list[str], short: bool, with_se: bool, with_ci: bool, cut: int | None) -> str:
         head, right = [], []
