@@ -47,6 +47,8 @@ import harness.judges  # noqa: F401  (registers the judge kinds a run's config n
 import harness.methods  # noqa: F401  (registers the methods a run's config names)
 from harness import store
 from harness.config import Config, parse
+from harness.generate import _eos_ids
+from harness.models import load_base, load_model, load_tokenizer, offline_env
 from harness.report.card import CardFacts, model_card
 from harness.report.rows import ResultsError, load_rows
 from harness.rundir import MANIFEST, RunDir
@@ -186,8 +188,6 @@ def dequantized(quantized, cfg: Config, base: str):
     it (peft's k-bit preparation: float32), in a plain float32 load of the same checkpoint."""
     from peft.utils.integrations import dequantize_module_weight
 
-    from harness.models import load_model
-
     m = cfg.model
     plain = load_model(base, revision=m.revision, dtype="float32", device="cpu", trust_remote_code=m.trust_remote_code)
     with torch.no_grad():
@@ -205,8 +205,6 @@ def full_precision_policy(cfg: Config, adapters: list[Path], base: str):
     when quantized), with every adapter of the chain merged in float32, in order."""
     from peft import PeftModel
 
-    from harness.models import load_base
-
     cfg = _on_cpu(cfg)
     model, tok = load_base(cfg, base)
     model = dequantized(model, cfg, base) if cfg.model.quantization != "none" else model.to(torch.float32)
@@ -219,8 +217,6 @@ def full_precision_policy(cfg: Config, adapters: list[Path], base: str):
 def _generation_config(model, tok) -> None:
     """The base's generation config, stopping where the harness stops (harness.generate's eos
     ids: the model's and the tokenizer's) and padding with the tokenizer's pad id."""
-    from harness.generate import _eos_ids
-
     gc = model.generation_config
     eos = sorted(_eos_ids(model, tok))
     gc.eos_token_id = eos[0] if len(eos) == 1 else eos
@@ -253,8 +249,6 @@ def write_adapter(cfg: Config, adapters: list[Path], base: str, out: Path) -> in
             raise ExportError(f"{path}: cannot be combined exactly with the chain's other adapters: {why}; "
                               "export the merged model (without --adapter-only)")
     from peft import PeftModel
-
-    from harness.models import load_model
 
     m = cfg.model  # a merge chain: an unquantized float32 base
     model = load_model(base, revision=m.revision, dtype="float32", device="cpu", trust_remote_code=m.trust_remote_code)
@@ -318,8 +312,6 @@ def _record(it: Iterate, saved: str, adapter_only: bool) -> dict:
 
 def _fill(it: Iterate, tmp: Path, out: Path, adapter_only: bool) -> str:
     """Write the export of ``it`` into ``tmp`` (it will be renamed to ``out``); returns what it holds."""
-    from harness.models import load_tokenizer
-
     m = it.cfg.model
     if adapter_only:
         if not it.adapters:
@@ -352,8 +344,6 @@ def _check_out(out: Path) -> None:
 def export(run_dir: Path, which: str | int, out: Path, adapter_only: bool = False) -> Iterate:
     """Export the iterate ``which`` of the run in ``run_dir`` into ``out`` (see the module doc);
     returns the iterate. ``out`` must be absent or an empty directory; it appears only complete."""
-    from harness.models import offline_env
-
     offline_env()  # a hub base comes from the local cache unless HARNESS_ONLINE=1, as in a run
     out = Path(out)
     _check_out(out)

@@ -25,7 +25,7 @@ import torch
 from harness import console, fmt, store
 from harness.cli import main
 from harness.config import parse
-from harness.export import EXPORT_FILE, adapter_chain, find_iterate, full_precision_policy, write_adapter
+from harness.export import EXPORT_FILE, ExportError, adapter_chain, find_iterate, full_precision_policy, write_adapter
 from harness.models import load_model, load_policy
 from harness.report.protocol import label, record, scope_of
 from harness.rundir import RunDir
@@ -188,6 +188,14 @@ def test_adapter_only_is_the_chain_as_one_peft_adapter(run, tmp_path):
     assert export(run, "--out", one, "--adapter-only", "--iteration", 1) == 0
     saved = RunDir(run).stage(1, "train") / "adapter"
     assert (one / "adapter_model.safetensors").read_bytes() == (saved / "adapter_model.safetensors").read_bytes()
+    # adapters whose updates concatenated ranks do not sum exactly (here: DoRA) are refused
+    dora = tmp_path / "dora"
+    shutil.copytree(it.adapters[1], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(ExportError, match="cannot be combined exactly with the chain's other adapters: it uses DoRA"):
+        write_adapter(it.cfg, [it.adapters[0], dora], it.base, tmp_path / "refused")
 
 
 def _one_error(capfd) -> str:
