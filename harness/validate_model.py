@@ -15,6 +15,7 @@ from pathlib import Path
 
 from harness.config import Config, judge_sections
 from harness.engines import unavailable
+from harness.engines.vllm_support import supported_architectures
 from harness.models import pick_device
 from harness.schema import FieldError, closest
 from harness.sources import ModelSource, SourceError, converted, hub_online, is_built, locate, resolve_ref
@@ -148,11 +149,20 @@ def head_size(config) -> int | None:
 
 
 def _vllm_model(config, r: Report) -> None:
-    """What vLLM would refuse about the policy's architecture, known from its config: on a CPU,
-    a head size its attention backend does not compute (the engine runs where torch sees a GPU,
-    as ``harness.engines.vllm_engine.Worker`` starts it)."""
+    """What vLLM would refuse about the policy's architecture, known from its config: an
+    architecture the vLLM environment does not serve (asked of it: ``vllm_support``), and on a
+    CPU a head size its attention backend does not compute (the engine runs where torch sees a
+    GPU, as ``harness.engines.vllm_engine.Worker`` starts it)."""
     import torch
 
+    archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    supported = supported_architectures() if archs else None
+    if supported is not None and not any(a in supported for a in archs):
+        hint = closest(archs[0], sorted(supported))
+        r.errors.append(FieldError("generation.engine", (
+            f"\"vllm\" cannot serve this model: its architecture {', '.join(archs)} is not one the vLLM environment "
+            f"supports ({len(supported)} architectures{f'; the nearest is {hint}' if hint else ''}); "
+            "use engine = \"hf\"")))
     size = head_size(config)
     if size is None or torch.cuda.is_available() or size in VLLM_CPU_HEAD_SIZES:
         return

@@ -495,3 +495,24 @@ def test_self_instruct_bounds_that_drop_every_prompt_are_an_error():
     assert [str(x) for x in e.value.errors] == [
         "method.self_rewarding.self_instruct_min_chars: 500 is above self_instruct_max_chars 10: every generated "
         "prompt would be dropped"]
+
+
+def test_an_architecture_the_vllm_environment_does_not_serve_is_an_error(world, tiny_dir, capsys, monkeypatch):
+    """vLLM's own registry is asked, with the vLLM environment's Python (a fake one here), once:
+    its answer is cached per installed vLLM."""
+    monkeypatch.setenv("HARNESS_CACHE", str(world / "cache"))
+    py = world / "vllm-env" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("#!/bin/sh\necho 'INFO importing'\necho '[\"MistralForCausalLM\", \"Qwen2ForCausalLM\"]'\n")
+    py.chmod(0o755)
+    monkeypatch.setenv("HARNESS_VLLM_PYTHON", str(py))
+    text = spin(world, tiny_dir).replace("[training]", VLLM)
+    refused = "generation.engine: \"vllm\" cannot serve this model: its architecture LlamaForCausalLM is not one"
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 1 and f"{path}: {refused}" in err, err
+    py.write_text("#!/bin/sh\nexit 1\n")  # not asked again
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 1 and f"{path}: {refused}" in err, err
+    from harness.engines.vllm_support import supported_architectures
+
+    assert supported_architectures() == {"MistralForCausalLM", "Qwen2ForCausalLM"}
