@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from test_eval_mt_bench import judge, section  # noqa: F401  (fixture)
 
 from harness.evaluate import mt_bench as mt
+from harness.evaluate.crosscheck import fastchat_itself
 
 REPO = Path(__file__).resolve().parents[1]
 PY = Path(os.environ.get("HARNESS_FASTCHAT_PYTHON") or REPO / ".venv-fastchat" / "bin" / "python")
@@ -40,29 +39,13 @@ def _answers(questions: list[dict]) -> list[dict]:
     return mt.answer_records(questions, samples, MODEL)
 
 
-def _fastchat_judgments(tmp: Path, url: str, records: list[dict]) -> list[dict]:
-    """FastChat's gen_judgment.py --mode single --judge-model gpt-4 run in ``tmp`` on the answers."""
-    data = tmp / "data"
-    (data / "mt_bench" / "model_answer").mkdir(parents=True)
-    shutil.copy(mt.QUESTIONS, data / "mt_bench" / "question.jsonl")
-    shutil.copytree(mt.REFERENCES.parent, data / "mt_bench" / "reference_answer")
-    shutil.copy(mt.PROMPTS, data / "judge_prompts.jsonl")
-    (data / "mt_bench" / "model_answer" / f"{MODEL}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    env = {**os.environ, "OPENAI_API_BASE": url, "OPENAI_API_KEY": "sekrit"}
-    done = subprocess.run([str(PY), "-m", "fastchat.llm_judge.gen_judgment", "--bench-name", "mt_bench",
-                           "--judge-model", "gpt-4", "--mode", "single", "--model-list", MODEL, "--parallel", "4"],
-                          cwd=tmp, env=env, input="\n", capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = data / "mt_bench" / "model_judgment" / "gpt-4_single.jsonl"
-    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-
-
-def test_harness_judging_equals_fastchats_gen_judgment(judge, tmp_path):  # noqa: F811
+def test_harness_judging_equals_fastchats_gen_judgment(judge, tmp_path, monkeypatch):  # noqa: F811
     _require_fastchat()
+    monkeypatch.setenv("OPENAI_API_KEY", "sekrit")
     server = judge()
     questions = mt.load_questions()
     records = _answers(questions)
-    theirs = _fastchat_judgments(tmp_path, server.url, records)
+    theirs = fastchat_itself(PY, records, server.url, MODEL, parallel=4)
     n_theirs = len(server.requests)
     answers = {r["question_id"]: r["choices"][0]["turns"] for r in records}
     ours = mt.grade(mt.Grader.of(section(server.url, question_ids=[]), backoff_s=0.01), questions, answers, MODEL)
@@ -78,9 +61,10 @@ def test_harness_judging_equals_fastchats_gen_judgment(judge, tmp_path):  # noqa
     assert {r["score"] for r in ours} >= {-1} and len({r["score"] for r in ours}) > 3  # ratings of every form
     # the scores: FastChat's show_result means over its valid ratings, as the harness's metrics and import
     valid = [r for r in theirs if r["score"] != -1]
+    path = tmp_path / "gpt-4_single.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in theirs))
     for key, rows in (("mt_bench/score", valid), ("mt_bench/turn_1", [r for r in valid if r["turn"] == 1]),
                       ("mt_bench/turn_2", [r for r in valid if r["turn"] == 2])):
         expect = sum(r["score"] for r in rows) / len(rows)
         assert mt.compute_metrics(ours)[key] == pytest.approx(expect, abs=1e-12)
-        path = tmp_path / "data" / "mt_bench" / "model_judgment" / "gpt-4_single.jsonl"
         assert mt.import_judgments(path, MODEL)[0][key] == pytest.approx(expect, abs=1e-12)

@@ -6,8 +6,9 @@ FastChat's judge prompts; see its SOURCE.txt), so MT-Bench runs offline against 
 OpenAI-compatible judge endpoint ([eval.mt_bench.judge.openai]).
 
 What is FastChat's, reproduced here line for line (``user_prompt``, ``judge_messages``,
-``judge_body``, ``parse_rating``; the cross-check tier runs FastChat's own ``gen_judgment``
-functions against the same endpoint and compares):
+``judge_body``, ``parse_rating``; the FastChat tier, tests/test_mt_bench_fastchat.py, runs FastChat's
+own ``gen_judgment.py`` against the same endpoint on the same answers and finds the same requests,
+judgments and ratings: ``harness.evaluate.crosscheck.fastchat_itself``):
 - answers turn by turn, the second turn seeing the first (stripped) answer, at the per-category
   temperature of FastChat's ``temperature_config`` and at most ``max_new_tokens`` (1024) per turn;
 - turn 1 graded with ``single-v1``, turn 2 with ``single-v1-multi-turn`` (both turns in the prompt);
@@ -25,8 +26,7 @@ Why not FastChat's module itself: ``fastchat.llm_judge.common`` imports ``anthro
 pre-1.0 ``openai`` API at the top, and ``fastchat.model.model_adapter`` (torch, psutil and the
 model adapters) behind it; its ``chat_completion_openai`` calls ``openai.ChatCompletion``, which
 openai >= 1 (the harness's environment, through alpaca_eval) removed. The code it would run
-here is a few lines of prompt building and parsing, reproduced above and tested for equality
-against FastChat's own run.
+here is a few lines of prompt building and parsing, reproduced above.
 
 Where the harness differs (failure behaviour, as the AlpacaEval stage): a judge call that got no
 answer after the client's retries (timeouts, refused connections, 5xx, a malformed reply) is not
