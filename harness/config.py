@@ -135,7 +135,9 @@ class GenerationSection:
     max_new_tokens: int = opt(256, "Tokens generated per answer.", min=1)
     batch_size: int = opt(32, "Prompts per generation batch (length-sorted, left-padded).", min=1)
     max_batch_tokens: int = opt(32768, "Most padded prompt tokens in one batch of the hf engine (its rows, samples included, x the batch's longest prompt: what the prefill holds at once); a batch of long prompts then has fewer rows than batch_size, and a prompt whose rows alone exceed it is a batch of its own. Lower it for a large model on a small GPU. 0 = batch_size alone decides. The vllm engine schedules its own batches.", min=0)
-    engine: str = opt("hf", 'Generation engine of every stage that generates with a model on this machine (the generate and self-instruct stages, the AlpacaEval answers, the indicator samples, validation answers, and the answers of a "self" or "hf" judge): "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the merged policy, started once per stage; its own sampler with the same per-sample seeds). lm-eval runs on the HF model either way.', choices=("hf", "vllm"))
+    engine: str = opt("hf", 'Generation engine of every stage that generates with a model on this machine (the generate and self-instruct stages, the AlpacaEval answers, the indicator samples, validation answers, and the answers of a "self" or "hf" judge): "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the policy as vllm_weights says, started once per stage; its own sampler with the same per-sample seeds). lm-eval runs on the HF model either way.', choices=("hf", "vllm"))
+    vllm_weights: str = opt("auto", 'How the vllm engine serves the policy: "adapter" (the base in model.dtype, a 4-bit or 8-bit base dequantized to it and written once per base, plus the iteration\'s LoRA adapter as a vLLM LoRA with max_lora_rank from its rank), "merged" (the adapter merged into a float32 copy, written per policy; not for a quantized base), or "auto" = "adapter" on CUDA and for a quantized base, "merged" on a CPU (where vLLM\'s LoRA path is about 3-4x slower than merged weights).', choices=("auto", "adapter", "merged"))
+    vllm_max_num_seqs: int = opt(256, "Sequences the vllm engine decodes at once (vLLM's max_num_seqs), independent of batch_size and judge.batch_size (which bound the hf engine only).", min=1)
 
 
 @dataclass(frozen=True)
@@ -416,10 +418,10 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
             "float16 training needs loss scaling (a GradScaler), which the harness does not run: small gradients "
             "underflow to zero and large activations overflow, silently. Use \"bfloat16\" (same memory, float32's "
             "range) or \"float32\"")))
-    if cfg.generation.engine == "vllm" and cfg.model.quantization != "none":
-        errors.append(FieldError("generation.engine", (
-            "the vLLM engine serves the policy's merged weights, which a quantized base with an adapter does not "
-            "have here; use engine = \"hf\" with model.quantization, or an unquantized base")))
+    if cfg.generation.engine == "vllm" and cfg.model.quantization != "none" and cfg.generation.vllm_weights == "merged":
+        errors.append(FieldError("generation.vllm_weights", (
+            "\"merged\" cannot serve a quantized base (its adapter is not merged into 4-bit or 8-bit weights); use "
+            "\"adapter\" or \"auto\" (the base dequantized to model.dtype plus the adapter)")))
     if cfg.chain == "merge" and cfg.model.quantization != "none":
         errors.append(FieldError("lora.chain", "merge would fold adapters into quantized weights lossily; use \"continue\" (or \"auto\") with a quantized base"))
     elif cfg.chain == "merge" and cfg.model.dtype != "float32":
@@ -646,8 +648,9 @@ def blame_point(errors: list[FieldError], point: Sequence[str]) -> list[FieldErr
             e = FieldError(f"{SWEEP} {point[int(m[1])]}", e.message)
         for pair in point:
             key = pair.partition("=")[0]
-            if e.path == key or e.path.startswith((f"{key}.", f"{key}[")):
-                inner = e.path[len(key):].lstrip(".")
+            # the key, anything inside it, or a table above it that only the point made (an unknown one)
+            if e.path == key or e.path.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{e.path}."):
+                inner = e.path[len(key):].lstrip(".") if e.path.startswith(key) else ""
                 e = FieldError(f"{SWEEP} {pair}" + (f": {inner}" if inner else ""), e.message)
                 break
         out.append(e)

@@ -146,7 +146,8 @@ def find_iterate(run_dir: Path, which: str | int = "final") -> Iterate:
     if which == "final":
         if _current_final(layout):
             final = store.read_json(layout.final)
-            t, chosen_by = int(final["iteration"]), f"the final iterate (final.json: {final.get('selected_by')})"
+            t = int(final["iteration"])
+            chosen_by = f"the final iterate (final.json, selected by {final.get('selected_by')})"
         elif rows:
             t = max(rows)
             chosen_by = ("final.json is older than the run's last start (config.json): the run has not finished "
@@ -268,7 +269,8 @@ def write_adapter(cfg: Config, adapters: list[Path], base: str, out: Path) -> in
 
 def _precision(cfg: Config) -> str:
     q = cfg.model.quantization
-    return cfg.model.dtype + ("" if q == "none" else f", {q} quantization (bitsandbytes{', nf4' if q == '4bit' else ''})")
+    kind = "bitsandbytes, nf4" if q == "4bit" else "bitsandbytes"
+    return cfg.model.dtype + ("" if q == "none" else f", {q} quantization ({kind})")
 
 
 def _usage(it: Iterate, out: Path, adapter_only: bool) -> str:

@@ -28,7 +28,7 @@ class CardFacts:
     method: str
     iteration: int
     iterations: int                # the run's configured number of iterations
-    chosen_by: str                 # how this iteration was picked ("final.json: last iterate", "--iteration 1")
+    chosen_by: str                 # how this iteration was picked ("--iteration 1", "the final iterate (...)")
     config_hash: str
     base: str                      # model.base as configured
     revision: str                  # model.revision
@@ -66,7 +66,7 @@ def _about(facts: CardFacts) -> list[str]:
     chain = ("merge: every adapter merged in order" if facts.chain == "merge"
              else "continue: the newest adapter carries the earlier iterations")
     rows = [("method", f"{facts.method} ({fmt.plural(facts.iterations, 'iteration')} configured)"),
-            ("iteration", f"{facts.iteration} ({facts.chosen_by})"),
+            ("iteration", f"{facts.iteration}: {facts.chosen_by}"),
             ("experiment", facts.experiment + (f", seed {facts.seed}" if facts.seed is not None else "")),
             ("config hash", f"`{facts.config_hash}`"),
             ("base model", f"`{facts.base}`"),
@@ -124,9 +124,8 @@ def model_card(facts: CardFacts, row: dict, usage: str) -> str:
     """README.md of an exported iterate: ``facts``, the results row ``row`` of its iteration,
     and ``usage`` (a Python snippet that loads it)."""
     title = f"{facts.experiment}: {facts.method}, iteration {facts.iteration}"
-    out = _front_matter(facts) + [f"# {title}", "",
-                                  f"Exported by `harness export` (selfimprove-harness) from the run `{facts.experiment}`.",
-                                  ""] + _about(facts)
+    source = f"Exported by `harness export` (selfimprove-harness) from the run `{facts.experiment}`."
+    out = _front_matter(facts) + [f"# {title}", "", source, ""] + _about(facts)
     out += ["", f"## Results of iteration {facts.iteration}", "",
             "As the run measured them (its `results.jsonl` row; the exact values are in `harness_export.json`). "
             "± is the standard error; Δ is the paired gain over the same run's iteration 0 on the items both "
