@@ -22,7 +22,7 @@ from harness.fmt import setting, short_keys
 from harness.judge_section import JudgeSection
 from harness.registry import JUDGES, METHODS
 from harness.schema import ConfigError, FieldError, opt, parse_section, to_dict, unknown_key_error
-from harness.store import dict_hash
+from harness.store import dict_hash, special_file
 
 LOSSES = ("sigmoid", "hinge", "ipo")
 REQUIREMENTS = ("gpu", "hub", "endpoint", "vllm")
@@ -663,10 +663,16 @@ def load(path: str | Path, overrides: Sequence[str] = (), point: Sequence[str] =
     then the ``KEY=VALUE`` texts of a sweep ``point`` (``sweep_grid``; their errors name
     ``--sweep``), with experiment.sweep set to the point's keys."""
     path = Path(path)
+    kind = special_file(path)
+    if kind:  # never opened: a FIFO or a device would hang the read
+        raise ConfigError(str(path), [FieldError("<file>", f"cannot read: {kind}, not a regular file")])
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), [FieldError("<file>", f"cannot read: {e.strerror}")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [FieldError("<file>", f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at "
+                                                           f"offset {e.start}); save it as UTF-8")]) from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from harness.sources import HubFileMissing, HubFiles, hub_file, hub_files, resolve_ref
+from harness.store import special_file
 
 
 class DataError(ValueError):
@@ -127,21 +127,6 @@ def _json_rows(path: Path, where: str) -> list[Row]:
         if not isinstance(value, dict):
             raise DataError(f"{where}: {path}: record {i} is {_kind_of(value)}, not a JSON object")
     return [Row(value, f"{path}: record {i}") for i, value in enumerate(values)]
-
-
-def special_file(path: Path | str) -> str | None:
-    """What ``path`` is when it exists but is neither a regular file nor a directory ("a FIFO",
-    "a character device", ...), else None. A file is read whole, and only a regular file is
-    sure to end: a FIFO waits for a writer forever, /dev/zero never ends."""
-    try:
-        mode = Path(path).stat().st_mode
-    except OSError:
-        return None
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
-             stat.S_ISSOCK: "a socket"}
-    return next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")
 
 
 def _regular(path: Path, where: str) -> None:

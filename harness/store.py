@@ -1,4 +1,5 @@
-"""Atomic writes, content hashes, stage directories and manifests, resumable JSONL, the run lock.
+"""Atomic writes, content hashes, stage directories and manifests, resumable JSONL, the run lock,
+and which files may be read whole (``special_file``).
 
 The layout of a run directory is spelled in ``harness.rundir``.
 
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -33,6 +35,21 @@ def dict_hash(d: Any) -> str:
 def cache_root() -> Path:
     """Where built and converted artefacts live: ``$HARNESS_CACHE``, default ``~/.cache/harness``."""
     return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness").resolve()
+
+
+def special_file(path: Path | str) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a directory ("a FIFO",
+    "a character device", ...), else None. A file is read whole, and only a regular file is
+    sure to end: a FIFO waits for a writer forever, /dev/zero never ends."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from harness import tracking
 from harness.config import Config, JudgeSection, judge_sections
-from harness.data import DataError, hub_split_files, load_examples, read_records, special_file, text_column
+from harness.data import DataError, hub_split_files, load_examples, read_records, text_column
 from harness.evaluate import load_eval_prompts
 from harness.evaluate.alpaca import HUB_SET, hub_instructions, load_instructions, section_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics, task_problems
@@ -34,6 +34,7 @@ from harness.metrics import ALPACA_EVAL, INDICATORS, MT_BENCH, produced_by
 from harness.schema import FieldError
 from harness.selection import metric_names as validation_metric_names
 from harness.sources import HubFileMissing, hub_online, is_built, is_tiny_ref, resolve_ref, tiny_problem
+from harness.store import special_file
 from harness.train import optimizer_steps
 from harness.validate_model import _device, _model
 from harness.validate_values import check_values
@@ -179,8 +180,9 @@ def _split_where(message: str, default: str) -> tuple[str, str]:
 
 
 def _files(cfg: Config, r: Report) -> None:
-    if cfg.model.chat_template:
-        readable(cfg.model.chat_template, "model.chat_template", r)
+    if cfg.model.chat_template and (found := readable(cfg.model.chat_template, "model.chat_template", r)) \
+            and found.is_dir():
+        r.errors.append(FieldError("model.chat_template", f"{found} is a directory; give a Jinja template file"))
     ae = cfg.eval.alpaca_eval
     if ae.instructions == HUB_SET:
         if _hub_cached(cfg, r, "eval.alpaca_eval.instructions", lambda: hub_instructions(ae.revision)):

@@ -407,6 +407,8 @@ VLLM = '[generation]\nengine = "vllm"\n[training]'  # with requires = ["vllm"]: 
      "model.chat_template", "t.jinja is a FIFO, not a regular file"),
     (dno, lambda t, w: t.replace('[judge]\nname = "oracle"', '[judge]\nname = "self"\n[judge.self]\ntemplate = "'
                                  + _fifo(w / "judge.txt") + '"'), "judge.self.template", "judge.txt is a FIFO"),
+    (spin, lambda t, w: t.replace('device = "cpu"', f'device = "cpu"\nchat_template = "{w}/val"'),
+     "model.chat_template", "val is a directory; give a Jinja template file"),
     (spin, lambda t, w: t + f'[eval]\neval_prompts = "{_write(w / "none.jsonl", "")}"\n', "eval.eval_prompts",
      "none.jsonl has no rows"),
     (spin, lambda t, w: _train(t, w, "x").replace('train = "x"', 'train = {path = "x"}'), "data.train",
@@ -516,3 +518,15 @@ def test_an_architecture_the_vllm_environment_does_not_serve_is_an_error(world, 
     from harness.engines.vllm_support import supported_architectures
 
     assert supported_architectures() == {"MistralForCausalLM", "Qwen2ForCausalLM"}
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: os.mkfifo(p), "<file>: cannot read: a FIFO, not a regular file"),  # never opened
+    (lambda p: p.write_bytes(b'[experiment]\nname = "caf\xe9"\n'), "<file>: not valid UTF-8 (byte 0xe9 at offset 24)"),
+])
+def test_an_experiment_file_that_cannot_be_read_is_one_line(tmp_path, capsys, make, problem):
+    path = tmp_path / "exp.toml"
+    make(path)
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and out.err.startswith(f"{path}: {problem}"), out.err

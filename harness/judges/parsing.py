@@ -69,8 +69,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from harness.data import special_file
 from harness.judges.base import Verdict
+from harness.store import special_file
 
 ERROR_PREFIX = "[judge error] "
 
