@@ -254,6 +254,36 @@ def test_transport_faults_are_never_stored_and_a_rerun_asks_only_them(judge, tmp
     assert len(got) == 8 and len(JsonlLog(path).records) == 8
 
 
+def test_a_refused_request_stops_judging_and_keeps_what_was_judged(judge, tmp_path):
+    from harness.judges.http import JudgeRequestError
+    from harness.store import JsonlLog
+
+    first = {"asked": 0}
+
+    lock = threading.Lock()
+
+    def fail(body, n):  # the last of the 8 prompts asked is refused (HTTP 401) until the key is fixed
+        with lock:
+            first["asked"] += 1
+            if first["asked"] == 8:
+                first["content"] = body["messages"][-1]["content"]
+        return 401 if body["messages"][-1]["content"] == first.get("content") and not first.get("fixed") else None
+
+    server = judge(fail)
+    sec = section(server.url)
+    qs = mt.load_questions(IDS)
+    path = tmp_path / "judgments.jsonl"
+    with pytest.raises(JudgeRequestError, match="HTTP 401"):
+        mt.grade(grader(sec), qs, {q["question_id"]: ["a", "b"] for q in qs}, "m", log=JsonlLog(path))
+    kept = JsonlLog(path).records
+    assert len(kept) == 7 and first["content"] not in {r["user_prompt"] for r in kept.values()}
+    assert all(r["judgment"] == rating_of(r["user_prompt"]) for r in kept.values())
+    first["fixed"] = True
+    before = len(server.requests)
+    mt.grade(grader(sec), qs, {q["question_id"]: ["a", "b"] for q in qs}, "m", log=JsonlLog(path))
+    assert len(server.requests) - before == 8 - sum(mt.valid(r["score"]) for r in kept.values())
+
+
 def test_fastchat_judgment_file_imports_as_a_row(tmp_path):
     from harness.report import protocol as P
 

@@ -51,7 +51,7 @@ import json
 import math
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -61,6 +61,7 @@ from harness.config import MT_BENCH_TEMPERATURES, MtBenchSection
 from harness.data import with_system
 from harness.generate import Prompt, Sampling, generate, is_cut
 from harness.judges import CoverageError
+from harness.judges.http import JudgeRequestError, OpenAIJudge
 from harness.judges.parsing import ERROR_PREFIX
 from harness.judging import JudgeTransportError
 from harness.store import JsonlLog, atomic_write_json, write_jsonl
@@ -213,8 +214,6 @@ class Grader:
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
                  max_retries: int = 3, concurrency: int = 8, max_reply_bytes: int = 1 << 20, backoff_s: float = 1.0):
-        from harness.judges.http import OpenAIJudge
-
         self.client = OpenAIJudge(base_url, model, template="", lo=1, hi=10, api_key_env=api_key_env,
                                   timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
                                   max_new_tokens=JUDGE_MAX_TOKENS, max_reply_bytes=max_reply_bytes,
@@ -280,20 +279,32 @@ def grade(grader: Grader, questions: Sequence[dict], answers: dict[int, list[str
             if rid in keys and rec.get("key") == keys[rid] and valid(rec.get("score"))}
     todo = [j for j in jobs if j["id"] not in done]
     missing: list[tuple[str, str]] = []
+    fatal: JudgeRequestError | None = None
     with ThreadPoolExecutor(max_workers=grader.concurrency) as pool:
-        replies = list(pool.map(lambda j: grader.ask(judge_messages(j["template"], j["text"])), todo))
-    records = []
-    for j, (judgment, why) in zip(todo, replies):
-        if judgment is None:
-            missing.append((j["id"], why))
-            continue
-        records.append({"id": j["id"], "key": j["key"], "question_id": j["question_id"], "model": model_id,
-                        "judge": [grader.model, j["name"]], "user_prompt": j["text"], "judgment": judgment,
-                        "score": parse_rating(judgment), "turn": j["turn"], "category": j["category"],
-                        "tstamp": time.time()})
-    if log is not None:
-        log.append(records)
-    done.update((r["id"], r) for r in records)
+        futures = {pool.submit(grader.ask, judge_messages(j["template"], j["text"])): j for j in todo}
+        for fut in as_completed(futures):  # each judgment is logged as it comes: a killed run keeps them
+            j = futures[fut]
+            try:
+                judgment, why = fut.result()
+            except JudgeRequestError as e:  # the same for every request (a bad key, an unknown model)
+                fatal = fatal or e
+                for other in futures:
+                    other.cancel()
+                continue
+            except CancelledError:
+                continue
+            if judgment is None:
+                missing.append((j["id"], why))
+                continue
+            rec = {"id": j["id"], "key": j["key"], "question_id": j["question_id"], "model": model_id,
+                   "judge": [grader.model, j["name"]], "user_prompt": j["text"], "judgment": judgment,
+                   "score": parse_rating(judgment), "turn": j["turn"], "category": j["category"],
+                   "tstamp": time.time()}
+            if log is not None:
+                log.append([rec])
+            done[rec["id"]] = rec
+    if fatal is not None:
+        raise fatal
     if missing:
         raise JudgeTransportError(f"MT-Bench judging of {model_id}", f"{len(missing)} of {len(jobs)} turns", missing)
     return [done[j["id"]] for j in jobs]
