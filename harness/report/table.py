@@ -32,16 +32,16 @@ Conventions:
   sweep point, method, iteration), the seeds of a point averaged as above, each Δ against the
   same point's (and seed's) iteration 0. Rows sort by the point's values (numbers as numbers).
   Tables without sweep rows have no "sweep" column.
-- protocols (harness.report.protocol), per scope: AlpacaEval ("alpaca_eval/*") and each
-  lm-eval task ("lm_eval/<task>/*"). A protocol column per scope (before the provenance
-  columns) holds each row's protocol label there: "protocol" for AlpacaEval (in tables with
-  AlpacaEval metrics; "unknown protocol" for a row written before rows recorded one),
-  "protocol lm_eval/<task>" for a task that some row recorded a protocol for (a row of
+- protocols (harness.report.protocol), per scope: AlpacaEval ("alpaca_eval/*"), MT-Bench
+  ("mt_bench/*") and each lm-eval task ("lm_eval/<task>/*"). A protocol column per scope (before
+  the provenance columns) holds each row's protocol label there: "protocol" for AlpacaEval (in
+  tables with AlpacaEval metrics; "unknown protocol" for a row written before rows recorded one),
+  "protocol mt_bench" in tables with MT-Bench metrics, "protocol lm_eval/<task>" for a task that some row recorded a protocol for (a row of
   that task without one: "unknown protocol"). When the rows shown (after the filters) have
   more than one protocol in a scope, that scope's columns are split per protocol, not the
   rows grouped: each of its metric columns, its Δ and their companions become one column
   per protocol, tagged "[P1]", "[P2]", ... (numbered over the table: AlpacaEval's first,
-  then the tasks' in alphabetical order, each scope's labels in alphabetical order),
+  then MT-Bench's, then the tasks' in alphabetical order, each scope's labels in alphabetical order),
   holding only that protocol's rows ("alpaca_eval/win_rate [P1]", "alpaca_eval/win_rate
   [P1] ±", "Δ alpaca_eval/win_rate [P1]", "lm_eval/gsm8k/exact_match [P3]"), so no column
   ranks numbers of two protocols together while the other scopes' columns stay one column.
