@@ -441,6 +441,9 @@ VLLM = '[generation]\nengine = "vllm"\n[training]'  # with requires = ["vllm"]: 
     (spin, lambda t, w: t.replace("batch_size = 2", "batch_size = 2\nepochs = 0"), "training.epochs", "0 trains nothing"),
     (dno, lambda t, w: t.replace('[judge]\nname = "oracle"', '[judge]\nname = "self"\n[judge.self]\nmax_new_tokens = 4096'),
      "judge.self.max_new_tokens", "leaves no room for a prompt in the 1024 positions"),
+    (dno, lambda t, w: t.replace('[judge]\nname = "oracle"', '[judge]\nname = "openai"\n[judge.openai]\nmodel = "m"\n'
+                                 'base_url = "localhost:8000/v1"'), "judge.openai.base_url",
+     "'localhost:8000/v1' is not an http(s) URL with a host"),
     # the model: weights, a readable config, a chat template that renders
     (spin, lambda t, w: re.sub(r'base = ".*"', f'base = "{_model_copy(w, "noweights", drop="model.safetensors")}"', t),
      "model.base", "has a config.json but no weights"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -53,6 +54,11 @@ class OpenAI(LLMKind):
             errors.append(FieldError(f"{where}.model", f"judge {self.name!r} needs a model"))
         if not options.base_url:
             errors.append(FieldError(f"{where}.base_url", f"the {self.name} judge needs base_url"))
+        else:
+            url = urllib.parse.urlsplit(options.base_url)
+            if url.scheme not in ("http", "https") or not url.netloc:  # urllib refuses it at every request
+                errors.append(FieldError(f"{where}.base_url", (
+                    f"{options.base_url!r} is not an http(s) URL with a host; e.g. http://localhost:8000/v1")))
         return errors
 
     def preflight(self, options, where, checks):
