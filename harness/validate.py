@@ -48,7 +48,7 @@ def check(cfg: Config, *, check_endpoints: bool = False) -> Report:
     r = Report()
     method = METHODS.get(cfg.method.name)
     _paths(cfg, r)
-    _guarded(r, "experiment", check_values, cfg, method, r.errors)
+    _guarded(r, "experiment", check_values, cfg, method, r.errors, r.warnings)
     _device(cfg, r)
     _model(cfg, r)
     examples = _guarded(r, "data.train", _data, cfg, r)

@@ -15,17 +15,18 @@ from harness.schema import FieldError
 SEED_LIMIT = 2**32        # numpy's seeds are below 2**32; training seeds numpy with experiment.seed + iteration
 VLLM_MAX_LOGPROBS = 20    # vLLM's default max_logprobs: the most log-probs per token a request may ask for
 RUN_DIR_DEPTH = 256       # bytes kept free below a run directory for the deepest path a run writes there
+MAX_THREADS = 1024        # model.cpu_threads above this is an error (see _threads)
 NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, used where pathconf cannot tell
 
 
-def check_values(cfg, method, errors: list[FieldError]) -> None:
-    """Every check of this module, into ``errors``."""
+def check_values(cfg, method, errors: list[FieldError], warnings: list[FieldError]) -> None:
+    """Every check of this module, into ``errors`` (and ``warnings``)."""
     for i, seed in [(None, cfg.experiment.seed), *enumerate(cfg.experiment.seeds)]:
         problem = seed_problem(seed, cfg.method.iterations)
         if problem:
             errors.append(FieldError("experiment.seed" if i is None else f"experiment.seeds[{i}]", problem))
     _sampling(cfg, method, errors)
-    _threads(cfg, errors)
+    _threads(cfg, errors, warnings)
     _epochs(cfg, errors)
     name = cfg.experiment.name.encode()
     if len(name) > NAME_MAX:
@@ -80,14 +81,21 @@ def _epochs(cfg, errors: list[FieldError]) -> None:
                                             "epochs to train (a fraction such as 0.5 trains on part of the data)"))
 
 
-def _threads(cfg, errors: list[FieldError]) -> None:
-    """torch starts model.cpu_threads threads for every operation; more than the machine has
-    only adds contention, and a huge number does not start in minutes."""
-    n, cpus = cfg.model.cpu_threads, os.cpu_count() or 1
-    if n > cpus:
+def _threads(cfg, errors: list[FieldError], warnings: list[FieldError]) -> None:
+    """torch starts model.cpu_threads threads for every operation. More than this process may
+    use only adds contention (a warning: the file may be meant for a bigger machine); past
+    ``MAX_THREADS`` it is an error, never useful anywhere (once, on a busy 2-core machine: 2048
+    threads ran small matrix products about 5x slower than 2, and 100000 did not finish one in a
+    minute)."""
+    n = cfg.model.cpu_threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n > MAX_THREADS:
         errors.append(FieldError("model.cpu_threads", (
-            f"{n} but this machine has {cpus} CPUs: torch would run {n} threads on them, slower than {cpus} "
-            "(and thousands do not start at all); use at most the CPU count, or 0 for torch's default")))
+            f"{n} threads: past {MAX_THREADS} torch spends its time switching between them (and tens of "
+            f"thousands do not start); use at most the CPU count ({cpus} here), or 0 for torch's default")))
+    elif n > cpus:
+        warnings.append(FieldError("model.cpu_threads", (
+            f"{n} but this process may use {cpus} CPUs: threads beyond them only slow torch down")))
 
 
 def path_problem(path: Path | str, depth: int = 0) -> str | None:

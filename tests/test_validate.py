@@ -434,8 +434,8 @@ VLLM = '[generation]\nengine = "vllm"\n[training]'  # with requires = ["vllm"]: 
      "generation.max_new_tokens", "leaves no room for a prompt in the 1024 positions"),
     (spin, lambda t, w: t.replace("[training]", "[method.spin]\ntemperature = 0.7\ntop_p = 0.0\n[training]"),
      "method.spin.top_p", "needs top_p in (0, 1]"),
-    (spin, lambda t, w: t.replace('device = "cpu"', f'device = "cpu"\ncpu_threads = {(os.cpu_count() or 1) + 1}'),
-     "model.cpu_threads", "CPUs"),
+    (spin, lambda t, w: t.replace('device = "cpu"', 'device = "cpu"\ncpu_threads = 100000'),
+     "model.cpu_threads", "100000 threads: past 1024 torch spends its time switching"),
     (spin, lambda t, w: t.replace('[data]', '[data]\nsystem_prompt = "' + "be brief. " * 400 + '"'),
      "data.system_prompt", "a training prompt may have"),
     (spin, lambda t, w: t.replace("batch_size = 2", "batch_size = 2\nepochs = 0"), "training.epochs", "0 trains nothing"),
@@ -469,6 +469,14 @@ def test_a_value_that_would_fail_later_fails_validate(world, tiny_dir, capsys, m
     found = errors_of(err, path)
     assert field in found, err
     assert words in found[field], err
+
+
+def test_more_threads_than_cpus_is_a_warning(world, tiny_dir, capsys):
+    cpus = len(os.sched_getaffinity(0))
+    text = spin(world, tiny_dir).replace('device = "cpu"', f'device = "cpu"\ncpu_threads = {cpus + 1}')
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 0, err
+    assert f"{path}: model.cpu_threads: warning: {cpus + 1} but this process may use {cpus} CPUs" in err
 
 
 def test_more_prompts_asked_than_there_are_is_a_warning(world, tiny_dir, capsys):
