@@ -189,7 +189,8 @@ def generate_answers(model, tokenizer, questions: Sequence[dict], section: MtBen
                     chat += [{"role": "assistant", "content": samples[q["question_id"]][0]["text"].strip()},
                              {"role": "user", "content": q["turns"][1]}]
                 prompts.append(Prompt(str(q["question_id"]), system + tuple(chat)))
-            got = generate_fn(model, tokenizer, prompts, Sampling(temperature=temp, max_new_tokens=section.max_new_tokens),
+            sampling = Sampling(temperature=temp, max_new_tokens=section.max_new_tokens)
+            got = generate_fn(model, tokenizer, prompts, sampling,
                               seed_key=(*seed_key, "mt_bench", turn), batch_size=batch_size, log=log,
                               desc=f"mt_bench turn {turn}")
             for q in group:
@@ -225,8 +226,8 @@ class Grader:
     def of(cls, section: MtBenchSection, backoff_s: float = 1.0) -> Grader:
         """The grader of a section's openai judge ([eval.mt_bench.judge.openai]; batch_size = concurrency)."""
         if section.judge.name != "openai":
-            raise ValueError(f'eval.mt_bench.judge.name: MT-Bench needs an OpenAI-compatible endpoint (name = "openai"),'
-                             f" got {section.judge.name!r}")
+            raise ValueError('eval.mt_bench.judge.name: MT-Bench needs an OpenAI-compatible endpoint '
+                             f'(name = "openai"), got {section.judge.name!r}')
         o = section.judge.options
         return cls(o.base_url, o.model, api_key_env=o.api_key_env, timeout_s=o.timeout_s, max_retries=o.max_retries,
                    concurrency=section.judge.batch_size, max_reply_bytes=o.max_reply_bytes, backoff_s=backoff_s)
@@ -348,7 +349,8 @@ def protocol_record(section: MtBenchSection, grader: Grader, questions: Sequence
     template = getattr(tokenizer, "chat_template", None)
     uses_refs = any(q["category"] in NEED_REF_CATS for q in questions)
     return {"benchmark": "mt_bench", "judge_model": grader.model,
-            "endpoint": {"base_url": grader.base_url, "model": grader.model}, "endpoint_kind": "openai:chat/completions",
+            "endpoint": {"base_url": grader.base_url, "model": grader.model},
+            "endpoint_kind": "openai:chat/completions",
             "prompt_set": "FastChat single-v1, single-v1-multi-turn, single-math-v1, single-math-v1-multi-turn",
             **data_identity(questions),
             "reference_answers": REFERENCE_MODEL if uses_refs else None,
@@ -415,7 +417,8 @@ def import_judgments(path: Path, model: str) -> tuple[dict, dict]:
     judges = sorted({str(r["judge"][0]) for r in judgments if isinstance(r.get("judge"), (list, tuple)) and r["judge"]})
     judge_model = judges[0] if len(judges) == 1 else "+".join(judges) or None
     qids = sorted({j["question_id"] for j in judgments})
-    record = {"benchmark": "mt_bench", "judge_model": judge_model, "endpoint": {"base_url": OPENAI_API, "model": judge_model},
+    record = {"benchmark": "mt_bench", "judge_model": judge_model,
+              "endpoint": {"base_url": OPENAI_API, "model": judge_model},
               "endpoint_kind": "published judgments", "prompt_set": "FastChat single-v1, single-v1-multi-turn, "
               "single-math-v1, single-math-v1-multi-turn", **data_identity([{"question_id": q} for q in qids]),
               "reference_answers": REFERENCE_MODEL, "judge_temperature": JUDGE_TEMPERATURE,
