@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -46,8 +47,11 @@ def run_name(cfg) -> str:
 
 
 def failure(returncode: int, stderr: str) -> str:
-    """A failed child's ``error:`` lines (else its last line), as one line."""
-    lines = stderr.splitlines()
+    """A failed child's ``error:`` lines (else its last line that is not a warning), as one line;
+    a child killed by a signal says so."""
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}; rerun the same command to resume"
+    lines = [x for x in stderr.splitlines() if x.strip() and ": warning: " not in x]
     return f"failed (exit {returncode}): " + " / ".join([x for x in lines if x.startswith("error:")] or lines[-1:])
 
 
