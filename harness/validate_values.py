@@ -28,6 +28,7 @@ def check_values(cfg, method, errors: list[FieldError], warnings: list[FieldErro
     _sampling(cfg, method, errors)
     _threads(cfg, errors, warnings)
     _epochs(cfg, errors)
+    _answer_room(cfg, warnings)
     name = cfg.experiment.name.encode()
     if len(name) > NAME_MAX:
         errors.append(FieldError("experiment.name", (
@@ -79,6 +80,20 @@ def _epochs(cfg, errors: list[FieldError]) -> None:
         if steps.epochs <= 0:
             errors.append(FieldError(where, "0 trains nothing: the stage would take no optimizer step; give the "
                                             "epochs to train (a fraction such as 0.5 trains on part of the data)"))
+
+
+def _answer_room(cfg, warnings: list[FieldError]) -> None:
+    """Every method trains on answers the policy wrote, up to generation.max_new_tokens long; a
+    pair whose answer does not fit max_length after its prompt is cut, and past
+    max_truncated_share of cut pairs the training stage fails. Whether answers get that long is
+    known only once they are written: a warning."""
+    t = cfg.training
+    room = t.max_length - t.prompt_limit
+    if cfg.generation.max_new_tokens > room and t.max_truncated_share < 1.0:
+        warnings.append(FieldError("generation.max_new_tokens", (
+            f"{cfg.generation.max_new_tokens} but a training pair has room for {room} answer tokens (training.max_length "
+            f"{t.max_length} - a prompt of up to {t.prompt_limit}): if more than {t.max_truncated_share:g} of the "
+            "answers run that long, training fails on truncation; raise training.max_length or lower max_new_tokens")))
 
 
 def _threads(cfg, errors: list[FieldError], warnings: list[FieldError]) -> None:

@@ -479,6 +479,15 @@ def test_more_threads_than_cpus_is_a_warning(world, tiny_dir, capsys):
     assert f"{path}: model.cpu_threads: warning: {cpus + 1} but this process may use {cpus} CPUs" in err
 
 
+def test_answers_longer_than_a_training_pair_holds_is_a_warning(world, tiny_dir, capsys):
+    text = spin(world, tiny_dir).replace("batch_size = 2", "batch_size = 2\nmax_length = 256").replace(
+        "[method]", "[generation]\nmax_new_tokens = 200\n[method]")
+    code, path, err = run_validate(world, text, capsys)
+    assert code == 0, err
+    assert (f"{path}: generation.max_new_tokens: warning: 200 but a training pair has room for 128 answer tokens "
+            "(training.max_length 256 - a prompt of up to 128)") in err, err
+
+
 def test_more_prompts_asked_than_there_are_is_a_warning(world, tiny_dir, capsys):
     text = spin(world, tiny_dir).replace('[data]', '[data]\nnum_prompts = 50')
     code, path, err = run_validate(world, text, capsys)
