@@ -1,8 +1,10 @@
 """Values checked against what the code that uses them accepts. A value inside its field's
 schema bounds can still be one its consumer rejects minutes into a run: numpy's seed range
-(through transformers' ``set_seed``), vLLM's sampling limits, the threads torch can start, the
-lengths a file system allows for the run directory. Part of ``harness validate``; each problem
-is one ``FieldError`` at the field to change. Nothing here reads a file or loads a model.
+(through transformers' ``set_seed``), vLLM's sampling limits, a training stage of 0 epochs, the
+threads torch can start, the lengths a file system allows for the run directory. Part of
+``harness validate``; each problem is one ``FieldError`` at the field to change (a warning where
+only the run can tell, e.g. answers longer than a training pair holds). Nothing here reads a
+file or loads a model.
 """
 
 from __future__ import annotations
