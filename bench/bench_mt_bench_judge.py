@@ -1,5 +1,5 @@
 """MT-Bench with a real judge: SmolLM2-135M-Instruct answers MT-Bench questions turn by turn
-(the harness's HF engine, ``harness.evaluate.mt_bench.run_mt_bench``), and vLLM serving
+(the harness's HF engine, ``harness.evaluate.mt_bench.generate_answers``), then vLLM serving
 SmolLM2-135M-Instruct under the name ``gpt-4`` (``harness.engines.vllm_server``, seeded, one
 request at a time) grades them twice: through the harness and through FastChat's own
 ``gen_judgment.py`` (``harness.evaluate.crosscheck.fastchat_itself``) on the same answers file.
@@ -33,7 +33,6 @@ def main() -> None:
     from harness.evaluate.crosscheck import fastchat_itself
     from harness.models import load_model, load_tokenizer, offline_env
     from harness.sources import locate, materialize
-    from harness.store import read_jsonl
 
     offline_env()
     os.environ.setdefault(KEY_ENV, "unused")
@@ -44,24 +43,32 @@ def main() -> None:
     args = ap.parse_args()
     path = materialize(locate("smollm2-135m-instruct"))
     model, tok = load_model(path, device="cpu"), load_tokenizer(path)
+    doc = {"experiment": {"name": "b"}, "model": {"base": "tiny"}, "method": {"name": "spin"},
+           "data": {"train": "tiny:sft"},
+           "eval": {"mt_bench": {"enabled": True, "question_ids": [int(q) for q in args.questions.split(",")],
+                                 "max_new_tokens": args.max_new_tokens,
+                                 "judge": {"name": "openai", "batch_size": 1,
+                                           "openai": {"base_url": "http://unused/v1", "model": SERVED,
+                                                      "api_key_env": KEY_ENV, "timeout_s": 3600}}}}}
+    section = parse(doc).eval.mt_bench
+    questions = mt.load_questions(section.question_ids)
     t0 = time.perf_counter()
-    with serve(path, SERVED, seeded=True, max_model_len=8192) as url, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the answers first: the server would share the CPU
+        samples = mt.generate_answers(model, tok, questions, section, Path(tmp), seed_key=(0, 0), batch_size=8)
+    answers = mt.answer_records(questions, samples, "smollm2")
+    gen_s = time.perf_counter() - t0
+    del model
+    t0 = time.perf_counter()
+    with serve(path, SERVED, seeded=True, max_model_len=8192) as url:
         start = time.perf_counter() - t0
-        doc = {"experiment": {"name": "b"}, "model": {"base": "tiny"}, "method": {"name": "spin"},
-               "data": {"train": "tiny:sft"},
-               "eval": {"mt_bench": {"enabled": True, "question_ids": [int(q) for q in args.questions.split(",")],
-                                     "max_new_tokens": args.max_new_tokens,
-                                     "judge": {"name": "openai", "batch_size": 1,
-                                               "openai": {"base_url": url, "model": SERVED, "api_key_env": KEY_ENV,
-                                                          "timeout_s": 1800}}}}}
-        section = parse(doc).eval.mt_bench
+        grader = mt.Grader(url, SERVED, api_key_env=KEY_ENV, timeout_s=3600, concurrency=1)
         t1 = time.perf_counter()
-        ours = mt.run_mt_bench(model, tok, section, Path(tmp), seed_key=(0, 0), model_id="smollm2", batch_size=8)
+        ours = mt.grade(grader, questions, {a["question_id"]: a["choices"][0]["turns"] for a in answers}, "smollm2")
         t2 = time.perf_counter()
-        answers = read_jsonl(Path(tmp) / "answers.jsonl")
         theirs = fastchat_itself(args.fastchat_python, answers, url, "smollm2", judge_model=SERVED, parallel=1)
         t3 = time.perf_counter()
-        mine = {(j["question_id"], j["turn"]): j for j in read_jsonl(Path(tmp) / "judgments.jsonl")}
+    mine = {(j["question_id"], j["turn"]): j for j in ours}
+    om = mt.compute_metrics(ours)
     fc = mt.compute_metrics([{**j, "category": None} for j in theirs])
     same_text = sum(mine[(j["question_id"], j["turn"])]["judgment"] == j["judgment"] for j in theirs)
     same_rating = sum(mine[(j["question_id"], j["turn"])]["score"] == j["score"] for j in theirs)
@@ -69,12 +76,12 @@ def main() -> None:
           f"at a time); answers SmolLM2-135M-Instruct, HF engine, max_new_tokens {args.max_new_tokens}; "
           f"questions {args.questions}")
     print(f"{'':<10}{'score':>7}{'turn 1':>8}{'turn 2':>8}{'invalid':>9}{'time':>8}")
-    for name, m, secs in (("harness", ours, t2 - t1), ("FastChat", fc, t3 - t2)):
+    for name, m, secs in (("harness", om, t2 - t1), ("FastChat", fc, t3 - t2)):
         cells = [m[k] for k in ("mt_bench/score", "mt_bench/turn_1", "mt_bench/turn_2")]
         print(f"{name:<10}" + "".join(f"{c:>7.2f} " if c is not None else f"{'-':>7} " for c in cells)
               + f"{m['mt_bench/n_invalid']:>8}{secs:>7.0f}s")
-    print(f"same judgment text {same_text}/{len(theirs)}, same rating {same_rating}/{len(theirs)} "
-          f"(harness judging includes the answers' generation time)")
+    print(f"same judgment text {same_text}/{len(theirs)}, same rating {same_rating}/{len(theirs)}; answers "
+          f"generated in {gen_s:.0f}s before the server started")
 
 
 if __name__ == "__main__":
