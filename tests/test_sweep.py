@@ -7,6 +7,7 @@ tests/test_ray.py."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -200,3 +201,15 @@ def test_a_sweep_of_two_learning_rates_and_two_seeds_gives_a_row_per_rate(tmp_pa
 
     df = build_table(load_rows([tmp_path / "out"]), filters={"iteration": "1"})
     assert list(df["sweep"]) == ["learning_rate=1e-05", "learning_rate=0.0005"] and list(df["seeds"]) == [2, 2]
+
+
+def test_the_ray_launcher_without_ray_or_an_address_without_it_is_one_line(world, tiny_dir, monkeypatch, capfd):
+    path = world / "exp.toml"
+    path.write_text(spin(world, tiny_dir))
+    assert main(["run", str(path), "--address", "auto"]) == 2
+    assert capfd.readouterr().err.strip() == "error: harness run: --address goes with --launcher ray"
+    monkeypatch.setitem(sys.modules, "ray", None)  # as where Ray is not installed: its import fails
+    assert main(["run", str(path), "--launcher", "ray"]) == 1
+    err = capfd.readouterr().err
+    assert "error: harness run --launcher ray: Ray is not installed in this environment (./install.sh --ray)" in err
+    assert "Traceback" not in err and not (world / "out").exists()
