@@ -89,7 +89,8 @@ def run_ray(cfgs: list, *, address: str | None, jobs: int | None, fresh: bool, o
                 ref = task.options(**resources(cfg, gpus), max_retries=0, name=run_name(cfg)).remote(
                     child_command(cfg, fresh=fresh, overrides=overrides), os.getcwd())
                 pending[ref] = (cfg, time.perf_counter())
-            done, _ = ray.wait(list(pending), num_returns=1)
+            # a timeout: a blocking wait would hold off an interrupt (Ctrl-C) until some run ends
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in done:
                 cfg, t0 = pending.pop(ref)
                 try:
