@@ -29,7 +29,7 @@ def _validate(args) -> int:
         for name in JUDGES.names():  # the same tables go under every judge section ([eval.alpaca_eval.judge.<name>], ...)
             rows += explain(JUDGES.get(name).Options, f"judge.{name}") or [
                 (f"judge.{name}", "table", "{}", f"The {name} judge has no options of its own.")]
-        rows = [r for r in rows if r[0].rsplit(".", 1)[-1] not in ("options", "source")]
+        rows = [r for r in rows if r[0].rsplit(".", 1)[-1] not in ("options", "source", "point")]
         print("| key | type | default | meaning |\n|---|---|---|---|")
         for key, tp, default, doc in rows:
             print(f"| `{key}` | {tp} | `{default}` | {doc} |")

@@ -213,3 +213,10 @@ def test_the_ray_launcher_without_ray_or_an_address_without_it_is_one_line(world
     err = capfd.readouterr().err
     assert "error: harness run --launcher ray: Ray is not installed in this environment (./install.sh --ray)" in err
     assert "Traceback" not in err and not (world / "out").exists()
+
+
+def test_explain_documents_experiment_sweep_and_not_the_point_it_came_from(capsys):
+    assert main(["validate", "--explain"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "harness run --sweep" in rows["`experiment.sweep`"]
+    assert "`point`" not in rows  # Config.point: the command line's --sweep texts, not a field of the file
