@@ -236,7 +236,7 @@ def main() -> None:
                     help="random models only; auto = bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--random-shape", default="full", choices=["full", "small"])
     ap.add_argument("--bandwidth", type=float, default=3.35e12,
-                    help="memory bandwidth in bytes/s for the bound (default: H100 SXM)")
+                    help="memory bandwidth in bytes/s for the bound (default: H100 SXM); 0 = unknown (no bound)")
     ap.add_argument("--static-cache", action="store_true",
                     help="also time plain HF greedy decoding with a static KV cache (on CUDA transformers "
                          "then compiles the forward pass) against the default dynamic cache")
@@ -291,7 +291,9 @@ def main() -> None:
                 tot[side][1] += dt
             line = (f"{mode:7s} bs={bs:<3d} harness {h_tok / h_dt:9.1f} tok/s  hf {f_tok / f_dt:9.1f} tok/s  "
                     f"ratio {h_tok / h_dt / (f_tok / f_dt):.3f}")
-            if args.model in RANDOM_MODELS:
+            if args.model in RANDOM_MODELS and not args.bandwidth:
+                line += "  bound unknown (no --bandwidth for this device)"
+            elif args.model in RANDOM_MODELS:
                 bound = min(bs, len(ps)) * args.bandwidth / wbytes
                 line += f"  bound {bound:9.1f} tok/s (harness {h_tok / h_dt / bound:.1%}, hf {f_tok / f_dt / bound:.1%})"
             if mode == "greedy":

@@ -29,8 +29,21 @@ Libraries are imported before timing (a fresh ``harness run`` pays that once, no
 method). The last lines are ``overhead <method>: X%`` = outside / wall of the run
 (goal: under 10%).
 
-    .venv/bin/python bench/bench_stages.py [--model smollm2-135m-instruct|tiny]
+``--model qwen0.5b-random``: a randomly initialised model with Qwen2.5-0.5B's transformer shape
+(``bench_generate.QWEN05_SHAPE``: 24 layers, hidden 896, 14 heads, 2 KV heads, MLP 4864; ``--shape
+small`` shrinks it for a CPU) and the tiny world's tokenizer, whose vocabulary (a few hundred
+tokens) replaces Qwen's 151,936 so that every sampled token decodes to text; its Self-Rewarding and
+DNO are judged by a local endpoint that scores by hash (``hash_judge``: the oracle scores every
+random answer 1, which leaves no pairs), through the openai judge, and their cut chosen answers are
+kept (a random model never ends an answer before max_new_tokens). ``--device cuda``
+runs every stage there (the dtype then defaults to bfloat16). ``--no-evals`` drops lm-eval and
+AlpacaEval (the indicators read the tiny world's held-out prompts), so a run needs neither lm_eval nor alpaca_eval installed
+(``bench/gpu.sh`` runs it so on a machine without them). A method that fails prints its error
+and the others still run; the exit status is 1 if any failed.
+
+    .venv/bin/python bench/bench_stages.py [--model smollm2-135m-instruct|tiny|qwen0.5b-random]
         [--methods spin,self_rewarding,dno] [--prompts 16] [--samples 4] [--eval-n 16] [--threads 1]
+        [--device cpu|cuda] [--shape full|small] [--no-evals]
 """
 
 from __future__ import annotations
@@ -137,9 +150,9 @@ class Clock:
             clock.where = (stage.final.parent.name, stage.final.name)
             return begin(stage)
 
-        def stage_commit(stage, outputs=None):
+        def stage_commit(stage, *args, **kwargs):
             try:
-                return commit(stage, outputs)
+                return commit(stage, *args, **kwargs)
             finally:
                 clock.where = ("", "between stages")
 
@@ -153,7 +166,9 @@ def experiment(method: str, args, out: Path):
 
     doc = tomllib.loads((REPO / "experiments" / "smollm2" / f"{method}.toml").read_text())
     doc["experiment"].update(name=f"bench-{method}", output_dir=str(out))
-    doc["model"].update(base=args.model, cpu_threads=args.threads)
+    doc["model"].update(base=args.base, cpu_threads=args.threads)
+    if args.device:
+        doc["model"]["device"] = args.device
     doc["method"]["iterations"] = 1
     opts = doc["method"].setdefault(method, {})
     if method == "spin":
@@ -161,6 +176,10 @@ def experiment(method: str, args, out: Path):
     else:
         opts.update(prompts_per_iteration=args.prompts, num_samples=args.samples)
         doc["judge"] = {"name": "oracle"}
+        if args.judge_url:  # a random model's answers all score 1 with the oracle: no pairs
+            doc["judge"] = {"name": "openai", "openai": {"base_url": args.judge_url, "model": "hash",
+                                                         "api_key_env": HASH_JUDGE_KEY}}
+            opts["cut_chosen"] = "keep"  # its answers never end before max_new_tokens: all cut
     if method == "self_rewarding":
         opts.update(ift="", eft="")  # no M1 SFT stage
     if method == "dno":
@@ -169,7 +188,70 @@ def experiment(method: str, args, out: Path):
     doc["eval"].update(limit=args.eval_n)
     doc["eval"]["alpaca_eval"]["limit"] = args.eval_n
     doc["eval"]["indicators"]["num_prompts"] = min(args.eval_n, 8)
+    if args.no_evals:  # the indicators then read the tiny world's held-out prompts
+        doc["eval"].pop("lm_eval_tasks", None)
+        doc["eval"].pop("alpaca_eval", None)
+        doc["eval"]["eval_prompts"] = "tiny:eval_prompts"
     return parse(doc, source=f"bench:{method}")
+
+
+HASH_JUDGE_KEY = "BENCH_HASH_JUDGE_KEY"
+
+
+def hash_judge() -> str:
+    """A local OpenAI-compatible endpoint (127.0.0.1, a free port, a daemon thread) whose reply
+    to a judge prompt is "Score: N" with N in 1..5 drawn from the prompt's hash: varied scores
+    for a random model's answers, so Self-Rewarding and DNO get pairs. Returns its base URL."""
+    import hashlib
+    import json
+    import os
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            n = 1 + hashlib.sha256(body).digest()[0] % 5
+            out = json.dumps({"id": "h", "object": "chat.completion", "created": 0, "model": "hash",
+                              "choices": [{"index": 0, "finish_reason": "stop",
+                                           "message": {"role": "assistant", "content": f"Score: {n}"}}],
+                              "usage": {"prompt_tokens": 0, "completion_tokens": 3, "total_tokens": 3}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    os.environ.setdefault(HASH_JUDGE_KEY, "unused")
+    return f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+
+
+def random_model(shape: str, out: Path) -> str:
+    """A directory holding a random model of Qwen2.5-0.5B's transformer shape (or the small
+    one) with the tiny world's tokenizer and its vocabulary (see the module doc)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from bench_generate import QWEN05_SHAPE, SMALL_SHAPE
+    from harness.sources import resolve_ref
+
+    tok = AutoTokenizer.from_pretrained(resolve_ref("tiny"))
+    dims = {**(QWEN05_SHAPE if shape == "full" else SMALL_SHAPE), "vocab_size": len(tok)}
+    cfg = Qwen2Config(**dims, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
+                      rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    print(f"random model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({shape} shape, "
+          f"vocabulary {len(tok)}) in {out}", flush=True)
+    return str(out)
 
 
 def run_method(method: str, args, clock: Clock, root: Path) -> float:
@@ -211,7 +293,7 @@ def run_method(method: str, args, clock: Clock, root: Path) -> float:
     return share
 
 
-def main() -> None:
+def main() -> int:
     offline_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help='a model reference, e.g. "tiny"')
@@ -221,12 +303,16 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=16, help="lm-eval examples per task, AlpacaEval instructions")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads; 1 by default (a second thread contends on a shared 2-core machine)")
+    ap.add_argument("--device", default="", choices=["", "cpu", "cuda"], help="model.device (default: the file's)")
+    ap.add_argument("--shape", default="full", choices=["full", "small"], help="qwen0.5b-random's shape")
+    ap.add_argument("--no-evals", action="store_true", help="no lm-eval and no AlpacaEval (indicators only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    import alpaca_eval.main  # noqa: F401  (imports paid once, before timing)
-    import lm_eval.evaluator  # noqa: F401
+    if not args.no_evals:
+        import alpaca_eval.main  # noqa: F401  (imports paid once, before timing)
+        import lm_eval.evaluator  # noqa: F401
     import peft  # noqa: F401
     import trl  # noqa: F401
 
@@ -241,6 +327,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_stages."))
     shares = {}
     try:
+        args.base = random_model(args.shape, root / "model") if args.model == "qwen0.5b-random" else args.model
+        args.judge_url = hash_judge() if args.model == "qwen0.5b-random" else ""
         for method in args.methods.split(","):
             try:
                 shares[method] = run_method(method, args, clock, root)
@@ -252,7 +340,8 @@ def main() -> None:
     print()
     for method, share in shares.items():
         print(f"overhead {method}: {share:.1%}")
+    return 1 if any(math.isnan(s) for s in shares.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
