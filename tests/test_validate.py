@@ -550,3 +550,17 @@ def test_an_experiment_file_that_cannot_be_read_is_one_line(tmp_path, capsys, ma
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr()
     assert "Traceback" not in out.err and out.err.startswith(f"{path}: {problem}"), out.err
+
+
+def test_dno_with_one_candidate_per_prompt_is_an_error():
+    from harness.config import parse
+    from harness.schema import ConfigError
+
+    doc = {"experiment": {"name": "x"}, "model": {"base": "tiny"}, "data": {"train": "tiny:prompts_train"},
+           "method": {"name": "dno", "dno": {"num_samples": 1}}, "judge": {"name": "oracle"},
+           "training": {"epochs": 1}}
+    with pytest.raises(ConfigError) as e:
+        parse(doc)
+    assert [x.path for x in e.value.errors] == ["method.dno.num_samples"]
+    doc["method"]["dno"]["teacher"] = "tiny:teacher"  # the teacher's answer is the second candidate
+    parse(doc)

@@ -74,6 +74,10 @@ class Dno(Method):
                 f"{cfg.training.epochs:g} epochs per iteration; DNO trains at most one epoch per iteration (its "
                 "batched on-policy step: each iteration's pairs are sampled from the current policy and used once, "
                 "methods.md); set epochs <= 1 and add iterations instead")))
+        if cfg.options.num_samples + bool(cfg.options.teacher) < 2:  # a pair needs two candidates of a prompt
+            errors.append(FieldError("method.dno.num_samples", (
+                "1 sample and no teacher gives each prompt one candidate, so no pair can be built and every "
+                "iteration would fail with no training pairs; sample at least 2, or give a teacher file")))
         n = len(cfg.options.replay)
         if n > cfg.method.iterations - 1:
             errors.append(FieldError("method.dno.replay", f"{n} fractions, but {cfg.method.iterations} iterations can "
