@@ -123,6 +123,7 @@ def _dno(tmp_path, judge: dict, judging: str | None = None) -> dict:
     return {"experiment": {"name": "g", "output_dir": str(tmp_path / "out")},
             "model": {"base": "tiny", "device": "cpu"},
             "method": {"name": "dno", "iterations": 1, "dno": dno},
+            "training": {"max_length": 512},  # the tiny model's positions
             "judge": judge, "data": {"train": str(tmp_path / "p.jsonl")}}
 
 
