@@ -10,7 +10,9 @@ where the work happens, so no call site can forget them:
   tokens per row up to and including its first eos or pad token. ``start`` wraps
   ``GenerationMixin.generate`` once transformers' generation module is loaded (the loop
   imports it); the wrapper returns what ``generate`` returns and counts nothing when no
-  meter runs.
+  meter runs. The vLLM engine adds its samples' ``n_tokens`` (counted the same way: up to and
+  including the first eos) as they arrive (``harness.engines.vllm_engine.generate``).
+- ``engine_starts``: vLLM engines started (``harness.engines.vllm_engine.Session``).
 - ``train_tokens``: prompt + completion tokens of every training batch (both sequences
   of a DPO pair), added by ``harness.train``; the reference pass is not training.
 - ``judge_calls``: judge answers obtained (items x samples; cache hits excluded),
@@ -41,7 +43,8 @@ from typing import Sequence
 
 from harness.fmt import count, duration, plural
 
-COUNTS = ("gen_tokens", "train_tokens", "judge_calls", "judge_prompt_tokens", "judge_completion_tokens")
+COUNTS = ("gen_tokens", "train_tokens", "judge_calls", "judge_prompt_tokens", "judge_completion_tokens",
+          "engine_starts")
 
 _lock = threading.Lock()   # the HTTP judge adds from its worker threads
 _active: Meter | None = None

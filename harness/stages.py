@@ -129,7 +129,7 @@ def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[Rec
         return {"hash": store.file_hash(work / "samples.jsonl"), "resumed_records": resumed,
                 "metrics": {"gen/tokens": tokens, **cut_metrics(records, "gen"),
                             "gen/n_prompts_cut": fitted.n_prompts_cut, "gen/n_prompts_too_long": fitted.n_dropped},
-                "generation": engine_settings(cfg.generation.engine, model, tok, sampling)}
+                "generation": engine_settings(cfg.generation.engine, model, tok, sampling, cfg.generation)}
 
     st = r.run_stage(t, "generate", {"policy": policy.id, "sampler": SAMPLER,
                                         "prompts": dict_hash([[e.id, e.messages, e.response] for e in prompts])},
@@ -181,7 +181,8 @@ def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Exa
         judge_policy = r.model(policy) if cfg.judge.needs_policy else None
         if cfg.judge.loads_model:
             r.unload()  # the judge's model takes the policy's memory (the next stage to need it reloads it)
-        with session(_engine(cfg, JUDGES.get(cfg.judge.name).generates), cfg.generation) as eng:
+        engine = _engine(cfg, JUDGES.get(cfg.judge.name).generates)
+        with session(engine, cfg.generation) as eng:
             judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id, dtype=cfg.model.dtype,
                                 seed_key=(cfg.experiment.seed, t, "judge"), engine=eng)
             if tuple(judge.scale) != tuple(scale):
@@ -189,7 +190,7 @@ def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Exa
                                    f"{scale} (harness.judges.judge_scale disagrees with the judge)")
             # transport failures are not written: the stage fails naming them, a rerun retries only them
             judged = judge_groups(judge, groups, store.JsonlLog(work / "judgments.jsonl"),
-                                  batch_size=cfg.judge.batch_size, what=f"judging of iteration {t}",
+                                  batch_size=judge_chunk(cfg, engine), what=f"judging of iteration {t}",
                                   desc=f"iter {t} judge", side_by_side=side_by_side(cfg))
         recs, n_items = judged.records, judged.n_items
         n_failed = judged.n_parse_failed  # items without a valid score: kept, counted, shown
@@ -321,6 +322,19 @@ def _engine(cfg: Config, generates: bool) -> str:
     """The engine of a stage: ``generation.engine`` when the stage generates, else "hf" (and
     the field is not read, so changing it does not rerun a stage that never used it)."""
     return cfg.generation.engine if generates else "hf"
+
+
+VLLM_CHUNKS = 4  # a vllm judge stage's chunk: this many times vLLM's concurrency
+
+
+def judge_chunk(cfg: Config, engine: str) -> int:
+    """Items per chunk of a judge stage (``judge_groups``; each chunk's groups are logged when it
+    ends, so a kill loses at most one): judge.batch_size, or under the vllm engine
+    ``VLLM_CHUNKS`` x generation.vllm_max_num_seqs, so vLLM keeps its own concurrency in flight
+    instead of waiting on each HF-sized batch."""
+    if engine == "vllm":
+        return max(cfg.judge.batch_size, VLLM_CHUNKS * cfg.generation.vllm_max_num_seqs)
+    return cfg.judge.batch_size
 
 
 def _chain(cfg: Config, adapters: list[Path], new: Path) -> list[Path]:

@@ -176,7 +176,7 @@ def test_smollm2_greedy_matches_hf():
     assert same == len(ps), f"greedy agreement {same}/{len(ps)}"
 
 
-def _random_adapter(model, path: Path, seed: int):
+def _random_adapter(model, path: Path, seed: int, scale: float = 0.05):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -185,7 +185,7 @@ def _random_adapter(model, path: Path, seed: int):
     with torch.no_grad():  # random but small: a policy a few nats away from the base
         for n, p in peft.named_parameters():
             if "lora_B" in n:
-                p.mul_(0.05)
+                p.mul_(scale)
     peft.save_pretrained(path)
     return peft.unload()
 
@@ -350,3 +350,80 @@ def test_alpaca_eval_2_through_a_real_server_equals_alpaca_eval_itself(monkeypat
     assert len({p for p in mine if p is not None}) > 3  # continuous preferences from a real model's log-probs
     for k in ("win_rate", "standard_error", "n_wins", "n_draws", "n_total"):
         assert ours[f"alpaca_eval/{k}"] == theirs[k], k
+
+
+# The served policy in bfloat16 against the HF policy in bfloat16 (SmolLM2-135M with a random rank-8
+# adapter on q/v/o that moves these sequences' log-probs by several nats; CPU, 4 answers): see
+# test_served_policy_matches_the_hf_policy, which prints the measured differences. Measured per
+# sequence: adapter 0.012-0.292 nats, merged (float32) 0.020-0.237, 4-bit base dequantized + adapter
+# 0.021-0.136, while the adapter moves the same sums by 0.4-4.2 nats; greedy answers (24 tokens)
+# equal the HF policy's on 2, 3 and 5 of 8 prompts and the base's on none. vLLM's and torch's
+# bfloat16 kernels round differently (the HF policy adds its adapter in float32, a 4-bit HF base
+# keeps its norms in float32): the same order as HF bfloat16 against HF float32 (0.1-0.2 nats).
+SERVED_LOGP_TOL = 0.6  # nats per sequence, 2x the largest measured
+
+
+def _smollm2_policy(tmp_path, quantization: str):
+    """SmolLM2 in bfloat16 loaded as a run loads its base (``load_model``; a 4-bit base prepared
+    as ``load_base`` prepares it) with a random float32 rank-8 adapter: the continue chain's policy."""
+    from peft import PeftModel
+
+    from harness.models import load_model, prepare_quantized
+
+    base32, tok = smollm2()
+    path = base32.name_or_path
+    _random_adapter(base32, tmp_path / "a", 3, scale=0.5)
+    base = load_model(path, device="cpu", dtype="bfloat16", quantization=quantization)
+    if quantization != "none":
+        base = prepare_quantized(base, False)
+    return PeftModel.from_pretrained(base, str(tmp_path / "a"), is_trainable=True).eval(), tok
+
+
+@pytest.mark.parametrize("weights, quantization", [("adapter", "none"), ("merged", "none"), ("adapter", "4bit")])
+def test_served_policy_matches_the_hf_policy(tmp_path, weights, quantization):
+    """A bfloat16 or 4-bit base with its adapter, served as vllm_weights says (adapter: the base in
+    bfloat16, a 4-bit one dequantized, plus the adapter as a vLLM LoRA; merged: a float32 merged
+    copy): prompt log-probs of the served policy within SERVED_LOGP_TOL of the HF policy's, far
+    from the base's; greedy answers closer to the HF policy's than to the base's."""
+    from harness.engines.vllm_engine import weights_mode
+
+    policy, tok = _smollm2_policy(tmp_path, quantization)
+    assert weights_mode("auto", policy) == ("adapter" if quantization != "none" else "merged")
+    ps = [Prompt(f"q{i}", ({"role": "user", "content": q},)) for i, q in enumerate(
+        ["What is the capital of France?", "Write a haiku about rain.", "Give me three uses for a brick.",
+         "Explain photosynthesis in one sentence.", "What is 17 times 3?", "Name a famous painter.",
+         "How do I boil an egg?", "Translate 'good morning' into Spanish."])]
+    greedy = Sampling(temperature=0.0, max_new_tokens=24)
+    hf = hf_generate(policy, tok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=8)
+    with policy.disable_adapter():
+        hf_base = hf_generate(policy, tok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=8)
+        chats = [[{"role": "user", "content": q}] for q in ["What is 2+2?", "Name a colour.", "Say hello.",
+                                                            "What is the capital of France?"]]
+        answers = ["2+2 is 4.", "Blue is a colour that many people like.", "Hello! How can I help you today?",
+                   "The capital of France is Paris."]
+        base_lp = sequence_logprobs(policy, tok, chats, answers)
+    want = sequence_logprobs(policy, tok, chats, answers)
+    seqs, n_completion = {}, {}
+    for i, (m, a) in enumerate(zip(chats, answers)):
+        p, c = completion_ids(tok, m, a)
+        seqs[str(i)], n_completion[str(i)] = p + c, len(c)
+    s = Session(weights=weights)
+    try:
+        served = s.generate(policy, tok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=8)
+        what = s.served(policy)
+        assert (what.adapter is not None) == (weights == "adapter")
+        assert what.dtype == ("bfloat16" if weights == "adapter" else "float32")
+        scored = s.worker.score(seqs, what.lora())
+    finally:
+        s.close()
+    text = {p.id: served[p.id]["samples"][0]["text"] for p in ps}
+    same = sum(text[p.id] == hf[p.id]["samples"][0]["text"] for p in ps)
+    same_base = sum(text[p.id] == hf_base[p.id]["samples"][0]["text"] for p in ps)
+    got = [sum(scored[str(i)][-n_completion[str(i)]:]) for i in range(len(answers))]
+    diffs = [abs(g - x) for g, x in zip(got, want)]
+    print(f"{weights} {quantization}: greedy = HF policy {same}/{len(ps)}, = HF base {same_base}/{len(ps)}; "
+          f"|vllm - hf| per sequence {[f'{d:.3f}' for d in diffs]}; "
+          f"policy - base {[f'{x - b:.2f}' for x, b in zip(want, base_lp)]}")
+    assert max(diffs) < SERVED_LOGP_TOL, diffs
+    assert max(abs(x - b) for x, b in zip(want, base_lp)) > 5 * SERVED_LOGP_TOL  # the adapter matters
+    assert same > same_base, (same, same_base)

@@ -3,7 +3,7 @@
 Every engine is a function with the signature and record format of
 ``harness.generate.generate`` (``model, tokenizer, prompts, sampling, *, seed_key,
 batch_size, log, desc, min_new_tokens``): "hf" is that function itself, "vllm" serves the
-same policy (``model``, merged) with vLLM in a separate environment
+same policy (``model``, merged or as base + LoRA adapter) with vLLM in a separate environment
 (``harness.engines.vllm_engine``). ``session`` gives a stage one such function whose engine
 is started once and kept for all of the stage's generation (its AlpacaEval answers,
 indicator samples, a model judge's answers), then stopped.
@@ -66,7 +66,9 @@ def session(name: str = "hf", generation=None) -> Iterator[Engine]:
         return
     from harness.engines.vllm_engine import Session
 
-    s = Session()
+    # read only here, so a stage that never starts vLLM does not depend on the vllm_* fields
+    s = Session(weights=generation.vllm_weights, max_num_seqs=generation.vllm_max_num_seqs) if generation \
+        else Session()
     try:
         yield Engine(name, s.generate)
     finally:
@@ -81,14 +83,15 @@ def _token_budget(generate: Callable, generation) -> Callable:
     return budgeted
 
 
-def settings(name: str, model, tokenizer, sampling) -> dict:
+def settings(name: str, model, tokenizer, sampling, generation=None) -> dict:
     """What decides decoding under engine ``name``, as a plain dict (a stage's outputs record it):
-    ``harness.generate.generation_settings`` for "hf"; for "vllm" the worker's sampling settings
-    and vLLM's sampler."""
+    ``harness.generate.generation_settings`` for "hf"; for "vllm" the worker's sampling settings,
+    vLLM's sampler and the weights served (``generation``: the run's [generation] section)."""
     if name == "hf":
         from harness.generate import generation_settings
 
         return generation_settings(model, tokenizer, sampling)
     from harness.engines.vllm_engine import generation_settings
 
-    return generation_settings(model, tokenizer, sampling)
+    return generation_settings(model, tokenizer, sampling,
+                               generation.vllm_weights if generation is not None else "merged")

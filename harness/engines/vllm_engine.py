@@ -5,11 +5,14 @@ environment cannot share.
 ``generate`` has the signature, the semantics and the records of
 ``harness.generate.generate``:
 
-- the policy served is exactly ``model``: its weights, merged, are written once per policy
-  (``export_policy``; a PeftModel of the "continue" chain is merged into a float32 copy, a
-  "merge" chain model is already plain) under ``$HARNESS_CACHE/vllm-policies/<content
-  hash>``, and vLLM serves that directory. Serving merged weights instead of a LoRA adapter
-  is several times faster on CPU;
+- the policy served is exactly ``model``, in one of two forms (``[generation] vllm_weights``,
+  ``weights_mode``): "merged", its weights merged into a plain float32 copy (a PeftModel of
+  the "continue" chain; a "merge" chain model is already plain; ``export_policy``), or
+  "adapter", the base in the run's dtype (a 4-bit or 8-bit base dequantized to it) with the
+  chain's adapter served as a vLLM LoRA (``export_served``). Either is written once per
+  content under ``$HARNESS_CACHE/vllm-policies/<content hash>`` (an adapter's base once per
+  base, whatever the adapter). "auto" serves the adapter on CUDA and for a quantized base,
+  merged weights on a CPU, where vLLM's LoRA path is about 3-4x slower than merged weights;
 - prompts are rendered and tokenized by the harness (``render``) and sent as token ids; the
   harness decodes the answers, so text, ``n_tokens`` and the top-k indicators are computed
   as in ``harness.generate``, and ``finish`` ("length": cut at the cap) is vLLM's own
@@ -39,12 +42,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from harness import console
+from harness import console, cost
 from harness.engines import unavailable, venv_python  # noqa: F401  (unavailable: re-exported)
 from harness.generate import CUT, Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
 from harness.lifeline import spawn, stop_group
@@ -102,6 +106,148 @@ def export_policy(model) -> tuple[Path, str]:
     return out, _dtype_name(next(plain.parameters()).dtype)
 
 
+WEIGHTS = ("auto", "adapter", "merged")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+
+
+def is_quantized(model) -> bool:
+    """Whether ``model`` (or a PeftModel's base) holds bitsandbytes 4-bit or 8-bit weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_quantized", False) or getattr(base.config, "quantization_config", None))
+
+
+def weights_mode(weights: str, model) -> str:
+    """"adapter" or "merged": how ``model`` is served under ``[generation] vllm_weights =
+    weights``. "auto" is "adapter" where the engine runs on CUDA (bfloat16 tensor cores, the
+    run's dtype, no merged copy per policy) and for a quantized base (which has no merged
+    weights), else "merged" (vLLM's CPU LoRA path is about 3-4x slower than merged weights)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"vllm_weights {weights!r} is not one of {', '.join(WEIGHTS)}")
+    if weights != "auto":
+        return weights
+    return "adapter" if torch.cuda.is_available() or is_quantized(model) else "merged"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a worker serves for one policy: ``model_dir`` in ``dtype``, with ``adapter`` (a peft
+    adapter directory, None: none) applied as a vLLM LoRA of rank ``rank``."""
+    model_dir: Path
+    dtype: str
+    adapter: Path | None = None
+    rank: int = 0
+
+    def lora(self) -> dict | None:
+        """The worker's per-job LoRA request (its id is stable per adapter content), or None."""
+        if self.adapter is None:
+            return None
+        ident = int(self.adapter.name.removeprefix("lora-")[:7], 16) + 1  # vLLM's LoRA ids are positive ints
+        return {"name": self.adapter.name, "id": ident, "path": str(self.adapter)}
+
+
+def export_served(model, mode: str) -> Served:
+    """What vLLM serves for ``model`` in ``mode`` ("merged": ``export_policy``; "adapter": the
+    base weights in the run's dtype plus, for a PeftModel, its active adapter). A quantized
+    merged request raises ValueError (validate refuses it first)."""
+    if mode == "merged":
+        return Served(*export_policy(model))
+    root = cache_root() / "vllm-policies"
+    state, config, dtype = base_weights(model)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, t in sorted(state.items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def build_base(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    base_dir = build_once(root / f"base-{h.hexdigest()[:32]}", build_base)
+    os.utime(base_dir)
+    adapter, rank = None, 0
+    if hasattr(model, "peft_config"):
+        adapter, rank = _export_adapter(model, root)
+        os.utime(adapter)
+    _prune(root, keep=base_dir)
+    return Served(base_dir, _dtype_name(dtype), adapter, rank)
+
+
+def base_weights(model) -> tuple[dict, dict, torch.dtype]:
+    """(state dict, config dict, dtype) of ``model``'s base as a plain checkpoint: a PeftModel's
+    LoRA layers left out, bitsandbytes weights dequantized to the dtype they were loaded in (the
+    run's dtype), every floating tensor in that dtype (peft's k-bit preparation keeps norms and
+    embeddings in float32), a tied parameter once, the config without its quantization."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantized = is_quantized(model)
+    dtype = _loaded_dtype(base) if quantized else next(
+        p.dtype for n, p in base.named_parameters() if "lora_" not in n)
+    state, seen = {}, set()
+    for mod_name, module in base.named_modules():
+        if "lora_" in mod_name:
+            continue
+        tensors = list(module.named_parameters(recurse=False)) + [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        for pname, p in tensors:
+            if id(p) in seen:
+                continue  # tied (lm_head = embed_tokens): vLLM ties it from the config
+            seen.add(id(p))
+            name = f"{mod_name}.{pname}".replace(".base_layer.", ".").removeprefix(".")
+            t = _dequantized(p).detach().to("cpu")
+            state[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    config = base.config.to_dict()
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = _dtype_name(dtype)
+    config.pop("dtype", None)
+    return state, config, dtype
+
+
+def _loaded_dtype(base) -> torch.dtype:
+    """The dtype a quantized base was loaded in (the run's dtype, bitsandbytes' compute dtype);
+    bfloat16 when the config does not say."""
+    dtype = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
+
+
+def _dequantized(p) -> torch.Tensor:
+    """A bitsandbytes 4-bit or 8-bit weight as the floating matrix it stands for; any other tensor as it is."""
+    kind = type(p).__name__
+    if kind == "Params4bit":
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(p.data, p.quant_state)
+    if kind == "Int8Params" and getattr(p, "SCB", None) is not None:
+        return p.data.float() * p.SCB.float().unsqueeze(1) / 127.0
+    return p.data if isinstance(p, torch.nn.Parameter) else p
+
+
+def _export_adapter(model, root: Path) -> tuple[Path, int]:
+    """(directory, vLLM max_lora_rank) of a PeftModel's active adapter, written once per content."""
+    from peft import get_peft_model_state_dict
+
+    name = model.active_adapter
+    conf = model.peft_config[name]
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    h = hashlib.sha256(json.dumps(conf.to_dict(), sort_keys=True, default=str).encode())
+    for k, t in sorted(state.items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+        if name != "default":  # peft writes a named adapter into a subdirectory
+            for f in (tmp / name).iterdir():
+                f.rename(tmp / f.name)
+
+    out = build_once(root / f"lora-{h.hexdigest()[:32]}", build)
+    rank = max([conf.r, *getattr(conf, "rank_pattern", {}).values()])
+    return out, next(r for r in LORA_RANKS if r >= rank)
+
+
 def _prune(root: Path, keep: Path) -> None:
     dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
                   key=lambda d: d.stat().st_mtime, reverse=True)
@@ -156,7 +302,8 @@ class Worker:
     """vLLM serving ``model_dir`` in a subprocess of the vLLM environment (a context manager)."""
 
     def __init__(self, model_dir: Path | str, *, dtype: str = "float32", max_num_seqs: int = 32,
-                 max_model_len: int = 2048, enforce_eager: bool | None = None, extra: dict | None = None):
+                 max_model_len: int = 2048, enforce_eager: bool | None = None, extra: dict | None = None,
+                 max_lora_rank: int = 0):
         py = venv_python()
         if not py.exists():
             raise WorkerError(unavailable())
@@ -166,6 +313,8 @@ class Worker:
                     # CPU: torch.compile costs minutes per start and its cache does not reload
                     "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
                     "extra": dict(extra or {})}
+        if max_lora_rank:  # LoRA adapters of at most this rank, one per job (``generate``/``score``'s lora)
+            settings["extra"].update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         if gpu:
             settings["extra"].setdefault("gpu_memory_utilization", GPU_MEMORY_UTILIZATION)
         else:
@@ -216,14 +365,16 @@ class Worker:
                 return
             yield msg
 
-    def generate(self, requests: Sequence[dict], sampling: dict) -> Iterator[dict]:
-        """Raw results ({"key", "token_ids", "finish", "topk"?}) in order of completion."""
-        return self._job({"op": "generate", "requests": list(requests), "sampling": sampling})
+    def generate(self, requests: Sequence[dict], sampling: dict, lora: dict | None = None) -> Iterator[dict]:
+        """Raw results ({"key", "token_ids", "finish", "topk"?}) in order of completion; ``lora``:
+        the adapter applied to every request (``Served.lora()``; the worker needs max_lora_rank)."""
+        return self._job({"op": "generate", "requests": list(requests), "sampling": sampling, "lora": lora})
 
-    def score(self, sequences: dict[str, Sequence[int]]) -> dict[str, list[float]]:
-        """{key: [log p(ids[i] | ids[:i]) for i >= 1]} (vLLM's prompt log-probs)."""
+    def score(self, sequences: dict[str, Sequence[int]], lora: dict | None = None) -> dict[str, list[float]]:
+        """{key: [log p(ids[i] | ids[:i]) for i >= 1]} (vLLM's prompt log-probs), with ``lora`` as in ``generate``."""
         return {m["key"]: m["logprobs"] for m in
-                self._job({"op": "score", "requests": [{"key": k, "ids": list(v)} for k, v in sequences.items()]})}
+                self._job({"op": "score", "requests": [{"key": k, "ids": list(v)} for k, v in sequences.items()],
+                           "lora": lora})}
 
     def close(self) -> None:
         p = self.proc
@@ -249,12 +400,14 @@ def vllm_sampling(model, tokenizer, sampling: Sampling, *, min_new_tokens: int =
             "stop_token_ids": sorted(_eos_ids(model, tokenizer))}
 
 
-def generation_settings(model, tokenizer, sampling: Sampling) -> dict:
-    """What decides decoding with this engine, as a plain dict (cf. ``harness.generate.generation_settings``)."""
+def generation_settings(model, tokenizer, sampling: Sampling, weights: str = "merged") -> dict:
+    """What decides decoding with this engine, as a plain dict (cf. ``harness.generate.generation_settings``);
+    ``weights``: [generation] vllm_weights, recorded as the mode it resolves to for ``model``."""
     return {"vllm": vllm_sampling(model, tokenizer, sampling),
             "sampler": {"name": SAMPLER, "temperature": sampling.temperature, "top_p": sampling.top_p,
                         "top_k_stats": sampling.top_k_stats, "n": sampling.n},
-            "engine": {"generation_config": "vllm", "prefix_caching": False, "weights": "merged"}}
+            "engine": {"generation_config": "vllm", "prefix_caching": False,
+                       "weights": weights_mode(weights, model)}}
 
 
 def _max_model_len(model, longest_prompt: int, max_new_tokens: int) -> int:
@@ -272,30 +425,45 @@ class Session:
     one (``harness.engines.session``) so that its AlpacaEval answers, indicator samples and
     a self-judge's answers pay for one engine start, not one each."""
 
-    def __init__(self, headroom: int = 2048):
+    def __init__(self, headroom: int = 2048, weights: str = "merged", max_num_seqs: int = 0):
         self.headroom = headroom  # a started engine takes sequences up to this long (or the model's limit)
+        self.weights = weights  # [generation] vllm_weights (see ``weights_mode``)
+        self.max_num_seqs = max_num_seqs  # vLLM's concurrency; 0: each call's batch_size
         self.worker: Worker | None = None
         self.starts = 0
+        self.start_s = 0.0  # seconds spent starting workers
         self._key: tuple | None = None
-        self._exports: dict[int, tuple[object, Path, str]] = {}  # id(model) -> (model, directory, dtype)
+        self._exports: dict[int, tuple[object, Served]] = {}  # id(model) -> (model, what is served)
         self._gpu = contextlib.ExitStack()
 
-    def worker_for(self, model, batch_size: int, need: int) -> Worker:
-        """A worker serving ``model`` with ``max_num_seqs = batch_size`` and room for ``need``
-        tokens per sequence: the running one when it fits, else a new one."""
+    def served(self, model) -> Served:
+        """What this session serves for ``model``, exported on its first use (weights hashed once
+        per model and session; a CUDA model moved to the CPU until the session closes)."""
         held = self._exports.get(id(model))
-        if held is None or held[0] is not model:  # weights hashed once per model and session
+        if held is None or held[0] is not model:
             self._gpu.enter_context(off_gpu(model))
-            held = (model, *export_policy(model))
+            held = (model, export_served(model, weights_mode(self.weights, model)))
             self._exports[id(model)] = held
-        _, model_dir, dtype = held
-        if self.worker is not None and self._key[:3] == (model_dir, dtype, batch_size) and need <= self._key[3]:
+        return held[1]
+
+    def worker_for(self, model, batch_size: int, need: int) -> Worker:
+        """A worker serving ``model`` with ``max_num_seqs`` (the session's, else ``batch_size``)
+        and room for ``need`` tokens per sequence: the running one when it fits (the same base,
+        dtype, concurrency and LoRA rank: another adapter on the same base needs no restart),
+        else a new one."""
+        served = self.served(model)
+        seqs = self.max_num_seqs or batch_size
+        key = (served.model_dir, served.dtype, seqs, served.rank)
+        if self.worker is not None and self._key[:4] == key and need <= self._key[4]:
             return self.worker
         self.close_worker()
         length = max(need, _max_model_len(model, 0, self.headroom - 1))  # room for the session's next calls
-        self.worker = Worker(model_dir, dtype=dtype, max_num_seqs=batch_size, max_model_len=length)
-        self._key = (model_dir, dtype, batch_size, length)
+        self.worker = Worker(served.model_dir, dtype=served.dtype, max_num_seqs=seqs, max_model_len=length,
+                             max_lora_rank=served.rank)
+        self._key = (*key, length)
         self.starts += 1
+        self.start_s += self.worker.start_s
+        cost.add(engine_starts=1)
         return self.worker
 
     def generate(self, model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, **kwargs) -> dict[str, dict]:
@@ -337,15 +505,18 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
         need = _max_model_len(model, max(len(ids[p]) for p in order), sampling.max_new_tokens)
         with contextlib.ExitStack() as stack:
             stack.callback(bar.close)
+            lora = None
             if worker is None:
                 session = session or stack.enter_context(contextlib.closing(Session(headroom=0)))
                 worker = session.worker_for(model, batch_size, need)
+                lora = session.served(model).lora()
             pending: dict[str, dict[int, dict]] = {}
             n_tokens, t0 = 0, time.perf_counter()  # after the engine started
-            for raw in worker.generate(requests, vs):
+            for raw in worker.generate(requests, vs, lora):
                 pid, j = raw["key"].rsplit("\x1f", 1)
                 sample = _sample(tokenizer, raw, eos_ids)
                 n_tokens += sample["n_tokens"]
+                cost.add(gen_tokens=sample["n_tokens"])  # the HF engine's tokens are counted in transformers' generate
                 got = pending.setdefault(pid, {})
                 got[int(j)] = sample
                 bar.update(1)

@@ -10,11 +10,13 @@ lines ending with ``{"done": true, ...}``:
 
 - ``{"op": "generate", "requests": [{"key": str, "ids": [int], "seed": int}], "sampling":
   {"temperature", "top_p", "max_tokens", "min_tokens", "logprobs" (k, 0 = none),
-  "stop_token_ids"}}``: one line per request as soon as it finishes,
+  "stop_token_ids"}, "lora": null | {"name", "id", "path"}}``: one line per request as soon as
+  it finishes (``lora``: a peft adapter directory applied to every request of the job; the
+  engine settings' ``extra`` then enable LoRA),
   ``{"key", "token_ids", "finish" ("stop" | "length"), "topk": [[entropy, mass] per token]}``
   (``topk`` only with logprobs > 0: the entropy of the renormalised top-k distribution and
   the top-k mass, from vLLM's raw log-probs, i.e. before temperature and top-p).
-- ``{"op": "score", "requests": [{"key": str, "ids": [int]}]}``: one line per request,
+- ``{"op": "score", "requests": [{"key": str, "ids": [int]}], "lora": ...}``: one line per request,
   ``{"key", "logprobs": [log p(ids[i] | ids[:i]) for i >= 1]}`` (vLLM's prompt log-probs).
 
 End of stdin or ``{"op": "exit"}`` stops the engine.
@@ -66,10 +68,14 @@ def main() -> None:
     engine = llm.llm_engine
     proto.write(json.dumps({"ready": True, "start_s": time.perf_counter() - t0}) + "\n")
 
-    def run(jobs, emit) -> None:
+    def run(jobs, emit, lora=None) -> None:
         """Add every (key, prompt, params) and emit each request as soon as it finishes."""
+        if lora:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(lora["name"], int(lora["id"]), lora["path"])
         for key, prompt, params in jobs:
-            engine.add_request(key, prompt, params)
+            engine.add_request(key, prompt, params, lora_request=lora)
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
@@ -102,7 +108,7 @@ def main() -> None:
                 proto.write(json.dumps(rec) + "\n")
 
             run([(q["key"], TokensPrompt(prompt_token_ids=q["ids"]), params(q["seed"])) for q in job["requests"]],
-                emit)
+                emit, job.get("lora"))
         elif job["op"] == "score":
             sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
 
@@ -112,7 +118,14 @@ def main() -> None:
                        for tok, step in zip(ids, out.prompt_logprobs)][1:]
                 proto.write(json.dumps({"key": out.request_id, "logprobs": lps}) + "\n")
 
-            run([(q["key"], TokensPrompt(prompt_token_ids=q["ids"]), sp) for q in job["requests"]], emit)
+            jobs = [(q["key"], TokensPrompt(prompt_token_ids=q["ids"]), sp) for q in job["requests"]]
+            if settings.get("extra", {}).get("enable_lora"):
+                # one request at a time: vLLM's LoRA logits path indexes adapters per request, not per
+                # prompt token, so two requests with prompt log-probs in one step fail (einsum shapes)
+                for one in jobs:
+                    run([one], emit, job.get("lora"))
+            else:
+                run(jobs, emit)
         else:
             raise ValueError(f"unknown op {job['op']!r}")
         proto.write(json.dumps({"done": True, "seconds": time.perf_counter() - t}) + "\n")
