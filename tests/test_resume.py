@@ -316,6 +316,7 @@ beta = 0.1
 num_samples = 2
 temperature = 1.0
 student_margin = 1.0
+cut_chosen = "keep"  # the random model's 8-token answers are all cut; this test is about judging
 
 [judge]
 name = "openai"
