@@ -283,10 +283,15 @@ def test_a_gpu_config_runs_on_cpu_unchanged_but_for_its_sizes(config, world):
     took = time.time() - t0
     print(f"{name}: {took:.0f} s")
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    run_dir = next(out.glob("*"))
-    config_json = json.loads((run_dir / "config.json").read_text())
-    assert config_json["model"]["dtype"] == "bfloat16"
+    doc = tomllib.loads(config.read_text())
+    run_dir = out / doc["experiment"]["name"]
+    assert json.loads((run_dir / "config.json").read_text())["model"]["dtype"] == doc["model"]["dtype"]
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS[name] + 1))
-    for r in rows:
-        assert r["metrics"]["alpaca_eval/n_total"] > 0
+    for r in rows:  # AlpacaEval 2.0 (the hub file) judged through alpaca_eval's own annotator, every instruction
+        assert r["protocol"]["alpaca_eval"]["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
+        assert r["metrics"]["alpaca_eval/n_total"] == r["metrics"]["alpaca_eval/n_instructions"] == 4
+        if doc["eval"].get("lm_eval_tasks"):
+            assert {"arc_easy_local", "gsm8k_local"} <= {k.split("/")[1] for k in r["metrics"] if k.startswith("lm_eval/")}
+    if doc["judge"]["name"] == "openai":  # DNO's judge scored its samples through the endpoint
+        assert fake.calls["score"] > 0
