@@ -77,13 +77,18 @@ def ultrachat_rows(tag: str) -> list[dict]:
             for i in range(N_ROWS)]
 
 
+WORDS = ["What colour is the sky on a clear day?", "What is the opposite of hot?", "Which animal barks?",
+         "What is two plus two?", "What do bees make?"]
+
+
 def ultrafeedback_rows(tag: str) -> list[dict]:
     """UltraFeedback-shaped (binarized) rows: a prompt, its id, chosen / rejected conversations,
-    scores. Their prompts fit: Self-Rewarding and DNO stop past 10% cut pairs (the default
-    training.max_truncated_share), which a few prompts cannot stay under."""
+    scores. Their prompts fit (Self-Rewarding and DNO stop past 10% cut pairs, the default
+    training.max_truncated_share) and ask for one word, so that some sampled answers end within
+    the rehearsal's few tokens: a pair whose chosen answer is cut is dropped (cut_chosen = "drop")."""
     out = []
     for i in range(N_ROWS):
-        p = f"Question {i} ({tag}): how many legs has a spider, and why does it matter?"
+        p = f"Reply with one word only. {WORDS[i % len(WORDS)]}"
         pid = hashlib.sha256(f"uf{tag}{i}".encode()).hexdigest()
         out.append({"prompt": p, "prompt_id": pid,
                     "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": "A good answer."}],
@@ -210,14 +215,16 @@ class FakeJudge:
 # ---- the rehearsal ------------------------------------------------------------------------
 
 # Per config: the sizes and judges' endpoints changed; everything else as written.
-COMMON = ["model.base=smollm2-135m-instruct", "model.device=cpu", "generation.max_new_tokens=8",
+COMMON = ["model.base=smollm2-135m-instruct", "model.device=cpu",
           f"training.max_length={PROMPT_CAP + 32}", f"training.max_prompt_length={PROMPT_CAP}",
           "eval.alpaca_eval.limit=4", "eval.alpaca_eval.max_new_tokens=8"]
 SIZES = {
-    "spin_qwen0.5b": [f"data.num_prompts={N_ROWS}", "eval.limit=2", "eval.indicators.num_prompts=4"],
-    "self_rewarding_qwen0.5b": ["data.num_prompts=8", "method.self_rewarding.prompts_per_iteration=4",
-                                "judge.self.max_new_tokens=16"],
-    "dno_qwen1.5b_qlora": ["method.dno.prompts_per_iteration=4", "eval.validation.num_prompts=4"],
+    "spin_qwen0.5b": ["generation.max_new_tokens=8", f"data.num_prompts={N_ROWS}", "eval.limit=2",
+                      "eval.indicators.num_prompts=4"],
+    "self_rewarding_qwen0.5b": ["generation.max_new_tokens=12", "data.num_prompts=8",
+                                "method.self_rewarding.prompts_per_iteration=4", "judge.self.max_new_tokens=16"],
+    "dno_qwen1.5b_qlora": ["generation.max_new_tokens=12", "method.dno.prompts_per_iteration=4",
+                           "eval.validation.num_prompts=4"],
 }
 # two where the second iteration takes another path (SPIN's continued float32 adapter on a bfloat16
 # base, DNO's continued 4-bit adapter and its replay); Self-Rewarding's second is its first again
