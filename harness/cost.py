@@ -13,6 +13,9 @@ where the work happens, so no call site can forget them:
   meter runs. The vLLM engine adds its samples' ``n_tokens`` (counted the same way: up to and
   including the first eos) as they arrive (``harness.engines.vllm_engine.generate``).
 - ``engine_starts``: vLLM engines started (``harness.engines.vllm_engine.Session``).
+- ``engine_mem_mb``: GPU memory in use (NVML, every process's) after each vLLM job, the largest
+  reading; only where a GPU and NVML are present (vLLM's engine is another process, out of reach of
+  ``peak_mem_mb``).
 - ``train_tokens``: prompt + completion tokens of every training batch (both sequences
   of a DPO pair), added by ``harness.train``; the reference pass is not training.
 - ``judge_calls``: judge answers obtained (items x samples; cache hits excluded),
@@ -45,6 +48,7 @@ from harness.fmt import count, duration, plural
 
 COUNTS = ("gen_tokens", "train_tokens", "judge_calls", "judge_prompt_tokens", "judge_completion_tokens",
           "engine_starts")
+MAXIMA = ("engine_mem_mb",)  # the largest reading of a stage and of a row, where one was taken
 
 _lock = threading.Lock()   # the HTTP judge adds from its worker threads
 _active: Meter | None = None
@@ -54,6 +58,7 @@ _depth = threading.local()  # re-entrant generate calls are counted once
 class Meter:
     def __init__(self):
         self.counts = dict.fromkeys(COUNTS, 0)
+        self.maxima: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
 
@@ -65,6 +70,16 @@ def add(**counts: int) -> None:
     with _lock:
         for k, v in counts.items():
             meter.counts[k] += int(v)
+
+
+def note_max(**values: float) -> None:
+    """Keep the largest of each reading (``MAXIMA``) in the active meter (nothing when none is active)."""
+    meter = _active
+    if meter is None:
+        return
+    with _lock:
+        for k, v in values.items():
+            meter.maxima[k] = max(meter.maxima.get(k, 0.0), round(float(v), 1))
 
 
 def _torch():
@@ -118,7 +133,7 @@ def stop(meter: Meter | None = None) -> dict:
     torch = _torch()
     cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if _cuda(torch) else 0.0
     out: dict = {"wall_s": round(time.perf_counter() - meter.t0, 3), **meter.counts,
-                 "peak_rss_mb": round(_rss_peak_mb(), 1)}
+                 "peak_rss_mb": round(_rss_peak_mb(), 1), **meter.maxima}
     if cuda_mb > 0:
         out.update(peak_mem_mb=round(cuda_mb, 1), peak_mem_kind="cuda_max_allocated",
                    device=f"cuda ({torch.cuda.get_device_name()})")
@@ -219,6 +234,9 @@ def row_metrics(costs: list[dict]) -> tuple[dict, str | None]:
     out["cost/peak_mem_mb"] = max(c.get("peak_mem_mb", 0.0) for c in on_gpu or costs)
     out["cost/peak_rss_mb"] = max(c.get("peak_rss_mb", c.get("peak_mem_mb", 0.0)) for c in costs)
     out["cost/gpu_s"] = round(sum(c.get("wall_s", 0.0) for c in on_gpu), 2)
+    for k in MAXIMA:
+        if any(k in c for c in costs):
+            out[f"cost/{k}"] = max(c.get(k, 0.0) for c in costs)
     devices = sorted({c["device"] for c in costs if c.get("device")})
     return out, ", ".join(devices) or None
 

@@ -26,6 +26,7 @@ class FakeWorker:
         self.settings = {"model_dir": model_dir, **settings}
         FakeWorker.started.append(self.settings)
         self.start_s, self.jobs = 0.5, []
+        self.last_done = {"done": True, "gpu_used_mb": 1000.0 + len(FakeWorker.started)}
 
     def generate(self, requests, sampling, lora=None):
         self.jobs.append((len(requests), lora))
@@ -83,6 +84,9 @@ def test_vllm_concurrency_is_its_own_and_adapters_share_one_engine(fake):
     assert [n for n, _ in worker.jobs] == [5, 3, 2]  # every call's whole work in one job
     assert [lora["path"] for _, lora in worker.jobs] == ["/lora-0000000", "/lora-0000000", "/lora-0000001"]
     assert reading["engine_starts"] == 1 and reading["gen_tokens"] == 3 * (5 + 3 + 2)
+    assert reading["engine_mem_mb"] == 1001.0  # the worker's NVML reading
+    row, _ = cost.row_metrics([reading, {**reading, "engine_mem_mb": 2000.0}, {"wall_s": 1.0}])
+    assert row["cost/engine_mem_mb"] == 2000.0 and row["cost/engine_starts"] == 2
 
 
 def test_without_a_session_concurrency_the_batch_size_decides(fake):

@@ -362,6 +362,7 @@ class Worker:
         while True:
             msg = self._read()
             if msg.get("done"):
+                self.last_done = msg
                 return
             yield msg
 
@@ -527,6 +528,9 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
                     if log is not None:
                         log.append([rec])
                     results[pid] = rec
+            used = getattr(worker, "last_done", {}).get("gpu_used_mb")
+            if used is not None:  # the engine's memory is not this process's: NVML's reading, on CUDA
+                cost.note_max(engine_mem_mb=used)
         missing = [pid for pid in texts if pid not in results]
         if missing:
             raise WorkerError(f"vLLM returned no answer for {len(missing)} prompts (first: {missing[0]!r})")

@@ -6,7 +6,8 @@ imported by the harness (it needs nothing but vLLM and the standard library).
 Protocol: stdout carries JSON lines and nothing else (vLLM's own output and its worker
 processes' output go to stderr). The first line is ``{"ready": true, "start_s": ...}`` once
 the engine is up. Then each line read from stdin is a job and its answer is a stream of
-lines ending with ``{"done": true, ...}``:
+lines ending with ``{"done": true, "seconds", "gpu_used_mb"?}`` (``gpu_used_mb``: NVML's
+device memory in use after the job, where a GPU and NVML are present):
 
 - ``{"op": "generate", "requests": [{"key": str, "ids": [int], "seed": int}], "sampling":
   {"temperature", "top_p", "max_tokens", "min_tokens", "logprobs" (k, 0 = none),
@@ -48,6 +49,21 @@ def topk_stats(entries, k: int) -> list[float]:
     log_mass = math.log(mass)
     ent = -sum(math.exp(x - log_mass) * (x - log_mass) for x in lps)
     return [ent, mass]
+
+
+def gpu_used_mb() -> float | None:
+    """GPU memory in use on device 0 (every process's, NVML's reading: vLLM's engine runs in its own
+    process, out of the harness's torch allocator), or None without a GPU or NVML."""
+    try:
+        from vllm.third_party import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001  (no GPU, no NVML: nothing to report)
+        return None
 
 
 def main() -> None:
@@ -128,7 +144,11 @@ def main() -> None:
                 run(jobs, emit)
         else:
             raise ValueError(f"unknown op {job['op']!r}")
-        proto.write(json.dumps({"done": True, "seconds": time.perf_counter() - t}) + "\n")
+        done = {"done": True, "seconds": time.perf_counter() - t}
+        used = gpu_used_mb()
+        if used is not None:
+            done["gpu_used_mb"] = used
+        proto.write(json.dumps(done) + "\n")
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes that import this module
