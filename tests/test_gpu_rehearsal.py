@@ -88,7 +88,7 @@ def ultrafeedback_rows(tag: str) -> list[dict]:
     the rehearsal's few tokens: a pair whose chosen answer is cut is dropped (cut_chosen = "drop")."""
     out = []
     for i in range(N_ROWS):
-        p = f"Reply with one word only. {WORDS[i % len(WORDS)]}"
+        p = f"Reply with one word only. {WORDS[i % len(WORDS)]} (case {i})"  # unique, as the hub's prompts are
         pid = hashlib.sha256(f"uf{tag}{i}".encode()).hexdigest()
         out.append({"prompt": p, "prompt_id": pid,
                     "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": "A good answer."}],
