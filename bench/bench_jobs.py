@@ -18,14 +18,16 @@ import time
 from pathlib import Path
 
 
-def timed_run(exp: Path, seeds: str, jobs: int, out: Path) -> float:
+def timed_run(exp: Path, seeds: str, flags: list[str], out: Path) -> float:
+    """Wall seconds of ``harness run -q EXP --seeds SEEDS FLAGS...`` into the empty ``out``; exits
+    naming the seeds that did not finish."""
     text = re.sub(r"(?m)^\[experiment\]\n", f'[experiment]\noutput_dir = "{out}"\n', exp.read_text(), count=1)
     cfg = out / exp.name
     out.mkdir(parents=True)
     cfg.write_text(text)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "-q", str(cfg), "--seeds", seeds,
-                           "--jobs", str(jobs)], capture_output=True, text=True)
+                           *flags], capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     missing = [k for k in seeds.split(",") if not list(out.glob(f"*/seed-{k}/final.json"))]
     if missing:
@@ -40,8 +42,8 @@ def main() -> None:
     a = p.parse_args()
     exp = Path(a.experiment)
     with tempfile.TemporaryDirectory() as tmp:
-        seq = timed_run(exp, a.seeds, 1, Path(tmp) / "sequential")
-        par = timed_run(exp, a.seeds, 2, Path(tmp) / "jobs2")
+        seq = timed_run(exp, a.seeds, ["--jobs", "1"], Path(tmp) / "sequential")
+        par = timed_run(exp, a.seeds, ["--jobs", "2"], Path(tmp) / "jobs2")
     n = len(a.seeds.split(","))
     print(f"{exp.name}, seeds {a.seeds}: one after the other {seq:.1f} s, --jobs 2 {par:.1f} s, "
           f"speed-up {seq / par:.2f}x (ideal {min(n, 2)}x on 2 free cores)")

@@ -13,27 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def timed_run(exp: Path, seeds: str, launcher: str, out: Path) -> float:
-    text = re.sub(r"(?m)^\[experiment\]\n", f'[experiment]\noutput_dir = "{out}"\n', exp.read_text(), count=1)
-    cfg = out / exp.name
-    out.mkdir(parents=True)
-    cfg.write_text(text)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "-q", str(cfg), "--seeds", seeds,
-                           "--launcher", launcher], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    missing = [k for k in seeds.split(",") if not list(out.glob(f"*/seed-{k}/final.json"))]
-    if missing:
-        raise SystemExit(f"seeds {missing} did not finish (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return seconds
+from bench_jobs import timed_run  # the same timed `harness run`, with other launch flags
 
 
 def main() -> None:
@@ -44,8 +27,8 @@ def main() -> None:
     exp = Path(a.experiment)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        seq = timed_run(exp, a.seeds, "local", Path(tmp) / "sequential")
-        par = timed_run(exp, a.seeds, "ray", Path(tmp) / "ray")
+        seq = timed_run(exp, a.seeds, ["--launcher", "local"], Path(tmp) / "sequential")
+        par = timed_run(exp, a.seeds, ["--launcher", "ray"], Path(tmp) / "ray")
     n = len(a.seeds.split(","))
     print(f"{exp.name}, seeds {a.seeds}: one after the other {seq:.1f} s, --launcher ray {par:.1f} s, "
           f"speed-up {seq / par:.2f}x (ideal {min(n, os.cpu_count() or 1)}x on {os.cpu_count()} free cores; "
