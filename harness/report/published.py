@@ -69,8 +69,8 @@ def _check_file(path: Path, field: str, what: str) -> None:
         raise PublishedError(f"{path}: record {lacking} has no {field!r} field; is it an AlpacaEval {what} file?")
 
 
-def import_published(dest: Path | str, name: str, outputs: Path | str, annotations: Path | str) -> Path:
-    """The results.jsonl written for the system ``name`` in ``dest/name``."""
+def _target(dest: Path | str, name: str) -> Path:
+    """``dest/name``, checked to be a new directory or one an earlier import wrote."""
     _check_name(name)
     target = Path(dest) / name
     if target.exists() and not target.is_dir():
@@ -78,6 +78,12 @@ def import_published(dest: Path | str, name: str, outputs: Path | str, annotatio
     if target.is_dir() and any(target.iterdir()) and not _imported_before(target):
         raise PublishedError(f"{target}: holds something other than an imported published system (a run?); "
                              "choose another --name or --dest")
+    return target
+
+
+def import_published(dest: Path | str, name: str, outputs: Path | str, annotations: Path | str) -> Path:
+    """The results.jsonl written for the system ``name`` in ``dest/name``."""
+    target = _target(dest, name)
     _check_file(Path(outputs), "output", "model outputs")
     _check_file(Path(annotations), "preference", "annotations")
     from harness.evaluate.published import write_published_run
@@ -91,13 +97,7 @@ def import_published(dest: Path | str, name: str, outputs: Path | str, annotatio
 def import_mt_bench(dest: Path | str, name: str, judgments: Path | str, model: str | None = None) -> Path:
     """The results.jsonl written for ``model``'s judgments (default: ``name``) of a FastChat
     single-grading file (``model_judgment/gpt-4_single.jsonl``) in ``dest/name``."""
-    _check_name(name)
-    target = Path(dest) / name
-    if target.exists() and not target.is_dir():
-        raise PublishedError(f"{target}: exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not _imported_before(target):
-        raise PublishedError(f"{target}: holds something other than an imported published system (a run?); "
-                             "choose another --name or --dest")
+    target = _target(dest, name)
     path = Path(judgments)
     if not path.is_file():
         raise PublishedError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'} "
