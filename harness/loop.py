@@ -20,6 +20,7 @@ from pathlib import Path
 from harness import console, cost, store, tracking
 from harness.config import Config
 from harness.data import load_examples
+from harness.engines import Engines
 from harness.judges import judge_scale
 from harness.methods import METHODS
 from harness.methods.base import IterationContext
@@ -49,6 +50,7 @@ class Runner:
         self._view: ConfigView | None = None  # the config view of the stage being computed
         self._ran: set[int] = set()  # iterations one of whose stages was computed by this process
         self.tracker: tracking.Tracker | None = None  # open while ``run`` runs
+        self.engines = Engines()  # the run's generation engines: vLLM's started once, stopped when ``run`` ends
         # resolved once: every stage loads the same build / conversion
         source = locate(cfg.model.base, cfg.model.gguf_file)
         self.base_path = materialize(source)
@@ -114,8 +116,9 @@ class Runner:
 
     # ----- the loop ------------------------------------------------------
     def run(self) -> list[dict]:
-        """The whole loop, with the experiment's trackers ([tracking]) open while it runs."""
-        with tracking.session(self._plain, self.run_dir) as self.tracker:
+        """The whole loop, with the experiment's trackers ([tracking]) open while it runs and its
+        engines stopped when it ends, however it ends."""
+        with tracking.session(self._plain, self.run_dir) as self.tracker, self.engines:
             return self._run()
 
     def _run(self) -> list[dict]:

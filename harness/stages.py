@@ -16,7 +16,7 @@ from pathlib import Path
 from harness import store
 from harness.config import Config
 from harness.data import Example
-from harness.engines import session
+from harness.engines import logged
 from harness.engines import settings as engine_settings
 from harness.generate import SAMPLER, Prompt, cut_metrics, is_cut
 from harness.judges.base import JudgeItem
@@ -91,7 +91,7 @@ def self_instruct_stage(r, t: int, policy: Policy) -> tuple[RecordedStage | None
             tok = load_tokenizer(plan.model, plan.revision)
         else:
             model, tok = r.model(policy)
-        with session(cfg.generation.engine, cfg.generation) as eng:
+        with r.engines.stage(cfg.generation.engine, cfg.generation) as eng:
             out = eng.generate(model, tok, plan.requests, plan.sampling,
                                seed_key=(cfg.experiment.seed, t, "self_instruct"), batch_size=cfg.generation.batch_size,
                                log=store.JsonlLog(work / "outputs.jsonl"), desc=f"iter {t} self_instruct")
@@ -119,7 +119,7 @@ def generate_stage(r, t: int, policy: Policy, extra: list[Example]) -> tuple[Rec
         prompts_as_trained, fitted = as_trained(tok, prompts, cfg.training)
         glog = store.JsonlLog(work / "samples.jsonl")
         resumed = len(glog.records)  # records kept from an interrupted attempt
-        with session(cfg.generation.engine, cfg.generation) as eng:
+        with r.engines.stage(cfg.generation.engine, cfg.generation) as eng:
             records = eng.generate(model, tok, [Prompt(e.id, e.messages) for e in prompts_as_trained], sampling,
                                    seed_key=(cfg.experiment.seed, t, "generate"), batch_size=cfg.generation.batch_size,
                                    log=glog, desc=f"iter {t} generate")
@@ -182,7 +182,9 @@ def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Exa
         if cfg.judge.loads_model:
             r.unload()  # the judge's model takes the policy's memory (the next stage to need it reloads it)
         engine = _engine(cfg, JUDGES.get(cfg.judge.name).generates)
-        with session(engine, cfg.generation) as eng:
+        with r.engines.stage(engine, cfg.generation) as eng:
+            if engine == "vllm":  # the whole stage in one call: each answer kept as it finishes, for a resume
+                eng = logged(eng, store.JsonlLog(work / "judge_answers.jsonl"))
             judge = build_judge(cfg.judge, policy=judge_policy, identity_extra=policy.id, dtype=cfg.model.dtype,
                                 seed_key=(cfg.experiment.seed, t, "judge"), engine=eng)
             if tuple(judge.scale) != tuple(scale):
@@ -190,7 +192,7 @@ def judge_stage(r, t: int, policy: Policy, gen: RecordedStage, prompts: list[Exa
                                    f"{scale} (harness.judges.judge_scale disagrees with the judge)")
             # transport failures are not written: the stage fails naming them, a rerun retries only them
             judged = judge_groups(judge, groups, store.JsonlLog(work / "judgments.jsonl"),
-                                  batch_size=judge_chunk(cfg, engine), what=f"judging of iteration {t}",
+                                  batch_size=judge_chunk(cfg, engine, groups), what=f"judging of iteration {t}",
                                   desc=f"iter {t} judge", side_by_side=side_by_side(cfg))
         recs, n_items = judged.records, judged.n_items
         n_failed = judged.n_parse_failed  # items without a valid score: kept, counted, shown
@@ -269,7 +271,7 @@ def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
     def compute(cfg, work):
         model, tok = r.model(policy)
         ev = cfg.eval
-        with session(_engine(cfg, bool(ev.alpaca_eval.instructions) or ev.indicators.num_prompts > 0
+        with r.engines.stage(_engine(cfg, bool(ev.alpaca_eval.instructions) or ev.indicators.num_prompts > 0
                              or ev.mt_bench.enabled),
                      cfg.generation) as eng:
             metrics = evaluate_iteration(
@@ -302,7 +304,7 @@ def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
     def compute(cfg, work):
         model, tok = r.model(policy)
         v = cfg.eval.validation
-        with session(_engine(cfg, bool(v.alpaca_eval.instructions or v.prompts)), cfg.generation) as eng:
+        with r.engines.stage(_engine(cfg, bool(v.alpaca_eval.instructions or v.prompts)), cfg.generation) as eng:
             metrics = run_validation(
                 model, tok, cfg, work, t,
                 lambda section: build_judge(section, seed_key=(cfg.experiment.seed, t, "validation"), engine=eng,
@@ -324,16 +326,14 @@ def _engine(cfg: Config, generates: bool) -> str:
     return cfg.generation.engine if generates else "hf"
 
 
-VLLM_CHUNKS = 4  # a vllm judge stage's chunk: this many times vLLM's concurrency
-
-
-def judge_chunk(cfg: Config, engine: str) -> int:
+def judge_chunk(cfg: Config, engine: str, groups: list[Group]) -> int:
     """Items per chunk of a judge stage (``judge_groups``; each chunk's groups are logged when it
-    ends, so a kill loses at most one): judge.batch_size, or under the vllm engine
-    ``VLLM_CHUNKS`` x generation.vllm_max_num_seqs, so vLLM keeps its own concurrency in flight
-    instead of waiting on each HF-sized batch."""
+    ends): judge.batch_size (a kill loses at most a chunk), or under the vllm engine every item
+    of ``groups``, so vLLM has the stage's whole work in flight at its own concurrency
+    (generation.vllm_max_num_seqs); the stage's engine then logs each answer as it finishes
+    (``harness.engines.logged``), so a kill loses none."""
     if engine == "vllm":
-        return max(cfg.judge.batch_size, VLLM_CHUNKS * cfg.generation.vllm_max_num_seqs)
+        return max(1, sum(len(g.candidates) for g in groups))
     return cfg.judge.batch_size
 
 

@@ -1,5 +1,5 @@
 """Every stage that generates with a model on this machine goes through the stage's engine
-(``harness.engines.session``, chosen by ``[generation] engine``): the generate stage, the
+(the run's ``harness.engines.Engines.stage``, chosen by ``[generation] engine``): the generate stage, the
 AlpacaEval answers, the indicator samples, validation answers and a self-judge's answers.
 The vLLM engine itself is tested in tests/test_vllm.py; here a recording engine stands in for
 it (it writes with the HF engine), so the routing is checked on any machine."""
@@ -12,7 +12,7 @@ import copy
 import pytest
 
 from harness.config import parse
-from harness.engines import Engine
+from harness.engines import Engine, Engines
 from harness.generate import generate as hf_generate
 from harness.loop import run_experiment
 
@@ -40,13 +40,11 @@ def sr_doc(out) -> dict:
 
 
 def test_every_generating_stage_uses_the_stage_engine(tmp_path, monkeypatch):
-    import harness.stages
-
     opened: list[str] = []        # engine names, one per stage session
     calls: list[tuple[int, str]] = []  # (session number, desc) of every generate call
 
     @contextlib.contextmanager
-    def recording_session(name: str = "hf", generation=None):
+    def recording_session(self, name: str = "hf", generation=None):
         opened.append(name)
         k = len(opened)
 
@@ -56,7 +54,7 @@ def test_every_generating_stage_uses_the_stage_engine(tmp_path, monkeypatch):
 
         yield Engine(name, gen)
 
-    monkeypatch.setattr(harness.stages, "session", recording_session)
+    monkeypatch.setattr(Engines, "stage", recording_session)
     recorded_dir, recorded = run_experiment(parse(copy.deepcopy(sr_doc(tmp_path / "rec")), "test.toml"))
     monkeypatch.undo()
     _, plain = run_experiment(parse(copy.deepcopy(sr_doc(tmp_path / "plain")), "test.toml"))

@@ -1,7 +1,7 @@
 """The vLLM engine's session without vLLM: a fake worker stands in for the subprocess, so
 what the harness decides (vLLM's concurrency, which engine serves which call, the weights
-mode, the cost counts, the judge stage's chunks) is checked on any machine. The engine
-itself is tested in tests/test_vllm.py."""
+mode, the cost counts, the judge stage's chunks, one engine per run: when it starts, sleeps,
+wakes and stops) is checked on any machine. The engine itself is tested in tests/test_vllm.py."""
 
 from __future__ import annotations
 
@@ -14,27 +14,49 @@ import harness.engines.vllm_engine as ve
 from harness import cost
 from harness.config import parse
 from harness.generate import Sampling
-from harness.stages import VLLM_CHUNKS, judge_chunk
+from harness.engines import Engines
+from harness.stages import judge_chunk
 from test_vllm import prompts
 
 
 class FakeWorker:
-    """Answers every request with three tokens; records how it was started and each job's LoRA."""
+    """Answers every request with three tokens; records how it was started, each job's LoRA,
+    and its sleeps, wake-ups and stop. ``can_sleep``: as on CUDA."""
     started: list[dict] = []
+    can_sleep = False
 
     def __init__(self, model_dir, **settings):
         self.settings = {"model_dir": model_dir, **settings}
         FakeWorker.started.append(self.settings)
-        self.start_s, self.jobs = 0.5, []
+        FakeWorker.last = self
+        self.start_s, self.jobs, self.events = 0.5, [], []
+        self.sleeping = self.busy = self.closed = False
         self.last_done = {"done": True, "gpu_used_mb": 1000.0 + len(FakeWorker.started)}
 
     def generate(self, requests, sampling, lora=None):
+        assert not self.sleeping and not self.closed
         self.jobs.append((len(requests), lora))
+        self.busy = True
         for q in requests:
             yield {"key": q["key"], "token_ids": [5, 6, 7], "finish": "length"}
+        self.busy = False
+
+    def usable(self):
+        return not self.closed and not self.busy
+
+    def sleep(self):
+        if self.can_sleep and not self.sleeping:
+            self.events.append("sleep")
+            self.sleeping = True
+
+    def wake_up(self):
+        if self.sleeping:
+            self.events.append("wake_up")
+            self.sleeping = False
 
     def close(self):
-        pass
+        self.closed = True
+        self.events.append("close")
 
 
 @pytest.fixture
@@ -43,9 +65,10 @@ def fake(monkeypatch, tiny64):
     monkeypatch.setattr(ve, "Worker", FakeWorker)
     served = {}  # id(model) -> Served: one base, an adapter per "policy"
 
-    def export(model, mode):
-        return served.setdefault(id(model), ve.Served(Path("/base"), "bfloat16",
-                                                      Path(f"/lora-{len(served):07x}") if mode == "adapter" else None,
+    def export(model, mode):  # adapter: one base, an adapter per model; merged: a copy per model
+        n = len(served)
+        return served.setdefault(id(model), ve.Served(Path("/base") if mode == "adapter" else Path(f"/merged-{n}"),
+                                                      "bfloat16", Path(f"/lora-{n:07x}") if mode == "adapter" else None,
                                                       8 if mode == "adapter" else 0))
 
     monkeypatch.setattr(ve, "export_served", export)
@@ -109,10 +132,105 @@ def test_weights_mode(tiny64):
         ve.weights_mode("lora", model)
 
 
-def test_a_vllm_judge_stage_sends_large_chunks():
+def test_a_vllm_judge_stage_sends_its_whole_work_at_once():
     doc = {"experiment": {"name": "x"}, "model": {"base": "tiny"}, "method": {"name": "spin"},
            "data": {"train": "tiny:prompts_train"}, "judge": {"name": "none", "batch_size": 16},
            "generation": {"vllm_max_num_seqs": 100}}
     cfg = parse(doc, "x.toml")
-    assert judge_chunk(cfg, "hf") == 16
-    assert judge_chunk(cfg, "vllm") == VLLM_CHUNKS * 100
+    groups = [type("G", (), {"candidates": [None] * 3})() for _ in range(500)]
+    assert judge_chunk(cfg, "hf", groups) == 16
+    assert judge_chunk(cfg, "vllm", groups) == 1500  # the whole stage in one call, whatever the concurrency
+
+
+def _gen(name: str = "vllm", weights: str = "adapter"):
+    from harness.config import GenerationSection
+
+    return name, GenerationSection(engine=name, vllm_weights=weights, vllm_max_num_seqs=256)
+
+
+def test_one_engine_serves_every_stage_of_a_run_and_sleeps_between_them(fake, monkeypatch):
+    """The run's engine (``Engines``) starts at the first vLLM stage and serves every later one,
+    each policy's adapter switched per request; between stages it sleeps (as on CUDA) and wakes
+    for the next; an HF stage does not touch it; closing the run stops it."""
+    model, tok = fake
+    policies = [model, copy.deepcopy(model), copy.deepcopy(model)]  # iterates 0, 1, 2
+    monkeypatch.setattr(FakeWorker, "can_sleep", True)
+    greedy = Sampling(temperature=0.0, max_new_tokens=3)
+    meter = cost.start()
+    with Engines() as engines:
+        for t, policy in enumerate(policies):
+            for stage in ("evaluate", "generate", "judge") if t < 2 else ("evaluate",):
+                with engines.stage(*_gen()) as eng:
+                    eng.generate(policy, tok, prompts(3), greedy, seed_key=(0, t, stage), batch_size=4)
+            with engines.stage("hf") as eng:  # lm-eval, a reward model: not the engine's
+                assert eng.name == "hf"
+        worker = engines.vllm.worker
+        assert not worker.closed
+    reading = cost.stop(meter)
+    assert len(FakeWorker.started) == 1 and reading["engine_starts"] == 1
+    assert worker.events == ["sleep", "wake_up"] * 6 + ["sleep", "close"]
+    assert [lora["path"] for _, lora in worker.jobs] == ["/lora-0000000"] * 3 + ["/lora-0000001"] * 3 + ["/lora-0000002"]
+
+
+def test_merged_weights_restart_the_engine_only_when_the_policy_changes(fake):
+    """Merged mode: the stages of one policy share its engine; the next iterate's weights restart
+    it (once), stopping the previous one; another vLLM setting read by a stage starts afresh."""
+    model, tok = fake
+    p0, p1 = model, copy.deepcopy(model)
+    greedy = Sampling(temperature=0.0, max_new_tokens=3)
+    with Engines() as engines:
+        for policy in (p0, p0, p1, p1):
+            with engines.stage(*_gen(weights="merged")) as eng:
+                eng.generate(policy, tok, prompts(2), greedy, seed_key=(0,), batch_size=4)
+        first, second = FakeWorker.started
+        assert [w["model_dir"] for w in (first, second)] == [Path("/merged-0"), Path("/merged-1")]
+        assert engines.vllm.starts == 2
+        with engines.stage(*_gen(weights="adapter")) as eng:
+            eng.generate(p1, tok, prompts(2), greedy, seed_key=(0,), batch_size=4)
+        assert len(FakeWorker.started) == 3
+    assert engines.vllm is None
+
+
+def test_a_stage_that_fails_mid_job_leaves_no_half_read_engine(fake, tmp_path):
+    """A stage that stops reading a job's answers (its log failed) stops the engine when it
+    ends; the next stage starts a fresh one. A stage that fails after its job keeps it."""
+    from harness.store import JsonlLog
+
+    class Broken(JsonlLog):
+        def append(self, records):
+            raise OSError("disk full")
+
+    model, tok = fake
+    greedy = Sampling(temperature=0.0, max_new_tokens=3)
+    with Engines() as engines:
+        with pytest.raises(OSError), engines.stage(*_gen()) as eng:
+            eng.generate(model, tok, prompts(3), greedy, seed_key=(0,), batch_size=4, log=Broken(tmp_path / "x"))
+        assert engines.vllm.worker is None and FakeWorker.started and len(FakeWorker.started) == 1
+        with pytest.raises(RuntimeError), engines.stage(*_gen()) as eng:
+            eng.generate(model, tok, prompts(3), greedy, seed_key=(0,), batch_size=4)
+            raise RuntimeError("the stage's own failure")
+        kept = engines.vllm.worker
+        with engines.stage(*_gen()) as eng:
+            eng.generate(model, tok, prompts(3), greedy, seed_key=(0,), batch_size=4)
+        assert engines.vllm.worker is kept and len(FakeWorker.started) == 2
+
+
+def test_a_two_iteration_run_starts_its_engine_once(fake, tmp_path):
+    """A tiny SPIN run (2 iterations, the adapter served; AlpacaEval answers in every evaluate
+    stage) with engine = "vllm": one engine start for the whole run, counted in its rows; the
+    engine is stopped when the run ends."""
+    from harness.loop import run_experiment
+
+    doc = {"experiment": {"name": "one-engine", "seed": 0, "output_dir": str(tmp_path)},
+           "model": {"base": "tiny", "device": "cpu", "cpu_threads": 1},
+           "lora": {"r": 4, "alpha": 8},
+           "method": {"name": "spin", "iterations": 2, "beta": 0.1},
+           "data": {"train": "tiny:sft_train", "num_prompts": 8},
+           "generation": {"engine": "vllm", "vllm_weights": "adapter", "max_new_tokens": 4, "batch_size": 8},
+           "training": {"learning_rate": 5e-3, "epochs": 1, "batch_size": 8, "max_length": 96, "warmup_ratio": 0.0},
+           "eval": {"batch_size": 8, "alpaca_eval": {"instructions": "tiny:alpaca_eval", "limit": 4,
+                                                     "max_new_tokens": 4, "judge": {"name": "oracle"}},
+                    "indicators": {"num_prompts": 0}}}
+    _, rows = run_experiment(parse(doc, "x.toml"))
+    assert len(FakeWorker.started) == 1 and FakeWorker.last.closed
+    assert [r["metrics"]["cost/engine_starts"] for r in rows] == [1, 0, 0]

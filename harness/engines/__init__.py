@@ -4,9 +4,11 @@ Every engine is a function with the signature and record format of
 ``harness.generate.generate`` (``model, tokenizer, prompts, sampling, *, seed_key,
 batch_size, log, desc, min_new_tokens``): "hf" is that function itself, "vllm" serves the
 same policy (``model``, merged or as base + LoRA adapter) with vLLM in a separate environment
-(``harness.engines.vllm_engine``). ``session`` gives a stage one such function whose engine
-is started once and kept for all of the stage's generation (its AlpacaEval answers,
-indicator samples, a model judge's answers), then stopped.
+(``harness.engines.vllm_engine``). ``Engines`` is a run's: the loop holds one for the run and
+each stage takes its engine from it (``Engines.stage``), so vLLM starts once, at the first
+stage that generates through it, serves every later stage and iteration, and stops when
+the run ends or fails. ``session`` is the same for one stage alone (started for it,
+stopped after it).
 """
 
 from __future__ import annotations
@@ -54,25 +56,80 @@ class Engine:
     generate: Callable
 
 
+class Engines:
+    """The engines of one run, owned by the run loop (``harness.loop.Runner``), which closes it
+    when the run ends or fails. ``stage`` gives a stage its engine; for "vllm" that is the
+    run's one ``vllm_engine.Session``: started by the first stage that generates through it
+    and kept for every later stage and iteration (another adapter switched per request; a
+    restart only for other served weights, e.g. the next iterate's merged copy, or other
+    engine settings), parked between stages (on CUDA asleep, so training has the card; on a
+    CPU it stays up). A killed run's engine dies with it (``harness.lifeline``) and a resumed
+    run starts its own. Usable again after ``close``."""
+
+    def __init__(self):
+        self._vllm = None  # the vLLM session, once a stage used it
+        self._settings: tuple | None = None  # (vllm_weights, vllm_max_num_seqs) it was made with
+
+    def __enter__(self) -> "Engines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def vllm(self):
+        """The run's vLLM session (None before a stage used it): its ``starts`` and ``start_s``."""
+        return self._vllm
+
+    @contextlib.contextmanager
+    def stage(self, name: str = "hf", generation=None) -> Iterator[Engine]:
+        """Engine ``name`` for one stage: for "vllm" the generate of the run's session (created
+        with ``generation``'s vllm_weights and vllm_max_num_seqs, recreated should a stage read
+        others), parked when the stage ends, however it ends; for "hf"
+        ``harness.generate.generate`` itself, its batches bounded by ``max_batch_tokens`` of
+        ``generation`` (the run's [generation] section; read when it first generates, so a
+        stage that generates nothing does not depend on it)."""
+        if name != "vllm":
+            yield Engine(name, engine(name) if generation is None else _token_budget(engine(name), generation))
+            return
+        from harness.engines.vllm_engine import Session
+
+        # read only here, so a stage that never starts vLLM does not depend on the vllm_* fields
+        settings = (generation.vllm_weights, generation.vllm_max_num_seqs) if generation else ("merged", 0)
+        if self._vllm is not None and settings != self._settings:
+            self.close()
+        if self._vllm is None:
+            self._vllm, self._settings = Session(weights=settings[0], max_num_seqs=settings[1]), settings
+        try:
+            yield Engine(name, self._vllm.generate)
+        finally:
+            self._vllm.park()
+
+    def close(self) -> None:
+        """Stop the run's engines (nothing when none started)."""
+        s, self._vllm, self._settings = self._vllm, None, None
+        if s is not None:
+            s.close()
+
+
 @contextlib.contextmanager
 def session(name: str = "hf", generation=None) -> Iterator[Engine]:
-    """Engine ``name`` for one stage: for "vllm" the generate of a ``vllm_engine.Session``
-    (one engine start for the stage's calls, stopped on exit), for "hf"
-    ``harness.generate.generate`` itself, its batches bounded by ``max_batch_tokens`` of
-    ``generation`` (the run's [generation] section; read when it first generates, so a stage
-    that generates nothing does not depend on it)."""
-    if name != "vllm":
-        yield Engine(name, engine(name) if generation is None else _token_budget(engine(name), generation))
-        return
-    from harness.engines.vllm_engine import Session
+    """``Engines.stage`` for one stage alone: its engine started for it and stopped after it."""
+    with Engines() as engines, engines.stage(name, generation) as eng:
+        yield eng
 
-    # read only here, so a stage that never starts vLLM does not depend on the vllm_* fields
-    s = Session(weights=generation.vllm_weights, max_num_seqs=generation.vllm_max_num_seqs) if generation \
-        else Session()
-    try:
-        yield Engine(name, s.generate)
-    finally:
-        s.close()
+
+def logged(eng: Engine, log) -> Engine:
+    """``eng`` whose generate, called without a log of its own, keeps ``log`` (a
+    ``store.JsonlLog``): each prompt's record appended as it finishes, the prompts already in
+    it not generated again, so a stage that sends its whole work in one call resumes after a
+    kill. Prompt ids must identify the prompt's content and the call's settings within the
+    stage (a judge's content ids; a changed config starts the stage's log anew)."""
+    def generate(*args, **kwargs):
+        kwargs.setdefault("log", log)
+        return eng.generate(*args, **kwargs)
+
+    return Engine(eng.name, generate)
 
 
 def _token_budget(generate: Callable, generation) -> Callable:

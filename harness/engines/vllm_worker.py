@@ -19,6 +19,9 @@ device memory in use after the job, where a GPU and NVML are present):
   the top-k mass, from vLLM's raw log-probs, i.e. before temperature and top-p).
 - ``{"op": "score", "requests": [{"key": str, "ids": [int]}], "lora": ...}``: one line per request,
   ``{"key", "logprobs": [log p(ids[i] | ids[:i]) for i >= 1]}`` (vLLM's prompt log-probs).
+- ``{"op": "sleep"}`` / ``{"op": "wake_up"}``: ``LLM.sleep(level=1)`` (weights offloaded to host
+  memory, the KV cache freed: the GPU is free for training) and ``LLM.wake_up()``; only with
+  ``enable_sleep_mode`` in the settings' ``extra`` (CUDA); no line but the done line.
 
 End of stdin or ``{"op": "exit"}`` stops the engine.
 """
@@ -142,6 +145,10 @@ def main() -> None:
                     run([one], emit, job.get("lora"))
             else:
                 run(jobs, emit)
+        elif job["op"] == "sleep":
+            llm.sleep(level=1)
+        elif job["op"] == "wake_up":
+            llm.wake_up()
         else:
             raise ValueError(f"unknown op {job['op']!r}")
         done = {"done": True, "seconds": time.perf_counter() - t}
