@@ -9,6 +9,14 @@ and the same rating, and the invalid ratings. Needs ``.venv-vllm`` (``./install.
 ``.venv-fastchat`` (``./install.sh --fastchat``).
 
     .venv/bin/python bench/bench_mt_bench_judge.py [--questions 81,101,111] [--max-new-tokens 128]
+
+With ``--run CONFIG``: an experiment with MT-Bench judged by that served SmolLM2 instead (not
+seeded: the judge's requests go concurrently, ``eval.mt_bench.judge.batch_size`` at a time, and
+vLLM batches them). ``harness run CONFIG`` with ``eval.mt_bench.enabled`` and the judge's
+``base_url`` pointed at the server, then the ``harness table`` of its run directory; further
+``--set KEY=VALUE`` go to ``harness run``. Needs ``.venv-vllm`` only.
+
+    .venv/bin/python bench/bench_mt_bench_judge.py --run experiments/smollm2/spin.toml --set method.iterations=1
 """
 
 from __future__ import annotations
@@ -40,8 +48,12 @@ def main() -> None:
     ap.add_argument("--questions", default="81,101,111", help="MT-Bench question ids")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="the answers' cap per turn")
     ap.add_argument("--fastchat-python", default=str(REPO / ".venv-fastchat" / "bin" / "python"))
+    ap.add_argument("--run", metavar="CONFIG", help="run this experiment with MT-Bench judged by the served SmolLM2")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --run: for harness run")
     args = ap.parse_args()
     path = materialize(locate("smollm2-135m-instruct"))
+    if args.run:
+        return run_experiment(path, args.run, args.set)
     model, tok = load_model(path, device="cpu"), load_tokenizer(path)
     doc = {"experiment": {"name": "b"}, "model": {"base": "tiny"}, "method": {"name": "spin"},
            "data": {"train": "tiny:sft"},
@@ -82,6 +94,29 @@ def main() -> None:
               + f"{m['mt_bench/n_invalid']:>8}{secs:>7.0f}s")
     print(f"same judgment text {same_text}/{len(theirs)}, same rating {same_rating}/{len(theirs)}; answers "
           f"generated in {gen_s:.0f}s before the server started")
+
+
+def run_experiment(model_dir: Path, config: str, overrides: list[str]) -> None:
+    """``harness run config`` with MT-Bench on and judged by ``model_dir`` served as SERVED, then
+    ``harness table`` of its run directory (both printed as they come)."""
+    import subprocess
+
+    from harness.config import load
+    from harness.engines.vllm_server import serve
+
+    sets = [*overrides, "eval.mt_bench.enabled=true", f"eval.mt_bench.judge.openai.model={SERVED}",
+            f"eval.mt_bench.judge.openai.api_key_env={KEY_ENV}", "eval.mt_bench.judge.openai.timeout_s=3600"]
+    cfg = load(config, [*sets, "eval.mt_bench.judge.openai.base_url=http://unused/v1"])  # its errors before the server
+    harness = [str(REPO / ".venv" / "bin" / "harness")]
+    t0 = time.perf_counter()
+    with serve(model_dir, SERVED, max_model_len=8192) as url:
+        print(f"vLLM server up in {time.perf_counter() - t0:.0f}s at {url}", flush=True)
+        t1 = time.perf_counter()
+        cmd = [*harness, "run", config, *(a for s in [*sets, f"eval.mt_bench.judge.openai.base_url={url}"]
+                                          for a in ("--set", s))]
+        subprocess.run(cmd, check=True)
+        print(f"harness run took {time.perf_counter() - t1:.0f}s", flush=True)
+    subprocess.run([*harness, "table", str(cfg.run_dir)], check=True)
 
 
 if __name__ == "__main__":
