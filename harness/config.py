@@ -35,7 +35,7 @@ class ExperimentSection:
     seeds: tuple[int, ...] = opt(factory=tuple, doc="Run the experiment once per seed (each run in <output_dir>/<name>/seed-<k>, resumable on its own; `harness run --seeds 0,1,2` overrides); tables then show the mean and spread across seeds. Empty = one run with experiment.seed.", min=0)
     output_dir: str = opt("results", "Where run directories go (relative to the current directory).")
     sweep: tuple[str, ...] = opt(factory=tuple, doc="The dotted keys (training.learning_rate) this run is one point of a sweep over; `harness run --sweep KEY=V1,V2,...` sets it. Each key is a level of the run directory, <output_dir>/<name>/<key>-<value>/[seed-<k>] (<key> is its last part, or the whole key when two swept keys share it; a value that is not a safe path component is cut and ends in a hash of it), and every result row carries the point's values (tables: one row per point). The values are the fields' own (set them, or let --sweep do it). Fields of [experiment] cannot be swept (seeds: --seeds).")
-    requires: tuple[str, ...] = opt(factory=tuple, doc='What the experiment needs beyond this package: "gpu" (a CUDA device), "hub" (the Hugging Face Hub, HARNESS_ONLINE=1), "endpoint" (an HTTP judge and its API key), "vllm" (the vLLM environment of [generation] engine = "vllm", ./install.sh --vllm). On a machine without them `harness validate` checks everything else and says what it could not check; `harness run` stops before any compute.', choices=REQUIREMENTS)
+    requires: tuple[str, ...] = opt(factory=tuple, doc='What the experiment needs beyond this package: "gpu" (a CUDA device), "hub" (the Hugging Face Hub, HARNESS_ONLINE=1), "endpoint" (an HTTP judge and its API key), "vllm" (the vLLM environment of [generation] engine = "vllm" or [eval] backend = "vllm", ./install.sh --vllm). On a machine without them `harness validate` checks everything else and says what it could not check; `harness run` stops before any compute.', choices=REQUIREMENTS)
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class GenerationSection:
     max_new_tokens: int = opt(256, "Tokens generated per answer.", min=1)
     batch_size: int = opt(32, "Prompts per generation batch (length-sorted, left-padded).", min=1)
     max_batch_tokens: int = opt(32768, "Most padded prompt tokens in one batch of the hf engine (its rows, samples included, x the batch's longest prompt: what the prefill holds at once); a batch of long prompts then has fewer rows than batch_size, and a prompt whose rows alone exceed it is a batch of its own. Lower it for a large model on a small GPU. 0 = batch_size alone decides. The vllm engine schedules its own batches.", min=0)
-    engine: str = opt("hf", 'Generation engine of every stage that generates with a model on this machine (the generate and self-instruct stages, the AlpacaEval answers, the indicator samples, validation answers, and the answers of a "self" or "hf" judge): "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the policy as vllm_weights says, started once per stage; its own sampler with the same per-sample seeds). lm-eval runs on the HF model either way.', choices=("hf", "vllm"))
+    engine: str = opt("hf", 'Generation engine of every stage that generates with a model on this machine (the generate and self-instruct stages, the AlpacaEval answers, the indicator samples, validation answers, and the answers of a "self" or "hf" judge): "hf" (transformers generate) or "vllm" (vLLM in .venv-vllm, ./install.sh --vllm, serving the policy as vllm_weights says, started once per stage; its own sampler with the same per-sample seeds). lm-eval runs as eval.backend says.', choices=("hf", "vllm"))
     vllm_weights: str = opt("auto", 'How the vllm engine serves the policy: "adapter" (the base in model.dtype, a 4-bit or 8-bit base dequantized to it and written once per base, plus the iteration\'s LoRA adapter as a vLLM LoRA with max_lora_rank from its rank), "merged" (the adapter merged into a float32 copy, written per policy; not for a quantized base), or "auto" = "adapter" on CUDA and for a quantized base, "merged" on a CPU (where vLLM\'s LoRA path is about 3-4x slower than merged weights).', choices=("auto", "adapter", "merged"))
     vllm_max_num_seqs: int = opt(256, "Sequences the vllm engine decodes at once (vLLM's max_num_seqs), independent of batch_size and judge.batch_size (which bound the hf engine only).", min=1)
 
@@ -261,6 +261,7 @@ class EvalSection:
     limit: int = opt(0, "lm-eval: examples per task; 0 = all.", min=0)
     batch_size: int = opt(16, "lm-eval batch size.", min=1)
     apply_chat_template: bool = opt(True, "lm-eval: wrap prompts in the model's chat template.")
+    backend: str = opt("hf", 'lm-eval\'s model class: "hf" (transformers, on the in-memory model) or "vllm" (lm-eval\'s own vllm class in .venv-vllm, ./install.sh --vllm, on the policy served as generation.vllm_weights says: merged weights, or the base plus the adapter as lm-eval\'s lora_local_path; vLLM schedules its own batches, up to generation.vllm_max_num_seqs). Its numbers equal `lm_eval --model vllm` and may differ slightly from "hf": the backend is part of each task\'s protocol, so tables keep the two apart. Also the validation evaluation\'s backend.', choices=("hf", "vllm"))
     eval_prompts: str = opt("", 'Held-out prompts for indicators (same format as data.train); "" = use the AlpacaEval instructions.')
     alpaca_eval: AlpacaEvalSection = opt(factory=AlpacaEvalSection, doc="AlpacaEval-style win rate.")
     indicators: IndicatorSection = opt(factory=IndicatorSection, doc="Over-optimisation indicators.")
@@ -418,7 +419,8 @@ def _cross_checks(cfg: Config, method: Any, errors: list[FieldError]) -> None:
             "float16 training needs loss scaling (a GradScaler), which the harness does not run: small gradients "
             "underflow to zero and large activations overflow, silently. Use \"bfloat16\" (same memory, float32's "
             "range) or \"float32\"")))
-    if cfg.generation.engine == "vllm" and cfg.model.quantization != "none" and cfg.generation.vllm_weights == "merged":
+    if "vllm" in (cfg.generation.engine, cfg.eval.backend) and cfg.model.quantization != "none" \
+            and cfg.generation.vllm_weights == "merged":  # lm-eval through vLLM serves the policy as the engine does
         errors.append(FieldError("generation.vllm_weights", (
             "\"merged\" cannot serve a quantized base (its adapter is not merged into 4-bit or 8-bit weights); use "
             "\"adapter\" or \"auto\" (the base dequantized to model.dtype plus the adapter)")))

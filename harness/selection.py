@@ -20,7 +20,7 @@ from typing import Callable
 
 from harness.config import Config, JudgeSection, ValidationSection
 from harness.data import Example, read_records, to_examples, with_system
-from harness.evaluate import run_alpaca_eval, run_lm_eval
+from harness.evaluate import run_alpaca_eval, run_lm_eval_backend
 from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.generate import Prompt, Sampling, cut_metrics, generate
 from harness.judges import require_coverage
@@ -91,9 +91,9 @@ def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
     metrics: dict = {}
     if v.lm_eval_tasks:
         section = replace(cfg.eval, lm_eval_tasks=v.lm_eval_tasks, num_fewshot=v.num_fewshot, limit=v.limit)
-        # the experiment's system message, as in the reported lm-eval evaluation
-        got = run_lm_eval(model, tokenizer, section, out_dir / "lm_eval", system_prompt=cfg.data.system_prompt,
-                          where="eval.validation.num_fewshot")
+        # the experiment's system message and eval.backend, as in the reported lm-eval evaluation
+        got = run_lm_eval_backend(model, tokenizer, cfg, section, out_dir / "lm_eval",
+                                  where="eval.validation.num_fewshot")
         metrics.update({PREFIX + k: m for k, m in got.items()})
     if v.alpaca_eval.instructions:
         got = run_alpaca_eval(model, tokenizer, v.alpaca_eval, judge_factory(v.alpaca_eval.judge),

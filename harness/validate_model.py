@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness.config import Config, judge_sections
 from harness.engines import unavailable
-from harness.engines.vllm_support import supported_architectures
+from harness.engines.vllm_support import lm_eval_unavailable, supported_architectures
 from harness.models import pick_device
 from harness.schema import FieldError, closest
 from harness.sources import ModelSource, SourceError, converted, hub_online, is_built, locate, resolve_ref
@@ -29,6 +29,9 @@ def _device(cfg: Config, r: Report) -> None:
     if cfg.generation.engine == "vllm" and unavailable():
         r.environment(cfg, "vllm", FieldError("generation.engine", (
             f"\"vllm\" but {unavailable()}; or declare experiment.requires = [\"vllm\"]")))
+    if cfg.eval.backend == "vllm" and lm_eval_unavailable():
+        r.environment(cfg, "vllm", FieldError("eval.backend", (
+            f"\"vllm\" but {lm_eval_unavailable()}; or declare experiment.requires = [\"vllm\"]")))
 
     if cfg.model.device == "cuda" and not torch.cuda.is_available():
         r.environment(cfg, "gpu", FieldError("model.device", (
@@ -90,8 +93,9 @@ def _model(cfg: Config, r: Report) -> None:
     else:
         _system_role(cfg, src, r)
     _positions(cfg, config, r)
-    if cfg.generation.engine == "vllm":
-        _vllm_model(config, r)
+    for where in [w for w, name in (("generation.engine", cfg.generation.engine), ("eval.backend", cfg.eval.backend))
+                  if name == "vllm"]:
+        _vllm_model(config, r, where)
     names = _module_names(config)
     for i, target in enumerate(cfg.lora.target_modules):
         if not target.strip():
@@ -148,27 +152,30 @@ def head_size(config) -> int | None:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
-def _vllm_model(config, r: Report) -> None:
+def _vllm_model(config, r: Report, where: str = "generation.engine") -> None:
     """What vLLM would refuse about the policy's architecture, known from its config: an
     architecture the vLLM environment does not serve (asked of it: ``vllm_support``), and on a
     CPU a head size its attention backend does not compute (the engine runs where torch sees a
-    GPU, as ``harness.engines.vllm_engine.Worker`` starts it)."""
+    GPU, as ``harness.engines.vllm_engine.Worker`` starts it). ``where``: the field that chose
+    vLLM (generation.engine or eval.backend), named in the errors."""
     import torch
+
+    field = where.rsplit(".", 1)[-1]
 
     archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
     supported = supported_architectures() if archs else None
     if supported is not None and not any(a in supported for a in archs):
         hint = closest(archs[0], sorted(supported))
-        r.errors.append(FieldError("generation.engine", (
+        r.errors.append(FieldError(where, (
             f"\"vllm\" cannot serve this model: its architecture {', '.join(archs)} is not one the vLLM environment "
             f"supports ({len(supported)} architectures{f'; the nearest is {hint}' if hint else ''}); "
-            "use engine = \"hf\"")))
+            f"use {field} = \"hf\"")))
     size = head_size(config)
     if size is None or torch.cuda.is_available() or size in VLLM_CPU_HEAD_SIZES:
         return
-    r.errors.append(FieldError("generation.engine", (
+    r.errors.append(FieldError(where, (
         f"\"vllm\" cannot serve this model on a CPU: its attention head size is {size}, and vLLM's CPU attention "
-        f"computes head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} only; use engine = \"hf\"")))
+        f"computes head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} only; use {field} = \"hf\"")))
 
 
 # the weight files transformers' from_pretrained loads from a local directory (single or sharded)

@@ -183,7 +183,7 @@ def test_the_protocol_of_each_task_is_recorded(runs):
     for task, p in protocol.items():
         assert p == {"num_fewshot": runs["shots"][task], "apply_chat_template": True, "fewshot_as_multiturn": True,
                      "system_instruction": "", "lm_eval_version": cli["lm_eval_version"],
-                     "task_version": cli["versions"][task]}, task
+                     "task_version": cli["versions"][task], "backend": "hf"}, task
         assert p["num_fewshot"] == cli["n-shot"][task]
 
 

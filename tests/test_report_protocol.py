@@ -425,6 +425,26 @@ def test_lm_eval_columns_split_by_task_protocol(tmp_path):
     assert "protocol" not in md.splitlines()[0]
 
 
+def test_lm_eval_backends_are_separate_protocols(tmp_path):
+    """eval.backend is part of a task's protocol: numbers through vLLM are never ranked with
+    numbers through transformers; a record from before the field existed is "hf" (every lm-eval
+    number was), and only the vLLM label says its backend."""
+    vllm = {**_lm(5), "backend": "vllm"}
+    _write(tmp_path / "old", [_lm_row("old", 0.7, _lm(5))])
+    _write(tmp_path / "hf", [_lm_row("hf", 0.6, {**_lm(5), "backend": "hf"})])
+    _write(tmp_path / "vllm", [_lm_row("vllm", 0.65, vllm)])
+    df = build_table(load_rows([tmp_path]))
+    col = "protocol lm_eval/tiny_mc"
+    assert df.set_index("experiment")[col].to_dict() == {"old": FIVE, "hf": FIVE, "vllm": f"{FIVE}, vllm backend"}
+    accs = [c for c in df.columns if c.startswith(ACC) and not c.endswith(" ±")]
+    assert accs == [f"{ACC} [P1]", f"{ACC} [P2]"]
+    got = {c: df.set_index("experiment")[c].dropna().to_dict() for c in accs}
+    assert got == {f"{ACC} [P1]": {"old": 0.7, "hf": 0.6}, f"{ACC} [P2]": {"vllm": 0.65}}
+    scope = "lm_eval/tiny_mc"
+    assert difference(_lm(5), {**_lm(5), "backend": "hf"}, scope) is None
+    assert difference(_lm(5), vllm, scope) == "lm-eval backend differs: hf vs vllm"
+
+
 def test_lm_eval_and_alpaca_eval_protocols_are_split_by_one_mechanism(tmp_path):
     _write(tmp_path / "a", [_lm_row("a", 0.9, _lm(5), ae=_rubric_protocol())])
     _write(tmp_path / "b", [_lm_row("b", 0.4, _lm(0), ae=_published_protocol())])

