@@ -50,7 +50,8 @@ class Runner:
         self._view: ConfigView | None = None  # the config view of the stage being computed
         self._ran: set[int] = set()  # iterations one of whose stages was computed by this process
         self.tracker: tracking.Tracker | None = None  # open while ``run`` runs
-        self.engines = Engines()  # the run's generation engines: vLLM's started once, stopped when ``run`` ends
+        # the run's generation engines: vLLM's started once, stopped when ``run`` ends
+        self.engines = Engines(lora_rank=cfg.lora.r)
         # resolved once: every stage loads the same build / conversion
         source = locate(cfg.model.base, cfg.model.gguf_file)
         self.base_path = materialize(source)

@@ -434,12 +434,14 @@ LM_LIMIT = 6
 LM_SYSTEM = "Answer with one word."
 
 
-def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch):
-    """[eval] backend = "vllm" on SmolLM2 (merged weights, as the engine serves it on a CPU): a
+@pytest.mark.parametrize("weights", ["merged", "adapter"])
+def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch, weights):
+    """[eval] backend = "vllm" on SmolLM2 served as vllm_weights says (merged: SmolLM2 itself;
+    adapter: SmolLM2 with a random LoRA adapter, served as the base plus lora_local_path): a
     multiple-choice and a generation task, 2 shots each (a table of shots), chat template, system
     prompt, limit 6, give exactly what ``lm_eval --model vllm`` reports on SmolLM2's own directory
-    with the same vLLM settings and task flags: the same numbers and the same per-sample
-    log-likelihoods and answers; the protocol records backend "vllm"."""
+    (and the adapter as saved by peft) with the same vLLM settings and task flags: the same numbers
+    and the same per-sample log-likelihoods and answers; the protocol records backend "vllm"."""
     from types import SimpleNamespace
 
     from harness.config import EvalSection
@@ -451,6 +453,13 @@ def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch):
 
     model, tok = smollm2()
     src = model_path("smollm2-135m-instruct")
+    lora, batch = "", "auto"
+    if weights == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(_random_adapter(model, tmp_path / "adapter", 0), str(tmp_path / "adapter"))
+        # one request at a time on a CPU (lm_eval_vllm.batch_size: vLLM's CPU LoRA path, prompt log-probs)
+        lora, batch = f",lora_local_path={tmp_path / 'adapter'},max_lora_rank=8", "1"
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     _write_jsonl(tmp_path / "mc.jsonl", [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1),
@@ -467,11 +476,11 @@ def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch):
     env = {k: v for k, v in {**os.environ, **OFFLINE_ENV, "HF_DATASETS_CACHE": str(tmp_path / "ds_cli")}.items()
            if k != "PYTHONPATH"}
     cmd = [str(venv_python().parent / "lm_eval"), "--model", "vllm",
-           "--model_args", f"pretrained={src},{vllm_args}", "--tasks", "t_mc,t_gen", "--include_path", str(tasks),
-           "--limit", str(LM_LIMIT), "--num_fewshot", "2", "--batch_size", "auto", "--apply_chat_template",
+           "--model_args", f"pretrained={src},{vllm_args}{lora}", "--tasks", "t_mc,t_gen", "--include_path", str(tasks),
+           "--limit", str(LM_LIMIT), "--num_fewshot", "2", "--batch_size", batch, "--apply_chat_template",
            "--system_instruction", LM_SYSTEM, "--output_path", str(cli_out), "--log_samples"]
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds_ours"))
-    cfg = SimpleNamespace(generation=SimpleNamespace(vllm_weights="auto", vllm_max_num_seqs=16),
+    cfg = SimpleNamespace(generation=SimpleNamespace(vllm_weights=weights, vllm_max_num_seqs=16),
                           data=SimpleNamespace(system_prompt=LM_SYSTEM))
     section = EvalSection(lm_eval_tasks=(str(tasks),), limit=LM_LIMIT, num_fewshot={"t_mc": 2, "t_gen": 2},
                           backend="vllm")
@@ -488,10 +497,12 @@ def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch):
     cli = json.loads(cli_json.read_text())
     results = json.loads((tmp_path / "ours" / "results.json").read_text())
     args = results["config"]["model_args"]
-    # the same vLLM settings; the harness serves SmolLM2 as it exported it (merged) with the tokenizer it saved
+    # the same vLLM settings; the harness serves SmolLM2 (and the adapter) as it exported them, with the
+    # tokenizer it saved
     assert ",".join(f"{k}={args[k]}" for k in ("dtype", "seed", "max_num_seqs", "enforce_eager",
                                                "kv_cache_memory_bytes")) == vllm_args
-    assert "lora_local_path" not in args
+    assert ("lora_local_path" in args, args.get("max_lora_rank")) == ((True, 8) if lora else (False, None))
+    assert str(results["config"]["batch_size"]) == batch
     for task, key in (("t_mc", "acc,none"), ("t_gen", "exact_match,none")):
         metric = key.split(",")[0]
         assert ours[f"lm_eval/{task}/{metric}"] == cli["results"][task][key], task

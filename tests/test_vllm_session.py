@@ -65,11 +65,11 @@ def fake(monkeypatch, tiny64):
     monkeypatch.setattr(ve, "Worker", FakeWorker)
     served = {}  # id(model) -> Served: one base, an adapter per "policy"
 
-    def export(model, mode):  # adapter: one base, an adapter per model; merged: a copy per model
-        n = len(served)
+    def export(model, mode):  # adapter: one base, a PeftModel's adapter (rank 8); merged: a copy per model
+        n, lora = len(served), mode == "adapter" and hasattr(model, "peft_config")
         return served.setdefault(id(model), ve.Served(Path("/base") if mode == "adapter" else Path(f"/merged-{n}"),
-                                                      "bfloat16", Path(f"/lora-{n:07x}") if mode == "adapter" else None,
-                                                      8 if mode == "adapter" else 0))
+                                                      "bfloat16", Path(f"/lora-{n:07x}") if lora else None,
+                                                      8 if lora else 0))
 
     monkeypatch.setattr(ve, "export_served", export)
     return tiny64
@@ -85,12 +85,19 @@ def tiny64():
                                               num_key_value_heads=1)).eval(), tok
 
 
+def _peft(model):
+    """A copy of ``model`` with a rank-8 LoRA adapter (a continue chain's policy)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+
+
 def test_vllm_concurrency_is_its_own_and_adapters_share_one_engine(fake):
     """max_num_seqs is the session's (not each call's batch_size); a call with another batch
     size or another adapter on the same base does not restart the engine; each job carries its
     adapter; the meter counts engine starts and vLLM's generated tokens."""
     model, tok = fake
-    other = copy.deepcopy(model)
+    model, other = _peft(model), _peft(model)
     greedy = Sampling(temperature=0.0, max_new_tokens=3)
     meter = cost.start()
     s = ve.Session(weights="adapter", max_num_seqs=256)
@@ -150,14 +157,15 @@ def _gen(name: str = "vllm", weights: str = "adapter"):
 
 def test_one_engine_serves_every_stage_of_a_run_and_sleeps_between_them(fake, monkeypatch):
     """The run's engine (``Engines``) starts at the first vLLM stage and serves every later one,
-    each policy's adapter switched per request; between stages it sleeps (as on CUDA) and wakes
-    for the next; an HF stage does not touch it; closing the run stops it."""
+    each policy's adapter switched per request (iterate 0, the base, has none: the engine's LoRA
+    slots come from the run's rank); between stages it sleeps (as on CUDA) and wakes for the
+    next; an HF stage does not touch it; closing the run stops it."""
     model, tok = fake
-    policies = [model, copy.deepcopy(model), copy.deepcopy(model)]  # iterates 0, 1, 2
+    policies = [model, _peft(model), _peft(model)]  # iterates 0 (the base), 1, 2
     monkeypatch.setattr(FakeWorker, "can_sleep", True)
     greedy = Sampling(temperature=0.0, max_new_tokens=3)
     meter = cost.start()
-    with Engines() as engines:
+    with Engines(lora_rank=4) as engines:
         for t, policy in enumerate(policies):
             for stage in ("evaluate", "generate", "judge") if t < 2 else ("evaluate",):
                 with engines.stage(*_gen()) as eng:
@@ -168,8 +176,9 @@ def test_one_engine_serves_every_stage_of_a_run_and_sleeps_between_them(fake, mo
         assert not worker.closed
     reading = cost.stop(meter)
     assert len(FakeWorker.started) == 1 and reading["engine_starts"] == 1
+    assert FakeWorker.started[0]["max_lora_rank"] == 8  # vLLM's slot for rank 4
     assert worker.events == ["sleep", "wake_up"] * 6 + ["sleep", "close"]
-    assert [lora["path"] for _, lora in worker.jobs] == ["/lora-0000000"] * 3 + ["/lora-0000001"] * 3 + ["/lora-0000002"]
+    assert [lora and lora["path"] for _, lora in worker.jobs] == [None] * 3 + ["/lora-0000001"] * 3 + ["/lora-0000002"]
 
 
 def test_merged_weights_restart_the_engine_only_when_the_policy_changes(fake):
@@ -216,14 +225,14 @@ def test_a_stage_that_fails_mid_job_leaves_no_half_read_engine(fake, tmp_path):
 
 
 def test_a_two_iteration_run_starts_its_engine_once(fake, tmp_path):
-    """A tiny SPIN run (2 iterations, the adapter served; AlpacaEval answers in every evaluate
-    stage) with engine = "vllm": one engine start for the whole run, counted in its rows; the
-    engine is stopped when the run ends."""
+    """A tiny SPIN run (2 iterations, the continue chain's adapter served on the unchanging base;
+    AlpacaEval answers in every evaluate stage) with engine = "vllm": one engine start for the
+    whole run, counted in its rows; the engine is stopped when the run ends."""
     from harness.loop import run_experiment
 
     doc = {"experiment": {"name": "one-engine", "seed": 0, "output_dir": str(tmp_path)},
            "model": {"base": "tiny", "device": "cpu", "cpu_threads": 1},
-           "lora": {"r": 4, "alpha": 8},
+           "lora": {"r": 4, "alpha": 8, "chain": "continue"},
            "method": {"name": "spin", "iterations": 2, "beta": 0.1},
            "data": {"train": "tiny:sft_train", "num_prompts": 8},
            "generation": {"engine": "vllm", "vllm_weights": "adapter", "max_new_tokens": 4, "batch_size": 8},

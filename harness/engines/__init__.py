@@ -66,7 +66,8 @@ class Engines:
     CPU it stays up). A killed run's engine dies with it (``harness.lifeline``) and a resumed
     run starts its own. Usable again after ``close``."""
 
-    def __init__(self):
+    def __init__(self, lora_rank: int = 0):
+        self.lora_rank = lora_rank  # the run's [lora] r: an adapter-mode engine's LoRA slots from its start
         self._vllm = None  # the vLLM session, once a stage used it
         self._settings: tuple | None = None  # (vllm_weights, vllm_max_num_seqs) it was made with
 
@@ -99,7 +100,8 @@ class Engines:
         if self._vllm is not None and settings != self._settings:
             self.close()
         if self._vllm is None:
-            self._vllm, self._settings = Session(weights=settings[0], max_num_seqs=settings[1]), settings
+            self._vllm = Session(weights=settings[0], max_num_seqs=settings[1], lora_rank=self.lora_rank)
+            self._settings = settings
         try:
             yield Engine(name, self._vllm.generate)
         finally:

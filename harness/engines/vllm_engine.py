@@ -251,8 +251,12 @@ def _export_adapter(model, root: Path) -> tuple[Path, int]:
                 f.rename(tmp / f.name)
 
     out = build_once(root / f"lora-{h.hexdigest()[:32]}", build)
-    rank = max([conf.r, *getattr(conf, "rank_pattern", {}).values()])
-    return out, next(r for r in LORA_RANKS if r >= rank)
+    return out, lora_slot(max([conf.r, *getattr(conf, "rank_pattern", {}).values()]))
+
+
+def lora_slot(rank: int) -> int:
+    """vLLM's max_lora_rank for adapters of rank up to ``rank`` (0: none)."""
+    return next(r for r in LORA_RANKS if r >= rank) if rank > 0 else 0
 
 
 def _prune(root: Path, keep: Path) -> None:
@@ -464,10 +468,13 @@ class Session:
     AlpacaEval answers, indicator samples and a self-judge's answers; a run-scoped one
     (``harness.engines.Engines``) one for the whole run."""
 
-    def __init__(self, headroom: int = 2048, weights: str = "merged", max_num_seqs: int = 0):
+    def __init__(self, headroom: int = 2048, weights: str = "merged", max_num_seqs: int = 0, lora_rank: int = 0):
         self.headroom = headroom  # a started engine takes sequences up to this long (or the model's limit)
         self.weights = weights  # [generation] vllm_weights (see ``weights_mode``)
         self.max_num_seqs = max_num_seqs  # vLLM's concurrency; 0: each call's batch_size
+        # the run's LoRA rank: an engine started in adapter mode takes adapters of this rank even when
+        # its first policy has none (iteration 0's base), so the next iterates' need no restart
+        self.lora_rank = lora_rank
         self.worker: Worker | None = None
         self.starts = 0
         self.start_s = 0.0  # seconds spent starting workers
@@ -488,20 +495,24 @@ class Session:
     def worker_for(self, model, batch_size: int, need: int) -> Worker:
         """A worker serving ``model`` with ``max_num_seqs`` (the session's, else ``batch_size``)
         and room for ``need`` tokens per sequence: the running one when it fits (the same
-        served base, dtype, concurrency and LoRA rank: another adapter needs no restart),
-        woken if it sleeps; else a new one."""
+        served base, dtype and concurrency, LoRA slots of at least the adapter's rank: another
+        adapter needs no restart), woken if it sleeps; else a new one."""
         served = self.served(model)
         seqs = self.max_num_seqs or batch_size
-        key = (served.model_dir, served.dtype, seqs, served.rank)
+        key = (served.model_dir, served.dtype, seqs)
         w = self.worker
-        if w is not None and w.usable() and self._key[:4] == key and need <= self._key[4]:
+        if w is not None and w.usable() and self._key[:3] == key and served.rank <= self._key[3] \
+                and need <= self._key[4]:
             w.wake_up()
             return w
         self.close_worker()
+        rank = served.rank
+        if weights_mode(self.weights, model) == "adapter":
+            rank = max(rank, lora_slot(self.lora_rank))
         length = max(need, _max_model_len(model, 0, self.headroom - 1))  # room for the session's next calls
         self.worker = Worker(served.model_dir, dtype=served.dtype, max_num_seqs=seqs, max_model_len=length,
-                             max_lora_rank=served.rank)
-        self._key = (*key, length)
+                             max_lora_rank=rank)
+        self._key = (*key, rank, length)
         self.starts += 1
         self.start_s += self.worker.start_s
         cost.add(engine_starts=1)
