@@ -14,10 +14,11 @@ environment cannot import vLLM.
   seeds (lm-eval's defaults unless ``seed`` is given; vLLM's own seed is then ``seed`` too,
   else lm-eval's default 1234). vLLM's settings (``vllm_model_args``): the served dtype,
   ``max_num_seqs`` = ``[generation] vllm_max_num_seqs``, every request handed to vLLM at once
-  (lm-eval's ``batch_size`` "auto"; ``eval.batch_size`` bounds the HF backend only), the
-  model's own context length (lm-eval's default), and, as the generation engine runs vLLM,
-  eager mode and a fixed KV-cache budget on a CPU, its share of the GPU on CUDA. So the
-  numbers equal ``lm_eval --model vllm --model_args <those> --batch_size auto`` with the same
+  (lm-eval's ``batch_size`` "auto", but one at a time for an adapter on a CPU: ``batch_size``;
+  ``eval.batch_size`` bounds the HF backend only), the model's own context length (lm-eval's
+  default), and, as the generation engine runs vLLM, eager mode and a fixed KV-cache budget on
+  a CPU, its share of the GPU on CUDA. So the
+  numbers equal ``lm_eval --model vllm --model_args <those> --batch_size <that>`` with the same
   task flags (tests/test_vllm.py), and may differ slightly from the HF backend's: the
   protocol records ``backend = "vllm"``, so tables never rank the two together.
 - Files and metrics are ``run_lm_eval``'s (``write_results``), plus ``vllm.log``, the worker's
@@ -66,6 +67,15 @@ def vllm_model_args(served: Served, tokenizer_dir: Path | str, *, seed: int | No
     return args
 
 
+def batch_size(served: Served, gpu: bool | None = None) -> str | int:
+    """lm-eval's ``batch_size`` for ``served``: "auto" (every request to vLLM at once), but 1 for
+    an adapter served on a CPU: vLLM's CPU LoRA path fails on two requests with prompt log-probs in
+    one step (an einsum of mismatched shapes; measured with ``lm_eval --model vllm`` and
+    ``lora_local_path`` on a multiple-choice task), so lm-eval then sends one request at a time."""
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    return 1 if served.adapter is not None and not gpu else "auto"
+
+
 def run_lm_eval_vllm(model, tokenizer, section: EvalSection, out_dir: Path, *, weights: str = "auto",
                      max_num_seqs: int = 256, seed: int | None = None, system_prompt: str = "",
                      where: str = "eval.num_fewshot") -> dict[str, float | None]:
@@ -88,7 +98,7 @@ def run_lm_eval_vllm(model, tokenizer, section: EvalSection, out_dir: Path, *, w
         seeds = {} if seed is None else dict(random_seed=seed, numpy_random_seed=seed,
                                              torch_random_seed=seed, fewshot_random_seed=seed)
         job = {"tasks": specs, "include": include, "builtin": builtin, "shots": shots, "where": where,
-               "limit": section.limit or None, "batch_size": "auto",
+               "limit": section.limit or None, "batch_size": batch_size(served),
                "apply_chat_template": section.apply_chat_template, "fewshot_as_multiturn": multiturn,
                # the experiment's system message (data.system_prompt), as in generation and training
                "system_instruction": system_prompt or None, "seeds": seeds,
