@@ -1,31 +1,38 @@
 """The vLLM engine as a run uses it: engine starts, seconds spent starting engines and tokens/s
-per generating stage of a 2-iteration run's worth of generation, old design against new,
-measured in one process on the same policies.
+per generating stage of a 2-iteration run's generation, for each method, the engine per stage
+against the engine per run, measured in one process on the same policies.
 
 The policies are a continue chain's: SmolLM2-135M-Instruct in ``--dtype`` (bfloat16) with a
-random rank-8 adapter per iteration. Each iteration generates as a Self-Rewarding iteration
-does, through ``harness.engines.vllm_engine.Session``: "generate" (``--prompts`` prompts x 2
-sampled answers), "judge" (one greedy judgment per answer) and "evaluate" (``--prompts``
-greedy answers). Designs:
+random rank-8 adapter per iterate (0, 1, 2). Each method's generating stages run as the loop
+runs them (``harness.engines.Engines.stage``, one stage at a time, the same calls): every
+iteration's "evaluate" (``--prompts`` greedy answers, iterate t), then "generate" (SPIN: one
+sampled answer per prompt; Self-Rewarding and DNO: 2) and, for Self-Rewarding, "judge" (one
+greedy judgment per answer, the whole stage in one call). DNO's judge is an endpoint, not the
+engine. No training runs (the adapters are given), so only the engine's work is timed. Designs:
 
-- ``old``: merged float32 weights, a session (an engine) per stage, vLLM's concurrency = the HF
-  batch sizes (generation 32, judge 16, the judge's work in chunks of 48 items, one call each);
-- ``new``: ``[generation] vllm_weights = "auto"`` (adapter on CUDA, merged on a CPU), a session
-  per stage, concurrency 256 and each stage's whole work in one call (what the loop runs now);
-- ``shared``: the adapter served, one session for all stages and iterations (adapters switched
-  per call on one engine): what one engine per run would give.
+- ``stage``: an engine per stage (``Engines`` opened and closed around each stage: the loop's
+  design before one engine per run), ``[generation] vllm_weights = "auto"``, concurrency 256;
+- ``run``: one ``Engines`` for the run (the loop now), ``vllm_weights = "auto"`` (on a CPU
+  merged weights, so one start per iterate; on CUDA the adapter, so one start);
+- ``run-adapter``: one ``Engines`` for the run with the adapter served (``vllm_weights =
+  "adapter"``: one start for the run on any device).
 
-    .venv/bin/python bench/bench_vllm_stages.py [--prompts 16] [--max-new-tokens 24] [--designs old,new,shared]
+    .venv/bin/python bench/bench_vllm_stages.py [--prompts 8] [--max-new-tokens 16]
+        [--methods spin,self_rewarding,dno] [--designs stage,run,run-adapter]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+STAGES = {"spin": (("generate", 1),), "self_rewarding": (("generate", 2), ("judge", 0)),
+          "dno": (("generate", 2),)}  # per iteration after its evaluate: (stage, samples per prompt)
 
 
 def policies(tmp: Path, dtype: str):
@@ -36,7 +43,7 @@ def policies(tmp: Path, dtype: str):
 
     path = materialize(locate("smollm2-135m-instruct"))
     out = []
-    for t in (1, 2):
+    for t in (0, 1, 2):
         torch.manual_seed(t)
         peft = get_peft_model(load_model(path, device="cpu"), LoraConfig(
             r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False))
@@ -46,75 +53,88 @@ def policies(tmp: Path, dtype: str):
     return out, load_tokenizer(path)
 
 
-def run(design: str, models, tok, n: int, max_new: int) -> list[dict]:
-    from harness.engines.vllm_engine import Session
+def run(method: str, design: str, models, tok, n: int, max_new: int) -> list[dict]:
+    from harness.config import GenerationSection
+    from harness.engines import Engines
     from harness.generate import Prompt, Sampling
     from harness.tiny.tasks import make_split
 
+    gen = GenerationSection(engine="vllm", vllm_weights="adapter" if design == "run-adapter" else "auto",
+                            vllm_max_num_seqs=256)
     prompts = [Prompt(ex.id, ({"role": "user", "content": ex.prompt},)) for ex in make_split("eval", n)]
-    sampled = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=max_new, n=2)
     greedy = Sampling(temperature=0.0, max_new_tokens=max_new)
-    shared = Session(weights="adapter", max_num_seqs=256) if design == "shared" else None
-    rows = []
-    try:
-        for t, model in enumerate(models, 1):
-            gen_out = None
-            for stage in ("generate", "judge", "evaluate"):
-                s = shared or (Session(weights="merged") if design == "old" else
-                               Session(weights="auto", max_num_seqs=256))
-                starts, start_s, t0 = s.starts, s.start_s, time.perf_counter()
+    plan = [(0, "evaluate", 0)]
+    for t in (1, 2):
+        plan += [(t, stage, k) for stage, k in STAGES[method]] + [(t, "evaluate", 0)]
+    run_engines = Engines() if design != "stage" else None
+    rows, answers = [], {}
+    with contextlib.ExitStack() as stack:
+        if run_engines is not None:
+            stack.enter_context(run_engines)
+        for t, stage, k in plan:
+            policy = models[t if stage == "evaluate" else t - 1]  # iteration t generates with iterate t-1
+            engines = run_engines or Engines()
+            before = (engines.vllm.starts, engines.vllm.start_s) if engines.vllm else (0, 0.0)
+            t0 = time.perf_counter()
+            with engines.stage("vllm", gen) as eng:
                 if stage == "generate":
-                    gen_out = s.generate(model, tok, prompts, sampled, seed_key=(0, t, stage), batch_size=32)
-                    calls = [gen_out]
+                    out = eng.generate(policy, tok, prompts, Sampling(temperature=0.7, top_p=0.9, max_new_tokens=max_new,
+                                                                      n=k), seed_key=(0, t, stage), batch_size=32)
+                    answers[t] = out
                 elif stage == "judge":
                     items = [Prompt(f"{pid}-{j}", ({"role": "user", "content": "Rate this answer from 1 to 5: "
                                                     + smp["text"]},))
-                             for pid, rec in gen_out.items() for j, smp in enumerate(rec["samples"])]
-                    step = 48 if design == "old" else len(items)  # judge_groups' chunks
-                    calls = [s.generate(model, tok, items[i:i + step], greedy, seed_key=(0, t, stage), batch_size=16)
-                             for i in range(0, len(items), step)]
+                             for pid, rec in answers[t].items() for j, smp in enumerate(rec["samples"])]
+                    out = eng.generate(policy, tok, items, greedy, seed_key=(0, t, stage), batch_size=16)
                 else:
-                    calls = [s.generate(model, tok, prompts, greedy, seed_key=(0, t, stage), batch_size=32)]
-                wall = time.perf_counter() - t0
-                if shared is None:
-                    s.close()
-                tokens = sum(smp["n_tokens"] for out in calls for rec in out.values() for smp in rec["samples"])
-                starts, start_s = s.starts - starts, s.start_s - start_s
-                rows.append({"design": design, "iteration": t, "stage": stage, "starts": starts,
-                             "start_s": start_s, "tokens": tokens, "tok_s": tokens / max(wall - start_s, 1e-9),
-                             "wall_s": wall})
-                print(_line(rows[-1]), flush=True)  # as it is measured: a long run shows its progress
-    finally:
-        if shared is not None:
-            shared.close()
+                    out = eng.generate(policy, tok, prompts, greedy, seed_key=(0, t, stage), batch_size=32)
+            wall = time.perf_counter() - t0
+            starts, start_s = engines.vllm.starts - before[0], engines.vllm.start_s - before[1]
+            if run_engines is None:
+                engines.close()
+            tokens = sum(smp["n_tokens"] for rec in out.values() for smp in rec["samples"])
+            rows.append({"method": method, "design": design, "iteration": t, "stage": stage, "starts": starts,
+                         "start_s": start_s, "tokens": tokens, "tok_s": tokens / max(wall - start_s, 1e-9),
+                         "wall_s": wall})
+            print(_line(rows[-1]), flush=True)  # as it is measured: a long run shows its progress
     return rows
 
 
+HEADER = (f"{'method':14} {'design':11} {'iter':>4} {'stage':9} {'starts':>6} {'start_s':>8} {'tokens':>7} "
+          f"{'tok/s':>7} {'wall_s':>7}")
+
+
 def _line(r: dict) -> str:
-    return (f"{r['design']:8} {r['iteration']:>4} {r['stage']:9} {r['starts']:>6} {r['start_s']:>8.1f} "
-            f"{r['tokens']:>7} {r['tok_s']:>7.1f} {r['wall_s']:>7.1f}")
+    return (f"{r['method']:14} {r['design']:11} {r['iteration']:>4} {r['stage']:9} {r['starts']:>6} "
+            f"{r['start_s']:>8.1f} {r['tokens']:>7} {r['tok_s']:>7.1f} {r['wall_s']:>7.1f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--designs", default="old,new,shared")
+    ap.add_argument("--methods", default="spin,self_rewarding,dno")
+    ap.add_argument("--designs", default="stage,run,run-adapter")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
+    print(HEADER, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         models, tok = policies(Path(tmp), args.dtype)
-        rows = [r for d in args.designs.split(",") for r in run(d, models, tok, args.prompts, args.max_new_tokens)]
-    print(f"device: {device}; SmolLM2-135M {args.dtype} + rank-8 adapters, {args.prompts} prompts, "
+        rows = [r for m in args.methods.split(",") for d in args.designs.split(",")
+                for r in run(m, d, models, tok, args.prompts, args.max_new_tokens)]
+    print(f"\ndevice: {device}; SmolLM2-135M {args.dtype} + rank-8 adapters, {args.prompts} prompts, "
           f"{args.max_new_tokens} new tokens")
-    print(f"{'design':8} {'iter':>4} {'stage':9} {'starts':>6} {'start_s':>8} {'tokens':>7} {'tok/s':>7} {'wall_s':>7}")
+    print(HEADER)
     for r in rows:
         print(_line(r))
-    for d in dict.fromkeys(r["design"] for r in rows):
-        mine = [r for r in rows if r["design"] == d]
-        print(f"{d}: {sum(r['starts'] for r in mine)} engine starts, {sum(r['start_s'] for r in mine):.1f} s starting, "
-              f"{sum(r['wall_s'] for r in mine):.1f} s in all")
+    print()
+    for key in dict.fromkeys((r["method"], r["design"]) for r in rows):
+        mine = [r for r in rows if (r["method"], r["design"]) == key]
+        work_s = sum(r["wall_s"] - r["start_s"] for r in mine)  # the stages' time outside engine starts
+        print(f"{key[0]:14} {key[1]:11}: {sum(r['starts'] for r in mine)} engine starts, "
+              f"{sum(r['start_s'] for r in mine):.1f} s starting, {sum(r['wall_s'] for r in mine):.1f} s in all, "
+              f"{sum(r['tokens'] for r in mine) / max(work_s, 1e-9):.1f} tok/s outside the starts")
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes that import the main module

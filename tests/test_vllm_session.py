@@ -243,3 +243,24 @@ def test_a_two_iteration_run_starts_its_engine_once(fake, tmp_path):
     _, rows = run_experiment(parse(doc, "x.toml"))
     assert len(FakeWorker.started) == 1 and FakeWorker.last.closed
     assert [r["metrics"]["cost/engine_starts"] for r in rows] == [1, 0, 0]
+
+
+def test_a_logged_engine_keeps_each_answer_and_sends_only_what_its_log_lacks(fake, tmp_path):
+    """``logged`` (a vllm judge stage's engine): every answer is appended to the stage's log as
+    it finishes; a resumed stage's call sends vLLM only the prompts missing from it and returns
+    the logged ones as they were."""
+    from harness.engines import Engine, logged
+    from harness.store import JsonlLog
+
+    model, tok = fake
+    greedy = Sampling(temperature=0.0, max_new_tokens=3)
+    with Engines() as engines, engines.stage(*_gen()) as eng:
+        first = logged(eng, JsonlLog(tmp_path / "answers.jsonl")).generate(
+            model, tok, prompts(3), greedy, seed_key=(0,), batch_size=4)
+        again = logged(eng, JsonlLog(tmp_path / "answers.jsonl")).generate(
+            model, tok, prompts(5), greedy, seed_key=(0,), batch_size=4)
+        jobs = engines.vllm.worker.jobs
+    assert [n for n, _ in jobs] == [3, 2]
+    assert len(JsonlLog(tmp_path / "answers.jsonl").records) == 5
+    assert {k: again[k] for k in first} == first
+    assert isinstance(eng, Engine)
