@@ -458,11 +458,12 @@ def _max_model_len(model, longest_prompt: int, max_new_tokens: int) -> int:
 class Session:
     """vLLM calls that share one started engine: ``generate`` is the module's ``generate``,
     its worker started on the first call and kept for the next ones while they fit it (the
-    same served base, dtype, concurrency and LoRA rank, and prompts within its
-    ``max_model_len``): another adapter on the same base is switched per request, and a call
-    that does not fit (the next iterate's merged copy, a judge model after the policy, a
-    longer sequence) restarts it. ``park`` ends a stage's use (the models it exported are let go, a CUDA model goes back
-    to its device, a CUDA engine sleeps until the next call); ``close`` stops the engine.
+    same served base, dtype and concurrency, LoRA slots of the adapter's rank, and prompts
+    within its ``max_model_len``): another adapter on the same base is switched per request,
+    and a call that does not fit (the next iterate's merged copy, a judge model after the
+    policy, a longer sequence) restarts it. ``park`` ends a stage's use (the models it
+    exported are let go, a CUDA model goes back to its device, a CUDA engine sleeps until the
+    next call); ``close`` stops the engine.
 
     A stage-scoped session (``harness.engines.session``) pays one engine start for a stage's
     AlpacaEval answers, indicator samples and a self-judge's answers; a run-scoped one
