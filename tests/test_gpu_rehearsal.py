@@ -79,6 +79,7 @@ def ultrachat_rows(tag: str) -> list[dict]:
 
 WORDS = ["What colour is the sky on a clear day?", "What is the opposite of hot?", "Which animal barks?",
          "What is two plus two?", "What do bees make?"]
+RIGHT = ["Blue.", "Cold.", "A dog.", "Four.", "Honey."]
 
 
 def ultrafeedback_rows(tag: str) -> list[dict]:
@@ -157,6 +158,28 @@ def prepare_tasks(d: Path) -> Path:
     return d
 
 
+def prepare_eft(path: Path) -> Path:
+    """Self-Rewarding's M1 judge-training (EFT) data for the rehearsal: the UltraFeedback-shaped
+    prompts' candidates put into the built-in rubric (the self-judge's template, filled as the
+    judge fills it), each answered by a one-line justification ending in "Score: N". SmolLM2-135M
+    does not end a judgment in that form on its own (tried at 16 to 200 tokens, with the rubric
+    and with a one-line form: 0 of 24 judgments), so without M1 no self-judgment would parse;
+    the GPU config's model (Qwen2.5-0.5B-Instruct) needs no M1, and the config documents the
+    ``ift`` / ``eft`` files that turn it on."""
+    from harness.judges.parsing import fill_template, load_template
+
+    template = load_template("")
+    rows = []
+    for i, (question, right) in enumerate(zip(WORDS, RIGHT)):
+        wrong = RIGHT[(i + 1) % len(RIGHT)]
+        for k, (answer, why, score) in enumerate([(right, "Right and brief.", 4), (wrong, "Wrong.", 1),
+                                                  ("It depends.", "No answer.", 0)]):
+            rows.append({"id": f"eft{i}-{k}", "prompt": fill_template(template, f"Reply with one word only. {question}", answer),
+                         "response": f"{why}\nScore: {score}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 # ---- the judge endpoint -------------------------------------------------------------------
 
 _ANSWERS = re.compile(r"<answer (\d+)>")
@@ -222,7 +245,16 @@ SIZES = {
     "spin_qwen0.5b": ["generation.max_new_tokens=8", f"data.num_prompts={N_ROWS}", "eval.limit=2",
                       "eval.indicators.num_prompts=4"],
     "self_rewarding_qwen0.5b": ["generation.max_new_tokens=12", "data.num_prompts=8",
-                                "method.self_rewarding.prompts_per_iteration=4", "judge.self.max_new_tokens=16"],
+                                "method.self_rewarding.prompts_per_iteration=4", "judge.self.max_new_tokens=24",
+                                # a judge taught in 20 steps repeats itself in some judgments (2 of 16 measured)
+                                "judge.min_coverage=0.75",
+                                # M1 on the EFT data (prepare_eft): the rubric prompts (~370 tokens) cut from
+                                # the left to their last 72 tokens (the instruction to end in "Score: N"; every
+                                # example cut, so the cut-share guard is off), 20 steps at a rate that teaches
+                                # that form
+                                "method.self_rewarding.sft.max_length=96", "method.self_rewarding.sft.max_prompt_length=72",
+                                "method.self_rewarding.sft.max_truncated_share=1.0", "method.self_rewarding.sft.epochs=4",
+                                "method.self_rewarding.sft.learning_rate=2e-3", "method.self_rewarding.sft.batch_size=3"],
     "dno_qwen1.5b_qlora": ["generation.max_new_tokens=12", "method.dno.prompts_per_iteration=4",
                            "eval.validation.num_prompts=4"],
 }
@@ -267,6 +299,8 @@ def overrides(name: str, tasks: Path, ae_url: str, judge_url: str, out: Path) ->
         sets.append(f"judge.openai.base_url={judge_url}")
     if "[eval.validation.judge.openai]" in text:
         sets.append(f"eval.validation.judge.openai.base_url={judge_url}")
+    if name == "self_rewarding_qwen0.5b":  # M1 first (see prepare_eft)
+        sets.append(f"method.self_rewarding.eft={prepare_eft(out.parent / 'eft.jsonl')}")
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -292,7 +326,9 @@ def test_a_gpu_config_runs_on_cpu_unchanged_but_for_its_sizes(config, world):
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     doc = tomllib.loads(config.read_text())
     run_dir = out / doc["experiment"]["name"]
-    assert json.loads((run_dir / "config.json").read_text())["model"]["dtype"] == doc["model"]["dtype"]
+    recorded = json.loads((run_dir / "config.json").read_text())["config"]
+    assert recorded["model"]["dtype"] == doc["model"]["dtype"]  # the config's own (bfloat16), not the CPU default
+    assert recorded["model"]["base"] == "smollm2-135m-instruct"  # the --set overrides are the run's config
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS[name] + 1))
     for r in rows:  # AlpacaEval 2.0 (the hub file) judged through alpaca_eval's own annotator, every instruction
@@ -300,5 +336,8 @@ def test_a_gpu_config_runs_on_cpu_unchanged_but_for_its_sizes(config, world):
         assert r["metrics"]["alpaca_eval/n_total"] == r["metrics"]["alpaca_eval/n_instructions"] == 4
         if doc["eval"].get("lm_eval_tasks"):
             assert {"arc_easy_local", "gsm8k_local"} <= {k.split("/")[1] for k in r["metrics"] if k.startswith("lm_eval/")}
+    if doc["method"]["name"] == "self_rewarding":  # M1 taught the self-judge its form; it judged, pairs trained
+        assert (run_dir / "iter_000" / "init_sft" / "manifest.json").is_file()
+        assert rows[1]["metrics"]["judge/coverage"] >= 0.75 and rows[1]["metrics"]["train/n_pairs"] > 0
     if doc["judge"]["name"] == "openai":  # DNO's judge scored its samples through the endpoint
         assert fake.calls["score"] > 0
