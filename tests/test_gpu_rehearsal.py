@@ -48,7 +48,7 @@ REV = "0" * 39 + "1"
 KEY_ENV = "JUDGE_API_KEY"
 ULTRACHAT, ULTRAFEEDBACK = "HuggingFaceH4/ultrachat_200k", "HuggingFaceH4/ultrafeedback_binarized"
 AE_REPO, AE_FILE = "tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json"
-N_ROWS = 10      # rows per split; SPIN trains on all of them
+N_ROWS = 10      # rows per split
 PROMPT_CAP = 96   # training.max_prompt_length here; UltraChat's rows 0 and 5 are longer (cut, counted)
 
 
@@ -242,7 +242,9 @@ COMMON = ["model.base=smollm2-135m-instruct", "model.device=cpu",
           f"training.max_length={PROMPT_CAP + 32}", f"training.max_prompt_length={PROMPT_CAP}",
           "eval.alpaca_eval.limit=4", "eval.alpaca_eval.max_new_tokens=8"]
 SIZES = {
-    "spin_qwen0.5b": ["generation.max_new_tokens=8", f"data.num_prompts={N_ROWS}", "eval.limit=2",
+    # 8 prompts (rows 0 and 5 cut: 25%, under the config's max_truncated_share 0.3), one epoch: the second
+    # iteration trains on 16 pairs (newest_plus_previous)
+    "spin_qwen0.5b": ["generation.max_new_tokens=8", "data.num_prompts=8", "training.epochs=1", "eval.limit=2",
                       "eval.indicators.num_prompts=4"],
     "self_rewarding_qwen0.5b": ["generation.max_new_tokens=12", "data.num_prompts=8",
                                 "method.self_rewarding.prompts_per_iteration=4", "judge.self.max_new_tokens=24",
@@ -339,5 +341,5 @@ def test_a_gpu_config_runs_on_cpu_unchanged_but_for_its_sizes(config, world):
     if doc["method"]["name"] == "self_rewarding":  # M1 taught the self-judge its form; it judged, pairs trained
         assert (run_dir / "iter_000" / "init_sft" / "manifest.json").is_file()
         assert rows[1]["metrics"]["judge/coverage"] >= 0.75 and rows[1]["metrics"]["train/n_pairs"] > 0
-    if doc["judge"]["name"] == "openai":  # DNO's judge scored its samples through the endpoint
+    if doc.get("judge", {}).get("name") == "openai":  # DNO's judge scored its samples through the endpoint
         assert fake.calls["score"] > 0
