@@ -224,6 +224,7 @@ def test_a_stage_that_fails_mid_job_leaves_no_half_read_engine(fake, tmp_path):
         assert engines.vllm.worker is kept and len(FakeWorker.started) == 2
 
 
+@pytest.mark.usefixtures("library_console")  # a CLI test before may have left the console on its closed stream
 def test_a_two_iteration_run_starts_its_engine_once(fake, tmp_path):
     """A tiny SPIN run (2 iterations, the continue chain's adapter served on the unchanging base;
     AlpacaEval answers in every evaluate stage) with engine = "vllm": one engine start for the
