@@ -68,8 +68,8 @@ def compare(n: int, systems: list[str], url: str, concurrency: int) -> list[dict
 
 def main() -> None:
     from harness.engines.vllm_server import serve
-    from harness.models import offline_env
-    from harness.sources import locate, materialize
+    from harness.models.load import offline_env
+    from harness.models.sources import locate, materialize
 
     offline_env()
     os.environ.setdefault(KEY_ENV, "unused")

@@ -1,9 +1,9 @@
-"""Generation throughput: ``harness.generate.generate`` against plain Hugging Face ``model.generate``.
+"""Generation throughput: ``harness.engines.generate.generate`` against plain Hugging Face ``model.generate``.
 
 Same model, prompts, batches (the harness's length-sorted plan, left padding) and
 settings on both sides, for greedy and for sampled decoding (temperature, top-p),
 at each batch size (default 1 and 32). The Hugging Face side gets the same explicit
-``GenerationConfig`` as the harness (``harness.generate.generation_config``), plus
+``GenerationConfig`` as the harness (``harness.engines.generate.generation_config``), plus
 ``do_sample=True, temperature, top_p, top_k=0`` when sampling. Both sides must
 produce exactly ``--max-new-tokens`` tokens per row (``min_new_tokens`` forbids eos
 on both sides, and the counts are checked), so they do the same work. Each side is
@@ -24,7 +24,7 @@ step (all parameters once, tied embeddings once; KV-cache reads not counted).
 ``--random-shape small`` shrinks it (vocabulary kept) to try the path on a CPU.
 
 ``--engines hf,vllm``: instead, the generate stage's two engines (``[generation] engine``):
-``harness.generate`` against vLLM in ``.venv-vllm`` serving the same weights
+``harness.engines.generate`` against vLLM in ``.venv-vllm`` serving the same weights
 (``harness.engines.vllm_engine``), tokens/s per mode and batch size and their ratio
 (``greedy vllm/hf: R``, ``sampled vllm/hf: R``), vLLM's start time per batch size, and the
 greedy agreement of the two engines on every prompt.
@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from harness.generate import (Prompt, Sampling, generate, generation_config, plan_batches, render)
+from harness.engines.generate import (Prompt, Sampling, generate, generation_config, plan_batches, render)
 
 RANDOM_MODELS = ("qwen0.5b-random",)
 
@@ -223,7 +223,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct",
-                    help=f"a model reference for harness.models.load_model, or one of {RANDOM_MODELS}")
+                    help=f"a model reference for harness.models.load.load_model, or one of {RANDOM_MODELS}")
     ap.add_argument("--prompts", type=int, default=64, help="prompts per batch size above 1")
     ap.add_argument("--prompts-b1", type=int, default=4, help="prompts at batch size 1")
     ap.add_argument("--batch-sizes", default="1,32")
@@ -241,7 +241,7 @@ def main() -> None:
                     help="also time plain HF greedy decoding with a static KV cache (on CUDA transformers "
                          "then compiles the forward pass) against the default dynamic cache")
     ap.add_argument("--engines", default="",
-                    help="hf,vllm: compare the generate stage's engines (harness.generate vs vLLM in "
+                    help="hf,vllm: compare the generate stage's engines (harness.engines.generate vs vLLM in "
                          ".venv-vllm) instead of harness vs plain HF generate")
     args = ap.parse_args()
 
@@ -253,7 +253,7 @@ def main() -> None:
             torch.bfloat16 if device == "cuda" else torch.float32)
         model, tok = random_qwen(args.random_shape, device, dtype, prompts)
     else:
-        from harness.models import load_model, load_tokenizer
+        from harness.models.load import load_model, load_tokenizer
 
         model, tok = load_model(args.model, device=device), load_tokenizer(args.model)
     dev = next(model.parameters()).device

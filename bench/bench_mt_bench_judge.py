@@ -35,12 +35,12 @@ KEY_ENV = "HARNESS_LOCAL_JUDGE_KEY"  # the local server checks no key; the clien
 def main() -> None:
     import harness.judges  # noqa: F401  (judge kinds, for the config)
     import harness.methods  # noqa: F401
-    from harness.config import parse
+    from harness.config.experiment import parse
     from harness.engines.vllm_server import serve
     from harness.evaluate import mt_bench as mt
     from harness.evaluate.crosscheck import fastchat_itself
-    from harness.models import load_model, load_tokenizer, offline_env
-    from harness.sources import locate, materialize
+    from harness.models.load import load_model, load_tokenizer, offline_env
+    from harness.models.sources import locate, materialize
 
     offline_env()
     os.environ.setdefault(KEY_ENV, "unused")
@@ -101,7 +101,7 @@ def run_experiment(model_dir: Path, config: str, overrides: list[str]) -> None:
     ``harness table`` of its run directory (both printed as they come)."""
     import subprocess
 
-    from harness.config import load
+    from harness.config.experiment import load
     from harness.engines.vllm_server import serve
 
     sets = [*overrides, "eval.mt_bench.enabled=true", f"eval.mt_bench.judge.openai.model={SERVED}",

@@ -1,7 +1,7 @@
 """Where a harness iteration spends its time: one iteration of each method, stage by stage,
 and the share of wall time spent outside model forward, backward and generate.
 
-Each method runs ``harness.loop.run_experiment`` on its experiment file in
+Each method runs ``harness.run.loop.run_experiment`` on its experiment file in
 ``experiments/smollm2/`` (or ``--model tiny``: the same settings on the tiny world's
 model) shrunk to finish in a few minutes on 2 CPU cores: one iteration, ``--prompts``
 prompts of the tiny world (tiny:sft_train for SPIN, tiny:prompts_train for the others),
@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from harness.models import offline_env
+from harness.models.load import offline_env
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("forward", "backward", "generate", "optim")
@@ -88,7 +88,7 @@ class Clock:
         from transformers import PreTrainedModel
         from transformers.generation.utils import GenerationMixin
 
-        from harness import store
+        from harness.store import files as store
 
         clock = self
 
@@ -162,7 +162,7 @@ class Clock:
 def experiment(method: str, args, out: Path):
     """The method's SmolLM2 experiment file, shrunk (see the module doc)."""
     import harness.methods  # noqa: F401  (registers the methods the config names)
-    from harness.config import parse
+    from harness.config.experiment import parse
 
     doc = tomllib.loads((REPO / "experiments" / "smollm2" / f"{method}.toml").read_text())
     doc["experiment"].update(name=f"bench-{method}", output_dir=str(out))
@@ -238,7 +238,7 @@ def random_model(shape: str, out: Path) -> str:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from bench_generate import QWEN05_SHAPE, SMALL_SHAPE
-    from harness.sources import resolve_ref
+    from harness.models.sources import resolve_ref
 
     tok = AutoTokenizer.from_pretrained(resolve_ref("tiny"))
     dims = {**(QWEN05_SHAPE if shape == "full" else SMALL_SHAPE), "vocab_size": len(tok)}
@@ -255,8 +255,8 @@ def random_model(shape: str, out: Path) -> str:
 
 
 def run_method(method: str, args, clock: Clock, root: Path) -> float:
-    from harness.loop import run_experiment
-    from harness.store import read_json
+    from harness.run.loop import run_experiment
+    from harness.store.files import read_json
 
     cfg = experiment(method, args, root / method)
     clock.spent.clear()
@@ -317,7 +317,7 @@ def main() -> int:
     import trl  # noqa: F401
 
     import harness.evaluate  # noqa: F401
-    import harness.loop  # noqa: F401
+    import harness.run.loop  # noqa: F401
     import harness.train  # noqa: F401
     print(f"model={args.model} threads={torch.get_num_threads()} prompts={args.prompts} samples={args.samples} "
           f"eval_n={args.eval_n} torch={torch.__version__} cuda={torch.cuda.is_available()} "

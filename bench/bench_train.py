@@ -43,12 +43,12 @@ from pathlib import Path
 
 import torch
 
-from harness.models import offline_env
+from harness.models.load import offline_env
 
 
 def make_cfg(args, out: Path, dtype: str = "float32"):
     import harness.methods  # noqa: F401  (registers the methods the config names)
-    from harness.config import parse
+    from harness.config.experiment import parse
 
     return parse({
         "experiment": {"name": "bench-train", "output_dir": str(out), "seed": 0},
@@ -62,9 +62,9 @@ def make_cfg(args, out: Path, dtype: str = "float32"):
 
 def make_pairs(cfg, n: int, max_new_tokens: int) -> list[dict]:
     """SPIN iteration-1 pairs: the data's answer is chosen, the model's greedy answer rejected."""
-    from harness.data import load_examples
-    from harness.generate import Prompt, Sampling, generate
-    from harness.models import load_policy
+    from harness.models.data import load_examples
+    from harness.engines.generate import Prompt, Sampling, generate
+    from harness.models.load import load_policy
 
     examples = load_examples(cfg.data, seed=0)[:n]
     model, tok = load_policy(cfg, [])
@@ -75,7 +75,7 @@ def make_pairs(cfg, n: int, max_new_tokens: int) -> list[dict]:
 
 
 def run_harness(cfg, pairs, out: Path, precompute: bool = True) -> tuple[float, dict]:
-    from harness.models import load_policy
+    from harness.models.load import load_policy
     from harness.train import train_dpo
 
     model, tok = load_policy(cfg, [])
@@ -90,7 +90,7 @@ def run_trl(cfg, pairs, out: Path) -> tuple[float, dict]:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from harness.models import load_policy
+    from harness.models.load import load_policy
 
     model, tok = load_policy(cfg, [])  # same weights and tokenizer as the harness side
     t, lora = cfg.training, cfg.lora
@@ -118,7 +118,7 @@ def run_trl(cfg, pairs, out: Path) -> tuple[float, dict]:
 def logprob_agreement(cfg32, cfg16, pairs) -> tuple[float, float, float]:
     """(max |diff|, mean |diff|, mean |logp|) of the pairs' chosen + rejected log-probs,
     bfloat16 model vs float32 model."""
-    from harness.models import load_policy
+    from harness.models.load import load_policy
     from harness.train import pair_logps
 
     got = []

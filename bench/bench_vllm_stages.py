@@ -38,8 +38,8 @@ STAGES = {"spin": (("generate", 1),), "self_rewarding": (("generate", 2), ("judg
 def policies(tmp: Path, dtype: str):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from harness.models import load_model, load_tokenizer
-    from harness.sources import locate, materialize
+    from harness.models.load import load_model, load_tokenizer
+    from harness.models.sources import locate, materialize
 
     path = materialize(locate("smollm2-135m-instruct"))
     out = []
@@ -54,9 +54,9 @@ def policies(tmp: Path, dtype: str):
 
 
 def run(method: str, design: str, models, tok, n: int, max_new: int) -> list[dict]:
-    from harness.config import GenerationSection
+    from harness.config.experiment import GenerationSection
     from harness.engines import Engines
-    from harness.generate import Prompt, Sampling
+    from harness.engines.generate import Prompt, Sampling
     from harness.tiny.tasks import make_split
 
     gen = GenerationSection(engine="vllm", vllm_weights="adapter" if design == "run-adapter" else "auto",

@@ -110,7 +110,7 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - <<'EOF' || { echo "error: the harness cannot be imported for a run (above)" >&2; exit 1; }
 import sys
 import torch, transformers, peft, trl, datasets, scipy
-import harness.cli, harness.loop, harness.train.trainer  # what a run imports
+import harness.cli, harness.run.loop, harness.train.trainer  # what a run imports
 print(f"python {sys.version.split()[0]} torch {torch.__version__} transformers {transformers.__version__} "
       f"peft {peft.__version__} trl {trl.__version__} datasets {datasets.__version__} "
       f"cuda {torch.cuda.is_available()}")

@@ -2,7 +2,7 @@
 # The wheels bench/gpu.sh brings to a GPU machine that has torch, transformers, peft, accelerate,
 # pandas and pyarrow but no package index: what a harness run imports beyond those when it runs
 # no lm-eval and no AlpacaEval evaluation (trl for training, datasets and its own needs that
-# trl imports, scipy for the paired statistics of harness.outcomes, and small pure-Python
+# trl imports, scipy for the paired statistics of harness.evaluate.outcomes, and small pure-Python
 # packages that such a machine may lack). Pinned as in requirements.lock; --no-deps: only these.
 # Downloaded into bench/wheels/ (kept out of version control by its own .gitignore), about 38 MB.
 #

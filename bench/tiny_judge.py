@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from harness.judges.parsing import parse_score  # the strict parser the harness itself uses
-from harness.store import read_jsonl
+from harness.store.files import read_jsonl
 from harness.tiny import tasks, warmup
 from harness.tiny.build import ensure_tiny
 from harness.tiny.oracle import grade, response_with_score

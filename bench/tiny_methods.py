@@ -24,9 +24,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from harness import config
-from harness.loop import Runner
-from harness.store import run_lock
+from harness.config import experiment as config
+from harness.run.loop import Runner
+from harness.store.files import run_lock
 
 EM = "lm_eval/tiny_gen/exact_match"
 OUT = Path("results/bench")
@@ -47,9 +47,9 @@ def em_row(rows, key=EM) -> str:
 
 
 def bench_spin(experiments: Path = EXPERIMENTS) -> None:
-    from harness.data import load_examples
+    from harness.models.data import load_examples
     from harness.evaluate import run_lm_eval
-    from harness.models import load_policy
+    from harness.models.load import load_policy
     from harness.train import train_sft
 
     cfg = config.load(experiments / "spin.toml")

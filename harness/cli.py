@@ -10,18 +10,18 @@ import os
 import sys
 from pathlib import Path
 
-from harness import console
+from harness.console import terminal as console
 from harness.fmt import short_path
-from harness.schema import ConfigError
+from harness.config.schema import ConfigError
 
 
 def _validate(args) -> int:
-    from harness import config
+    from harness.config import experiment as config
 
     if args.explain:
         from harness.judges import JUDGES
         from harness.methods import METHODS
-        from harness.schema import explain
+        from harness.config.schema import explain
 
         rows = explain(config.Config)
         for name in METHODS.names():
@@ -57,7 +57,7 @@ def _validate(args) -> int:
 def _existing_run(cfg) -> list[str]:
     """What a run of ``cfg`` would meet in its existing run directory: a note of where it
     continues (on stdout) and, returned, the finished stages it would refuse."""
-    from harness.reuse import last_finished_iteration
+    from harness.run.reuse import last_finished_iteration
 
     last = last_finished_iteration(cfg.run_dir)
     if last is None:
@@ -72,7 +72,7 @@ def _existing_run(cfg) -> list[str]:
 
 def _existing_conflicts(cfg) -> list[str]:
     """The finished stages of ``cfg``'s run directory that this config would refuse, as lines."""
-    from harness.reuse import finished_conflicts
+    from harness.run.reuse import finished_conflicts
 
     return [f"{short_path(cfg.run_dir)}: {c}: the run would stop there (revert the change, or --fresh for a "
             "new run directory)" for c in finished_conflicts(cfg)]
@@ -81,7 +81,7 @@ def _existing_conflicts(cfg) -> list[str]:
 def _sweep_points(args) -> list[tuple[str, ...]] | None:
     """The grid of the command's ``--sweep`` options (``config.sweep_grid``); None, after one
     ``error:`` line, when one is malformed."""
-    from harness import config
+    from harness.config import experiment as config
 
     try:
         return config.sweep_grid(args.sweeps)
@@ -98,8 +98,8 @@ def load_checked(files: list[str], check_endpoints: bool = False, overrides: lis
     ...``; a field an override wrote as ``FILE: --set path: ...``, one a sweep point wrote as
     ``FILE: --sweep KEY=VALUE: ...``), each line once however many points share it.
     Returns ([(config, validate.Report)] of the (file, point)s that passed, whether all did)."""
-    from harness import config
-    from harness.validate import check
+    from harness.config import experiment as config
+    from harness.validate.experiment import check
 
     good, said = [], set()
 
@@ -131,7 +131,7 @@ def load_checked(files: list[str], check_endpoints: bool = False, overrides: lis
 
 def _run(args) -> int:
     """Run each experiment with one line per stage on the terminal; everything other
-    libraries print goes to RUN_DIR/harness.log (see harness.console)."""
+    libraries print goes to RUN_DIR/harness.log (see harness.console.terminal)."""
 
     if args.address and args.launcher != "ray":
         console.error("harness run: --address goes with --launcher ray")
@@ -157,7 +157,7 @@ def _run(args) -> int:
             if not ok:
                 return 1
         cfgs = [c for cfg, _ in checked for c in cfg.for_seeds(args.seeds)]
-        from harness.validate_values import seed_problem
+        from harness.validate.values import seed_problem
 
         bad_seeds = [(c, p) for c in cfgs if args.seeds and (p := seed_problem(c.experiment.seed, c.method.iterations))]
         for c, problem in bad_seeds:  # experiment.seeds were checked with the file; --seeds only here
@@ -176,11 +176,11 @@ def _run(args) -> int:
             if refused:
                 return 1
         if args.launcher == "ray":
-            from harness.launch_ray import run_ray
+            from harness.run.launch_ray import run_ray
 
             return run_ray(cfgs, address=args.address, jobs=args.jobs, fresh=args.fresh, overrides=args.overrides)
         if (args.jobs or 1) > 1 and len(cfgs) > 1:
-            from harness.launch import run_parallel
+            from harness.run.launch import run_parallel
 
             return run_parallel(cfgs, jobs=args.jobs, fresh=args.fresh, overrides=args.overrides)
         return _run_checked(args, cfgs)
@@ -215,13 +215,13 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 
 def _run_checked(args, cfgs: list) -> int:
-    from harness.data import DataError
+    from harness.models.data import DataError
     from harness.judges import CoverageError
-    from harness.loop import run_experiment
-    from harness.reuse import adopt_iteration0
-    from harness.cost import cost_summary
+    from harness.run.loop import run_experiment
+    from harness.run.reuse import adopt_iteration0
+    from harness.store.cost import cost_summary
     from harness.report import combined_board, run_board
-    from harness.store import RunLocked, StageChanged
+    from harness.store.files import RunLocked, StageChanged
     from harness.train import TrainingError
 
     known = (StageChanged, RunLocked, CoverageError, DataError, TrainingError, FileNotFoundError)
@@ -298,9 +298,9 @@ def _crash(cfg, e: BaseException) -> int:
 
 
 def _status(args) -> int:
-    from harness.rundir import RunDir
-    from harness.reuse import status
-    from harness.store import read_json
+    from harness.store.rundir import RunDir
+    from harness.run.reuse import status
+    from harness.store.files import read_json
 
     layout = RunDir(args.run_dir)
     if not layout.config.exists():

@@ -7,7 +7,7 @@ is finished when its results row is in ``results.jsonl``; its adapters are check
 hashes their stages recorded, and the base's weights against the run's provenance, so an
 export never pairs adapters with weights they were not trained on.
 
-The model of iteration t is the run's base with its adapter chain (harness.models): merge
+The model of iteration t is the run's base with its adapter chain (harness.models.load): merge
 chain, every adapter (Self-Rewarding's SFT adapter, then iterations 1..t) merged in order;
 continue chain, the newest adapter alone. The export merges that chain in float32 into the
 base's weights as the run held them: a float32 base as is, a bfloat16 base upcast (exactly),
@@ -15,7 +15,7 @@ a 4- or 8-bit base dequantized (the weights its quantized layers compute with; a
 also rounds its inputs, which no float32 model does: 2.2e-3 nats per sequence apart on a tiny
 model, against 8e-6 for 4-bit). It is saved in float32, always: the update of a late
 iteration is below half of bfloat16's spacing for most weights, so a merged model saved in
-bfloat16 (even one merged in float32 and cast back) loses most of it (harness.models: 0.24 of
+bfloat16 (even one merged in float32 and cast back) loses most of it (harness.models.load: 0.24 of
 its effect kept); float32 holds it, at twice the size. The directory holds the weights, the run's tokenizer with its chat template
 (``model.chat_template`` applied), the base's generation config with the end-of-turn ids the
 harness stops at and its pad id (sampling settings stay the base's: the run's own are in its
@@ -47,15 +47,15 @@ import torch
 
 import harness.judges  # noqa: F401  (registers the judge kinds a run's config names)
 import harness.methods  # noqa: F401  (registers the methods a run's config names)
-from harness import store
-from harness.config import Config, parse
-from harness.generate import _eos_ids
-from harness.models import load_base, load_model, load_tokenizer, offline_env
+from harness.store import files as store
+from harness.config.experiment import Config, parse
+from harness.engines.generate import _eos_ids
+from harness.models.load import load_base, load_model, load_tokenizer, offline_env
 from harness.report.card import CardFacts, model_card
 from harness.report.rows import ResultsError, load_rows
-from harness.rundir import MANIFEST, RunDir
-from harness.schema import ConfigError
-from harness.sources import SourceError, identity, locate, materialize
+from harness.store.rundir import MANIFEST, RunDir
+from harness.config.schema import ConfigError
+from harness.models.sources import SourceError, identity, locate, materialize
 
 EXPORT_FILE = "harness_export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -75,8 +75,8 @@ class Iterate:
     iteration: int
     chosen_by: str         # how it was picked, for the card and the terminal
     row: dict              # its results row
-    adapters: list[Path]   # its adapter chain (harness.models.load_policy's ``adapters``)
-    base: str              # the base model's loadable path (harness.sources.materialize)
+    adapters: list[Path]   # its adapter chain (harness.models.load.load_policy's ``adapters``)
+    base: str              # the base model's loadable path (harness.models.sources.materialize)
 
 
 # ---------------------------------------------------------------- which iterate
@@ -94,7 +94,7 @@ def _read_config(layout: RunDir) -> tuple[Config, str]:
 
 def adapter_chain(layout: RunDir, chain: str, t: int) -> list[Path]:
     """The saved adapters of iteration ``t``'s model, oldest first, as the loop chains them
-    (harness.stages): the SFT adapter of iteration 0 when there is one, then the train stage
+    (harness.run.stages): the SFT adapter of iteration 0 when there is one, then the train stage
     of each iteration 1..t; a continue chain keeps only the newest."""
     found = [layout.stage(0, "init_sft") / "adapter"] if layout.manifest(0, "init_sft").exists() else []
     found += [layout.stage(k, "train") / "adapter" for k in range(1, t + 1)]
@@ -204,7 +204,7 @@ def dequantized(quantized, cfg: Config, base: str):
 
 def full_precision_policy(cfg: Config, adapters: list[Path], base: str):
     """(model, tokenizer): the model of the chain ``adapters`` as one plain float32 model, on
-    the CPU: the base as the run loads it (harness.models.load_base), in float32 (dequantized
+    the CPU: the base as the run loads it (harness.models.load.load_base), in float32 (dequantized
     when quantized), with every adapter of the chain merged in float32, in order."""
     from peft import PeftModel
 
@@ -218,7 +218,7 @@ def full_precision_policy(cfg: Config, adapters: list[Path], base: str):
 
 
 def _generation_config(model, tok) -> None:
-    """The base's generation config, stopping where the harness stops (harness.generate's eos
+    """The base's generation config, stopping where the harness stops (harness.engines.generate's eos
     ids: the model's and the tokenizer's) and padding with the tokenizer's pad id."""
     gc = model.generation_config
     eos = sorted(_eos_ids(model, tok))

@@ -7,7 +7,7 @@ A row gives the title (plots), the terminal table's header, the format (``digits
 evaluation or stage that produces it, the views that show it, and its text in a
 stage's terminal line. Everything that shows metrics reads this table: the
 leaderboard's default columns and Δ columns, the terminal table, the plots, the stage
-lines (harness.summary), and ``harness validate``'s list of names an evaluation
+lines (harness.console.summary), and ``harness validate``'s list of names an evaluation
 produces. Adding a metric is its producer plus one row here.
 
 Names are exact keys or patterns: ``*`` stands for any text within one ``/``
@@ -25,7 +25,7 @@ Views: ``table`` (the leaderboard's default metric columns, files and HTML), ``d
 (gets a "Δ" column against iteration 0), ``terminal`` (a main column of the terminal
 table; ``companions`` follow it there), ``plot`` (a panel per experiment), ``compare``
 (a panel of the side-by-side comparison). ``lines`` maps a stage's name to the metric's
-text in that stage's line; its syntax is harness.summary's.
+text in that stage's line; its syntax is harness.console.summary's.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ CATALOGUE: tuple[Metric, ...] = (
       format="count", producer=PAIRS),
     M("pairs/rejected_cut", "pairs whose rejected answer was cut at max_new_tokens (trained without end-of-turn)",
       format="count", producer=PAIRS, lines={"pairs": "{} with a cut rejected"}),
-    # judge: the method's judge scoring candidates (harness.judging)
+    # judge: the method's judge scoring candidates (harness.judges.judging)
     M("judge/n_items", "items judged", format="count", producer=JUDGE, lines={"judge": "{} judged"}),
     M("judge/coverage", "items with a valid judgment", format="percent", higher_is_better=True, producer=JUDGE,
       views=TABLE, lines={"judge": "coverage {}"}),
@@ -197,7 +197,7 @@ CATALOGUE: tuple[Metric, ...] = (
       higher_is_better=False, producer=SELF_INSTRUCT, lines={"self_instruct": "{} cut"}),
     M("self_instruct/cut_share", "share of self-instruction outputs cut", format="percent", higher_is_better=False,
       producer=SELF_INSTRUCT),
-    # validation: [eval.validation]'s judge (harness.selection); its other metrics are
+    # validation: [eval.validation]'s judge (harness.run.selection); its other metrics are
     # "validation/" + an evaluate metric, shown with that metric's evaluate text
     M("validation/judge/score_mean", "validation judge score", digits=2, higher_is_better=True,
       producer=VALIDATION_JUDGE,
@@ -209,7 +209,7 @@ CATALOGUE: tuple[Metric, ...] = (
       producer=VALIDATION_JUDGE),
     M("validation/judge/cut_share", "share of validation answers cut at generation.max_new_tokens",
       format="percent", producer=VALIDATION_JUDGE),
-    # the row: wall time, which iterate was selected, what it cost (harness.cost)
+    # the row: wall time, which iterate was selected, what it cost (harness.store.cost)
     M("wall_time_s", "wall time (s)", higher_is_better=False, producer=LOOP, views=TABLE),
     M("selected", "selected iterate", format="count", producer=LOOP),
     M("cost/wall_s", "wall time of the stages (s)", higher_is_better=False, producer=COST, views=TABLE),

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from test_eval_fixtures import tiny_dir  # noqa: E402,F401  (the random tiny model fixture)
-from harness import console  # noqa: E402
+from harness.console import terminal as console  # noqa: E402
 import harness.judges  # noqa: E402,F401  (registers the judge kinds, as the CLI does)
 import harness.methods  # noqa: E402,F401  (registers the methods, as the CLI does)
 

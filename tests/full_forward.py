@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from harness.generate import completion_ids
+from harness.engines.generate import completion_ids
 
 
 @torch.inference_mode()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import config
+from harness.config import experiment as config
 from harness.cli import main
-from harness.schema import ConfigError
+from harness.config.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").rglob("*.toml"))
@@ -105,7 +105,7 @@ def test_missing_required_tables_all_reported(tmp_path):
 def test_every_shipped_experiment_validates(path):
     """Parses, and every referenced file, model and task resolves (what this machine lacks
     must be declared in experiment.requires: hub ids, CUDA, judge endpoints)."""
-    from harness.validate import check
+    from harness.validate.experiment import check
 
     cfg = config.load(path)
     report = check(cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_eval_fixtures import experiment_head
 
-from harness import console
+from harness.console import terminal as console
 
 
 @pytest.fixture(autouse=True)
@@ -305,7 +305,7 @@ def test_a_full_disk_ends_in_one_line_and_exit_1():
 
 
 def test_provenance_outside_a_git_checkout(tmp_path, capfd):
-    from harness.provenance import git_state
+    from harness.run.provenance import git_state
 
     assert git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": None}
     if subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], capture_output=True).returncode == 0:

@@ -1,4 +1,4 @@
-"""Cost accounting (harness.cost): what every stage's manifest and every results row say it cost."""
+"""Cost accounting (harness.store.cost): what every stage's manifest and every results row say it cost."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from harness import cost
-from harness.generate import Prompt, Sampling, generate
+from harness.store import cost
+from harness.engines.generate import Prompt, Sampling, generate
 from harness.judges.base import JudgeItem, Verdict
 from test_eval_fixtures import tiny  # noqa: F401  (fixture)
 
@@ -45,7 +45,7 @@ def test_plain_generate_with_padding_after_a_stop(tiny):
 
 
 def test_judge_calls_count_answers_and_skip_cache_hits(tmp_path):
-    from harness.config import JudgeSection
+    from harness.config.experiment import JudgeSection
     from harness.judges import build_judge
 
     class ThreeSamples:
@@ -94,7 +94,7 @@ def test_http_judge_usage_tokens(monkeypatch):
 
 
 def test_row_metrics_and_summary():
-    from harness.cost import cost_summary
+    from harness.store.cost import cost_summary
 
     stages = [{"wall_s": 10.0, "gen_tokens": 1200, "train_tokens": 0, "judge_calls": 0, "peak_mem_mb": 900.0,
                "peak_rss_mb": 900.0, "device": "cpu"},
@@ -123,10 +123,10 @@ def test_row_metrics_and_summary():
 def test_a_run_records_cost_per_stage_and_per_row(tiny_dir, tmp_path):
     """Every stage manifest has a cost reading; rows sum their stages; generated and trained
     tokens agree with the stages' own counts."""
-    from harness.config import load
-    from harness.loop import run_experiment
-    from harness.cost import cost_summary
-    from harness.store import read_json
+    from harness.config.experiment import load
+    from harness.run.loop import run_experiment
+    from harness.store.cost import cost_summary
+    from harness.store.files import read_json
     from test_console import _experiment
 
     cfg = load(_experiment(tmp_path, tiny_dir, tmp_path / "out"))

@@ -8,12 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import stages, store
+from harness.run import stages
+from harness.store import files as store
 from harness.engines.vllm_engine import _sample
-from harness.generate import CUT, Prompt, Sampling, completion_ids, cut_metrics, generate, is_cut
+from harness.engines.generate import CUT, Prompt, Sampling, completion_ids, cut_metrics, generate, is_cut
 from harness.methods import METHODS
 from harness.methods.base import Candidate, Group, IterationContext
-from harness.models import load_policy
+from harness.models.load import load_policy
 from harness.train import dpo_trainer
 from harness.train.probe import _sides
 from test_eval_fixtures import tiny  # noqa: F401  (the fixture)
@@ -151,8 +152,8 @@ def test_short_samples_through_the_loop_are_counted_and_cut_chosen_answers_dropp
     """Self-Rewarding with an oracle judge and answers capped at 4 tokens: the generate stage
     counts the cut samples, the pairs stage drops exactly the pairs whose best sample is cut
     and marks kept cut rejected answers, and training runs on them."""
-    from harness.config import parse
-    from harness.loop import run_experiment
+    from harness.config.experiment import parse
+    from harness.run.loop import run_experiment
 
     doc = {"experiment": {"name": "cut", "seed": 0, "output_dir": str(tmp_path / "out")},
            "model": {"base": "tiny", "device": "cpu", "cpu_threads": 1}, "lora": {"r": 4, "alpha": 8},

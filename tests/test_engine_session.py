@@ -11,10 +11,10 @@ import copy
 
 import pytest
 
-from harness.config import parse
+from harness.config.experiment import parse
 from harness.engines import Engine, Engines
-from harness.generate import generate as hf_generate
-from harness.loop import run_experiment
+from harness.engines.generate import generate as hf_generate
+from harness.run.loop import run_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("library_console")]
 
@@ -80,7 +80,7 @@ def test_every_generating_stage_uses_the_stage_engine(tmp_path, monkeypatch):
 def test_a_model_judge_built_with_an_engine_writes_with_it_and_is_cached_apart(tmp_path):
     from harness.judges import build_judge
     from harness.judges.base import JudgeItem
-    from harness.models import load_policy
+    from harness.models.load import load_policy
 
     cfg = parse(copy.deepcopy(sr_doc(tmp_path)), "test.toml")
     model, tok = load_policy(cfg, [])

@@ -16,12 +16,12 @@ import pytest
 from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F401  (fixtures)
 from test_judges_http import local_server, send_json
 
-from harness.config import AlpacaEvalSection
+from harness.config.experiment import AlpacaEvalSection
 from harness.evaluate.alpaca import (AE_SET_SIZE, annotate_alpaca_eval, compute_metrics, load_instructions,
                                      run_alpaca_eval)
 from harness.evaluate.annotators import AE2, RUBRIC, AlpacaEvalAnnotator, Endpoint, config_problems
 from harness.evaluate.crosscheck import alpaca_eval_itself
-from harness.judging import JudgeTransportError
+from harness.judges.judging import JudgeTransportError
 
 KEY_ENV = "HARNESS_TEST_ANNOTATOR_KEY"
 AE_DATA = SHARED_DATA / "alpaca_eval"
@@ -159,7 +159,7 @@ def test_preferences_and_statistics_equal_alpaca_eval_itself(name, endpoint, tmp
 
 
 def _section(ins: str, url: str, **kw) -> AlpacaEvalSection:
-    from harness.config import parse
+    from harness.config.experiment import parse
 
     doc = {"experiment": {"name": "t"}, "model": {"base": "tiny"}, "method": {"name": "spin"},
            "data": {"train": "tiny:sft"},
@@ -320,8 +320,8 @@ def test_impossible_logprobs_are_found_in_both_reply_formats():
 
 
 def test_config_checks_name_the_annotator_and_its_endpoint(tmp_path):
-    from harness.config import parse
-    from harness.schema import ConfigError
+    from harness.config.experiment import parse
+    from harness.config.schema import ConfigError
 
     def errors(ae: dict) -> str:
         doc = {"experiment": {"name": "t"}, "model": {"base": "tiny"}, "method": {"name": "spin"},
@@ -402,7 +402,7 @@ def test_length_controlled_win_rate_from_a_cached_df_gamed_only(tmp_path, monkey
 def test_only_openais_own_api_is_priced(monkeypatch):
     """alpaca_eval prices a completion by the config's model name; the harness passes that price
     on only for OpenAI's API: a local or unknown endpoint under the same name gets none (NaN)."""
-    from harness.annotator_configs import OPENAI_API, official_endpoint
+    from harness.config.annotator_configs import OPENAI_API, official_endpoint
     from harness.evaluate.annotators import EndpointCompletions
 
     monkeypatch.setenv(KEY_ENV, "sekrit")

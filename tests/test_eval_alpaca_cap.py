@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
-from harness.config import (AlpacaEvalSection, Config, DataSection, EvalSection, ExperimentSection,
+from harness.config.experiment import (AlpacaEvalSection, Config, DataSection, EvalSection, ExperimentSection,
                             GenerationSection, IndicatorSection, MethodSection, ModelSection, ValidationSection)
 from harness.evaluate import evaluate_iteration
 from harness.judges.base import Verdict
-from harness.selection import run_validation
+from harness.run.selection import run_validation
 
 
 class LongerWins:

@@ -100,7 +100,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     """(model, tokenizer) loaded the way the harness loads them."""
-    from harness.models import load_model, load_tokenizer
+    from harness.models.load import load_model, load_tokenizer
 
     return load_model(str(tiny_dir), device="cpu"), load_tokenizer(str(tiny_dir))
 
@@ -115,7 +115,7 @@ def datasets_cache(tmp_path, monkeypatch):
 
 
 def test_tiny_model_fixture_is_usable(tiny):
-    from harness.generate import render
+    from harness.engines.generate import render
 
     model, tok = tiny
     text = render(tok, [{"role": "user", "content": "say 3"}])

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from harness.config import AlpacaEvalSection
+from harness.config.experiment import AlpacaEvalSection
 from harness.evaluate.alpaca import run_alpaca_eval
 from harness.judges.base import Verdict
-from harness.models import load_model, load_tokenizer
+from harness.models.load import load_model, load_tokenizer
 
 
 class LongerWins:

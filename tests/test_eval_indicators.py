@@ -10,9 +10,9 @@ import torch
 
 from test_eval_fixtures import tiny, tiny_dir  # noqa: F401  (fixtures)
 
-from harness.config import IndicatorSection
+from harness.config.experiment import IndicatorSection
 from harness.evaluate.indicators import check_thresholds, distinct_n, indicator_metrics, run_indicators
-from harness.generate import Prompt, topk_stats
+from harness.engines.generate import Prompt, topk_stats
 
 
 def test_topk_stats_match_the_formula_on_hand_built_logits():

@@ -16,7 +16,7 @@ import torch
 
 from test_eval_fixtures import MC_YAML, OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache, require, tiny, tiny_dir  # noqa: F401
 
-from harness.config import EvalSection
+from harness.config.experiment import EvalSection
 from harness.evaluate import lm_eval_adapter
 from harness.evaluate.lm_eval_adapter import _check_names, flat_metrics, primary_key, resolve_task_specs, run_lm_eval
 
@@ -86,7 +86,7 @@ def runs(tmp_path_factory, request):
     import datasets
     from lm_eval import tasks as lm_tasks
 
-    from harness.models import load_model, load_tokenizer
+    from harness.models.load import load_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("lm_eval")
     old_cache = datasets.config.HF_DATASETS_CACHE
@@ -231,9 +231,9 @@ def test_a_harness_run_at_a_tasks_own_shots_equals_the_command_line(tmp_path, da
     ``num_fewshot: 2``, with no few-shot setting in the experiment, gives at iteration 0 (the
     tiny model) exactly the number of the ``lm_eval`` command line with the same chat-template
     flag and no --num_fewshot, the same answers, and the row's protocol says 2 shots."""
-    from harness.config import parse
-    from harness.loop import run_experiment
-    from harness.sources import resolve_ref
+    from harness.config.experiment import parse
+    from harness.run.loop import run_experiment
+    from harness.models.sources import resolve_ref
     from harness.tiny.data import lm_eval_yamls
 
     model_dir = resolve_ref("tiny")
@@ -372,7 +372,7 @@ def test_peft_model_is_evaluated_in_memory(tmp_path, datasets_cache):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from harness.models import load_model, load_tokenizer
+    from harness.models.load import load_model, load_tokenizer
 
     model_dir = build_tiny_model(tmp_path / "model")
     base, tok = load_model(str(model_dir), device="cpu"), load_tokenizer(str(model_dir))

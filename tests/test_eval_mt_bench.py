@@ -15,9 +15,9 @@ from test_judges_http import local_server, send_json
 
 import harness.judges  # noqa: F401  (registers the judge kinds the config parses)
 import harness.methods  # noqa: F401
-from harness.config import parse
+from harness.config.experiment import parse
 from harness.evaluate import mt_bench as mt
-from harness.judging import JudgeTransportError
+from harness.judges.judging import JudgeTransportError
 
 KEY_ENV = "HARNESS_TEST_MT_BENCH_KEY"
 IDS = [81, 101, 111, 131]  # writing, reasoning, math, extraction
@@ -188,7 +188,7 @@ def test_turns_are_generated_in_order_at_fastchats_temperatures(judge, tmp_path)
 
 
 def test_run_resumes_and_writes_items_and_protocol(tiny, judge, tmp_path):
-    from harness.outcomes import read_items, write_items
+    from harness.evaluate.outcomes import read_items, write_items
     from harness.report import protocol as P
 
     model, tok = tiny
@@ -228,7 +228,7 @@ def test_run_resumes_and_writes_items_and_protocol(tiny, judge, tmp_path):
 
 
 def test_transport_faults_are_never_stored_and_a_rerun_asks_only_them(judge, tmp_path):
-    from harness.store import JsonlLog
+    from harness.store.files import JsonlLog
 
     healed = threading.Event()
 
@@ -256,7 +256,7 @@ def test_transport_faults_are_never_stored_and_a_rerun_asks_only_them(judge, tmp
 
 def test_a_refused_request_stops_judging_and_keeps_what_was_judged(judge, tmp_path):
     from harness.judges.http import JudgeRequestError
-    from harness.store import JsonlLog
+    from harness.store.files import JsonlLog
 
     first = {"asked": 0}
 
@@ -305,7 +305,7 @@ def test_fastchat_judgment_file_imports_as_a_row(tmp_path):
 
 
 def test_config_rules():
-    from harness.schema import ConfigError
+    from harness.config.schema import ConfigError
 
     def errors(**kw):
         doc = {"experiment": {"name": "t"}, "model": {"base": "tiny"}, "method": {"name": "spin"},

@@ -22,13 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import console, fmt, store
+from harness import fmt
+from harness.console import terminal as console
+from harness.store import files as store
 from harness.cli import main
-from harness.config import parse
+from harness.config.experiment import parse
 from harness.export import EXPORT_FILE, ExportError, adapter_chain, find_iterate, full_precision_policy, write_adapter
-from harness.models import load_model, load_policy
+from harness.models.load import load_model, load_policy
 from harness.report.protocol import label, record, scope_of
-from harness.rundir import RunDir
+from harness.store.rundir import RunDir
 from harness.train import pair_logps
 from test_train import qlora_dir  # noqa: F401  (the 4-bit-able tiny model fixture)
 
@@ -57,7 +59,7 @@ def spin_doc(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A finished tiny SPIN run with 2 iterations (merge chain: 2 adapters)."""
-    from harness.loop import run_experiment
+    from harness.run.loop import run_experiment
 
     console.reset()
     try:

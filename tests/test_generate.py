@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from harness.generate import (_GOLDEN, Prompt, Sampling, SeededSampler, generate, generation_settings, gumbel_noise,
+from harness.engines.generate import (_GOLDEN, Prompt, Sampling, SeededSampler, generate, generation_settings, gumbel_noise,
                               mix64, plan_batches, render, request_seed, topk_stats)
-from harness.models import load_model, load_tokenizer
-from harness.store import JsonlLog
+from harness.models.load import load_model, load_tokenizer
+from harness.store.files import JsonlLog
 
 PROMPTS = [Prompt(f"p{i}", ({"role": "user", "content": text},)) for i, text in enumerate(
     ["what is 1 plus 2", "say yes", "the quick brown fox jumps over the lazy dog", "no", "what is minus",
@@ -82,7 +82,7 @@ def test_indicator_stats_equal_an_independent_forward_pass_over_prompt_and_answe
     """Each recorded top-k statistic is the mean, over the answer's tokens, of the statistic of
     the distribution that token was drawn from: recomputed here token by token with full forward
     passes (no cache, no padding, no generate), so an off-by-one in which logits are recorded fails."""
-    from harness.generate import render
+    from harness.engines.generate import render
 
     model, tok = tiny
     k, steps = 10, 8

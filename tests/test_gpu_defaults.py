@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_validate import run_validate, spin, world  # noqa: F401  (world: the fixture)
 
-from harness import models
-from harness.config import parse
+from harness.models import load as models
+from harness.config.experiment import parse
 
 DOC = {"experiment": {"name": "x"}, "model": {"base": "tiny", "device": "cpu"}, "method": {"name": "spin"},
        "data": {"train": "tiny:sft_train"}}

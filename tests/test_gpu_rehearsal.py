@@ -273,7 +273,7 @@ def world(tmp_path_factory):
     tasks = prepare_tasks(root / "tasks")
     if os.environ.get("HARNESS_REHEARSAL_VLLM") == "1":  # the vLLM tier: vLLM's server serves AlpacaEval's judge
         from harness.engines.vllm_server import serve
-        from harness.sources import model_path
+        from harness.models.sources import model_path
 
         fake = FakeJudge()  # DNO's training judge stays the fake one (a 135M model rarely ends in a score)
         with serve(model_path("smollm2-135m-instruct"), "Qwen/Qwen2.5-7B-Instruct", seeded=True) as url:

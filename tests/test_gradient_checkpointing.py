@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_train import PAIRS, make_cfg, qlora_dir  # noqa: F401  (qlora_dir: the fixture)
 
-from harness.models import load_policy
+from harness.models.load import load_policy
 from harness.train import train_dpo
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.config import DataSection, parse
-from harness.data import DataError, load_examples, read_records
+from harness.config.experiment import DataSection, parse
+from harness.models.data import DataError, load_examples, read_records
 from harness.evaluate.alpaca import HUB_FILE, HUB_REPO, load_instructions
-from harness.sources import resolve_ref
+from harness.models.sources import resolve_ref
 from test_eval_fixtures import hub_cache, write_hub_files  # noqa: F401  (fixture)
 
 ULTRACHAT, ULTRAFEEDBACK = "HuggingFaceH4/ultrachat_200k", "HuggingFaceH4/ultrafeedback_binarized"
@@ -190,9 +190,9 @@ def test_validate_accepts_cached_hub_files_and_names_a_missing_one(hub_cache, tm
 @pytest.mark.slow
 @pytest.mark.usefixtures("library_console")
 def test_a_run_evaluates_alpaca_eval_2_from_the_cached_hub_file(hub_cache, tmp_path):
-    from harness.loop import run_experiment
-    from harness.rundir import RunDir
-    from harness.store import StageChanged
+    from harness.run.loop import run_experiment
+    from harness.store.rundir import RunDir
+    from harness.store.files import StageChanged
 
     rows = alpaca_rows()
     path = write_alpaca(hub_cache, REV_A, rows)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from harness.config import JudgeSection
+from harness.config.experiment import JudgeSection
 from harness.judges import CachedJudge, CoverageError, build_judge, check_coverage, coverage
 from harness.judges.base import JudgeItem, Verdict
 from harness.tiny import tasks
@@ -79,10 +79,10 @@ class Impossible:
 def test_impossible_scores_are_failed_judgments_and_asked_again(tmp_path):
     """NaN, infinite or off-scale scores are never scored: each is a failed judgment
     (counted, stored as None) that a rerun asks again for, alone."""
-    from harness.data import Example
-    from harness.judging import judge_groups
+    from harness.models.data import Example
+    from harness.judges.judging import judge_groups
     from harness.methods.base import Candidate, Group
-    from harness.store import JsonlLog
+    from harness.store.files import JsonlLog
 
     groups = [Group(Example(f"p{i}", ({"role": "user", "content": f"task {i}"},)),
                     [Candidate(f"a{i}"), Candidate(f"b{i}")]) for i in range(3)]

@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 
-from harness.config import JudgeSection
+from harness.config.experiment import JudgeSection
 from harness.judges import build_judge
 from harness.judges.base import JudgeItem, Verdict
 from harness.judges.cache import CachedJudge, judge_identity
-from harness.store import path_fingerprint
+from harness.store.files import path_fingerprint
 from harness.judges.parsing import ERROR_PREFIX
 
 

@@ -10,14 +10,14 @@ import harness.judges.llm as llm_mod
 from test_judges_http import DROP, KEY_ENV, judge_for, reply, serve  # noqa: F401  (serve is a fixture)
 from test_judges_llm import StubGenerate, make, policy  # noqa: F401  (policy is a fixture)
 
-from harness.config import JudgeSection, parse
-from harness.data import Example
+from harness.config.experiment import JudgeSection, parse
+from harness.models.data import Example
 from harness.judges import build_judge, judge_scale, score_group
 from harness.judges.base import JudgeItem
 from harness.judges.parsing import parse_group_scores
-from harness.judging import JudgeTransportError, judge_groups, side_by_side
+from harness.judges.judging import JudgeTransportError, judge_groups, side_by_side
 from harness.methods.base import Candidate, Group
-from harness.store import JsonlLog
+from harness.store.files import JsonlLog
 
 GROUP_TEMPLATE = "Q: {instruction}\n{responses}\nScore each."
 
@@ -128,8 +128,8 @@ def _dno(tmp_path, judge: dict, judging: str | None = None) -> dict:
 
 
 def test_dno_judging_option_default_and_checks(tmp_path, monkeypatch):
-    from harness.config import ConfigError
-    from harness.validate import check
+    from harness.config.experiment import ConfigError
+    from harness.validate.experiment import check
 
     monkeypatch.setenv(KEY_ENV, "k")
     oracle = parse(_dno(tmp_path, {"name": "oracle"}))

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness.config import JudgeSection
+from harness.config.experiment import JudgeSection
 from harness.judges import build_judge
 from harness.judges.base import JudgeItem
 from harness.judges.http import JudgeRequestError, MissingAPIKey, OpenAIJudge
@@ -290,7 +290,7 @@ def test_a_trickling_reply_is_a_timeout_not_a_hang(serve):
 # --- the loop's judging and AlpacaEval annotation over a flaky endpoint ---------------------
 
 def _groups(n_prompts=4):
-    from harness.data import Example
+    from harness.models.data import Example
     from harness.methods.base import Candidate, Group
 
     return [Group(Example(f"p{i}", ({"role": "user", "content": f"task {i}"},)),
@@ -324,8 +324,8 @@ def test_judging_heals_after_5xx_drops_and_a_hang(serve, tmp_path):
     """Every judge prompt first gets two 500s, a dropped connection and a reply that
     arrives after the judge's timeout, then an answer: the judging completes with
     every item answered exactly once and every prompt in the log once."""
-    from harness.judging import judge_groups
-    from harness.store import JsonlLog
+    from harness.judges.judging import judge_groups
+    from harness.store.files import JsonlLog
 
     answered = Answered()
 
@@ -355,9 +355,9 @@ def test_judging_heals_after_5xx_drops_and_a_hang(serve, tmp_path):
 
 
 def test_judging_with_the_endpoint_down_persists_nothing_and_a_rerun_completes(serve, tmp_path):
-    from harness.judging import JudgeTransportError, judge_groups
+    from harness.judges.judging import JudgeTransportError, judge_groups
     from harness.judges import CoverageError
-    from harness.store import JsonlLog
+    from harness.store.files import JsonlLog
 
     with socket.socket() as s:  # a port nobody listens on: connections are refused
         s.bind(("127.0.0.1", 0))
@@ -385,8 +385,8 @@ def test_transport_errors_are_retried_parse_failures_are_kept(serve, tmp_path):
     prompt is retried by the rerun, the second is a kept (failed) judgment that the
     rerun asks again (alone: its prompt's valid judgment is kept); the final log equals
     an uninterrupted run's, byte for byte."""
-    from harness.judging import JudgeTransportError, judge_groups
-    from harness.store import JsonlLog
+    from harness.judges.judging import JudgeTransportError, judge_groups
+    from harness.store.files import JsonlLog
 
     groups = _groups()
     doomed = "Q: task 1\nA: answer 1 b"
@@ -431,8 +431,8 @@ def test_failed_judgments_are_asked_again_until_the_fixed_endpoint_heals_the_sta
     again for exactly those three (never a valid one), and once the endpoint is fixed the
     rerun passes with a log equal to an uninterrupted run's."""
     from harness.judges import CoverageError, require_coverage
-    from harness.judging import judge_groups
-    from harness.store import JsonlLog
+    from harness.judges.judging import judge_groups
+    from harness.store.files import JsonlLog
 
     groups = _groups(6)   # 12 judged items
     bad = {"Q: task 1\nA: answer 1 a": reply("I would rather not grade this."),
@@ -468,8 +468,8 @@ def test_failed_judgments_are_asked_again_until_the_fixed_endpoint_heals_the_sta
 
 def test_alpaca_annotation_never_records_transport_errors(serve, tmp_path):
     from harness.evaluate.alpaca import annotate
-    from harness.judging import JudgeTransportError
-    from harness.store import JsonlLog
+    from harness.judges.judging import JudgeTransportError
+    from harness.store.files import JsonlLog
 
     rows = [{"id": f"r{i}", "instruction": f"task {i}", "output": f"reference {i}"} for i in range(4)]
     outputs = {f"r{i}": f"model {i}" for i in range(4)}
@@ -518,8 +518,8 @@ def test_an_oversized_reply_is_a_counted_failure_and_stays_small(serve, tmp_path
     """An endpoint answering every request with a 20 MB body (or a valid reply whose answer
     ignores max_tokens): not read whole, not stored whole, not retried; each such item is a
     failed judgment, counted and shown like a parse failure."""
-    from harness.judging import judge_groups
-    from harness.store import JsonlLog
+    from harness.judges.judging import judge_groups
+    from harness.store.files import JsonlLog
 
     huge_body = "x" * (20 << 20)
     long_answer = reply("blah " * 40_000 + "Score: 4")[1]  # 200 kB: far beyond max_tokens=64

@@ -6,7 +6,7 @@ import torch
 import harness.judges.llm as llm_mod
 from test_eval_fixtures import JUDGE_CHAT_TEMPLATE, build_tokenizer, tiny_llama_config
 
-from harness.config import JudgeSection
+from harness.config.experiment import JudgeSection
 from harness.judges import build_judge, coverage
 from harness.judges.base import JudgeItem
 from harness.judges.llm import LLMJudge
@@ -70,7 +70,7 @@ CUT = "<cut>"  # a scripted answer ending in CUT stopped at max_new_tokens (fini
 
 
 class StubGenerate:
-    """Stands in for harness.generate.generate: answers scripted per instruction."""
+    """Stands in for harness.engines.generate.generate: answers scripted per instruction."""
 
     def __init__(self, script):
         self.script, self.calls = script, []

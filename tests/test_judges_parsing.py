@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from harness.config import JudgeSection
+from harness.config.experiment import JudgeSection
 from harness.judges import judge_scale
 from harness.judges.parsing import (BUILTIN_TEMPLATE, BUILTIN_TEMPLATES, ERROR_PREFIX, fill_template, is_error,
                                     load_judge_template, load_template, parse_score, verdict_from_samples)

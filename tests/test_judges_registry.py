@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness import config
+from harness.config import experiment as config
 from harness.judges import JUDGES, JudgeKind, build_judge, judge_scale
 from harness.judges.base import JudgeItem, Verdict
-from harness.registry import Registry
-from harness.schema import ConfigError, FieldError, opt
+from harness.config.registry import Registry
+from harness.config.schema import ConfigError, FieldError, opt
 
 BASE = {"experiment": {"name": "x"}, "model": {"base": "tiny"}, "method": {"name": "dno"},
         "data": {"train": "tiny:prompts_train"}}

@@ -7,7 +7,7 @@ import torch
 
 from test_eval_fixtures import JUDGE_CHAT_TEMPLATE, build_tokenizer, tiny_llama_config
 
-from harness.config import JudgeSection
+from harness.config.experiment import JudgeSection
 from harness.judges import build_judge
 from harness.judges.base import JudgeItem
 from harness.judges.reward_model import RewardModelJudge

@@ -1,4 +1,4 @@
-"""Self-Rewarding and DNO through the real loop (``harness.loop.run_experiment``) on the
+"""Self-Rewarding and DNO through the real loop (``harness.run.loop.run_experiment``) on the
 embedded tiny world, with few prompts and small evaluations. Each test reads back the
 artefacts of every stage and checks them against the papers' rules: M1 SFT with its own
 settings, self-instruction as its own stage, generation, judging on the judge's own scale,
@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import loop, stages, store
-from harness.config import parse
-from harness.data import Example
+from harness.run import loop
+from harness.run import stages
+from harness.store import files as store
+from harness.config.experiment import parse
+from harness.models.data import Example
 from harness.methods import METHODS
-from harness.generate import is_cut
+from harness.engines.generate import is_cut
 from harness.methods.base import Group, IterationContext, mark_cut
-from harness.loop import run_experiment
-from harness.sources import resolve_ref
+from harness.run.loop import run_experiment
+from harness.models.sources import resolve_ref
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("library_console")]
 
@@ -72,8 +74,8 @@ def assert_trained_against_previous_iterate(run: Path, iterations: int, start_po
         assert abs(m["train/logp_chosen"] - m["train/logp_chosen_before"]) > 0.02
         pairs = read(run / f"iter_{t:03d}" / "pairs" / "pairs.jsonl")
         if cfg is not None and m["train/n_replayed"] == 0 and m["train/n_pairs"] == len(pairs) == m["train/probe_pairs"]:
-            from harness.models import load_policy
-            from harness.sources import locate, materialize
+            from harness.models.load import load_policy
+            from harness.models.sources import locate, materialize
             from harness.train import pair_logps
 
             chain = [run / "iter_000" / "init_sft" / "adapter"] if (run / "iter_000" / "init_sft").exists() else []

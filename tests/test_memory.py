@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import loop, models, stages
-from harness.config import parse
-from harness.loop import run_experiment
-from harness.sources import resolve_ref
+from harness.run import loop
+from harness.models import load as models
+from harness.run import stages
+from harness.config.experiment import parse
+from harness.run.loop import run_experiment
+from harness.models.sources import resolve_ref
 from test_eval_fixtures import tiny  # noqa: F401  (the tiny model, loaded as the harness loads it)
 
 pytestmark = pytest.mark.usefixtures("library_console")
@@ -39,7 +41,7 @@ def no_gc():
 
 @pytest.fixture
 def policies(monkeypatch):
-    """Weak references to every policy the loop loads (``harness.loop.load_policy``)."""
+    """Weak references to every policy the loop loads (``harness.run.loop.load_policy``)."""
     refs: list[weakref.ref] = []
     real = loop.load_policy
 
@@ -178,7 +180,7 @@ def test_policy_is_unloaded_before_a_fixed_self_instruct_model_loads(tmp_path, m
 
 
 def test_batches_hold_at_most_the_token_budget():
-    from harness.generate import plan_batches
+    from harness.engines.generate import plan_batches
 
     lengths = {"a": 300, "b": 100, "c": 90, "d": 10, "e": 10, "f": 10}
     ids = list(lengths)
@@ -193,9 +195,9 @@ def test_hf_engine_batches_by_generation_max_batch_tokens(tiny):
     """The stage's engine session hands [generation] max_batch_tokens to HF generation: long
     prompts go in smaller batches, short ones keep batch_size (the default budget leaves the
     tiny world's batches as they are)."""
-    from harness.config import GenerationSection
+    from harness.config.experiment import GenerationSection
     from harness.engines import session
-    from harness.generate import Prompt, Sampling, render
+    from harness.engines.generate import Prompt, Sampling, render
 
     model, tok = tiny
     prompts = [Prompt(f"p{i}", ({"role": "user", "content": "what is 1 plus 2 " * (1 + 3 * (i % 2))},))

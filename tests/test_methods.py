@@ -7,12 +7,12 @@ import pytest
 import math
 import random
 
-from harness.config import SftSection, parse
-from harness.data import Example
+from harness.config.experiment import SftSection, parse
+from harness.models.data import Example
 from harness.methods.base import Candidate, Group, IterationContext, iteration_slice
 from harness.methods.dno import replayed, repetition_rate
 from harness.methods import METHODS
-from harness.schema import ConfigError
+from harness.config.schema import ConfigError
 
 VALIDATION = {"validation": {"prompts": "v.jsonl"}}
 
@@ -266,8 +266,8 @@ def test_self_instruct_dedups_and_filters_by_length():
 def test_chat_messages_and_parquet_input(tmp_path):
     import pandas as pd
 
-    from harness.data import load_examples
-    from harness.config import DataSection
+    from harness.models.data import load_examples
+    from harness.config.experiment import DataSection
 
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
              "prompt_id": "a"},
@@ -281,8 +281,8 @@ def test_chat_messages_and_parquet_input(tmp_path):
 
 
 def test_num_prompts_subset_follows_the_experiment_seed(tmp_path):
-    from harness.config import DataSection
-    from harness.data import load_examples
+    from harness.config.experiment import DataSection
+    from harness.models.data import load_examples
 
     path = tmp_path / "p.jsonl"
     path.write_text("".join(f'{{"id": "q{i:02d}", "prompt": "task {i}"}}\n' for i in range(30)))

@@ -123,7 +123,7 @@ def test_smollm2_judge_served_by_vllm_equals_fastchats_gen_judgment(monkeypatch)
     if why:
         pytest.skip(f"vLLM server: {why}")
     from harness.engines.vllm_server import serve
-    from harness.sources import SourceError, locate, materialize
+    from harness.models.sources import SourceError, locate, materialize
 
     try:
         path = materialize(locate("smollm2-135m-instruct"))

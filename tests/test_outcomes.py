@@ -1,4 +1,4 @@
-"""Per-item outcomes and paired statistics (``harness.outcomes``) against scipy and by hand."""
+"""Per-item outcomes and paired statistics (``harness.evaluate.outcomes``) against scipy and by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats
 
-from harness.outcomes import across_seeds, paired
+from harness.evaluate.outcomes import across_seeds, paired
 
 
 def test_paired_difference_by_hand_and_against_scipy():

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from test_validate import errors_of, run_validate, spin, world  # noqa: F401  (world: the fixture)
 
-from harness import config
+from harness.config import experiment as config
 from harness.cli import main
-from harness.store import read_json
+from harness.store.files import read_json
 
 
 def config_hash(out: str) -> str:
@@ -62,7 +62,7 @@ def test_an_error_the_file_makes_still_names_the_file(world, tiny_dir, capsys):
 
 def write_tiny_spin(root: Path) -> Path:
     """A one-iteration SPIN run on a few prompts of the tiny world (seconds)."""
-    from harness.sources import resolve_ref
+    from harness.models.sources import resolve_ref
 
     data = root / "sft.jsonl"
     data.write_text("".join(line + "\n" for line in Path(resolve_ref("tiny:sft_train")).read_text().splitlines()[:16]))
@@ -116,7 +116,7 @@ def test_a_run_records_its_overrides_and_a_rerun_without_them_says_what_differs(
 
 def test_jobs_children_receive_the_overrides(world, tiny_dir, monkeypatch):
     """Each ``--jobs`` child is ``harness run FILE --seeds k`` with the parent's ``--set`` pairs, in order."""
-    from harness import launch
+    from harness.run import launch
 
     path = world / "exp.toml"
     path.write_text(spin(world, tiny_dir))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from full_forward import sequence_logprobs
-from harness.models import load_policy
+from harness.models.load import load_policy
 from harness.train import train_dpo
 from test_train import PAIRS, make_cfg
 
@@ -59,7 +59,7 @@ def test_bfloat16_chain_keeps_a_small_update(small_init_dir, tmp_path):
 
 
 def test_merge_into_bfloat16_is_rejected_with_the_reason(small_init_dir, tmp_path):
-    from harness.schema import ConfigError
+    from harness.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"lora.chain: merge would fold .* bfloat16 weights, which rounds"):
         make_cfg(small_init_dir, tmp_path, model={"dtype": "bfloat16"}, lora={"chain": "merge"})
@@ -83,7 +83,7 @@ def test_merge_gap_is_measured_after_training(small_init_dir, tmp_path):
 
 
 def test_float16_is_rejected_with_the_reason(small_init_dir, tmp_path):
-    from harness.schema import ConfigError
+    from harness.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="model.dtype: float16 training needs loss scaling"):
         make_cfg(small_init_dir, tmp_path, model={"dtype": "float16"})
@@ -93,7 +93,7 @@ _FIRST_ADAPTER = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import harness.judges, harness.methods  # noqa: F401,E401  (register the judges and methods)
-from harness.models import load_policy
+from harness.models.load import load_policy
 from harness.train.trainer import prepare_policy
 from test_train import make_cfg
 torch.manual_seed(int(sys.argv[2]))  # whatever the process did before must not matter

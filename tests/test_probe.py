@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from full_forward import sequence_logprobs
-from harness.models import load_policy
+from harness.models.load import load_policy
 from harness.train import GAP_CHECK_PAIRS, pair_logps, probe_sample, train_dpo
 from harness.train.probe import (LOGIT_BUDGET, PROBE_FORWARDS, PROBE_MAX, PROBE_MIN, _batches, probe_tokens,
                                  stage_work)
@@ -47,7 +47,7 @@ def test_prompt_shared_forward_equals_full_forward(tiny_dir, tmp_path, dtype):
     cfg = make_cfg(tiny_dir, tmp_path, model={"dtype": dtype})
     model, tok = load_policy(cfg, [])
     pairs = mixed_pairs()
-    from harness.generate import completion_ids
+    from harness.engines.generate import completion_ids
 
     lengths = [len(sum(completion_ids(tok, p["messages"], p["rejected"]), [])) for p in pairs]
     assert min(lengths) < 96 < max(lengths)  # some pairs are cut, some not
@@ -94,7 +94,7 @@ def test_probe_sample_is_seeded_and_bounded():
 
 def pair_lengths(tok, pairs) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) token counts of each pair, as trl's rows count them."""
-    from harness.generate import completion_ids
+    from harness.engines.generate import completion_ids
 
     out = []
     for p in pairs:

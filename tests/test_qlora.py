@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from full_forward import sequence_logprobs
-from harness.models import load_policy
+from harness.models.load import load_policy
 from harness.train import lora_config, train_dpo
 from harness.train.trainer import prepare_policy
 from test_train import PAIRS, make_cfg, qlora_dir  # noqa: F401  (the 4-bit-able tiny model fixture)

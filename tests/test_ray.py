@@ -25,10 +25,10 @@ from test_lifeline import survivors, with_arg  # noqa: E402
 from test_overrides import write_tiny_spin  # noqa: E402
 from test_resume import held  # noqa: E402
 
-from harness import launch_ray  # noqa: E402
+from harness.run import launch_ray  # noqa: E402
 from harness.cli import main  # noqa: E402
 from harness.report import build_table, load_rows  # noqa: E402
-from harness.store import read_json  # noqa: E402
+from harness.store.files import read_json  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

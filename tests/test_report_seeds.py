@@ -286,7 +286,7 @@ def test_table_out_never_replaces_an_input_a_run_file_or_a_file_that_is_not_a_ta
 
 def test_import_published_errors_are_one_line(tmp_path, capfd):
     from harness.report.published import SAFE_NAME
-    from harness.validate import _SAFE_NAME
+    from harness.validate.experiment import _SAFE_NAME
 
     assert SAFE_NAME.pattern == _SAFE_NAME.pattern  # the rule of experiment.name
     dest = tmp_path / "results"

@@ -22,7 +22,7 @@ from test_eval_fixtures import experiment_head
 from test_judges_http import local_server, send_json
 from test_lifeline import survivors, with_arg
 
-from harness.store import run_lock
+from harness.store.files import run_lock
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import parse
-from harness.models import load_policy
+from harness.config.experiment import parse
+from harness.models.load import load_policy
 from harness.train import lr_factor, optimizer_steps, train_dpo, warmup_steps
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.sources import BUILTINS, SourceError, locate
+from harness.models.sources import BUILTINS, SourceError, locate
 from test_eval_fixtures import require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +71,9 @@ def test_smoke_row_records_the_model_identity(smoke_run):
 def test_smoke_adapter_changed_the_log_probabilities(smoke_run):
     """Base vs base + the trained adapter on the iteration's own pairs, computed here
     independently of the harness's training metrics."""
-    from harness import config
+    from harness.config import experiment as config
     from full_forward import sequence_logprobs
-    from harness.models import load_policy
+    from harness.models.load import load_policy
 
     run_dir, exp = smoke_run
     cfg = config.load(exp)

@@ -1,4 +1,4 @@
-"""A stage's config inputs are the fields it read (``harness.reuse``): changing any config
+"""A stage's config inputs are the fields it read (``harness.run.reuse``): changing any config
 field reruns exactly the stages that read it, raising ``method.iterations`` continues a
 finished run, and an edited data file or a damaged manifest stops the run naming it.
 
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import store
-from harness.config import parse
-from harness.loop import run_experiment
-from harness.rundir import RunDir
-from harness.schema import explain, to_dict
-from harness.sources import resolve_ref
-from harness.reuse import ConfigView, RecordedStage, status
-from harness.store import StageChanged, StageCorrupt
+from harness.store import files as store
+from harness.config.experiment import parse
+from harness.run.loop import run_experiment
+from harness.store.rundir import RunDir
+from harness.config.schema import explain, to_dict
+from harness.models.sources import resolve_ref
+from harness.run.reuse import ConfigView, RecordedStage, status
+from harness.store.files import StageChanged, StageCorrupt
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("library_console")]
 

@@ -6,7 +6,7 @@ import multiprocessing as mp
 
 import pytest
 
-from harness.store import JsonlLog, RunLocked, Stage, StageChanged, run_lock
+from harness.store.files import JsonlLog, RunLocked, Stage, StageChanged, run_lock
 
 
 def test_torn_last_line_is_dropped_and_appending_continues(tmp_path):

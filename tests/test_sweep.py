@@ -17,10 +17,10 @@ from test_overrides import write_tiny_spin
 from test_report_seeds import EM, _paired, _row, _write
 from test_validate import spin, world  # noqa: F401  (world: the fixture)
 
-from harness import config
+from harness.config import experiment as config
 from harness.cli import main
 from harness.report import build_table, read_csv, to_csv, to_terminal
-from harness.store import read_json
+from harness.store.files import read_json
 
 
 def test_the_grid_is_every_combination_of_the_values():
@@ -143,7 +143,7 @@ def test_jobs_children_get_their_point_and_a_gpu_each(world, tiny_dir, monkeypat
     """``--jobs 4`` over 2 points x 2 seeds of a run on CUDA ("auto" with GPUs) on a machine with
     two GPUs: each child is ``harness run FILE --seeds k --sweep KEY=VALUE``, sees one GPU, and no
     two children run on one GPU at once; with one GPU they run one at a time."""
-    from harness import launch
+    from harness.run import launch
 
     path = world / "exp.toml"
     path.write_text(spin(world, tiny_dir).replace('device = "cpu"', 'device = "auto"'))

@@ -9,7 +9,7 @@ import torch
 
 from harness.tiny import tasks
 from harness.tiny.build import ensure_tiny
-from harness.store import read_jsonl
+from harness.store.files import read_jsonl
 from harness.tiny.oracle import grade
 
 EM_BAND = (0.20, 0.60)

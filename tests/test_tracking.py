@@ -1,4 +1,4 @@
-"""Experiment tracking ([tracking] report_to, ``harness.tracking``): a tiny SPIN run reporting to
+"""Experiment tracking ([tracking] report_to, ``harness.train.tracking``): a tiny SPIN run reporting to
 TensorBoard and W&B (offline) leaves its training curves and one entry per iteration with the
 results row's metrics; a rerun of the finished run logs nothing twice, an extended one logs
 only its new iteration; a tracker whose package is missing is a validate error.
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import console, tracking
-from harness.config import parse
-from harness.schema import ConfigError
-from harness.store import read_json
+from harness.console import terminal as console
+from harness.train import tracking
+from harness.config.experiment import parse
+from harness.config.schema import ConfigError
+from harness.store.files import read_json
 from test_stage_inputs import run, spin_doc
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("library_console")]
@@ -161,7 +162,7 @@ def test_tracking_is_not_in_the_hash_and_names_are_checked(tmp_path):
 
 
 def test_a_missing_trackers_package_is_a_one_line_validate_error(tmp_path, monkeypatch):
-    from harness import validate
+    from harness.validate import experiment as validate
 
     doc = spin_doc(tmp_path, "t")
     doc["tracking"] = {"report_to": ["tensorboard", "wandb"]}

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from harness.config import SftSection, parse
+from harness.config.experiment import SftSection, parse
 from full_forward import sequence_logprobs
-from harness.models import load_policy
+from harness.models.load import load_policy
 from harness.train import (dpo_trainer, lora_config, only_adapter_dropout, precompute_reference, reference_logps,
                            train_dpo, trainer_args)
 
@@ -88,7 +88,7 @@ def test_trl_ipo_loss_equals_its_formula(tiny_dir, tmp_path):
     """loss = "ipo": trl's loss is IPO's (Eq. 17, tau = beta) on log-ratios averaged over each
     answer's tokens (trl's normalisation, confirmed there with IPO's authors):
     mean((d_c / n_c - d_r / n_r - 1 / (2 beta))^2), d = log p - log p_ref, n = answer tokens."""
-    from harness.generate import completion_ids
+    from harness.engines.generate import completion_ids
 
     cfg = make_cfg(tiny_dir, tmp_path, method={"loss": "ipo"})
     pairs = [{**p, "rejected": "no " * (i + 1)} for i, p in enumerate(PAIRS[:4])]  # answers of other lengths
@@ -325,7 +325,7 @@ def test_qlora_gradients_survive_an_eval_forward(qlora_dir):
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
-    from harness.models import load_model
+    from harness.models.load import load_model
 
     ids = torch.tensor([[5, 9, 14, 22, 31, 7, 12, 40]])
 
@@ -352,7 +352,7 @@ def test_qlora_gradients_survive_an_eval_forward(qlora_dir):
 
 
 def test_merge_chain_rejected_for_quantized_base(tiny_dir, tmp_path):
-    from harness.schema import ConfigError
+    from harness.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="lora.chain"):
         make_cfg(tiny_dir, tmp_path, model={"quantization": "4bit"}, lora={"chain": "merge"})

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.generate import chat_ids, completion_ids
-from harness.models import load_policy
+from harness.engines.generate import chat_ids, completion_ids
+from harness.models.load import load_policy
 from harness.train import TrainingError, dpo_trainer, train_dpo, train_sft
 from harness.train.truncate import fit_prompt
 from test_eval_fixtures import tiny  # noqa: F401  (the fixture)
@@ -134,7 +134,7 @@ def test_sft_fits_long_judge_prompts_and_counts_them(tiny_dir, tmp_path):
 
 
 def test_prompt_limit_defaults_to_half_of_max_length_and_must_leave_room(tiny_dir, tmp_path):
-    from harness.schema import ConfigError
+    from harness.config.schema import ConfigError
 
     assert make_cfg(tiny_dir, tmp_path, training={"max_length": 128}).training.prompt_limit == 64
     assert make_cfg(tiny_dir, tmp_path, training={"max_prompt_length": 50}).training.prompt_limit == 50

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from harness import store
-from harness.config import parse
-from harness.data import DataError, Example, conversation_text, load_examples, select_turns
-from harness.generate import chat_ids, render
+from harness.store import files as store
+from harness.config.experiment import parse
+from harness.models.data import DataError, Example, conversation_text, load_examples, select_turns
+from harness.engines.generate import chat_ids, render
 from harness.judges.llm import LLMJudge
 from harness.judges.parsing import group_template_ref, load_judge_template
-from harness.judging import judge_groups
+from harness.judges.judging import judge_groups
 from harness.methods.base import Candidate, Group
-from harness.registry import METHODS
+from harness.config.registry import METHODS
 
 
 def conversation(n: int, words: int = 3, system: bool = True) -> list[dict]:
@@ -79,9 +79,9 @@ def test_spin_trains_on_the_first_turn_by_default_other_methods_on_the_whole_con
 def test_the_opponent_answers_the_prompt_training_sees_token_for_token(tmp_path):
     """Long conversations over the prompt cap: the generate stage's prompts are those training
     uses (earlier turns dropped by the same cut), so training cuts no prompt again."""
-    from harness.loop import run_experiment
-    from harness.models import load_tokenizer
-    from harness.rundir import RunDir
+    from harness.run.loop import run_experiment
+    from harness.models.load import load_tokenizer
+    from harness.store.rundir import RunDir
     from harness.train import TrainingError
     from harness.train.truncate import fit_prompt
 

@@ -375,8 +375,8 @@ def test_a_required_text_column_missing_null_or_not_text_is_an_error(world, tiny
     (b'{"prompt": null, "response": "x"}', "4: column 'prompt' is null, not text"),
 ])
 def test_at_run_time_a_malformed_file_is_a_data_error(tmp_path, line4, words):
-    from harness.config import DataSection
-    from harness.data import DataError, load_examples
+    from harness.config.experiment import DataSection
+    from harness.models.data import DataError, load_examples
 
     rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
     train = bad_jsonl(tmp_path / "t.jsonl", rows, line4)
@@ -539,8 +539,8 @@ def test_a_seed_numpy_refuses_given_with_run_seeds_stops_before_compute(world, t
 
 
 def test_self_instruct_bounds_that_drop_every_prompt_are_an_error():
-    from harness.config import parse
-    from harness.schema import ConfigError
+    from harness.config.experiment import parse
+    from harness.config.schema import ConfigError
 
     doc = {"experiment": {"name": "x"}, "model": {"base": "tiny"}, "data": {"train": "tiny:prompts_train"},
            "method": {"name": "self_rewarding", "self_rewarding": {"self_instruct": 8, "self_instruct_min_chars": 500,
@@ -587,8 +587,8 @@ def test_an_experiment_file_that_cannot_be_read_is_one_line(tmp_path, capsys, ma
 
 
 def test_dno_with_one_candidate_per_prompt_is_an_error():
-    from harness.config import parse
-    from harness.schema import ConfigError
+    from harness.config.experiment import parse
+    from harness.config.schema import ConfigError
 
     doc = {"experiment": {"name": "x"}, "model": {"base": "tiny"}, "data": {"train": "tiny:prompts_train"},
            "method": {"name": "dno", "dno": {"num_samples": 1}}, "judge": {"name": "oracle"},

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from harness.engines.vllm_engine import Session, Worker, export_policy, generate as vllm_generate, unavailable
-from harness.generate import Prompt, Sampling, completion_ids, generate as hf_generate
+from harness.engines.generate import Prompt, Sampling, completion_ids, generate as hf_generate
 from full_forward import sequence_logprobs
-from harness.store import JsonlLog
+from harness.store.files import JsonlLog
 from test_eval_fixtures import build_tokenizer, tiny_llama_config
 from test_lifeline import python, session, survivors
 
@@ -66,8 +66,8 @@ def tiny64(tmp_path_factory):
 
 
 def smollm2():
-    from harness.models import load_model, load_tokenizer
-    from harness.sources import SourceError, materialize, locate
+    from harness.models.load import load_model, load_tokenizer
+    from harness.models.sources import SourceError, materialize, locate
 
     try:
         path = materialize(locate("smollm2-135m-instruct"))
@@ -198,7 +198,7 @@ def test_policy_logprobs_match_the_harness(chain, tmp_path):
     (merged chain, or a PeftModel continuing)."""
     from peft import PeftModel
 
-    from harness.models import load_model
+    from harness.models.load import load_model
 
     base, tok = smollm2()
     path = base.name_or_path
@@ -206,7 +206,7 @@ def test_policy_logprobs_match_the_harness(chain, tmp_path):
     a2 = tmp_path / "a2"
     _random_adapter(base, a1, 1)
     _random_adapter(load_model(path, device="cpu"), a2, 2)
-    if chain == "merge":  # harness.models.load_policy: every adapter merged in order
+    if chain == "merge":  # harness.models.load.load_policy: every adapter merged in order
         policy = load_model(path, device="cpu")
         for a in (a1, a2):
             policy = PeftModel.from_pretrained(policy, str(a)).merge_and_unload()
@@ -247,7 +247,7 @@ def test_an_exported_iterate_is_served_as_hf_runs_it(tiny64, tmp_path):
 
     from harness.cli import main
     from harness.export import find_iterate
-    from harness.models import load_policy
+    from harness.models.load import load_policy
     from test_resume import write_experiment
 
     model, tok = tiny64
@@ -285,15 +285,15 @@ def test_smollm2_smoke_experiment_with_the_vllm_engine(tmp_path):
     generate stage reads the engine (so it is part of the stage's recorded inputs) and its
     samples are the vLLM engine's."""
     from harness.cli import main
-    from harness.rundir import RunDir
-    from harness.sources import SourceError, locate
+    from harness.store.rundir import RunDir
+    from harness.models.sources import SourceError, locate
 
     import inspect
 
-    import harness.stages
+    import harness.run.stages
 
-    if "generation.engine" not in inspect.getsource(harness.stages):
-        pytest.skip("harness.stages does not dispatch on [generation] engine yet")
+    if "generation.engine" not in inspect.getsource(harness.run.stages):
+        pytest.skip("harness.run.stages does not dispatch on [generation] engine yet")
     try:
         locate("smollm2-135m-instruct")
     except SourceError as e:
@@ -323,7 +323,7 @@ def test_alpaca_eval_2_through_a_real_server_equals_alpaca_eval_itself(monkeypat
     from harness.evaluate.alpaca import annotate_alpaca_eval, compute_metrics, load_instructions
     from harness.evaluate.annotators import AE2, AlpacaEvalAnnotator, Endpoint
     from harness.evaluate.crosscheck import alpaca_eval_itself
-    from harness.sources import SourceError, locate, materialize
+    from harness.models.sources import SourceError, locate, materialize
     from test_eval_fixtures import SHARED_DATA, require
 
     data = SHARED_DATA / "alpaca_eval"
@@ -369,7 +369,7 @@ def _smollm2_policy(tmp_path, quantization: str):
     as ``load_base`` prepares it) with a random float32 rank-8 adapter: the continue chain's policy."""
     from peft import PeftModel
 
-    from harness.models import load_model, prepare_quantized
+    from harness.models.load import load_model, prepare_quantized
 
     base32, tok = smollm2()
     path = base32.name_or_path
@@ -444,10 +444,10 @@ def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch, wei
     and the same per-sample log-likelihoods and answers; the protocol records backend "vllm"."""
     from types import SimpleNamespace
 
-    from harness.config import EvalSection
+    from harness.config.experiment import EvalSection
     from harness.engines import venv_python
     from harness.evaluate import lm_eval_vllm, run_lm_eval_backend
-    from harness.sources import model_path
+    from harness.models.sources import model_path
     from test_eval_fixtures import MC_YAML, OFFLINE_ENV
     from test_eval_lm_eval import GEN_YAML, _plain, _write_jsonl
 
@@ -543,7 +543,7 @@ def test_adapters_switched_per_request_answer_as_a_fresh_engine_per_policy(tiny6
     gives each the greedy answers a fresh engine started for that policy alone gives, and the
     two policies answer differently (the adapter is applied)."""
     from harness.engines import Engines
-    from harness.config import GenerationSection
+    from harness.config.experiment import GenerationSection
 
     _, tok = tiny64
     policies = _tiny_adapter_policies(tiny64, tmp_path)

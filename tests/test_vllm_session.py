@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 import harness.engines.vllm_engine as ve
-from harness import cost
-from harness.config import parse
-from harness.generate import Sampling
+from harness.store import cost
+from harness.config.experiment import parse
+from harness.engines.generate import Sampling
 from harness.engines import Engines
-from harness.stages import judge_chunk
+from harness.run.stages import judge_chunk
 from test_vllm import prompts
 
 
@@ -150,7 +150,7 @@ def test_a_vllm_judge_stage_sends_its_whole_work_at_once():
 
 
 def _gen(name: str = "vllm", weights: str = "adapter"):
-    from harness.config import GenerationSection
+    from harness.config.experiment import GenerationSection
 
     return name, GenerationSection(engine=name, vllm_weights=weights, vllm_max_num_seqs=256)
 
@@ -203,7 +203,7 @@ def test_merged_weights_restart_the_engine_only_when_the_policy_changes(fake):
 def test_a_stage_that_fails_mid_job_leaves_no_half_read_engine(fake, tmp_path):
     """A stage that stops reading a job's answers (its log failed) stops the engine when it
     ends; the next stage starts a fresh one. A stage that fails after its job keeps it."""
-    from harness.store import JsonlLog
+    from harness.store.files import JsonlLog
 
     class Broken(JsonlLog):
         def append(self, records):
@@ -229,7 +229,7 @@ def test_a_two_iteration_run_starts_its_engine_once(fake, tmp_path):
     """A tiny SPIN run (2 iterations, the continue chain's adapter served on the unchanging base;
     AlpacaEval answers in every evaluate stage) with engine = "vllm": one engine start for the
     whole run, counted in its rows; the engine is stopped when the run ends."""
-    from harness.loop import run_experiment
+    from harness.run.loop import run_experiment
 
     doc = {"experiment": {"name": "one-engine", "seed": 0, "output_dir": str(tmp_path)},
            "model": {"base": "tiny", "device": "cpu", "cpu_threads": 1},
@@ -251,7 +251,7 @@ def test_a_logged_engine_keeps_each_answer_and_sends_only_what_its_log_lacks(fak
     it finishes; a resumed stage's call sends vLLM only the prompts missing from it and returns
     the logged ones as they were."""
     from harness.engines import Engine, logged
-    from harness.store import JsonlLog
+    from harness.store.files import JsonlLog
 
     model, tok = fake
     greedy = Sampling(temperature=0.0, max_new_tokens=3)

@@ -1,7 +1,7 @@
 """Generation engines, chosen by ``[generation] engine``.
 
 Every engine is a function with the signature and record format of
-``harness.generate.generate`` (``model, tokenizer, prompts, sampling, *, seed_key,
+``harness.engines.generate.generate`` (``model, tokenizer, prompts, sampling, *, seed_key,
 batch_size, log, desc, min_new_tokens``): "hf" is that function itself, "vllm" serves the
 same policy (``model``, merged or as base + LoRA adapter) with vLLM in a separate environment
 (``harness.engines.vllm_engine``). ``Engines`` is a run's: the loop holds one for the run and
@@ -39,7 +39,7 @@ def unavailable() -> str | None:
 def engine(name: str = "hf") -> Callable:
     """The generate function of engine ``name``."""
     if name == "hf":
-        from harness.generate import generate
+        from harness.engines.generate import generate
 
         return generate
     if name == "vllm":
@@ -57,7 +57,7 @@ class Engine:
 
 
 class Engines:
-    """The engines of one run, owned by the run loop (``harness.loop.Runner``), which closes it
+    """The engines of one run, owned by the run loop (``harness.run.loop.Runner``), which closes it
     when the run ends or fails. ``stage`` gives a stage its engine; for "vllm" that is the
     run's one ``vllm_engine.Session``: started by the first stage that generates through it
     and kept for every later stage and iteration (another adapter switched per request; a
@@ -87,7 +87,7 @@ class Engines:
         """Engine ``name`` for one stage: for "vllm" the generate of the run's session (created
         with ``generation``'s vllm_weights and vllm_max_num_seqs, recreated should a stage read
         others), parked when the stage ends, however it ends; for "hf"
-        ``harness.generate.generate`` itself, its batches bounded by ``max_batch_tokens`` of
+        ``harness.engines.generate.generate`` itself, its batches bounded by ``max_batch_tokens`` of
         ``generation`` (the run's [generation] section; read when it first generates, so a
         stage that generates nothing does not depend on it)."""
         if name != "vllm":
@@ -144,10 +144,10 @@ def _token_budget(generate: Callable, generation) -> Callable:
 
 def settings(name: str, model, tokenizer, sampling, generation=None) -> dict:
     """What decides decoding under engine ``name``, as a plain dict (a stage's outputs record it):
-    ``harness.generate.generation_settings`` for "hf"; for "vllm" the worker's sampling settings,
+    ``harness.engines.generate.generation_settings`` for "hf"; for "vllm" the worker's sampling settings,
     vLLM's sampler and the weights served (``generation``: the run's [generation] section)."""
     if name == "hf":
-        from harness.generate import generation_settings
+        from harness.engines.generate import generation_settings
 
         return generation_settings(model, tokenizer, sampling)
     from harness.engines.vllm_engine import generation_settings

@@ -3,7 +3,7 @@
 environment cannot share.
 
 ``generate`` has the signature, the semantics and the records of
-``harness.generate.generate``:
+``harness.engines.generate.generate``:
 
 - the policy served is exactly ``model``, in one of two forms (``[generation] vllm_weights``,
   ``weights_mode``): "merged", its weights merged into a plain float32 copy (a PeftModel of
@@ -15,13 +15,13 @@ environment cannot share.
   merged weights on a CPU, where vLLM's LoRA path is about 3-4x slower than merged weights;
 - prompts are rendered and tokenized by the harness (``render``) and sent as token ids; the
   harness decodes the answers, so text, ``n_tokens`` and the top-k indicators are computed
-  as in ``harness.generate``, and ``finish`` ("length": cut at the cap) is vLLM's own
+  as in ``harness.engines.generate``, and ``finish`` ("length": cut at the cap) is vLLM's own
   finish reason;
 - the experiment's sampling settings alone decide decoding (vLLM's ``generation_config``
-  is set to "vllm", every other logits option off), eos = the ids ``harness.generate``
+  is set to "vllm", every other logits option off), eos = the ids ``harness.engines.generate``
   stops at;
 - every sample has its own seed, ``request_seed(*seed_key, prompt id, sample index)``, as in
-  ``harness.generate``. vLLM draws with its own sampler, so a sampled answer differs from
+  ``harness.engines.generate``. vLLM draws with its own sampler, so a sampled answer differs from
   the HF engine's for the same seed; greedy answers agree (measured, see tests/test_vllm.py);
 - with ``log`` each prompt's record is appended as soon as its samples are finished and
   prompts already in the log are not sent, so a killed stage resumes;
@@ -55,11 +55,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from harness import console, cost
+from harness.console import terminal as console
+from harness.store import cost
 from harness.engines import unavailable, venv_python  # noqa: F401  (unavailable: re-exported)
-from harness.generate import CUT, Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
+from harness.engines.generate import CUT, Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
 from harness.lifeline import spawn, stop_group
-from harness.store import JsonlLog, build_once, cache_root
+from harness.store.files import JsonlLog, build_once, cache_root
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 SAMPLER = "vllm/per-request-seed/v1"
@@ -430,7 +431,7 @@ class Worker:
             os.unlink(self._stderr.name)
 
 
-# ----- generate, as harness.generate.generate ------------------------------------------------
+# ----- generate, as harness.engines.generate.generate ------------------------------------------------
 
 def vllm_sampling(model, tokenizer, sampling: Sampling, *, min_new_tokens: int = 0) -> dict:
     """What decides vLLM's decoding (the worker's ``sampling``), from the experiment's settings."""
@@ -440,7 +441,7 @@ def vllm_sampling(model, tokenizer, sampling: Sampling, *, min_new_tokens: int =
 
 
 def generation_settings(model, tokenizer, sampling: Sampling, weights: str = "merged") -> dict:
-    """What decides decoding with this engine, as a plain dict (cf. ``harness.generate.generation_settings``);
+    """What decides decoding with this engine, as a plain dict (cf. ``harness.engines.generate.generation_settings``);
     ``weights``: [generation] vllm_weights, recorded as the mode it resolves to for ``model``."""
     return {"vllm": vllm_sampling(model, tokenizer, sampling),
             "sampler": {"name": SAMPLER, "temperature": sampling.temperature, "top_p": sampling.top_p,
@@ -556,7 +557,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
              seed_key: tuple, batch_size: int = 32, log: JsonlLog | None = None,
              desc: str = "generate", min_new_tokens: int = 0, worker: Worker | None = None,
              session: Session | None = None) -> dict[str, dict]:
-    """``harness.generate.generate`` served by vLLM (see the module's docstring).
+    """``harness.engines.generate.generate`` served by vLLM (see the module's docstring).
 
     ``batch_size`` is vLLM's ``max_num_seqs`` (sequences decoded at once). ``worker``: an
     already started ``Worker`` serving ``model`` (benchmarks); ``session``: a ``Session``
@@ -609,7 +610,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], sampling: Sampling, *,
 
 
 def _sample(tokenizer, raw: dict, eos_ids: set[int]) -> dict:
-    """A sample record exactly as ``harness.generate.generate`` writes it. Its ``finish`` is
+    """A sample record exactly as ``harness.engines.generate.generate`` writes it. Its ``finish`` is
     vLLM's own finish reason ("length": it hit max_tokens, written CUT; anything else:
     "eos"), or, from a worker that sends none, whether an eos id ended the tokens."""
     toks = raw["token_ids"]

@@ -14,7 +14,7 @@ import os
 import subprocess
 
 from harness.engines import unavailable, venv_python
-from harness.store import cache_root
+from harness.store.files import cache_root
 
 ASK = ("import json\nfrom vllm import ModelRegistry\n"
        "print(json.dumps(sorted(ModelRegistry.get_supported_archs())))")

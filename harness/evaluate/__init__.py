@@ -20,12 +20,12 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from harness import console
-from harness.config import Config, JudgeSection
-from harness.data import with_system
-from harness.generate import Prompt, generate
-from harness.sources import resolve_ref
-from harness.store import atomic_write_json
+from harness.console import terminal as console
+from harness.config.experiment import Config, JudgeSection
+from harness.models.data import with_system
+from harness.engines.generate import Prompt, generate
+from harness.models.sources import resolve_ref
+from harness.store.files import atomic_write_json
 
 from .alpaca import CoverageError, load_instructions, run_alpaca_eval, section_instructions  # noqa: F401  (re-exported)
 from .indicators import check_thresholds, run_indicators  # noqa: F401
@@ -77,7 +77,7 @@ def load_eval_prompts(ref: str) -> list[tuple[str, str]]:
 def iteration0_answers(path: Path) -> tuple[dict[str, str], str]:
     """({instruction id: answer}, content hash) of a run's iteration-0 AlpacaEval answers
     (``RunDir.alpaca_generations(0)``)."""
-    from harness.store import file_hash, read_jsonl
+    from harness.store.files import file_hash, read_jsonl
 
     return {r["id"]: r["samples"][0]["text"] for r in read_jsonl(path)}, file_hash(path)
 

@@ -54,18 +54,18 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness.annotator_configs import official_endpoint
-from harness.config import AlpacaEvalSection
-from harness.data import with_system
+from harness.config.annotator_configs import official_endpoint
+from harness.config.experiment import AlpacaEvalSection
+from harness.models.data import with_system
 from harness.evaluate.annotators import (HUB_SET, RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint,
                                          resolve_protocol)
-from harness.generate import Prompt, Sampling, generate, request_seed
+from harness.engines.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
 from harness.judges.base import Judge, JudgeItem, checked, compare, preference
 from harness.judges.parsing import is_error
-from harness.judging import JudgeTransportError
-from harness.sources import HubFiles, hub_file, hub_identity, resolve_ref
-from harness.store import JsonlLog, atomic_write_json
+from harness.judges.judging import JudgeTransportError
+from harness.models.sources import HubFiles, hub_file, hub_identity, resolve_ref
+from harness.store.files import JsonlLog, atomic_write_json
 
 from .alpaca_metrics import AE_SET_SIZE, LC_FILE, LC_REPO, METRICS, compute_metrics  # noqa: F401  (re-exported)
 

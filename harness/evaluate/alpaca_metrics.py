@@ -11,7 +11,7 @@ import os
 from typing import Any, Sequence
 
 from harness.evaluate.annotators import quiet
-from harness.sources import HubFileMissing, file_sha256, hub_file
+from harness.models.sources import HubFileMissing, file_sha256, hub_file
 
 AE_SET_SIZE = 805  # the AlpacaEval instruction set; the LC model's difficulty table is indexed by position
 METRICS = ("win_rate", "standard_error", "n_wins", "n_draws", "n_total", "discrete_win_rate")

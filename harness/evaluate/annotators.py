@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from harness.annotator_configs import (AE2, HUB_SET, OPENAI, RUBRIC, config_path, config_problems,  # noqa: F401
+from harness.config.annotator_configs import (AE2, HUB_SET, OPENAI, RUBRIC, config_path, config_problems,  # noqa: F401
                                        configs_dir, load_config, official_endpoint, resolve_protocol, shipped_names)
 
 _SUPPORTED_PARSE = "fn_completion_parser"
@@ -121,7 +121,7 @@ class EndpointCompletions:
         from alpaca_eval import utils as ae_utils
         from alpaca_eval.decoders.openai import _get_price_per_token, _requires_chatml
 
-        from harness import cost
+        from harness.store import cost
 
         if tokens_to_avoid or tokens_to_favor:
             raise ValueError("tokens_to_avoid / tokens_to_favor are not supported (they need OpenAI's tokenizer)")

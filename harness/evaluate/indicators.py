@@ -3,7 +3,7 @@
 Measured on one sampled answer per held-out prompt:
 - ``indicators/topk_entropy``: entropy (nats) of the next-token distribution
   restricted to its k most likely tokens and *renormalised* over them, from the
-  untempered logits (``harness.generate.topk_stats``), averaged over each
+  untempered logits (``harness.engines.generate.topk_stats``), averaged over each
   answer's generated tokens, then over answers (every answer weighs the same);
 - ``indicators/topk_mass``: the summed probability of those k tokens, averaged
   the same way;
@@ -22,9 +22,9 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness.config import IndicatorSection
-from harness.generate import Prompt, Sampling, cut_metrics, generate
-from harness.store import JsonlLog, atomic_write_json
+from harness.config.experiment import IndicatorSection
+from harness.engines.generate import Prompt, Sampling, cut_metrics, generate
+from harness.store.files import JsonlLog, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
-from harness.config import EvalSection
-from harness.sources import resolve_ref
-from harness.store import atomic_write_json, atomic_write_text
+from harness.config.experiment import EvalSection
+from harness.models.sources import resolve_ref
+from harness.store.files import atomic_write_json, atomic_write_text
 
 from .lm_eval_shots import set_shots, task_manager  # noqa: F401  (set_shots: re-exported)
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from harness import cost
-from harness.config import EvalSection
+from harness.store import cost
+from harness.config.experiment import EvalSection
 from harness.engines import venv_python
 from harness.engines.vllm_engine import (CPU_KV_GIB, GPU_MEMORY_UTILIZATION, Served, WorkerError, export_served,
                                          off_gpu, weights_mode, worker_failure)

@@ -55,16 +55,16 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness import cost
-from harness.annotator_configs import OPENAI_API
-from harness.config import MT_BENCH_TEMPERATURES, MtBenchSection
-from harness.data import with_system
-from harness.generate import Prompt, Sampling, generate, is_cut
+from harness.store import cost
+from harness.config.annotator_configs import OPENAI_API
+from harness.config.experiment import MT_BENCH_TEMPERATURES, MtBenchSection
+from harness.models.data import with_system
+from harness.engines.generate import Prompt, Sampling, generate, is_cut
 from harness.judges import CoverageError
 from harness.judges.http import JudgeRequestError, OpenAIJudge
 from harness.judges.parsing import ERROR_PREFIX
-from harness.judging import JudgeTransportError
-from harness.store import JsonlLog, atomic_write_json, write_jsonl
+from harness.judges.judging import JudgeTransportError
+from harness.store.files import JsonlLog, atomic_write_json, write_jsonl
 
 DATA = Path(__file__).resolve().parent / "mt_bench_data"
 QUESTIONS, REFERENCES, PROMPTS = DATA / "question.jsonl", DATA / "reference_answer" / "gpt-4.jsonl", \

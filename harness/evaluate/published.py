@@ -12,9 +12,9 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
-from harness.annotator_configs import AE2, HUB_SET, OPENAI_API, config_path, load_config
+from harness.config.annotator_configs import AE2, HUB_SET, OPENAI_API, config_path, load_config
 from harness.evaluate.alpaca import _installed, compute_metrics
-from harness.store import write_jsonl
+from harness.store.files import write_jsonl
 
 
 def import_published(model_outputs: Path, annotations: Path, name: str) -> dict[str, float | int | None]:

@@ -1,13 +1,13 @@
 """Judges behind one protocol (``harness.judges.base.Judge``), built from a
-``harness.config.JudgeSection``, plus coverage accounting.
+``harness.config.experiment.JudgeSection``, plus coverage accounting.
 
 Each kind is a module of this package that registers a ``kind.JudgeKind`` in
-``harness.registry.JUDGES`` (importing this package registers them all): "oracle"
+``harness.config.registry.JUDGES`` (importing this package registers them all): "oracle"
 (the tiny world's rule-based judge), "self" (the policy as LLM-as-a-judge), "hf" (a
 local causal LM as LLM-as-a-judge), "reward_model" (a sequence-classification reward
 model), "openai" (an OpenAI-compatible endpoint). A new kind is one module plus its
 import below. Heavy modules are imported only when their kind is built. Not here: the
-judging stage that persists judgments (``harness.judging``).
+judging stage that persists judgments (``harness.judges.judging``).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from harness import cost
-from harness.config import JudgeSection
+from harness.store import cost
+from harness.config.experiment import JudgeSection
 from harness.judges import hf, openai, oracle, reward_model, self  # noqa: F401  (each registers its kind)
 from harness.judges.base import Judge, JudgeItem, Verdict, compare, preference, score_group, score_groups
 from harness.judges.cache import CachedJudge, judge_identity
 from harness.judges.kind import JudgeKind
 from harness.judges.parsing import load_judge_template, load_template, parse_score
-from harness.registry import JUDGES
+from harness.config.registry import JUDGES
 
 __all__ = ["JUDGES", "Judge", "JudgeItem", "JudgeKind", "Verdict", "compare", "preference", "score_group", "score_groups",
            "build_judge", "judge_scale", "CachedJudge", "CoverageError", "coverage", "check_coverage",
@@ -124,7 +124,7 @@ def check_coverage(verdicts: Sequence[Verdict], min_coverage: float, what: str) 
 
 def require_coverage(n_scored: int, n_total: int, min_coverage: float, what: str) -> None:
     """CoverageError when nothing was judged or the valid share is below ``min_coverage``.
-    Every caller judges through ``harness.judging.judge_groups``, which never reuses a failed
+    Every caller judges through ``harness.judges.judging.judge_groups``, which never reuses a failed
     judgment: the message says that a rerun asks the judge again for exactly the failed items."""
     if n_total == 0:
         raise CoverageError(f"{what}: no items were judged (0 verdicts); nothing to compute coverage from")

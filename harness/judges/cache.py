@@ -7,7 +7,7 @@ iteration for the self judge, template text, samples, temperature, max new
 tokens, seed): never a run or model name alone, so one judge's scores are
 never served for another.
 
-Storage is ``harness.store.JsonlLog``: one fsynced line per judgment, a torn
+Storage is ``harness.store.files.JsonlLog``: one fsynced line per judgment, a torn
 last line dropped on open. The inner judge is called in chunks and each chunk
 is written before the next starts, so a killed process loses at most a chunk.
 Verdicts holding a transport error (``parsing.is_error``) are returned but not
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from harness.judges.base import JudgeItem, Verdict, checked, possible
 from harness.judges.parsing import is_error
-from harness.store import JsonlLog
+from harness.store.files import JsonlLog
 
 
 def judge_identity(**fields: Any) -> str:

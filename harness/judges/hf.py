@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from harness.judges.kind import (LLMKind, LLMOptions, LocalModelOptions, load_dtype, model_ident, model_preflight,
                                  model_problems)
-from harness.registry import JUDGES
+from harness.config.registry import JUDGES
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class HfJudge(LLMKind):
         super().preflight(options, where, checks)
 
     def build(self, section, policy, seed_key, dtype="float32"):
-        from harness.models import load_model, load_tokenizer  # torch
+        from harness.models.load import load_model, load_tokenizer  # torch
 
         o = section.options
         self.template(o)  # a bad template fails before a model loads

@@ -27,7 +27,7 @@ Failure behaviour, per request:
   counted and shown, with ``TOO_LONG`` and the first ``_BODY_KEEP`` characters as its
   raw answer, never the whole reply; not retried (the server did answer).
 A reply's ``usage`` (prompt / completion tokens), when sent, is added to the
-running stage's cost (``harness.cost``).
+running stage's cost (``harness.store.cost``).
 An unexpected exception in one request only fails that request's sample.
 """
 
@@ -43,8 +43,8 @@ import urllib.request
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from typing import Sequence
 
-from harness import cost
-from harness.generate import request_seed
+from harness.store import cost
+from harness.engines.generate import request_seed
 from harness.judges.base import JudgeItem, Verdict
 from harness.judges.llm import content_id
 from harness.judges.parsing import (ERROR_PREFIX, fill_group_template, fill_template, group_verdicts,
@@ -71,7 +71,7 @@ class _TooLong(Exception):
 
 def _count_usage(body: str) -> None:
     """The reply's ``usage`` (prompt / completion tokens), when the endpoint sends it,
-    into the running stage's cost (``harness.cost``)."""
+    into the running stage's cost (``harness.store.cost``)."""
     try:
         usage = json.loads(body).get("usage") or {}
         cost.add(judge_prompt_tokens=int(usage.get("prompt_tokens") or 0),

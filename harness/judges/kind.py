@@ -3,7 +3,7 @@
 sampling (``LLMOptions``), a local judge model (``LocalModelOptions``).
 
 A kind is one module of this package that registers one ``JudgeKind`` object in
-``harness.registry.JUDGES``: its options (the table ``[judge.<name>]``), its score
+``harness.config.registry.JUDGES``: its options (the table ``[judge.<name>]``), its score
 scale, its config checks, its pre-flight checks and its builder. Not here: the judges
 themselves (``base.Judge`` and the classes in llm, http, reward_model, oracle) and
 ``build_judge`` (the package's ``__init__``).
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.judges.parsing import BUILTIN_PREFIX, JudgeTemplate, group_template_ref, load_judge_template
-from harness.registry import JUDGES
-from harness.schema import FieldError, opt
-from harness.sources import SourceError, identity, locate
+from harness.config.registry import JUDGES
+from harness.config.schema import FieldError, opt
+from harness.models.sources import SourceError, identity, locate
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class NoOptions:
 @dataclass
 class Checks:
     """What a kind's pre-flight checks (``JudgeKind.preflight``) may ask and report, filled
-    by ``harness.validate`` for one judge. ``unmet`` holds problems of this machine that an
+    by ``harness.validate.experiment`` for one judge. ``unmet`` holds problems of this machine that an
     experiment may declare in experiment.requires (then they are reported as not checked)."""
     check_endpoints: bool = False   # harness validate --check-endpoints
     # (ref, where): the path of a local file reference, None when missing (reported) or a
@@ -70,7 +70,7 @@ class JudgeKind:
     def build(self, section: Any, policy: Any, seed_key: tuple) -> tuple[Any, dict]:
         """(the judge, its identity fields): everything that determines a judgment beyond the
         kind and the item, hashed into cache keys (``cache.judge_identity``). ``section`` is
-        the whole ``harness.config.JudgeSection`` (batch_size is shared by every kind). A kind
+        the whole ``harness.config.experiment.JudgeSection`` (batch_size is shared by every kind). A kind
         that ``loads_model`` also takes ``dtype``, the run's model.dtype (``load_dtype``)."""
         raise NotImplementedError
 

@@ -1,7 +1,7 @@
 """A causal LM as a pointwise LLM-as-a-judge (the policy itself, or a local HF model).
 
 Each item's filled template is sent as one user message through
-``harness.generate.generate`` (so the chat template is applied by ``render``,
+``harness.engines.generate.generate`` (so the chat template is applied by ``render``,
 the same as everywhere else), sampled ``samples`` times, and every answer is
 parsed strictly; the verdict is the mean of the parsable samples.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
-from harness.generate import Prompt, Sampling, generate
+from harness.engines.generate import Prompt, Sampling, generate
 from harness.judges.base import JudgeItem, Verdict
 from harness.judges.parsing import fill_group_template, fill_template, group_verdicts, verdict_from_samples
 

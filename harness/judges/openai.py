@@ -13,8 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 
 from harness.judges.kind import LLMKind, LLMOptions
-from harness.registry import JUDGES
-from harness.schema import FieldError, opt
+from harness.config.registry import JUDGES
+from harness.config.schema import FieldError, opt
 
 
 @dataclass(frozen=True)

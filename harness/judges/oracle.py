@@ -10,7 +10,7 @@ from typing import Sequence
 
 from harness.judges.base import JudgeItem, Verdict
 from harness.judges.kind import JudgeKind
-from harness.registry import JUDGES
+from harness.config.registry import JUDGES
 from harness.tiny import oracle as rules
 
 

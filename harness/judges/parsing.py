@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.judges.base import Verdict
-from harness.store import special_file
+from harness.store.files import special_file
 
 ERROR_PREFIX = "[judge error] "
 
@@ -169,7 +169,7 @@ def template_path(ref: str = "", where: str = "judge.template") -> Path:
             raise ValueError(f"{where}: unknown built-in judge template {ref!r}; known: "
                              + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_TEMPLATES))
         return BUILTIN_TEMPLATES[name]
-    from harness.sources import resolve_ref
+    from harness.models.sources import resolve_ref
 
     return Path(resolve_ref(ref))
 

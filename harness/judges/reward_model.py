@@ -10,7 +10,7 @@ local directory), else when the judge is built or first scores.
 
 The (instruction, response) pair is rendered as a full two-turn chat with the
 reward model's OWN chat template, without a generation prompt: that is the text
-reward models are trained to score (``harness.generate.render`` renders a
+reward models are trained to score (``harness.engines.generate.render`` renders a
 prompt awaiting an answer, which is the wrong shape here).
 
 Pooling: a sequence-classification model reads the logit at the last token that is
@@ -38,9 +38,9 @@ from typing import Sequence
 from harness.judges.base import JudgeItem, Verdict
 from harness.judges.kind import (JudgeKind, LocalModelOptions, load_dtype, model_ident, model_preflight,
                                  model_problems)
-from harness.registry import JUDGES
-from harness.schema import FieldError, opt
-from harness.sources import SourceError, locate
+from harness.config.registry import JUDGES
+from harness.config.schema import FieldError, opt
+from harness.models.sources import SourceError, locate
 
 UNBOUNDED = (-math.inf, math.inf)
 
@@ -191,7 +191,7 @@ class RewardModel(JudgeKind):
                                                                                       "scalar reward"))))
 
     def build(self, section, policy, seed_key, dtype="float32"):
-        from harness.models import load_model, load_tokenizer  # torch
+        from harness.models.load import load_model, load_tokenizer  # torch
 
         o = section.options
         tokenizer = load_tokenizer(o.model, o.revision, trust_remote_code=o.trust_remote_code)

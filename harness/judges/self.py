@@ -5,7 +5,7 @@ judging code (``harness.judges.llm.LLMJudge``); the loop hands it the policy."""
 from __future__ import annotations
 
 from harness.judges.kind import LLMKind
-from harness.registry import JUDGES
+from harness.config.registry import JUDGES
 
 
 class SelfJudge(LLMKind):

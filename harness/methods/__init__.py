@@ -2,6 +2,6 @@
 ``METHODS`` (each module registers its strategy object)."""
 
 from harness.methods import dno, self_rewarding, spin  # noqa: F401
-from harness.registry import METHODS
+from harness.config.registry import METHODS
 
 __all__ = ["METHODS"]

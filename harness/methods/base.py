@@ -3,7 +3,7 @@
 A method is a small strategy object: it says which prompts to sample, how,
 which candidates a judge should see, how candidates become (chosen, rejected)
 pairs, and which pairs an iteration trains on. It holds no loop, no I/O, no
-evaluation; ``harness/loop.py`` does those for every method alike.
+evaluation; ``harness/run/loop.py`` does those for every method alike.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
-from harness.data import DataError, Example, load_simple, read_records
-from harness.generate import Prompt, Sampling
-from harness.schema import FieldError, opt
-from harness.sources import is_built
+from harness.models.data import DataError, Example, load_simple, read_records
+from harness.engines.generate import Prompt, Sampling
+from harness.config.schema import FieldError, opt
+from harness.models.sources import is_built
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Group:
 
 @dataclass
 class IterationContext:
-    cfg: Any                                  # harness.config.Config
+    cfg: Any                                  # harness.config.experiment.Config
     iteration: int                            # 1-based training iteration
     examples: list[Example]                   # the data.train examples
     # (lowest, highest) score of the configured judge, known before any candidate is built
@@ -77,7 +77,7 @@ class Method:
     name: str
     Options: type              # dataclass schema of [method.<name>]
     needs_judge: bool
-    turns: str = "all"         # data.turns = "auto" means this ("first" or "all", harness.data.select_turns)
+    turns: str = "all"         # data.turns = "auto" means this ("first" or "all", harness.models.data.select_turns)
 
     def check(self, cfg) -> list[FieldError]:
         """Rules across config fields (parse time)."""
@@ -103,7 +103,7 @@ class Method:
         return None
 
     def init_sft_settings(self, cfg):
-        """The ``harness.config.SftSection`` of that stage (None: no stage)."""
+        """The ``harness.config.experiment.SftSection`` of that stage (None: no stage)."""
         return None
 
     def self_instruct(self, ctx: IterationContext) -> SelfInstruct | None:

@@ -26,13 +26,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from harness.data import load_simple
-from harness.generate import Sampling
+from harness.models.data import load_simple
+from harness.engines.generate import Sampling
 from harness.methods.base import (Candidate, CutAnswers, IterationContext, Method, PromptSplit, best_iterate,
                                   file_problems, length_stats, pair)
 from harness.metrics import VALIDATION
-from harness.registry import METHODS
-from harness.schema import FieldError, opt
+from harness.config.registry import METHODS
+from harness.config.schema import FieldError, opt
 
 
 @dataclass(frozen=True)

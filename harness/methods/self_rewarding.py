@@ -15,15 +15,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from harness.config import SftSection
-from harness.data import Example, load_simple, with_system
-from harness.generate import Prompt, Sampling
+from harness.config.experiment import SftSection
+from harness.models.data import Example, load_simple, with_system
+from harness.engines.generate import Prompt, Sampling
 from harness.judges.parsing import load_judge_template
 from harness.methods.base import (Candidate, CutAnswers, IterationContext, Method, PromptSplit, SelfInstruct,
                                   file_problems, length_stats, pair)
-from harness.registry import METHODS
-from harness.schema import FieldError, opt
-from harness.sources import SourceError, locate
+from harness.config.registry import METHODS
+from harness.config.schema import FieldError, opt
+from harness.models.sources import SourceError, locate
 
 
 @dataclass(frozen=True)

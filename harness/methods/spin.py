@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.generate import Sampling
+from harness.engines.generate import Sampling
 from harness.methods.base import Candidate, IterationContext, Method, length_stats, pair
-from harness.registry import METHODS
-from harness.schema import FieldError, opt
+from harness.config.registry import METHODS
+from harness.config.schema import FieldError, opt
 
 
 @dataclass(frozen=True)

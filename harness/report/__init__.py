@@ -8,7 +8,7 @@ ranking); ``compare`` (``harness table --compare``: two runs paired on their sha
 only under one protocol); ``card`` (the model card of an exported iterate, harness.export).
 
 What each metric means and where it is shown is the catalogue's (harness.metrics);
-the cost line is harness.cost's. The names below are the package's public ones.
+the cost line is harness.store.cost's. The names below are the package's public ones.
 """
 
 from harness.report.board import FORMATS, Board, combined_board, leaderboard, run_board

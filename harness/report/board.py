@@ -20,8 +20,8 @@ from harness.report.plots import render_plots, save_plots
 from harness.report.rows import ResultsError, load_rows
 from harness.report.table import SEEDS, build_table, selected
 from harness.report.terminal import TERMINAL_WIDTH, to_terminal
-from harness.rundir import RunDir
-from harness.store import atomic_write_text
+from harness.store.rundir import RunDir
+from harness.store.files import atomic_write_text
 
 FORMATS = ("text", "markdown", "csv", "html")
 RUN_STEM, BOARD_STEM = "results", "leaderboard"  # file names of a run's tables and of the board across runs

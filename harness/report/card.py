@@ -32,7 +32,7 @@ class CardFacts:
     config_hash: str
     base: str                      # model.base as configured
     revision: str                  # model.revision
-    base_identity: dict            # harness.sources.identity of the base the run used
+    base_identity: dict            # harness.models.sources.identity of the base the run used
     run_precision: str             # "float32", "bfloat16, 4-bit nf4 quantization", ...
     chain: str                     # "merge" or "continue"
     adapters: list[str]            # the chain's adapters, relative to the run directory

@@ -1,6 +1,6 @@
 """Two runs compared on the items both evaluated (``harness table --compare A B``).
 
-One line per metric both runs' evaluate stages scored per item (harness.outcomes'
+One line per metric both runs' evaluate stages scored per item (harness.evaluate.outcomes'
 ``items.jsonl``): the mean difference B - A over the shared items, its standard error,
 its paired 95% interval, the number of shared items and a "*" when the interval
 excludes 0. At one iteration: the one asked for, else the last both evaluated.
@@ -12,7 +12,7 @@ the same, else a CompareError names the first difference in one line
 ("alpaca_eval: judge model differs: gpt-4-1106-preview vs oracle"). With
 ``allow_protocol_mismatch`` they are compared anyway and the output says which differ. Two
 runs that recorded no protocol for a scope are taken to share it. Not here: the statistics
-(harness.outcomes.compare) or the leaderboard tables.
+(harness.evaluate.outcomes.compare) or the leaderboard tables.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import textwrap
 from pathlib import Path
 
 from harness.metrics import header
-from harness.outcomes import ITEMS, compare
+from harness.evaluate.outcomes import ITEMS, compare
 from harness.report.files import cell
 from harness.report.protocol import difference, record, scope_of
-from harness.rundir import RunDir
+from harness.store.rundir import RunDir
 
 
 class CompareError(ValueError):
@@ -78,7 +78,7 @@ def protocol_differences(run_a: Path, run_b: Path, iteration: int, metrics: list
 
 def compare_rows(run_a: Path, run_b: Path, iteration: int | None = None,
                  allow_protocol_mismatch: bool = False) -> list[dict]:
-    """harness.outcomes.compare's rows, or CompareError when there is nothing to compare or
+    """harness.evaluate.outcomes.compare's rows, or CompareError when there is nothing to compare or
     (unless ``allow_protocol_mismatch``) the runs' protocols differ for a compared metric."""
     for run in (run_a, run_b):
         if not Path(run).is_dir():

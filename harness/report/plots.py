@@ -17,7 +17,7 @@
   title: no panel puts two protocols' numbers side by side.
 
 Several seeds of an experiment are one point / bar per iteration: the mean over the
-seeds, its error bar the standard deviation between them (harness.outcomes.across_seeds).
+seeds, its error bar the standard deviation between them (harness.evaluate.outcomes.across_seeds).
 
 Which quantities get a panel, in which order, and their titles are the metric
 catalogue's ``plot`` and ``compare`` views (harness.metrics). Wherever a win rate is

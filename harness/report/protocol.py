@@ -45,7 +45,7 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping, Sequence
 
-from harness.annotator_configs import AE2, ANSWER_TOKENS, HUB_SET, OPENAI_API, RUBRIC, official_endpoint
+from harness.config.annotator_configs import AE2, ANSWER_TOKENS, HUB_SET, OPENAI_API, RUBRIC, official_endpoint
 
 AE2_REFERENCE = "gpt4_1106_preview"  # AlpacaEval 2.0's reference answers (GPT-4 Turbo)
 AE_SET_SIZE = 805  # harness.evaluate.alpaca's (the report modules do not import the evaluation code)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness.report.rows import PUBLISHED, RESULTS_FILE
 
-# experiment.name's rule (harness.validate): a run directory's name is one safe path component
+# experiment.name's rule (harness.validate.experiment): a run directory's name is one safe path component
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 

@@ -11,13 +11,13 @@ Conventions:
   value at iteration 0 of the same experiment) and which are shown by default is
   the metric catalogue's (harness.metrics).
 - gains with paired intervals: where a row carries ``paired`` (its gain over iteration 0
-  on the items both evaluated, harness.outcomes), "Δ <metric> lo" / "Δ <metric> hi" hold
+  on the items both evaluated, harness.evaluate.outcomes), "Δ <metric> lo" / "Δ <metric> hi" hold
   the 95% interval and "Δ <metric> sig" whether it excludes 0 (the renderers mark such a
   gain with a trailing "*"); an lm-eval paired key's ",<filter>" suffix is matched to the
   metric without it when that is unambiguous;
 - seeds: rows of several seeds of one (experiment, method, iteration) (``harness run
   --seeds``) are one table row (``per_seed=False``, the default): each metric and Δ is the
-  mean over the seeds (harness.outcomes.across_seeds), "<metric> sd" / "Δ <metric> sd" the
+  mean over the seeds (harness.evaluate.outcomes.across_seeds), "<metric> sd" / "Δ <metric> sd" the
   standard deviation between seeds (shown as "mean ± sd"; the row's "<metric> ±" is
   blank), "seeds" the number of seeds; each seed's Δ is against that seed's own iteration 0.
   Such a row's mean gain is marked significant ("Δ <metric> sig") only when every seed's
@@ -67,7 +67,7 @@ import pandas as pd
 
 from harness.fmt import setting, short_keys
 from harness.metrics import WIN_RATE, WIN_SE, ordered, qualified, stderr_of
-from harness.outcomes import across_seeds
+from harness.evaluate.outcomes import across_seeds
 from harness.report.protocol import AE_SCOPE, row_labels, scope_of, scopes, tag_protocols
 from harness.report.rows import PUBLISHED, ResultsError, point_key
 
@@ -206,7 +206,7 @@ def _records(rows: Sequence[dict], metric_keys: list[str], se_for: dict, delta_k
 
 
 def seeds_spread(values: Sequence[float]):
-    """harness.outcomes.across_seeds, quiet about equal values (scipy warns of precision loss
+    """harness.evaluate.outcomes.across_seeds, quiet about equal values (scipy warns of precision loss
     for them; their standard deviation is 0)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -44,7 +44,7 @@ def _main_columns(df: pd.DataFrame) -> tuple[list[str], set[str]]:
         if qualified(c)[0] == LC_WIN_RATE and not any(isinstance(v, Real) and not math.isnan(v) for v in df[c]):
             continue  # offline it is null: an "unavailable" column says nothing
         cols += [c] + [k for k in companions(c) if k in df.columns]
-    if not cols:  # cost columns stay in the files: the terminal gets harness.cost.cost_summary's line
+    if not cols:  # cost columns stay in the files: the terminal gets harness.store.cost.cost_summary's line
         return [c for c in metric_cols if not (find(c) is not None and find(c).producer == COST)], set()
     return cols, set(cols)
 

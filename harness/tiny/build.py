@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
-from harness.store import build_once, cache_root
+from harness.store.files import build_once, cache_root
 from harness.tiny import data, tasks, warmup
 from harness.tiny.tokenizer import train_tokenizer
 

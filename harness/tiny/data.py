@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from harness.store import write_jsonl
+from harness.store.files import write_jsonl
 from harness.tiny import tasks
 from harness.tiny.oracle import grade, response_with_score
 from harness.tiny.tasks import NUMBER_TASKS, Example

@@ -9,10 +9,10 @@ pairs (``train_dpo``) and SFT (``train_sft``).
 - ``schedule``: optimizer steps and the learning rate at each (no torch).
 
 The names below are the package's interface; callers import them from here. Not here:
-what a method trains on (``harness.methods``) or the loop's stages (``harness.loop``).
+what a method trains on (``harness.methods``) or the loop's stages (``harness.run.loop``).
 """
 
-from harness.config import StepSettings
+from harness.config.experiment import StepSettings
 from harness.train.dpo import GAP_CHECK_PAIRS, dpo_trainer, train_dpo
 from harness.train.probe import pair_logps, probe_sample
 from harness.train.reference import precompute_reference, reference_logps

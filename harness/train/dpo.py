@@ -49,7 +49,7 @@ def dpo_trainer(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, ou
     policy, peft_config = prepare_policy(model, cfg, iteration)
     ref_model = None
     if reference is not None and cfg.chain == "merge":
-        from harness.models import load_policy
+        from harness.models.load import load_policy
 
         ref_model, _ = load_policy(cfg, list(reference), tokenizer=tokenizer, base=base)
         ref_model.requires_grad_(False)
@@ -177,7 +177,7 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], cfg, iteration: int, out_
 def _merge_gap(model, tokenizer, pairs: Sequence[dict], unmerged: Sequence[float], max_length: int) -> float:
     """Largest log-prob distance, on ``pairs`` (chosen then rejected, as ``unmerged``), between
     the trained model with its "default" adapter applied and the same model with it merged into
-    the base weights by peft's merge (the one ``harness.models.load_policy`` runs for the next
+    the base weights by peft's merge (the one ``harness.models.load.load_policy`` runs for the next
     iteration). The base weights are restored bit for bit afterwards."""
     from peft.tuners.lora import LoraLayer
 

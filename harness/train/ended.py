@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from harness.generate import chat_ids, completion_ids
+from harness.engines.generate import chat_ids, completion_ids
 from harness.train.trainer import TrainingError
 
 

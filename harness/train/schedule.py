@@ -1,6 +1,6 @@
 """How long a training stage runs and at what learning rate, step by step.
 
-Pure arithmetic on the ``harness.config.StepSettings`` of a stage (no torch, no trl):
+Pure arithmetic on the ``harness.config.experiment.StepSettings`` of a stage (no torch, no trl):
 the optimizer steps an iteration takes, its warmup, the multiplier of the peak
 rate at each step, and the settings of a DPO iteration. Not the trainer that
 applies them (``harness.train.trainer``).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
-from harness.config import StepSettings
+from harness.config.experiment import StepSettings
 
 
 def warmup_steps(ratio: float, total: int) -> int:

@@ -19,7 +19,7 @@ from harness.train.truncate import check_share, fit
 def train_sft(model, tokenizer, examples: Sequence[dict], cfg, iteration: int, out_dir: Path,
               max_steps: int = -1, settings=None) -> dict:
     """Supervised LoRA fine-tuning on {messages, response}; save ``out_dir/adapter`` and return
-    the metrics. ``max_steps`` > 0 overrides epochs. ``settings``: a ``harness.config.SftSection``
+    the metrics. ``max_steps`` > 0 overrides epochs. ``settings``: a ``harness.config.experiment.SftSection``
     (the M1 stage's own settings); None = the DPO settings of training iteration ``iteration``
     (the SFT control of a DPO run)."""
     from datasets import Dataset

@@ -4,7 +4,7 @@ Builds the trainer's arguments from the experiment (``trainer_args``) and the
 trainer itself with the harness's learning-rate schedule (``make_trainer``), and
 runs it with its guards (``run_trainer``): a non-finite loss aborts (the stage
 stays unfinished); training that leaves the adapter unchanged is an error; peak
-memory, steps and every token trained (into the stage's cost, ``harness.cost``)
+memory, steps and every token trained (into the stage's cost, ``harness.store.cost``)
 are recorded; progress goes to the stage's terminal line.
 
 Dropout: only the adapter being trained drops out (``lora.dropout``); the base
@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from harness import cost, tracking
-from harness.config import StepSettings
+from harness.store import cost
+from harness.train import tracking
+from harness.config.experiment import StepSettings
 from harness.train.schedule import dpo_steps, lr_factor, warmup_steps
 
 
@@ -90,7 +91,7 @@ def trainer_args(cls, cfg, out_dir: Path, iteration: int, settings: StepSettings
 
 
 def _reporting() -> dict:
-    """trl's reporting arguments: the running loop's trackers (``harness.tracking``), else none.
+    """trl's reporting arguments: the running loop's trackers (``harness.train.tracking``), else none.
     Read from the tracker, not from ``cfg``: no stage records [tracking] as one of its inputs."""
     tracker = tracking.active()
     return tracker.trainer_settings() if tracker is not None else {"report_to": "none"}
@@ -155,7 +156,7 @@ def prepare_policy(model, cfg, iteration: int):
     if isinstance(model, PeftModel):      # continue chain with an existing adapter
         return model, None
     if cfg.chain == "continue":           # continue chain, first adapter (on a quantized base
-        set_seed(cfg.experiment.seed + iteration)  # prepared at load: harness.models.load_base)
+        set_seed(cfg.experiment.seed + iteration)  # prepared at load: harness.models.load.load_base)
         return get_peft_model(model, lora_config(cfg.lora)), None
     return model, lora_config(cfg.lora)   # merge chain: trl adds a fresh adapter
 
@@ -179,7 +180,7 @@ class _Progress(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from harness import console
+        from harness.console import terminal as console
 
         self.bar = console.progress(total=state.max_steps, initial=state.global_step, desc="train", unit="steps")
 
@@ -221,7 +222,7 @@ def run_trainer(trainer, out_dir: Path) -> dict:
 
     guard = _FiniteLossGuard()
     trainer.add_callback(guard)
-    trainer.remove_callback(ProgressCallback)  # reporting: harness.console's line, not tqdm / prints
+    trainer.remove_callback(ProgressCallback)  # reporting: harness.console.terminal's line, not tqdm / prints
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_Progress())
     tracker = tracking.active()

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from harness.generate import chat_ids
+from harness.engines.generate import chat_ids
 from harness.train.ended import answer_ids
 from harness.train.trainer import TrainingError
 
