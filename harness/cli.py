@@ -79,12 +79,12 @@ def _existing_conflicts(cfg) -> list[str]:
 
 
 def _sweep_points(args) -> list[tuple[str, ...]] | None:
-    """The grid of the command's ``--sweep`` options (``config.sweep_grid``); None, after one
+    """The grid of the command's ``--sweep`` options (``overrides.sweep_grid``); None, after one
     ``error:`` line, when one is malformed."""
-    from harness.config import experiment as config
+    from harness.config.overrides import sweep_grid
 
     try:
-        return config.sweep_grid(args.sweeps)
+        return sweep_grid(args.sweeps)
     except ValueError as e:
         console.error(f"harness {args.cmd}: {e}")
         return None
@@ -93,12 +93,13 @@ def _sweep_points(args) -> list[tuple[str, ...]] | None:
 def load_checked(files: list[str], check_endpoints: bool = False, overrides: list[str] = (),
                  points: list[tuple[str, ...]] = ((),)) -> tuple[list, bool]:
     """Parse and check every file, each with the ``--set KEY=VALUE`` ``overrides`` written into it,
-    once per sweep point of ``points`` (``config.sweep_grid``), before any compute; print every
+    once per sweep point of ``points`` (``overrides.sweep_grid``), before any compute; print every
     problem to stderr as ``FILE: dotted.path: problem`` (warnings as ``FILE: dotted.path: warning:
     ...``; a field an override wrote as ``FILE: --set path: ...``, one a sweep point wrote as
     ``FILE: --sweep KEY=VALUE: ...``), each line once however many points share it.
     Returns ([(config, validate.Report)] of the (file, point)s that passed, whether all did)."""
     from harness.config import experiment as config
+    from harness.config.overrides import blame_overrides, blame_point, override_keys
     from harness.validate.experiment import check
 
     good, said = [], set()
@@ -109,7 +110,7 @@ def load_checked(files: list[str], check_endpoints: bool = False, overrides: lis
                 said.add(line)
                 print(line, file=sys.stderr)
 
-    keys = config.override_keys(overrides)
+    keys = override_keys(overrides)
     for f in files:
         for point in points:
             try:
@@ -118,8 +119,8 @@ def load_checked(files: list[str], check_endpoints: bool = False, overrides: lis
                 say(str(e))
                 continue
             report = check(cfg, check_endpoints=check_endpoints)
-            report.errors = config.blame_overrides(config.blame_point(report.errors, point), keys)
-            report.warnings = config.blame_overrides(config.blame_point(report.warnings, point), keys)
+            report.errors = blame_overrides(blame_point(report.errors, point), keys)
+            report.warnings = blame_overrides(blame_point(report.warnings, point), keys)
             for w in report.warnings:
                 say(f"{f}: {w.path}: warning: {w.message}")
             if report.errors:

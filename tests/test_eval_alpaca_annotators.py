@@ -16,7 +16,7 @@ import pytest
 from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F401  (fixtures)
 from test_judges_http import local_server, send_json
 
-from harness.config.experiment import AlpacaEvalSection
+from harness.config.eval_sections import AlpacaEvalSection
 from harness.evaluate.alpaca import (AE_SET_SIZE, annotate_alpaca_eval, compute_metrics, load_instructions,
                                      run_alpaca_eval)
 from harness.evaluate.annotators import AE2, RUBRIC, AlpacaEvalAnnotator, Endpoint, config_problems

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 
-from harness.config.experiment import (AlpacaEvalSection, Config, DataSection, EvalSection, ExperimentSection,
-                            GenerationSection, IndicatorSection, MethodSection, ModelSection, ValidationSection)
+from harness.config.experiment import (Config, DataSection, ExperimentSection, GenerationSection, MethodSection,
+                                       ModelSection)
+from harness.config.eval_sections import AlpacaEvalSection, EvalSection, IndicatorSection, ValidationSection
 from harness.evaluate import evaluate_iteration
 from harness.judges.base import Verdict
 from harness.run.selection import run_validation

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness.config.experiment import AlpacaEvalSection
+from harness.config.eval_sections import AlpacaEvalSection
 from harness.evaluate.alpaca import run_alpaca_eval
 from harness.judges.base import Verdict
 from harness.models.load import load_model, load_tokenizer

@@ -10,7 +10,7 @@ import torch
 
 from test_eval_fixtures import tiny, tiny_dir  # noqa: F401  (fixtures)
 
-from harness.config.experiment import IndicatorSection
+from harness.config.eval_sections import IndicatorSection
 from harness.evaluate.indicators import check_thresholds, distinct_n, indicator_metrics, run_indicators
 from harness.engines.generate import Prompt, topk_stats
 

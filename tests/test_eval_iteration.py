@@ -8,8 +8,9 @@ import pytest
 
 from test_eval_fixtures import MC_YAML, datasets_cache, tiny, tiny_dir  # noqa: F401  (fixtures)
 
-from harness.config.experiment import (AlpacaEvalSection, Config, DataSection, EvalSection, ExperimentSection,
-                            GenerationSection, IndicatorSection, JudgeSection, MethodSection, ModelSection)
+from harness.config.experiment import (Config, DataSection, ExperimentSection, GenerationSection, JudgeSection,
+                                       MethodSection, ModelSection)
+from harness.config.eval_sections import AlpacaEvalSection, EvalSection, IndicatorSection
 from harness.evaluate import evaluate_iteration, load_eval_prompts
 from harness.judges.base import Verdict
 
@@ -91,7 +92,7 @@ def test_validation_lm_eval_runs_with_the_system_prompt_as_the_reported_one(tiny
     the [eval.validation] ones (the protocol records it, and it is in the prompts)."""
     from dataclasses import replace
 
-    from harness.config.experiment import ValidationSection
+    from harness.config.eval_sections import ValidationSection
     from harness.run.selection import run_validation
 
     model, tok = tiny

@@ -16,7 +16,7 @@ import torch
 
 from test_eval_fixtures import MC_YAML, OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache, require, tiny, tiny_dir  # noqa: F401
 
-from harness.config.experiment import EvalSection
+from harness.config.eval_sections import EvalSection
 from harness.evaluate import lm_eval_adapter
 from harness.evaluate.lm_eval_adapter import _check_names, flat_metrics, primary_key, resolve_task_specs, run_lm_eval
 

@@ -218,7 +218,7 @@ def test_tiny_world_evaluation_and_imported_systems(tiny, tmp_path):  # noqa: F8
     require(AE_DATA.is_dir(), f"published AlpacaEval files not found at {AE_DATA} (shared data folder absent)")
     import alpaca_eval
 
-    from harness.config.experiment import AlpacaEvalSection
+    from harness.config.eval_sections import AlpacaEvalSection
     from harness.evaluate.alpaca import run_alpaca_eval
     from harness.judges import build_judge
     from harness.report.published import import_published

@@ -444,7 +444,7 @@ def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch, wei
     and the same per-sample log-likelihoods and answers; the protocol records backend "vllm"."""
     from types import SimpleNamespace
 
-    from harness.config.experiment import EvalSection
+    from harness.config.eval_sections import EvalSection
     from harness.engines import venv_python
     from harness.evaluate import lm_eval_vllm, run_lm_eval_backend
     from harness.models.sources import model_path

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from harness.config.annotator_configs import official_endpoint
-from harness.config.experiment import AlpacaEvalSection
+from harness.config.eval_sections import AlpacaEvalSection
 from harness.models.data import with_system
 from harness.evaluate.annotators import (HUB_SET, RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint,
                                          resolve_protocol)

@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness.config.experiment import IndicatorSection
+from harness.config.eval_sections import IndicatorSection
 from harness.engines.generate import Prompt, Sampling, cut_metrics, generate
 from harness.store.files import JsonlLog, atomic_write_json
 

@@ -43,7 +43,7 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
-from harness.config.experiment import EvalSection
+from harness.config.eval_sections import EvalSection
 from harness.models.sources import resolve_ref
 from harness.store.files import atomic_write_json, atomic_write_text
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from harness.store import cost
-from harness.config.experiment import EvalSection
+from harness.config.eval_sections import EvalSection
 from harness.engines import venv_python
 from harness.engines.vllm_engine import (CPU_KV_GIB, GPU_MEMORY_UTILIZATION, Served, WorkerError, export_served,
                                          off_gpu, weights_mode, worker_failure)

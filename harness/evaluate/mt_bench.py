@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 
 from harness.store import cost
 from harness.config.annotator_configs import OPENAI_API
-from harness.config.experiment import MT_BENCH_TEMPERATURES, MtBenchSection
+from harness.config.eval_sections import MT_BENCH_TEMPERATURES, MtBenchSection
 from harness.models.data import with_system
 from harness.engines.generate import Prompt, Sampling, generate, is_cut
 from harness.judges import CoverageError

@@ -18,7 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from harness.config.experiment import Config, JudgeSection, ValidationSection
+from harness.config.experiment import Config, JudgeSection
+from harness.config.eval_sections import ValidationSection
 from harness.models.data import Example, read_records, to_examples, with_system
 from harness.evaluate import run_alpaca_eval, run_lm_eval_backend
 from harness.evaluate.lm_eval_adapter import task_metrics
