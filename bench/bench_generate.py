@@ -155,7 +155,9 @@ def compare_engines(model, tok, prompts, modes, sizes, args, dev, engines) -> No
     batch size), and the policy export (merged weights written once) once. Then greedy
     agreement: natural greedy answers (stopping at eos) of every prompt, both engines at the
     largest batch size, compared record by record."""
-    from harness.engines.vllm_engine import Worker, _max_model_len, export_policy, off_gpu
+    from harness.engines.vllm_engine import _max_model_len
+    from harness.engines.vllm_weights import export_policy, off_gpu
+    from harness.engines.vllm_client import Worker
     from harness.engines.vllm_engine import generate as vllm_generate
 
     assert engines == ["hf", "vllm"], "--engines: hf,vllm"

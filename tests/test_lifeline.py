@@ -160,7 +160,7 @@ for line in sys.stdin:  # like the real worker: stdin's end ends the loop, the e
 
 WORKER_PARENT = """
 import sys, time
-import harness.engines.vllm_engine as ve
+import harness.engines.vllm_client as ve
 ve.WORKER = sys.argv[1]
 worker = ve.Worker("unused")
 print(worker.proc.pid, flush=True)
@@ -191,7 +191,7 @@ def test_a_fake_vllm_worker_takes_its_engine_down(victim, tmp_path, monkeypatch)
 
 def test_the_fake_worker_speaks_the_protocol(tmp_path, monkeypatch):
     """The fake above answers as the real worker does, so the Worker class accepts it."""
-    from harness.engines import vllm_engine
+    from harness.engines import vllm_client as vllm_engine
 
     fake = tmp_path / "fake_worker.py"
     fake.write_text(FAKE_WORKER)

@@ -11,7 +11,7 @@ import pytest
 from test_eval_fixtures import MC_YAML, tiny, tiny_dir  # noqa: F401  (fixtures)
 
 from harness.config.eval_sections import EvalSection
-from harness.engines.vllm_engine import WorkerError
+from harness.engines.vllm_client import WorkerError
 from harness.evaluate.lm_eval_vllm import run_lm_eval_vllm
 
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.engines.vllm_engine import Session, Worker, export_policy, generate as vllm_generate, unavailable
+from harness.engines.vllm_engine import Session, generate as vllm_generate, unavailable
+from harness.engines.vllm_weights import export_policy
+from harness.engines.vllm_client import Worker
 from harness.engines.generate import Prompt, Sampling, completion_ids, generate as hf_generate
 from full_forward import sequence_logprobs
 from harness.store.files import JsonlLog
@@ -386,7 +388,7 @@ def test_served_policy_matches_the_hf_policy(tmp_path, weights, quantization):
     bfloat16, a 4-bit one dequantized, plus the adapter as a vLLM LoRA; merged: a float32 merged
     copy): prompt log-probs of the served policy within SERVED_LOGP_TOL of the HF policy's, far
     from the base's; greedy answers closer to the HF policy's than to the base's."""
-    from harness.engines.vllm_engine import weights_mode
+    from harness.engines.vllm_weights import weights_mode
 
     policy, tok = _smollm2_policy(tmp_path, quantization)
     assert weights_mode("auto", policy) == ("adapter" if quantization != "none" else "merged")

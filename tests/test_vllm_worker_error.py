@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.engines.vllm_engine import Worker, WorkerError, worker_failure
+from harness.engines.vllm_client import Worker, WorkerError, worker_failure
 
 VLLM_LOG = """INFO 12-05 08:00:01 [core.py:93] Initializing a V1 LLM engine with config: model='/p'
 (EngineCore_DP0 pid=41) Traceback (most recent call last):

@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 
 from harness.engines import unavailable, venv_python
-from harness.engines.vllm_engine import CPU_KV_GIB
+from harness.engines.vllm_client import CPU_KV_GIB
 from harness.lifeline import spawn, stop_group
 
 

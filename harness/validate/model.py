@@ -156,7 +156,7 @@ def _vllm_model(config, r: Report, where: str = "generation.engine") -> None:
     """What vLLM would refuse about the policy's architecture, known from its config: an
     architecture the vLLM environment does not serve (asked of it: ``vllm_support``), and on a
     CPU a head size its attention backend does not compute (the engine runs where torch sees a
-    GPU, as ``harness.engines.vllm_engine.Worker`` starts it). ``where``: the field that chose
+    GPU, as ``harness.engines.vllm_client.Worker`` starts it). ``where``: the field that chose
     vLLM (generation.engine or eval.backend), named in the errors."""
     import torch
 
