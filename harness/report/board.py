@@ -18,7 +18,8 @@ from harness.report.files import to_csv, to_markdown
 from harness.report.html import GENERATOR, to_html
 from harness.report.plots import render_plots, save_plots
 from harness.report.rows import ResultsError, load_rows
-from harness.report.table import SEEDS, build_table, selected
+from harness.report.table import build_table, selected
+from harness.report.columns import SEEDS
 from harness.report.terminal import TERMINAL_WIDTH, to_terminal
 from harness.store.rundir import RunDir
 from harness.store.files import atomic_write_text

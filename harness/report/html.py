@@ -23,7 +23,7 @@ import pandas as pd
 
 from harness.report.files import displayed, formatted, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import PROV_COLS, SWEEP, TEXT_COLS, is_protocol_column, protocol_tags
+from harness.report.columns import PROV_COLS, SWEEP, TEXT_COLS, is_protocol_column, protocol_tags
 
 GENERATOR = '<meta name="generator" content="harness table">'  # marks the page as ours: `--out` may replace it
 

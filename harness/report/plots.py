@@ -45,7 +45,8 @@ from harness.metrics import ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_E
     qualified, stderr_of, title
 from harness.report.protocol import AE_SCOPE, LM_PREFIX, MT_SCOPE, row_labels, scope_of, scopes, tag_protocols
 from harness.report.rows import PUBLISHED
-from harness.report.table import paired_of, point_label, seeds_spread
+from harness.report.table import paired_of, point_label
+from harness.report.seeds import seeds_spread
 
 DPI = 100
 PANEL = (3.3, 2.5)        # inches per small-multiple panel

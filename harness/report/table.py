@@ -58,7 +58,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import warnings
 from fnmatch import fnmatchcase
 from numbers import Real
 from typing import Any, Sequence
@@ -67,41 +66,12 @@ import pandas as pd
 
 from harness.fmt import setting, short_keys
 from harness.metrics import WIN_RATE, WIN_SE, ordered, qualified, stderr_of
-from harness.evaluate.outcomes import across_seeds
-from harness.report.protocol import AE_SCOPE, row_labels, scope_of, scopes, tag_protocols
+from harness.report.columns import (COMPANIONS, DELTA, HI, ID_COLS, KEY_VERSIONS, LO, PROV_COLS, SD, SE, SEEDS, SIG,
+                                    SWEEP, TEXT_COLS, UNAVAILABLE, column_scope, is_protocol_column, protocol_column,
+                                    protocol_tags, tagged)
+from harness.report.protocol import row_labels, scopes
+from harness.report.seeds import over_seeds
 from harness.report.rows import PUBLISHED, ResultsError, point_key
-
-UNAVAILABLE = "unavailable"
-SE = " ±"  # suffix of a standard-error column
-DELTA = "Δ "  # prefix of a delta-vs-iteration-0 column
-SD = " sd"  # suffix of a between-seeds standard deviation column
-LO, HI, SIG = " lo", " hi", " sig"  # suffixes of a Δ's paired 95% interval and whether it excludes 0
-COMPANIONS = (SE, SD, LO, HI, SIG)  # columns that belong to the one they suffix
-SEEDS = "seeds"  # number of seeds in a row (only in tables that aggregate seeds)
-SWEEP = "sweep"  # a row's sweep point, "key=value, ..." (only in tables with sweep rows)
-ID_COLS = ["experiment", "method", "model", "iteration"]
-TEXT_COLS = ["experiment", "method", "model"]
-KEY_VERSIONS = ("torch", "transformers", "trl")  # packages shown as provenance columns
-PROV_COLS = ["config_hash", "seed", "commit", *KEY_VERSIONS]
-PROTOCOL = "protocol"  # the AlpacaEval protocol's label (only in tables with AlpacaEval metrics)
-
-
-def protocol_column(scope: str) -> str:
-    """The column of a scope's protocol labels: "protocol" (AlpacaEval), "protocol lm_eval/<task>"."""
-    return PROTOCOL if scope == AE_SCOPE else f"{PROTOCOL} {scope}"
-
-
-def is_protocol_column(col: str) -> bool:
-    return col == PROTOCOL or col.startswith(PROTOCOL + " ")
-
-
-def column_scope(col: str) -> str | None:
-    """The scope of a metric column, its Δ or a companion ("Δ lm_eval/t/acc ±" -> "lm_eval/t"),
-    or of a protocol column; None for any other column."""
-    if is_protocol_column(col):
-        return AE_SCOPE if col == PROTOCOL else col[len(PROTOCOL) + 1:]
-    body = col[len(DELTA):] if col.startswith(DELTA) else col
-    return scope_of(body)
 
 
 def _provenance(prov: dict) -> dict:
@@ -205,67 +175,6 @@ def _records(rows: Sequence[dict], metric_keys: list[str], se_for: dict, delta_k
     return records
 
 
-def seeds_spread(values: Sequence[float]):
-    """harness.evaluate.outcomes.across_seeds, quiet about equal values (scipy warns of precision loss
-    for them; their standard deviation is 0)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return across_seeds(values)
-
-
-def marked(v: Any) -> bool:
-    """A "sig" cell that is true (not missing)."""
-    return v is not None and v is not pd.NA and not (isinstance(v, float) and math.isnan(v)) and bool(v)
-
-
-def _mean(values: list[Any]) -> tuple[Any, float]:
-    """The mean over seeds (an integer when every seed's is one and so is the mean; "unavailable"
-    when no seed has a number but one says so) and the standard deviation between them."""
-    spread = seeds_spread([v for v in values if isinstance(v, Real) and not isinstance(v, bool)])
-    if spread is None:
-        return (UNAVAILABLE if UNAVAILABLE in values else math.nan), math.nan
-    mean = spread.mean
-    nums = [v for v in values if isinstance(v, Real) and not (isinstance(v, float) and math.isnan(v))]
-    if all(isinstance(v, int) for v in nums) and float(mean).is_integer():
-        mean = int(mean)
-    return mean, math.nan if spread.sd is None else spread.sd
-
-
-def _same(values: list[Any]) -> Any:
-    """The value every seed shares, else the distinct values joined by ","; None when none has one."""
-    distinct = list(dict.fromkeys(v for v in values if v is not None and v is not pd.NA and not
-                                  (isinstance(v, float) and math.isnan(v))))
-    return distinct[0] if len(distinct) == 1 else ",".join(map(str, distinct)) if distinct else None
-
-
-def _over_seeds(group: list[dict], metric_keys: list[str], se_for: dict, delta_keys: list[str],
-                ci_keys: set[str], about: list[str]) -> dict:
-    """One record for the seeds of one (experiment, sweep point, method, iteration)."""
-    first = group[0]
-    rec: dict[str, Any] = {c: first[c] for c in ("experiment", "method", SWEEP, "iteration")}
-    rec["model"] = _same([g["model"] for g in group])
-    rec[SEEDS] = len(group)
-    for k in metric_keys:
-        rec[k], rec[k + SD] = _mean([g[k] for g in group])
-        if k in se_for:
-            rec[k + SE] = math.nan  # within-seed errors: in the per-seed rows
-    for k in delta_keys:
-        d = DELTA + k
-        rec[d], rec[d + SD] = _mean([g[d] for g in group])
-        if k in ci_keys:
-            rec[d + LO] = rec[d + HI] = math.nan
-            lows, highs = [g[d + LO] for g in group], [g[d + HI] for g in group]
-            if group[0]["iteration"] == 0 or all(math.isnan(v) for v in lows):
-                rec[d + SIG] = pd.NA
-            else:  # every seed's interval excludes 0, all on the same side
-                rec[d + SIG] = all(lo > 0 for lo in lows) or all(hi < 0 for hi in highs)
-    for c in about:
-        rec[c] = _same([g[c] for g in group])
-    for c in PROV_COLS:
-        rec[c] = None if c == "seed" else _same([g.get(c) for g in group])
-    return rec
-
-
 def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Every metric of every row (+ ±, Δ, interval and seed columns); also the default column choice."""
     keys = sorted({k for r in rows for k in r["metrics"]})
@@ -286,7 +195,7 @@ def _full_table(rows: Sequence[dict], per_seed: bool = False) -> tuple[pd.DataFr
         groups.setdefault((rec["experiment"], rec["method"], rec[SWEEP], rec["iteration"]), []).append(rec)
     seeded = not per_seed and any(len(g) > 1 for g in groups.values())
     if seeded:
-        records = [_over_seeds(g, metric_keys, se_for, delta_keys, ci_keys, about) if len(g) > 1
+        records = [over_seeds(g, metric_keys, se_for, delta_keys, ci_keys, about) if len(g) > 1
                    else {**g[0], SEEDS: 1}
                    for g in groups.values()]
 
@@ -387,25 +296,6 @@ def build_table(rows: Sequence[dict], *, sort_by: str | None = None, descending:
     about = [c for c in df.columns if is_protocol_column(c)]
     shown = [c for c in shown if c not in ids + about + PROV_COLS]
     return df[ids + shown + about + PROV_COLS].reset_index(drop=True)
-
-
-def protocol_tags(df: pd.DataFrame) -> dict[str, dict[str, str]]:
-    """{scope: {protocol label: its tag "P1", "P2", ...}} for the scopes whose rows in the table
-    have more than one protocol (harness.report.protocol.tag_protocols, in the order of the protocol
-    columns); {} when no scope has several."""
-    return tag_protocols({column_scope(c): df[c] for c in df.columns if is_protocol_column(c)})
-
-
-def tagged(col: str, tag: str) -> str | None:
-    """The column ``col`` (a metric of a scope, its Δ, or one of their companions) for the
-    protocol ``tag``: "alpaca_eval/win_rate ±" -> "alpaca_eval/win_rate [P1] ±"; None for a
-    column of no scope."""
-    lead = DELTA if col.startswith(DELTA) else ""
-    body = col[len(lead):]
-    if is_protocol_column(col) or scope_of(body) is None:
-        return None
-    tail = next((x for x in COMPANIONS if body.endswith(x)), "")
-    return f"{lead}{body[: len(body) - len(tail)]} [{tag}]{tail}"
 
 
 def _grouped(cols: list[str], tags: dict[str, dict[str, str]]) -> list[str]:

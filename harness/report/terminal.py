@@ -25,8 +25,9 @@ from harness import fmt
 from harness.metrics import COST, LC_WIN_RATE, WIN_RATE, companions, find, header, ordered, qualified
 from harness.report.files import cell, legend
 from harness.report.rows import PUBLISHED
-from harness.report.table import (COMPANIONS, DELTA, HI, ID_COLS, LO, PROV_COLS, SD, SE, SEEDS, SIG, SWEEP,
-                                  is_protocol_column, marked)
+from harness.report.seeds import marked
+from harness.report.columns import (COMPANIONS, DELTA, HI, ID_COLS, LO, PROV_COLS, SD, SE, SEEDS, SIG, SWEEP,
+                                    is_protocol_column)
 
 TERMINAL_WIDTH = 120
 
