@@ -36,7 +36,8 @@ def published_win_rate(system: str, instructions: set[str]) -> tuple[float, int]
 
 
 def compare(n: int, systems: list[str], url: str, concurrency: int) -> list[dict]:
-    from harness.evaluate.alpaca import annotate_alpaca_eval, compute_metrics, load_instructions
+    from harness.evaluate.alpaca import annotate_alpaca_eval, compute_metrics
+    from harness.evaluate.alpaca_instructions import load_instructions
     from harness.evaluate.annotators import AE2, AlpacaEvalAnnotator, Endpoint
     from harness.evaluate.crosscheck import alpaca_eval_itself
 

@@ -13,7 +13,8 @@ import pytest
 from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F401  (fixtures)
 
 from harness.config.eval_sections import AlpacaEvalSection
-from harness.evaluate.alpaca import CoverageError, annotate, load_instructions, run_alpaca_eval
+from harness.evaluate.alpaca import CoverageError, annotate, run_alpaca_eval
+from harness.evaluate.alpaca_instructions import load_instructions
 from harness.evaluate.published import import_published, write_published_run
 from harness.judges.base import Verdict
 

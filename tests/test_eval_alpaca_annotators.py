@@ -17,8 +17,8 @@ from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F40
 from test_judges_http import local_server, send_json
 
 from harness.config.eval_sections import AlpacaEvalSection
-from harness.evaluate.alpaca import (AE_SET_SIZE, annotate_alpaca_eval, compute_metrics, load_instructions,
-                                     run_alpaca_eval)
+from harness.evaluate.alpaca import AE_SET_SIZE, annotate_alpaca_eval, compute_metrics, run_alpaca_eval
+from harness.evaluate.alpaca_instructions import load_instructions
 from harness.evaluate.annotators import AE2, RUBRIC, AlpacaEvalAnnotator, Endpoint, config_problems
 from harness.evaluate.crosscheck import alpaca_eval_itself
 from harness.judges.judging import JudgeTransportError

@@ -17,7 +17,7 @@ import pytest
 from harness.cli import main
 from harness.config.experiment import DataSection, parse
 from harness.models.data import DataError, load_examples, read_records
-from harness.evaluate.alpaca import HUB_FILE, HUB_REPO, load_instructions
+from harness.evaluate.alpaca_instructions import HUB_FILE, HUB_REPO, load_instructions
 from harness.models.sources import resolve_ref
 from test_eval_fixtures import hub_cache, write_hub_files  # noqa: F401  (fixture)
 

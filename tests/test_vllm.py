@@ -322,7 +322,8 @@ def test_alpaca_eval_2_through_a_real_server_equals_alpaca_eval_itself(monkeypat
     import math
 
     from harness.engines.vllm_server import serve
-    from harness.evaluate.alpaca import annotate_alpaca_eval, compute_metrics, load_instructions
+    from harness.evaluate.alpaca import annotate_alpaca_eval, compute_metrics
+    from harness.evaluate.alpaca_instructions import load_instructions
     from harness.evaluate.annotators import AE2, AlpacaEvalAnnotator, Endpoint
     from harness.evaluate.crosscheck import alpaca_eval_itself
     from harness.models.sources import SourceError, locate, materialize

@@ -27,7 +27,8 @@ from harness.engines.generate import Prompt, generate
 from harness.models.sources import resolve_ref
 from harness.store.files import atomic_write_json
 
-from .alpaca import CoverageError, load_instructions, run_alpaca_eval, section_instructions  # noqa: F401  (re-exported)
+from .alpaca import CoverageError, run_alpaca_eval  # noqa: F401  (re-exported)
+from .alpaca_instructions import load_instructions, section_instructions  # noqa: F401  (re-exported)
 from .indicators import check_thresholds, run_indicators  # noqa: F401
 from .lm_eval_adapter import run_lm_eval
 from .lm_eval_vllm import run_lm_eval_vllm

@@ -259,7 +259,7 @@ def train_stage(r, t: int, policy: Policy, start: Policy) -> tuple[RecordedStage
 
 def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
     from harness.evaluate import evaluate_iteration, iteration0_answers
-    from harness.evaluate.alpaca import instructions_identity
+    from harness.evaluate.alpaca_instructions import instructions_identity
     from harness.judges import build_judge
 
     upstream, reference = {"policy": policy.id, "sampler": SAMPLER}, None
@@ -287,7 +287,7 @@ def evaluate_stage(r, t: int, policy: Policy) -> RecordedStage:
 def validation_stage(r, t: int, policy: Policy) -> RecordedStage | None:
     """[eval.validation] (for choosing an iterate): its metrics are "validation/..."."""
     from harness.evaluate import iteration0_answers
-    from harness.evaluate.alpaca import instructions_identity
+    from harness.evaluate.alpaca_instructions import instructions_identity
     from harness.judges import build_judge
     from harness.run.selection import run_validation
 

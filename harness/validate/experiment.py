@@ -24,7 +24,7 @@ from harness.train import tracking
 from harness.config.experiment import Config, JudgeSection, judge_sections
 from harness.models.data import DataError, hub_split_files, load_examples, read_records, text_column
 from harness.evaluate import load_eval_prompts
-from harness.evaluate.alpaca import HUB_SET, hub_instructions, load_instructions, section_instructions
+from harness.evaluate.alpaca_instructions import HUB_SET, hub_instructions, load_instructions, section_instructions
 from harness.evaluate.lm_eval_adapter import task_metrics, task_problems
 from harness.judges import JUDGES
 from harness.judges.kind import Checks
