@@ -55,7 +55,7 @@ def fastchat_itself(python: str | Path, answers: Sequence[dict], base_url: str, 
     import shutil
     import subprocess
 
-    from harness.evaluate.mt_bench import PROMPTS, QUESTIONS, REFERENCES
+    from harness.evaluate.mt_bench_prompts import PROMPTS, QUESTIONS, REFERENCES
 
     qids = {a["question_id"] for a in answers}
     with tempfile.TemporaryDirectory() as tmp:

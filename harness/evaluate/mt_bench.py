@@ -45,11 +45,9 @@ metrics.json (metrics and the ``protocol`` record).
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import math
-import re
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -65,99 +63,18 @@ from harness.judges.http import JudgeRequestError, OpenAIJudge
 from harness.judges.parsing import ERROR_PREFIX
 from harness.judges.judging import JudgeTransportError
 from harness.store.files import JsonlLog, atomic_write_json, write_jsonl
+from harness.evaluate.mt_bench_prompts import (FASTCHAT_COMMIT, JUDGE_MAX_TOKENS, JUDGE_TEMPERATURE, NEED_REF_CATS,
+                                              PROMPTS, QUESTIONS, REFERENCE_MODEL, REFERENCES, file_sha256,
+                                              judge_body, judge_messages, load_judge_prompts, load_questions,
+                                              load_references, parse_rating, prompt_name, read_rows, user_prompt,
+                                              valid)
+from harness.evaluate.mt_bench_prompts import INVALID  # noqa: F401  (tests reach it through this module)
 
-DATA = Path(__file__).resolve().parent / "mt_bench_data"
-QUESTIONS, REFERENCES, PROMPTS = DATA / "question.jsonl", DATA / "reference_answer" / "gpt-4.jsonl", \
-    DATA / "judge_prompts.jsonl"
-FASTCHAT_COMMIT = "0e6d3e4"
-REFERENCE_MODEL = "gpt-4"  # whose reference answers the math, reasoning and coding prompts hold
-NEED_REF_CATS = ("math", "reasoning", "coding")  # FastChat's NEED_REF_CATS (its arena-hard-200 is not MT-Bench's)
-ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")  # FastChat's one_score_pattern
-ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")  # FastChat's one_score_pattern_backup
-JUDGE_TEMPERATURE, JUDGE_MAX_TOKENS = 0, 2048  # run_judge_single's chat_completion_openai arguments
 ANSWER_TOKENS = 1024  # FastChat's gen_model_answer --max-new-token default
-INVALID = -1  # FastChat's rating of a judgment without one
 N_QUESTIONS = 80
 PREFIX = "mt_bench/"
 SCORE, TURN_1, TURN_2 = "mt_bench/score", "mt_bench/turn_1", "mt_bench/turn_2"
 N_INVALID, N_CUT = "mt_bench/n_invalid", "mt_bench/n_cut"
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_questions(question_ids: Sequence[int] = (), limit: int = 0) -> list[dict]:
-    """The shipped questions ({question_id, category, turns}) in file order: those of
-    ``question_ids`` (all when empty), then the first ``limit`` (0 = all). An id MT-Bench does
-    not have is a ValueError naming it."""
-    rows = _jsonl(QUESTIONS)
-    if question_ids:
-        known = {q["question_id"] for q in rows}
-        unknown = [i for i in question_ids if i not in known]
-        if unknown:
-            raise ValueError(f"eval.mt_bench.question_ids: no MT-Bench question {unknown[0]} "
-                             f"(ids are {min(known)}-{max(known)})")
-        rows = [q for q in rows if q["question_id"] in set(question_ids)]
-    return rows[:limit or None]
-
-
-def load_references() -> dict[int, dict]:
-    """GPT-4's reference answers by question id (FastChat's model_answer records)."""
-    return {r["question_id"]: r for r in _jsonl(REFERENCES)}
-
-
-def load_judge_prompts() -> dict[str, dict]:
-    """FastChat's judge prompts by name (its ``load_judge_prompts``)."""
-    return {r["name"]: r for r in _jsonl(PROMPTS)}
-
-
-def prompt_name(category: str, turn: int) -> str:
-    """The judge prompt FastChat's ``make_judge_single`` gives a turn of a question."""
-    return ("single-math-v1" if category in NEED_REF_CATS else "single-v1") + ("-multi-turn" if turn == 2 else "")
-
-
-def user_prompt(template: dict, question: dict, answers: Sequence[str], reference: dict | None, turn: int) -> str:
-    """The judge's user message: ``run_judge_single``'s ``prompt_template.format(...)``.
-    ``reference``: the reference answer record (reference-guided prompts), else None."""
-    kwargs = {}
-    if reference is not None:
-        kwargs["ref_answer_1"] = reference["choices"][0]["turns"][0]
-        if turn == 2:
-            kwargs["ref_answer_2"] = reference["choices"][0]["turns"][1]
-    if turn == 2:
-        return template["prompt_template"].format(question_1=question["turns"][0], question_2=question["turns"][1],
-                                                  answer_1=answers[0], answer_2=answers[1], **kwargs)
-    return template["prompt_template"].format(question=question["turns"][0], answer=answers[0], **kwargs)
-
-
-def judge_messages(template: dict, text: str) -> list[dict]:
-    """The chat FastChat sends (its "chatgpt" conversation with the prompt's system message,
-    ``to_openai_api_messages``): no system message when the prompt's is ""."""
-    system = template["system_prompt"]
-    return ([{"role": "system", "content": system}] if system != "" else []) + [{"role": "user", "content": text}]
-
-
-def judge_body(model: str, messages: list[dict]) -> dict:
-    """The request of FastChat's ``chat_completion_openai(model, conv, temperature=0, max_tokens=2048)``."""
-    return {"model": model, "messages": messages, "n": 1, "temperature": JUDGE_TEMPERATURE,
-            "max_tokens": JUDGE_MAX_TOKENS}
-
-
-def parse_rating(judgment: str) -> int | float:
-    """FastChat's rating of a judgment: ``[[x]]``, else ``[x]``, as a Python literal; -1 without one."""
-    match = re.search(ONE_SCORE, judgment) or re.search(ONE_SCORE_BACKUP, judgment)
-    return ast.literal_eval(match.groups()[0]) if match else INVALID
-
-
-def valid(score) -> bool:
-    """A rating that counts: a finite number other than FastChat's -1."""
-    return isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score) \
-        and score != INVALID
 
 
 def temperatures(section: MtBenchSection) -> dict[str, float]:
@@ -233,7 +150,7 @@ class Grader:
                    concurrency=section.judge.batch_size, max_reply_bytes=o.max_reply_bytes, backoff_s=backoff_s)
 
     def identity(self) -> dict:
-        return {"base_url": self.base_url, "model": self.model, "prompts_sha256": _sha256(PROMPTS)}
+        return {"base_url": self.base_url, "model": self.model, "prompts_sha256": file_sha256(PROMPTS)}
 
     def ask(self, messages: list[dict]) -> tuple[str | None, str]:
         """(the judgment text, "") or (None, why) when no answer was obtained (transport error or
@@ -337,8 +254,8 @@ def compute_metrics(judgments: Sequence[dict]) -> dict[str, float | int | None]:
 def data_identity(questions: Sequence[dict]) -> dict:
     """The shipped data's source and digests, and which questions were asked ("all" or the ids)."""
     ids = [q["question_id"] for q in questions]
-    return {"fastchat_commit": FASTCHAT_COMMIT, "prompts_sha256": _sha256(PROMPTS),
-            "reference_sha256": _sha256(REFERENCES), "questions_sha256": _sha256(QUESTIONS),
+    return {"fastchat_commit": FASTCHAT_COMMIT, "prompts_sha256": file_sha256(PROMPTS),
+            "reference_sha256": file_sha256(REFERENCES), "questions_sha256": file_sha256(QUESTIONS),
             "questions": "all" if len(ids) == N_QUESTIONS else ids}
 
 
@@ -400,7 +317,7 @@ def import_judgments(path: Path, model: str) -> tuple[dict, dict]:
     (``model_judgment/gpt-4_single.jsonl``: question_id, model, judge = [judge model, prompt
     name], score, turn, ...), its categories from the shipped questions. The judge is taken to
     have run at OpenAI's own API, on answers the harness did not cap (``max_new_tokens`` None)."""
-    rows = [r for r in _jsonl(Path(path)) if isinstance(r, dict)]
+    rows = [r for r in read_rows(Path(path)) if isinstance(r, dict)]
     models = sorted({str(r.get("model")) for r in rows})
     mine = [r for r in rows if r.get("model") == model]
     if not mine:
