@@ -9,6 +9,13 @@ each stage takes its engine from it (``Engines.stage``), so vLLM starts once, at
 stage that generates through it, serves every later stage and iteration, and stops when
 the run ends or fails. ``session`` is the same for one stage alone (started for it,
 stopped after it).
+
+Modules: ``generate`` (HF generation, the reference engine), ``vllm_engine`` (vLLM's
+``Session`` and ``generate``), ``vllm_weights`` (the weights it serves), ``vllm_client`` and
+``vllm_worker`` (its worker process, both sides), ``vllm_server`` (an OpenAI-compatible vLLM
+server for a judge), ``vllm_support`` (the architectures vLLM can serve). Not here: what a stage generates
+(``harness.run.stages``), loading the model (``harness.models``), judging answers
+(``harness.judges``).
 """
 
 from __future__ import annotations

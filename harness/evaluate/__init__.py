@@ -10,6 +10,14 @@ Seeds: AlpacaEval's position coin and the indicator samples derive from
 (experiment seed, iteration). lm-eval keeps its own default seeds, identical in
 every iteration, so iterations are compared on the same few-shot examples and
 the numbers equal an ``lm_eval`` command-line run.
+
+Modules: ``lm_eval_adapter`` / ``lm_eval_vllm`` (lm-eval on the in-memory model or through
+vLLM), ``alpaca`` with ``alpaca_instructions``, ``alpaca_metrics``, ``annotators`` and
+``published`` (AlpacaEval), ``mt_bench`` with ``mt_bench_prompts`` (MT-Bench), ``indicators``,
+``outcomes`` (per-item results and paired statistics), ``crosscheck`` (alpaca_eval's and
+FastChat's own code against the same endpoint). Not here: the judges themselves
+(``harness.judges``), choosing an iterate (``harness.run.selection``), the leaderboard
+(``harness.report``).
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ Each kind is a module of this package that registers a ``kind.JudgeKind`` in
 (the tiny world's rule-based judge), "self" (the policy as LLM-as-a-judge), "hf" (a
 local causal LM as LLM-as-a-judge), "reward_model" (a sequence-classification reward
 model), "openai" (an OpenAI-compatible endpoint). A new kind is one module plus its
-import below. Heavy modules are imported only when their kind is built. Not here: the
-judging stage that persists judgments (``harness.judges.judging``).
+import below. Heavy modules are imported only when their kind is built. Also here:
+``judging``, a stage's judging that heals (a per-prompt JSONL log that holds only real
+judgments), and the helpers the kinds share (``base``, ``cache``, ``parsing``, ``http``).
+Not here: the judge's config section (``harness.config.judge_section``), the evaluations
+that use a judge (``harness.evaluate``).
 """
 
 from __future__ import annotations

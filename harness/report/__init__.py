@@ -5,7 +5,9 @@
 ``protocol``: each row's AlpacaEval and lm-eval protocols and their labels (numbers of
 different protocols get separate columns, and AlpacaEval's separate panels, never one
 ranking); ``compare`` (``harness table --compare``: two runs paired on their shared items,
-only under one protocol); ``card`` (the model card of an exported iterate, harness.export).
+only under one protocol); ``card`` (the model card of an exported iterate, harness.export);
+``columns`` (the column vocabulary) and ``seeds`` (several seeds as one row) serve ``table``.
+Not here: computing any metric (``harness.evaluate``), the command line (``harness.cli``).
 
 What each metric means and where it is shown is the catalogue's (harness.metrics);
 the cost line is harness.store.cost's. The names below are the package's public ones.

@@ -6,7 +6,8 @@ pairs (``train_dpo``) and SFT (``train_sft``).
 - ``reference``: reference log-probs computed once per iteration;
 - ``probe``: the policy's log-probs of pairs, and the sample the post-training probe measures;
 - ``trainer``: a trl trainer as the harness builds and runs it (guards, dropout, cost);
-- ``schedule``: optimizer steps and the learning rate at each (no torch).
+- ``schedule``: optimizer steps and the learning rate at each (no torch);
+- ``tracking``: training curves and each iteration's results row sent to experiment trackers.
 
 The names below are the package's interface; callers import them from here. Not here:
 what a method trains on (``harness.methods``) or the loop's stages (``harness.run.loop``).
