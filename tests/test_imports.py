@@ -76,3 +76,47 @@ def test_no_import_cycles():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# harness/'s packages and top-level modules, lowest first: each imports only from rows above its own
+LAYERS = [
+    {"fmt", "metrics", "lifeline"},
+    {"store", "console"},
+    {"tiny"},
+    {"models"},
+    {"config"},
+    {"engines"},
+    {"judges"},
+    {"evaluate", "methods", "train"},
+    {"report"},
+    {"run"},
+    {"validate"},
+    {"export"},
+    {"cli_run"},
+    {"cli"},
+]
+
+
+def unit(module: str) -> str:
+    """The package or top-level module of harness/ that ``module`` belongs to."""
+    return module.split(".")[1] if "." in module else module
+
+
+def arrows_up(graph: dict[str, set[str]], layers: list[set[str]]) -> list[tuple[str, str]]:
+    """Every import from a unit's own row or a row below it (an arrow sideways or back up)."""
+    row = {u: i for i, units in enumerate(layers) for u in units}
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if "." in a and "." in b and unit(a) != unit(b) and row[unit(b)] >= row[unit(a)])
+
+
+def test_packages_import_only_the_layers_below():
+    graph = import_graph()
+    assert {unit(m) for m in graph if "." in m} == set().union(*LAYERS)  # every package has its row
+    assert arrows_up(graph, LAYERS) == []
+
+
+def test_the_layer_check_finds_an_arrow_up():
+    graph = {"harness.store.files": {"harness.config.schema"}, "harness.config.schema": set(),
+             "harness.run.loop": {"harness.methods.base"}, "harness.methods.base": set()}
+    assert arrows_up(graph, [{"store"}, {"config"}, {"methods"}, {"run"}]) == [("harness.store.files",
+                                                                                 "harness.config.schema")]
