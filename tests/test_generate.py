@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from harness.engines.generate import (_GOLDEN, Prompt, Sampling, SeededSampler, generate, generation_settings, gumbel_noise,
-                              mix64, plan_batches, render, request_seed, topk_stats)
+from harness.engines.generate import (_GOLDEN, Prompt, Sampling, SeededSampler, generate, generation_settings,
+                                      gumbel_noise, mix64, plan_batches, render, request_seed, topk_stats)
 from harness.models.load import load_model, load_tokenizer
 from harness.store.files import JsonlLog
 

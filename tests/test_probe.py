@@ -12,8 +12,7 @@ import torch
 from full_forward import sequence_logprobs
 from harness.models.load import load_policy
 from harness.train import GAP_CHECK_PAIRS, pair_logps, probe_sample, train_dpo
-from harness.train.probe import (LOGIT_BUDGET, PROBE_FORWARDS, PROBE_MAX, PROBE_MIN, _batches, probe_tokens,
-                                 stage_work)
+from harness.train.probe import LOGIT_BUDGET, PROBE_FORWARDS, PROBE_MAX, PROBE_MIN, _batches, probe_tokens, stage_work
 from test_train import PAIRS, make_cfg
 
 WORDS = "the quick brown fox jumps over the lazy dog what is plus minus say".split()

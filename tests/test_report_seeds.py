@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
-from harness.report import ResultsError, build_table, leaderboard, load_rows, read_csv, to_csv, to_markdown, \
-    to_terminal
+from harness.report import ResultsError, build_table, leaderboard, load_rows, read_csv, to_csv, to_markdown, to_terminal
 
 EM = "lm_eval/tiny_gen/exact_match"
 WR = "alpaca_eval/win_rate"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.report import (ResultsError, build_table, leaderboard, load_rows, read_csv, to_csv, to_html,
-                            to_markdown, to_terminal)
+from harness.report import (ResultsError, build_table, leaderboard, load_rows, read_csv, to_csv, to_html, to_markdown,
+                            to_terminal)
 
 EM = "lm_eval/tiny_gen/exact_match"
 ACC = "lm_eval/tiny_mc/acc,none"

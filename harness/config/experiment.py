@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from harness.config.eval_sections import EvalSection
 from harness.config.judge_section import JudgeSection
-from harness.config.overrides import _ABSENT, SWEEP, apply_overrides, blame_overrides, blame_point, field_value, \
-    override_keys, point_dirs
+from harness.config.overrides import (_ABSENT, SWEEP, apply_overrides, blame_overrides, blame_point, field_value,
+                                      override_keys, point_dirs)
 from harness.config.overrides import sweep_grid  # noqa: F401  (tests/test_sweep.py reaches it through this module)
 from harness.config.registry import JUDGES, METHODS
 from harness.config.schema import ConfigError, FieldError, opt, parse_section, to_dict, unknown_key_error

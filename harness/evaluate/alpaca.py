@@ -58,8 +58,7 @@ from harness.config.annotator_configs import official_endpoint
 from harness.config.eval_sections import AlpacaEvalSection
 from harness.models.data import with_system
 from harness.evaluate.alpaca_instructions import instructions_identity, section_instructions
-from harness.evaluate.annotators import (RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint,
-                                         resolve_protocol)
+from harness.evaluate.annotators import RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint, resolve_protocol
 from harness.engines.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
 from harness.judges.base import Judge, JudgeItem, checked, compare, preference

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from harness.config.annotator_configs import (AE2, HUB_SET, OPENAI, RUBRIC, config_path, config_problems,  # noqa: F401
-                                       configs_dir, load_config, official_endpoint, resolve_protocol, shipped_names)
+                                              configs_dir, load_config, official_endpoint, resolve_protocol, shipped_names)
 
 _SUPPORTED_PARSE = "fn_completion_parser"
 LOGPROB_TOLERANCE = 1e-6  # a log-probability above this is not one (float noise around 0 is)

@@ -64,10 +64,9 @@ from harness.judges.parsing import ERROR_PREFIX
 from harness.judges.judging import JudgeTransportError
 from harness.store.files import JsonlLog, atomic_write_json, write_jsonl
 from harness.evaluate.mt_bench_prompts import (FASTCHAT_COMMIT, JUDGE_MAX_TOKENS, JUDGE_TEMPERATURE, NEED_REF_CATS,
-                                              PROMPTS, QUESTIONS, REFERENCE_MODEL, REFERENCES, file_sha256,
-                                              judge_body, judge_messages, load_judge_prompts, load_questions,
-                                              load_references, parse_rating, prompt_name, read_rows, user_prompt,
-                                              valid)
+                                               PROMPTS, QUESTIONS, REFERENCE_MODEL, REFERENCES, file_sha256, judge_body,
+                                               judge_messages, load_judge_prompts, load_questions, load_references,
+                                               parse_rating, prompt_name, read_rows, user_prompt, valid)
 from harness.evaluate.mt_bench_prompts import INVALID  # noqa: F401  (tests reach it through this module)
 
 ANSWER_TOKENS = 1024  # FastChat's gen_model_answer --max-new-token default

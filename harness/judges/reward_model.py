@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.judges.base import JudgeItem, Verdict
-from harness.judges.kind import (JudgeKind, LocalModelOptions, load_dtype, model_ident, model_preflight,
-                                 model_problems)
+from harness.judges.kind import JudgeKind, LocalModelOptions, load_dtype, model_ident, model_preflight, model_problems
 from harness.config.registry import JUDGES
 from harness.config.schema import FieldError, opt
 from harness.models.sources import SourceError, locate

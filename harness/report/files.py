@@ -23,8 +23,8 @@ import pandas as pd
 from harness import fmt
 from harness.report.protocol import AE_SCOPE, LM_PREFIX, MT_SCOPE, UNKNOWN
 from harness.report.seeds import marked
-from harness.report.columns import (DELTA, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, SWEEP, TEXT_COLS,
-                                    UNAVAILABLE, column_scope, is_protocol_column, protocol_tags)
+from harness.report.columns import (DELTA, LO, PROTOCOL, PROV_COLS, SD, SE, SEEDS, SIG, SWEEP, TEXT_COLS, UNAVAILABLE,
+                                    column_scope, is_protocol_column, protocol_tags)
 
 
 def cell(v: Any, signed: bool = False) -> str:

@@ -41,8 +41,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness import fmt
-from harness.metrics import ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_EVAL, N_TOTAL, WIN_RATE, find, ordered, \
-    qualified, stderr_of, title
+from harness.metrics import (ALPACA_EVAL, COVERAGE, INDICATORS, LC_WIN_RATE, LM_EVAL, N_TOTAL, WIN_RATE, find, ordered,
+                             qualified, stderr_of, title)
 from harness.report.protocol import AE_SCOPE, LM_PREFIX, MT_SCOPE, row_labels, scope_of, scopes, tag_protocols
 from harness.report.rows import PUBLISHED
 from harness.report.table import paired_of, point_label

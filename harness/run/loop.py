@@ -34,7 +34,7 @@ from harness.store.rundir import RunDir
 from harness.config.schema import to_dict
 from harness.models.sources import identity, locate, materialize
 from harness.run.stages import (Policy, evaluations, generate_stage, init_stage, judge_stage, pairs_stage,
-                            self_instruct_stage, train_stage)
+                                self_instruct_stage, train_stage)
 
 log = logging.getLogger("harness")
 
