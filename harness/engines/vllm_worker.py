@@ -1,4 +1,4 @@
-"""The vLLM side of ``harness.engines.vllm``: run with the Python of ``.venv-vllm``, never
+"""The vLLM side of ``harness.engines.vllm_engine``: run with the Python of ``.venv-vllm``, never
 imported by the harness (it needs nothing but vLLM and the standard library).
 
     .venv-vllm/bin/python vllm_worker.py '<engine settings as JSON>'

