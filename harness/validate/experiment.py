@@ -183,16 +183,19 @@ def _files(cfg: Config, r: Report) -> None:
     if cfg.model.chat_template and (found := readable(cfg.model.chat_template, "model.chat_template", r)) \
             and found.is_dir():
         r.errors.append(FieldError("model.chat_template", f"{found} is a directory; give a Jinja template file"))
-    ae = cfg.eval.alpaca_eval
-    if ae.instructions == HUB_SET:
-        if _hub_cached(cfg, r, "eval.alpaca_eval.instructions", lambda: hub_instructions(ae.revision)):
-            _loads(r, "eval.alpaca_eval.instructions", HUB_SET, ("instruction", "output"),
-                   lambda: section_instructions(ae))
-    elif ae.instructions and readable(ae.instructions, "eval.alpaca_eval.instructions", r) is not None:
-        _loads(r, "eval.alpaca_eval.instructions", ae.instructions, ("instruction", "output"),
-               lambda: load_instructions(ae.instructions, ae.limit))
+    _instructions(cfg, r, cfg.eval.alpaca_eval, "eval.alpaca_eval.instructions")
     if cfg.eval.eval_prompts and readable(cfg.eval.eval_prompts, "eval.eval_prompts", r) is not None:
         _loads(r, "eval.eval_prompts", cfg.eval.eval_prompts, ("prompt",), lambda: load_eval_prompts(cfg.eval.eval_prompts))
+
+
+def _instructions(cfg, r, ae, where: str) -> None:
+    """The AlpacaEval instructions of section ``ae`` (``where``: its dotted path): the hub set
+    found in the local cache, or a readable file; either loads with its columns."""
+    if ae.instructions == HUB_SET:
+        if _hub_cached(cfg, r, where, lambda: hub_instructions(ae.revision)):
+            _loads(r, where, HUB_SET, ("instruction", "output"), lambda: section_instructions(ae))
+    elif ae.instructions and readable(ae.instructions, where, r) is not None:
+        _loads(r, where, ae.instructions, ("instruction", "output"), lambda: load_instructions(ae.instructions, ae.limit))
 
 
 def _hub_cached(cfg: Config, r: Report, where: str, fetch) -> bool:
@@ -310,14 +313,7 @@ def _validation(cfg: Config, r: Report) -> set[str] | None:
         elif readable(v.prompts, "eval.validation.prompts", r) is not None:
             r.errors += rows_problems(v.prompts, "eval.validation.prompts", ("prompt",)) \
                 or file_problems(v.prompts, "eval.validation.prompts", ("prompt",))[1]
-    ae = v.alpaca_eval
-    if ae.instructions == HUB_SET:
-        if _hub_cached(cfg, r, "eval.validation.alpaca_eval.instructions", lambda: hub_instructions(ae.revision)):
-            _loads(r, "eval.validation.alpaca_eval.instructions", HUB_SET, ("instruction", "output"),
-                   lambda: section_instructions(ae))
-    elif ae.instructions and readable(ae.instructions, "eval.validation.alpaca_eval.instructions", r) is not None:
-        _loads(r, "eval.validation.alpaca_eval.instructions", ae.instructions, ("instruction", "output"),
-               lambda: load_instructions(ae.instructions, ae.limit))
+    _instructions(cfg, r, v.alpaca_eval, "eval.validation.alpaca_eval.instructions")
     try:
         return validation_metric_names(v)
     except (FileNotFoundError, KeyError) as e:
