@@ -156,7 +156,8 @@ def compare_engines(model, tok, prompts, modes, sizes, args, dev, engines) -> No
     agreement: natural greedy answers (stopping at eos) of every prompt, both engines at the
     largest batch size, compared record by record."""
     from harness.engines.vllm_engine import _max_model_len
-    from harness.engines.vllm_weights import export_policy, off_gpu
+    from harness.engines.vllm_weights import export_policy
+    from harness.models.load import off_gpu
     from harness.engines.vllm_client import Worker
     from harness.engines.vllm_engine import generate as vllm_generate
 

@@ -124,7 +124,7 @@ def test_run_writes_files_and_metrics_come_from_alpaca_eval(tiny, tmp_path):
     model, tok = tiny
     section = AlpacaEvalSection(instructions=str(_write_instructions(tmp_path / "ae.json", 12)), limit=10)
     out = tmp_path / "out"
-    m = run_alpaca_eval(model, tok, section, LongerWins(), out, seed_key=(0, 1), generator="tiny/iter_001",
+    m = run_alpaca_eval(model, tok, section, LongerWins, out, seed_key=(0, 1), generator="tiny/iter_001",
                         max_new_tokens=8, batch_size=4)
     outputs = json.loads((out / "model_outputs.json").read_text())
     assert len(outputs) == 10 and {o["generator"] for o in outputs} == {"tiny/iter_001"}
@@ -145,10 +145,10 @@ def test_run_writes_files_and_metrics_come_from_alpaca_eval(tiny, tmp_path):
 
     # a rerun reuses the generations and annotations instead of asking the judge again
     judge = FirstWins()
-    run_alpaca_eval(model, tok, section, judge, out, seed_key=(0, 1), generator="tiny/iter_001",
+    run_alpaca_eval(model, tok, section, lambda: judge, out, seed_key=(0, 1), generator="tiny/iter_001",
                     max_new_tokens=8, batch_size=4)
     assert judge.calls == 10  # judge changed -> annotation keys differ -> re-judged
-    run_alpaca_eval(model, tok, section, judge, out, seed_key=(0, 1), generator="tiny/iter_001",
+    run_alpaca_eval(model, tok, section, lambda: judge, out, seed_key=(0, 1), generator="tiny/iter_001",
                     max_new_tokens=8, batch_size=4)
     assert judge.calls == 10  # same inputs: nothing re-judged
 
@@ -158,10 +158,10 @@ def test_coverage_below_threshold_raises(tiny, tmp_path):
     ins = str(_write_instructions(tmp_path / "ae.json", 10))
     kwargs = dict(seed_key=(0, 1), generator="g", max_new_tokens=4, batch_size=8)
     with pytest.raises(CoverageError, match=r"5/10 instructions.*min_coverage 0.95"):
-        run_alpaca_eval(model, tok, AlpacaEvalSection(instructions=ins), Flaky(), tmp_path / "a", **kwargs)
+        run_alpaca_eval(model, tok, AlpacaEvalSection(instructions=ins), Flaky, tmp_path / "a", **kwargs)
     ann = json.loads((tmp_path / "a" / "annotations.json").read_text())  # kept for inspection
     assert sum(a["preference"] is None for a in ann) == 5
-    m = run_alpaca_eval(model, tok, AlpacaEvalSection(instructions=ins, min_coverage=0.5), Flaky(),
+    m = run_alpaca_eval(model, tok, AlpacaEvalSection(instructions=ins, min_coverage=0.5), Flaky,
                         tmp_path / "b", **kwargs)
     assert (m["alpaca_eval/n_total"], m["alpaca_eval/n_instructions"], m["alpaca_eval/coverage"]) == (5, 10, 0.5)
 

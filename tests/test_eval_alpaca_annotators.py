@@ -211,7 +211,7 @@ def test_run_with_an_annotator_writes_protocol_and_resumes(tiny, endpoint, tmp_p
     assert rubric.protocol == RUBRIC
     from harness.judges import build_judge
 
-    run_alpaca_eval(model, tok, rubric, build_judge(rubric.judge, seed_key=(0, 1)), tmp_path / "rubric", **kw)
+    run_alpaca_eval(model, tok, rubric, lambda: build_judge(rubric.judge, seed_key=(0, 1)), tmp_path / "rubric", **kw)
     proto = json.loads((tmp_path / "rubric" / "metrics.json").read_text())["protocol"]
     assert proto["annotator"] == RUBRIC and proto["endpoint_kind"] == "oracle" and proto["position"] == "random"
 

@@ -31,14 +31,14 @@ def test_iteration0_reference(tiny, tmp_path):
     ins.write_text(json.dumps([{"instruction": f"say something {i}", "output": "x" * 500} for i in range(8)]))
     section = AlpacaEvalSection(instructions=str(ins), reference="iteration0")
     kw = dict(seed_key=(0, 0), max_new_tokens=8, batch_size=4)
-    m0 = run_alpaca_eval(model, tok, section, LongerWins(), tmp_path / "it0", generator="r/iter_000", **kw)
+    m0 = run_alpaca_eval(model, tok, section, LongerWins, tmp_path / "it0", generator="r/iter_000", **kw)
     assert m0["alpaca_eval/win_rate"] == pytest.approx(50.0)   # every answer ties with itself
     assert m0["alpaca_eval/n_draws"] == 8
     # a later iteration is judged against the iteration-0 answers, not the file's 500-char outputs
     own = {json.loads(x)["id"]: json.loads(x)["samples"][0]["text"]
            for x in (tmp_path / "it0" / "generations.jsonl").read_text().splitlines()}
     shorter = {k: v[: len(v) // 2] for k, v in own.items()}   # a reference the model beats on length
-    m1 = run_alpaca_eval(model, tok, section, LongerWins(), tmp_path / "it1", generator="r/iter_001",
+    m1 = run_alpaca_eval(model, tok, section, LongerWins, tmp_path / "it1", generator="r/iter_001",
                          reference=shorter, reference_name="r/iter_000", **kw)
     ann = json.loads((tmp_path / "it1" / "annotations.json").read_text())
     assert {a["generator_1"] for a in ann} == {"r/iter_000"}

@@ -219,3 +219,162 @@ def test_hf_engine_batches_by_generation_max_batch_tokens(tiny):
         del model.generate
     assert sizes == [8, 4, 4]  # the default budget: one batch of 8, as before; then the four long prompts
     # (4 x longest tokens) and the four short ones
+
+
+# ---- the AlpacaEval and validation judges: built after the answers, never beside the policy ------
+
+class _Stage:
+    """A stage's engine (``generate``, ``name``) for ``evaluate_iteration`` and ``run_validation``:
+    each call is recorded in ``events`` as (what was generated, judges alive); the policy answers
+    "w w w", a judge "Score: 3". ``factory(build)`` is the stages' judge factory around ``build``,
+    recording "built" and a weak reference to each judge."""
+    name = "hf"
+
+    def __init__(self):
+        self.events: list = []
+        self.judges: list[weakref.ref] = []
+
+    def alive(self) -> int:
+        return sum(r() is not None for r in self.judges)
+
+    def generate(self, model, tokenizer, prompts, sampling, **kwargs):
+        what = kwargs.get("desc", "").split(" ")[0]
+        self.events.append((what, self.alive()))
+        text = "Score: 3" if what == "judge" else "w w w"
+        return {p.id: {"id": p.id, "samples": [{"text": text, "n_tokens": 3, "finish": "eos"}] * sampling.n}
+                for p in prompts}
+
+    def factory(self, build):
+        def make(section):
+            judge = build(section)
+            self.events.append("built")
+            self.judges.append(weakref.ref(judge))
+            return judge
+        return make
+
+
+class _LongerWins:
+    name, scale = "longer_wins", (0.0, 1e9)
+
+    def score(self, items):
+        from harness.judges.base import Verdict
+
+        return [Verdict(score=float(len(i.response))) for i in items]
+
+
+def _eval_config(tmp_path: Path, judge):
+    """AlpacaEval (5 instructions), indicators on them, and a validation evaluation of
+    AlpacaEval and 3 judged prompts, every judge ``judge`` (a JudgeSection)."""
+    import json
+
+    from harness.config.experiment import (Config, DataSection, ExperimentSection, GenerationSection,
+                                           MethodSection, ModelSection)
+    from harness.config.eval_sections import AlpacaEvalSection, EvalSection, IndicatorSection, ValidationSection
+
+    (tmp_path / "ae.json").write_text(json.dumps([{"instruction": f"say {i}", "output": "ok", "generator": "ref"}
+                                                  for i in range(5)]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"prompt": f"tell {i}"}) + "\n" for i in range(3)))
+    ae = AlpacaEvalSection(instructions=str(tmp_path / "ae.json"), judge=judge, max_new_tokens=4)
+    return Config(experiment=ExperimentSection(name="exp", seed=3), model=ModelSection(base="unused"),
+                  method=MethodSection(name="spin"), data=DataSection(train="unused"),
+                  generation=GenerationSection(max_new_tokens=4, batch_size=4),
+                  eval=EvalSection(alpaca_eval=ae, indicators=IndicatorSection(num_prompts=2),
+                                   validation=ValidationSection(alpaca_eval=ae, prompts=str(tmp_path / "val.jsonl"),
+                                                                judge=judge)))
+
+
+def _evaluate(tmp_path: Path, judge, build, stage: _Stage | None = None) -> _Stage:
+    """One evaluate and one validation evaluation on a stand-in policy, the judges ``build(section,
+    stage)``; the stage (a new one unless given), its events of the two separated by "validation"."""
+    from harness.evaluate import evaluate_iteration
+    from harness.run.selection import run_validation
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg, stage, policy = _eval_config(tmp_path, judge), stage or _Stage(), torch.nn.Linear(2, 2)
+    factory = stage.factory(lambda section: build(section, stage))
+    evaluate_iteration(policy, None, cfg, tmp_path / "eval", 1, factory, generate_fn=stage.generate)
+    stage.events.append("validation")
+    run_validation(policy, None, cfg, tmp_path / "val", 1, factory, generate_fn=stage.generate)
+    return stage
+
+
+def test_alpaca_and_validation_judges_are_built_after_the_answers(tmp_path):
+    from harness.config.experiment import JudgeSection
+
+    stage = _evaluate(tmp_path, JudgeSection(name="oracle"), lambda section, stage: _LongerWins())
+    assert [e if isinstance(e, str) else e[0] for e in stage.events] == [
+        "alpaca_eval", "built", "indicators",  # evaluate: every answer, then the judge
+        "validation", "alpaca_eval", "built", "validation", "built"]  # validation: AlpacaEval, then the prompts
+
+
+def test_a_judge_model_is_freed_before_the_policy_generates_again(tmp_path, no_gc):
+    """A real "hf" judge (the tiny model, answering through the stage's engine): it and its
+    reference cycles (the counting wrappers of ``build_judge``) are gone before the policy's
+    next answers, with the garbage collector otherwise off."""
+    from harness.config.experiment import JudgeSection
+    from harness.judges import build_judge
+
+    section = JudgeSection.of("hf", model="tiny", template="tiny:judge_template", max_new_tokens=4, batch_size=8)
+    stage = _evaluate(tmp_path, section, lambda s, stage: build_judge(s, seed_key=(0, 1), engine=stage))
+    assert ("judge", 1) in stage.events  # the judge model answered, alive
+    policy = [e for e in stage.events if isinstance(e, tuple) and e[0] != "judge"]
+    assert [what for what, _ in policy] == ["alpaca_eval", "indicators", "alpaca_eval", "validation"]
+    assert all(alive == 0 for _, alive in policy), stage.events  # no judge beside the policy's answers
+    assert len(stage.judges) == 3 and stage.alive() == 0
+
+
+def test_the_policy_is_set_aside_only_while_a_judge_model_exists(tmp_path, monkeypatch):
+    """For a kind that loads a model ("hf") the judge is built, judges and is freed
+    (``release_memory``) inside ``off_gpu(policy)``; for the oracle nothing is set aside."""
+    import contextlib
+
+    import harness.judges as judges
+    from harness.config.experiment import JudgeSection
+
+    stage = _Stage()
+    real_release = judges.release_memory
+
+    @contextlib.contextmanager
+    def off_gpu(model):
+        assert isinstance(model, torch.nn.Linear)  # the policy
+        stage.events.append("aside")
+        yield
+        stage.events.append("back")
+
+    monkeypatch.setattr(judges, "off_gpu", off_gpu)
+    monkeypatch.setattr(judges, "release_memory", lambda: stage.events.append("release") or real_release())
+    judged = ["aside", "built", "release", "back"]
+    hf = JudgeSection.of("hf", model="m", template="tiny:judge_template")
+    _evaluate(tmp_path / "hf", hf, lambda section, _: _LongerWins(), stage)
+    assert [e if isinstance(e, str) else e[0] for e in stage.events] == [
+        "alpaca_eval", *judged, "indicators", "validation", "alpaca_eval", *judged, "validation", *judged]
+
+    stage = _Stage()
+    _evaluate(tmp_path / "oracle", JudgeSection(name="oracle"), lambda section, _: _LongerWins(), stage)
+    assert not {"aside", "release", "back"} & {e for e in stage.events if isinstance(e, str)}
+
+
+def test_off_gpu_moves_a_cuda_model_to_the_cpu_and_back(monkeypatch):
+    """The policy set aside for a judge model (or a vLLM engine): on the CPU inside the block,
+    torch's cache emptied, back on its device after it, also when the block fails."""
+    moves, emptied = [], []
+
+    class Param:
+        device = torch.device("cuda", 0)
+
+    class Model:
+        def parameters(self):
+            return iter([Param()])
+
+        def to(self, device):
+            moves.append(str(device))
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    with pytest.raises(_Stop):
+        with models.off_gpu(Model()):
+            assert moves == ["cpu"] and emptied
+            raise _Stop
+    assert moves == ["cpu", "cuda:0"]
+    cpu = torch.nn.Linear(2, 2)
+    with models.off_gpu(cpu):  # not on CUDA: nothing moves
+        assert cpu.weight.device.type == "cpu"

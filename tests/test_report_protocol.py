@@ -225,7 +225,7 @@ def test_tiny_world_evaluation_and_imported_systems(tiny, tmp_path):  # noqa: F8
 
     model, tok = tiny
     section = AlpacaEvalSection(instructions="tiny:alpaca_eval", limit=4, max_new_tokens=6)
-    metrics = run_alpaca_eval(model, tok, section, build_judge(section.judge, seed_key=(0, 1)), tmp_path / "ae",
+    metrics = run_alpaca_eval(model, tok, section, lambda: build_judge(section.judge, seed_key=(0, 1)), tmp_path / "ae",
                               seed_key=(0, 1), generator="tiny-spin/iter_000", batch_size=4)
     capped = RUBRIC_LABEL + ", answers capped at 6 tokens"  # below alpaca_eval's 2048: part of the protocol
     protocol = json.loads((tmp_path / "ae" / "metrics.json").read_text())["protocol"]

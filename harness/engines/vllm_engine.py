@@ -49,7 +49,8 @@ from harness.console import terminal as console
 from harness.engines import unavailable  # noqa: F401  (re-exported)
 from harness.engines.generate import CUT, Prompt, Sampling, _eos_ids, plan_batches, render, request_seed
 from harness.engines.vllm_client import Worker, WorkerError
-from harness.engines.vllm_weights import Served, export_served, lora_slot, off_gpu, weights_mode
+from harness.engines.vllm_weights import Served, export_served, lora_slot, weights_mode
+from harness.models.load import off_gpu
 from harness.store import cost
 from harness.store.files import JsonlLog
 

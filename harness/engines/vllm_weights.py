@@ -3,13 +3,13 @@
 "adapter", the base in the run's dtype (a 4-bit or 8-bit base dequantized to it) with the
 chain's adapter as a vLLM LoRA (``export_served``); each written once per content under
 ``$HARNESS_CACHE/vllm-policies/<content hash>``, the newest ``KEEP_POLICIES`` merged copies
-kept. ``off_gpu``: a CUDA model on the CPU while vLLM holds the GPU. Not here: the worker
-process (``harness.engines.vllm_client``) and generation (``harness.engines.vllm_engine``).
+kept. Not here: the worker process (``harness.engines.vllm_client``), generation
+(``harness.engines.vllm_engine``), moving a CUDA model off the GPU while vLLM holds it
+(``harness.models.load.off_gpu``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -17,7 +17,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -224,18 +223,3 @@ def _prune(root: Path, keep: Path) -> None:
     for d in dirs[KEEP_POLICIES:]:
         if d != keep:
             shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def off_gpu(model) -> Iterator[None]:
-    """``model`` on the CPU while vLLM holds the GPU, back on its device afterwards."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        yield
-        return
-    model.to("cpu")
-    torch.cuda.empty_cache()
-    try:
-        yield
-    finally:
-        model.to(device)

@@ -112,9 +112,11 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
     (``harness.engines``) for the AlpacaEval answers and the indicator samples; lm-eval
     runs with its own model class of eval.backend (``run_lm_eval_backend``).
 
-    ``judge_factory`` builds the AlpacaEval judge from ``cfg.eval.alpaca_eval.judge``;
-    it is called only when AlpacaEval is configured. Indicator threshold warnings
-    are logged and written to indicators/metrics.json; a loop honouring
+    ``judge_factory`` builds the AlpacaEval judge from ``cfg.eval.alpaca_eval.judge``; it is
+    called only under the harness_rubric protocol, after every AlpacaEval answer is written,
+    and a judge that loads a model is freed, the policy off the GPU meanwhile, before MT-Bench
+    and the indicators run (``run_alpaca_eval``, ``harness.judges.policy_aside``). Indicator
+    threshold warnings are logged and written to indicators/metrics.json; a loop honouring
     ``eval.indicators.action = "stop"`` calls ``check_thresholds`` on the result.
     """
     out_dir = Path(out_dir)
@@ -126,11 +128,10 @@ def evaluate_iteration(model, tokenizer, cfg: Config, out_dir: Path, iteration: 
         metrics.update(run_lm_eval_backend(model, tokenizer, cfg, ev, out_dir / "lm_eval"))
     if ev.alpaca_eval.instructions:
         console.phase("alpaca_eval")
-        judge = judge_factory(ev.alpaca_eval.judge)
         metrics.update(run_alpaca_eval(
-            model, tokenizer, ev.alpaca_eval, judge, out_dir / "alpaca_eval", seed_key=seed_key,
-            generator=f"{cfg.experiment.name}/iter_{iteration:03d}", batch_size=cfg.generation.batch_size,
-            system_prompt=cfg.data.system_prompt, reference=reference,
+            model, tokenizer, ev.alpaca_eval, lambda: judge_factory(ev.alpaca_eval.judge), out_dir / "alpaca_eval",
+            seed_key=seed_key, generator=f"{cfg.experiment.name}/iter_{iteration:03d}",
+            batch_size=cfg.generation.batch_size, system_prompt=cfg.data.system_prompt, reference=reference,
             reference_name=f"{cfg.experiment.name}/iter_000", generate_fn=generate_fn))
     if ev.mt_bench.enabled:
         console.phase("mt_bench")

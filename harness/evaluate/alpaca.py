@@ -61,6 +61,7 @@ from harness.evaluate.alpaca_instructions import instructions_identity, section_
 from harness.evaluate.annotators import RUBRIC, AlpacaEvalAnnotator, AnnotatorTransportError, Endpoint, resolve_protocol
 from harness.engines.generate import Prompt, Sampling, generate, request_seed
 from harness.judges import CoverageError  # one error type for every coverage check
+from harness.judges import policy_aside
 from harness.judges.base import Judge, JudgeItem, checked, compare, preference
 from harness.judges.parsing import is_error
 from harness.judges.judging import JudgeTransportError
@@ -285,7 +286,8 @@ def protocol_record(section: AlpacaEvalSection, annotations: Sequence[dict], met
             "alpaca_eval_version": version("alpaca-eval") if _installed("alpaca-eval") else None}
 
 
-def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge | None, out_dir: Path, *,
+def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, make_judge: Callable[[], Judge] | None,
+                    out_dir: Path, *,
                     seed_key: tuple, generator: str, batch_size: int, max_new_tokens: int | None = None,
                     system_prompt: str = "", reference: dict[str, str] | None = None,
                     reference_name: str = "", annotator: AlpacaEvalAnnotator | None = None,
@@ -293,8 +295,11 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge |
     """Greedy answers to the instructions, judged against the reference; see the module doc.
     ``reference`` ({instruction id: answer}) replaces the file's reference outputs; with
     ``section.reference == "iteration0"`` and no ``reference`` given, this model's own
-    answers are the reference (iteration 0 of a head-to-head). ``judge`` annotates under
-    the harness_rubric protocol and is unused otherwise (None is fine); ``annotator``
+    answers are the reference (iteration 0 of a head-to-head). ``make_judge()`` builds the
+    judge that annotates under the harness_rubric protocol, called only once every answer is
+    written, inside ``policy_aside`` (a judge that loads a model never sits beside the policy on
+    the accelerator, and is freed before the policy returns); unused otherwise (None is fine).
+    ``annotator``
     overrides the one built from the section (``build_annotator``); ``generate_fn``: the
     engine's generate (``harness.engines``) that writes the answers. ``max_new_tokens``
     caps the answers (default: ``section.max_new_tokens``); answers that reach it are
@@ -321,23 +326,32 @@ def run_alpaca_eval(model, tokenizer, section: AlpacaEvalSection, judge: Judge |
                       "dataset": r.get("dataset")} for r in rows]
     atomic_write_json(out_dir / "model_outputs.json", model_outputs)
     log = JsonlLog(out_dir / "annotations.jsonl")
+
+    def results(annotations: list[dict], judge: Judge | None, annotator: AlpacaEvalAnnotator | None):
+        """annotations.json written; (metrics, notes, protocol record)."""
+        atomic_write_json(out_dir / "annotations.json", annotations)
+        metrics, info = compute_metrics(annotations, [m["output"] for m in model_outputs], len(rows))
+        metrics[N_CUT] = sum(1 for r in rows if gens[r["id"]]["samples"][0].get("finish") == "length")
+        return metrics, info, protocol_record(section, annotations, metrics, info, judge=judge, annotator=annotator,
+                                              max_new_tokens=cap)
+
     if resolve_protocol(section.annotator, section.instructions) == RUBRIC:
-        if judge is None:
+        if make_judge is None:
             raise ValueError("eval.alpaca_eval: the harness_rubric protocol needs a judge")
         annotator = None
-        annotations = annotate(judge, rows, outputs, section.position, seed_key, generator, log=log,
-                               chunk=section.judge.batch_size)
-        who, position = judge.name, section.position
+        with policy_aside(model, section.judge):
+            judge = make_judge()  # after every answer: a judge model and the policy are never both on the GPU
+            annotations = annotate(judge, rows, outputs, section.position, seed_key, generator, log=log,
+                                   chunk=section.judge.batch_size)
+            metrics, info, protocol = results(annotations, judge, None)
+            who, position = judge.name, section.position
+            del judge  # its last reference: policy_aside frees it before the policy returns
     else:
         annotator = annotator or build_annotator(section)
         annotations = annotate_alpaca_eval(annotator, rows, outputs, generator, log=log,
                                            chunk=max(32, annotator.endpoint.concurrency))
         who, position = annotator.name, "alpaca_eval"
-    atomic_write_json(out_dir / "annotations.json", annotations)
-    metrics, info = compute_metrics(annotations, [m["output"] for m in model_outputs], len(rows))
-    metrics[N_CUT] = sum(1 for r in rows if gens[r["id"]]["samples"][0].get("finish") == "length")
-    protocol = protocol_record(section, annotations, metrics, info, judge=judge, annotator=annotator,
-                               max_new_tokens=cap)
+        metrics, info, protocol = results(annotations, None, annotator)
     atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "notes": info, "judge": who,
                                                  "position": position, "generator": generator,
                                                  "protocol": protocol})

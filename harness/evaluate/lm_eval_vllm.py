@@ -39,8 +39,9 @@ import torch
 from harness.store import cost
 from harness.config.eval_sections import EvalSection
 from harness.engines import venv_python
-from harness.engines.vllm_weights import Served, export_served, off_gpu, weights_mode
+from harness.engines.vllm_weights import Served, export_served, weights_mode
 from harness.engines.vllm_client import CPU_KV_GIB, GPU_MEMORY_UTILIZATION, WorkerError, worker_failure
+from harness.models.load import off_gpu
 from harness.engines.vllm_support import lm_eval_unavailable
 from harness.lifeline import spawn, stop_group
 

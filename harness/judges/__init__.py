@@ -1,5 +1,6 @@
 """Judges behind one protocol (``harness.judges.base.Judge``), built from a
-``harness.config.experiment.JudgeSection``, plus coverage accounting.
+``harness.config.experiment.JudgeSection``, plus coverage accounting and the policy set aside
+while a judge that loads a model judges (``policy_aside``).
 
 Each kind is a module of this package that registers a ``kind.JudgeKind`` in
 ``harness.config.registry.JUDGES`` (importing this package registers them all): "oracle"
@@ -15,10 +16,12 @@ that use a judge (``harness.evaluate``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+from harness.models.load import off_gpu, release_memory
 from harness.store import cost
 from harness.config.experiment import JudgeSection
 from harness.judges import hf, openai, oracle, reward_model, self  # noqa: F401  (each registers its kind)
@@ -29,7 +32,7 @@ from harness.judges.parsing import load_judge_template, load_template, parse_sco
 from harness.config.registry import JUDGES
 
 __all__ = ["JUDGES", "Judge", "JudgeItem", "JudgeKind", "Verdict", "compare", "preference", "score_group", "score_groups",
-           "build_judge", "judge_scale", "CachedJudge", "CoverageError", "coverage", "check_coverage",
+           "build_judge", "judge_scale", "policy_aside", "CachedJudge", "CoverageError", "coverage", "check_coverage",
            "parse_score", "load_template", "load_judge_template"]
 
 
@@ -97,6 +100,26 @@ def _count_groups(judge) -> None:
         return out
 
     judge.score_groups = counted
+
+
+@contextlib.contextmanager
+def policy_aside(model, section: JudgeSection) -> Iterator[None]:
+    """The block in which a judge of ``section`` is built, judges and is dropped, after the
+    policy ``model`` generated its answers. When the kind ``loads_model`` ("hf",
+    "reward_model"), the judge never sits beside the policy on the accelerator: a CUDA policy
+    is on the CPU for the block (``off_gpu``; nothing moves elsewhere), and the judge, whose
+    last reference the block must drop, is freed (``release_memory``: its reference cycles
+    collected, torch's cache emptied) before the policy returns to its device. Any other kind
+    (an endpoint, the oracle, "self", which is the policy): nothing is done. On an error the
+    policy returns as well; a judge held by the error's traceback is freed with it."""
+    if not section.loads_model:
+        yield
+        return
+    with off_gpu(model):
+        try:
+            yield
+        finally:
+            release_memory()
 
 
 # ---- coverage ---------------------------------------------------------------

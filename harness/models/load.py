@@ -23,8 +23,10 @@ no merge gap at all (the trained model is the next iteration's model).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -149,6 +151,23 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def off_gpu(model) -> Iterator[None]:
+    """``model`` on the CPU while something else holds the GPU (a vLLM engine, a judge model),
+    back on its device afterwards, also when the block fails. A model not on CUDA does not move
+    (a cheap no-op)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        yield
+        return
+    model.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        model.to(device)
 
 
 def offline_env() -> None:

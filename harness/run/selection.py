@@ -24,7 +24,7 @@ from harness.models.data import Example, read_records, to_examples, with_system
 from harness.evaluate import run_alpaca_eval, run_lm_eval_backend
 from harness.evaluate.lm_eval_adapter import task_metrics
 from harness.engines.generate import Prompt, Sampling, cut_metrics, generate
-from harness.judges import require_coverage
+from harness.judges import policy_aside, require_coverage
 from harness.judges.judging import judge_groups
 from harness.methods.base import Candidate, Group
 from harness.metrics import ALPACA_EVAL, VALIDATION, VALIDATION_JUDGE, produced_by
@@ -57,19 +57,24 @@ def validation_prompts(cfg: Config) -> list[Prompt]:
     return [Prompt(e.id, system + e.messages) for e in exs]
 
 
-def judged_prompts(model, tokenizer, cfg: Config, judge, out_dir: Path, seed_key: tuple,
+def judged_prompts(model, tokenizer, cfg: Config, make_judge: Callable[[], object], out_dir: Path, seed_key: tuple,
                    generate_fn: Callable = generate) -> dict:
     """Mean judge score of the model's greedy answers to the validation prompts, judged through
     the same healing path as the judge stage (``harness.judges.judging``): a transport failure is
-    never stored as a judgment, the stage fails naming it and a rerun asks again."""
+    never stored as a judgment, the stage fails naming it and a rerun asks again. ``make_judge()``
+    is called once every answer is written, inside ``policy_aside`` (a judge that loads a model
+    never sits beside the policy on the accelerator, and is freed before the policy returns)."""
     v = cfg.eval.validation
     prompts = validation_prompts(cfg)
     gens = generate_fn(model, tokenizer, prompts, Sampling(temperature=0.0, max_new_tokens=cfg.generation.max_new_tokens),
                        seed_key=(*seed_key, "validation"), batch_size=cfg.generation.batch_size,
                        log=JsonlLog(out_dir / "generations.jsonl"), desc="validation")
     groups = [Group(Example(p.id, p.messages), [Candidate(gens[p.id]["samples"][0]["text"])]) for p in prompts]
-    judged = judge_groups(judge, groups, JsonlLog(out_dir / "judgments.jsonl"), batch_size=v.judge.batch_size,
-                          what="validation judging")
+    with policy_aside(model, v.judge):
+        judge = make_judge()
+        judged = judge_groups(judge, groups, JsonlLog(out_dir / "judgments.jsonl"), batch_size=v.judge.batch_size,
+                              what="validation judging")
+        del judge  # its last reference: policy_aside frees it before the policy returns
     scores = [s for rec in judged.records for s in rec["scores"] if s is not None and math.isfinite(s)]
     require_coverage(len(scores), len(prompts), v.min_coverage, "validation judging")
     return {f"{PREFIX}judge/score_mean": math.fsum(scores) / len(scores), f"{PREFIX}judge/n_prompts": len(prompts),
@@ -97,7 +102,7 @@ def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
                                   where="eval.validation.num_fewshot")
         metrics.update({PREFIX + k: m for k, m in got.items()})
     if v.alpaca_eval.instructions:
-        got = run_alpaca_eval(model, tokenizer, v.alpaca_eval, judge_factory(v.alpaca_eval.judge),
+        got = run_alpaca_eval(model, tokenizer, v.alpaca_eval, lambda: judge_factory(v.alpaca_eval.judge),
                               out_dir / "alpaca_eval", seed_key=(*seed_key, "validation"),
                               generator=f"{cfg.experiment.name}/iter_{iteration:03d}/validation",
                               batch_size=cfg.generation.batch_size,
@@ -106,7 +111,7 @@ def run_validation(model, tokenizer, cfg: Config, out_dir: Path, iteration: int,
                               generate_fn=generate_fn)
         metrics.update({PREFIX + k: m for k, m in got.items()})
     if v.prompts:
-        metrics.update(judged_prompts(model, tokenizer, cfg, judge_factory(v.judge), out_dir / "judge", seed_key,
+        metrics.update(judged_prompts(model, tokenizer, cfg, lambda: judge_factory(v.judge), out_dir / "judge", seed_key,
                                       generate_fn))
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
