@@ -1,6 +1,8 @@
 """Memory between stages: the trained model is freed before any other model loads, the policy
 is unloaded before a judge's or a fixed self-instruct model loads, judge models load in the
-run's dtype, and HF generation batches by a token budget.
+run's dtype, an AlpacaEval or validation judge model is built after the answers and freed, the
+policy off the GPU meanwhile, before the policy answers again, and HF generation batches by a
+token budget.
 
 The loop tests run with the garbage collector off: a model that only the collector would free
 (a reference cycle) then stays alive, as it does on a GPU until the collector happens to run."""
