@@ -165,7 +165,7 @@ def compare_engines(model, tok, prompts, modes, sizes, args, dev, engines) -> No
     longest = max(len(tok(render(tok, p.messages), add_special_tokens=False).input_ids) for p in prompts)
     t0 = time.perf_counter()
     with off_gpu(model):
-        model_dir, dtype = export_policy(model)
+        model_dir, dtype, _ = export_policy(model)
     print(f"vllm policy export (merged weights written once) {time.perf_counter() - t0:.1f} s", flush=True)
     tot = {e: {m: [0, 0.0] for m in modes} for e in engines}
 

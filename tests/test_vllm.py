@@ -87,7 +87,7 @@ def test_tiny_generates_like_hf_and_resumes(tiny64, tmp_path):
     log_path = tmp_path / "samples.jsonl"
     kept = JsonlLog(log_path)
     kept.append([hf[p.id] for p in ps[:3]])
-    dir_, dtype = export_policy(model)
+    dir_, dtype, _ = export_policy(model)
     assert dtype == "float32"
     sampled = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=24, n=2)
     with Worker(dir_, max_num_seqs=4, max_model_len=256) as w:
@@ -150,7 +150,7 @@ def test_a_killed_worker_or_parent_takes_the_engine_down(tiny64, victim):
     """As tests/test_lifeline.py's fake worker: SIGKILL to the process holding a started
     Worker, or to the worker itself, leaves none of vLLM's engine processes running."""
     model, _ = tiny64
-    model_dir, dtype = export_policy(model)
+    model_dir, dtype, _ = export_policy(model)
     parent = python(REAL_WORKER_PARENT, str(model_dir), dtype)
     try:
         line = parent.stdout.readline()  # once the engine is up
@@ -223,7 +223,7 @@ def test_policy_logprobs_match_the_harness(chain, tmp_path):
     for i, (m, a) in enumerate(zip(chats, answers)):
         p, c = completion_ids(tok, m, a)
         seqs[str(i)], n_completion[str(i)] = p + c, len(c)
-    served, dtype = export_policy(policy)
+    served, dtype, _ = export_policy(policy)
     assert dtype == "float32"
     with Worker(served, dtype=dtype, max_num_seqs=4, max_model_len=256) as w:
         scored = w.score(seqs)
@@ -570,11 +570,51 @@ def test_adapters_switched_per_request_answer_as_a_fresh_engine_per_policy(tiny6
     assert fresh[0] != fresh[1]
 
 
-@pytest.mark.parametrize("weights, starts", [("adapter", [0, 1, 0]), ("merged", [0, 1, 1])])
-def test_a_two_iteration_run_starts_the_engine_at_most_twice(tiny64, tmp_path, weights, starts):
+def test_merged_iterates_loaded_in_place_answer_as_a_fresh_engine(tiny64, tmp_path):
+    """Merged weights: one engine serving policy 0, then 1 and 0 again loaded in place (as a run's
+    iterates are) answers and scores each as an engine started on that policy alone (exactly: the
+    same kernels on the same weights); a changed embedding (tied to the head, which an in-place
+    load does not reach) is another frame."""
+    from harness.engines import Engines
+    from harness.config.experiment import GenerationSection
+    from harness.engines.vllm_weights import export_served, frame_hash, merged_copy
+
+    _, tok = tiny64
+    policies = _tiny_adapter_policies(tiny64, tmp_path)
+    ps = prompts(8)
+    greedy = Sampling(temperature=0.0, max_new_tokens=16)
+    gen = GenerationSection(engine="vllm", vllm_weights="merged", vllm_max_num_seqs=16)
+    seqs = {p.id: tok(p.messages[0]["content"]).input_ids for p in ps}
+    shared, scores = [], []
+    with Engines() as engines:
+        for k in (0, 1, 0):
+            with engines.stage("vllm", gen) as eng:
+                shared.append(eng.generate(policies[k], tok, ps, greedy, seed_key=(0, k, "generate"), batch_size=4))
+                scores.append(engines.vllm.worker.score(seqs))
+        assert (engines.vllm.starts, engines.vllm.loads) == (1, 2)
+    s = Session(weights="merged", max_num_seqs=16)
+    try:
+        fresh = s.generate(policies[1], tok, ps, greedy, seed_key=(0, 1, "generate"), batch_size=4)
+        fresh_scores = s.worker.score(seqs)
+    finally:
+        s.close()
+    assert shared[1] == fresh and scores[1] == fresh_scores
+    assert shared[2] == shared[0] and scores[2] == scores[0] and scores[0] != scores[1]
+    frames = {export_served(p, "merged").frame for p in policies}
+    assert len(frames) == 1
+    moved = merged_copy(policies[1])
+    with torch.no_grad():
+        moved.get_input_embeddings().weight.mul_(1.01)
+    assert frame_hash(moved) not in frames
+
+
+@pytest.mark.parametrize("weights, starts, loads", [("adapter", [0, 1, 0], [0, 0, 0]),
+                                                    ("merged", [0, 1, 0], [0, 0, 1])])
+def test_a_two_iteration_run_starts_the_engine_at_most_twice(tiny64, tmp_path, weights, starts, loads):
     """A tiny SPIN run of 2 iterations (continue chain) with engine = "vllm": the adapter served
-    on its unchanging base starts one engine for the run; merged weights one per policy that
-    generates (iterations 1 and 2). The rows' cost/engine_starts add up to that."""
+    on its unchanging base starts one engine for the run; merged weights start one too, the next
+    iterate's weights loaded into it in place. The rows' cost/engine_starts and cost/engine_loads
+    add up to that."""
     from harness.cli import main
     from test_resume import write_experiment
 
@@ -588,3 +628,4 @@ def test_a_two_iteration_run_starts_the_engine_at_most_twice(tiny64, tmp_path, w
     assert main(["run", str(exp)]) == 0
     rows = [json.loads(x) for x in (tmp_path / "runs" / "resume" / "results.jsonl").read_text().splitlines()]
     assert [r["metrics"]["cost/engine_starts"] for r in rows] == starts
+    assert [r["metrics"]["cost/engine_loads"] for r in rows] == loads

@@ -54,6 +54,10 @@ class FakeWorker:
             self.events.append("wake_up")
             self.sleeping = False
 
+    def load(self, model_dir):
+        assert not self.sleeping and not self.closed and not self.busy
+        self.events.append(f"load {model_dir}")
+
     def close(self):
         self.closed = True
         self.events.append("close")
@@ -65,11 +69,12 @@ def fake(monkeypatch, tiny64):
     monkeypatch.setattr(ve, "Worker", FakeWorker)
     served = {}  # id(model) -> Served: one base, an adapter per "policy"
 
-    def export(model, mode):  # adapter: one base, a PeftModel's adapter (rank 8); merged: a copy per model
-        n, lora = len(served), mode == "adapter" and hasattr(model, "peft_config")
+    def export(model, mode):  # adapter: one base, a PeftModel's adapter (rank 8); merged: a copy per model,
+        n, lora = len(served), mode == "adapter" and hasattr(model, "peft_config")  # its frame the model's
         return served.setdefault(id(model), ve.Served(Path("/base") if mode == "adapter" else Path(f"/merged-{n}"),
                                                       "bfloat16", Path(f"/lora-{n:07x}") if lora else None,
-                                                      8 if lora else 0))
+                                                      8 if lora else 0,
+                                                      "" if mode == "adapter" else getattr(model, "frame", "f0")))
 
     monkeypatch.setattr(ve, "export_served", export)
     return tiny64
@@ -181,22 +186,32 @@ def test_one_engine_serves_every_stage_of_a_run_and_sleeps_between_them(fake, mo
     assert [lora and lora["path"] for _, lora in worker.jobs] == [None] * 3 + ["/lora-0000001"] * 3 + ["/lora-0000002"]
 
 
-def test_merged_weights_restart_the_engine_only_when_the_policy_changes(fake):
-    """Merged mode: the stages of one policy share its engine; the next iterate's weights restart
-    it (once), stopping the previous one; another vLLM setting read by a stage starts afresh."""
+def test_merged_weights_load_in_place_when_only_the_blocks_change(fake):
+    """Merged mode: the stages of one policy share its engine; the next iterate's weights of the
+    same frame (``frame_hash``) are loaded into it in place, once, and counted as engine_loads; a
+    policy of another frame (e.g. a changed embedding) restarts it, stopping the previous one;
+    another vLLM setting read by a stage starts afresh."""
     model, tok = fake
-    p0, p1 = model, copy.deepcopy(model)
+    p0, p1, p2 = model, copy.deepcopy(model), copy.deepcopy(model)
+    p2.frame = "f1"
     greedy = Sampling(temperature=0.0, max_new_tokens=3)
+    meter = cost.start()
     with Engines() as engines:
         for policy in (p0, p0, p1, p1):
             with engines.stage(*_gen(weights="merged")) as eng:
                 eng.generate(policy, tok, prompts(2), greedy, seed_key=(0,), batch_size=4)
-        first, second = FakeWorker.started
-        assert [w["model_dir"] for w in (first, second)] == [Path("/merged-0"), Path("/merged-1")]
-        assert engines.vllm.starts == 2
+        (first,) = FakeWorker.started
+        assert first["model_dir"] == Path("/merged-0") and FakeWorker.last.events == ["load /merged-1"]
+        assert (engines.vllm.starts, engines.vllm.loads) == (1, 1)
+        with engines.stage(*_gen(weights="merged")) as eng:
+            eng.generate(p2, tok, prompts(2), greedy, seed_key=(0,), batch_size=4)
+        assert [w["model_dir"] for w in FakeWorker.started] == [Path("/merged-0"), Path("/merged-2")]
+        assert (engines.vllm.starts, engines.vllm.loads) == (2, 1)
         with engines.stage(*_gen(weights="adapter")) as eng:
             eng.generate(p1, tok, prompts(2), greedy, seed_key=(0,), batch_size=4)
         assert len(FakeWorker.started) == 3
+    reading = cost.stop(meter)
+    assert (reading["engine_starts"], reading["engine_loads"]) == (3, 1)
     assert engines.vllm is None
 
 

