@@ -13,7 +13,8 @@ engine. No training runs (the adapters are given), so only the engine's work is 
 - ``stage``: an engine per stage (``Engines`` opened and closed around each stage: the loop's
   design before one engine per run), ``[generation] vllm_weights = "auto"``, concurrency 256;
 - ``run``: one ``Engines`` for the run (the loop now), ``vllm_weights = "auto"`` (on a CPU
-  merged weights, so one start per iterate; on CUDA the adapter, so one start);
+  merged weights, each next iterate's loaded into the engine in place, so one start and a load
+  per later iterate; on CUDA the adapter, so one start);
 - ``run-adapter``: one ``Engines`` for the run with the adapter served (``vllm_weights =
   "adapter"``: one start for the run on any device).
 
@@ -74,7 +75,7 @@ def run(method: str, design: str, models, tok, n: int, max_new: int) -> list[dic
         for t, stage, k in plan:
             policy = models[t if stage == "evaluate" else t - 1]  # iteration t generates with iterate t-1
             engines = run_engines or Engines()
-            before = (engines.vllm.starts, engines.vllm.start_s) if engines.vllm else (0, 0.0)
+            before = (engines.vllm.starts, engines.vllm.start_s, engines.vllm.loads) if engines.vllm else (0, 0.0, 0)
             t0 = time.perf_counter()
             with engines.stage("vllm", gen) as eng:
                 if stage == "generate":
@@ -90,22 +91,23 @@ def run(method: str, design: str, models, tok, n: int, max_new: int) -> list[dic
                     out = eng.generate(policy, tok, prompts, greedy, seed_key=(0, t, stage), batch_size=32)
             wall = time.perf_counter() - t0
             starts, start_s = engines.vllm.starts - before[0], engines.vllm.start_s - before[1]
+            loads = engines.vllm.loads - before[2]
             if run_engines is None:
                 engines.close()
             tokens = sum(smp["n_tokens"] for rec in out.values() for smp in rec["samples"])
             rows.append({"method": method, "design": design, "iteration": t, "stage": stage, "starts": starts,
-                         "start_s": start_s, "tokens": tokens, "tok_s": tokens / max(wall - start_s, 1e-9),
+                         "loads": loads, "start_s": start_s, "tokens": tokens, "tok_s": tokens / max(wall - start_s, 1e-9),
                          "wall_s": wall})
             print(_line(rows[-1]), flush=True)  # as it is measured: a long run shows its progress
     return rows
 
 
-HEADER = (f"{'method':14} {'design':11} {'iter':>4} {'stage':9} {'starts':>6} {'start_s':>8} {'tokens':>7} "
+HEADER = (f"{'method':14} {'design':11} {'iter':>4} {'stage':9} {'starts':>6} {'loads':>5} {'start_s':>8} {'tokens':>7} "
           f"{'tok/s':>7} {'wall_s':>7}")
 
 
 def _line(r: dict) -> str:
-    return (f"{r['method']:14} {r['design']:11} {r['iteration']:>4} {r['stage']:9} {r['starts']:>6} "
+    return (f"{r['method']:14} {r['design']:11} {r['iteration']:>4} {r['stage']:9} {r['starts']:>6} {r['loads']:>5} "
             f"{r['start_s']:>8.1f} {r['tokens']:>7} {r['tok_s']:>7.1f} {r['wall_s']:>7.1f}")
 
 
@@ -133,7 +135,7 @@ def main() -> None:
         mine = [r for r in rows if (r["method"], r["design"]) == key]
         work_s = sum(r["wall_s"] - r["start_s"] for r in mine)  # the stages' time outside engine starts
         print(f"{key[0]:14} {key[1]:11}: {sum(r['starts'] for r in mine)} engine starts, "
-              f"{sum(r['start_s'] for r in mine):.1f} s starting, {sum(r['wall_s'] for r in mine):.1f} s in all, "
+              f"{sum(r['loads'] for r in mine)} loads in place, {sum(r['start_s'] for r in mine):.1f} s starting, {sum(r['wall_s'] for r in mine):.1f} s in all, "
               f"{sum(r['tokens'] for r in mine) / max(work_s, 1e-9):.1f} tok/s outside the starts")
 
 
