@@ -8,7 +8,9 @@ so equality checks between two evaluation paths compare varied outputs.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,23 @@ def require(present: bool, what: str) -> None:
     """Skip (saying why) when ``what`` is absent; under HARNESS_REQUIRE_SHARED_DATA=1 fail instead."""
     if not present:
         (pytest.fail if REQUIRE else pytest.skip)(f"{what} (HARNESS_REQUIRE_SHARED_DATA={int(REQUIRE)})")
+
+def beside_lm_eval_cli(cmd: list[str], env: dict, out: Path, log: Path, ours, timeout: int):
+    """``ours()`` run while lm-eval's command line ``cmd`` (``--output_path out``) runs beside it
+    (each spends most of its time starting), which must succeed (else its log's tail is shown).
+    Returns (``ours()``'s result, the command line's results JSON, the directory holding it)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            mine = ours()
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rc == 0, log.read_text()[-3000:]
+    (path,) = out.glob("*/results_*.json")
+    return mine, json.loads(path.read_text()), path.parent
+
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_eval_fixtures import MC_YAML, OFFLINE_ENV, SHARED_DATA, build_tiny_model, datasets_cache, require, tiny, tiny_dir  # noqa: F401
+from test_eval_fixtures import MC_YAML, OFFLINE_ENV, beside_lm_eval_cli, SHARED_DATA, build_tiny_model, datasets_cache, require, tiny, tiny_dir  # noqa: F401
 
 from harness.config.eval_sections import EvalSection
 from harness.evaluate import lm_eval_adapter
@@ -126,18 +125,9 @@ def runs(tmp_path_factory, request):
                "--limit", str(LIMIT), *(["--num_fewshot", str(shots)] if shots is not None else []),
                "--apply_chat_template", "--output_path", str(cli_out), "--log_samples"]
         # the command line spends ~15 s indexing lm-eval's built-in tasks: run ours meanwhile
-        with open(root / "cli.log", "w") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                ours = run_lm_eval(model, tok, section, root / "ours")
-                rc = proc.wait(timeout=300)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-        assert rc == 0, (root / "cli.log").read_text()[-3000:]
-        (cli_json,) = cli_out.glob("*/results_*.json")
-        cli = json.loads(cli_json.read_text())
-        return {"ours": ours, "cli": cli, "ours_dir": root / "ours", "cli_dir": cli_json.parent,
+        ours, cli, cli_dir = beside_lm_eval_cli(cmd, env, cli_out, root / "cli.log",
+                                                lambda: run_lm_eval(model, tok, section, root / "ours"), timeout=300)
+        return {"ours": ours, "cli": cli, "ours_dir": root / "ours", "cli_dir": cli_dir,
                 "shots": OWN_SHOTS if shots is None else dict.fromkeys(OWN_SHOTS, shots)}
     finally:
         datasets.config.HF_DATASETS_CACHE = old_cache
@@ -256,23 +246,14 @@ def test_a_harness_run_at_a_tasks_own_shots_equals_the_command_line(tmp_path, da
            "--model_args", f"pretrained={model_dir},dtype=float32", "--tasks", "own_gen", "--include_path", str(tasks),
            "--device", "cpu", "--batch_size", str(BATCH), "--limit", str(LIMIT), "--apply_chat_template",
            "--output_path", str(cli_out), "--log_samples"]
-    with open(tmp_path / "cli.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            run_dir, rows = run_experiment(parse(doc, "own.toml"))
-            rc = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert rc == 0, (tmp_path / "cli.log").read_text()[-3000:]
-    (cli_json,) = cli_out.glob("*/results_*.json")
-    cli = json.loads(cli_json.read_text())
+    (run_dir, rows), cli, cli_dir = beside_lm_eval_cli(cmd, env, cli_out, tmp_path / "cli.log",
+                                                       lambda: run_experiment(parse(doc, "own.toml")), timeout=300)
     row = rows[0]
     assert row["iteration"] == 0
     assert row["protocol"]["lm_eval"]["own_gen"]["num_fewshot"] == cli["n-shot"]["own_gen"] == 2
     assert row["metrics"]["lm_eval/own_gen/exact_match"] == cli["results"]["own_gen"]["exact_match,none"]
     ours = _our_samples(run_dir / "iter_000" / "evaluate" / "lm_eval", "own_gen")
-    assert _plain(ours, "filtered_resps") == _plain(_cli_samples(cli_json.parent, "own_gen"), "filtered_resps")
+    assert _plain(ours, "filtered_resps") == _plain(_cli_samples(cli_dir, "own_gen"), "filtered_resps")
     # two examples, then the question, each a user turn (few-shot as multi-turn, as the command line)
     assert [s["arguments"][0][0].count("<|user|>") for s in ours] == [3] * LIMIT
 

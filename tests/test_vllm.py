@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from harness.engines.vllm_client import Worker
 from harness.engines.generate import Prompt, Sampling, completion_ids, generate as hf_generate
 from full_forward import sequence_logprobs
 from harness.store.files import JsonlLog
-from test_eval_fixtures import build_tokenizer, tiny_llama_config
+from test_eval_fixtures import beside_lm_eval_cli, build_tokenizer, tiny_llama_config
 from test_lifeline import python, session, survivors
 
 WHY = unavailable()
@@ -487,17 +486,9 @@ def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch, wei
                           data=SimpleNamespace(system_prompt=LM_SYSTEM))
     section = EvalSection(lm_eval_tasks=(str(tasks),), limit=LM_LIMIT, num_fewshot={"t_mc": 2, "t_gen": 2},
                           backend="vllm")
-    with open(tmp_path / "cli.log", "w") as log:  # both at once: each spends most of its time starting
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            ours = run_lm_eval_backend(model, tok, cfg, section, tmp_path / "ours")
-            rc = proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert rc == 0, (tmp_path / "cli.log").read_text()[-3000:]
-    (cli_json,) = cli_out.glob("*/results_*.json")
-    cli = json.loads(cli_json.read_text())
+    ours, cli, cli_dir = beside_lm_eval_cli(cmd, env, cli_out, tmp_path / "cli.log",
+                                            lambda: run_lm_eval_backend(model, tok, cfg, section, tmp_path / "ours"),
+                                            timeout=600)
     results = json.loads((tmp_path / "ours" / "results.json").read_text())
     args = results["config"]["model_args"]
     # the same vLLM settings; the harness serves SmolLM2 (and the adapter) as it exported them, with the
@@ -511,7 +502,7 @@ def test_lm_eval_through_vllm_equals_the_command_line(tmp_path, monkeypatch, wei
         assert ours[f"lm_eval/{task}/{metric}"] == cli["results"][task][key], task
         assert ours[f"lm_eval/{task}/{metric}_stderr"] == cli["results"][task][key.replace(",", "_stderr,")], task
         a = [json.loads(x) for x in (tmp_path / "ours" / f"samples_{task}.jsonl").open()]
-        (path,) = cli_json.parent.glob(f"samples_{task}_*.jsonl")
+        (path,) = cli_dir.glob(f"samples_{task}_*.jsonl")
         b = [json.loads(x) for x in path.open()]
         assert len(a) == LM_LIMIT
         assert _plain(a, "resps") == _plain(b, "resps"), task  # log-likelihoods / answers, per sample
