@@ -67,9 +67,9 @@ class Engines:
     """The engines of one run, owned by the run loop (``harness.run.loop.Runner``), which closes it
     when the run ends or fails. ``stage`` gives a stage its engine; for "vllm" that is the
     run's one ``vllm_engine.Session``: started by the first stage that generates through it
-    and kept for every later stage and iteration (another adapter switched per request; a
-    restart only for other served weights, e.g. the next iterate's merged copy, or other
-    engine settings), parked between stages (on CUDA asleep, so training has the card; on a
+    and kept for every later stage and iteration (another adapter switched per request, the next
+    iterate's merged copy loaded in place; a restart only for other served weights, e.g. a
+    judge model, or other engine settings), parked between stages (on CUDA asleep, so training has the card; on a
     CPU it stays up). A killed run's engine dies with it (``harness.lifeline``) and a resumed
     run starts its own. Usable again after ``close``."""
 

@@ -87,8 +87,8 @@ class Session:
     its worker started on the first call and kept for the next ones while they fit it (the
     same served base, dtype and concurrency, LoRA slots of the adapter's rank, and prompts
     within its ``max_model_len``): another adapter on the same base is switched per request,
-    and a call that does not fit (the next iterate's merged copy, a judge model after the
-    policy, a longer sequence) restarts it. ``park`` ends a stage's use (the models it
+    the next iterate's merged copy of the same frame is loaded in place, and a call that does
+    not fit (a judge model after the policy, a longer sequence) restarts it. ``park`` ends a stage's use (the models it
     exported are let go, a CUDA model goes back to its device, a CUDA engine sleeps until the
     next call); ``close`` stops the engine.
 
