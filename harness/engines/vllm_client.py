@@ -176,6 +176,9 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired, ValueError):
                 pass
         stop_group(p, grace_s=20)  # the worker and the processes vLLM spawned (its own group)
+        for pipe in (p.stdin, p.stdout):  # closed also when the worker had already exited
+            with contextlib.suppress(OSError, ValueError):
+                pipe.close()
         with contextlib.suppress(OSError):
             self._stderr.close()
             os.unlink(self._stderr.name)
