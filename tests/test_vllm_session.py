@@ -186,6 +186,23 @@ def test_one_engine_serves_every_stage_of_a_run_and_sleeps_between_them(fake, mo
     assert [lora and lora["path"] for _, lora in worker.jobs] == [None] * 3 + ["/lora-0000001"] * 3 + ["/lora-0000002"]
 
 
+def test_a_call_with_another_concurrency_restarts_the_engine(fake):
+    """Without a session-wide vllm_max_num_seqs each call's batch size is vLLM's concurrency: a
+    call with another one stops the running engine and starts one with it."""
+    model, tok = fake
+    greedy = Sampling(temperature=0.0, max_new_tokens=3)
+    s = ve.Session()
+    try:
+        s.generate(model, tok, prompts(4), greedy, seed_key=(0,), batch_size=4)
+        first = s.worker
+        s.generate(model, tok, prompts(2), greedy, seed_key=(0,), batch_size=4)
+        assert s.worker is first
+        s.generate(model, tok, prompts(2), greedy, seed_key=(0,), batch_size=2)
+    finally:
+        s.close()
+    assert [w["max_num_seqs"] for w in FakeWorker.started] == [4, 2] and first.closed and s.starts == 2
+
+
 def test_merged_weights_load_in_place_when_only_the_blocks_change(fake):
     """Merged mode: the stages of one policy share its engine; the next iterate's weights of the
     same frame (``frame_hash``) are loaded into it in place, once, and counted as engine_loads; a
