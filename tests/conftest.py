@@ -15,7 +15,7 @@ import torch  # noqa: E402
 # tiny models: one thread avoids OpenMP contention on small, busy CPUs (several times faster here)
 torch.set_num_threads(1)
 
-from test_eval_fixtures import tiny_dir  # noqa: E402,F401  (the random tiny model fixture)
+from test_eval_fixtures import tiny_dir, tiny_reward_model  # noqa: E402,F401  (random tiny models, fixtures)
 from harness.console import terminal as console  # noqa: E402
 import harness.judges  # noqa: E402,F401  (registers the judge kinds, as the CLI does)
 import harness.methods  # noqa: E402,F401  (registers the methods, as the CLI does)

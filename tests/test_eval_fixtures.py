@@ -225,3 +225,22 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return hub
+
+
+@pytest.fixture
+def tiny_reward_model(tmp_path):
+    """A randomly initialised sequence classifier with the tiny world's tokenizer (one reward),
+    saved to a directory (a ``reward_model`` judge's model)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    from harness.models.sources import resolve_ref
+
+    path = Path(resolve_ref("tiny"))
+    config = AutoConfig.from_pretrained(path)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    out = tmp_path / "rm"
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return out

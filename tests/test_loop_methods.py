@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from harness.run import loop
 from harness.run import stages
@@ -269,22 +268,6 @@ def test_dno_through_the_loop(tmp_path):
     # the validation prompts are disjoint from the reported AlpacaEval / lm-eval set
     held_out = {json.loads(x)["prompt"] for x in Path(resolve_ref("tiny:eval")).read_text().splitlines()}
     assert not held_out & {json.loads(x)["prompt"] for x in Path(resolve_ref("tiny:ift")).read_text().splitlines()}
-
-
-@pytest.fixture
-def tiny_reward_model(tmp_path):
-    """A randomly initialised sequence classifier with the tiny world's tokenizer (one reward)."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
-
-    path = Path(resolve_ref("tiny"))
-    config = AutoConfig.from_pretrained(path)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
-    out = tmp_path / "rm"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(path).save_pretrained(out)
-    return out
 
 
 def test_dno_with_a_reward_model_judge(tmp_path, tiny_reward_model):

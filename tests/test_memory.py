@@ -21,7 +21,6 @@ from harness.models import load as models
 from harness.run import stages
 from harness.config.experiment import parse
 from harness.run.loop import run_experiment
-from harness.models.sources import resolve_ref
 from test_eval_fixtures import tiny  # noqa: F401  (the tiny model, loaded as the harness loads it)
 
 pytestmark = pytest.mark.usefixtures("library_console")
@@ -101,21 +100,6 @@ def test_release_memory_empties_the_cuda_cache(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     models.release_memory()
     assert emptied
-
-
-@pytest.fixture
-def tiny_reward_model(tmp_path):
-    """A randomly initialised sequence classifier with the tiny world's tokenizer (one reward)."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
-
-    path = Path(resolve_ref("tiny"))
-    config = AutoConfig.from_pretrained(path)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    out = tmp_path / "rm"
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(path).save_pretrained(out)
-    return out
 
 
 def _stop_at_load(monkeypatch, policies, when, module=models) -> list[tuple]:
