@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from test_eval_fixtures import SHARED_DATA, require, tiny, tiny_dir  # noqa: F401  (fixtures)
-from test_judges_http import local_server, send_json
+from test_judges_http import LocalEndpoint, local_server, send_json
 
 from harness.config.eval_sections import AlpacaEvalSection
 from harness.evaluate.alpaca import AE_SET_SIZE, annotate_alpaca_eval, compute_metrics, run_alpaca_eval
@@ -63,7 +63,7 @@ def answer(body: dict) -> dict:
                                            "total_tokens": 101 + d[3]}}
 
 
-class Endpoint_:
+class Endpoint_(LocalEndpoint):
     """A local chat-completions server. ``fail(body, n)`` -> an HTTP status to answer
     instead (n = how many times this prompt was asked before), or None."""
 
@@ -83,16 +83,7 @@ class Endpoint_:
             else:
                 send_json(handler, 200, json.dumps(answer(body)))
 
-        self.httpd, thread = local_server(on_post)
-        thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(on_post)
 
 
 @pytest.fixture

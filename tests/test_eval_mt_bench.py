@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from test_eval_fixtures import tiny, tiny_dir  # noqa: F401  (fixtures)
-from test_judges_http import local_server, send_json
+from test_judges_http import LocalEndpoint, send_json
 
 import harness.judges  # noqa: F401  (registers the judge kinds the config parses)
 import harness.methods  # noqa: F401
@@ -39,7 +39,7 @@ def rating_of(content: str) -> str:
     return [f"Fine. Rating: [[{r}]]", f"Rating: [{r}.5]", "I cannot rate this."][d[1] % 3]
 
 
-class Judge:
+class Judge(LocalEndpoint):
     """A chat-completions server answering ``rating_of`` the last message; ``fail(body, n)`` -> an
     HTTP status to answer instead (n = times this prompt was asked before)."""
 
@@ -60,13 +60,7 @@ class Judge:
                 "role": "assistant", "content": rating_of(content)}}], "usage": {"prompt_tokens": 10,
                                                                                   "completion_tokens": 5}}))
 
-        self.httpd, thread = local_server(on_post)
-        thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(on_post)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 from test_eval_fixtures import SHARED_DATA, require, write_hub_files
-from test_judges_http import local_server, send_json
+from test_judges_http import LocalEndpoint, send_json
 
 pytestmark = pytest.mark.rehearsal
 
@@ -210,7 +210,7 @@ def judge_reply(body: dict) -> dict:
             "usage": {"prompt_tokens": 100, "completion_tokens": 8, "total_tokens": 108}}
 
 
-class FakeJudge:
+class FakeJudge(LocalEndpoint):
     """A local OpenAI-compatible chat-completions endpoint (127.0.0.1, a free port) answering
     with ``judge_reply``; it counts its requests by kind."""
 
@@ -223,16 +223,7 @@ class FakeJudge:
                 self.calls["logprobs" if body.get("logprobs") else "score"] += 1
             send_json(handler, 200, json.dumps(judge_reply(body)))
 
-        self.httpd, thread = local_server(on_post)
-        thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(on_post)
 
 
 # ---- the rehearsal ------------------------------------------------------------------------

@@ -66,6 +66,20 @@ def local_server(on_post, port: int = 0) -> tuple[ThreadingHTTPServer, threading
     return httpd, threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
 
+class LocalEndpoint:
+    """A started ``local_server`` on a free port whose POSTs call ``on_post(handler, body)``:
+    its OpenAI-style base ``url`` and ``close``."""
+
+    def __init__(self, on_post):
+        self.httpd, thread = local_server(on_post)
+        thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 class FakeServer:
     """``behave(body, key, n_for_this_key) -> (status, body_text[, sleep_s[, headers[, trickle_s]]])``.
 

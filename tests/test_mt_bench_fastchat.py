@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from test_eval_mt_bench import judge, section  # noqa: F401  (fixture)
-from test_judges_http import local_server, send_json
+from test_judges_http import LocalEndpoint, send_json
 
 from harness.engines import unavailable
 from harness.evaluate import mt_bench as mt
@@ -83,7 +83,7 @@ SMOL_IDS = [81, 111]  # writing (single-v1) and math (single-math-v1, with GPT-4
 SMOL_MAX_TOKENS = 48  # the judge's output cap the proxy in front of the server puts on every request
 
 
-class CappingProxy:
+class CappingProxy(LocalEndpoint):
     """A local chat-completions endpoint that records each request as its client sent it and
     forwards it to ``upstream`` with ``max_tokens`` lowered to ``cap`` (the same for every client:
     a 135M judge may otherwise write FastChat's 2048 tokens per turn, minutes each on a CPU)."""
@@ -104,13 +104,7 @@ class CappingProxy:
             except urllib.error.HTTPError as e:
                 send_json(handler, e.code, e.read().decode(errors="replace"))
 
-        self.httpd, thread = local_server(on_post)
-        thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(on_post)
 
 
 def test_smollm2_judge_served_by_vllm_equals_fastchats_gen_judgment(monkeypatch):
