@@ -43,14 +43,19 @@ def merged_copy(model):
     return copy.deepcopy(model).to(torch.float32).merge_and_unload()
 
 
-def weights_hash(model) -> str:
-    """Content hash of a plain model: its config and every tensor (name, dtype, shape, bytes)."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    for name, t in sorted(model.state_dict().items()):
+def _content_hash(head: str, tensors: dict) -> str:
+    """32 hex digits of sha256 over ``head`` and each of ``tensors`` by name (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(head.encode())
+    for name, t in sorted(tensors.items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def weights_hash(model) -> str:
+    """Content hash of a plain model: its config and every tensor (name, dtype, shape, bytes)."""
+    return _content_hash(model.config.to_json_string(use_diff=False), model.state_dict())
 
 
 _IN_LAYER = re.compile(r"\.\d+\.")  # a tensor of a numbered block (model.layers.3.mlp.up_proj.weight)
@@ -64,14 +69,8 @@ def frame_hash(model) -> str:
     head), so two merged policies with the same frame share an engine and others restart it."""
     config = {k: v for k, v in model.config.to_dict().items()
               if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        if _IN_LAYER.search(name):
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
+    return _content_hash(json.dumps(config, sort_keys=True, default=str),
+                         {name: t for name, t in model.state_dict().items() if not _IN_LAYER.search(name)})
 
 
 def export_policy(model) -> tuple[Path, str, str]:
@@ -143,10 +142,7 @@ def export_served(model, mode: str) -> Served:
         return Served(model_dir, dtype, frame=frame)
     root = cache_root() / "vllm-policies"
     state, config, dtype = base_weights(model)
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name, t in sorted(state.items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    base_hash = _content_hash(json.dumps(config, sort_keys=True), state)
 
     def build_base(tmp: Path) -> None:
         from safetensors.torch import save_file
@@ -154,7 +150,7 @@ def export_served(model, mode: str) -> Served:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
-    base_dir = build_once(root / f"base-{h.hexdigest()[:32]}", build_base)
+    base_dir = build_once(root / f"base-{base_hash}", build_base)
     os.utime(base_dir)
     adapter, rank = None, 0
     if hasattr(model, "peft_config"):
@@ -221,11 +217,7 @@ def _export_adapter(model, root: Path) -> tuple[Path, int]:
     name = model.active_adapter
     conf = model.peft_config[name]
     state = get_peft_model_state_dict(model, adapter_name=name)
-    h = hashlib.sha256(json.dumps(conf.to_dict(), sort_keys=True, default=str).encode())
-    for k, t in sorted(state.items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    adapter_hash = _content_hash(json.dumps(conf.to_dict(), sort_keys=True, default=str), state)
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
@@ -233,7 +225,7 @@ def _export_adapter(model, root: Path) -> tuple[Path, int]:
             for f in (tmp / name).iterdir():
                 f.rename(tmp / f.name)
 
-    out = build_once(root / f"lora-{h.hexdigest()[:32]}", build)
+    out = build_once(root / f"lora-{adapter_hash}", build)
     return out, lora_slot(max([conf.r, *getattr(conf, "rank_pattern", {}).values()]))
 
 
