@@ -75,7 +75,8 @@ def run(method: str, design: str, models, tok, n: int, max_new: int) -> list[dic
         for t, stage, k in plan:
             policy = models[t if stage == "evaluate" else t - 1]  # iteration t generates with iterate t-1
             engines = run_engines or Engines()
-            before = (engines.vllm.starts, engines.vllm.start_s, engines.vllm.loads) if engines.vllm else (0, 0.0, 0)
+            v = engines.vllm
+            before = (v.starts, v.start_s, v.loads) if v else (0, 0.0, 0)
             t0 = time.perf_counter()
             with engines.stage("vllm", gen) as eng:
                 if stage == "generate":
@@ -96,19 +97,19 @@ def run(method: str, design: str, models, tok, n: int, max_new: int) -> list[dic
                 engines.close()
             tokens = sum(smp["n_tokens"] for rec in out.values() for smp in rec["samples"])
             rows.append({"method": method, "design": design, "iteration": t, "stage": stage, "starts": starts,
-                         "loads": loads, "start_s": start_s, "tokens": tokens, "tok_s": tokens / max(wall - start_s, 1e-9),
-                         "wall_s": wall})
+                         "loads": loads, "start_s": start_s, "tokens": tokens,
+                         "tok_s": tokens / max(wall - start_s, 1e-9), "wall_s": wall})
             print(_line(rows[-1]), flush=True)  # as it is measured: a long run shows its progress
     return rows
 
 
-HEADER = (f"{'method':14} {'design':11} {'iter':>4} {'stage':9} {'starts':>6} {'loads':>5} {'start_s':>8} {'tokens':>7} "
-          f"{'tok/s':>7} {'wall_s':>7}")
+HEADER = (f"{'method':14} {'design':11} {'iter':>4} {'stage':9} {'starts':>6} {'loads':>5} {'start_s':>8} "
+          f"{'tokens':>7} {'tok/s':>7} {'wall_s':>7}")
 
 
 def _line(r: dict) -> str:
-    return (f"{r['method']:14} {r['design']:11} {r['iteration']:>4} {r['stage']:9} {r['starts']:>6} {r['loads']:>5} "
-            f"{r['start_s']:>8.1f} {r['tokens']:>7} {r['tok_s']:>7.1f} {r['wall_s']:>7.1f}")
+    return (f"{r['method']:14} {r['design']:11} {r['iteration']:>4} {r['stage']:9} {r['starts']:>6} "
+            f"{r['loads']:>5} {r['start_s']:>8.1f} {r['tokens']:>7} {r['tok_s']:>7.1f} {r['wall_s']:>7.1f}")
 
 
 def main() -> None:
@@ -135,7 +136,8 @@ def main() -> None:
         mine = [r for r in rows if (r["method"], r["design"]) == key]
         work_s = sum(r["wall_s"] - r["start_s"] for r in mine)  # the stages' time outside engine starts
         print(f"{key[0]:14} {key[1]:11}: {sum(r['starts'] for r in mine)} engine starts, "
-              f"{sum(r['loads'] for r in mine)} loads in place, {sum(r['start_s'] for r in mine):.1f} s starting, {sum(r['wall_s'] for r in mine):.1f} s in all, "
+              f"{sum(r['loads'] for r in mine)} loads in place, {sum(r['start_s'] for r in mine):.1f} s starting, "
+              f"{sum(r['wall_s'] for r in mine):.1f} s in all, "
               f"{sum(r['tokens'] for r in mine) / max(work_s, 1e-9):.1f} tok/s outside the starts")
 
 

@@ -135,15 +135,15 @@ class Session:
         w = self.worker
         if w is not None and w.usable() and self._key[1:3] == key[1:] and served.rank <= self._key[3] \
                 and need <= self._key[4]:
-            if self._key[0] == served.model_dir:
+            # other weights of the same frame (merged weights of the next iterate): loaded in place
+            in_place = self._key[0] != served.model_dir and served.frame and served.frame == self._frame
+            if in_place or self._key[0] == served.model_dir:
                 w.wake_up()
-                return w
-            if served.frame and served.frame == self._frame:  # merged weights of the next iterate: in place
-                w.wake_up()
-                w.load(served.model_dir)
-                self._key = (served.model_dir, *self._key[1:])
-                self.loads += 1
-                cost.add(engine_loads=1)
+                if in_place:
+                    w.load(served.model_dir)
+                    self._key = (served.model_dir, *self._key[1:])
+                    self.loads += 1
+                    cost.add(engine_loads=1)
                 return w
         self.close_worker()
         rank = served.rank
